@@ -1,0 +1,54 @@
+"""Options and output helpers every command shares (kubectl conventions)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+
+
+class OutputFormat(str, enum.Enum):
+    """How a command prints its result: `-o table|json|yaml`."""
+
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+KubeconfigOpt = Annotated[
+    str | None,
+    typer.Option("--kubeconfig", help="Path to the kubeconfig file (default: $KUBECONFIG or ~/.kube/config).",
+                 envvar="KUBECONFIG", show_default=False),
+]
+ContextOpt = Annotated[
+    str | None, typer.Option("--context", help="The kubeconfig context to use (default: current-context).")
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option("-n", "--namespace", help="Namespace of the ShadowPolicy (default: the context's namespace)."),
+]
+OutputOpt = Annotated[
+    OutputFormat, typer.Option("-o", "--output", help="Output format: table, json or yaml.", case_sensitive=False)
+]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit(data: Any, fmt: OutputFormat) -> None:
+    """Print plain data as JSON or YAML (tables are built by each command)."""
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print an error a person can act on, and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code)

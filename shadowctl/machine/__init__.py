@@ -1,0 +1,1 @@
+"""shadowctl.machine: the pure rollout state machine."""

@@ -1,0 +1,593 @@
+"""The ShadowPolicy model: what a team commits to git to describe one rollout.
+
+Pydantic v2, frozen, ``extra="forbid"``; YAML keys are camelCase (Kubernetes
+style), Python attributes snake_case. Cross-field rules live in validators
+here, so that the CLI, the CRD and the controller agree on one definition.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_serializer, model_validator
+from pydantic.alias_generators import to_camel
+
+from shadowctl.policy.duration import Duration
+from shadowctl.policy.templates import check_template
+
+API_VERSION = "shadowctl.dev/v1alpha1"
+KIND = "ShadowPolicy"
+GROUP = "shadowctl.dev"
+VERSION = "v1alpha1"
+PLURAL = "shadowpolicies"
+
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_enum_values=False,
+        str_strip_whitespace=True,
+    )
+
+
+def _dns_name(value: str, what: str = "name") -> str:
+    if len(value) > 253 or not _DNS1123.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid {what}: use lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+class Metadata(_Model):
+    """Kubernetes object metadata (the part shadowctl reads)."""
+
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_name(v)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if len(v) > 63 or not _LABEL.match(v):
+            raise ValueError(f"{v!r} is not a valid namespace (lower-case letters, digits and '-', at most 63)")
+        return v
+
+
+# --------------------------------------------------------------------------- target
+
+
+class Destination(_Model):
+    """An Istio destination: a host, optionally a DestinationRule subset and a port."""
+
+    host: str
+    subset: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _dns_name(v, "host")
+
+    def label(self) -> str:
+        """`host/subset:port` as shown to people."""
+        text = self.host + (f"/{self.subset}" if self.subset else "")
+        return text + (f":{self.port}" if self.port else "")
+
+
+class IstioTarget(_Model):
+    """A VirtualService whose http route shadowctl manages."""
+
+    virtual_service: str = Field(description="Name of the VirtualService, in the policy's namespace.")
+    route: str | None = Field(
+        default=None, description="The http[].name to manage; may be omitted when the VirtualService has one route."
+    )
+    primary: Destination
+    candidate: Destination
+
+    @model_validator(mode="after")
+    def _distinct(self) -> IstioTarget:
+        if (self.primary.host, self.primary.subset, self.primary.port) == (
+            self.candidate.host,
+            self.candidate.subset,
+            self.candidate.port,
+        ):
+            raise ValueError("primary and candidate are the same destination; give them different subsets or hosts")
+        return self
+
+
+class KnativeTarget(_Model):
+    """A Knative Service whose spec.traffic shadowctl manages."""
+
+    service: str
+    primary_revision: str | None = Field(
+        default=None, description="Revision serving today; default: the revision that has 100% when the rollout starts."
+    )
+    candidate_revision: str | None = Field(
+        default=None, description="Revision to roll out; default: the latest ready revision."
+    )
+    candidate_tag: str = Field(default="candidate", description="Tag given to the candidate's traffic target.")
+
+    @field_validator("candidate_tag")
+    @classmethod
+    def _tag(cls, v: str) -> str:
+        if not _LABEL.match(v) or len(v) > 63:
+            raise ValueError(f"{v!r} is not a valid Knative tag (lower-case letters, digits and '-')")
+        return v
+
+
+class Target(_Model):
+    """Exactly one of `istio` or `knative`."""
+
+    istio: IstioTarget | None = None
+    knative: KnativeTarget | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Target:
+        if (self.istio is None) == (self.knative is None):
+            raise ValueError("set exactly one of 'istio' or 'knative'")
+        return self
+
+
+# --------------------------------------------------------------------------- phases
+
+
+class MirrorVirtualService(_Model):
+    """An Istio VirtualService in front of a Knative service, used to mirror in the shadow phase."""
+
+    name: str
+    route: str | None = None
+    primary: Destination | None = Field(
+        default=None, description="Destination that serves users (default: the route's only destination)."
+    )
+    candidate: Destination = Field(description="Where mirrored requests go, e.g. the candidate's tag host.")
+
+
+class ShadowMode(str, enum.Enum):
+    """Who copies requests to the candidate in the shadow phase."""
+
+    istio = "istio"  # VirtualService mirror + mirrorPercentage
+    tap = "tap"  # application-level mirroring by the `shadowctl tap` sidecar
+
+
+class Shadow(_Model):
+    """The shadow phase: the candidate gets mirrored copies; users never see its answers."""
+
+    mirror_percent: float = Field(gt=0, le=100, description="Share of live requests mirrored to the candidate.")
+    min_duration: Duration = timedelta(minutes=5)
+    max_duration: Duration = timedelta(minutes=30)
+    min_pairs: int = Field(default=100, ge=0, description="Paired primary/candidate answers needed before a pass.")
+    mode: ShadowMode = ShadowMode.istio
+    virtual_service: MirrorVirtualService | None = Field(
+        default=None, description="For a Knative target: the Istio VirtualService that mirrors."
+    )
+
+    @model_validator(mode="after")
+    def _durations(self) -> Shadow:
+        if self.max_duration < self.min_duration:
+            raise ValueError("maxDuration must not be shorter than minDuration")
+        return self
+
+
+class Canary(_Model):
+    """The canary phase: live traffic to the candidate in increasing steps."""
+
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(min_length=1)
+    step_duration: Duration = timedelta(minutes=10)
+    max_weight: int = Field(default=100, ge=1, le=100)
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        for i in range(1, len(v)):
+            if v[i] <= v[i - 1]:
+                raise ValueError(f"steps must be strictly increasing: step {i} ({v[i]}) is not above {v[i - 1]}")
+        return v
+
+    @model_validator(mode="after")
+    def _within_max(self) -> Canary:
+        if self.steps[-1] > self.max_weight:
+            raise ValueError(f"the last step ({self.steps[-1]}) is above maxWeight ({self.max_weight})")
+        return self
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+class Method(str, enum.Enum):
+    sequential = "sequential"
+    fixed = "fixed"
+
+
+class MetricKind(str, enum.Enum):
+    latency_histogram = "latency-histogram"
+    ratio = "ratio"  # failures / total from two counters
+    counter = "counter"
+    gauge = "gauge"
+
+
+class Statistic(str, enum.Enum):
+    p50 = "p50"
+    p90 = "p90"
+    p95 = "p95"
+    p99 = "p99"
+    mean = "mean"
+    rate = "rate"
+
+
+class Direction(str, enum.Enum):
+    """Which change of the statistic is a regression."""
+
+    increase = "increase"
+    decrease = "decrease"
+    either = "either"
+
+
+_MARGIN = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*(%|pp)?\s*$")
+
+
+class Margin(_Model):
+    """How much worse the candidate may be: relative (`10%`) or absolute (`0.005`, `0.5pp`)."""
+
+    value: float = Field(ge=0)
+    relative: bool
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            raise ValueError("expected a margin such as '10%', '0.5pp' or 0.005")
+        if isinstance(data, int | float):
+            return {"value": abs(float(data)), "relative": False}
+        if isinstance(data, str):
+            m = _MARGIN.match(data)
+            if not m:
+                raise ValueError(f"{data!r} is not a margin; write '10%' (relative), '0.5pp' or 0.005 (absolute)")
+            number = abs(float(m.group(1)))
+            if m.group(2) == "%":
+                return {"value": number / 100.0, "relative": True}
+            if m.group(2) == "pp":
+                return {"value": number / 100.0, "relative": False}
+            return {"value": number, "relative": False}
+        return data
+
+    @model_serializer(mode="plain")
+    def _dump(self) -> str | float:
+        return f"{self.value * 100:g}%" if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+
+
+MarginField = Annotated[
+    Margin,
+    WithJsonSchema(
+        {
+            "description": "Relative ('10%'), or absolute in percentage points ('0.5pp') or units (0.005).",
+            "anyOf": [{"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(%|pp)?\s*$"}, {"type": "number", "minimum": 0}],
+        }
+    ),
+]
+
+
+class Metric(_Model):
+    """One metric compared between primary and candidate."""
+
+    name: str
+    preset: str | None = Field(default=None, description="A built-in query, e.g. vllm-ttft; see docs/metrics.md.")
+    query: str | None = Field(default=None, description="A PromQL template with {{ placeholders }}.")
+    error_query: str | None = Field(default=None, description="For kind ratio with a custom query: the failures.")
+    kind: MetricKind = MetricKind.latency_histogram
+    statistic: Statistic = Statistic.p95
+    direction: Direction = Direction.increase
+    margin: MarginField = Field(default_factory=lambda: Margin(value=0.10, relative=True))
+    critical: bool = False
+    min_samples: int = Field(default=50, ge=1)
+    group: str | None = Field(default=None, description="Group for weighted scoring in the fixed method.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[a-zA-Z][a-zA-Z0-9_.-]*$", v):
+            raise ValueError(f"{v!r} is not a metric name (letters, digits, '_', '-', '.'; start with a letter)")
+        return v
+
+    @field_validator("query", "error_query")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_template(v)
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> Metric:
+        if (self.preset is None) == (self.query is None):
+            raise ValueError("set exactly one of 'preset' or 'query'")
+        if self.kind is MetricKind.ratio and self.statistic is not Statistic.rate:
+            raise ValueError(f"a ratio metric is judged by statistic 'rate', not {self.statistic.value!r}")
+        if self.statistic is Statistic.rate and self.kind not in (MetricKind.ratio, MetricKind.counter):
+            raise ValueError("statistic 'rate' needs kind 'ratio' or 'counter'")
+        return self
+
+
+class ComparatorName(str, enum.Enum):
+    exact = "exact"
+    normalized_exact = "normalized-exact"
+    token_f1 = "token-f1"
+    rouge_l = "rouge-l"
+    length_ratio = "length-ratio"
+    json_valid = "json-valid"
+    json_structure = "json-structure"
+    refusal = "refusal"
+    tool_calls = "tool-calls"
+    semantic = "semantic"
+
+
+class Comparator(_Model):
+    """An output comparator: a pair agrees when its score is at least `threshold`."""
+
+    name: ComparatorName
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    critical: bool = True
+
+
+class BaselineMode(str, enum.Enum):
+    primary_replica = "primary-replica"  # a second primary (variant 'baseline') answers the mirrored requests too
+    fixed = "fixed"  # a fixed expected agreement rate, measured beforehand
+
+
+class Baseline(_Model):
+    """The noise floor: how often the primary agrees with itself."""
+
+    mode: BaselineMode = BaselineMode.primary_replica
+    agreement: float | None = Field(
+        default=None, ge=0, le=1, description="With mode fixed: the primary's self-agreement rate."
+    )
+
+    @model_validator(mode="after")
+    def _fixed_needs_value(self) -> Baseline:
+        if self.mode is BaselineMode.fixed and self.agreement is None:
+            raise ValueError("mode 'fixed' needs 'agreement' (the primary's measured self-agreement, 0..1)")
+        return self
+
+
+class Mqtt(_Model):
+    """Where output events are published."""
+
+    broker: str = Field(description="mqtt://host:port or mqtts://host:port")
+    topic: str = "shadowctl/outputs/{namespace}/{service}/+"
+    username: str | None = None
+    password_secret: str | None = Field(default=None, description="Secret name/key holding the password.")
+
+    @field_validator("broker")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^mqtts?://[^/:\s]+(:\d{1,5})?/?$", v):
+            raise ValueError(f"{v!r} is not a broker URL; write mqtt://host:1883 or mqtts://host:8883")
+        return v
+
+
+class Outputs(_Model):
+    """Compare what the candidate answers with what the primary answers."""
+
+    mqtt: Mqtt
+    comparators: list[Comparator] = Field(min_length=1)
+    baseline: Baseline = Baseline()
+    min_relative_agreement: float = Field(
+        default=0.9, gt=0, le=1, description="Candidate agreement must reach this share of the baseline agreement."
+    )
+    pair_ttl: Duration = Field(default=timedelta(seconds=60), alias="pairTTL")
+    min_pairs: int = Field(default=100, ge=1)
+
+    @field_validator("comparators")
+    @classmethod
+    def _unique(cls, v: list[Comparator]) -> list[Comparator]:
+        seen: set[ComparatorName] = set()
+        for c in v:
+            if c.name in seen:
+                raise ValueError(f"comparator {c.name.value!r} is listed twice")
+            seen.add(c.name)
+        return v
+
+
+class PrometheusSource(_Model):
+    """Override the controller's Prometheus for this policy."""
+
+    url: str
+    bearer_token_secret: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://\S+$", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
+class VariantSelector(_Model):
+    """How to find one variant in Prometheus (fills the query placeholders)."""
+
+    workload: str | None = None
+    revision: str | None = None
+    pod: str | None = Field(default=None, description="A regular expression over pod names.")
+    subset: str | None = None
+
+
+class Variants(_Model):
+    primary: VariantSelector = VariantSelector()
+    candidate: VariantSelector = VariantSelector()
+
+
+class Analysis(_Model):
+    """How primary and candidate are compared, at every interval."""
+
+    interval: Duration = timedelta(seconds=30)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise probability of a false fail.")
+    beta: float = Field(default=0.05, gt=0, lt=0.5, description="Probability of a false pass at the margin.")
+    method: Method = Method.sequential
+    prometheus: PrometheusSource | None = None
+    variants: Variants = Variants()
+    gpu_price_per_hour: float | None = Field(default=None, gt=0, description="For the GPU cost presets.")
+    metrics: list[Metric] = Field(default_factory=list)
+    outputs: Outputs | None = None
+    pass_score: float = Field(default=95, ge=0, le=100, description="Fixed method: score needed to pass.")
+    marginal_score: float = Field(default=75, ge=0, le=100, description="Fixed method: score below which it fails.")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: timedelta) -> timedelta:
+        if v.total_seconds() < 1:
+            raise ValueError("interval must be at least 1s")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, v: list[Metric]) -> list[Metric]:
+        seen: set[str] = set()
+        for m in v:
+            if m.name in seen:
+                raise ValueError(f"metric name {m.name!r} is used twice; names must be unique")
+            seen.add(m.name)
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> Analysis:
+        if not self.metrics and self.outputs is None:
+            raise ValueError("give at least one metric or an outputs comparison; nothing would be judged")
+        if self.marginal_score > self.pass_score:
+            raise ValueError("marginalScore must not be above passScore")
+        return self
+
+
+# --------------------------------------------------------------------------- rest of spec
+
+
+class Trigger(str, enum.Enum):
+    manual = "manual"
+    auto = "auto"
+
+
+class Promotion(str, enum.Enum):
+    auto = "auto"
+    manual = "manual"
+
+
+class OnInconclusive(str, enum.Enum):
+    rollback = "rollback"
+    hold = "hold"
+
+
+class OnDrift(str, enum.Enum):
+    """What to do when someone else changes the routes shadowctl manages mid-rollout."""
+
+    reassert = "reassert"
+    pause = "pause"
+
+
+class WebhookType(str, enum.Enum):
+    confirm_promotion = "confirm-promotion"
+    event = "event"
+
+
+class Webhook(_Model):
+    name: str
+    url: str
+    type: WebhookType = WebhookType.event
+    timeout: Duration = timedelta(seconds=10)
+    retries: int = Field(default=2, ge=0, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://\S+$", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
+class MqttNotifications(_Model):
+    broker: str | None = Field(default=None, description="Default: the outputs broker.")
+    topic: str = "shadowctl/events/{namespace}/{name}"
+
+
+class Notifications(_Model):
+    mqtt: MqttNotifications | None = None
+    webhooks: list[Webhook] = Field(default_factory=list)
+
+
+class RollbackOptions(_Model):
+    keep_candidate_tag: bool = Field(
+        default=False, description="Knative: keep the candidate's tag (at 0%) after rollback, for debugging."
+    )
+
+
+class Spec(_Model):
+    target: Target
+    trigger: Trigger = Trigger.manual
+    shadow: Shadow | None = None
+    canary: Canary | None = None
+    analysis: Analysis
+    on_inconclusive: OnInconclusive = OnInconclusive.rollback
+    on_drift: OnDrift = OnDrift.reassert
+    progress_deadline: Duration = timedelta(hours=2)
+    promotion: Promotion = Promotion.auto
+    rollback: RollbackOptions = RollbackOptions()
+    notifications: Notifications = Notifications()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Spec:
+        if self.shadow is None and self.canary is None:
+            raise ValueError("give a 'shadow' phase, a 'canary' phase, or both; there is nothing to roll out")
+        if (
+            self.shadow is not None
+            and self.target.knative is not None
+            and self.shadow.mode is ShadowMode.istio
+            and self.shadow.virtual_service is None
+        ):
+            raise ValueError(
+                "a Knative target cannot mirror by itself: set shadow.virtualService (an Istio "
+                "VirtualService in front of the service) or shadow.mode: tap"
+            )
+        if self.shadow is not None and self.target.istio is not None and self.shadow.virtual_service is not None:
+            raise ValueError("shadow.virtualService is only for Knative targets; the Istio target mirrors itself")
+        phases = (self.shadow.max_duration if self.shadow else timedelta(0)) + (
+            self.canary.step_duration * len(self.canary.steps) if self.canary else timedelta(0)
+        )
+        if self.progress_deadline < phases:
+            raise ValueError(
+                f"progressDeadline ({self.progress_deadline}) is shorter than the phases need at most ({phases})"
+            )
+        if self.analysis.outputs is not None and self.shadow is None:
+            raise ValueError("analysis.outputs compares mirrored answers and needs a shadow phase")
+        return self
+
+
+class ShadowPolicy(_Model):
+    """A ShadowPolicy object as committed to git."""
+
+    api_version: Literal["shadowctl.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["ShadowPolicy"]
+    metadata: Metadata
+    spec: Spec
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"

@@ -1,0 +1,45 @@
+"""PromQL query templates: `{{ placeholder }}` names and the check run at load time.
+
+Placeholders are filled by the metric source with escaped label values; here we
+only check that a template names placeholders that exist, so a typo fails when
+the policy loads, not at 3 a.m. in the middle of a rollout.
+"""
+
+from __future__ import annotations
+
+import re
+
+PLACEHOLDERS: dict[str, str] = {
+    "namespace": "the policy's namespace",
+    "service": "the target's service or VirtualService host",
+    "workload": "the variant's Deployment (or other workload) name",
+    "revision": "the variant's Knative revision",
+    "pod": "a regular expression matching the variant's pods",
+    "subset": "the variant's Istio destination subset",
+    "host": "the variant's destination host",
+    "variant": "primary or candidate",
+    "window": "the range of the look, such as 30s",
+    "selector": "the label matchers that select the variant, such as namespace=\"llm\",pod=~\"chat-v2-.*\"",
+}
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def placeholders(template: str) -> list[str]:
+    """The placeholder names a template uses, in order of appearance."""
+    return [m.group(1) for m in _PLACEHOLDER.finditer(template)]
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError naming unknown placeholders (with the known ones)."""
+    if not template.strip():
+        raise ValueError("the query is empty")
+    unknown = sorted({p for p in placeholders(template) if p not in PLACEHOLDERS})
+    if unknown:
+        raise ValueError(
+            "unknown placeholder" + ("s " if len(unknown) > 1 else " ") + ", ".join("{{ " + u + " }}" for u in unknown)
+            + "; known: " + ", ".join(sorted(PLACEHOLDERS))
+        )
+    rest = _PLACEHOLDER.sub("", template)
+    if "{{" in rest or "}}" in rest:
+        raise ValueError("a '{{' or '}}' in the query does not form a placeholder such as {{ namespace }}")

@@ -1,0 +1,133 @@
+"""Loader errors: FILE:LINE:COL, every problem at once, did-you-mean; fuzzed: never a traceback."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shadowctl.policy import PolicyError, load_policies, parse_policies
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT = (REPO / "policies" / "chat-istio.yaml").read_text()
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_misspelt_key_points_at_its_line_with_suggestion() -> None:
+    bad = CHAT.replace("    steps: [5, 20, 50]", "    stepz: [5, 20, 50]")
+    with pytest.raises(PolicyError) as info:
+        parse_policies(bad, "policies/chat.yaml")
+    line = _line_of(bad, "stepz")
+    assert [str(p) for p in info.value.problems] == [
+        f"policies/chat.yaml:{line}:5: spec.canary.stepz: unknown field, did you mean 'steps'?"
+    ]
+
+
+def test_every_problem_reported_at_once_in_line_order() -> None:
+    bad = (
+        CHAT.replace("mirrorPercent: 20", "mirrorPercent: 150")
+        .replace("steps: [5, 20, 50]", "steps: [5, 50, 20]")
+        .replace("alpha: 0.05", "alpha: 0.9")
+        .replace("interval: 30s", "interval: soon")
+    )
+    with pytest.raises(PolicyError) as info:
+        parse_policies(bad, "f.yaml")
+    problems = info.value.problems
+    paths = [p.path for p in problems]
+    assert paths == ["spec.shadow.mirrorPercent", "spec.canary.steps", "spec.analysis.interval", "spec.analysis.alpha"]
+    assert [p.line for p in problems] == sorted(p.line for p in problems)
+    interval = problems[2]
+    assert interval.line == _line_of(bad, "interval: soon")
+    assert interval.column == len("    interval: ") + 1
+    assert "'soon' is not a duration" in interval.message
+
+
+def test_list_item_error_points_into_the_list() -> None:
+    bad = CHAT.replace("        margin: 15%", "        margin: lots", 1)
+    with pytest.raises(PolicyError) as info:
+        parse_policies(bad, "f.yaml")
+    (problem,) = info.value.problems
+    assert problem.path == "spec.analysis.metrics[1].margin"
+    assert problem.line == _line_of(bad, "margin: lots")
+
+
+def test_missing_required_field_points_at_parent() -> None:
+    bad = CHAT.replace("      virtualService: chat\n", "")
+    with pytest.raises(PolicyError) as info:
+        parse_policies(bad, "f.yaml")
+    (problem,) = info.value.problems
+    assert problem.path == "spec.target.istio.virtualService"
+    assert problem.message == "required field is missing"
+    assert problem.line == _line_of(bad, "route: chat-default")
+
+
+def test_yaml_syntax_error_has_position() -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policies("apiVersion: x\nspec: [1, 2\n", "f.yaml")
+    (problem,) = info.value.problems
+    assert re.match(r"f\.yaml:\d+:\d+: invalid YAML", str(problem))
+
+
+def test_duplicate_key_is_an_error() -> None:
+    text = CHAT.replace("  trigger: manual\n", "  trigger: manual\n  trigger: auto\n")
+    with pytest.raises(PolicyError) as info:
+        parse_policies(text, "f.yaml")
+    assert info.value.problems[0].message == "duplicate key 'trigger'"
+    assert info.value.problems[0].line == _line_of(text, "trigger: auto")
+
+
+def test_several_documents_and_non_mapping() -> None:
+    two = CHAT + "\n---\n" + CHAT.replace("name: chat-llama", "name: chat-two")
+    assert [p.metadata.name for p in parse_policies(two, "f.yaml")] == ["chat-llama", "chat-two"]
+    with pytest.raises(PolicyError, match="expected a mapping"):
+        parse_policies("- a\n- b\n", "f.yaml")
+    with pytest.raises(PolicyError, match="no ShadowPolicy document"):
+        parse_policies("", "f.yaml")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="no such file"):
+        load_policies(tmp_path / "missing.yaml")
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policies(binary)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12))
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=300))
+def test_fuzz_arbitrary_text_never_raises_anything_else(text: str) -> None:
+    try:
+        parse_policies(text, "fuzz.yaml")
+    except PolicyError as exc:
+        assert all(p.line >= 1 and p.column >= 1 for p in exc.problems)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["spec", "spec.target", "spec.shadow", "spec.canary", "spec.analysis", "metadata"]), _values)
+def test_fuzz_mutated_policy_never_raises_anything_else(where: str, value: object) -> None:
+    doc = yaml.safe_load(CHAT)
+    node = doc
+    keys = where.split(".")
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    try:
+        parse_policies(yaml.safe_dump(doc), "fuzz.yaml")
+    except PolicyError as exc:
+        assert exc.problems

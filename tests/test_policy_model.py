@@ -1,0 +1,164 @@
+"""ShadowPolicy model: examples validate, cross-field rules reject what they must."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shadowctl.policy import PolicyError, load_policies, parse_policies
+from shadowctl.policy.duration import format_duration, parse_duration
+from shadowctl.policy.model import Margin, ShadowPolicy
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "policies").glob("*.yaml"))
+
+
+def _base() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "policies" / "chat-istio.yaml").read_text())
+
+
+def _errors(doc: dict[str, Any]) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        parse_policies(yaml.safe_dump(doc, sort_keys=False), "p.yaml")
+    return [f"{p.path}: {p.message}" for p in info.value.problems]
+
+
+def test_at_least_three_examples_validate() -> None:
+    assert len(EXAMPLES) >= 3
+    kinds = set()
+    for path in EXAMPLES:
+        for policy in load_policies(path):
+            assert isinstance(policy, ShadowPolicy)
+            kinds.add("istio" if policy.spec.target.istio else "knative")
+            kinds.add("canary" if policy.spec.canary else "shadow-only")
+    assert kinds == {"istio", "knative", "canary", "shadow-only"}
+
+
+def test_example_values_are_read() -> None:
+    policy = load_policies(REPO / "policies" / "chat-istio.yaml")[0]
+    assert policy.key == "llm/chat-llama"
+    assert policy.spec.shadow is not None and policy.spec.shadow.mirror_percent == 20
+    assert policy.spec.canary is not None and policy.spec.canary.steps == [5, 20, 50]
+    assert policy.spec.canary.step_duration == timedelta(minutes=15)
+    errors = next(m for m in policy.spec.analysis.metrics if m.name == "errors")
+    assert errors.margin == Margin(value=0.005, relative=False)
+    ttft = policy.spec.analysis.metrics[0]
+    assert ttft.margin == Margin(value=0.10, relative=True)
+    assert policy.spec.analysis.outputs is not None
+    assert policy.spec.analysis.outputs.pair_ttl == timedelta(minutes=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("1h30m", 5400), ("250ms", 0.25), ("1d", 86400), ("1.5h", 5400), (45, 45)],
+)
+def test_durations_parse(text: Any, seconds: float) -> None:
+    assert parse_duration(text).total_seconds() == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["", "10", "m", "10 m", "1h-30m", "-5s", "tomorrow", True, [], "5s5"])
+def test_bad_durations_are_rejected(bad: Any) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize("seconds", [0.25, 1, 59, 61, 3600, 5400, 90061])
+def test_duration_round_trip(seconds: float) -> None:
+    td = timedelta(seconds=seconds)
+    assert parse_duration(format_duration(td)) == td
+
+
+def test_margin_forms() -> None:
+    assert Margin.model_validate("10%") == Margin(value=0.1, relative=True)
+    assert Margin.model_validate("0.5pp") == Margin(value=0.005, relative=False)
+    assert Margin.model_validate(0.02) == Margin(value=0.02, relative=False)
+    with pytest.raises(ValueError, match="not a margin"):
+        Margin.model_validate("ten percent")
+
+
+def test_target_needs_exactly_one() -> None:
+    doc = _base()
+    doc["spec"]["target"]["knative"] = {"service": "chat"}
+    assert any("exactly one of 'istio' or 'knative'" in e for e in _errors(doc))
+    doc["spec"]["target"] = {}
+    assert any("exactly one of 'istio' or 'knative'" in e for e in _errors(doc))
+
+
+def test_steps_must_increase_and_fit_max_weight() -> None:
+    doc = _base()
+    doc["spec"]["canary"]["steps"] = [5, 5, 50]
+    assert any("strictly increasing" in e for e in _errors(doc))
+    doc["spec"]["canary"]["steps"] = [5, 20, 60]
+    assert any("above maxWeight (50)" in e for e in _errors(doc))
+    doc["spec"]["canary"]["steps"] = [0, 20]
+    assert any(e.startswith("spec.canary.steps[0]") for e in _errors(doc))
+
+
+def test_knative_without_virtual_service_cannot_mirror() -> None:
+    doc = _base()
+    doc["spec"]["target"] = {"knative": {"service": "chat"}}
+    assert any("cannot mirror by itself" in e for e in _errors(doc))
+    doc["spec"]["shadow"]["mode"] = "tap"
+    parse_policies(yaml.safe_dump(doc), "ok.yaml")  # application-level mirroring is allowed
+
+
+def test_metric_names_unique_and_query_placeholders_known() -> None:
+    doc = _base()
+    metrics = doc["spec"]["analysis"]["metrics"]
+    metrics[1]["name"] = metrics[0]["name"]
+    assert any("used twice" in e for e in _errors(doc))
+    doc = _base()
+    doc["spec"]["analysis"]["metrics"][0] = {
+        "name": "custom",
+        "query": 'histogram_quantile(0.9, rate(x_bucket{ns="{{ namespce }}"}[{{ window }}]))',
+    }
+    errs = _errors(doc)
+    assert any("{{ namespce }}" in e and "spec.analysis.metrics[0].query" in e for e in errs)
+
+
+def test_preset_xor_query() -> None:
+    doc = _base()
+    doc["spec"]["analysis"]["metrics"][0]["query"] = "up"
+    assert any("exactly one of 'preset' or 'query'" in e for e in _errors(doc))
+
+
+def test_ratio_needs_rate_statistic() -> None:
+    doc = _base()
+    doc["spec"]["analysis"]["metrics"][3]["statistic"] = "p95"
+    assert any("statistic 'rate'" in e for e in _errors(doc))
+
+
+def test_nothing_to_roll_out_or_judge() -> None:
+    doc = _base()
+    del doc["spec"]["shadow"]
+    del doc["spec"]["canary"]
+    assert any("nothing to roll out" in e for e in _errors(doc))
+    doc = _base()
+    doc["spec"]["analysis"]["metrics"] = []
+    del doc["spec"]["analysis"]["outputs"]
+    assert any("nothing would be judged" in e for e in _errors(doc))
+
+
+def test_progress_deadline_must_cover_phases() -> None:
+    doc = _base()
+    doc["spec"]["progressDeadline"] = "30m"
+    assert any("progressDeadline" in e for e in _errors(doc))
+
+
+def test_wrong_kind_and_api_version() -> None:
+    doc = _base()
+    doc["kind"] = "Rollout"
+    doc["apiVersion"] = "v1"
+    errs = _errors(doc)
+    assert any(e.startswith("kind: must be 'ShadowPolicy'") for e in errs)
+    assert any(e.startswith("apiVersion: must be") for e in errs)
+
+
+def test_policy_is_frozen() -> None:
+    policy = load_policies(EXAMPLES[0])[0]
+    with pytest.raises(ValueError, match="frozen"):
+        policy.metadata.name = "x"  # type: ignore[misc]
