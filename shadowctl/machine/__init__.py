@@ -1,1 +1,480 @@
-"""shadowctl.machine: the pure rollout state machine."""
+"""The rollout state machine: a pure ``step()`` over frozen state.
+
+``step(state, verdict, command, now, policy, observed) -> Outcome(state, actions)``
+does no I/O and reads no clock. The reconciler carries out the returned
+actions (routes first), and only then writes the new state to ``.status``; if
+an action fails, the status is not written and the next tick recomputes from
+the old state. That order, plus idempotent actions (a router that is asked
+for the routes it already has writes nothing), is what makes a crash at any
+point safe: the same state and the same cluster give the same actions.
+
+Phases keep Flagger's names where they exist::
+
+    Pending ─▶ Shadowing ─▶ Progressing(step 0..n-1) ─▶ WaitingPromotion ─▶ Promoting ─▶ Succeeded
+        │           │               │                          │
+        └───────────┴───────────────┴──────────────────────────┴─▶ RollingBack ─▶ RolledBack
+    any non-terminal ─pause─▶ Paused ─resume─▶ (the phase it left, analysis restarted)
+    Failed: the target could not be found or routed; routes were restored where possible.
+
+Safety rules encoded here (and tested transition by transition):
+- inconclusive never promotes: it rolls back, or holds (Paused) when the policy says ``hold``;
+- no data is never a pass: it is "continue" until the phase's maximum duration, then inconclusive;
+- a new candidate (or a changed spec) mid-rollout restarts the analysis from the first phase,
+  pulling live traffic back to the first phase's routes;
+- the progress deadline ends every non-terminal phase in RollingBack;
+- live traffic to the candidate only ever equals the step the policy has reached, and is 0
+  before the shadow phase passed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from shadowctl.policy.model import OnDrift, OnInconclusive, Promotion, ShadowPolicy, Trigger
+
+HISTORY_LIMIT = 50
+
+
+class Phase(enum.StrEnum):
+    """Where a rollout is."""
+
+    pending = "Pending"
+    shadowing = "Shadowing"
+    progressing = "Progressing"
+    waiting_promotion = "WaitingPromotion"
+    promoting = "Promoting"
+    succeeded = "Succeeded"
+    rolling_back = "RollingBack"
+    rolled_back = "RolledBack"
+    paused = "Paused"
+    failed = "Failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.succeeded, Phase.rolled_back, Phase.failed)
+
+
+ANALYSED = (Phase.shadowing, Phase.progressing, Phase.waiting_promotion)
+
+
+class Decision(enum.StrEnum):
+    """The judge's overall outcome for the current phase, as the machine sees it."""
+
+    passed = "pass"
+    failed = "fail"
+    cont = "continue"
+    inconclusive = "inconclusive"
+    nodata = "nodata"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the judge decided this tick, with the sentence that explains it."""
+
+    decision: Decision
+    reason: str = ""
+
+
+class Command(enum.StrEnum):
+    """What a person asked for (`shadowctl promote|rollback|pause|resume|retry`)."""
+
+    promote = "promote"
+    promote_full = "promote-full"
+    rollback = "rollback"
+    pause = "pause"
+    resume = "resume"
+    retry = "retry"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Facts the reconciler read from the cluster this tick."""
+
+    candidate: str | None = None  # identity of the candidate (revision, subset+generation); None: none to roll out
+    generation: int = 1  # the policy's metadata.generation
+    gate: bool | None = None  # confirm-promotion webhooks: True open, False closed, None not asked/none configured
+    drift: bool = False  # someone else changed the routes we manage
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class SetRoutes:
+    """Route `weight`% of live traffic to the candidate and mirror `mirror_percent`% (None: no mirror)."""
+
+    weight: int
+    mirror_percent: float | None
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Send 100% of live traffic to the candidate, no mirror (Knative: pin the candidate revision)."""
+
+
+@dataclass(frozen=True)
+class Finalize:
+    """Restore what shadowctl changed: 100% primary, our mirror removed."""
+
+    keep_candidate: bool = False
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Tell people: a Kubernetes Event, the MQTT events topic, webhooks."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+Action = SetRoutes | Promote | Finalize | Notify
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: float
+    from_phase: str
+    to_phase: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.from_phase, "to": self.to_phase, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Everything the controller must remember between ticks; stored in `.status` and read back."""
+
+    phase: Phase = Phase.pending
+    step: int | None = None  # canary step index while Progressing / WaitingPromotion
+    weight: int = 0  # live traffic share the candidate should have now
+    mirror_percent: float | None = None  # mirror the candidate should have now
+    candidate: str | None = None  # the candidate this rollout is about
+    generation: int = 0  # the policy generation this rollout follows
+    rollout_started_at: float | None = None
+    phase_started_at: float | None = None
+    paused_from: Phase | None = None
+    paused_step: int | None = None
+    message: str = ""
+    history: tuple[Transition, ...] = field(default_factory=tuple)
+
+    # -- (de)serialisation for .status
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "step": self.step,
+            "canaryWeight": self.weight,
+            "mirrorPercent": self.mirror_percent,
+            "candidate": self.candidate,
+            "rolloutGeneration": self.generation,
+            "rolloutStartedAt": self.rollout_started_at,
+            "phaseStartedAt": self.phase_started_at,
+            "pausedFrom": self.paused_from.value if self.paused_from else None,
+            "pausedStep": self.paused_step,
+            "message": self.message,
+            "history": [t.to_dict() for t in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RolloutState:
+        """Read `.status` back; anything missing or unreadable falls back to a fresh Pending state."""
+        if not data or "phase" not in data:
+            return cls()
+        try:
+            history = tuple(
+                Transition(float(h["at"]), str(h["from"]), str(h["to"]), str(h.get("reason", "")))
+                for h in data.get("history") or []
+            )
+            paused_from = data.get("pausedFrom")
+            return cls(
+                phase=Phase(data["phase"]),
+                step=_opt_int(data.get("step")),
+                weight=int(data.get("canaryWeight") or 0),
+                mirror_percent=_opt_float(data.get("mirrorPercent")),
+                candidate=data.get("candidate"),
+                generation=int(data.get("rolloutGeneration") or 0),
+                rollout_started_at=_opt_float(data.get("rolloutStartedAt")),
+                phase_started_at=_opt_float(data.get("phaseStartedAt")),
+                paused_from=Phase(paused_from) if paused_from else None,
+                paused_step=_opt_int(data.get("pausedStep")),
+                message=str(data.get("message") or ""),
+                history=history,
+            )
+        except (KeyError, ValueError, TypeError):
+            return cls()
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one step: the next state and the actions that get there."""
+
+    state: RolloutState
+    actions: tuple[Action, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _move(
+    state: RolloutState,
+    phase: Phase,
+    now: float,
+    reason: str,
+    *,
+    warning: bool = False,
+    **changes: Any,
+) -> tuple[RolloutState, Notify]:
+    transition = Transition(now, state.phase.value, phase.value, reason)
+    history = (*state.history, transition)[-HISTORY_LIMIT:]
+    new = replace(state, phase=phase, phase_started_at=now, message=reason, history=history, **changes)
+    label = phase.value if phase is not Phase.progressing else f"Progressing step {(new.step or 0) + 1}"
+    return new, Notify(reason=phase.value, message=f"{label}: {reason}", warning=warning)
+
+
+def first_phase(policy: ShadowPolicy) -> tuple[Phase, int | None, int, float | None]:
+    """(phase, step, weight, mirror) of a rollout's first analysed phase."""
+    spec = policy.spec
+    if spec.shadow is not None:
+        return Phase.shadowing, None, 0, spec.shadow.mirror_percent
+    assert spec.canary is not None  # the model requires shadow or canary
+    return Phase.progressing, 0, spec.canary.steps[0], None
+
+
+def routes_of(state: RolloutState) -> SetRoutes:
+    return SetRoutes(state.weight, state.mirror_percent)
+
+
+def _start(state: RolloutState, now: float, policy: ShadowPolicy, observed: Observed, reason: str) -> Outcome:
+    phase, step, weight, mirror = first_phase(policy)
+    new, note = _move(
+        state,
+        phase,
+        now,
+        reason,
+        step=step,
+        weight=weight,
+        mirror_percent=mirror,
+        candidate=observed.candidate,
+        generation=observed.generation,
+        rollout_started_at=now,
+        paused_from=None,
+        paused_step=None,
+    )
+    return Outcome(new, (SetRoutes(weight, mirror), note))
+
+
+def _rollback(state: RolloutState, now: float, policy: ShadowPolicy, reason: str) -> Outcome:
+    new, note = _move(
+        state, Phase.rolling_back, now, reason, warning=True, weight=0, mirror_percent=None, step=None,
+        paused_from=None, paused_step=None,
+    )
+    return Outcome(new, (Finalize(policy.spec.rollback.keep_candidate_tag), note))
+
+
+def _promote(state: RolloutState, now: float, reason: str) -> Outcome:
+    new, note = _move(state, Phase.promoting, now, reason, weight=100, mirror_percent=None, paused_from=None)
+    return Outcome(new, (Promote(), note))
+
+
+def _inconclusive(state: RolloutState, now: float, policy: ShadowPolicy, reason: str) -> Outcome:
+    if policy.spec.on_inconclusive is OnInconclusive.hold:
+        new, note = _move(
+            state, Phase.paused, now, f"inconclusive, holding for a person to decide: {reason}", warning=True,
+            paused_from=state.phase, paused_step=state.step,
+        )
+        return Outcome(new, (note,))
+    return _rollback(state, now, policy, f"inconclusive: {reason}")
+
+
+def _elapsed(state: RolloutState, now: float) -> float:
+    return now - (state.phase_started_at if state.phase_started_at is not None else now)
+
+
+def _after_last_step(state: RolloutState, now: float, policy: ShadowPolicy, observed: Observed, why: str) -> Outcome:
+    needs_gate = policy.spec.promotion is Promotion.manual or any(
+        w.type.value == "confirm-promotion" for w in policy.spec.notifications.webhooks
+    )
+    if needs_gate:
+        gate = "shadowctl promote" if policy.spec.promotion is Promotion.manual else "the confirm-promotion webhook"
+        new, note = _move(state, Phase.waiting_promotion, now, f"{why}; waiting for {gate}")
+        return Outcome(new, (note,))
+    return _promote(state, now, why)
+
+
+# --------------------------------------------------------------------------- step
+
+
+def step(
+    state: RolloutState,
+    verdict: Verdict | None,
+    command: Command | None,
+    now: float,
+    policy: ShadowPolicy,
+    observed: Observed | None = None,
+) -> Outcome:
+    """Compute the next state and the actions to reach it. Pure: no I/O, time is `now` (seconds)."""
+    obs = observed or Observed()
+    spec = policy.spec
+    phase = state.phase
+
+    # 1. Starting and restarting.
+    if command is Command.retry and (phase.terminal or phase is Phase.paused):
+        if obs.candidate is None:
+            return Outcome(replace(state, message="retry: there is no candidate to roll out"))
+        return _start(state, now, policy, obs, "retry requested by a person")
+    if phase is Phase.pending:
+        if command is Command.rollback:
+            new, note = _move(state, Phase.rolled_back, now, "rolled back by a person before it started",
+                              warning=True)
+            return Outcome(new, (Finalize(spec.rollback.keep_candidate_tag), note))
+        if obs.candidate is None:
+            msg = "waiting for a candidate revision that differs from the primary"
+            return Outcome(state if state.message == msg else replace(state, message=msg))
+        return _start(state, now, policy, obs, f"rollout of {obs.candidate} started")
+    if phase.terminal:
+        # auto: every new candidate starts a rollout; manual: only a policy edit that names a new one.
+        new_candidate = obs.candidate is not None and obs.candidate != state.candidate
+        if new_candidate and (spec.trigger is Trigger.auto or obs.generation != state.generation):
+            return _start(state, now, policy, obs, f"new candidate {obs.candidate}: rollout started")
+        if command is Command.promote_full and phase is not Phase.succeeded and obs.candidate is not None:
+            return _promote(state, now, "promoted by a person (--full), analysis skipped")
+        if command is Command.rollback and phase is Phase.succeeded:
+            return _rollback(state, now, policy, "rolled back by a person after promotion")
+        return Outcome(state)
+
+    # 2. Finishing what was started: routes are written before the status, so these are idempotent.
+    if phase is Phase.promoting:
+        new, note = _move(state, Phase.succeeded, now, "candidate serves 100% of traffic")
+        return Outcome(new, (Promote(), note))
+    if phase is Phase.rolling_back:
+        new, note = _move(state, Phase.rolled_back, now, f"routes restored to the primary ({state.message})",
+                          warning=True)
+        return Outcome(new, (Finalize(spec.rollback.keep_candidate_tag), note))
+
+    # 3. A person's command wins over analysis.
+    if command is Command.rollback:
+        return _rollback(state, now, policy, "rolled back by a person")
+    if command is Command.promote_full:
+        return _promote(state, now, "promoted by a person (--full), remaining analysis skipped")
+    if command is Command.pause and phase is not Phase.paused:
+        new, note = _move(state, Phase.paused, now, "paused by a person", paused_from=phase, paused_step=state.step)
+        return Outcome(new, (note,))
+    if phase is Phase.paused:
+        if command is Command.resume and state.paused_from is not None:
+            back, step_index = state.paused_from, state.paused_step
+            new, note = _move(state, back, now, "resumed by a person; analysis of this phase restarts",
+                              step=step_index, paused_from=None, paused_step=None)
+            return Outcome(new, (routes_of(new), note))
+        if command is Command.promote and state.paused_from is Phase.waiting_promotion:
+            return _promote(state, now, "promotion approved by a person")
+        if now - (state.rollout_started_at or now) >= spec.progress_deadline.total_seconds():
+            return _rollback(state, now, policy, "progress deadline exceeded while paused")
+        return Outcome(state)
+
+    # 4. Safety nets: deadline, new candidate, changed spec, drift.
+    if now - (state.rollout_started_at or now) >= spec.progress_deadline.total_seconds():
+        return _rollback(state, now, policy, f"progress deadline ({spec.progress_deadline}) exceeded")
+    if obs.candidate is not None and obs.candidate != state.candidate:
+        return _start(state, now, policy, obs, f"new candidate {obs.candidate} mid-rollout: analysis restarts")
+    if obs.candidate is None and state.candidate is not None:
+        new, note = _move(state, Phase.failed, now, "the candidate disappeared", warning=True, weight=0,
+                          mirror_percent=None, step=None)
+        return Outcome(new, (Finalize(spec.rollback.keep_candidate_tag), note))
+    if obs.generation != state.generation:
+        return _start(state, now, policy, obs, "the policy changed mid-rollout: analysis restarts")
+    drift_actions: tuple[Action, ...] = ()
+    if obs.drift:
+        if spec.on_drift is OnDrift.pause:
+            new, note = _move(state, Phase.paused, now, "someone else changed the managed routes; paused",
+                              warning=True, paused_from=phase, paused_step=state.step)
+            return Outcome(new, (note,))
+        drift_actions = (Notify("DriftReasserted", "someone else changed the managed routes; re-asserted them",
+                                warning=True),)
+        out = _analyse(state, verdict, command, now, policy, obs, drift_actions)
+        if not any(isinstance(a, SetRoutes | Promote | Finalize) for a in out.actions):
+            out = Outcome(out.state, (routes_of(out.state), *out.actions))
+        return out
+    return _analyse(state, verdict, command, now, policy, obs, drift_actions)
+
+
+def _analyse(
+    state: RolloutState,
+    verdict: Verdict | None,
+    command: Command | None,
+    now: float,
+    policy: ShadowPolicy,
+    obs: Observed,
+    drift_actions: tuple[Action, ...],
+) -> Outcome:
+    spec = policy.spec
+    phase = state.phase
+    # 5. Analysis.
+    decision = verdict.decision if verdict else Decision.cont
+    reason = verdict.reason if verdict else ""
+    if command is Command.promote and phase is not Phase.waiting_promotion:
+        drift_actions = (*drift_actions, Notify("PromoteIgnored", "nothing waits for approval; "
+                                                "use `shadowctl promote --full` to skip the analysis"))
+    if decision is Decision.failed:
+        return _rollback(state, now, policy, reason or "the candidate is worse")
+    elapsed = _elapsed(state, now)
+
+    if phase is Phase.shadowing:
+        assert spec.shadow is not None
+        if decision is Decision.passed and elapsed >= spec.shadow.min_duration.total_seconds():
+            why = f"shadow analysis passed: {reason}" if reason else "shadow analysis passed"
+            if spec.canary is None:
+                new, note = _move(state, Phase.succeeded, now, f"{why} (shadow-only evaluation)",
+                                  mirror_percent=None, weight=0)
+                return Outcome(new, (*drift_actions, Finalize(False), note))
+            new, note = _move(state, Phase.progressing, now, why, step=0, weight=spec.canary.steps[0],
+                              mirror_percent=None)
+            return Outcome(new, (*drift_actions, routes_of(new), note))
+        if decision is Decision.inconclusive or elapsed >= spec.shadow.max_duration.total_seconds():
+            return _inconclusive(state, now, policy, reason or "no decision within the shadow phase's maxDuration")
+        return Outcome(state, drift_actions)
+
+    if phase is Phase.progressing:
+        assert spec.canary is not None
+        k = state.step or 0
+        if decision is Decision.passed and elapsed >= spec.canary.step_duration.total_seconds():
+            why = f"step {k + 1} ({state.weight}%) passed" + (f": {reason}" if reason else "")
+            if k + 1 < len(spec.canary.steps):
+                new, note = _move(state, Phase.progressing, now, why, step=k + 1, weight=spec.canary.steps[k + 1])
+                return Outcome(new, (*drift_actions, routes_of(new), note))
+            return Outcome(*_tail(_after_last_step(state, now, policy, obs, why), drift_actions))
+        if decision is Decision.inconclusive or elapsed >= spec.canary.step_limit.total_seconds():
+            return _inconclusive(state, now, policy, reason or f"no decision within step {k + 1}'s maximum duration")
+        return Outcome(state, drift_actions)
+
+    if phase is Phase.waiting_promotion:
+        if command is Command.promote:
+            return _promote(state, now, "promotion approved by a person")
+        if spec.promotion is Promotion.auto and obs.gate is True:
+            return _promote(state, now, "the confirm-promotion webhook approved")
+        return Outcome(state, drift_actions)
+
+    return Outcome(state, drift_actions)  # pragma: no cover - every non-terminal phase is handled above
+
+
+def _tail(outcome: Outcome, extra: tuple[Action, ...]) -> tuple[RolloutState, tuple[Action, ...]]:
+    return outcome.state, (*extra, *outcome.actions)

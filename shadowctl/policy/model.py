@@ -191,8 +191,19 @@ class Canary(_Model):
     """The canary phase: live traffic to the candidate in increasing steps."""
 
     steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(min_length=1)
-    step_duration: Duration = timedelta(minutes=10)
+    step_duration: Duration = Field(
+        default=timedelta(minutes=10), description="How long each step holds at least before it can pass."
+    )
+    max_step_duration: Duration | None = Field(
+        default=None,
+        description="When a step without a decision is inconclusive (default: 3 x stepDuration).",
+    )
     max_weight: int = Field(default=100, ge=1, le=100)
+
+    @property
+    def step_limit(self) -> timedelta:
+        """The longest a step may run before its analysis is inconclusive."""
+        return self.max_step_duration if self.max_step_duration is not None else self.step_duration * 3
 
     @field_validator("steps")
     @classmethod
@@ -204,6 +215,8 @@ class Canary(_Model):
 
     @model_validator(mode="after")
     def _within_max(self) -> Canary:
+        if self.max_step_duration is not None and self.max_step_duration < self.step_duration:
+            raise ValueError("maxStepDuration must not be shorter than stepDuration")
         if self.steps[-1] > self.max_weight:
             raise ValueError(f"the last step ({self.steps[-1]}) is above maxWeight ({self.max_weight})")
         return self
@@ -321,6 +334,10 @@ class Metric(_Model):
     def _source(self) -> Metric:
         if (self.preset is None) == (self.query is None):
             raise ValueError("set exactly one of 'preset' or 'query'")
+        if self.preset is not None:
+            from shadowctl.policy.presets import check_preset  # presets imports this module
+
+            check_preset(self.preset, self.kind)
         if self.kind is MetricKind.ratio and self.statistic is not Statistic.rate:
             raise ValueError(f"a ratio metric is judged by statistic 'rate', not {self.statistic.value!r}")
         if self.statistic is Statistic.rate and self.kind not in (MetricKind.ratio, MetricKind.counter):
@@ -567,12 +584,12 @@ class Spec(_Model):
             )
         if self.shadow is not None and self.target.istio is not None and self.shadow.virtual_service is not None:
             raise ValueError("shadow.virtualService is only for Knative targets; the Istio target mirrors itself")
-        phases = (self.shadow.max_duration if self.shadow else timedelta(0)) + (
+        phases = (self.shadow.min_duration if self.shadow else timedelta(0)) + (
             self.canary.step_duration * len(self.canary.steps) if self.canary else timedelta(0)
         )
         if self.progress_deadline < phases:
             raise ValueError(
-                f"progressDeadline ({self.progress_deadline}) is shorter than the phases need at most ({phases})"
+                f"progressDeadline ({self.progress_deadline}) is shorter than the phases need at least ({phases})"
             )
         if self.analysis.outputs is not None and self.shadow is None:
             raise ValueError("analysis.outputs compares mirrored answers and needs a shadow phase")

@@ -1,0 +1,255 @@
+"""The pure rollout state machine, transition by transition, plus invariants over random runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shadowctl.machine import (
+    Command,
+    Decision,
+    Finalize,
+    Notify,
+    Observed,
+    Phase,
+    Promote,
+    RolloutState,
+    SetRoutes,
+    Verdict,
+    step,
+)
+from shadowctl.policy import ShadowPolicy, parse_policies
+
+BASE = """
+apiVersion: shadowctl.dev/v1alpha1
+kind: ShadowPolicy
+metadata: {name: chat, namespace: llm}
+spec:
+  target:
+    istio:
+      virtualService: chat
+      primary: {host: chat, subset: v1}
+      candidate: {host: chat, subset: v2}
+  shadow: {mirrorPercent: 20, minDuration: 60s, maxDuration: 300s, minPairs: 10}
+  canary: {steps: [10, 50], stepDuration: 60s, maxStepDuration: 200s}
+  analysis:
+    interval: 10s
+    metrics:
+      - {name: ttft, preset: vllm-ttft, statistic: p95, margin: 10%}
+  progressDeadline: 1h
+"""
+
+CAND = Observed(candidate="v2", generation=1)
+PASS = Verdict(Decision.passed, "ttft p95 within 10%")
+FAIL = Verdict(Decision.failed, "ttft p95 +31%")
+CONT = Verdict(Decision.cont)
+NODATA = Verdict(Decision.nodata, "no samples")
+INCONCLUSIVE = Verdict(Decision.inconclusive, "too few samples at the deadline")
+
+
+def policy(**spec_changes: Any) -> ShadowPolicy:
+    doc = yaml.safe_load(BASE)
+    for key, value in spec_changes.items():
+        if value is None:
+            doc["spec"].pop(key, None)
+        elif isinstance(value, dict) and isinstance(doc["spec"].get(key), dict):
+            doc["spec"][key] = {**doc["spec"][key], **value}
+        else:
+            doc["spec"][key] = value
+    return parse_policies(yaml.safe_dump(doc))[0]
+
+
+P = policy()
+
+
+def at(phase: Phase, *, t0: float = 1000.0, **kw: Any) -> RolloutState:
+    defaults: dict[str, Any] = {"candidate": "v2", "generation": 1, "rollout_started_at": t0, "phase_started_at": t0}
+    if phase is Phase.shadowing:
+        defaults.update(weight=0, mirror_percent=20.0)
+    if phase in (Phase.progressing, Phase.waiting_promotion):
+        defaults.update(step=0, weight=10)
+    defaults.update(kw)
+    return RolloutState(phase=phase, **defaults)
+
+
+def routes(actions: tuple[Any, ...]) -> list[Any]:
+    return [a for a in actions if not isinstance(a, Notify)]
+
+
+# (name, state, verdict, command, now, policy, observed, expected phase, expected route actions, expected weight)
+CASES: list[tuple[str, RolloutState, Verdict | None, Command | None, float, ShadowPolicy, Observed, Phase, list[Any], int]] = [
+    ("pending starts shadow", RolloutState(), None, None, 0, P, CAND, Phase.shadowing, [SetRoutes(0, 20.0)], 0),
+    ("pending without candidate waits", RolloutState(), None, None, 0, P, Observed(None), Phase.pending, [], 0),
+    ("pending without shadow starts canary", RolloutState(), None, None, 0, policy(shadow=None), CAND,
+     Phase.progressing, [SetRoutes(10, None)], 10),
+    ("pending rollback", RolloutState(), None, Command.rollback, 0, P, CAND, Phase.rolled_back, [Finalize()], 0),
+    ("shadow pass too early holds", at(Phase.shadowing), PASS, None, 1030, P, CAND, Phase.shadowing, [], 0),
+    ("shadow pass after min -> step 1", at(Phase.shadowing), PASS, None, 1060, P, CAND, Phase.progressing,
+     [SetRoutes(10, None)], 10),
+    ("shadow fail -> rollback", at(Phase.shadowing), FAIL, None, 1010, P, CAND, Phase.rolling_back, [Finalize()], 0),
+    ("shadow continue holds", at(Phase.shadowing), CONT, None, 1200, P, CAND, Phase.shadowing, [], 0),
+    ("shadow nodata holds", at(Phase.shadowing), NODATA, None, 1200, P, CAND, Phase.shadowing, [], 0),
+    ("shadow nodata at max -> rollback", at(Phase.shadowing), NODATA, None, 1300, P, CAND, Phase.rolling_back,
+     [Finalize()], 0),
+    ("shadow inconclusive -> rollback", at(Phase.shadowing), INCONCLUSIVE, None, 1300, P, CAND, Phase.rolling_back,
+     [Finalize()], 0),
+    ("shadow inconclusive hold -> paused", at(Phase.shadowing), INCONCLUSIVE, None, 1300,
+     policy(onInconclusive="hold"), CAND, Phase.paused, [], 0),
+    ("shadow-only pass -> succeeded, mirror removed", at(Phase.shadowing), PASS, None, 1060, policy(canary=None), CAND,
+     Phase.succeeded, [Finalize()], 0),
+    ("step pass too early holds", at(Phase.progressing), PASS, None, 1059, P, CAND, Phase.progressing, [], 10),
+    ("step 1 pass -> step 2", at(Phase.progressing), PASS, None, 1060, P, CAND, Phase.progressing,
+     [SetRoutes(50, None)], 50),
+    ("last step pass -> promoting", at(Phase.progressing, step=1, weight=50), PASS, None, 1060, P, CAND,
+     Phase.promoting, [Promote()], 100),
+    ("last step pass, manual -> waiting", at(Phase.progressing, step=1, weight=50), PASS, None, 1060,
+     policy(promotion="manual"), CAND, Phase.waiting_promotion, [], 50),
+    ("step fail -> rollback", at(Phase.progressing, step=1, weight=50), FAIL, None, 1001, P, CAND,
+     Phase.rolling_back, [Finalize()], 0),
+    ("step nodata past limit -> rollback", at(Phase.progressing), NODATA, None, 1200, P, CAND, Phase.rolling_back,
+     [Finalize()], 0),
+    ("waiting + promote -> promoting", at(Phase.waiting_promotion, step=1, weight=50), CONT, Command.promote, 2000,
+     policy(promotion="manual"), CAND, Phase.promoting, [Promote()], 100),
+    ("waiting without promote holds", at(Phase.waiting_promotion, step=1, weight=50), PASS, None, 2000,
+     policy(promotion="manual"), CAND, Phase.waiting_promotion, [], 50),
+    ("waiting fails on analysis", at(Phase.waiting_promotion, step=1, weight=50), FAIL, None, 2000,
+     policy(promotion="manual"), CAND, Phase.rolling_back, [Finalize()], 0),
+    ("promoting -> succeeded", at(Phase.promoting, weight=100), None, None, 2000, P, CAND, Phase.succeeded,
+     [Promote()], 100),
+    ("rolling back -> rolled back", at(Phase.rolling_back), None, None, 2000, P, CAND, Phase.rolled_back,
+     [Finalize()], 0),
+    ("rollback keeps tag when asked", at(Phase.shadowing), FAIL, None, 1010, policy(rollback={"keepCandidateTag": True}),
+     CAND, Phase.rolling_back, [Finalize(keep_candidate=True)], 0),
+    ("promote --full from shadow", at(Phase.shadowing), CONT, Command.promote_full, 1010, P, CAND, Phase.promoting,
+     [Promote()], 100),
+    ("promote (no --full) in shadow is ignored", at(Phase.shadowing), CONT, Command.promote, 1010, P, CAND,
+     Phase.shadowing, [], 0),
+    ("pause in canary", at(Phase.progressing), PASS, Command.pause, 1100, P, CAND, Phase.paused, [], 10),
+    ("paused ignores analysis", at(Phase.paused, paused_from=Phase.progressing, paused_step=0, weight=10), FAIL, None,
+     1100, P, CAND, Phase.paused, [], 10),
+    ("resume restores phase and routes", at(Phase.paused, paused_from=Phase.progressing, paused_step=0, weight=10),
+     None, Command.resume, 1100, P, CAND, Phase.progressing, [SetRoutes(10, None)], 10),
+    ("paused past deadline -> rollback", at(Phase.paused, paused_from=Phase.shadowing), None, None, 1000 + 3600, P,
+     CAND, Phase.rolling_back, [Finalize()], 0),
+    ("deadline -> rollback", at(Phase.progressing, phase_started_at=4000), CONT, None, 1000 + 3600, P, CAND,
+     Phase.rolling_back, [Finalize()], 0),
+    ("new candidate mid-canary restarts", at(Phase.progressing, step=1, weight=50), PASS, None, 1100, P,
+     Observed("v3", 1), Phase.shadowing, [SetRoutes(0, 20.0)], 0),
+    ("policy edit mid-canary restarts", at(Phase.progressing, step=1, weight=50), PASS, None, 1100, P,
+     Observed("v2", 2), Phase.shadowing, [SetRoutes(0, 20.0)], 0),
+    ("candidate gone -> failed, routes restored", at(Phase.progressing), PASS, None, 1100, P, Observed(None),
+     Phase.failed, [Finalize()], 0),
+    ("drift reasserted", at(Phase.progressing), CONT, None, 1010, P, Observed("v2", 1, drift=True),
+     Phase.progressing, [SetRoutes(10, None)], 10),
+    ("drift pauses when asked", at(Phase.progressing), CONT, None, 1010, policy(onDrift="pause"),
+     Observed("v2", 1, drift=True), Phase.paused, [], 10),
+    ("rolled back + retry restarts", at(Phase.rolled_back), None, Command.retry, 5000, P, CAND, Phase.shadowing,
+     [SetRoutes(0, 20.0)], 0),
+    ("rolled back stays", at(Phase.rolled_back), PASS, None, 5000, P, CAND, Phase.rolled_back, [], 0),
+    ("succeeded, manual, same candidate: no restart", at(Phase.succeeded, weight=100), None, None, 5000, P,
+     Observed("v2", 2), Phase.succeeded, [], 100),
+    ("succeeded, auto, new candidate starts", at(Phase.succeeded, weight=100), None, None, 5000,
+     policy(trigger="auto"), Observed("v3", 1), Phase.shadowing, [SetRoutes(0, 20.0)], 0),
+    ("succeeded, manual, edit names new candidate", at(Phase.succeeded, weight=100), None, None, 5000, P,
+     Observed("v3", 2), Phase.shadowing, [SetRoutes(0, 20.0)], 0),
+    ("succeeded + rollback", at(Phase.succeeded, weight=100), None, Command.rollback, 5000, P, CAND,
+     Phase.rolling_back, [Finalize()], 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "verdict", "command", "now", "pol", "observed", "phase", "actions", "weight"),
+    CASES,
+    ids=[c[0] for c in CASES],
+)
+def test_transition(
+    name: str, state: RolloutState, verdict: Verdict | None, command: Command | None, now: float, pol: ShadowPolicy,
+    observed: Observed, phase: Phase, actions: list[Any], weight: int,
+) -> None:
+    out = step(state, verdict, command, now, pol, observed)
+    assert out.state.phase is phase
+    assert routes(out.actions) == actions
+    assert out.state.weight == weight
+    if out.state.phase is not state.phase:
+        assert out.state.history[-1].to_phase == phase.value
+        assert out.state.phase_started_at == now
+        assert any(isinstance(a, Notify) for a in out.actions)
+
+
+def test_waiting_for_gate_webhook() -> None:
+    pol = policy(notifications={"webhooks": [{"name": "qa", "url": "http://gate/ok", "type": "confirm-promotion"}]})
+    out = step(at(Phase.progressing, step=1, weight=50), PASS, None, 1060, pol, CAND)
+    assert out.state.phase is Phase.waiting_promotion
+    closed = step(out.state, PASS, None, 1100, pol, replace(CAND, gate=False))
+    assert closed.state.phase is Phase.waiting_promotion
+    unknown = step(out.state, PASS, None, 1100, pol, CAND)
+    assert unknown.state.phase is Phase.waiting_promotion
+    opened = step(out.state, PASS, None, 1100, pol, replace(CAND, gate=True))
+    assert opened.state.phase is Phase.promoting
+
+
+def test_inconclusive_never_promotes_from_any_phase() -> None:
+    for state in (at(Phase.shadowing), at(Phase.progressing, step=1, weight=50)):
+        for pol in (P, policy(onInconclusive="hold")):
+            out = step(state, INCONCLUSIVE, None, 5000 - 3000, pol, CAND)
+            assert out.state.phase in (Phase.rolling_back, Phase.paused)
+            assert not any(isinstance(a, Promote) for a in out.actions)
+
+
+def test_status_round_trip() -> None:
+    out = step(at(Phase.shadowing), PASS, None, 1060, P, CAND)
+    data = out.state.to_dict()
+    assert RolloutState.from_dict(data) == out.state
+    assert RolloutState.from_dict(None) == RolloutState()
+    assert RolloutState.from_dict({"phase": "Bogus"}) == RolloutState()
+
+
+_events = st.tuples(
+    st.sampled_from([PASS, FAIL, CONT, NODATA, INCONCLUSIVE, None]),
+    st.sampled_from([None, None, None, None, *Command]),
+    st.floats(min_value=0, max_value=400),
+    st.sampled_from([CAND, CAND, CAND, Observed("v3", 1), Observed("v2", 1, drift=True)]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_events, min_size=1, max_size=40), st.sampled_from([P, policy(onInconclusive="hold"),
+                                                                     policy(promotion="manual")]))
+def test_invariants_over_random_runs(events: list[Any], pol: ShadowPolicy) -> None:
+    """Invariant 2: live traffic never exceeds the step reached, and is 0 before the shadow phase passed."""
+    assert pol.spec.canary is not None
+    state = RolloutState()
+    now = 0.0
+    shadow_passed_for: str | None = None
+    for verdict, command, dt, observed in events:
+        now += dt
+        before = state
+        out = step(state, verdict, command, now, pol, observed)
+        state = out.state
+        assert RolloutState.from_dict(state.to_dict()) == state
+        if before.phase is Phase.shadowing and state.phase is Phase.progressing:
+            shadow_passed_for = state.candidate
+        for action in out.actions:
+            if isinstance(action, SetRoutes):
+                assert 0 <= action.weight <= 100
+                if action.weight > 0:
+                    # Live traffic only at a step the policy reached, and only after the shadow phase passed.
+                    assert state.phase is Phase.progressing
+                    assert action.weight == pol.spec.canary.steps[state.step or 0]
+                    assert shadow_passed_for == state.candidate
+                if state.phase is Phase.shadowing:
+                    assert action.weight == 0
+            if isinstance(action, Promote):
+                assert state.phase in (Phase.promoting, Phase.succeeded)
+                assert command is Command.promote_full or before.phase in (
+                    Phase.progressing, Phase.waiting_promotion, Phase.promoting, Phase.paused)
+        if state.phase is Phase.shadowing:
+            assert state.weight == 0
+        if state.phase is Phase.rolled_back:
+            assert state.weight == 0
+            assert state.mirror_percent is None
