@@ -8,6 +8,7 @@ the policy loads, not at 3 a.m. in the middle of a rollout.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 PLACEHOLDERS: dict[str, str] = {
     "namespace": "the policy's namespace",
@@ -43,3 +44,16 @@ def check_template(template: str) -> None:
     rest = _PLACEHOLDER.sub("", template)
     if "{{" in rest or "}}" in rest:
         raise ValueError("a '{{' or '}}' in the query does not form a placeholder such as {{ namespace }}")
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Fill every placeholder with `values[name]`, inserted verbatim.
+
+    The caller escapes the values (the metric source does, for the PromQL context
+    each placeholder sits in); a placeholder without a value raises KeyError naming it,
+    so that an unset variant field never becomes an empty matcher.
+    """
+    missing = sorted({p for p in placeholders(template) if p not in values})
+    if missing:
+        raise KeyError(", ".join(missing))
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
