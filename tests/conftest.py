@@ -13,3 +13,5 @@ SHARED_CRDS = REPO.parent / "shared" / "crds"
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+pytest_plugins = ["conftest_kube"]

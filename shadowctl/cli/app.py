@@ -47,6 +47,7 @@ def _register() -> None:
     from shadowctl.cli import policy_cmds
 
     policy_cmds.register(app)
+    __import__("shadowctl.cli.render_cmd", fromlist=["register"]).register(app)
 
 
 _register()

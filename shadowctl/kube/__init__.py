@@ -1,1 +1,80 @@
-"""shadowctl.kube."""
+"""shadowctl.kube: Kubernetes access on kubernetes.aio, with its own errors and bounded retries.
+
+Public API::
+
+    client = await KubeClient.connect(kubeconfig=None, context=None)   # or KubeClient.for_url(url)
+    obj = await client.get(ResourceRef(VIRTUAL_SERVICE, "reviews", "default"))
+    items, rv = await client.list(KNATIVE_SERVICE, "default", label_selector="app=x")
+    await client.replace(VIRTUAL_SERVICE, obj)   # PUT with its resourceVersion; Conflict if stale
+    await client.patch_merge(ref, {...}, resource_version=rv)
+    async for ev in client.watch(gvr, ns, rv): ...            # WatchExpired on 410 -> list again
+"""
+
+from shadowctl.kube.client import JSON, KubeClient, ListResult, WatchEvent
+from shadowctl.kube.errors import (
+    AlreadyExists,
+    BadRequest,
+    ConfigError,
+    Conflict,
+    Forbidden,
+    Gone,
+    Invalid,
+    KubeError,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+    WatchExpired,
+)
+from shadowctl.kube.leader import LeaderElector
+from shadowctl.kube.refs import (
+    DESTINATION_RULE,
+    EVENT,
+    EVENT_V1,
+    GVR,
+    KNATIVE_CONFIGURATION,
+    KNATIVE_REVISION,
+    KNATIVE_ROUTE,
+    KNATIVE_SERVICE,
+    LEASE,
+    NAMESPACE,
+    SHADOW_POLICY,
+    VIRTUAL_SERVICE,
+    ResourceRef,
+)
+from shadowctl.kube.retry import RetryPolicy
+
+__all__ = [
+    "DESTINATION_RULE",
+    "EVENT",
+    "EVENT_V1",
+    "GVR",
+    "JSON",
+    "KNATIVE_CONFIGURATION",
+    "KNATIVE_REVISION",
+    "KNATIVE_ROUTE",
+    "KNATIVE_SERVICE",
+    "LEASE",
+    "NAMESPACE",
+    "SHADOW_POLICY",
+    "VIRTUAL_SERVICE",
+    "AlreadyExists",
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "Forbidden",
+    "Gone",
+    "Invalid",
+    "KubeClient",
+    "KubeError",
+    "LeaderElector",
+    "ListResult",
+    "NotFound",
+    "ResourceRef",
+    "RetryPolicy",
+    "Unauthorized",
+    "Unavailable",
+    "UnsupportedMediaType",
+    "WatchEvent",
+    "WatchExpired",
+]

@@ -1,0 +1,155 @@
+"""`shadowctl render`: show what shadowctl would write to a VirtualService or Knative Service, offline.
+
+It runs the routers' pure builders on an object from a file, so a person can
+review (or a CI job can diff) the exact change before any cluster is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.markup import escape
+
+from shadowctl.cli import common
+from shadowctl.policy.model import Destination, IstioTarget, KnativeTarget
+from shadowctl.routers import istio_build, knative_build
+from shadowctl.routers.base import RouterError, RouteState
+from shadowctl.routers.record import Build
+
+_HELP = """Print the object shadowctl would write for a traffic split, without a cluster.
+
+FILE holds one VirtualService (networking.istio.io) or one Knative Service (serving.knative.dev), e.g. the output of `kubectl get -o yaml`. The object's kind decides what --primary and --candidate mean.
+
+[bold]VirtualService[/]: destinations as HOST, HOST/SUBSET or HOST/SUBSET:PORT, exactly as in the route.
+
+  shadowctl render vs.yaml --primary llm/v1 --candidate llm/v2 --route chat --weight 10
+
+  shadowctl render vs.yaml --primary llm/v1 --candidate llm/v2 --weight 0 --mirror 5 --diff
+
+[bold]Knative Service[/]: revision names (default primary: the revision holding 100%; default candidate: status.latestReadyRevisionName).
+
+  shadowctl render ksvc.yaml --candidate llm-00002 --weight 20 --tag canary
+
+Exit code 0 on success; 1 when the object lacks the named route, destination or revision (the message lists those it has); 2 on usage errors.
+"""
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """``common.fail`` with the message escaped (ours contain brackets such as HOST[/SUBSET])."""
+    return common.fail(escape(message), code)
+
+
+def _destination(text: str, option: str) -> Destination:
+    host, _, rest = text.partition("/")
+    subset, port = rest, None
+    if ":" in (rest or host):
+        if rest:
+            subset, _, port_text = rest.partition(":")
+        else:
+            host, _, port_text = host.partition(":")
+        if not port_text.isdigit():
+            raise fail(f"{option} {text!r}: the port after ':' must be a number", 2)
+        port = int(port_text)
+    try:
+        return Destination(host=host, subset=subset or None, port=port)
+    except ValidationError as exc:
+        raise fail(f"{option} {text!r}: {exc.errors()[0]['msg']}", 2) from None
+
+
+def _load(file: Path) -> dict[str, Any]:
+    try:
+        docs = [d for d in yaml.safe_load_all(file.read_text(encoding="utf-8")) if d is not None]
+    except OSError as exc:
+        raise fail(f"{file}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise fail(f"{file}: not valid YAML: {exc}") from None
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise fail(f"{file}: expected exactly one object, found {len(docs)} documents")
+    return docs[0]
+
+
+def _revisions_in(obj: dict[str, Any]) -> set[str] | None:
+    """Revisions the file shows to exist (its status and pinned traffic); None without a status."""
+    status = obj.get("status")
+    if not isinstance(status, dict):
+        return None
+    names = {status.get("latestReadyRevisionName"), status.get("latestCreatedRevisionName")}
+    for block in (status.get("traffic"), (obj.get("spec") or {}).get("traffic")):
+        names.update(t.get("revisionName") for t in block or [] if isinstance(t, dict))
+    return {str(n) for n in names if n}
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
+
+
+def render(
+    file: Annotated[Path, typer.Argument(help="A VirtualService or Knative Service as YAML.", show_default=False)],
+    weight: Annotated[int, typer.Option("--weight", min=0, max=100,
+                                        help="Percent of live traffic for the candidate (0-100).")],
+    primary: Annotated[str | None, typer.Option(
+        "--primary", help="VirtualService: HOST\\[/SUBSET]\\[:PORT] serving today (required). Knative: a revision.",
+        show_default=False)] = None,
+    candidate: Annotated[str | None, typer.Option(
+        "--candidate", help="VirtualService: HOST\\[/SUBSET]\\[:PORT] to roll out (required). Knative: a revision.",
+        show_default=False)] = None,
+    route: Annotated[str | None, typer.Option(
+        "--route", help="VirtualService: the http route's name (needed when it has several).",
+        show_default=False)] = None,
+    mirror: Annotated[float | None, typer.Option(
+        "--mirror", min=0, max=100, help="VirtualService: percent of requests mirrored to the candidate.",
+        show_default=False)] = None,
+    tag: Annotated[str, typer.Option("--tag", help="Knative: the candidate's tag.")] = "candidate",
+    diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the whole object.")] = False,
+) -> None:
+    obj = _load(file)
+    kind, api = obj.get("kind"), str(obj.get("apiVersion", ""))
+    state = RouteState(100 - weight, weight, mirror or None)
+    name = str((obj.get("metadata") or {}).get("name") or "unnamed")
+    try:
+        result: Build
+        if kind == "VirtualService" and api.startswith("networking.istio.io/"):
+            if primary is None or candidate is None:
+                raise fail("a VirtualService needs --primary and --candidate (HOST[/SUBSET][:PORT])", 2)
+            try:
+                target = IstioTarget(virtual_service=name, route=route, primary=_destination(primary, "--primary"),
+                                     candidate=_destination(candidate, "--candidate"))
+            except ValidationError as exc:
+                raise fail(exc.errors()[0]["msg"], 2) from None
+            result = istio_build.build(obj, target, state)
+        elif kind == "Service" and api.startswith("serving.knative.dev/"):
+            if mirror:
+                raise fail("a Knative Service cannot mirror; --mirror needs an Istio VirtualService", 2)
+            if route:
+                raise fail("--route is for VirtualServices; a Knative Service has no named routes", 2)
+            try:
+                ktarget = KnativeTarget(service=name, primary_revision=primary, candidate_revision=candidate,
+                                        candidate_tag=tag)
+            except ValidationError as exc:
+                raise fail(f"--tag {tag!r}: {exc.errors()[0]['msg']}", 2) from None
+            result = knative_build.build(obj, ktarget, state, _revisions_in(obj))
+        else:
+            raise fail(f"{file}: kind {kind!r} ({api or 'no apiVersion'}) is neither an Istio VirtualService "
+                       "nor a Knative Service")
+    except RouterError as exc:
+        raise fail(f"{file}: {exc}") from None
+    if not diff:
+        sys.stdout.write(_dump(result.obj))
+        return
+    lines = difflib.unified_diff(_dump(obj).splitlines(keepends=True), _dump(result.obj).splitlines(keepends=True),
+                                 fromfile=f"{file} (current)", tofile=f"{file} (shadowctl)")
+    sys.stdout.writelines(lines)
+
+
+render.__doc__ = _HELP
+
+
+def register(app: typer.Typer) -> None:
+    """Add `shadowctl render`."""
+    app.command("render")(render)

@@ -1,0 +1,347 @@
+"""Pure builders for a Knative ``serving.knative.dev/v1`` Service's ``spec.traffic``.
+
+shadowctl manages two traffic targets and nothing else:
+
+* the **primary** target, pinned by ``revisionName`` (a ``latestRevision: true``
+  target that carries the primary's traffic is pinned on first touch, because
+  the candidate *is* the latest revision: left floating, it would hand the
+  candidate all the traffic);
+* the **candidate** target: the one tagged with the policy's ``candidateTag``,
+  pinned to the candidate revision. It is added even at 0%, because the tag
+  gives the candidate its own URL, which the shadow phase mirrors to.
+
+Other targets (a 0% ``latest`` tag someone keeps, other tags) are left alone;
+one that carries traffic is refused rather than rebalanced. The primary and
+candidate revisions are resolved once, on first touch, and kept in the
+ownership record, so that later steps and a rollback after a restart use the
+same revisions even after ``latestReadyRevisionName`` has moved on.
+
+Before anything is written the traffic block is checked the way Knative's
+webhook checks it: percents sum to 100, ``revisionName`` XOR
+``latestRevision: true``, unique tags, revisions that exist (when known).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from shadowctl.policy.model import KnativeTarget
+from shadowctl.routers.base import (
+    DestinationNotFound,
+    RouteNotFound,
+    RouteState,
+    UnmanagedTraffic,
+    Unsupported,
+    WouldBeRejected,
+)
+from shadowctl.routers.record import JSON, Build, load_record, object_name, store_record
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The revisions and tag a rollout manages, as resolved on first touch."""
+
+    primary: str
+    candidate: str
+    tag: str
+
+
+# --------------------------------------------------------------------------- public builders
+
+
+def build(
+    current: JSON, target: KnativeTarget, state: RouteState, known_revisions: Collection[str] | None = None
+) -> Build:
+    """The Service with primary/candidate percents as ``state`` (which must not mirror)."""
+    if state.mirror_percent is not None:
+        raise Unsupported(
+            f"{object_name(current)}: Knative cannot mirror requests; set shadow.virtualService "
+            "(an Istio VirtualService in front of the service) or shadow.mode: tap"
+        )
+    obj = copy.deepcopy(current)
+    record = load_record(obj)
+    res = resolve(obj, target, known_revisions)
+    traffic = _traffic(obj)
+    p = _primary_index(obj, traffic, res, record)
+    c = _candidate_index(traffic, res)
+    assert c is not None
+    _refuse_others(obj, traffic, {p, c}, res)
+    traffic[p]["percent"] = state.primary_weight
+    traffic[c]["percent"] = state.candidate_weight
+    check_traffic(obj, traffic, known_revisions)
+    obj.setdefault("spec", {})["traffic"] = traffic
+    record["traffic"] = {**(record.get("traffic") or {}), "primaryRevision": res.primary,
+                         "candidateRevision": res.candidate, "candidateTag": res.tag}
+    store_record(obj, record)
+    return Build(obj, obj != current)
+
+
+def finalize(
+    current: JSON, target: KnativeTarget, keep_candidate: bool = False, known_revisions: Collection[str] | None = None
+) -> Build:
+    """Rollback: 100% to the primary (pinned); the candidate tag removed unless ``keep_candidate`` (then 0%).
+
+    Without an ownership record shadowctl changed nothing (the record is written
+    with every change), so there is nothing to undo and the Service is returned as is.
+    """
+    obj = copy.deepcopy(current)
+    record = load_record(obj)
+    if not record.get("traffic"):
+        return Build(obj, False)
+    res = resolve(obj, target, known_revisions)
+    traffic = _traffic(obj)
+    p = _primary_index(obj, traffic, res, record)
+    c = _candidate_index(traffic, res, add=False)
+    _refuse_others(obj, traffic, {p, c}, res)
+    traffic[p]["percent"] = 100
+    if c is not None:
+        if keep_candidate:
+            traffic[c]["percent"] = 0
+        else:
+            del traffic[c]
+    check_traffic(obj, traffic, known_revisions)
+    obj.setdefault("spec", {})["traffic"] = traffic
+    record.pop("traffic", None)
+    store_record(obj, record)
+    return Build(obj, obj != current)
+
+
+def promote(current: JSON, target: KnativeTarget, known_revisions: Collection[str] | None = None) -> Build:
+    """Promotion: the primary target re-pinned to the candidate revision at 100%, the candidate tag removed.
+
+    Idempotent: without an ownership record, a Service whose candidate revision
+    already holds 100% by ``revisionName`` is returned as is.
+    """
+    obj = copy.deepcopy(current)
+    record = load_record(obj)
+    if not record.get("traffic"):
+        done = promoted_revision(obj)
+        wanted = target.candidate_revision or (obj.get("status") or {}).get("latestReadyRevisionName")
+        if done is not None and done == wanted:
+            return Build(obj, False)
+    res = resolve(obj, target, known_revisions)
+    traffic = _traffic(obj)
+    p = _primary_index(obj, traffic, res, record)
+    c = _candidate_index(traffic, res, add=False)
+    _refuse_others(obj, traffic, {p, c}, res)
+    traffic[p]["revisionName"] = res.candidate
+    traffic[p]["percent"] = 100
+    if c is not None:
+        del traffic[c]
+    check_traffic(obj, traffic, known_revisions)
+    obj.setdefault("spec", {})["traffic"] = traffic
+    record.pop("traffic", None)
+    store_record(obj, record)
+    return Build(obj, obj != current)
+
+
+def promoted_revision(obj: JSON) -> str | None:
+    """The revision that holds 100% pinned by ``revisionName`` (None when traffic is split or floating)."""
+    carrying = [t for t in _traffic(obj) if _percent(t) > 0]
+    if len(carrying) == 1 and _percent(carrying[0]) == 100 and not carrying[0].get("latestRevision"):
+        rev = carrying[0].get("revisionName")
+        return str(rev) if rev else None
+    return None
+
+
+def read_state(obj: JSON, target: KnativeTarget, known_revisions: Collection[str] | None = None) -> RouteState:
+    """Percents of the primary and the candidate revisions (Knative never mirrors: mirror is None)."""
+    res = resolve(obj, target, known_revisions)
+    traffic = _traffic(obj)
+    record = load_record(obj)
+    resolved = _resolved_latest(obj)
+    primary = candidate = other = 0
+    for entry in traffic:
+        pct = _percent(entry)
+        rev = entry.get("revisionName") if not entry.get("latestRevision") else resolved.get(entry.get("tag"))
+        if entry.get("tag") == res.tag or rev == res.candidate:
+            candidate += pct
+        elif rev == res.primary:
+            primary += pct
+        else:
+            other += pct
+    if other:
+        _refuse_others(obj, traffic, set(), res)
+    rv = (obj.get("metadata") or {}).get("resourceVersion")
+    return RouteState(primary, candidate, None, resource_version=rv, owned=record.get("traffic"))
+
+
+def resolve(obj: JSON, target: KnativeTarget, known_revisions: Collection[str] | None = None) -> Resolved:
+    """The primary and candidate revisions: the ownership record, else the policy, else the defaults.
+
+    Defaults: the candidate is ``status.latestReadyRevisionName``; the primary is
+    the revision that holds 100% now.
+    """
+    name = object_name(obj)
+    if obj.get("kind") not in (None, "Service") or not str(obj.get("apiVersion", "serving.knative.dev/")).startswith(
+        "serving.knative.dev/"
+    ):
+        raise RouteNotFound(f"{name} is not a Knative Service (serving.knative.dev/v1)")
+    rec = load_record(obj).get("traffic") or {}
+    status = obj.get("status") or {}
+    candidate = rec.get("candidateRevision") or target.candidate_revision or status.get("latestReadyRevisionName")
+    if not candidate:
+        raise DestinationNotFound(
+            f"{name}: no candidate revision: the policy names none (candidateRevision) and the service "
+            "has no status.latestReadyRevisionName yet"
+        )
+    primary = rec.get("primaryRevision") or target.primary_revision or _full_holder(obj)
+    if primary == candidate:
+        raise DestinationNotFound(
+            f"{name}: the candidate revision {candidate} already receives 100% of the traffic; "
+            "name the revision serving today with primaryRevision"
+        )
+    known = _known(obj, known_revisions)
+    if known is not None:
+        for role, rev in (("primary", primary), ("candidate", candidate)):
+            if rev not in known:
+                raise DestinationNotFound(
+                    f"{name}: the {role} revision {rev!r} does not exist; known revisions: "
+                    f"{', '.join(sorted(known)) or '(none)'}"
+                )
+    return Resolved(str(primary), str(candidate), str(rec.get("candidateTag") or target.candidate_tag))
+
+
+def check_traffic(obj: JSON, traffic: list[JSON], known_revisions: Collection[str] | None = None) -> None:
+    """Raise WouldBeRejected for what Knative's webhook refuses in ``spec.traffic``."""
+    name = object_name(obj)
+    total = 0
+    tags: set[str] = set()
+    known = _known(obj, known_revisions)
+    for i, entry in enumerate(traffic):
+        where = f"{name} spec.traffic[{i}]"
+        latest = entry.get("latestRevision")
+        rev = entry.get("revisionName")
+        if latest is True and rev:
+            raise WouldBeRejected(f"{where}: sets both revisionName and latestRevision: true")
+        if latest is not True and not rev:
+            raise WouldBeRejected(f"{where}: needs revisionName or latestRevision: true")
+        pct = entry.get("percent", 0)
+        if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
+            raise WouldBeRejected(f"{where}: percent must be an integer from 0 to 100, got {pct!r}")
+        total += pct
+        tag = entry.get("tag")
+        if tag:
+            if tag in tags:
+                raise WouldBeRejected(f"{where}: tag {tag!r} is used twice")
+            tags.add(tag)
+        if rev and known is not None and rev not in known:
+            raise WouldBeRejected(f"{where}: revision {rev!r} does not exist")
+    if total != 100:
+        raise WouldBeRejected(f"{name}: spec.traffic percents would sum to {total}, not 100")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _traffic(obj: JSON) -> list[JSON]:
+    spec = obj.get("spec")
+    traffic = spec.get("traffic") if isinstance(spec, dict) else None
+    if traffic is None:  # Knative's default: everything to the latest ready revision
+        return [{"latestRevision": True, "percent": 100}]
+    if not isinstance(traffic, list) or not all(isinstance(t, dict) for t in traffic):
+        raise WouldBeRejected(f"{object_name(obj)}: spec.traffic is not a list of traffic targets")
+    return traffic
+
+
+def _percent(entry: JSON) -> int:
+    pct = entry.get("percent")
+    return pct if isinstance(pct, int) and not isinstance(pct, bool) else 0
+
+
+def _resolved_latest(obj: JSON) -> dict[Any, str]:
+    """What each ``latestRevision: true`` target points at now, by tag (None: untagged)."""
+    status = obj.get("status") or {}
+    out: dict[Any, str] = {}
+    for entry in status.get("traffic") or []:
+        if isinstance(entry, dict) and entry.get("latestRevision") and entry.get("revisionName"):
+            out.setdefault(entry.get("tag"), entry["revisionName"])
+    latest = status.get("latestReadyRevisionName")
+    if latest:
+        for entry in (obj.get("spec") or {}).get("traffic") or [{"latestRevision": True}]:
+            if isinstance(entry, dict) and entry.get("latestRevision"):
+                out.setdefault(entry.get("tag"), latest)
+    return out
+
+
+def _full_holder(obj: JSON) -> str:
+    name = object_name(obj)
+    resolved = _resolved_latest(obj)
+    for entry in _traffic(obj):
+        if _percent(entry) == 100:
+            if entry.get("latestRevision"):
+                rev = resolved.get(entry.get("tag"))
+                if rev:
+                    return rev
+                break
+            if entry.get("revisionName"):
+                return str(entry["revisionName"])
+    raise DestinationNotFound(
+        f"{name}: no single revision holds 100% of the traffic, so the primary is ambiguous; "
+        "name it with primaryRevision"
+    )
+
+
+def _known(obj: JSON, known_revisions: Collection[str] | None) -> set[str] | None:
+    if known_revisions is None:
+        return None
+    known = set(known_revisions)
+    status = obj.get("status") or {}
+    for key in ("latestReadyRevisionName", "latestCreatedRevisionName"):
+        if status.get(key):
+            known.add(status[key])
+    return known
+
+
+def _primary_index(obj: JSON, traffic: list[JSON], res: Resolved, record: JSON) -> int:
+    untagged = [i for i, t in enumerate(traffic) if t.get("revisionName") == res.primary and not t.get("tag")]
+    if untagged:
+        return untagged[0]
+    tagged = [i for i, t in enumerate(traffic) if t.get("revisionName") == res.primary and t.get("tag") != res.tag
+              and _percent(t) > 0]
+    if tagged:
+        return tagged[0]
+    resolved = _resolved_latest(obj)
+    for i, t in enumerate(traffic):
+        if t.get("latestRevision") and _percent(t) > 0 and resolved.get(t.get("tag")) == res.primary:
+            rec = record.setdefault("traffic", {})
+            rec["pinnedLatest"] = copy.deepcopy(t)
+            t.pop("latestRevision")
+            t["revisionName"] = res.primary
+            return i
+    traffic.append({"revisionName": res.primary, "percent": 0})
+    return len(traffic) - 1
+
+
+def _candidate_index(traffic: list[JSON], res: Resolved, add: bool = True) -> int | None:
+    """The target tagged with the candidate tag, re-pinned to the candidate revision (appended when ``add``)."""
+    for i, t in enumerate(traffic):
+        if t.get("tag") == res.tag:
+            if t.get("latestRevision"):
+                del t["latestRevision"]
+            if t.get("revisionName") != res.candidate:
+                t["revisionName"] = res.candidate
+            return i
+    if not add:
+        return None
+    traffic.append({"tag": res.tag, "revisionName": res.candidate, "percent": 0})
+    return len(traffic) - 1
+
+
+def _refuse_others(obj: JSON, traffic: list[JSON], mine: set[int | None], res: Resolved) -> None:
+    carrying = []
+    for i, t in enumerate(traffic):
+        if i in mine or _percent(t) == 0:
+            continue
+        what = t.get("revisionName") or "latestRevision"
+        carrying.append(f"{what}{' (tag ' + t['tag'] + ')' if t.get('tag') else ''} {_percent(t)}%")
+    if carrying:
+        raise UnmanagedTraffic(
+            f"{object_name(obj)}: spec.traffic also sends {', '.join(carrying)} to targets that are neither "
+            f"the primary {res.primary} nor the candidate {res.candidate} (tag {res.tag}); "
+            "shadowctl will not guess how to rebalance them: move that traffic first"
+        )
+

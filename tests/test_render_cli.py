@@ -1,0 +1,92 @@
+"""`shadowctl render`: the pure builders on the command line, through the real typer app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from routers_util import FIXTURES, assert_valid
+from typer.testing import CliRunner
+
+from shadowctl.cli.app import app
+from shadowctl.routers.base import MANAGED_ANNOTATION
+
+runner = CliRunner()
+VS = str(FIXTURES / "vs-llm.yaml")
+KSVC = str(FIXTURES / "ksvc-llm.yaml")
+HOST = "llm.models.svc.cluster.local"
+
+
+def _text(result: object) -> str:
+    """The output with rich's line wrapping undone."""
+    return " ".join(result.output.split())  # type: ignore[attr-defined]
+
+
+def _chat(obj: dict) -> dict:  # type: ignore[type-arg]
+    return next(r for r in obj["spec"]["http"] if r.get("name") == "chat")
+
+
+def test_renders_a_canary_step_as_yaml() -> None:
+    result = runner.invoke(app, ["render", VS, "--primary", f"{HOST}/v1:8000", "--candidate", f"{HOST}/v2:8000",
+                                 "--route", "chat", "--weight", "25", "--mirror", "2.5"])
+    assert result.exit_code == 0, result.output
+    obj = yaml.safe_load(result.stdout)
+    chat = _chat(obj)
+    assert [e["weight"] for e in chat["route"]] == [75, 25]
+    assert chat["mirrorPercentage"] == {"value": 2.5}
+    assert MANAGED_ANNOTATION in obj["metadata"]["annotations"]
+    assert_valid(obj)
+
+
+def test_diff_shows_only_the_change() -> None:
+    result = runner.invoke(app, ["render", VS, "--primary", f"{HOST}/v1", "--candidate", f"{HOST}/v2",
+                                 "--route", "chat", "--weight", "10", "--diff"])
+    assert result.exit_code == 0, result.output
+    added = [line for line in result.stdout.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    removed = [line for line in result.stdout.splitlines() if line.startswith("-") and not line.startswith("---")]
+    assert result.stdout.startswith("---")
+    assert removed == []
+    assert "+      weight: 90" in added and "+      weight: 10" in added
+    assert not any("debug" in line or "fallback" in line for line in added)
+
+
+def test_missing_route_lists_the_routes() -> None:
+    result = runner.invoke(app, ["render", VS, "--primary", f"{HOST}/v1", "--candidate", f"{HOST}/v2",
+                                 "--route", "chats", "--weight", "10"])
+    assert result.exit_code == 1
+    assert "no http route named 'chats'" in _text(result) and "debug, chat, default" in _text(result)
+    assert "Traceback" not in _text(result)
+
+
+def test_missing_destination_lists_the_destinations() -> None:
+    result = runner.invoke(app, ["render", VS, "--primary", f"{HOST}/v0", "--candidate", f"{HOST}/v2",
+                                 "--route", "chat", "--weight", "10"])
+    assert result.exit_code == 1
+    assert f"no primary destination {HOST}/v0" in _text(result) and f"{HOST}/v1:8000" in _text(result)
+
+
+def test_knative_service() -> None:
+    result = runner.invoke(app, ["render", KSVC, "--candidate", "llm-00002", "--weight", "20", "--tag", "canary"])
+    assert result.exit_code == 0, result.output
+    obj = yaml.safe_load(result.stdout)
+    assert obj["spec"]["traffic"][0] == {"revisionName": "llm-00001", "percent": 80}
+    assert obj["spec"]["traffic"][-1] == {"tag": "canary", "revisionName": "llm-00002", "percent": 20}
+    assert_valid(obj)
+
+
+def test_knative_errors() -> None:
+    mirror = runner.invoke(app, ["render", KSVC, "--weight", "0", "--mirror", "5"])
+    assert mirror.exit_code == 2 and "cannot mirror" in _text(mirror)
+    missing = runner.invoke(app, ["render", KSVC, "--candidate", "llm-00009", "--weight", "5"])
+    assert missing.exit_code == 1 and "llm-00009" in _text(missing) and "llm-00001, llm-00002" in _text(missing)
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    no_primary = runner.invoke(app, ["render", VS, "--candidate", f"{HOST}/v2", "--weight", "10"])
+    assert no_primary.exit_code == 2 and "--primary and --candidate" in _text(no_primary)
+    other = tmp_path / "cm.yaml"
+    other.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    wrong = runner.invoke(app, ["render", str(other), "--weight", "10"])
+    assert wrong.exit_code == 1 and "neither an Istio VirtualService nor a Knative Service" in _text(wrong)
+    bad_weight = runner.invoke(app, ["render", VS, "--weight", "101"])
+    assert bad_weight.exit_code == 2

@@ -1,0 +1,181 @@
+"""The pure Knative Service traffic builders, on realistic fixtures and generated traffic blocks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from routers_util import assert_valid, load
+
+from shadowctl.policy.model import KnativeTarget
+from shadowctl.routers import knative_build
+from shadowctl.routers.base import (
+    MANAGED_ANNOTATION,
+    DestinationNotFound,
+    RouteState,
+    UnmanagedTraffic,
+    Unsupported,
+    WouldBeRejected,
+)
+
+TARGET = KnativeTarget(service="llm")
+KNOWN = {"llm-00001", "llm-00002"}
+
+
+def _record(obj: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(obj["metadata"]["annotations"][MANAGED_ANNOTATION])
+
+
+def test_defaults_pin_primary_and_tag_candidate_keeping_others_tags() -> None:
+    svc = load("ksvc-llm.yaml")
+    pristine = copy.deepcopy(svc)
+    new, modified = knative_build.build(svc, TARGET, RouteState(90, 10), KNOWN)
+    assert modified and svc == pristine
+    assert new["spec"]["traffic"] == [
+        {"revisionName": "llm-00001", "percent": 90},
+        {"tag": "latest", "latestRevision": True, "percent": 0},
+        {"tag": "stable", "revisionName": "llm-00001", "percent": 0},
+        {"tag": "candidate", "revisionName": "llm-00002", "percent": 10},
+    ]
+    assert new["spec"]["template"] == pristine["spec"]["template"]
+    assert _record(new) == {"version": 1, "traffic": {
+        "primaryRevision": "llm-00001", "candidateRevision": "llm-00002", "candidateTag": "candidate"}}
+    assert knative_build.read_state(new, TARGET, KNOWN) == RouteState(90, 10)
+    assert not knative_build.build(new, TARGET, RouteState(90, 10), KNOWN).modified
+    assert_valid(new)
+
+
+def test_shadow_step_adds_the_tag_at_zero() -> None:
+    new, modified = knative_build.build(load("ksvc-llm.yaml"), TARGET, RouteState(100, 0), KNOWN)
+    assert modified
+    assert new["spec"]["traffic"][-1] == {"tag": "candidate", "revisionName": "llm-00002", "percent": 0}
+
+
+def test_revisions_stay_fixed_after_latest_ready_moves_on() -> None:
+    obj, _ = knative_build.build(load("ksvc-llm.yaml"), TARGET, RouteState(50, 50), KNOWN)
+    obj["status"]["latestReadyRevisionName"] = "llm-00003"  # someone deployed again mid-rollout
+    new, _ = knative_build.build(obj, TARGET, RouteState(20, 80), KNOWN | {"llm-00003"})
+    assert [t.get("revisionName") for t in new["spec"]["traffic"]] == ["llm-00001", None, "llm-00001", "llm-00002"]
+
+
+def test_rollback_and_keep_candidate_tag() -> None:
+    svc = load("ksvc-llm.yaml")
+    obj, _ = knative_build.build(svc, TARGET, RouteState(60, 40), KNOWN)
+    restored, _ = knative_build.finalize(obj, TARGET, known_revisions=KNOWN)
+    assert restored == svc
+    kept, _ = knative_build.finalize(obj, TARGET, keep_candidate=True, known_revisions=KNOWN)
+    assert kept["spec"]["traffic"][-1] == {"tag": "candidate", "revisionName": "llm-00002", "percent": 0}
+    assert MANAGED_ANNOTATION not in kept["metadata"]["annotations"]
+    assert not knative_build.finalize(restored, TARGET).modified
+
+
+def test_promote_pins_the_candidate() -> None:
+    obj, _ = knative_build.build(load("ksvc-llm.yaml"), TARGET, RouteState(10, 90), KNOWN)
+    promoted, _ = knative_build.promote(obj, TARGET, KNOWN)
+    assert promoted["spec"]["traffic"] == [
+        {"revisionName": "llm-00002", "percent": 100},
+        {"tag": "latest", "latestRevision": True, "percent": 0},
+        {"tag": "stable", "revisionName": "llm-00001", "percent": 0},
+    ]
+    assert knative_build.promoted_revision(promoted) == "llm-00002"
+    assert not knative_build.promote(promoted, TARGET, KNOWN).modified
+    assert_valid(promoted)
+
+
+def test_floating_primary_is_pinned_before_anything_moves() -> None:
+    svc = load("ksvc-floating.yaml")
+    target = KnativeTarget(service="llm", candidate_revision="llm-00002")
+    new, _ = knative_build.build(svc, target, RouteState(100, 0), KNOWN)
+    assert new["spec"]["traffic"] == [
+        {"percent": 100, "revisionName": "llm-00001"},
+        {"tag": "candidate", "revisionName": "llm-00002", "percent": 0},
+    ]
+    assert _record(new)["traffic"]["pinnedLatest"] == {"latestRevision": True, "percent": 100}
+
+
+def test_candidate_already_serving_everything_is_an_error() -> None:
+    with pytest.raises(DestinationNotFound, match="llm-00001 already receives 100%"):
+        knative_build.build(load("ksvc-floating.yaml"), KnativeTarget(service="llm"), RouteState(90, 10))
+
+
+def test_missing_revision_is_named() -> None:
+    target = KnativeTarget(service="llm", candidate_revision="llm-00009")
+    with pytest.raises(DestinationNotFound, match=r"'llm-00009' does not exist; known revisions: llm-00001, llm-00002"):
+        knative_build.build(load("ksvc-llm.yaml"), target, RouteState(90, 10), KNOWN)
+
+
+def test_mirroring_is_unsupported() -> None:
+    with pytest.raises(Unsupported, match=r"shadow\.virtualService"):
+        knative_build.build(load("ksvc-llm.yaml"), TARGET, RouteState(100, 0, 5.0))
+
+
+def test_traffic_to_a_third_revision_is_refused() -> None:
+    svc = load("ksvc-llm.yaml")
+    svc["spec"]["traffic"][0]["percent"] = 80
+    svc["spec"]["traffic"][1]["percent"] = 20
+    with pytest.raises(UnmanagedTraffic, match="latestRevision \\(tag latest\\) 20%"):
+        knative_build.build(svc, KnativeTarget(service="llm", primary_revision="llm-00001"), RouteState(90, 10))
+
+
+@pytest.mark.parametrize(
+    ("traffic", "words"),
+    [
+        ([{"revisionName": "a", "percent": 60}], "sum to 60"),
+        ([{"revisionName": "a", "latestRevision": True, "percent": 100}], "both revisionName and latestRevision"),
+        ([{"percent": 100}], "needs revisionName or latestRevision"),
+        ([{"revisionName": "a", "percent": 100, "tag": "x"}, {"latestRevision": True, "tag": "x"}], "used twice"),
+        ([{"revisionName": "zz", "percent": 100}], "'zz' does not exist"),
+    ],
+)
+def test_check_traffic_refuses_what_knative_would(traffic: list[dict[str, Any]], words: str) -> None:
+    with pytest.raises(WouldBeRejected, match=words):
+        knative_build.check_traffic({"kind": "Service"}, traffic, {"a"})
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@st.composite
+def services(draw: st.DrawFn) -> dict[str, Any]:
+    """A Service whose primary holds 100%, with other 0% targets (tags, latest) in any order."""
+    traffic: list[dict[str, Any]] = [{"revisionName": "p", "percent": 100}]
+    for i in range(draw(st.integers(0, 3))):
+        entry: dict[str, Any] = {"tag": f"t{i}"}
+        if draw(st.booleans()):
+            entry["latestRevision"] = True
+        else:
+            entry["revisionName"] = draw(st.sampled_from(["p", "c", "old"]))
+        if draw(st.booleans()):
+            entry["percent"] = 0
+        traffic.insert(draw(st.integers(0, len(traffic))), entry)
+    return {"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+            "metadata": {"name": "s", "namespace": "ns", "resourceVersion": "3"},
+            "spec": {"template": {"spec": {"containers": [{"image": "x"}]}}, "traffic": traffic},
+            "status": {"latestReadyRevisionName": "c"}}
+
+
+def _unmanaged(traffic: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Targets that are neither the candidate's tag nor the untagged primary: shadowctl must not touch them."""
+    return [t for t in traffic if t.get("tag") != "candidate" and (t.get("tag") or t.get("revisionName") != "p")]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(services(), st.lists(st.integers(0, 100), min_size=1, max_size=4))
+def test_knative_builds_keep_invariants(svc: dict[str, Any], steps: list[int]) -> None:
+    pristine = copy.deepcopy(svc)
+    target = KnativeTarget(service="s")
+    obj = svc
+    for cw in steps:
+        state = RouteState(100 - cw, cw)
+        new, _ = knative_build.build(obj, target, state, {"p", "c", "old"})
+        traffic = new["spec"]["traffic"]
+        assert sum(t.get("percent", 0) for t in traffic) == 100
+        assert knative_build.read_state(new, target) == state
+        assert _unmanaged(traffic) == _unmanaged(pristine["spec"]["traffic"])
+        assert not knative_build.build(new, target, state, {"p", "c", "old"}).modified
+        obj = new
+    assert knative_build.finalize(obj, target).obj == pristine
