@@ -14,4 +14,4 @@ SHARED_CRDS = REPO.parent / "shared" / "crds"
 def repo() -> Path:
     return REPO
 
-pytest_plugins = ["conftest_kube"]
+pytest_plugins = ["conftest_kube", "conftest_mqtt", "conftest_prometheus"]

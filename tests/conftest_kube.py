@@ -1,6 +1,6 @@
 """Pytest fixtures for the emulated Kubernetes API and a connected KubeClient (a plugin module).
 
-Enable with ``pytest_plugins = ["tests.conftest_kube"]`` in ``tests/conftest.py``;
+Enable with ``pytest_plugins = ["conftest_kube"]`` in ``tests/conftest.py``;
 test modules may also list it themselves. Fixtures:
 
 * ``crds_dir``: ``../shared/crds`` (skips the test with a reason when absent);

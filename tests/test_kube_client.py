@@ -26,8 +26,6 @@ from shadowctl.kube import (
 from shadowctl.kube.retry import parse_retry_after
 from shadowctl.sim.kubeapi import KubeAPIEmulator
 
-pytest_plugins = ["conftest_kube"]
-
 REF = ResourceRef(VIRTUAL_SERVICE, "reviews", "default")
 
 

@@ -9,8 +9,6 @@ import pytest
 from shadowctl.kube import LEASE, KubeClient, LeaderElector
 from shadowctl.sim.kubeapi import KubeAPIEmulator
 
-pytest_plugins = ["conftest_kube"]
-
 
 def elector(client: KubeClient, identity: str, *, release: bool = True) -> LeaderElector:
     return LeaderElector(

@@ -10,8 +10,6 @@ import pytest
 from shadowctl.kube import VIRTUAL_SERVICE, KubeClient, ResourceRef, WatchEvent, WatchExpired
 from shadowctl.sim.kubeapi import KubeAPIEmulator
 
-pytest_plugins = ["conftest_kube"]
-
 
 def vs(name: str) -> dict[str, Any]:
     return {

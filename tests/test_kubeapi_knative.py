@@ -9,8 +9,6 @@ import pytest
 from shadowctl.kube import KNATIVE_REVISION, KNATIVE_SERVICE, Invalid, KubeClient, ResourceRef
 from shadowctl.sim.kubeapi import KubeAPIEmulator
 
-pytest_plugins = ["conftest_kube"]
-
 REF = ResourceRef(KNATIVE_SERVICE, "llm", "default")
 
 

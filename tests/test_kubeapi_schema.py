@@ -10,8 +10,6 @@ import pytest
 from shadowctl.kube import DESTINATION_RULE, VIRTUAL_SERVICE, Invalid, KubeClient, ResourceRef
 from shadowctl.sim.kube_schema import prune, validate
 
-pytest_plugins = ["conftest_kube"]
-
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["spec"],

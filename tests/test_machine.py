@@ -139,9 +139,9 @@ CASES: list[tuple[str, RolloutState, Verdict | None, Command | None, float, Shad
     ("deadline -> rollback", at(Phase.progressing, phase_started_at=4000), CONT, None, 1000 + 3600, P, CAND,
      Phase.rolling_back, [Finalize()], 0),
     ("new candidate mid-canary restarts", at(Phase.progressing, step=1, weight=50), PASS, None, 1100, P,
-     Observed("v3", 1), Phase.shadowing, [SetRoutes(0, 20.0)], 0),
+     Observed("v3", 1), Phase.shadowing, [Finalize(), SetRoutes(0, 20.0)], 0),
     ("policy edit mid-canary restarts", at(Phase.progressing, step=1, weight=50), PASS, None, 1100, P,
-     Observed("v2", 2), Phase.shadowing, [SetRoutes(0, 20.0)], 0),
+     Observed("v2", 2), Phase.shadowing, [Finalize(), SetRoutes(0, 20.0)], 0),
     ("candidate gone -> failed, routes restored", at(Phase.progressing), PASS, None, 1100, P, Observed(None),
      Phase.failed, [Finalize()], 0),
     ("drift reasserted", at(Phase.progressing), CONT, None, 1010, P, Observed("v2", 1, drift=True),
@@ -239,7 +239,7 @@ def test_invariants_over_random_runs(events: list[Any], pol: ShadowPolicy) -> No
                 assert 0 <= action.weight <= 100
                 if action.weight > 0:
                     # Live traffic only at a step the policy reached, and only after the shadow phase passed.
-                    assert state.phase is Phase.progressing
+                    assert state.phase in (Phase.progressing, Phase.paused, Phase.waiting_promotion)
                     assert action.weight == pol.spec.canary.steps[state.step or 0]
                     assert shadow_passed_for == state.candidate
                 if state.phase is Phase.shadowing:

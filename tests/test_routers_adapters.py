@@ -33,8 +33,6 @@ from shadowctl.routers.istio import IstioRouter
 from shadowctl.routers.knative import KnativeRouter, KnativeWithIstioMirror
 from shadowctl.sim.kubeapi import KubeAPIEmulator
 
-pytest_plugins = ["conftest_kube"]
-
 HOST = "llm.models.svc.cluster.local"
 TARGET = IstioTarget(
     virtual_service="llm", route="chat",

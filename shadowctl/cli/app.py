@@ -47,7 +47,12 @@ def _register() -> None:
     from shadowctl.cli import policy_cmds
 
     policy_cmds.register(app)
+    __import__("shadowctl.cli.tap_cmd", fromlist=["register"]).register(app)
+    __import__("shadowctl.cli.query_cmd", fromlist=["register"]).register(app)
+    __import__("shadowctl.cli.judge_cmd", fromlist=["register"]).register(app)
     __import__("shadowctl.cli.render_cmd", fromlist=["register"]).register(app)
+    __import__("shadowctl.cli.run_cmd", fromlist=["register"]).register(app)
+    __import__("shadowctl.cli.rollout_cmds", fromlist=["register"]).register(app)
 
 
 _register()

@@ -1,1 +1,83 @@
-"""shadowctl.judge."""
+"""The statistical judge: numbers of primary and candidate in, a verdict with its reasons out (pure core).
+
+No I/O and no clock: the caller passes the *cumulative* data of each arm since the analysis phase
+started and says whether this is the last look. The sequential decision is a pure function of those
+cumulative data, so a restarted controller that re-queries Prometheus gets the same answer; there is
+no per-look state to keep. See ``docs/judge.md`` for the method and the benchmark numbers.
+
+Public API::
+
+    MetricSpec(name, statistic, direction=Direction.increase, margin=Margin(0.10, relative=True),
+               critical=False, min_samples=50)
+        statistic: "p50" | "p90" | "p95" | "p99" (any "pNN") | "mean" | "rate" | "agreement"
+        Margin.parse("10%") (relative: candidate <= 1.10 x primary; for 'decrease': >= 0.90 x primary),
+        Margin.parse("+0.005") / Margin.parse("0.5pp") (absolute difference)
+
+    Per-arm data (cumulative since the phase started):
+        Samples(values)                    raw observations
+        Aggregates(values)                 per-interval aggregates (gauges), each one observation
+        Histogram(le, counts, sum=None)    Prometheus buckets: cumulative counts per `le`, last `+Inf`
+        Counts(failures, total)            errors of requests / disagreements of compared outputs
+        NoData(reason) or None             the source had nothing -> outcome `nodata`, never a pass
+
+    judge(inputs: Sequence[MetricInput], *, alpha=0.05, beta=0.05, method="sequential",
+          final=False) -> Verdict
+        MetricInput(spec, primary, candidate); alpha is the family-wise false-fail probability
+        (Bonferroni over metrics), beta the false-pass probability at a metric's margin.
+    judge_metric(spec, primary, candidate, *, alpha, beta, final=False) -> MetricResult
+    judge_fixed(inputs, FixedConfig(...)) -> Verdict          Kayenta-parity fixed-horizon judge
+
+    Verdict.outcome / MetricResult.outcome: Outcome.passed | failed | cont | inconclusive | nodata
+        ("pass", "fail", "continue", "inconclusive", "nodata");
+    .to_dict() -> JSON-ready dict for `.status`; MetricResult.sentence explains the numbers.
+
+Vectorized kernels for many streams at once (used by the replay command and the benchmark) live
+in :mod:`shadowctl.judge.estimators` and :func:`shadowctl.judge.sequential.decide`.
+"""
+
+from shadowctl.judge.core import combine, judge, judge_metric, nodata_result
+from shadowctl.judge.fixed import Classification, FixedConfig, classify, judge_fixed, mann_whitney
+from shadowctl.judge.model import (
+    Aggregates,
+    ArmData,
+    Counts,
+    Direction,
+    Histogram,
+    JudgeError,
+    JudgeInputError,
+    Margin,
+    MetricInput,
+    MetricResult,
+    MetricSpec,
+    NoData,
+    Outcome,
+    Samples,
+    Verdict,
+)
+
+__all__ = [
+    "Aggregates",
+    "ArmData",
+    "Classification",
+    "Counts",
+    "Direction",
+    "FixedConfig",
+    "Histogram",
+    "JudgeError",
+    "JudgeInputError",
+    "Margin",
+    "MetricInput",
+    "MetricResult",
+    "MetricSpec",
+    "NoData",
+    "Outcome",
+    "Samples",
+    "Verdict",
+    "classify",
+    "combine",
+    "judge",
+    "judge_fixed",
+    "judge_metric",
+    "mann_whitney",
+    "nodata_result",
+]

@@ -265,7 +265,11 @@ def routes_of(state: RolloutState) -> SetRoutes:
 
 
 def _start(state: RolloutState, now: float, policy: ShadowPolicy, observed: Observed, reason: str) -> Outcome:
+    """Start (or restart) from the first phase; a rollout in flight is first undone (its candidate may differ)."""
     phase, step, weight, mirror = first_phase(policy)
+    undo: tuple[Action, ...] = ()
+    if state.phase is not Phase.pending and not state.phase.terminal:
+        undo = (Finalize(False),)  # never after Succeeded: that would take traffic from the promoted version
     new, note = _move(
         state,
         phase,
@@ -280,7 +284,7 @@ def _start(state: RolloutState, now: float, policy: ShadowPolicy, observed: Obse
         paused_from=None,
         paused_step=None,
     )
-    return Outcome(new, (SetRoutes(weight, mirror), note))
+    return Outcome(new, (*undo, SetRoutes(weight, mirror), note))
 
 
 def _rollback(state: RolloutState, now: float, policy: ShadowPolicy, reason: str) -> Outcome:

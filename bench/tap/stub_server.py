@@ -1,0 +1,33 @@
+"""A minimal, fast OpenAI-style streaming server for the tap benchmarks: `python stub_server.py PORT`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from aiohttp import web
+
+CHUNKS = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": f" tok{i}"}}]}).encode() + b"\n\n"
+          for i in range(16)]
+LAST = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in CHUNKS:
+        await response.write(chunk)
+    await response.write(LAST)
+    await response.write_eof()
+    return response
+
+
+def main() -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

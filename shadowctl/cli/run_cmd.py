@@ -1,0 +1,217 @@
+"""`shadowctl run`: the controller process (in-cluster, or against any cluster a kubeconfig reaches)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+import structlog
+import typer
+
+from shadowctl.cli.common import ContextOpt, KubeconfigOpt, fail
+from shadowctl.compare.events import parse_broker_url
+from shadowctl.controller.analysis import Analyzer, BatchingSource
+from shadowctl.controller.clock import SystemClock
+from shadowctl.controller.manager import Manager
+from shadowctl.controller.metrics import ControllerMetrics
+from shadowctl.controller.notify import ClusterNotifier, Publish, WebhookGate
+from shadowctl.controller.outputs import OutputHub, OutputSourcePort
+from shadowctl.controller.reconciler import Reconciler
+from shadowctl.controller.server import make_app, serve
+from shadowctl.errors import ShadowctlError
+from shadowctl.kube import KubeClient, LeaderElector
+from shadowctl.policy.model import ShadowPolicy
+from shadowctl.routers.factory import router_for
+from shadowctl.sources.outputs import MqttOutputSource
+from shadowctl.sources.prometheus import PrometheusMetricSource
+from shadowctl.tap.metrics import TapMetrics
+from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+
+
+def configure_logging(fmt: str, level: str = "info") -> None:
+    """structlog: JSON lines (for log collectors) or readable console lines."""
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    kubeconfig: str | None
+    context: str | None
+    namespace: str | None
+    selector: str | None
+    prometheus: str | None
+    prometheus_token: str | None
+    events_mqtt: str | None
+    listen: str
+    leader_elect: bool
+    lease_name: str
+    lease_namespace: str
+    lease_duration: float
+    renew_deadline: float
+    retry_period: float
+    min_interval: float
+
+
+async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) -> None:
+    """Wire the adapters and run until `stop` is set (or the task is cancelled)."""
+    log = structlog.get_logger("shadowctl.run")
+    clock = SystemClock()
+    kube = await KubeClient.connect(kubeconfig=opts.kubeconfig, context=opts.context)
+    http = httpx.AsyncClient()
+    source = BatchingSource(PrometheusMetricSource(opts.prometheus)) if opts.prometheus else None
+
+    def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
+        return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"))
+
+    hub = OutputHub(make_output_source)
+    publisher: EventPublisher | None = None
+    publish: Publish | None = None
+    tasks: list[asyncio.Task[None]] = []
+    if opts.events_mqtt:
+        host, port, _tls = parse_broker_url(opts.events_mqtt)
+        publisher = EventPublisher(BrokerSettings(host, port, client_id=f"shadowctl-events-{uuid.uuid4().hex[:8]}"),
+                                   TapMetrics("controller"))
+        tasks.append(asyncio.create_task(publisher.run()))
+        pub = publisher
+
+        async def _publish(topic: str, payload: bytes) -> None:
+            pub.offer(topic, payload)
+
+        publish = _publish
+    metrics = ControllerMetrics()
+    reconciler = Reconciler(kube, router_for, Analyzer(source, hub), clock,
+                            notifier=ClusterNotifier(kube, clock, http, publish), gate=WebhookGate(http, clock),
+                            metrics=metrics)
+    manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
+                      min_interval=opts.min_interval)
+    listen_host, _, listen_port = opts.listen.rpartition(":")
+    runner = await serve(make_app(metrics.registry, lambda: manager.ready.is_set() or not elector_leading()),
+                         listen_host or "0.0.0.0", int(listen_port))
+    identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    elector = LeaderElector(kube, name=opts.lease_name, namespace=opts.lease_namespace, identity=identity,
+                            lease_duration=opts.lease_duration, renew_deadline=opts.renew_deadline,
+                            retry_period=opts.retry_period) if opts.leader_elect else None
+
+    def elector_leading() -> bool:
+        return elector is not None and elector.is_leader
+
+    async def lead() -> None:
+        metrics.leader.set(1)
+        try:
+            await manager.run()
+        finally:
+            metrics.leader.set(0)
+
+    async def main() -> None:
+        if elector is None:
+            await lead()
+            return
+        while True:  # leadership lost: stand by and try again
+            await elector.run(lead)
+
+    log.info("controller.start", identity=identity, namespace=opts.namespace or "(all)", selector=opts.selector,
+             prometheus=opts.prometheus, leader_election=opts.leader_elect)
+    main_task = asyncio.create_task(main())
+    try:
+        if stop is None:
+            await main_task
+        else:
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({main_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if main_task.done():
+                main_task.result()
+    finally:
+        main_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main_task
+        for t in tasks:
+            t.cancel()
+        await hub.close()
+        await runner.cleanup()
+        await http.aclose()
+        if source is not None:
+            await source.aclose()
+        await kube.close()
+        log.info("controller.stopped")
+
+
+def run(
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: Annotated[str | None, typer.Option("-n", "--namespace", help="Watch one namespace (default: all).")]
+    = None,
+    selector: Annotated[str | None, typer.Option("-l", "--selector",
+                                                  help="Only policies with these labels (shard across controllers).")]
+    = None,
+    prometheus: Annotated[str | None, typer.Option("--prometheus", envvar="SHADOWCTL_PROMETHEUS_URL",
+                                                    help="Prometheus (or Thanos/Mimir) base URL.")] = None,
+    events_mqtt: Annotated[str | None, typer.Option("--events-mqtt", envvar="SHADOWCTL_EVENTS_MQTT",
+                                                     help="Broker for the rollout events topic, mqtt://host:port.")]
+    = None,
+    listen: Annotated[str, typer.Option("--listen", help="Address of /metrics, /healthz and /readyz.")]
+    = "0.0.0.0:8080",
+    leader_elect: Annotated[bool, typer.Option("--leader-elect/--no-leader-elect",
+                                               help="Take part in Lease-based leader election.")] = True,
+    lease_name: Annotated[str, typer.Option("--lease-name")] = "shadowctl-controller",
+    lease_namespace: Annotated[str, typer.Option("--lease-namespace", envvar="POD_NAMESPACE")] = "shadowctl",
+    lease_duration: Annotated[float, typer.Option("--lease-duration", help="Seconds.")] = 15.0,
+    renew_deadline: Annotated[float, typer.Option("--renew-deadline", help="Seconds.")] = 10.0,
+    retry_period: Annotated[float, typer.Option("--retry-period", help="Seconds.")] = 2.0,
+    log_format: Annotated[str, typer.Option("--log-format", help="json or console.")] = "json",
+    min_interval: Annotated[float, typer.Option("--min-interval", hidden=True)] = 0.0,
+) -> None:
+    """Run the controller: carry out every ShadowPolicy it selects, until stopped (SIGTERM/Ctrl-C).
+
+    In a cluster it uses the pod's service account; elsewhere the kubeconfig. Only the replica that
+    holds the Lease acts; the others stand by.
+
+    Example: shadowctl run --prometheus http://prometheus.monitoring:9090 -n llm
+    """
+    if log_format not in ("json", "console"):
+        raise fail("--log-format must be json or console", 2)
+    configure_logging(log_format)
+    opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, None, events_mqtt, listen, leader_elect,
+                      lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval)
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await run_controller(opts, stop)
+
+    try:
+        asyncio.run(_main())
+    except ShadowctlError as exc:
+        raise fail(str(exc)) from None
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)

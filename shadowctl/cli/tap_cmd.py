@@ -1,0 +1,113 @@
+"""`shadowctl tap`: run the output-capturing reverse proxy as a sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from typing import Annotated
+
+import typer
+
+from shadowctl.cli.common import fail
+from shadowctl.compare.events import Variant, parse_broker_url
+from shadowctl.tap.metrics import TapMetrics
+from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapError, TapProxy, default_topic, parse_listen, serve
+from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+
+
+def _service(value: str) -> tuple[str, str]:
+    namespace, sep, name = value.partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        raise fail(f"--service {value!r}: expected NAMESPACE/NAME, e.g. llm/chat", code=2)
+    return namespace, name
+
+
+def tap(
+    upstream: Annotated[str, typer.Option("--upstream", help="The model server, e.g. http://127.0.0.1:8000.")],
+    service: Annotated[str, typer.Option("--service", help="NAMESPACE/NAME of the service this tap fronts.")],
+    variant: Annotated[Variant, typer.Option("--variant", help="Which deployment this is.", case_sensitive=False)]
+    = Variant.primary,
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to accept requests on.")] = "0.0.0.0:8080",
+    mqtt: Annotated[
+        str | None, typer.Option("--mqtt", help="Broker, mqtt://HOST:PORT or mqtts://HOST:PORT (none: metrics only).")
+    ] = None,
+    topic: Annotated[
+        str | None, typer.Option("--topic", help="Default shadowctl/outputs/<namespace>/<service>/<variant>.")
+    ] = None,
+    mqtt_username: Annotated[str | None, typer.Option("--mqtt-username", envvar="SHADOWCTL_MQTT_USERNAME")] = None,
+    mqtt_password: Annotated[
+        str | None, typer.Option("--mqtt-password", envvar="SHADOWCTL_MQTT_PASSWORD", show_default=False)
+    ] = None,
+    mqtt_ca: Annotated[str | None, typer.Option("--mqtt-ca", help="CA bundle for mqtts (default: system).")] = None,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Events held while the broker is slow.")]
+    = 10_000,
+    redact_prompts: Annotated[
+        bool, typer.Option("--redact-prompts", help="Publish only the prompt's hash, not its text.")
+    ] = False,
+    max_output_chars: Annotated[int, typer.Option("--max-output-chars", min=1)] = 200_000,
+    metrics_path: Annotated[
+        str, typer.Option("--metrics-path", help="Path of the tap's metrics (other paths pass through).")
+    ] = "/metrics",
+    mirror_to: Annotated[
+        str | None, typer.Option("--mirror-to", help="Candidate URL for application-level mirroring.")
+    ] = None,
+    mirror_percent: Annotated[float, typer.Option("--mirror-percent", min=0, max=100)] = 100.0,
+    mirror_host: Annotated[str | None, typer.Option("--mirror-host", help="Host header of mirror copies.")] = None,
+    mirror_model: Annotated[str | None, typer.Option("--mirror-model", help="Set `model` in copies.")] = None,
+    mirror_temperature: Annotated[float | None, typer.Option("--mirror-temperature", min=0)] = None,
+    mirror_seed: Annotated[int | None, typer.Option("--mirror-seed")] = None,
+) -> None:
+    """Proxy an OpenAI-compatible model server and publish each answer to MQTT for comparison."""
+    namespace, name = _service(service)
+    try:
+        host, port = parse_listen(listen)
+    except TapError as exc:
+        raise fail(str(exc), code=2) from None
+    if not upstream.startswith(("http://", "https://")):
+        raise fail(f"--upstream {upstream!r}: expected an http(s) URL, e.g. http://127.0.0.1:8000", code=2)
+    if mirror_to is not None and not mirror_to.startswith(("http://", "https://")):
+        raise fail(f"--mirror-to {mirror_to!r}: expected an http(s) URL", code=2)
+    mirror = None
+    if mirror_to is not None:
+        mirror = MirrorConfig(url=mirror_to, percent=mirror_percent, host=mirror_host, model=mirror_model,
+                              temperature=mirror_temperature, seed=mirror_seed)
+    config = TapConfig(
+        upstream=upstream, variant=variant, namespace=namespace, service=name,
+        topic=topic or default_topic(namespace, name, variant), redact_prompts=redact_prompts,
+        max_output_chars=max_output_chars, metrics_path=metrics_path, mirror=mirror,
+    )
+    metrics = TapMetrics(variant.value)
+    publisher = None
+    if mqtt is not None:
+        try:
+            broker_host, broker_port, tls = parse_broker_url(mqtt)
+        except ValueError as exc:
+            raise fail(f"--mqtt: {exc}", code=2) from None
+        context = None
+        if tls:
+            try:
+                context = ssl.create_default_context(cafile=mqtt_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise fail(f"--mqtt-ca {mqtt_ca!r}: cannot load: {exc}") from None
+        broker = BrokerSettings(host=broker_host, port=broker_port, username=mqtt_username, password=mqtt_password,
+                                tls=context)
+        publisher = EventPublisher(broker, metrics, queue_size=queue_size)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        proxy = TapProxy(config, publisher, metrics)
+        await serve(proxy, publisher, host, port, stop)
+
+    try:
+        asyncio.run(main())
+    except TapError as exc:
+        raise fail(str(exc)) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add `shadowctl tap` to the CLI."""
+    app.command("tap")(tap)

@@ -1,0 +1,475 @@
+"""Output comparators: pure functions that score how much two model answers agree.
+
+Every comparator returns a score in [0, 1]; a pair *agrees* under a comparator
+when its score is at least the policy's threshold. The judge never sees scores,
+only counts of agreeing pairs, for candidate-vs-primary and for the noise floor
+baseline-vs-primary (see :class:`AgreementTally` and docs/outputs.md).
+
+Notes on the less obvious choices:
+
+- Text is normalised with Unicode NFKC, case folding and whitespace collapsing
+  before every lexical comparison except ``exact``. Tokens are runs of word
+  characters, except that each CJK, kana or Hangul character is a token of its
+  own (those scripts do not separate words with spaces).
+- ROUGE-L's longest common subsequence uses the bit-parallel algorithm (one
+  big-integer step per token of one side), so two 10,000-token answers cost
+  milliseconds, not the seconds a quadratic table would.
+- ``json-valid`` and ``json-structure`` strip one surrounding Markdown code
+  fence first (models often wrap JSON in one). Two answers that are both not
+  JSON agree: the comparator asks "does the candidate keep the primary's
+  format", not "is it JSON".
+- ``semantic`` needs an embedding function that the caller loads from local
+  files (an optional extra); this module never imports a model library.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from shadowctl.compare.events import OutputEvent, ToolCall, Variant
+from shadowctl.compare.pairing import Pair
+from shadowctl.errors import ShadowctlError
+from shadowctl.policy.model import BaselineMode, ComparatorName, Outputs
+from shadowctl.policy.model import Comparator as ComparatorSpec
+
+Embedder = Callable[[str], Sequence[float]]
+
+
+class ComparatorUnavailable(ShadowctlError):
+    """A comparator the policy names cannot run here (for example ``semantic`` without its extra)."""
+
+
+# --------------------------------------------------------------------------- text helpers
+
+_WS = re.compile(r"\s+")
+_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+_FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?\s*```\s*$", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize(text: str) -> str:
+    """NFKC, case-folded, curly apostrophes straightened, whitespace collapsed to single spaces."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold().translate(_APOSTROPHES)).strip()
+
+
+@functools.lru_cache(maxsize=4096)
+def tokens(text: str) -> tuple[str, ...]:
+    """Normalised word tokens (CJK, kana and Hangul characters one by one); punctuation dropped.
+
+    Cached (as :func:`normalize` is): every comparator of a pair reads the same two texts, and the
+    primary's text recurs in its baseline pair.
+    """
+    return tuple(_TOKEN.findall(normalize(text)))
+
+
+# --------------------------------------------------------------------------- lexical scores
+
+
+def exact(a: str, b: str) -> float:
+    """1 when the texts are identical, byte for byte."""
+    return 1.0 if a == b else 0.0
+
+
+def normalized_exact(a: str, b: str) -> float:
+    """1 when the texts are equal after :func:`normalize`."""
+    return 1.0 if normalize(a) == normalize(b) else 0.0
+
+
+def token_f1(a: str, b: str) -> float:
+    """F1 of the token multisets (as in SQuAD); two empty answers score 1."""
+    ta, tb = tokens(a), tokens(b)
+    if not ta or not tb:
+        return 1.0 if not ta and not tb else 0.0
+    common = sum((Counter(ta) & Counter(tb)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(tb), common / len(ta)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (bit-parallel, after Allison-Dix and Hyyrö)."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, tok in enumerate(a):
+        masks[tok] = masks.get(tok, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for tok in b:
+        u = v & masks.get(tok, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F-measure (beta = 1) over tokens; two empty answers score 1."""
+    ta, tb = tokens(a), tokens(b)
+    if not ta or not tb:
+        return 1.0 if not ta and not tb else 0.0
+    lcs = lcs_length(ta, tb)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(tb), lcs / len(ta)
+    return 2 * precision * recall / (precision + recall)
+
+
+def length_ratio(a: str, b: str) -> float:
+    """Shorter over longer token count; two empty answers score 1."""
+    la, lb = len(tokens(a)), len(tokens(b))
+    if la == lb:
+        return 1.0
+    return min(la, lb) / max(la, lb)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _strip_fence(text: str) -> str:
+    m = _FENCE.match(text)
+    return m.group(1) if m else text
+
+
+def parse_json(text: str) -> tuple[bool, Any]:
+    """(True, value) when the text, minus one surrounding code fence, is JSON; else (False, None)."""
+    try:
+        return True, json.loads(_strip_fence(text))
+    except (ValueError, RecursionError):
+        return False, None
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_of(text: str) -> frozenset[str] | None:
+    ok, value = parse_json(text)
+    return json_shape(value) if ok else None
+
+
+def json_valid(a: str, b: str) -> float:
+    """1 when both answers are JSON or both are not."""
+    return 1.0 if (_shape_of(a) is None) == (_shape_of(b) is None) else 0.0
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def json_shape(value: Any) -> frozenset[str]:
+    """The set of `path:type` facts of a JSON value (array positions collapsed to `[]`; values ignored)."""
+    out: set[str] = set()
+    stack: list[tuple[str, Any]] = [("$", value)]
+    while stack:
+        path, node = stack.pop()
+        out.add(f"{path}:{_json_type(node)}")
+        if isinstance(node, dict):
+            stack.extend((f"{path}.{key}", child) for key, child in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{path}[]", child) for child in node)
+    return frozenset(out)
+
+
+def json_structure(a: str, b: str) -> float:
+    """Jaccard similarity of the JSON shapes (keys and types); 1 when both are not JSON, 0 when one is."""
+    sa, sb = _shape_of(a), _shape_of(b)
+    if sa is None or sb is None:
+        return 1.0 if sa is sb else 0.0
+    return len(sa & sb) / len(sa | sb)
+
+
+# --------------------------------------------------------------------------- refusal
+
+#: Phrases that mark a refusal when they appear in the first 400 normalised characters of an answer.
+REFUSAL_PHRASES: tuple[str, ...] = (
+    "i can't help with",
+    "i cannot help with",
+    "i can't assist with",
+    "i cannot assist with",
+    "i can't provide",
+    "i cannot provide",
+    "i can't comply",
+    "i cannot comply",
+    "i won't be able to",
+    "i'm unable to",
+    "i am unable to",
+    "i'm not able to",
+    "i am not able to",
+    "i must decline",
+    "i'm sorry, but i can",
+    "i am sorry, but i can",
+    "as an ai language model, i can't",
+    "as an ai language model, i cannot",
+)
+
+
+def is_refusal(text: str) -> bool:
+    """Whether the answer opens with a refusal (see :data:`REFUSAL_PHRASES`)."""
+    head = normalize(text[:2000])[:400]
+    return any(p in head for p in REFUSAL_PHRASES)
+
+
+def refusal(a: str, b: str) -> float:
+    """1 when both answers refuse or neither does."""
+    return 1.0 if is_refusal(a) == is_refusal(b) else 0.0
+
+
+# --------------------------------------------------------------------------- tool calls
+
+
+def _canonical_call(call: ToolCall) -> tuple[str, str]:
+    try:
+        args = json.dumps(json.loads(call.arguments or "{}"), sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        args = call.arguments
+    return call.name, args
+
+
+def tool_calls(a: Sequence[ToolCall] | None, b: Sequence[ToolCall] | None) -> float:
+    """Matching calls (same function, JSON-equal arguments, any order) over the larger count; none vs none is 1."""
+    ca = Counter(_canonical_call(c) for c in a or ())
+    cb = Counter(_canonical_call(c) for c in b or ())
+    largest = max(sum(ca.values()), sum(cb.values()))
+    if largest == 0:
+        return 1.0
+    return sum((ca & cb).values()) / largest
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+def cosine01(u: Sequence[float], v: Sequence[float]) -> float:
+    """Cosine similarity clipped to [0, 1] (opposite or orthogonal meanings both score 0)."""
+    if len(u) != len(v):
+        raise ValueError(f"embeddings differ in length ({len(u)} vs {len(v)})")
+    dot = math.fsum(x * y for x, y in zip(u, v, strict=True))
+    nu, nv = math.sqrt(math.fsum(x * x for x in u)), math.sqrt(math.fsum(y * y for y in v))
+    if nu == 0.0 or nv == 0.0:
+        return 1.0 if nu == nv else 0.0
+    return min(1.0, max(0.0, dot / (nu * nv)))
+
+
+SEMANTIC_HELP = (
+    "comparator 'semantic' needs a local embedding model: install the extra "
+    "(pip install 'shadowctl[semantic]'), put a sentence-transformers model on local disk and point "
+    "SHADOWCTL_EMBEDDING_MODEL (or --embedding-model) at its directory; models are never downloaded at run time"
+)
+
+
+# --------------------------------------------------------------------------- binding to a policy
+
+_TEXT_SCORERS: dict[ComparatorName, Callable[[str, str], float]] = {
+    ComparatorName.exact: exact,
+    ComparatorName.normalized_exact: normalized_exact,
+    ComparatorName.token_f1: token_f1,
+    ComparatorName.rouge_l: rouge_l,
+    ComparatorName.length_ratio: length_ratio,
+    ComparatorName.json_valid: json_valid,
+    ComparatorName.json_structure: json_structure,
+    ComparatorName.refusal: refusal,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BoundComparator:
+    """A policy comparator ready to score pairs of events."""
+
+    name: ComparatorName
+    threshold: float
+    critical: bool
+    score: Callable[[OutputEvent, OutputEvent], float]
+
+
+def _text_scorer(fn: Callable[[str, str], float]) -> Callable[[OutputEvent, OutputEvent], float]:
+    def score(primary: OutputEvent, other: OutputEvent) -> float:
+        return fn(primary.output, other.output)
+
+    return score
+
+
+def _tool_scorer(primary: OutputEvent, other: OutputEvent) -> float:
+    return tool_calls(primary.tool_calls, other.tool_calls)
+
+
+def _semantic_scorer(embed: Embedder) -> Callable[[OutputEvent, OutputEvent], float]:
+    def score(primary: OutputEvent, other: OutputEvent) -> float:
+        if primary.output == other.output:
+            return 1.0
+        return cosine01(embed(primary.output), embed(other.output))
+
+    return score
+
+
+def build_comparators(specs: Iterable[ComparatorSpec], *, embedder: Embedder | None = None) -> list[BoundComparator]:
+    """Bind the policy's comparators; raise :class:`ComparatorUnavailable` for ``semantic`` without an embedder."""
+    out: list[BoundComparator] = []
+    for spec in specs:
+        if spec.name is ComparatorName.semantic:
+            if embedder is None:
+                raise ComparatorUnavailable(SEMANTIC_HELP)
+            fn = _semantic_scorer(embedder)
+        elif spec.name is ComparatorName.tool_calls:
+            fn = _tool_scorer
+        else:
+            fn = _text_scorer(_TEXT_SCORERS[spec.name])
+        out.append(BoundComparator(name=spec.name, threshold=spec.threshold, critical=spec.critical, score=fn))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class PairResult:
+    """The scores of one pair, comparator by comparator."""
+
+    request_id: str
+    variant: Variant
+    scores: Mapping[ComparatorName, float]
+    agrees: Mapping[ComparatorName, bool]
+
+
+def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResult | None:
+    """Score a pair. None when the primary itself failed (nothing to agree with).
+
+    A failed candidate or baseline answer (non-2xx, or cut off) disagrees under every comparator:
+    an error is not an answer that agrees with the primary's.
+    """
+    if not pair.primary.ok:
+        return None
+    scores: dict[ComparatorName, float] = {}
+    agrees: dict[ComparatorName, bool] = {}
+    for comp in comparators:
+        value = min(1.0, max(0.0, comp.score(pair.primary, pair.other))) if pair.other.ok else 0.0
+        scores[comp.name] = value
+        agrees[comp.name] = value >= comp.threshold
+    return PairResult(request_id=pair.request_id, variant=pair.variant, scores=scores, agrees=agrees)
+
+
+# --------------------------------------------------------------------------- tally
+
+
+@dataclass(frozen=True, slots=True)
+class ComparatorTally:
+    """Counts for one comparator: pairs and agreeing pairs, candidate-vs-primary and baseline-vs-primary."""
+
+    candidate_pairs: int = 0
+    candidate_agree: int = 0
+    baseline_pairs: int = 0
+    baseline_agree: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AgreementTally:
+    """Agreement counts per comparator; immutable, every update returns a new tally."""
+
+    counts: Mapping[str, ComparatorTally] = field(default_factory=dict)
+    skipped_primary_failed: int = 0
+
+    def add(self, result: PairResult | None) -> AgreementTally:
+        """The tally with one more pair result (None: a pair whose primary failed)."""
+        if result is None:
+            return replace(self, skipped_primary_failed=self.skipped_primary_failed + 1)
+        return self.add_many([result])
+
+    def add_many(self, results: Iterable[PairResult | None]) -> AgreementTally:
+        """The tally with many pair results (cheaper than one :meth:`add` per result)."""
+        acc = {name: [t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree]
+               for name, t in self.counts.items()}
+        skipped = self.skipped_primary_failed
+        for result in results:
+            if result is None:
+                skipped += 1
+                continue
+            offset = 0 if result.variant is Variant.candidate else 2
+            for name, agrees in result.agrees.items():
+                row = acc.setdefault(name.value, [0, 0, 0, 0])
+                row[offset] += 1
+                row[offset + 1] += int(agrees)
+        return AgreementTally(
+            counts={name: ComparatorTally(*row) for name, row in acc.items()}, skipped_primary_failed=skipped
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "comparators": {
+                name: {
+                    "candidatePairs": t.candidate_pairs,
+                    "candidateAgree": t.candidate_agree,
+                    "baselinePairs": t.baseline_pairs,
+                    "baselineAgree": t.baseline_agree,
+                }
+                for name, t in sorted(self.counts.items())
+            },
+            "skippedPrimaryFailed": self.skipped_primary_failed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgreementTally:
+        """Inverse of :meth:`to_dict` (for a tally kept in a policy's status across restarts)."""
+        counts = {
+            name: ComparatorTally(
+                candidate_pairs=int(row["candidatePairs"]),
+                candidate_agree=int(row["candidateAgree"]),
+                baseline_pairs=int(row["baselinePairs"]),
+                baseline_agree=int(row["baselineAgree"]),
+            )
+            for name, row in data.get("comparators", {}).items()
+        }
+        return cls(counts=counts, skipped_primary_failed=int(data.get("skippedPrimaryFailed", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class AgreementInput:
+    """What the judge needs for one comparator: two proportions and the relative margin.
+
+    Pass when candidate_agree/candidate_pairs >= min_relative_agreement * baseline rate, where the
+    baseline rate is baseline_agree/baseline_pairs (mode primary-replica) or ``fixed_baseline``
+    (mode fixed, then baseline_pairs is 0). A rate with 0 pairs is no data, never a pass.
+    """
+
+    comparator: str
+    critical: bool
+    candidate_agree: int
+    candidate_pairs: int
+    baseline_agree: int
+    baseline_pairs: int
+    fixed_baseline: float | None
+    min_relative_agreement: float
+
+
+def judge_inputs(tally: AgreementTally, outputs: Outputs) -> list[AgreementInput]:
+    """The numbers the controller hands the judge, one entry per comparator of the policy."""
+    fixed = outputs.baseline.agreement if outputs.baseline.mode is BaselineMode.fixed else None
+    out: list[AgreementInput] = []
+    for spec in outputs.comparators:
+        t = tally.counts.get(spec.name.value, ComparatorTally())
+        out.append(
+            AgreementInput(
+                comparator=spec.name.value,
+                critical=spec.critical,
+                candidate_agree=t.candidate_agree,
+                candidate_pairs=t.candidate_pairs,
+                baseline_agree=0 if fixed is not None else t.baseline_agree,
+                baseline_pairs=0 if fixed is not None else t.baseline_pairs,
+                fixed_baseline=fixed,
+                min_relative_agreement=outputs.min_relative_agreement,
+            )
+        )
+    return out

@@ -1,0 +1,198 @@
+"""The controller process: watch ShadowPolicies, run one worker task per policy, lead or stand by.
+
+Workers tick on interval boundaries (``ceil(now / interval) * interval``) so
+that the ticks of all policies with the same interval meet and their metric
+queries are batched (see :class:`~shadowctl.controller.analysis.BatchingSource`).
+A watch event for a policy (a spec edit, a `shadowctl promote` annotation)
+wakes its worker at once. The watch re-lists when its resourceVersion expires
+(410) and resumes after a dropped stream.
+
+Only the leader runs workers. A replica that loses the Lease cancels them
+between two API calls at worst; every status write is conditional on the
+resourceVersion it was computed from, so a stale leader's write fails (409)
+instead of double-applying a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from shadowctl.controller.clock import Clock
+from shadowctl.controller.reconciler import Reconciler
+from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, ResourceRef, WatchExpired
+from shadowctl.machine import ANALYSED, Phase
+from shadowctl.policy.duration import parse_duration
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_INTERVAL = 30.0
+
+
+def next_tick(now: float, interval: float) -> float:
+    """The next interval boundary strictly after `now`."""
+    return (math.floor(now / interval) + 1) * interval
+
+
+def _interval(obj: dict[str, Any]) -> float:
+    raw = (((obj.get("spec") or {}).get("analysis")) or {}).get("interval", "30s")
+    try:
+        return max(1.0, parse_duration(raw).total_seconds())
+    except ValueError:
+        return DEFAULT_INTERVAL
+
+
+@dataclass
+class _Worker:
+    ref: ResourceRef
+    interval: float
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    ticks: int = 0
+
+
+class Manager:
+    """Runs workers for the policies one namespace (or all) and one label selector select."""
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        reconciler: Reconciler,
+        clock: Clock,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        min_interval: float = 0.0,
+    ) -> None:
+        self.kube = kube
+        self.reconciler = reconciler
+        self.clock = clock
+        self.namespace = namespace
+        self.label_selector = label_selector
+        self.min_interval = min_interval
+        self.workers: dict[str, _Worker] = {}
+        self.ready = asyncio.Event()
+        self.last_objects: dict[str, dict[str, Any]] = {}
+
+    # ----------------------------------------------------------------- watch
+
+    async def run(self) -> None:
+        """Watch and run workers until cancelled (then every worker is cancelled too)."""
+        try:
+            backoff = 0.5
+            while True:
+                try:
+                    rv = await self._relist()
+                    self.ready.set()
+                    backoff = 0.5
+                    while True:
+                        rv = await self._watch(rv)
+                except WatchExpired:
+                    log.info("watch.expired; listing again")
+                except KubeError as exc:
+                    log.warning("watch.failed", error=str(exc), retry_in_s=backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(10.0, backoff * 2)
+        finally:
+            self.ready.clear()
+            await self.stop_workers()
+
+    async def _relist(self) -> str:
+        listed = await self.kube.list(SHADOW_POLICY, self.namespace, label_selector=self.label_selector)
+        seen = set()
+        for obj in listed.items:
+            seen.add(self._upsert(obj))
+        for key in list(self.workers):
+            if key not in seen:
+                await self._remove(key)
+        return listed.resource_version
+
+    async def _watch(self, rv: str) -> str:
+        async for event in self.kube.watch(SHADOW_POLICY, self.namespace, rv, label_selector=self.label_selector,
+                                           timeout_seconds=300):
+            rv = event.resource_version or rv
+            if event.type in ("ADDED", "MODIFIED"):
+                self._upsert(event.object)
+            elif event.type == "DELETED":
+                key = self._key(event.object)
+                await self._remove(key)
+        return rv
+
+    @staticmethod
+    def _key(obj: dict[str, Any]) -> str:
+        meta = obj.get("metadata") or {}
+        return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+
+    def _upsert(self, obj: dict[str, Any]) -> str:
+        key = self._key(obj)
+        meta = obj.get("metadata") or {}
+        self.last_objects[key] = obj
+        interval = max(self.min_interval, _interval(obj))
+        worker = self.workers.get(key)
+        if worker is None:
+            worker = _Worker(ResourceRef(SHADOW_POLICY, str(meta["name"]), str(meta.get("namespace", "default"))),
+                             interval)
+            worker.task = asyncio.create_task(self._loop(worker), name=f"policy {key}")
+            self.workers[key] = worker
+        else:
+            worker.interval = interval
+            worker.wake.set()
+        return key
+
+    async def _remove(self, key: str) -> None:
+        worker = self.workers.pop(key, None)
+        obj = self.last_objects.pop(key, None)
+        if worker is not None and worker.task is not None:
+            worker.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker.task
+        if obj is not None:
+            await self.reconciler.abandon(obj)
+
+    async def stop_workers(self) -> None:
+        workers = list(self.workers.values())
+        self.workers.clear()
+        for w in workers:
+            if w.task is not None:
+                w.task.cancel()
+        for w in workers:
+            if w.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w.task
+
+    # ----------------------------------------------------------------- workers
+
+    async def _loop(self, worker: _Worker) -> None:
+        while True:
+            worker.wake.clear()
+            try:
+                result = await self.reconciler.tick(worker.ref)
+            except Exception:  # a bug in one policy's tick must not stop the others
+                log.exception("tick.crashed", policy=str(worker.ref))
+                result = None
+            worker.ticks += 1
+            if result is not None and result.error == "the policy is gone":
+                return
+            # After a transition, look again soon: finishing phases (Promoting, RollingBack) takes one tick.
+            fast = result is not None and result.transitioned and result.phase not in ANALYSED and \
+                result.phase not in (Phase.succeeded, Phase.rolled_back, Phase.failed, Phase.paused)
+            now = self.clock.now()
+            deadline = now + min(1.0, worker.interval) if fast else next_tick(now, worker.interval)
+            await self._sleep_until(worker, deadline)
+
+    async def _sleep_until(self, worker: _Worker, deadline: float) -> None:
+        sleeper = asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.now())))
+        waker = asyncio.ensure_future(worker.wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sleeper, waker):
+                t.cancel()
+            for t in (sleeper, waker):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t

@@ -1,0 +1,145 @@
+"""Telling people: Kubernetes Events, the MQTT events topic, webhooks; and the confirm-promotion gate.
+
+Notifications never fail a tick: each channel has a timeout and bounded
+retries, and a channel that still fails is logged and counted. The gate is the
+opposite: a confirm-promotion webhook that fails, times out or answers
+anything but 2xx *closes* the gate (a promotion waits; it never passes by
+default).
+
+MQTT event schema (topic ``spec.notifications.mqtt.topic``, default
+``shadowctl/events/<namespace>/<name>``), one JSON object per transition::
+
+    {"schema": "shadowctl.dev/event/v1", "policy": "ns/name", "reason": "Progressing",
+     "message": "...", "type": "Normal" | "Warning", "phase": "...", "step": 1,
+     "weight": 10, "mirrorPercent": null, "candidate": "...", "at": "RFC 3339"}
+
+Webhook payloads are the same object, POSTed as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import structlog
+
+from shadowctl.controller.clock import Clock, iso
+from shadowctl.kube import KubeClient, KubeError
+from shadowctl.machine import Notify, RolloutState
+from shadowctl.policy.model import ShadowPolicy, Webhook, WebhookType
+
+log = structlog.get_logger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+"""Publish a payload to an MQTT topic (the adapter wraps aiomqtt; it must not raise)."""
+
+EVENT_SCHEMA = "shadowctl.dev/event/v1"
+
+
+def event_payload(policy: ShadowPolicy, note: Notify, state: RolloutState, now: float) -> dict[str, Any]:
+    return {
+        "schema": EVENT_SCHEMA,
+        "policy": policy.key,
+        "reason": note.reason,
+        "message": note.message,
+        "type": "Warning" if note.warning else "Normal",
+        "phase": state.phase.value,
+        "step": None if state.step is None else state.step + 1,
+        "weight": state.weight,
+        "mirrorPercent": state.mirror_percent,
+        "candidate": state.candidate,
+        "at": iso(now),
+    }
+
+
+def events_topic(policy: ShadowPolicy) -> str | None:
+    mqtt = policy.spec.notifications.mqtt
+    if mqtt is None:
+        return None
+    return mqtt.topic.replace("{namespace}", policy.metadata.namespace).replace("{name}", policy.metadata.name)
+
+
+async def post_with_retries(client: httpx.AsyncClient, hook: Webhook, payload: dict[str, Any],
+                            sleep: Callable[[float], Awaitable[None]]) -> httpx.Response | None:
+    """POST `payload`; retry transport errors and 5xx `hook.retries` times; None if it never got an answer."""
+    for attempt in range(hook.retries + 1):
+        try:
+            response = await client.post(hook.url, json=payload, timeout=hook.timeout.total_seconds())
+        except httpx.HTTPError as exc:
+            log.warning("webhook.failed", webhook=hook.name, attempt=attempt + 1, error=str(exc) or type(exc).__name__)
+        else:
+            if response.status_code < 500:
+                return response
+            log.warning("webhook.failed", webhook=hook.name, attempt=attempt + 1, status=response.status_code)
+        if attempt < hook.retries:
+            await sleep(min(5.0, 0.5 * 2**attempt))
+    return None
+
+
+class ClusterNotifier:
+    """Kubernetes Events, MQTT events and event webhooks for every transition."""
+
+    def __init__(self, kube: KubeClient | None, clock: Clock, http: httpx.AsyncClient | None = None,
+                 publish: Publish | None = None) -> None:
+        self.kube = kube
+        self.clock = clock
+        self.http = http
+        self.publish = publish
+        self.failures = 0
+
+    async def notify(self, obj: dict[str, Any], policy: ShadowPolicy, note: Notify, state: RolloutState) -> None:
+        payload = event_payload(policy, note, state, self.clock.now())
+        tasks: list[Awaitable[None]] = []
+        if self.kube is not None:
+            tasks.append(self._event(obj, note))
+        topic = events_topic(policy)
+        if topic is not None and self.publish is not None:
+            tasks.append(self.publish(topic, json.dumps(payload).encode()))
+        if self.http is not None:
+            for hook in policy.spec.notifications.webhooks:
+                if hook.type is WebhookType.event:
+                    tasks.append(self._hook(hook, payload))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                self.failures += 1
+                log.warning("notify.failed", policy=policy.key, error=str(r))
+
+    async def _event(self, obj: dict[str, Any], note: Notify) -> None:
+        assert self.kube is not None
+        try:
+            await self.kube.create_event(obj, reason=note.reason, message=note.message,
+                                         type="Warning" if note.warning else "Normal")
+        except KubeError as exc:
+            self.failures += 1
+            log.warning("event.failed", reason=note.reason, error=str(exc))
+
+    async def _hook(self, hook: Webhook, payload: dict[str, Any]) -> None:
+        assert self.http is not None
+        if await post_with_retries(self.http, hook, payload, self.clock.sleep) is None:
+            self.failures += 1
+
+
+class WebhookGate:
+    """Confirm-promotion webhooks: every one must answer 2xx; any failure holds the promotion."""
+
+    def __init__(self, http: httpx.AsyncClient, clock: Clock) -> None:
+        self.http = http
+        self.clock = clock
+
+    async def check(self, policy: ShadowPolicy, state: RolloutState) -> bool | None:
+        hooks = [h for h in policy.spec.notifications.webhooks if h.type is WebhookType.confirm_promotion]
+        if not hooks:
+            return None
+        payload = event_payload(policy, Notify("ConfirmPromotion", "may the candidate be promoted?"), state,
+                                self.clock.now())
+        for hook in hooks:
+            response = await post_with_retries(self.http, hook, payload, self.clock.sleep)
+            if response is None or not response.is_success:
+                log.info("gate.closed", policy=policy.key, webhook=hook.name,
+                         status=None if response is None else response.status_code)
+                return False
+        return True

@@ -1,0 +1,89 @@
+"""Output comparison per rollout: one output source per policy in its shadow phase.
+
+The hub starts a source (built by an injected factory: the MQTT adapter in
+production, a double in tests) when a policy's shadow phase needs it, resets
+its tally when a new phase starts, and stops it when the phase ends. It answers
+the analyzer's question "agreement counts since the phase started".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from shadowctl.compare.comparators import AgreementTally
+from shadowctl.errors import ShadowctlError
+from shadowctl.policy.model import ShadowPolicy
+
+log = structlog.get_logger(__name__)
+
+
+class Snapshot(Protocol):
+    @property
+    def tally(self) -> AgreementTally: ...
+    @property
+    def connected(self) -> bool: ...
+
+
+class OutputSourcePort(Protocol):
+    """What the hub needs of an output source (the MQTT adapter satisfies it)."""
+
+    async def run(self) -> None: ...
+    def snapshot(self) -> Snapshot: ...
+    def reset(self) -> None: ...
+
+
+@dataclass
+class _Entry:
+    source: OutputSourcePort
+    since: float
+    task: asyncio.Task[None]
+
+
+class OutputHub:
+    """Keeps one running output source per policy that compares outputs."""
+
+    def __init__(self, factory: Callable[[ShadowPolicy], OutputSourcePort]) -> None:
+        self.factory = factory
+        self._entries: dict[str, _Entry] = {}
+        self.errors: dict[str, str] = {}
+
+    def ensure(self, policy: ShadowPolicy, since: float) -> None:
+        """A source for `policy` counting from the phase that started at `since`."""
+        entry = self._entries.get(policy.key)
+        if entry is not None and not entry.task.done():
+            if entry.since != since:
+                entry.source.reset()
+                entry.since = since
+            return
+        try:
+            source = self.factory(policy)
+        except ShadowctlError as exc:
+            self.errors[policy.key] = str(exc)
+            log.warning("outputs.unavailable", policy=policy.key, error=str(exc))
+            return
+        self.errors.pop(policy.key, None)
+        task = asyncio.create_task(source.run(), name=f"outputs {policy.key}")
+        self._entries[policy.key] = _Entry(source, since, task)
+
+    def tally(self, policy_key: str, since: float) -> AgreementTally | None:
+        entry = self._entries.get(policy_key)
+        if entry is None or entry.since != since:
+            return None
+        return entry.source.snapshot().tally
+
+    async def stop(self, policy_key: str) -> None:
+        entry = self._entries.pop(policy_key, None)
+        if entry is not None:
+            entry.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await entry.task
+
+    async def close(self) -> None:
+        for key in list(self._entries):
+            await self.stop(key)

@@ -1,0 +1,359 @@
+"""One tick of one ShadowPolicy: read, observe, judge, step, act, record.
+
+Level-based: every tick starts from the cluster (the policy object and its
+`.status`, the routing object) and recomputes; nothing is remembered in memory
+that a restart would lose, except the output pairs in flight (whose counts are
+written to `.status` every tick).
+
+Order inside a tick, which is what makes a crash at any point safe:
+
+1. read the policy (its resourceVersion is the precondition of every status write);
+2. observe the candidate and the current routes; detect drift;
+3. judge the current phase (only in analysed phases);
+4. ``machine.step`` -> (next state, actions);
+5. carry out route actions (each idempotent, verified by read-back);
+6. write `.status` conditional on the resourceVersion read in 1 (409: another
+   writer or controller got there first; the next tick recomputes);
+7. only then notify (Events, MQTT, webhooks), so that a tick that could not
+   record its result does not announce it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from pydantic import ValidationError
+
+from shadowctl.compare.comparators import AgreementTally
+from shadowctl.controller.analysis import Analyzer, Look
+from shadowctl.controller.clock import Clock, iso
+from shadowctl.controller.commands import COMMAND_ANNOTATION, pending_command
+from shadowctl.controller.status import build_status, comparable, read_state, read_tally
+from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, Conflict, KubeClient, KubeError, NotFound, ResourceRef
+from shadowctl.machine import (
+    ANALYSED,
+    Command,
+    Finalize,
+    Notify,
+    Observed,
+    Outcome,
+    Phase,
+    Promote,
+    RolloutState,
+    SetRoutes,
+    step,
+)
+from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
+from shadowctl.routers.base import Router, RouterError, RouteState
+
+log = structlog.get_logger(__name__)
+
+
+class Notifier(Protocol):
+    """Tells people what happened (Kubernetes Events, MQTT, webhooks); must not raise."""
+
+    async def notify(self, obj: dict[str, Any], policy: ShadowPolicy, note: Notify, state: RolloutState) -> None: ...
+
+
+class Gate(Protocol):
+    """Confirm-promotion webhooks: True open, False closed or unreachable, None none configured."""
+
+    async def check(self, policy: ShadowPolicy, state: RolloutState) -> bool | None: ...
+
+
+class Metrics(Protocol):
+    """The controller's own /metrics (see controller.metrics)."""
+
+    def observe_tick(self, policy: str, state: RolloutState, look: Look | None, seconds: float, error: bool) -> None: ...
+
+
+@dataclass
+class TickResult:
+    """What a tick did (for tests, logs and the benchmark)."""
+
+    key: str
+    phase: Phase | None = None
+    state: RolloutState | None = None
+    transitioned: bool = False
+    route_writes: int = 0
+    status_written: bool = False
+    conflict: bool = False
+    error: str | None = None
+    actions: list[str] = field(default_factory=list)
+
+
+def desired_routes(router: Router, policy: ShadowPolicy, weight: int, mirror: float | None) -> RouteState:
+    """The RouteState for (weight, mirror), leaving mirroring to the tap where the router cannot mirror."""
+    shadow = policy.spec.shadow
+    if mirror is not None and (not router.capabilities.can_mirror or (shadow and shadow.mode is ShadowMode.tap)):
+        mirror = None  # application-level mirroring by the tap (shadow.mode: tap)
+    return RouteState(100 - weight, weight, mirror)
+
+
+def expected_routes(router: Router, policy: ShadowPolicy, state: RolloutState) -> RouteState | None:
+    """What the routes must look like in `state` (None where the controller does not hold them)."""
+    if state.phase in ANALYSED:
+        return desired_routes(router, policy, state.weight, state.mirror_percent)
+    return None
+
+
+class Reconciler:
+    """Carries out ticks for policies; stateless between ticks except caches that a restart can lose."""
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        router_for: Callable[[ShadowPolicy, KubeClient], Router],
+        analyzer: Analyzer,
+        clock: Clock,
+        notifier: Notifier | None = None,
+        gate: Gate | None = None,
+        metrics: Metrics | None = None,
+        identity: str = "shadowctl",
+    ) -> None:
+        self.kube = kube
+        self.router_for = router_for
+        self.analyzer = analyzer
+        self.clock = clock
+        self.notifier = notifier
+        self.gate = gate
+        self.metrics = metrics
+        self.identity = identity
+
+    async def tick(self, ref: ResourceRef) -> TickResult:
+        key = f"{ref.namespace}/{ref.name}"
+        result = TickResult(key)
+        started = self.clock.now()
+        try:
+            obj = await self.kube.get(ref)
+        except NotFound:
+            result.error = "the policy is gone"
+            return result
+        except KubeError as exc:
+            result.error = f"cannot read the policy: {exc}"
+            log.warning("tick.read_failed", policy=key, error=str(exc))
+            return result
+        look: Look | None = None
+        try:
+            look = await self._tick(obj, result)
+        finally:
+            if self.metrics is not None and result.state is not None:
+                self.metrics.observe_tick(key, result.state, look, self.clock.now() - started,
+                                          result.error is not None)
+        return result
+
+    async def _tick(self, obj: dict[str, Any], result: TickResult) -> Look | None:
+        now = self.clock.now()
+        meta = obj.get("metadata") or {}
+        rv = str(meta.get("resourceVersion") or "")
+        generation = int(meta.get("generation") or 1)
+        ref = ResourceRef(SHADOW_POLICY, str(meta["name"]), str(meta.get("namespace") or "default"))
+        state = read_state(obj)
+        result.phase = state.phase
+        result.state = state
+
+        # The spec is validated by the same model as `shadowctl validate`; an invalid spec changes nothing.
+        try:
+            policy = ShadowPolicy.model_validate({k: obj[k] for k in ("apiVersion", "kind", "spec")}
+                                                 | {"metadata": {"name": meta["name"],
+                                                                 "namespace": meta.get("namespace", "default")}})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+            result.error = f"invalid spec: {problems}"
+            await self._write_status(ref, obj, rv, state, now, generation, None, None, None, None, result,
+                                     error=result.error)
+            return None
+
+        router = self.router_for(policy, self.kube)
+        pending = pending_command(obj)
+        command = pending.command if pending else None
+        target_now = policy.spec.target.model_dump(mode="json", by_alias=True, exclude_none=True)
+        stored_target = (obj.get("status") or {}).get("rolloutTarget")
+        # The routes were set for another target (the policy was edited mid-rollout): undo with that one.
+        previous_router = None
+        if stored_target and stored_target != target_now:
+            previous_router = self._router_for_target(policy, stored_target)
+        try:
+            candidate = await self._observe_candidate(policy, obj)
+            watched = state.phase in ANALYSED or state.phase is Phase.paused
+            current = await router.read() if watched and previous_router is None else None
+        except (RouterError, KubeError) as exc:
+            await self._fail_safe(ref, obj, rv, state, policy, router, now, generation, result,
+                                  f"cannot read the routes: {exc}", command)
+            return None
+        expected = expected_routes(router, policy, state)
+        drift = expected is not None and current is not None and current != expected
+
+        look: Look | None = None
+        verdict = None
+        if state.phase in ANALYSED:
+            look = await self.analyzer.look(policy, state, now, read_tally(obj, state))
+            verdict = look.verdict
+        gate = None
+        if state.phase is Phase.waiting_promotion and self.gate is not None:
+            gate = await self.gate.check(policy, state)
+
+        outcome = step(state, verdict, command, now, policy,
+                       Observed(candidate=candidate, generation=generation, gate=gate, drift=drift))
+        result.transitioned = outcome.state.phase is not state.phase or outcome.state.step != state.step
+        result.phase = outcome.state.phase
+        result.state = outcome.state
+
+        # 5. Routes first.
+        routes_after: RouteState | None = current
+        try:
+            routes_after = await self._act(router, policy, outcome, result, previous_router) or current
+        except RouterError as exc:
+            msg = f"cannot set the routes: {exc}"
+            if any(isinstance(a, Finalize) for a in outcome.actions):
+                # A rollback that cannot restore the routes is not recorded as done; retried next tick.
+                result.error = msg
+                await self._write_status(ref, obj, rv, state, now, generation, look, current, None, None, result,
+                                         error=msg)
+                return look
+            await self._fail_safe(ref, obj, rv, state, policy, router, now, generation, result, msg, command)
+            return look
+
+        # 6. Then status.
+        cmd_record = None
+        if pending is not None:
+            cmd_record = {"id": pending.id, "command": pending.command.value, "at": pending.at, "by": pending.by,
+                          "handledAt": iso(now), "result": outcome.state.phase.value}
+        tally = look.tally if look is not None else None
+        evidence = look.evidence if look is not None else None
+        errors = look.source_errors if look is not None else ()
+        acted = any(isinstance(a, SetRoutes | Promote | Finalize) for a in outcome.actions)
+        target_for_status = target_now if acted or not stored_target else stored_target
+        written = await self._write_status(ref, obj, rv, outcome.state, now, generation, look, routes_after, tally,
+                                           cmd_record, result, evidence=evidence, source_errors=errors,
+                                           target=target_for_status)
+        if outcome.state.phase is not Phase.shadowing and policy.spec.analysis.outputs is not None:
+            await self.analyzer.idle(policy.key)
+        # 7. Then tell people.
+        if written and self.notifier is not None:
+            for action in outcome.actions:
+                if isinstance(action, Notify):
+                    await self.notifier.notify(obj, policy, action, outcome.state)
+        if written and outcome.state.phase is not state.phase:
+            log.info("rollout.transition", policy=policy.key, **{"from": state.phase.value},
+                     to=outcome.state.phase.value, step=outcome.state.step, weight=outcome.state.weight,
+                     reason=outcome.state.message)
+        return look
+
+    async def abandon(self, obj: dict[str, Any]) -> None:
+        """The policy was deleted: a rollout in flight must not leave live traffic or a mirror behind."""
+        state = read_state(obj)
+        if state.phase.terminal or state.phase is Phase.pending:
+            return
+        meta = obj.get("metadata") or {}
+        try:
+            policy = ShadowPolicy.model_validate({k: obj[k] for k in ("apiVersion", "kind", "spec")}
+                                                 | {"metadata": {"name": meta["name"],
+                                                                 "namespace": meta.get("namespace", "default")}})
+            router = self.router_for(policy, self.kube)
+            await router.finalize(policy.spec.rollback.keep_candidate_tag)
+            log.warning("rollout.abandoned", policy=policy.key, phase=state.phase.value,
+                        message="policy deleted mid-rollout; routes restored to the primary")
+        except (ValidationError, KeyError, RouterError, KubeError) as exc:
+            log.error("rollout.abandon_failed", policy=f"{meta.get('namespace')}/{meta.get('name')}", error=str(exc))
+
+    def _router_for_target(self, policy: ShadowPolicy, target: dict[str, Any]) -> Router | None:
+        try:
+            spec = policy.spec.model_copy(update={"target": Target.model_validate(target)})
+        except ValidationError:
+            return None
+        return self.router_for(policy.model_copy(update={"spec": spec}), self.kube)
+
+    async def _act(self, router: Router, policy: ShadowPolicy, outcome: Outcome, result: TickResult,
+                   previous: Router | None = None) -> RouteState | None:
+        after: RouteState | None = None
+        for action in outcome.actions:
+            if isinstance(action, SetRoutes):
+                applied = await router.apply(desired_routes(router, policy, action.weight, action.mirror_percent))
+            elif isinstance(action, Promote):
+                applied = await router.promote()
+            elif isinstance(action, Finalize):
+                applied = await (previous or router).finalize(action.keep_candidate)
+                previous = None
+            else:
+                continue
+            result.actions.append(type(action).__name__)
+            result.route_writes += int(applied.wrote)
+            after = applied.state
+        return after
+
+    async def _fail_safe(
+        self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, policy: ShadowPolicy,
+        router: Router, now: float, generation: int, result: TickResult, msg: str, command: Command | None,
+    ) -> None:
+        """The target cannot be read or routed: record why (condition Ready=False) and retry next tick.
+
+        Nothing moves while the routes are unknown; a person's rollback is still attempted, and the
+        progress deadline ends a rollout that stays stuck (its rollback is retried until it succeeds).
+        """
+        result.error = msg
+        log.warning("tick.route_error", policy=policy.key, error=msg)
+        if command is Command.rollback:
+            with contextlib.suppress(RouterError, KubeError):
+                await router.finalize(policy.spec.rollback.keep_candidate_tag)
+        await self._write_status(ref, obj, rv, state, now, generation, None, None, None, None, result, error=msg)
+
+    async def _observe_candidate(self, policy: ShadowPolicy, obj: dict[str, Any]) -> str | None:
+        """Identity of the candidate to roll out; None when there is none (it already is the primary)."""
+        target = policy.spec.target
+        if target.istio is not None:
+            c = target.istio.candidate
+            return f"{c.host}/{c.subset or ''}:{c.port or ''}"
+        assert target.knative is not None
+        ksvc = await self.kube.get(ResourceRef(KNATIVE_SERVICE, target.knative.service, policy.metadata.namespace))
+        status = ksvc.get("status") or {}
+        candidate = target.knative.candidate_revision or status.get("latestReadyRevisionName")
+        if not candidate:
+            return None
+        serving_all = any(
+            t.get("revisionName") == candidate and int(t.get("percent") or 0) == 100
+            for t in status.get("traffic") or []
+        )
+        primary = target.knative.primary_revision
+        if candidate == primary or (serving_all and read_state(obj).phase in (Phase.pending, *_TERMINAL)):
+            return None
+        return str(candidate)
+
+    async def _write_status(
+        self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, now: float, generation: int,
+        look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: dict[str, Any] | None,
+        result: TickResult, *, error: str | None = None, evidence: dict[str, Any] | None = None,
+        source_errors: tuple[str, ...] = (), target: dict[str, Any] | None = None,
+    ) -> bool:
+        routes_dict = None
+        if routes is not None:
+            routes_dict = {"primaryWeight": routes.primary_weight, "candidateWeight": routes.candidate_weight,
+                           "mirrorPercent": routes.mirror_percent}
+        status = build_status(obj, state, now=now, generation=generation, evidence=evidence, routes=routes_dict,
+                              tally=tally, command=command, error=error, source_errors=source_errors)
+        if target is not None:
+            status["rolloutTarget"] = target
+        old = obj.get("status") or {}
+        if comparable(status) == comparable({k: old.get(k) for k in status}) and command is None:
+            return True  # nothing changed: no write
+        try:
+            await self.kube.patch_status(ref, {"status": status}, resource_version=rv)
+        except Conflict:
+            result.conflict = True
+            log.info("tick.status_conflict", policy=f"{ref.namespace}/{ref.name}")
+            return False
+        except KubeError as exc:
+            result.error = f"cannot write the status: {exc}"
+            log.warning("tick.status_failed", policy=f"{ref.namespace}/{ref.name}", error=str(exc))
+            return False
+        result.status_written = True
+        return True
+
+
+_TERMINAL = (Phase.succeeded, Phase.rolled_back, Phase.failed)
+
+__all__ = ["COMMAND_ANNOTATION", "Gate", "Notifier", "Reconciler", "TickResult", "desired_routes"]

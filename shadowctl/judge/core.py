@@ -1,0 +1,379 @@
+"""The judge's entry points: data of both arms in, one :class:`MetricResult` per metric and a :class:`Verdict` out.
+
+Several metrics share the family-wise false-fail budget by Bonferroni: each metric is tested at
+alpha/k. A wrong *pass* needs every metric to pass, so the false-pass probability at a metric's margin
+stays below beta without splitting it. Missing, NaN or too few data give ``nodata``, never a pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shadowctl.judge import estimators as est
+from shadowctl.judge.model import (
+    ArmData,
+    Counts,
+    Direction,
+    FloatArray,
+    Histogram,
+    JudgeInputError,
+    MetricInput,
+    MetricResult,
+    MetricSpec,
+    NoData,
+    Outcome,
+    Samples,
+    Verdict,
+)
+from shadowctl.judge.sequential import FAIL, PASS, Bounds, IntArray, decide
+
+MIN_TAIL_COUNT = 10
+"""A quantile q needs n*(1-q) >= this many observations above it in each arm (p99: 1000 samples)."""
+
+
+NODATA = 3
+"""Kernel code for 'no usable data' (too few samples, a zero statistic under a relative margin)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Decisions for S streams of one metric: kernel bounds plus per-arm numbers; ``code`` may be NODATA."""
+
+    bounds: Bounds
+    code: IntArray
+    primary: est.Estimate
+    candidate: est.Estimate
+    need: int
+
+
+class _NoDataError(Exception):
+    """Internal: this metric has no usable data; the message is the reason."""
+
+
+def _arm_missing(name: str, data: ArmData) -> str | None:
+    if data is None:
+        return f"no {name} data"
+    if isinstance(data, NoData):
+        return f"{name}: {data.reason}"
+    if isinstance(data, Samples | Histogram | Counts) and data.has_nan:
+        return f"{name} data contain NaN"
+    return None
+
+
+def _binned(data: Samples | Histogram, le: FloatArray) -> tuple[FloatArray, float | None, float | None]:
+    """Cumulative counts of one arm at the bounds ``le`` (a subset of its own bounds for histograms)."""
+    if isinstance(data, Samples):
+        v = data.values
+        return est.sketch_counts(v, le), float(v.sum()), float((v * v).sum())
+    idx = np.searchsorted(data.le, le)
+    return data.counts[idx], data.sum, data.sum_sq
+
+
+def _layout(p: Samples | Histogram, c: Samples | Histogram) -> FloatArray:
+    if isinstance(p, Histogram) and isinstance(c, Histogram):
+        if p.le.shape == c.le.shape and np.array_equal(p.le, c.le):
+            return p.le
+        common = np.intersect1d(p.le, c.le)
+        if common.size < 3:
+            raise _NoDataError("primary and candidate histograms share fewer than two finite bucket bounds")
+        return common
+    if isinstance(p, Histogram):
+        return p.le
+    if isinstance(c, Histogram):
+        return c.le
+    return est.SKETCH_LE
+
+
+def _prepare(spec: MetricSpec, p: ArmData, c: ArmData, *, alpha: float, beta: float) -> Batch:
+    for name, data in (("primary", p), ("candidate", c)):
+        reason = _arm_missing(name, data)
+        if reason:
+            raise _NoDataError(reason)
+    if spec.statistic in ("rate", "agreement"):
+        if not (isinstance(p, Counts) and isinstance(c, Counts)):
+            raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} needs Counts for both arms")
+        return batch_counts(
+            spec, np.array([p.failures]), np.array([p.total]), np.array([c.failures]), np.array([c.total]),
+            alpha=alpha, beta=beta,
+        )
+    if not (isinstance(p, Samples | Histogram) and isinstance(c, Samples | Histogram)):
+        raise JudgeInputError(
+            f"metric {spec.name!r}: statistic {spec.statistic!r} needs samples or histograms, not counts"
+        )
+    le = _layout(p, c)
+    cp, sum_p, sq_p = _binned(p, le)
+    cc, sum_c, sq_c = _binned(c, le)
+
+    def arr(x: float | None) -> FloatArray | None:
+        return None if x is None else np.array([x])
+
+    return batch_binned(
+        spec, cp[None, :], cc[None, :], le, alpha=alpha, beta=beta,
+        sums=(arr(sum_p), arr(sum_c)), sums_sq=(arr(sq_p), arr(sq_c)),
+    )
+
+
+def needed_samples(spec: MetricSpec) -> int:
+    """Samples needed per arm: ``min_samples``, and for pNN at least MIN_TAIL_COUNT above the quantile."""
+    q = spec.quantile
+    if q is None:
+        return spec.min_samples
+    return max(spec.min_samples, math.ceil(MIN_TAIL_COUNT / (1.0 - q) - 1e-9))
+
+
+def _finish(
+    spec: MetricSpec, ep: est.Estimate, ec: est.Estimate, log_p: FloatArray, log_c: FloatArray,
+    *, alpha: float, beta: float,
+) -> Batch:
+    need = needed_samples(spec)
+    enough = (ep.n >= need) & (ec.n >= need)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if spec.margin.relative:
+            theta = log_c - log_p
+            var = ep.var / np.exp(2 * log_p) + ec.var / np.exp(2 * log_c)
+            usable = enough & np.isfinite(log_p) & np.isfinite(log_c)
+            # Bucket resolution: how much higher (lower) the true ratio may be than the interpolated one.
+            slack_up = np.log(ec.hi_value / ec.value) + np.log(ep.value / ep.lo_value)
+            slack_down = np.log(ec.value / ec.lo_value) + np.log(ep.hi_value / ep.value)
+        else:
+            theta = ec.value - ep.value
+            var = ep.var + ec.var
+            usable = enough & np.isfinite(theta)
+            slack_up = (ec.hi_value - ec.value) + (ep.value - ep.lo_value)
+            slack_down = (ec.value - ec.lo_value) + (ep.hi_value - ep.value)
+    m_up, m_down = _margins(spec)
+    b = decide(
+        theta, var, direction=spec.direction.value, margin_up=m_up, margin_down=m_down, tau=m_up,
+        alpha=alpha, beta=beta, open_up=ec.open_hi, open_down=ep.open_hi,
+        slack_up=np.maximum(slack_up, 0.0), slack_down=np.maximum(slack_down, 0.0),
+    )
+    code = np.where(usable, b.code, NODATA).astype(np.int64)
+    return Batch(b, code, ep, ec, need)
+
+
+def batch_binned(
+    spec: MetricSpec,
+    cum_p: FloatArray,
+    cum_c: FloatArray,
+    le: FloatArray,
+    *,
+    alpha: float,
+    beta: float,
+    sums: tuple[FloatArray | None, FloatArray | None] = (None, None),
+    sums_sq: tuple[FloatArray | None, FloatArray | None] = (None, None),
+) -> Batch:
+    """Sequential decisions for S streams of a quantile or mean metric from cumulative bucket counts (S,B)."""
+    q = spec.quantile
+    if q is not None:
+        ep = est.quantile_binned(cum_p, le, q)
+        ec = est.quantile_binned(cum_c, le, q)
+    elif spec.statistic == "mean":
+        ep = est.mean_binned(cum_p, le, sums[0], sums_sq[0])
+        ec = est.mean_binned(cum_c, le, sums[1], sums_sq[1])
+    else:
+        raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} is not computed from buckets")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_p = np.where(ep.value > 0, np.log(np.where(ep.value > 0, ep.value, 1.0)), np.nan)
+        log_c = np.where(ec.value > 0, np.log(np.where(ec.value > 0, ec.value, 1.0)), np.nan)
+    return _finish(spec, ep, ec, log_p, log_c, alpha=alpha, beta=beta)
+
+
+def batch_counts(
+    spec: MetricSpec,
+    failures_p: FloatArray,
+    totals_p: FloatArray,
+    failures_c: FloatArray,
+    totals_c: FloatArray,
+    *,
+    alpha: float,
+    beta: float,
+) -> Batch:
+    """Sequential decisions for S streams of a rate or agreement metric from cumulative counts."""
+    agree = spec.statistic == "agreement"
+    if spec.statistic not in ("rate", "agreement"):
+        raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} is not computed from counts")
+    ep, sp = est.rate_counts(failures_p, totals_p, agreement=agree)
+    ec, sc = est.rate_counts(failures_c, totals_c, agreement=agree)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _finish(spec, ep, ec, np.log(sp), np.log(sc), alpha=alpha, beta=beta)
+
+
+def _margins(spec: MetricSpec) -> tuple[float, float]:
+    m = spec.margin
+    if m.relative:
+        return math.log1p(m.value), math.log1p(-m.value)
+    return m.value, -m.value
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "∞" if x > 0 else "-∞"
+    return f"{x:.4g}"
+
+
+def _count(x: float) -> str:
+    return f"{x:.0f}" if math.isfinite(x) and float(x).is_integer() else _fmt(x)
+
+
+def _to_user(spec: MetricSpec, theta: float) -> float:
+    return math.exp(theta) if spec.margin.relative else theta
+
+
+def nodata_result(spec: MetricSpec, reason: str, *, alpha: float, beta: float, n_p: float = 0, n_c: float = 0) -> MetricResult:
+    """A ``nodata`` result with its reason, for a metric whose source gave nothing usable."""
+    return MetricResult(
+        name=spec.name, outcome=Outcome.nodata, statistic=spec.statistic, direction=spec.direction,
+        margin=spec.margin, critical=spec.critical, n_primary=n_p, n_candidate=n_c, primary_value=None,
+        candidate_value=None, effect=None, interval=(None, None), alpha=alpha, beta=beta, crossed=None,
+        threshold=None, sentence=f"{spec.name}: no data ({reason}); never a pass.",
+    )
+
+
+def judge_metric(
+    spec: MetricSpec, primary: ArmData, candidate: ArmData, *, alpha: float, beta: float, final: bool = False
+) -> MetricResult:
+    """Judge one metric sequentially at false-fail level ``alpha`` (already split) and false-pass ``beta``."""
+    try:
+        batch = _prepare(spec, primary, candidate, alpha=alpha, beta=beta)
+    except _NoDataError as exc:
+        return nodata_result(spec, str(exc), alpha=alpha, beta=beta)
+    return result_of(spec, batch, 0, alpha=alpha, beta=beta, final=final)
+
+
+def result_of(spec: MetricSpec, batch: Batch, i: int, *, alpha: float, beta: float, final: bool) -> MetricResult:
+    """The :class:`MetricResult` of stream ``i`` of a batch."""
+    ep, ec = batch.primary, batch.candidate
+    n_p, n_c = float(ep.n[i]), float(ec.n[i])
+    vp, vc = float(ep.value[i]), float(ec.value[i])
+    code = int(batch.code[i])
+    if code == NODATA:
+        if n_p < batch.need or n_c < batch.need:
+            why = f"{_count(n_p)} primary and {_count(n_c)} candidate samples, {batch.need} needed per arm"
+            q = spec.quantile
+            if q is not None and batch.need > spec.min_samples:
+                why += f" (p{q * 100:g} needs {MIN_TAIL_COUNT} above it)"
+        else:
+            why = f"primary {_fmt(vp)}, candidate {_fmt(vc)}: a relative margin needs both statistics above 0"
+        return nodata_result(spec, why, alpha=alpha, beta=beta, n_p=n_p, n_c=n_c)
+    return _sequential_result(spec, code, batch.bounds, i, n_p, n_c, vp, vc, alpha, beta, final)
+
+
+def _sequential_result(
+    spec: MetricSpec, code: int, b: Bounds, i: int, n_p: float, n_c: float, vp: float, vc: float,
+    alpha: float, beta: float, final: bool,
+) -> MetricResult:
+    d = spec.direction
+    theta = float(b.theta[i])
+    m_up, m_down = _margins(spec)
+    lf, uf = float(b.lower_fail[i]), float(b.upper_fail[i])
+    lp, up = float(b.lower_pass[i]), float(b.upper_pass[i])
+    if d is Direction.increase:
+        lower, upper = lf, up
+    elif d is Direction.decrease:
+        lower, upper = lp, uf
+    else:
+        lower, upper = min(lf, lp), max(uf, up)
+    scale = "ratio" if spec.margin.relative else "difference"
+    stat = spec.statistic
+    base = (
+        f"{spec.name} {stat}: candidate {_fmt(vc)} vs primary {_fmt(vp)} "
+        f"({_count(n_c)}/{_count(n_p)} samples), {scale} {_fmt(_to_user(spec, theta))}"
+    )
+    crossed: str | None = None
+    threshold: float | None = None
+    if code == PASS:
+        outcome = Outcome.passed
+        if d is Direction.decrease:
+            crossed, threshold = "lower bound (beta)", _to_user(spec, m_down)
+            why = f"lower bound {_fmt(_to_user(spec, lp))} > margin {_fmt(threshold)}"
+        elif d is Direction.increase:
+            crossed, threshold = "upper bound (beta)", _to_user(spec, m_up)
+            why = f"upper bound {_fmt(_to_user(spec, up))} < margin {_fmt(threshold)}"
+        else:
+            crossed, threshold = "both bounds (beta)", _to_user(spec, m_up)
+            why = (f"bounds [{_fmt(_to_user(spec, lp))}, {_fmt(_to_user(spec, up))}] inside "
+                   f"[{_fmt(_to_user(spec, m_down))}, {_fmt(threshold)}]")
+        sentence = f"pass: {base}; {why}, so not worse by the margin {spec.margin} (false-pass risk <= {beta:g})."
+    elif code == FAIL:
+        outcome = Outcome.failed
+        zero = _to_user(spec, 0.0)
+        threshold = zero
+        if lf > 0:
+            crossed = "lower bound (alpha)"
+            why = f"lower bound {_fmt(_to_user(spec, lf))} > {_fmt(zero)}"
+        else:
+            crossed = "upper bound (alpha)"
+            why = f"upper bound {_fmt(_to_user(spec, uf))} < {_fmt(zero)}"
+        sentence = f"fail: {base}; {why}, so the candidate is worse (false-fail risk <= {alpha:g})."
+    else:
+        outcome = Outcome.inconclusive if final else Outcome.cont
+        word = "inconclusive" if final else "continue"
+        sentence = (
+            f"{word}: {base}; interval [{_fmt(_to_user(spec, lower))}, {_fmt(_to_user(spec, upper))}] "
+            f"still holds both 'not worse' and 'worse by {spec.margin}'."
+        )
+    return MetricResult(
+        name=spec.name, outcome=outcome, statistic=stat, direction=d, margin=spec.margin,
+        critical=spec.critical, n_primary=n_p, n_candidate=n_c, primary_value=vp, candidate_value=vc,
+        effect=_to_user(spec, theta), interval=(_to_user(spec, lower), _to_user(spec, upper)),
+        alpha=alpha, beta=beta, crossed=crossed, threshold=threshold, sentence=sentence,
+    )
+
+
+def combine(results: Sequence[MetricResult], *, final: bool, method: str = "sequential") -> Verdict:
+    """The verdict over metric results (critical fail > nodata > continue > fail > pass)."""
+    res = tuple(results)
+    if not res:
+        return Verdict(Outcome.nodata, res, "no metrics to judge", method)
+
+    def names(outcome: Outcome, critical: bool | None = None) -> list[str]:
+        return [r.name for r in res if r.outcome is outcome and (critical is None or r.critical == critical)]
+
+    crit = names(Outcome.failed, critical=True)
+    if crit:
+        return Verdict(Outcome.failed, res, f"critical metric(s) failed: {', '.join(crit)}", method)
+    nod = names(Outcome.nodata)
+    if nod:
+        return Verdict(Outcome.nodata, res, f"no usable data for: {', '.join(nod)} (never a pass)", method)
+    failed = names(Outcome.failed)
+    open_ = names(Outcome.cont) + names(Outcome.inconclusive)
+    if open_ and not final:
+        extra = f"; already failed: {', '.join(failed)}" if failed else ""
+        return Verdict(Outcome.cont, res, f"still undecided: {', '.join(open_)}{extra}", method)
+    if failed:
+        return Verdict(Outcome.failed, res, f"metric(s) failed: {', '.join(failed)}", method)
+    if open_:
+        return Verdict(Outcome.inconclusive, res, f"undecided at the maximum duration: {', '.join(open_)}", method)
+    return Verdict(Outcome.passed, res, f"all {len(res)} metric(s) passed", method)
+
+
+def judge(
+    inputs: Sequence[MetricInput],
+    *,
+    alpha: float = 0.05,
+    beta: float = 0.05,
+    method: str = "sequential",
+    final: bool = False,
+) -> Verdict:
+    """Judge all metrics of one look. ``final``: this is the last look (undecided -> inconclusive).
+
+    ``method="fixed"`` runs the Kayenta-parity judge with its default configuration; use
+    :func:`shadowctl.judge.fixed.judge_fixed` to configure it.
+    """
+    if not (0 < alpha < 1 and 0 < beta < 1):
+        raise JudgeInputError(f"alpha and beta must be in (0, 1), got alpha={alpha}, beta={beta}")
+    if method == "fixed":
+        from shadowctl.judge.fixed import FixedConfig, judge_fixed
+
+        return judge_fixed(inputs, FixedConfig(confidence=1.0 - alpha))
+    if method != "sequential":
+        raise JudgeInputError(f"unknown method {method!r}: use 'sequential' or 'fixed'")
+    k = max(len(inputs), 1)
+    results = [
+        judge_metric(mi.spec, mi.primary, mi.candidate, alpha=alpha / k, beta=beta, final=final) for mi in inputs
+    ]
+    return combine(results, final=final)

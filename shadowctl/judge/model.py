@@ -1,0 +1,353 @@
+"""Inputs and outputs of the judge: metric specs, per-arm data, results and verdicts.
+
+Everything here is frozen and plain. Results convert to JSON-ready dicts with
+``to_dict()`` because they are written into the policy's Kubernetes ``.status``.
+Data classes validate their numbers on construction and raise :class:`JudgeInputError`
+with a message that says which field is wrong, so bad input never reaches the
+statistics as a traceback from numpy.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shadowctl.errors import ShadowctlError
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class JudgeError(ShadowctlError):
+    """Base class of the judge's errors."""
+
+
+class JudgeInputError(JudgeError, ValueError):
+    """A spec or a data object is malformed (the message says which field and why)."""
+
+
+class Outcome(str, enum.Enum):
+    """What the judge concluded for one metric, or for the whole verdict."""
+
+    passed = "pass"
+    failed = "fail"
+    cont = "continue"
+    inconclusive = "inconclusive"
+    nodata = "nodata"
+
+
+class Direction(str, enum.Enum):
+    """Which change of the statistic is a regression."""
+
+    increase = "increase"  # bigger is worse (latency, error rate, cost)
+    decrease = "decrease"  # smaller is worse (throughput, agreement)
+    either = "either"  # any change beyond the margin is worse
+
+
+_STAT_ALIASES = {"error_rate": "rate", "agreement_rate": "agreement"}
+_QUANTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
+_MARGIN = re.compile(r"^\s*\+?\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|pp)?\s*$")
+
+
+def quantile_of(statistic: str) -> float | None:
+    """The quantile level of a ``pNN`` statistic (``p99`` -> 0.99), or None for other statistics."""
+    m = _QUANTILE.match(statistic)
+    return float(m.group(1)) / 100.0 if m else None
+
+
+def normalize_statistic(statistic: str) -> str:
+    """Canonical statistic name; raises :class:`JudgeInputError` for unknown ones."""
+    s = _STAT_ALIASES.get(statistic.strip().lower(), statistic.strip().lower())
+    q = quantile_of(s)
+    if s in ("mean", "rate", "agreement"):
+        return s
+    if q is not None and 0.0 < q < 1.0:
+        return s
+    raise JudgeInputError(
+        f"unknown statistic {statistic!r}: use p50, p90, p95, p99 (any pNN), mean, rate (error rate) "
+        "or agreement"
+    )
+
+
+@dataclass(frozen=True)
+class Margin:
+    """How much worse the candidate may be: relative (0.10 = 10%) or absolute (0.005 = +0.5 points)."""
+
+    value: float
+    relative: bool
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.value) or self.value <= 0:
+            raise JudgeInputError(f"margin must be a positive number, got {self.value!r}")
+        if self.relative and self.value >= 1.0:
+            # For a 'decrease' direction a relative margin m means "candidate >= (1-m) x primary".
+            raise JudgeInputError(f"a relative margin must be below 100%, got {self.value * 100:g}%")
+
+    @classmethod
+    def parse(cls, text: str | float) -> Margin:
+        """Parse ``"10%"`` (relative), ``"0.5pp"``, ``"+0.005"`` or ``0.005`` (absolute)."""
+        if isinstance(text, bool):
+            raise JudgeInputError("a margin is a number or a string such as '10%' or '+0.005'")
+        if isinstance(text, int | float):
+            return cls(float(text), relative=False)
+        m = _MARGIN.match(text)
+        if not m:
+            raise JudgeInputError(f"{text!r} is not a margin; write '10%' (relative), '0.5pp' or '+0.005' (absolute)")
+        number = float(m.group(1))
+        if m.group(2) == "%":
+            return cls(number / 100.0, relative=True)
+        if m.group(2) == "pp":
+            return cls(number / 100.0, relative=False)
+        return cls(number, relative=False)
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric to judge. ``statistic``: pNN, mean, rate or agreement."""
+
+    name: str
+    statistic: str
+    direction: Direction = Direction.increase
+    margin: Margin = field(default_factory=lambda: Margin(0.10, relative=True))
+    critical: bool = False
+    min_samples: int = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "statistic", normalize_statistic(self.statistic))
+        object.__setattr__(self, "direction", Direction(self.direction))
+        if self.min_samples < 1:
+            raise JudgeInputError(f"metric {self.name!r}: min_samples must be at least 1, got {self.min_samples}")
+
+    @property
+    def quantile(self) -> float | None:
+        return quantile_of(self.statistic)
+
+
+# --------------------------------------------------------------------------- data per arm
+
+
+def _finite_array(values: Iterable[float], what: str) -> FloatArray:
+    try:
+        arr = np.asarray(list(values), dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise JudgeInputError(f"{what}: expected a list of numbers") from exc
+    if arr.ndim != 1:
+        raise JudgeInputError(f"{what}: expected a flat list of numbers")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """Raw observations of one arm (cumulative since the phase started). NaN marks a missing value."""
+
+    values: FloatArray
+
+    def __init__(self, values: Iterable[float]) -> None:
+        object.__setattr__(self, "values", _finite_array(values, "samples"))
+
+    @property
+    def has_nan(self) -> bool:
+        return bool(np.isnan(self.values).any())
+
+
+@dataclass(frozen=True, eq=False)
+class Aggregates(Samples):
+    """Per-interval aggregates of one arm (e.g. mean GPU utilisation of each scrape); each is one sample."""
+
+
+@dataclass(frozen=True, eq=False)
+class Histogram:
+    """Prometheus-style histogram of one arm: cumulative counts per upper bound ``le``, ending in ``+Inf``.
+
+    ``sum`` (the ``_sum`` series) and ``sum_sq`` are optional; with them the mean and its variance are
+    exact instead of estimated from the buckets.
+    """
+
+    le: FloatArray
+    counts: FloatArray
+    sum: float | None = None
+    sum_sq: float | None = None
+
+    def __init__(
+        self, le: Iterable[float], counts: Iterable[float], sum: float | None = None, sum_sq: float | None = None
+    ) -> None:
+        le_arr = _finite_array(le, "histogram le")
+        cnt = _finite_array(counts, "histogram counts")
+        if le_arr.size == 0 or le_arr.size != cnt.size:
+            raise JudgeInputError(
+                f"histogram: 'le' has {le_arr.size} bounds and 'counts' {cnt.size}; they must match and be non-empty"
+            )
+        if not np.isposinf(le_arr[-1]):
+            raise JudgeInputError("histogram: the last 'le' bound must be +Inf")
+        if np.isnan(le_arr).any() or (np.diff(le_arr) <= 0).any():
+            raise JudgeInputError("histogram: 'le' bounds must be strictly increasing numbers")
+        if not np.isnan(cnt).any() and ((cnt < 0).any() or (np.diff(cnt) < -1e-9 * max(1.0, cnt[-1])).any()):
+            raise JudgeInputError("histogram: counts must be cumulative (non-decreasing along 'le') and >= 0")
+        object.__setattr__(self, "le", le_arr)
+        object.__setattr__(self, "counts", cnt)
+        object.__setattr__(self, "sum", None if sum is None else float(sum))
+        object.__setattr__(self, "sum_sq", None if sum_sq is None else float(sum_sq))
+
+    @property
+    def total(self) -> float:
+        return float(self.counts[-1])
+
+    @property
+    def has_nan(self) -> bool:
+        return bool(np.isnan(self.counts).any()) or (self.sum is not None and math.isnan(self.sum))
+
+    def bucket_counts(self) -> FloatArray:
+        """Counts per bucket (not cumulative)."""
+        return np.diff(self.counts, prepend=0.0)
+
+    def __add__(self, other: Histogram) -> Histogram:
+        """Accumulate two histograms with the same layout (increments of later looks)."""
+        if self.le.shape != other.le.shape or not np.array_equal(self.le, other.le):
+            raise JudgeInputError("histogram: cannot add histograms with different 'le' layouts")
+
+        def _add(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else a + b
+
+        return Histogram(self.le, self.counts + other.counts, _add(self.sum, other.sum), _add(self.sum_sq, other.sum_sq))
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Failures out of a total for one arm (errors of requests; disagreements of compared outputs)."""
+
+    failures: float
+    total: float
+
+    def __post_init__(self) -> None:
+        for name in ("failures", "total"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise JudgeInputError(f"counts: {name} must be a number, got {v!r}")
+        if not (math.isnan(self.failures) or math.isnan(self.total)) and (
+            self.total < 0 or self.failures < 0 or self.failures > self.total
+        ):
+            raise JudgeInputError(f"counts: need 0 <= failures <= total, got {self.failures} of {self.total}")
+
+    @property
+    def has_nan(self) -> bool:
+        return math.isnan(self.failures) or math.isnan(self.total)
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.failures + other.failures, self.total + other.total)
+
+
+@dataclass(frozen=True)
+class NoData:
+    """The source could not deliver this arm's data (unreachable, empty query); ``reason`` says why."""
+
+    reason: str
+
+
+ArmData = Samples | Histogram | Counts | NoData | None
+
+
+@dataclass(frozen=True)
+class MetricInput:
+    """A metric spec with the cumulative data of both arms since the phase started."""
+
+    spec: MetricSpec
+    primary: ArmData
+    candidate: ArmData
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _num(x: float | None) -> float | None:
+    """A JSON-safe number: None for NaN, strings are avoided; +-inf become None too."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _json_safe(v: Any) -> Any:
+    return _num(v) if isinstance(v, float) else v
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """The judge's conclusion for one metric, with the numbers behind it.
+
+    ``effect`` and ``interval`` are on the user's scale: for a relative margin the ratio
+    candidate/primary (1.12 = 12% higher), for an absolute margin the difference candidate - primary.
+    ``threshold`` is what the crossing statistic was compared with (the margin bound or 0).
+    """
+
+    name: str
+    outcome: Outcome
+    statistic: str
+    direction: Direction
+    margin: Margin
+    critical: bool
+    n_primary: float
+    n_candidate: float
+    primary_value: float | None
+    candidate_value: float | None
+    effect: float | None
+    interval: tuple[float | None, float | None]
+    alpha: float
+    beta: float
+    crossed: str | None
+    threshold: float | None
+    sentence: str
+    method: str = "sequential"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "outcome": self.outcome.value,
+            "statistic": self.statistic,
+            "direction": self.direction.value,
+            "margin": str(self.margin),
+            "critical": self.critical,
+            "method": self.method,
+            "samples": {"primary": _num(self.n_primary), "candidate": _num(self.n_candidate)},
+            "primary": _num(self.primary_value),
+            "candidate": _num(self.candidate_value),
+            "effect": _num(self.effect),
+            "effectScale": "ratio" if self.margin.relative else "difference",
+            "interval": [_num(self.interval[0]), _num(self.interval[1])],
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "crossed": self.crossed,
+            "threshold": _num(self.threshold),
+            "sentence": self.sentence,
+            **({"extra": {k: _json_safe(v) for k, v in self.extra.items()}} if self.extra else {}),
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The overall outcome of one look over all metrics."""
+
+    outcome: Outcome
+    results: tuple[MetricResult, ...]
+    reason: str
+    method: str = "sequential"
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "outcome": self.outcome.value,
+            "method": self.method,
+            "reason": self.reason,
+            "metrics": [r.to_dict() for r in self.results],
+        }
+        if self.score is not None:
+            d["score"] = self.score
+        return d

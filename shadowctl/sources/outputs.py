@@ -1,0 +1,303 @@
+"""The MQTT output source: subscribes to the taps' output events and turns them into agreement counts.
+
+The adapter does only I/O: it receives payloads, parses them strictly
+(malformed ones are counted and skipped, never fatal), reads the clock, and
+hands events to the pure :class:`~shadowctl.compare.pairing.Pairer` and
+comparators in ``shadowctl.compare``. What it exposes is a snapshot: the
+:class:`~shadowctl.compare.comparators.AgreementTally` so far, the pairing
+counters (the mirror delivery rate is a health signal of its own), and whether
+the broker is reachable right now, so that the controller never reads "no
+events" as "all agree".
+
+Subscriptions use QoS 1 and a clean session: events published while this
+source is disconnected are lost, their partners expire, and the ``missing``
+counters say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiomqtt
+import structlog
+
+from shadowctl.compare.comparators import AgreementTally, BoundComparator, Embedder, build_comparators, compare_pair
+from shadowctl.compare.events import MalformedEvent, OutputEvent, parse_broker_url, parse_event
+from shadowctl.compare.pairing import Pairer
+from shadowctl.policy.model import BaselineMode, ShadowPolicy
+from shadowctl.sources.base import SourceConfigError, SourceError
+
+log = structlog.get_logger(__name__)
+
+#: MQTT v3.1.1 connect return codes and v5 reason codes that mean "bad credentials / not allowed".
+_AUTH_CODES = frozenset({4, 5, 134, 135})
+
+
+class OutputSourceError(SourceError):
+    """The output source cannot deliver events."""
+
+
+class BrokerUnavailable(OutputSourceError):
+    """The broker cannot be reached, or the connection was lost."""
+
+
+class BrokerRejected(OutputSourceError):
+    """The broker refused the credentials or the subscription."""
+
+
+class EmbedderUnavailable(OutputSourceError):
+    """The semantic comparator's local embedding model cannot be loaded."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSnapshot:
+    """Where output comparison stands: counts for the judge plus health."""
+
+    tally: AgreementTally
+    pairing: dict[str, object]
+    pending: int
+    malformed: int
+    connected: bool
+    last_error: str | None
+
+
+class OutputSource(Protocol):
+    """The port the controller uses (pure data out; no MQTT types)."""
+
+    async def run(self) -> None:
+        """Consume events until cancelled."""
+
+    def snapshot(self) -> OutputSnapshot:
+        """Counts and health so far."""
+
+    def reset(self) -> None:
+        """Start a new tally (a new shadow phase); pending pairs and health counters are kept."""
+
+
+def _rc(exc: aiomqtt.MqttError) -> int | None:
+    rc = getattr(exc, "rc", None)
+    if rc is None:
+        return None
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
+
+class MqttOutputSource:
+    """Subscribes to a topic filter, pairs events by request id, and tallies agreement."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        topic: str,
+        comparators: Sequence[BoundComparator],
+        *,
+        pair_ttl_s: float,
+        expect_baseline: bool,
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        max_pending: int = 100_000,
+        timeout_s: float = 10.0,
+        backoff_max_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        try:
+            self.host, self.port, tls = parse_broker_url(broker_url)
+        except ValueError as exc:
+            raise SourceConfigError(f"outputs.mqtt.broker: {exc}") from exc
+        self.topic = topic
+        self.comparators = list(comparators)
+        self.username = username
+        self.password = password
+        self.tls_context = tls_context if tls_context is not None else (ssl.create_default_context() if tls else None)
+        self.timeout_s = timeout_s
+        self.backoff_max_s = backoff_max_s
+        self.clock = clock
+        self.pairer = Pairer(pair_ttl_s, max_pending=max_pending, expect_baseline=expect_baseline)
+        self.tally = AgreementTally()
+        self.malformed = 0
+        self.connected = False
+        self.last_error: str | None = None
+        self.subscribed = asyncio.Event()
+        self._client_id = f"shadowctl-outputs-{uuid.uuid4().hex[:12]}"
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: ShadowPolicy,
+        *,
+        password: str | None = None,
+        embedder: Embedder | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> MqttOutputSource:
+        """Build the source a policy's ``analysis.outputs`` describes (topic placeholders filled in)."""
+        outputs = policy.spec.analysis.outputs
+        if outputs is None:
+            raise SourceConfigError(f"{policy.key}: spec.analysis.outputs is not set; nothing to compare")
+        target = policy.spec.target
+        service = target.istio.virtual_service if target.istio is not None else (
+            target.knative.service if target.knative is not None else policy.metadata.name
+        )
+        try:
+            topic = outputs.mqtt.topic.format(
+                namespace=policy.metadata.namespace, service=service, name=policy.metadata.name
+            )
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SourceConfigError(
+                f"{policy.key}: spec.analysis.outputs.mqtt.topic {outputs.mqtt.topic!r}: unknown placeholder {exc}; "
+                "use {namespace}, {service} or {name}"
+            ) from exc
+        comparators = build_comparators(outputs.comparators, embedder=embedder)
+        return cls(
+            outputs.mqtt.broker,
+            topic,
+            comparators,
+            pair_ttl_s=outputs.pair_ttl.total_seconds(),
+            expect_baseline=outputs.baseline.mode is BaselineMode.primary_replica,
+            username=outputs.mqtt.username,
+            password=password,
+            tls_context=tls_context,
+        )
+
+    # ------------------------------------------------------------------ raw stream
+
+    def _client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            identifier=self._client_id,
+            tls_context=self.tls_context,
+            timeout=self.timeout_s,
+            keepalive=30,
+        )
+
+    def _wrap(self, exc: BaseException, doing: str) -> OutputSourceError:
+        where = f"mqtt broker {self.host}:{self.port}"
+        if isinstance(exc, aiomqtt.MqttError) and _rc(exc) in _AUTH_CODES:
+            return BrokerRejected(f"{where} rejected {doing}: {exc} (check outputs.mqtt.username and the password)")
+        return BrokerUnavailable(f"{where}: {doing} failed: {exc}")
+
+    async def events(self) -> AsyncIterator[OutputEvent]:
+        """Valid events as they arrive; malformed payloads are counted and skipped.
+
+        Raises :class:`BrokerUnavailable` or :class:`BrokerRejected` (chained to the MQTT error)
+        when the connection cannot be made or is lost.
+        """
+        doing = "connecting"
+        try:
+            async with self._client() as client:
+                doing = f"subscribing to {self.topic!r}"
+                granted = await client.subscribe(self.topic, qos=1, timeout=self.timeout_s)
+                codes = [getattr(g, "value", g) for g in granted]
+                if any(isinstance(c, int) and c >= 0x80 for c in codes):
+                    raise BrokerRejected(f"mqtt broker {self.host}:{self.port} refused the subscription to "
+                                         f"{self.topic!r} (codes {codes})")
+                self.connected = True
+                self.last_error = None
+                self.subscribed.set()
+                doing = "receiving"
+                async for message in client.messages:
+                    payload: Any = message.payload
+                    if isinstance(payload, bytearray):
+                        payload = bytes(payload)
+                    if not isinstance(payload, bytes | str):
+                        self.malformed += 1
+                        continue
+                    try:
+                        yield parse_event(payload)
+                    except MalformedEvent as exc:
+                        self.malformed += 1
+                        log.debug("malformed output event", topic=str(message.topic), error=str(exc))
+        except (aiomqtt.MqttError, OSError) as exc:
+            raise self._wrap(exc, doing) from exc
+        finally:
+            self.connected = False
+            self.subscribed.clear()
+
+    # ------------------------------------------------------------------ pairing and tally
+
+    def ingest(self, event: OutputEvent) -> None:
+        """Pair one event at the current time and add the resulting comparisons to the tally."""
+        pairs = self.pairer.add(event, self.clock())
+        if pairs:
+            self.tally = self.tally.add_many(compare_pair(p, self.comparators) for p in pairs)
+
+    async def run(self) -> None:
+        """Consume until cancelled, reconnecting with backoff; bad credentials are raised, not retried."""
+        expiry = asyncio.create_task(self._expire_periodically())
+        backoff = 0.2
+        try:
+            while True:
+                try:
+                    async for event in self.events():
+                        backoff = 0.2
+                        self.ingest(event)
+                except BrokerRejected:
+                    raise
+                except BrokerUnavailable as exc:
+                    self.last_error = str(exc)
+                    log.warning("output source disconnected; retrying", error=str(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(self.backoff_max_s, backoff * 2)
+        finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
+
+    async def _expire_periodically(self) -> None:
+        period = max(0.05, min(5.0, self.pairer.ttl / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.pairer.expire(self.clock())
+
+    def snapshot(self) -> OutputSnapshot:
+        """Counts and health so far (cheap; safe to call at every analysis interval)."""
+        return OutputSnapshot(
+            tally=self.tally,
+            pairing=self.pairer.stats.as_dict(),
+            pending=len(self.pairer),
+            malformed=self.malformed,
+            connected=self.connected,
+            last_error=self.last_error,
+        )
+
+    def reset(self) -> None:
+        """Start a new tally (pending pairs and health counters are kept)."""
+        self.tally = AgreementTally()
+
+
+def load_local_embedder(model_dir: str) -> Embedder:
+    """Load a sentence-transformers model from a local directory for the ``semantic`` comparator.
+
+    The library is an optional extra and is imported only here; the model is never downloaded
+    (offline mode is forced). Raises :class:`EmbedderUnavailable` with what to do.
+    """
+    try:
+        module: Any = importlib.import_module("sentence_transformers")
+    except ImportError as exc:
+        raise EmbedderUnavailable(
+            "comparator 'semantic' needs the optional extra: pip install 'shadowctl[semantic]' "
+            "(sentence-transformers), then point --embedding-model at a model directory on local disk"
+        ) from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model = module.SentenceTransformer(model_dir, local_files_only=True)
+    except Exception as exc:  # the library raises many types; all mean "cannot load"
+        raise EmbedderUnavailable(f"cannot load the embedding model from {model_dir!r}: {exc}") from exc
+
+    def embed(text: str) -> Sequence[float]:
+        vector = model.encode(text, normalize_embeddings=True)
+        return [float(x) for x in vector]
+
+    return embed

@@ -1,0 +1,208 @@
+"""Render a policy's metric into PromQL for each variant, with every value escaped.
+
+Values come from policy files and cluster object names, so they are untrusted
+text placed inside PromQL string literals. `quote` writes a complete
+double-quoted literal that PromQL's parser (Go string syntax) reads back as the
+exact value: backslash, quote and every control character are escaped, so a
+value can never close the literal (`"}`) and append its own expression. Names
+used with `=~` (a workload or revision turned into a pod pattern) are first
+regex-escaped, because `.` or `+` in a name would otherwise match other pods;
+`variants.X.pod` is a regular expression by contract and is only quoted.
+
+Placeholders sitting inside quotes in a template (`version="{{ subset }}"`)
+receive the escaped body without the surrounding quotes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from shadowctl.policy.model import Metric, MetricKind, ShadowPolicy, VariantSelector
+from shadowctl.policy.presets import Preset, SelectorStyle, get_preset
+from shadowctl.policy.templates import render
+from shadowctl.sources.base import MetricKey, SourceConfigError, Variant, VariantQuery, WindowRequest
+
+_REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
+MIN_GAUGE_WINDOW = timedelta(minutes=1)
+
+
+def escape_string(value: str) -> str:
+    """The body of a PromQL double-quoted string literal that reads back as `value`."""
+    out: list[str] = []
+    for ch in value:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0 or ch in "\u2028\u2029":
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def quote(value: str) -> str:
+    """`value` as a complete PromQL string literal."""
+    return '"' + escape_string(value) + '"'
+
+
+def escape_regex(value: str) -> str:
+    """A RE2 pattern that matches exactly the literal `value` (PromQL anchors it)."""
+    return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in value)
+
+
+def format_window(span: timedelta) -> str:
+    """A PromQL range duration in whole milliseconds (at least 1ms)."""
+    return f"{max(1, round(span.total_seconds() * 1000))}ms"
+
+
+def _pod_pattern(sel: VariantSelector) -> str | None:
+    if sel.pod:
+        return sel.pod
+    # A Deployment's pods are <name>-<template hash>-<id>; a Knative revision's are
+    # <revision>-deployment-<hash>-<id>. Hash segments have no '-', so workload `chat`
+    # does not match the pods of `chat-v2`.
+    if sel.workload:
+        return escape_regex(sel.workload) + "-[a-z0-9]+-[a-z0-9]+"
+    if sel.revision:
+        return escape_regex(sel.revision) + "-deployment-[a-z0-9]+-[a-z0-9]+"
+    return None
+
+
+def selector(style: SelectorStyle, namespace: str, sel: VariantSelector) -> str | None:
+    """The label matchers selecting one variant's series, or None when the selector names nothing usable."""
+    if style is SelectorStyle.pod:
+        pattern = _pod_pattern(sel)
+        if pattern is None:
+            return None
+        return f"namespace={quote(namespace)}, pod=~{quote(pattern)}"
+    ns = f"destination_workload_namespace={quote(namespace)}"
+    if sel.workload:
+        return f"{ns}, destination_workload={quote(sel.workload)}"
+    if sel.revision:
+        return f"{ns}, destination_workload={quote(sel.revision + '-deployment')}"
+    if sel.subset:
+        return f"{ns}, destination_version={quote(sel.subset)}"
+    return None
+
+
+_NEEDS = {
+    SelectorStyle.pod: "pod, workload or revision",
+    SelectorStyle.istio: "workload, revision or subset",
+}
+
+
+def _variant_fields(policy: ShadowPolicy, variant: Variant) -> tuple[VariantSelector, str | None, str | None]:
+    """The variant's selector with defaults from the target filled in, its host, and the service."""
+    sel = getattr(policy.spec.analysis.variants, variant.value)
+    target = policy.spec.target
+    host: str | None = None
+    service: str | None = None
+    if target.istio is not None:
+        dest = getattr(target.istio, variant.value)
+        host, service = dest.host, target.istio.primary.host
+        if sel.subset is None and dest.subset is not None:
+            sel = sel.model_copy(update={"subset": dest.subset})
+    elif target.knative is not None:
+        service = target.knative.service
+        rev = target.knative.primary_revision if variant is Variant.primary else target.knative.candidate_revision
+        if sel.revision is None and rev is not None:
+            sel = sel.model_copy(update={"revision": rev})
+    return sel, host, service
+
+
+def _values(
+    policy: ShadowPolicy, variant: Variant, style: SelectorStyle, window: timedelta
+) -> dict[str, str]:
+    sel, host, service = _variant_fields(policy, variant)
+    ns = policy.metadata.namespace
+    values = {"namespace": escape_string(ns), "variant": variant.value, "window": format_window(window)}
+    for name, raw in (
+        ("workload", sel.workload), ("revision", sel.revision), ("pod", sel.pod), ("subset", sel.subset),
+        ("host", host), ("service", service),
+    ):
+        if raw is not None:
+            values[name] = escape_string(raw)
+    matchers = selector(style, ns, sel)
+    if matchers is not None:
+        values["selector"] = matchers
+    return values
+
+
+def _wrap(kind: MetricKind, expr: str) -> str:
+    """Aggregate a custom query to one series (one per `le` for a histogram)."""
+    if kind is MetricKind.latency_histogram:
+        return f"sum by (le) ({expr})"
+    if kind is MetricKind.gauge:
+        return f"avg({expr})"
+    return f"sum({expr})"
+
+
+def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end: datetime) -> WindowRequest:
+    """Render `metric` of `policy` for both variants over [start, end] (gauges: sampled every interval).
+
+    Raises SourceConfigError naming the policy, metric and what is missing.
+    """
+    key = MetricKey(policy.key, metric.name)
+    analysis = policy.spec.analysis
+    preset: Preset | None = get_preset(metric.preset) if metric.preset is not None else None
+    if preset is not None:
+        template, failures, style, kind = preset.query, preset.error_query, preset.selector, preset.kind
+    else:
+        assert metric.query is not None  # the model guarantees preset XOR query
+        kind, style = metric.kind, SelectorStyle.pod
+        template = _wrap(kind, metric.query)
+        failures = _wrap(kind, metric.error_query) if metric.error_query is not None else None
+        if kind is MetricKind.ratio and failures is None:
+            raise SourceConfigError(f"{key}: a ratio metric with a custom query needs errorQuery (the failures)")
+    scale = 1.0
+    if preset is not None and preset.price_scaled:
+        if analysis.gpu_price_per_hour is None:
+            raise SourceConfigError(f"{key}: preset {preset.name!r} needs spec.analysis.gpuPricePerHour")
+        scale = analysis.gpu_price_per_hour
+    step = analysis.interval
+    window = max(step, MIN_GAUGE_WINDOW) if kind is MetricKind.gauge else end - start
+    queries: dict[Variant, VariantQuery] = {}
+    for variant in Variant:
+        values = _values(policy, variant, style, window)
+        try:
+            expr = render(template, values)
+            fail = render(failures, values) if failures is not None and kind is MetricKind.ratio else None
+        except KeyError as exc:
+            missing = exc.args[0]
+            hint = f" (set spec.analysis.variants.{variant.value}.{_NEEDS[style]})" if "selector" in missing else ""
+            raise SourceConfigError(
+                f"{key}: cannot select the {variant.value}: no value for {{{{ {missing} }}}}{hint}"
+            ) from None
+        queries[variant] = VariantQuery(expr, fail)
+    if queries[Variant.primary] == queries[Variant.candidate]:
+        raise SourceConfigError(
+            f"{key}: primary and candidate render to the same query; their selectors must differ"
+        )
+    return WindowRequest(
+        key=key, kind=kind, template=preset.name if preset else template + "\x00" + (failures or ""),
+        start=start, end=end, primary=queries[Variant.primary], candidate=queries[Variant.candidate],
+        step=step, scale=scale, unit=preset.unit if preset else "",
+    )
+
+
+def build_requests(
+    policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: list[str] | None = None
+) -> list[tuple[Metric, WindowRequest | SourceConfigError]]:
+    """Every (or the named) metric of a policy, each rendered or with the reason it cannot be."""
+    out: list[tuple[Metric, WindowRequest | SourceConfigError]] = []
+    for metric in policy.spec.analysis.metrics:
+        if metrics is not None and metric.name not in metrics:
+            continue
+        try:
+            out.append((metric, build_request(policy, metric, start=start, end=end)))
+        except SourceConfigError as exc:
+            out.append((metric, exc))
+    return out

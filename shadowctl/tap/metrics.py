@@ -1,0 +1,78 @@
+"""The tap's own Prometheus metrics (own registry), so models without vLLM metrics still get latency data.
+
+The ``model`` label comes from request bodies, which clients choose; to keep
+the series count bounded, only the first :data:`MAX_MODELS` distinct names get
+their own label value and the rest share ``other``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MAX_MODELS = 20
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class TapMetrics:
+    """Histograms and counters exposed on the tap's metrics path."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("variant", "model")
+        self.ttft = Histogram(
+            "shadowctl_tap_time_to_first_token_seconds", "Time from request received to first output token "
+            "(streaming responses).", labels, buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram(
+            "shadowctl_tap_e2e_request_latency_seconds", "Time from request received to the last byte sent.",
+            labels, buckets=_E2E_BUCKETS, registry=self.registry)
+        self.output_tokens = Histogram(
+            "shadowctl_tap_output_tokens", "Output tokens per request (usage, else counted stream chunks).",
+            labels, buckets=_TOKEN_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "shadowctl_tap_requests", "Recorded API requests by HTTP status code.",
+            ("variant", "model", "code"), registry=self.registry)
+        self.events_published = Counter(
+            "shadowctl_tap_events_published", "Output events the broker acknowledged.", registry=self.registry)
+        self.events_dropped = Counter(
+            "shadowctl_tap_events_dropped", "Output events not published, by reason.", ("reason",),
+            registry=self.registry)
+        self.queue_depth = Gauge(
+            "shadowctl_tap_event_queue_depth", "Output events waiting for the broker.", registry=self.registry)
+        self.broker_connected = Gauge(
+            "shadowctl_tap_broker_connected", "1 while connected to the MQTT broker.", registry=self.registry)
+        self.mirrored = Counter(
+            "shadowctl_tap_mirror_requests", "Application-level mirror copies, by outcome.", ("outcome",),
+            registry=self.registry)
+        self._models: set[str] = set()
+
+    def model_label(self, model: str | None) -> str:
+        """The label value for a model name (bounded set of values)."""
+        name = model or "unknown"
+        if name in self._models:
+            return name
+        if len(self._models) < MAX_MODELS:
+            self._models.add(name)
+            return name
+        return "other"
+
+    def observe(
+        self, *, model: str | None, status: int, ttft_s: float | None, e2e_s: float, output_tokens: int | None
+    ) -> None:
+        """Record one finished API request."""
+        label = self.model_label(model)
+        if ttft_s is not None:
+            self.ttft.labels(self.variant, label).observe(ttft_s)
+        self.e2e.labels(self.variant, label).observe(e2e_s)
+        if output_tokens is not None:
+            self.output_tokens.labels(self.variant, label).observe(output_tokens)
+        self.requests.labels(self.variant, label, str(status)).inc()
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,132 @@
+"""Publishes output events to MQTT without ever holding up user traffic.
+
+Requests only :meth:`EventPublisher.offer` an event: a non-blocking put into a
+bounded queue, counted as dropped when full. One background task owns the
+MQTT connection, publishes with QoS 1 (at least once: the pairer ignores
+duplicates), and on any broker error disconnects, waits with capped,
+jittered exponential backoff, and reconnects. A broker that accepts the TCP
+connection but never answers is caught by the connect and publish timeouts.
+An event whose publish failed is retried after the reconnect, up to
+:data:`MAX_ATTEMPTS` times, so one poisoned message (say, larger than the
+broker allows) cannot wedge the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import uuid
+from dataclasses import dataclass
+
+import aiomqtt
+import structlog
+
+from shadowctl.tap.metrics import TapMetrics
+
+log = structlog.get_logger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Where and how to connect."""
+
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+    client_id: str | None = None
+    timeout_s: float = 5.0
+    keepalive_s: int = 30
+
+
+class EventPublisher:
+    """A bounded queue of (topic, payload) drained to the broker by :meth:`run`."""
+
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        metrics: TapMetrics,
+        *,
+        queue_size: int = 10_000,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self.broker = broker
+        self.metrics = metrics
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=queue_size)
+        self._client_id = broker.client_id or f"shadowctl-tap-{uuid.uuid4().hex[:12]}"
+        self.connected = asyncio.Event()
+
+    def offer(self, topic: str, payload: bytes) -> bool:
+        """Queue an event without waiting; False (and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait((topic, payload))
+        except asyncio.QueueFull:
+            self.metrics.events_dropped.labels("queue_full").inc()
+            return False
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Events waiting in the queue."""
+        return self._queue.qsize()
+
+    async def run(self) -> None:
+        """Publish forever (until cancelled), reconnecting with backoff."""
+        backoff = self.backoff_initial_s
+        item: tuple[str, bytes] | None = None
+        attempts = 0
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.broker.host,
+                    self.broker.port,
+                    username=self.broker.username,
+                    password=self.broker.password,
+                    identifier=self._client_id,
+                    tls_context=self.broker.tls,
+                    timeout=self.broker.timeout_s,
+                    keepalive=self.broker.keepalive_s,
+                ) as client:
+                    self.metrics.broker_connected.set(1)
+                    self.connected.set()
+                    backoff = self.backoff_initial_s
+                    log.info("mqtt connected", host=self.broker.host, port=self.broker.port)
+                    while True:
+                        if item is None:
+                            item = await self._queue.get()
+                            self.metrics.queue_depth.set(self._queue.qsize())
+                            attempts = 0
+                        attempts += 1
+                        await client.publish(item[0], item[1], qos=1, timeout=self.broker.timeout_s)
+                        self.metrics.events_published.inc()
+                        item = None
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt unavailable; retrying", error=str(exc), retry_in_s=round(backoff, 3))
+            except OSError as exc:  # TLS and socket errors paho does not wrap
+                log.warning("mqtt connection failed; retrying", error=str(exc), retry_in_s=round(backoff, 3))
+            self.metrics.broker_connected.set(0)
+            self.connected.clear()
+            if item is not None and attempts >= MAX_ATTEMPTS:
+                self.metrics.events_dropped.labels("publish_failed").inc()
+                item = None
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(self.backoff_max_s, backoff * 2)
+
+    def drop_remaining(self) -> int:
+        """Count what is still queued as dropped at shutdown; return how many."""
+        n = self._queue.qsize()
+        if n:
+            self.metrics.events_dropped.labels("shutdown").inc(n)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        return n

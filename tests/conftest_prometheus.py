@@ -1,0 +1,152 @@
+"""Pytest plugin: a real Prometheus server (Debian package `prometheus`) on a free port.
+
+Enable with ``pytest_plugins = ["conftest_prometheus"]`` (tests/ is on sys.path) in tests/conftest.py
+or in a test module.
+
+`PrometheusServer` runs /usr/bin/prometheus with its own temporary data dir and
+config; `backfill` writes OpenMetrics text into TSDB blocks with `promtool tsdb
+create-blocks-from openmetrics` before the server starts (the blocks are then
+loaded from disk, so their data may lie anywhere in the past; retention is set
+to 100y so that they are never deleted). Tests query at fixed timestamps inside
+the backfilled data, which makes every `increase` exact.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+HAVE_PROMETHEUS = Path(PROMETHEUS).exists() and Path(PROMTOOL).exists()
+SKIP_REASON = "needs the prometheus and promtool binaries (Debian package prometheus)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def backfill(openmetrics: str, data_dir: Path) -> None:
+    """Write OpenMetrics text (ending in `# EOF`) as TSDB blocks into `data_dir`."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    source = data_dir.parent / (data_dir.name + ".om")
+    source.write_text(openmetrics if openmetrics.endswith("# EOF\n") else openmetrics + "# EOF\n")
+    subprocess.run(
+        [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(source), str(data_dir)],
+        check=True, capture_output=True, timeout=60,
+    )
+
+
+class PrometheusServer:
+    """One Prometheus process; `url` is its base URL."""
+
+    def __init__(self, root: Path, scrape_targets: list[str] | None = None, scrape_interval: str = "1s") -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.scrape_targets = scrape_targets or []
+        self.scrape_interval = scrape_interval
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config = self.root / "prometheus.yml"
+        lines = [f"global:\n  scrape_interval: {self.scrape_interval}\n  evaluation_interval: 1m\n"]
+        if self.scrape_targets:
+            targets = ", ".join(f"'{t}'" for t in self.scrape_targets)
+            lines.append(
+                "scrape_configs:\n  - job_name: model\n    honor_labels: true\n"
+                f"    scrape_interval: {self.scrape_interval}\n    static_configs:\n      - targets: [{targets}]\n"
+            )
+        config.write_text("".join(lines))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.root / "prometheus.log").open("ab")
+        self._proc = subprocess.Popen(
+            [
+                PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={self.data_dir}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=100y",
+                "--log.level=warn", "--web.enable-lifecycle",
+            ],
+            stdout=log, stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited: {(self.root / 'prometheus.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("prometheus did not become ready within 30s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def query_count(self) -> float:
+        """How many /api/v1/query and /api/v1/query_range calls the server has answered (any status)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            if family.name != "prometheus_http_requests":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("handler") in (
+                    "/api/v1/query", "/api/v1/query_range"
+                ):
+                    total += sample.value
+        return total
+
+
+class PrometheusFactory:
+    """Starts servers for one test module and stops them all at its end."""
+
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        self._tmp = tmp
+        self.servers: list[PrometheusServer] = []
+
+    def __call__(self, openmetrics: str | None = None, scrape_targets: list[str] | None = None) -> PrometheusServer:
+        server = PrometheusServer(self._tmp.mktemp("prometheus"), scrape_targets)
+        if openmetrics is not None:
+            backfill(openmetrics, server.data_dir)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusFactory]:
+    """Skips without the binaries; every server it starts is stopped when the module ends."""
+    if not HAVE_PROMETHEUS:
+        pytest.skip(SKIP_REASON)
+    factory = PrometheusFactory(tmp_path_factory)
+    yield factory
+    factory.stop_all()

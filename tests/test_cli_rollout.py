@@ -1,0 +1,429 @@
+"""`shadowctl apply|get|status|describe|promote|rollback|pause|resume|retry` against the emulated API server.
+
+The CLI runs in a thread (CliRunner is synchronous) while the emulator serves on the test's
+event loop. Nothing is mocked: the kube client, the emulator (resourceVersions, 409s, the
+status subresource) and, for `--wait`, the real reconciler (with the metric-source double of
+tests/controller_helpers.py at its port) are the real parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import Result
+from controller_helpers import POLICY, Harness
+from typer.testing import CliRunner
+
+from shadowctl.cli import rollout_cmds
+from shadowctl.cli.app import app
+from shadowctl.controller.commands import COMMAND_ANNOTATION
+from shadowctl.kube import SHADOW_POLICY, KubeClient, ResourceRef
+from shadowctl.sim.kubeapi import KubeAPIEmulator
+
+Cli = Callable[..., Awaitable[Result]]
+runner = CliRunner()
+NOW = 1_800_000_000.0
+REF = ResourceRef(SHADOW_POLICY, "chat", "llm")
+
+
+@pytest.fixture(autouse=True)
+def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rollout_cmds, "POLL_SECONDS", 0.02)
+
+
+@pytest.fixture
+def kubeconfig(kube_emulator: KubeAPIEmulator, tmp_path: Path) -> Path:
+    return kube_emulator.kubeconfig(tmp_path / "kubeconfig", namespace="team-a")
+
+
+@pytest.fixture
+def cli(kubeconfig: Path) -> Cli:
+    async def invoke(*args: str, config: Path | None = None) -> Result:
+        argv = [*args, "--kubeconfig", str(config or kubeconfig)]
+        result = await asyncio.to_thread(runner.invoke, app, argv, env={"COLUMNS": "250"})
+        assert "Traceback" not in result.output, result.output
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result
+
+    return invoke
+
+
+def write_policy(path: Path, **changes: Any) -> Path:
+    doc: dict[str, Any] = yaml.safe_load(POLICY)
+    meta = changes.pop("metadata", None)
+    if meta is not None:
+        doc["metadata"] = meta
+    doc["spec"].update(changes)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None), encoding="utf-8")
+    return path
+
+
+def metric(name: str, outcome: str, sentence: str, **extra: Any) -> dict[str, Any]:
+    """One metric's evidence, shaped as judge.model.MetricResult.to_dict writes it."""
+    return {
+        "name": name, "outcome": outcome, "statistic": "p95", "direction": "increase", "margin": "10%",
+        "critical": True, "method": "sequential", "samples": {"primary": 1200.0, "candidate": 1180.0},
+        "primary": 0.41, "candidate": 0.43, "effect": 1.05, "effectScale": "ratio", "interval": [0.98, 1.12],
+        "alpha": 0.05, "beta": 0.05, "crossed": "upper", "threshold": 1.1, "sentence": sentence, **extra,
+    }
+
+
+def progressing_status(**overrides: Any) -> dict[str, Any]:
+    """A `.status` as the controller writes it: canary step 1 of 2, with a verdict and history."""
+    history = [
+        {"at": NOW - 600, "from": "Pending", "to": "Shadowing", "reason": "rollout of chat-v2 started"},
+        {"at": NOW - 300, "from": "Shadowing", "to": "Progressing",
+         "reason": "shadow analysis passed: every metric within its margin"},
+    ]
+    status: dict[str, Any] = {
+        "observedGeneration": 1, "phase": "Progressing", "canaryWeight": 10, "step": 1,
+        "message": "shadow analysis passed: every metric within its margin",
+        "rollout": {"phase": "Progressing", "step": 0, "canaryWeight": 10, "candidate": "chat-v2",
+                    "rolloutGeneration": 1, "history": history},
+        "lastTick": "2027-01-15T08:00:00Z",
+        "lastVerdict": {
+            "outcome": "continue", "method": "sequential", "reason": "not enough evidence yet",
+            "at": "2027-01-15T08:00:00Z",
+            "metrics": [
+                metric("ttft-p95", "continue", "candidate p95 TTFT is 5% higher, within the 10% margin so far"),
+                metric("errors", "pass", "candidate error rate is at most +0.2pp worse (margin 1pp)",
+                       effect=0.001, effectScale="difference", interval=[-0.002, 0.002], primary=0.01,
+                       candidate=0.011),
+            ],
+        },
+        "routes": {"primaryWeight": 90, "candidateWeight": 10, "mirrorPercent": None},
+        "outputs": {"comparators": {"token-f1": {"candidatePairs": 200, "candidateAgree": 170,
+                                                 "baselinePairs": 180, "baselineAgree": 171}},
+                    "skippedPrimaryFailed": 3},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Reconciled",
+                        "message": "the controller can act", "lastTransitionTime": "2027-01-15T07:50:00Z"}],
+        "lastCommand": {"id": "abc123def456", "command": "resume", "at": "2027-01-15T07:55:00Z", "by": "ana",
+                        "handledAt": "2027-01-15T07:55:10Z", "result": "Progressing"},
+    }
+    status.update(overrides)
+    return status
+
+
+async def put_policy(kube: KubeClient, status: dict[str, Any] | None = None, name: str = "chat") -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(POLICY)
+    doc["metadata"]["name"] = name
+    obj = await kube.create(SHADOW_POLICY, doc)
+    if status is not None:
+        obj = await kube.patch_status(ResourceRef(SHADOW_POLICY, name, "llm"), {"status": status})
+    return obj
+
+
+def annotation(emu: KubeAPIEmulator, name: str = "chat") -> dict[str, Any] | None:
+    obj = emu.get_object(SHADOW_POLICY, "llm", name)
+    assert obj is not None
+    raw = (obj["metadata"].get("annotations") or {}).get(COMMAND_ANNOTATION)
+    return json.loads(raw) if raw else None
+
+
+# --------------------------------------------------------------------------- apply
+
+
+async def test_apply_creates_then_unchanged_then_configured_keeping_status_and_annotations(
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, tmp_path: Path
+) -> None:
+    file = write_policy(tmp_path / "chat.yaml")
+    first = await cli("apply", "-f", str(file))
+    assert first.exit_code == 0, first.output
+    assert first.stdout == "shadowpolicy llm/chat created\n"
+    created = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    assert created is not None and created["spec"]["canary"]["steps"] == [10, 50]
+
+    again = await cli("apply", "-f", str(file))
+    assert again.stdout == "shadowpolicy llm/chat unchanged\n"
+    assert kube_emulator.get_object(SHADOW_POLICY, "llm", "chat") == created  # no write at all
+
+    await kube_client.patch_status(REF, {"status": progressing_status()})
+    await kube_client.patch_merge(REF, {"metadata": {"annotations": {"team.example/owner": "ml-infra"}}})
+    write_policy(file, canary={"steps": [10, 30, 50], "stepDuration": "20s", "maxStepDuration": "300s"})
+    changed = await cli("apply", "-f", str(file))
+    assert changed.stdout == "shadowpolicy llm/chat configured\n"
+    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    assert obj is not None
+    assert obj["spec"]["canary"]["steps"] == [10, 30, 50]
+    assert obj["metadata"]["generation"] == 2
+    assert obj["metadata"]["uid"] == created["metadata"]["uid"]
+    assert obj["metadata"]["annotations"]["team.example/owner"] == "ml-infra"
+    assert obj["status"]["phase"] == "Progressing"
+
+
+async def test_apply_retries_a_conflict(cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
+    file = write_policy(tmp_path / "chat.yaml")
+    assert (await cli("apply", "-f", str(file))).exit_code == 0
+    write_policy(file, progressDeadline="2h")
+    kube_emulator.fail_next(2, status=409, verb="update")
+    kube_emulator.reset_counts()
+    result = await cli("apply", "-f", str(file))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "shadowpolicy llm/chat configured\n"
+    assert kube_emulator.verb_counts["update"] == 3
+    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    assert obj is not None and obj["spec"]["progressDeadline"] == "2h"
+
+
+async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    write_policy(folder / "a-good.yaml", metadata={"name": "good", "namespace": "llm"})
+    bad = write_policy(folder / "b-bad.yaml", canary={"steps": [50, 10]})
+    result = await cli("apply", "-f", str(folder))
+    assert result.exit_code == 1
+    line = next(i for i, text in enumerate(bad.read_text().splitlines(), 1) if "steps:" in text)
+    assert f"{bad}:{line}:" in result.stderr
+    assert "spec.canary.steps" in result.stderr
+    assert "nothing was applied" in result.stderr
+    assert kube_emulator.list_objects(SHADOW_POLICY) == []
+
+
+async def test_apply_namespace_from_file_flag_or_context(
+    cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path
+) -> None:
+    unnamespaced = write_policy(tmp_path / "plain.yaml", metadata={"name": "plain"})
+    assert (await cli("apply", "-f", str(unnamespaced))).stdout == "shadowpolicy team-a/plain created\n"
+    assert (await cli("apply", "-f", str(unnamespaced), "-n", "team-b")).stdout == \
+        "shadowpolicy team-b/plain created\n"
+    pinned = write_policy(tmp_path / "pinned.yaml")  # metadata.namespace: llm
+    clash = await cli("apply", "-f", str(pinned), "-n", "team-b")
+    assert clash.exit_code == 1
+    line = next(i for i, text in enumerate(pinned.read_text().splitlines(), 1) if "namespace: llm" in text)
+    assert f"{pinned}:{line}:" in clash.stderr
+    assert "does not match the namespace given with -n ('team-b')" in clash.stderr
+    assert kube_emulator.get_object(SHADOW_POLICY, "llm", "chat") is None
+    assert kube_emulator.get_object(SHADOW_POLICY, "team-b", "chat") is None
+
+
+# --------------------------------------------------------------------------- get, status, describe
+
+
+async def test_get_table_json_and_all_namespaces(cli: Cli, kube_client: KubeClient) -> None:
+    await put_policy(kube_client, progressing_status())
+    await put_policy(kube_client, None, name="embed")
+    table = await cli("get", "-n", "llm")
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "PHASE", "STEP", "WEIGHT", "MIRROR", "VERDICT", "AGE"]
+    chat = next(line.split() for line in lines if line.startswith("chat"))
+    assert chat[:6] == ["chat", "Progressing", "1/2", "10%", "off", "continue"]
+    embed = next(line.split() for line in lines if line.startswith("embed"))
+    assert embed[:3] == ["embed", "Pending", "-"]
+
+    one = json.loads((await cli("get", "chat", "-n", "llm", "-o", "json")).stdout)
+    assert one["metadata"]["name"] == "chat" and one["status"]["lastVerdict"]["outcome"] == "continue"
+    many = yaml.safe_load((await cli("get", "-n", "llm", "-o", "yaml")).stdout)
+    assert many["kind"] == "List" and [i["metadata"]["name"] for i in many["items"]] == ["chat", "embed"]
+
+    everywhere = await cli("get", "-A")
+    assert everywhere.stdout.splitlines()[0].split()[:2] == ["NAMESPACE", "NAME"]
+    assert (await cli("get", "-n", "nowhere")).stderr.strip() == "No ShadowPolicies found in namespace nowhere."
+
+
+async def test_status_shows_weights_and_every_metric_sentence(cli: Cli, kube_client: KubeClient) -> None:
+    await put_policy(kube_client, progressing_status())
+    result = await cli("status", "chat", "-n", "llm")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Progressing (step 1/2)" in out
+    assert "primary 90% / candidate 10%" in out
+    assert "Shadowing -> Progressing" in out and "shadow analysis passed" in out
+    assert "candidate p95 TTFT is 5% higher, within the 10% margin so far" in out
+    assert "candidate error rate is at most +0.2pp worse (margin 1pp)" in out
+    ttft = next(line for line in out.splitlines() if line.lstrip().startswith("ttft-p95") and "continue" in line)
+    assert "0.41" in ttft and "0.43" in ttft and "+5.0% [-2.0%, +12.0%]" in ttft and "1200 / 1180" in ttft
+    errors = next(line for line in out.splitlines() if line.lstrip().startswith("errors") and "pass" in line)
+    assert "+0.001 [-0.002, +0.002]" in errors
+
+
+async def test_describe_shows_history_outputs_command_and_own_events(cli: Cli, kube_client: KubeClient) -> None:
+    obj = await put_policy(kube_client, progressing_status())
+    await kube_client.create_event(obj, reason="Progressing", message="Progressing step 1: shadow analysis passed")
+    other = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+             "metadata": {"name": "chat", "namespace": "llm"}}
+    await kube_client.create_event(other, reason="Unrelated", message="not about the policy")
+    result = await cli("describe", "chat", "-n", "llm")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Canary:       steps 10%, 50%, each 20s" in out
+    assert "Pending -> Shadowing: rollout of chat-v2 started" in out
+    assert f"{rollout_cmds.iso(NOW - 300)}" in out  # transition time, absolute and relative
+    assert "candidate p95 TTFT is 5% higher, within the 10% margin so far" in out
+    assert "token-f1: candidate 170/200 agree (85.0%); baseline 171/180 (95.0%), relative 0.89" in out
+    assert "skipped (the primary failed): 3" in out
+    assert "Last command: resume (id abc123def456) by ana" in out
+    assert "Progressing step 1: shadow analysis passed" in out
+    assert "Unrelated" not in out
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@pytest.mark.parametrize(
+    ("args", "phase", "sent"),
+    [
+        (["promote"], "WaitingPromotion", "promote"),
+        (["promote", "--full"], "Progressing", "promote-full"),
+        (["rollback"], "Progressing", "rollback"),
+        (["rollback"], "Succeeded", "rollback"),
+        (["pause"], "Shadowing", "pause"),
+        (["resume"], "Paused", "resume"),
+        (["retry"], "RolledBack", "retry"),
+    ],
+)
+async def test_command_writes_annotation_with_fresh_id(
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, args: list[str], phase: str, sent: str
+) -> None:
+    await put_policy(kube_client, progressing_status(phase=phase))
+    first = await cli(*args, "chat", "-n", "llm")
+    assert first.exit_code == 0, first.output
+    verb = " ".join(args)
+    assert first.stdout == f"{verb} requested for llm/chat (phase {phase}); the controller acts at its next tick\n"
+    written = annotation(kube_emulator)
+    assert written is not None and written["command"] == sent and len(written["id"]) == 12
+    second = await cli(*args, "chat", "-n", "llm")
+    assert second.exit_code == 0
+    rewritten = annotation(kube_emulator)
+    assert rewritten is not None and rewritten["id"] != written["id"]
+    assert "replaces" in second.stderr and written["id"] in second.stderr
+    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    assert obj is not None and obj["metadata"]["generation"] == 1  # a command does not restart the analysis
+
+
+@pytest.mark.parametrize(
+    ("args", "phase", "says"),
+    [
+        (["promote"], "Progressing", "--full"),
+        (["resume"], "Progressing", "not Paused"),
+        (["retry"], "Shadowing", "still running"),
+        (["pause"], "Succeeded", "can be paused"),
+        (["rollback"], "RolledBack", "nothing to roll back"),
+        (["promote", "--full"], "Succeeded", "already serves all traffic"),
+    ],
+)
+async def test_command_refused_in_a_phase_where_it_cannot_work(
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, args: list[str], phase: str, says: str
+) -> None:
+    await put_policy(kube_client, progressing_status(phase=phase))
+    result = await cli(*args, "chat", "-n", "llm")
+    assert result.exit_code == 1
+    assert says in result.stderr and f"llm/chat is {phase}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert annotation(kube_emulator) is None
+
+
+async def test_promote_wait_with_the_real_controller(
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient
+) -> None:
+    h = Harness(kube_emulator, kube_client)
+    await h.setup(promotion="manual")
+    assert await h.run_until({"WaitingPromotion", "RolledBack"}) == "WaitingPromotion"
+
+    shown = await cli("status", "chat", "-n", "llm")
+    verdict = (await h.status())["lastVerdict"]
+    assert "WaitingPromotion (step 2/2)" in shown.stdout and "primary 50% / candidate 50%" in shown.stdout
+    for m in verdict["metrics"]:
+        assert m["sentence"] in shown.stdout
+
+    invocation = asyncio.create_task(cli("promote", "chat", "-n", "llm", "--wait", "--timeout", "30s"))
+    while not invocation.done():
+        await h.tick()
+        await asyncio.sleep(0.02)
+    result = invocation.result()
+    assert result.exit_code == 0, result.output
+    # The reconciler logs on this thread while CliRunner captures stdout: keep the CLI's own lines.
+    mine = [line for line in result.stdout.splitlines() if line.startswith("promote ")]
+    assert mine == [
+        "promote requested for llm/chat (phase WaitingPromotion); the controller acts at its next tick",
+        "promote carried out for llm/chat: phase Promoting",
+    ]
+    assert (await h.status())["lastCommand"]["command"] == "promote"
+
+
+async def test_wait_times_out_without_a_controller(cli: Cli, kube_client: KubeClient) -> None:
+    await put_policy(kube_client, progressing_status())
+    result = await cli("pause", "chat", "-n", "llm", "--wait", "--timeout", "100ms")
+    assert result.exit_code == 1
+    assert "did not carry out the command" in result.stderr and "shadowctl run" in result.stderr
+
+
+# --------------------------------------------------------------------------- errors
+
+
+async def test_not_found_forbidden_and_missing_crd_are_one_line(
+    cli: Cli, kube_emulator: KubeAPIEmulator
+) -> None:
+    for args in (["get", "nope"], ["describe", "nope"], ["status", "nope"], ["rollback", "nope"]):
+        result = await cli(*args, "-n", "llm")
+        assert result.exit_code == 1
+        assert result.stderr == "error: shadowpolicy llm/nope not found\n", args
+    kube_emulator.fail_next(1, status=403, verb="list")
+    forbidden = await cli("get", "-n", "llm")
+    assert forbidden.exit_code == 1
+    assert forbidden.stderr.startswith("error: forbidden (403):") and forbidden.stderr.count("\n") == 1
+
+
+async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, kube_emulator: KubeAPIEmulator) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        config = kube_emulator.kubeconfig_dict()
+        config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{port}"
+        closed = tmp_path / "closed"
+        closed.write_text(yaml.safe_dump(config), encoding="utf-8")
+        result = await cli("get", "-n", "llm", config=closed)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot reach the Kubernetes API server:")
+    assert result.stderr.count("\n") == 1
+
+    broken = tmp_path / "broken"
+    broken.write_text("apiVersion: v1\nkind: Config\ncontexts: []\n", encoding="utf-8")
+    result = await cli("promote", "chat", "-n", "llm", config=broken)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot load kubeconfig") and result.stderr.count("\n") == 1
+    missing = await cli("get", config=tmp_path / "does-not-exist")
+    assert missing.exit_code == 1
+    assert missing.stderr == f"error: kubeconfig {tmp_path / 'does-not-exist'}: no such file (pass --kubeconfig, or set KUBECONFIG)\n"
+
+
+# --------------------------------------------------------------------------- the watch loop
+
+
+async def test_watch_shows_each_change_and_ends_when_deleted(
+    kube_emulator: KubeAPIEmulator, kube_client: KubeClient
+) -> None:
+    """The loop behind `status --watch`, driven by its injected sleep instead of time."""
+    await put_policy(kube_client, progressing_status())
+    shown: list[str] = []
+    warnings: list[str] = []
+    sleeps = 0
+
+    async def sleep(_: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        if sleeps == 2:
+            await kube_client.patch_status(REF, {"status": {"phase": "Paused"}})
+        if sleeps == 4:
+            await kube_client.delete(REF)
+
+    await rollout_cmds.watch_status(kube_client, "llm", "chat", lambda items: shown.append(items[0]["status"]["phase"]),
+                                    sleep=sleep, warn=warnings.append)
+    assert shown == ["Progressing", "Paused"]  # a poll that saw no change printed nothing
+    assert sleeps == 4
+    assert warnings == ["shadowpolicy llm/chat was deleted"]
+
+
+def test_ages_and_effects_read_like_kubectl() -> None:
+    assert [rollout_cmds.human_age(s) for s in (5, 90, 600, 7200 + 180, 3 * 86400 + 3600, 30 * 86400)] == [
+        "5s", "1m30s", "10m", "2h3m", "3d1h", "30d"]
+    assert rollout_cmds.effect_text({"effect": 0.9, "effectScale": "ratio", "interval": [None, 1.02]}) == \
+        "-10.0% [-inf, +2.0%]"

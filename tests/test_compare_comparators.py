@@ -1,0 +1,187 @@
+"""Comparators on literal examples, including Unicode, empty and very long answers; the agreement tally."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shadowctl.compare import comparators as c
+from shadowctl.compare.comparators import (
+    AgreementTally,
+    ComparatorUnavailable,
+    build_comparators,
+    compare_pair,
+    judge_inputs,
+)
+from shadowctl.compare.events import Endpoint, OutputEvent, ToolCall, Variant
+from shadowctl.compare.pairing import Pair
+from shadowctl.policy.model import Comparator, ComparatorName, Outputs
+
+
+def ev(variant: Variant, output: str, *, status: int = 200, tools: list[ToolCall] | None = None) -> OutputEvent:
+    return OutputEvent(request_id="r1", variant=variant, shadow=variant is not Variant.primary, service="ns/svc",
+                       endpoint=Endpoint.chat, prompt_hash="h", output=output, tool_calls=tools, status=status,
+                       started_at=0.0, e2e_s=1.0)
+
+
+def test_exact_and_normalized_exact() -> None:
+    assert c.exact("Hello", "Hello") == 1.0
+    assert c.exact("Hello", "hello") == 0.0
+    assert c.normalized_exact("  Hello\n\tWORLD ", "hello world") == 1.0
+    # NFKC folds the full-width letters and the ligature; casefold maps ß to ss.
+    assert c.normalized_exact("Ｈｅｌｌｏ ﬁne Straße", "hello fine strasse") == 1.0
+    assert c.normalized_exact("hello", "hello!") == 0.0
+    assert c.normalized_exact("", "   ") == 1.0
+
+
+def test_tokens_split_cjk_per_character_and_drop_punctuation() -> None:
+    assert c.tokens("東京は日本の首都です。") == ("東", "京", "は", "日", "本", "の", "首", "都", "で", "す")
+    assert c.tokens("Don’t stop, it's 42!") == ("don", "t", "stop", "it", "s", "42")
+
+
+def test_token_f1_literals() -> None:
+    assert c.token_f1("the cat sat", "the cat sat") == 1.0
+    # overlap 2 of 3 and 2 of 4: p = 2/4, r = 2/3, f1 = 4/7
+    assert c.token_f1("the cat sat", "the cat lay down") == pytest.approx(4 / 7)
+    assert c.token_f1("", "") == 1.0
+    assert c.token_f1("", "anything") == 0.0
+    assert c.token_f1("abc", "xyz") == 0.0
+
+
+def test_rouge_l_literals() -> None:
+    # LCS("a b c d e", "a c e f") = "a c e" = 3; p = 3/4, r = 3/5; f = 2pr/(p+r) = 2/3
+    assert c.rouge_l("a b c d e", "a c e f") == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert c.rouge_l("x y", "x y") == 1.0
+    assert c.rouge_l("", "") == 1.0
+    assert c.rouge_l("", "x") == 0.0
+    assert c.rouge_l("a", "b") == 0.0
+
+
+def _lcs_table(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+@given(st.lists(st.sampled_from("abcd"), max_size=40), st.lists(st.sampled_from("abcde"), max_size=40))
+def test_bit_parallel_lcs_matches_the_quadratic_table(a: list[str], b: list[str]) -> None:
+    assert c.lcs_length(a, b) == _lcs_table(a, b)
+    assert c.lcs_length(b, a) == _lcs_table(a, b)
+
+
+def test_very_long_outputs_are_scored() -> None:
+    words = [f"w{i % 997}" for i in range(20_000)]
+    a = " ".join(words)
+    b = " ".join([*words[:10_000], "changed", *words[10_001:]])
+    assert c.rouge_l(a, b) == pytest.approx(19_999 / 20_000)
+    assert 0.99 < c.token_f1(a, b) < 1.0
+    assert c.length_ratio(a, " ".join(words[:5000])) == pytest.approx(0.25)
+
+
+def test_length_ratio() -> None:
+    assert c.length_ratio("one two", "one two three four") == 0.5
+    assert c.length_ratio("", "") == 1.0
+    assert c.length_ratio("", "x") == 0.0
+
+
+def test_json_valid_and_structure() -> None:
+    assert c.json_valid('{"a": 1}', '```json\n{"b": [1]}\n```') == 1.0
+    assert c.json_valid('{"a": 1}', "not json") == 0.0
+    assert c.json_valid("plain", "also plain") == 1.0
+    # same keys and types, different values
+    assert c.json_structure('{"name": "x", "n": 1, "tags": ["a"]}', '{"tags": ["b", "c"], "n": 2.5, "name": "y"}') == 1.0
+    # n changes type: facts {$:object, $.name:string, $.n:number} vs {$:object, $.name:string, $.n:string}
+    assert c.json_structure('{"name": "x", "n": 1}', '{"name": "x", "n": "1"}') == pytest.approx(2 / 4)
+    assert c.json_structure('{"a": 1}', "oops") == 0.0
+    assert c.json_structure("oops", "nope") == 1.0
+    assert c.json_structure("[]", "{}") == 0.0
+
+
+def test_refusal() -> None:
+    assert c.is_refusal("I’m sorry, but I can’t help with that request.")
+    assert c.is_refusal("I cannot assist with creating malware.")
+    assert not c.is_refusal("Sure! Here is the recipe.")
+    assert not c.is_refusal("")
+    assert c.refusal("I'm unable to do that.", "I must decline.") == 1.0
+    assert c.refusal("I'm unable to do that.", "Sure, here it is.") == 0.0
+
+
+def test_tool_calls() -> None:
+    a = [ToolCall(name="get_weather", arguments='{"city": "Paris", "unit": "C"}')]
+    same = [ToolCall(name="get_weather", arguments='{"unit":"C","city":"Paris"}')]
+    other_args = [ToolCall(name="get_weather", arguments='{"city": "Lyon", "unit": "C"}')]
+    assert c.tool_calls(a, same) == 1.0
+    assert c.tool_calls(a, other_args) == 0.0
+    assert c.tool_calls(None, []) == 1.0
+    assert c.tool_calls(a, None) == 0.0
+    two = [*same, ToolCall(name="get_time", arguments="{}")]
+    assert c.tool_calls(a, two) == 0.5
+    assert c.tool_calls(two, list(reversed(two))) == 1.0
+    assert c.tool_calls([ToolCall(name="f", arguments="{bad")], [ToolCall(name="f", arguments="{bad")]) == 1.0
+
+
+def test_cosine() -> None:
+    assert c.cosine01([1, 0], [1, 0]) == 1.0
+    assert c.cosine01([1, 0], [-1, 0]) == 0.0
+    assert c.cosine01([1, 1], [1, 0]) == pytest.approx(2**-0.5)
+
+
+def test_semantic_without_an_embedder_is_a_clear_error() -> None:
+    with pytest.raises(ComparatorUnavailable, match=r"shadowctl\[semantic\]"):
+        build_comparators([Comparator(name=ComparatorName.semantic)])
+    bound = build_comparators([Comparator(name=ComparatorName.semantic, threshold=0.9)],
+                              embedder=lambda t: [float(len(t)), 1.0])
+    pair = Pair(primary=ev(Variant.primary, "abc"), other=ev(Variant.candidate, "xyz"))
+    result = compare_pair(pair, bound)
+    assert result is not None and result.agrees[ComparatorName.semantic]
+
+
+def test_compare_pair_failed_sides() -> None:
+    comps = build_comparators([Comparator(name=ComparatorName.exact, threshold=1.0),
+                               Comparator(name=ComparatorName.token_f1, threshold=0.5)])
+    ok = compare_pair(Pair(ev(Variant.primary, "a b c"), ev(Variant.candidate, "a b d")), comps)
+    assert ok is not None
+    assert ok.scores[ComparatorName.exact] == 0.0 and not ok.agrees[ComparatorName.exact]
+    assert ok.agrees[ComparatorName.token_f1]
+    # a failed candidate disagrees everywhere, even if its (empty) text matched
+    bad = compare_pair(Pair(ev(Variant.primary, ""), ev(Variant.candidate, "", status=500)), comps)
+    assert bad is not None and not any(bad.agrees.values())
+    # a failed primary gives nothing to compare
+    assert compare_pair(Pair(ev(Variant.primary, "", status=503), ev(Variant.candidate, "x")), comps) is None
+
+
+def test_tally_accumulates_serialises_and_feeds_the_judge() -> None:
+    comps = build_comparators([Comparator(name=ComparatorName.exact, threshold=1.0)])
+    p = ev(Variant.primary, "yes")
+    results = [
+        compare_pair(Pair(p, ev(Variant.candidate, "yes")), comps),
+        compare_pair(Pair(p, ev(Variant.candidate, "no")), comps),
+        compare_pair(Pair(p, ev(Variant.baseline, "yes")), comps),
+        compare_pair(Pair(ev(Variant.primary, "", status=500), ev(Variant.candidate, "x")), comps),
+    ]
+    empty = AgreementTally()
+    tally = empty.add_many(results)
+    assert empty.counts == {}  # immutable: the old tally is unchanged
+    t = tally.counts["exact"]
+    assert (t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree) == (2, 1, 1, 1)
+    assert tally.skipped_primary_failed == 1
+    text = json.dumps(tally.to_dict())
+    assert AgreementTally.from_dict(json.loads(text)) == tally
+    assert tally.add(None).skipped_primary_failed == 2
+
+    outputs = Outputs.model_validate({"mqtt": {"broker": "mqtt://b:1883"}, "comparators": [{"name": "exact"}],
+                                      "minRelativeAgreement": 0.8})
+    (inp,) = judge_inputs(tally, outputs)
+    assert (inp.candidate_agree, inp.candidate_pairs, inp.baseline_agree, inp.baseline_pairs) == (1, 2, 1, 1)
+    assert inp.fixed_baseline is None and inp.min_relative_agreement == 0.8 and inp.critical
+    fixed = Outputs.model_validate({"mqtt": {"broker": "mqtt://b"}, "comparators": [{"name": "exact"}],
+                                    "baseline": {"mode": "fixed", "agreement": 0.7}})
+    (inp2,) = judge_inputs(tally, fixed)
+    assert inp2.fixed_baseline == 0.7 and inp2.baseline_pairs == 0

@@ -1,0 +1,144 @@
+"""The MQTT output source against a real Mosquitto: strict parsing, pairing, tally, errors, and the
+whole chain primary tap -> mirror -> candidate tap -> broker -> source. Nothing is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import aiomqtt
+import httpx
+import pytest
+from openai_stub import OpenAIStub
+from tap_helpers import eventually, free_port, running_tap
+
+from shadowctl.compare.comparators import build_comparators
+from shadowctl.compare.events import Endpoint, OutputEvent, Variant
+from shadowctl.policy.model import Comparator, ComparatorName, ShadowPolicy
+from shadowctl.sources.base import SourceConfigError, SourceError
+from shadowctl.sources.outputs import BrokerUnavailable, MqttOutputSource, load_local_embedder
+from shadowctl.tap.proxy import MirrorConfig
+
+if TYPE_CHECKING:
+    from conftest_mqtt import MosquittoBroker
+
+
+TOPIC = "shadowctl/outputs/ns/chat/+"
+
+
+def ev(rid: str, variant: Variant, output: str) -> OutputEvent:
+    return OutputEvent(request_id=rid, variant=variant, shadow=variant is not Variant.primary, service="ns/chat",
+                       endpoint=Endpoint.chat, prompt_hash="h", output=output, status=200, started_at=0.0, e2e_s=0.1)
+
+
+@contextlib.asynccontextmanager
+async def running(source: MqttOutputSource) -> AsyncIterator[MqttOutputSource]:
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.wait_for(source.subscribed.wait(), 10)
+        yield source
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def make_source(broker: MosquittoBroker, *, baseline: bool = True) -> MqttOutputSource:
+    comps = build_comparators([Comparator(name=ComparatorName.exact, threshold=1.0),
+                               Comparator(name=ComparatorName.token_f1, threshold=0.5)])
+    return MqttOutputSource(broker.url, TOPIC, comps, pair_ttl_s=30, expect_baseline=baseline)
+
+
+async def test_pairs_tallies_and_counts_malformed(mosquitto: MosquittoBroker) -> None:
+    source = make_source(mosquitto)
+    async with running(source), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        messages = [
+            ("candidate", ev("1", Variant.candidate, "the answer is 4")),  # before its primary
+            ("primary", ev("1", Variant.primary, "The answer is 4")),
+            ("baseline", ev("1", Variant.baseline, "The answer is 4")),
+            ("primary", ev("2", Variant.primary, "yes")),
+            ("candidate", ev("2", Variant.candidate, "no")),
+            ("candidate", ev("2", Variant.candidate, "no")),  # duplicate delivery
+        ]
+        for variant, event in messages:
+            await pub.publish(f"shadowctl/outputs/ns/chat/{variant}", event.to_json(), qos=1)
+        await pub.publish("shadowctl/outputs/ns/chat/primary", b'{"schema": "nope"}', qos=1)
+        await pub.publish("shadowctl/outputs/ns/chat/primary", b"\xff\xfe", qos=1)
+        await eventually(lambda: source.snapshot().malformed == 2 and
+                         source.pairer.stats.duplicates[Variant.candidate] == 1, what="all messages")
+    snap = source.snapshot()
+    exact, f1 = snap.tally.counts["exact"], snap.tally.counts["token-f1"]
+    assert (exact.candidate_pairs, exact.candidate_agree, exact.baseline_pairs, exact.baseline_agree) == (2, 0, 1, 1)
+    assert (f1.candidate_pairs, f1.candidate_agree) == (2, 1)  # case differs, tokens agree
+    assert snap.pending == 1  # request 2 still waits for its baseline
+    assert snap.pairing["paired"] == {"primary": 0, "candidate": 2, "baseline": 1}
+    source.reset()
+    assert source.snapshot().tally.counts == {}
+
+
+async def test_unreachable_broker_is_a_chained_source_error() -> None:
+    source = MqttOutputSource(f"mqtt://127.0.0.1:{free_port()}", TOPIC, [], pair_ttl_s=1, expect_baseline=False,
+                              timeout_s=2)
+    with pytest.raises(BrokerUnavailable, match="connecting failed") as info:
+        async for _ in source.events():
+            pass
+    assert isinstance(info.value, SourceError)
+    assert isinstance(info.value.__cause__, aiomqtt.MqttError)
+    assert not source.snapshot().connected
+
+
+def test_from_policy_and_bad_config() -> None:
+    doc = {
+        "apiVersion": "shadowctl.dev/v1alpha1", "kind": "ShadowPolicy", "metadata": {"name": "p", "namespace": "ns"},
+        "spec": {
+            "target": {"istio": {"virtualService": "chat", "primary": {"host": "chat", "subset": "v1"},
+                                 "candidate": {"host": "chat", "subset": "v2"}}},
+            "shadow": {"mirrorPercent": 50},
+            "analysis": {"outputs": {"mqtt": {"broker": "mqtt://broker:1884"}, "pairTTL": "45s",
+                                     "comparators": [{"name": "rouge-l"}], "baseline": {"mode": "fixed",
+                                                                                        "agreement": 0.8}}},
+        },
+    }
+    source = MqttOutputSource.from_policy(ShadowPolicy.model_validate(doc))
+    assert source.topic == TOPIC and (source.host, source.port) == ("broker", 1884)
+    assert source.pairer.ttl == 45 and not source.pairer.expect_baseline
+    doc["spec"]["analysis"]["outputs"]["mqtt"]["topic"] = "x/{cluster}/+"  # type: ignore[index]
+    with pytest.raises(SourceConfigError, match=r"unknown placeholder 'cluster'"):
+        MqttOutputSource.from_policy(ShadowPolicy.model_validate(doc))
+
+
+def test_semantic_extra_missing_is_explained() -> None:
+    with pytest.raises(SourceError, match=r"shadowctl\[semantic\]"):
+        load_local_embedder("/nonexistent")
+
+
+async def test_tap_to_source_end_to_end(mosquitto: MosquittoBroker) -> None:
+    """Primary tap mirrors (application level) to the candidate's tap; the source pairs their events."""
+    primary, candidate = OpenAIStub(answer="The capital of France is Paris."), OpenAIStub(answer="Paris.")
+    await primary.start()
+    await candidate.start()
+    source = make_source(mosquitto, baseline=False)
+    broker = (mosquitto.host, mosquitto.port)
+    try:
+        async with (
+            running(source),
+            running_tap(candidate.url, broker=broker, variant=Variant.candidate) as ctap,
+            running_tap(primary.url, broker=broker, mirror=MirrorConfig(url=ctap.url, percent=100)) as ptap,
+            httpx.AsyncClient() as client,
+        ):
+            for i in range(3):
+                r = await client.post(ptap.url + "/v1/chat/completions", json={
+                    "model": "m", "stream": i % 2 == 0, "messages": [{"role": "user", "content": f"q{i}"}]})
+                assert r.status_code == 200
+            await eventually(lambda: source.snapshot().tally.counts.get("exact") is not None
+                             and source.snapshot().tally.counts["exact"].candidate_pairs == 3, what="3 pairs")
+        tally = source.snapshot().tally.counts
+        assert tally["exact"].candidate_agree == 0
+        # token F1 of "the capital of france is paris" vs "paris": p=1, r=1/6 -> 2/7 < 0.5
+        assert tally["token-f1"].candidate_agree == 0
+        assert source.pairer.stats.not_shadow == 0
+    finally:
+        await primary.stop()
+        await candidate.stop()

@@ -1,0 +1,309 @@
+"""The Prometheus source against a live scrape, an outage, a server that never answers, and auth headers.
+
+The live test scrapes a prometheus_client exporter started here (scrape every
+1s). The slow server and the header-recording server are tiny TCP/HTTP servers
+in this process: they stand in for failure modes and an auth proxy that a local
+Prometheus cannot produce (the boundary mocked is the HTTP connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from typer.testing import CliRunner
+
+from shadowctl.cli.app import app
+from shadowctl.policy.model import ShadowPolicy
+from shadowctl.sources.base import HistogramWindow, SourceUnavailable, Unavailability, VariantPair, WindowRequest
+from shadowctl.sources.prometheus import PrometheusMetricSource
+from shadowctl.sources.promql import build_request
+
+if TYPE_CHECKING:
+    from conftest_prometheus import PrometheusFactory
+
+
+P_POD, C_POD = "chat-v1-abc12-xyz01", "chat-v2-def34-uvw02"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def policy(metrics: list[dict[str, Any]], url: str | None = None) -> ShadowPolicy:
+    analysis: dict[str, Any] = {
+        "variants": {"primary": {"workload": "chat-v1"}, "candidate": {"workload": "chat-v2"}},
+        "metrics": metrics,
+    }
+    if url:
+        analysis["prometheus"] = {"url": url}
+    return ShadowPolicy.model_validate({
+        "apiVersion": "shadowctl.dev/v1alpha1", "kind": "ShadowPolicy",
+        "metadata": {"name": "chat", "namespace": "llm"},
+        "spec": {
+            "target": {"istio": {
+                "virtualService": "chat",
+                "primary": {"host": "chat", "subset": "v1"}, "candidate": {"host": "chat", "subset": "v2"},
+            }},
+            "canary": {"steps": [10]},
+            "analysis": analysis,
+        },
+    })
+
+
+PRESETS = ["vllm-ttft", "vllm-tpot", "vllm-e2e"]
+
+
+def requests_for(names: list[str], start: datetime, end: datetime) -> list[WindowRequest]:
+    pol = policy([{"name": n, "preset": n} for n in names])
+    return [build_request(pol, m, start=start, end=end) for m in pol.spec.analysis.metrics]
+
+
+def _instant(url: str, expr: str) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{query}", timeout=5) as resp:
+        result: list[dict[str, Any]] = json.loads(resp.read())["data"]["result"]
+    return result
+
+
+def _wait_for(url: str, expr: str, expected: float, deadline_s: float = 30) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        rows = _instant(url, expr)
+        if rows and float(rows[0]["value"][1]) == expected:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{expr} did not reach {expected} within {deadline_s}s")
+
+
+@pytest.fixture(scope="module")
+def exporter() -> Iterator[tuple[str, Histogram]]:
+    """A model-server stand-in exposing vLLM's TTFT histogram in the text format.
+
+    Served by hand rather than with start_http_server: prometheus_client 0.26 answers
+    Prometheus's OpenMetrics Accept header with ':' escaped to '_', which vLLM's real
+    endpoint does not do.
+    """
+    registry = CollectorRegistry()
+    hist = Histogram(
+        "vllm:time_to_first_token_seconds", "TTFT", ["namespace", "pod"], buckets=(0.1, 0.5, 1.0), registry=registry
+    )
+    for pod in (P_POD, C_POD):
+        hist.labels("llm", pod)  # the series exist (at 0) before the first scrape
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}", hist
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.mark.prometheus
+async def test_live_scrape_exact_increases(
+    prometheus_factory: PrometheusFactory, exporter: tuple[str, Histogram]
+) -> None:
+    target, hist = exporter
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    server = prometheus_factory(scrape_targets=[target])
+    bucket = "vllm:time_to_first_token_seconds_bucket"
+    _wait_for(server.url, f"count({bucket})", 8)
+    for value in (0.05, 0.05, 0.05, 0.7, 0.7):
+        hist.labels("llm", P_POD).observe(value)
+    for value in (0.3, 0.3, 0.3, 0.3, 2.0):
+        hist.labels("llm", C_POD).observe(value)
+    _wait_for(server.url, "sum(vllm:time_to_first_token_seconds_count)", 10)
+    # Evaluate at the last scrape, so that increase() has nothing to extrapolate.
+    last = float(_instant(server.url, f"max(timestamp({bucket}))")[0]["value"][1])
+    end = datetime.fromtimestamp(last, UTC)
+    src = PrometheusMetricSource(server.url)
+    try:
+        result = await src.fetch(requests_for(["vllm-ttft"], start, end)[0])
+    finally:
+        await src.aclose()
+    assert isinstance(result, VariantPair), result
+    inf = float("inf")
+    assert result.primary == HistogramWindow((0.1, 0.5, 1.0, inf), (3.0, 3.0, 5.0, 5.0))
+    assert result.candidate == HistogramWindow((0.1, 0.5, 1.0, inf), (0.0, 4.0, 4.0, 5.0))
+
+
+@pytest.mark.prometheus
+async def test_outage_is_source_unavailable(prometheus_factory: PrometheusFactory) -> None:
+    server = prometheus_factory()
+    src = PrometheusMetricSource(server.url, timeout=2)
+    try:
+        assert await src.check() is None
+        server.stop()
+        problem = await src.check()
+        assert problem is not None and problem.cause is Unavailability.unreachable
+        now = datetime.now(UTC)
+        results = await src.fetch_many(requests_for(PRESETS, now - timedelta(minutes=5), now))
+    finally:
+        await src.aclose()
+    assert len(results) == 3
+    for key, result in results.items():
+        assert isinstance(result, SourceUnavailable), result
+        assert result.cause is Unavailability.unreachable and result.metric == str(key)
+        assert "_bucket{ namespace=\"llm\", pod=~\"chat-v1-" in result.query
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers (a hung Prometheus or a black-holing proxy)."""
+
+    def __init__(self) -> None:
+        self.accepted = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+        self.hung_up = False
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SilentServer:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if self.hung_up:
+                writer.close()
+                return
+            self.writers.append(writer)
+            self.accepted.set()
+            await reader.read()  # until the client gives up and closes
+
+        self._server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def hang_up(self) -> None:
+        """Close every connection, now and from now on."""
+        self.hung_up = True
+        for w in self.writers:
+            w.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.hang_up()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_slow_server_times_out() -> None:
+    async with SilentServer() as silent:
+        src = PrometheusMetricSource(silent.url, timeout=0.3, retries=0)
+        try:
+            now = datetime.now(UTC)
+            results = await src.fetch_many(requests_for(PRESETS, now - timedelta(minutes=5), now))
+        finally:
+            await src.aclose()
+    assert {type(r) for r in results.values()} == {SourceUnavailable}
+    for r in results.values():
+        assert isinstance(r, SourceUnavailable)
+        assert r.cause is Unavailability.timeout and "0.3s" in r.reason
+
+
+async def test_cancelling_a_look_abandons_its_queries() -> None:
+    async with SilentServer() as silent:
+        src = PrometheusMetricSource(silent.url, timeout=30, retries=0)
+        now = datetime.now(UTC)
+        task = asyncio.create_task(src.fetch_many(requests_for(PRESETS, now - timedelta(minutes=5), now)))
+        await asyncio.wait_for(silent.accepted.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        silent.hang_up()  # the abandoned worker threads see the connection end
+        await src.aclose()
+    assert task.cancelled()
+
+
+@pytest.fixture
+async def recording_server() -> AsyncIterator[dict[str, Any]]:
+    """An HTTP server that records request headers and answers like Prometheus (or with HTML)."""
+    state: dict[str, Any] = {"headers": [], "body": b""}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        state["headers"].append({k.lower(): v for k, _, v in (ln.partition(": ") for ln in lines[1:] if ln)})
+        body = state["body"]
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    state["url"] = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    yield state
+    server.close()
+    await server.wait_closed()
+
+
+async def test_bearer_token_and_basic_auth_are_sent(recording_server: dict[str, Any]) -> None:
+    recording_server["body"] = json.dumps(
+        {"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [1, "1"]}]}}
+    ).encode()
+    src = PrometheusMetricSource(recording_server["url"], bearer_token="s3cret")
+    assert await src.check() is None
+    await src.aclose()
+    src = PrometheusMetricSource(recording_server["url"], basic_auth=("ann", "pw"))
+    assert await src.check() is None
+    await src.aclose()
+    first, second = recording_server["headers"]
+    assert first["authorization"] == "Bearer s3cret"
+    assert second["authorization"] == "Basic YW5uOnB3"
+
+
+async def test_non_prometheus_answer_is_bad_response(recording_server: dict[str, Any]) -> None:
+    recording_server["body"] = b"<html>login</html>"
+    src = PrometheusMetricSource(recording_server["url"])
+    now = datetime.now(UTC)
+    result = await src.fetch(requests_for(["vllm-ttft"], now - timedelta(minutes=1), now)[0])
+    await src.aclose()
+    assert isinstance(result, SourceUnavailable) and result.cause is Unavailability.bad_response
+
+
+def test_cli_query_unreachable_exits_1(tmp_path: Any) -> None:
+    import yaml
+
+    url = f"http://127.0.0.1:{free_port()}"
+    pol = policy([{"name": "ttft", "preset": "vllm-ttft"}], url=url)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(pol.model_dump(mode="json", by_alias=True, exclude_defaults=True)))
+    result = CliRunner().invoke(app, ["query", str(path), "-o", "json", "--timeout", "2"], env={})
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    assert rows[0]["status"] == "unavailable" and rows[0]["cause"] == "unreachable"
+
+
+def test_auth_options_are_checked() -> None:
+    from shadowctl.sources.base import SourceConfigError
+
+    with pytest.raises(SourceConfigError, match="not both"):
+        PrometheusMetricSource("http://x", bearer_token="t", basic_auth=("a", "b"))
+    with pytest.raises(SourceConfigError, match="not an http"):
+        PrometheusMetricSource("ftp://x")

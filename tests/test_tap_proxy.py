@@ -1,0 +1,221 @@
+"""The tap as a reverse proxy: transparency, request ids, metrics, events and mirroring.
+
+The upstream is an OpenAI-compatible stub written for these tests (tests/openai_stub.py); the
+broker is a real Mosquitto. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import pytest_asyncio
+from openai_stub import OpenAIStub
+from tap_helpers import collecting, eventually, free_port, running_tap
+
+from shadowctl.compare.events import Endpoint, Variant, parse_event
+from shadowctl.tap.extract import ResponseAccumulator, parse_request
+from shadowctl.tap.proxy import MirrorConfig, is_shadow_request, mirror_selected, rewrite_body
+
+if TYPE_CHECKING:
+    from conftest_mqtt import MosquittoBroker
+
+
+CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "Capital of France?"}]}
+
+
+@pytest_asyncio.fixture
+async def stub() -> AsyncIterator[OpenAIStub]:
+    s = OpenAIStub()
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def test_plain_body_status_and_headers_pass_through(stub: OpenAIStub) -> None:
+    async with running_tap(stub.url) as tap, httpx.AsyncClient() as client:
+        r = await client.post(tap.url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200
+        assert r.content == stub.body("chat")
+        assert r.headers["x-stub"] == "json"
+        assert r.headers["content-length"] == str(len(stub.body("chat")))
+        r = await client.get(tap.url + "/echo?x=1", headers={"X-Custom": "v", "Proxy-Authorization": "secret",
+                                                              "x-request-id": "rid-123"})
+        seen = stub.seen[-1]
+        assert seen.path == "/echo?x=1"
+        assert seen.headers["X-Custom"] == "v"
+        assert seen.headers["x-request-id"] == "rid-123"
+        assert "Proxy-Authorization" not in seen.headers  # hop-by-hop
+        assert r.headers.get_list("x-multi") == ["a"] and r.headers["set-cookie"] == "x=1"
+        r = await client.get(tap.url + "/v1/models")  # any other path passes through
+        assert r.status_code == 404 and r.text == "no such path"
+
+
+async def test_request_id_is_generated_and_sent_upstream(stub: OpenAIStub) -> None:
+    async with running_tap(stub.url) as tap, httpx.AsyncClient() as client:
+        await client.post(tap.url + "/v1/chat/completions", json=CHAT)
+        rid = stub.seen[-1].headers["x-request-id"]
+        assert len(rid) == 32 and int(rid, 16) >= 0
+
+
+async def test_stream_chunks_arrive_before_upstream_finishes(stub: OpenAIStub) -> None:
+    stub.hold_after_first_chunk = True
+    expected = b"".join(stub.chunks("chat"))
+    first = stub.chunks("chat")[0]
+    async with running_tap(stub.url) as tap, httpx.AsyncClient() as client:
+        async with client.stream("POST", tap.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+            received = bytearray()
+            chunks = r.aiter_raw()
+            while len(received) < len(first):
+                # A buffering proxy would hang here (the upstream waits for us): fail instead.
+                received += await asyncio.wait_for(anext(chunks), timeout=10)
+            # The upstream is still holding the rest of the answer: the tap did not buffer.
+            assert not stub.finished.is_set()
+            assert bytes(received) == first
+            stub.release.set()
+            async for chunk in chunks:
+                received += chunk
+        assert bytes(received) == expected
+
+
+@pytest.mark.parametrize("code", [400, 404, 429, 500, 503])
+async def test_upstream_errors_pass_through(stub: OpenAIStub, code: int) -> None:
+    async with running_tap(stub.url) as tap, httpx.AsyncClient() as client:
+        r = await client.post(tap.url + f"/status/{code}", content=b"{}")
+        assert r.status_code == code and r.content == b'{"error":"as asked"}' and r.headers["x-stub"] == "status"
+
+
+async def test_connection_refused_is_502_and_recorded() -> None:
+    async with running_tap(f"http://127.0.0.1:{free_port()}") as tap, httpx.AsyncClient() as client:
+        r = await client.post(tap.url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 502
+        assert r.json()["error"]["type"] == "upstream_unreachable"
+        labels = {"variant": "primary", "model": "stub-model", "code": "502"}
+        assert tap.sample("shadowctl_tap_requests_total", labels) == 1
+
+
+async def test_metrics_are_exposed(stub: OpenAIStub) -> None:
+    async with running_tap(stub.url) as tap, httpx.AsyncClient() as client:
+        await client.post(tap.url + "/v1/chat/completions", json={**CHAT, "stream": True})
+        await client.post(tap.url + "/v1/chat/completions", json=CHAT)
+        text = (await client.get(tap.url + "/metrics")).text
+        labels = 'model="stub-model",variant="primary"'
+        assert f"shadowctl_tap_time_to_first_token_seconds_count{{{labels}}} 1.0" in text  # streamed only
+        assert f"shadowctl_tap_e2e_request_latency_seconds_count{{{labels}}} 2.0" in text
+        # 6 words: from usage in the stream's last chunk, and from usage in the JSON body
+        assert f"shadowctl_tap_output_tokens_sum{{{labels}}} 12.0" in text
+
+
+async def test_events_published_per_request(stub: OpenAIStub, mosquitto: MosquittoBroker) -> None:
+    stub.tool_call = {"name": "lookup", "arguments": {"city": "Paris"}}
+    async with (
+        running_tap(stub.url, broker=(mosquitto.host, mosquitto.port)) as tap,
+        collecting(mosquitto.host, mosquitto.port, "shadowctl/outputs/ns/chat/#") as got,
+        httpx.AsyncClient() as client,
+    ):
+        await client.post(tap.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers={"x-request-id": "req-1"})
+        await client.post(tap.url + "/v1/completions", json={"model": "m", "prompt": "Say hi"},
+                          headers={"x-request-id": "req-2", "host": "chat-shadow:8080"})
+        await client.post(tap.url + "/v1/embeddings", json={"model": "e", "input": "x"})
+        await client.get(tap.url + "/health")  # not an API call: no event
+        await eventually(lambda: len(got.messages) >= 3, what="three events")
+        events = {e.request_id: e for e in map(parse_event, got.messages)}
+        chat = events["req-1"]
+        assert chat.variant is Variant.primary and not chat.shadow and chat.service == "ns/chat"
+        assert chat.output == stub.answer and chat.stream and chat.finish_reason == "stop"
+        assert chat.tool_calls is not None and chat.tool_calls[0].name == "lookup"
+        assert json.loads(chat.tool_calls[0].arguments) == {"city": "Paris"}
+        assert chat.usage is not None and chat.usage.completion_tokens == 6 and chat.output_tokens == 6
+        assert chat.ttft_s is not None and chat.ttft_s <= chat.e2e_s
+        assert chat.prompt == "user: Capital of France?"
+        assert chat.prompt_hash == parse_request(Endpoint.chat, json.dumps(CHAT).encode()).prompt_hash
+        comp = events["req-2"]
+        assert comp.shadow and comp.endpoint is Endpoint.completions and comp.output == stub.answer
+        assert comp.ttft_s is None and comp.model == "m"
+        assert sum(1 for e in events.values() if e.endpoint is Endpoint.embeddings) == 1
+        assert tap.sample("shadowctl_tap_events_published_total") == 3
+
+
+async def test_redacted_prompts(stub: OpenAIStub, mosquitto: MosquittoBroker) -> None:
+    async with (
+        running_tap(stub.url, broker=(mosquitto.host, mosquitto.port), redact_prompts=True) as tap,
+        collecting(mosquitto.host, mosquitto.port, tap.topic) as got,
+        httpx.AsyncClient() as client,
+    ):
+        await client.post(tap.url + "/v1/chat/completions", json=CHAT)
+        await eventually(lambda: len(got.messages) == 1)
+        event = parse_event(got.messages[0])
+        assert event.prompt is None and len(event.prompt_hash) == 64 and event.output == stub.answer
+
+
+async def test_application_level_mirror(stub: OpenAIStub) -> None:
+    candidate = OpenAIStub(answer="Paris.")
+    await candidate.start()
+    mirror = MirrorConfig(url=candidate.url, percent=100, host="chat-candidate.ns", model="cand-model",
+                          temperature=0.0, seed=7)
+    try:
+        async with running_tap(stub.url, mirror=mirror) as tap, httpx.AsyncClient() as client:
+            r = await client.post(tap.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                                  headers={"x-request-id": "m-1"})
+            assert r.content == b"".join(stub.chunks("chat"))  # the user still gets the primary's answer
+            await eventually(lambda: len(candidate.seen) == 1, what="the mirror copy")
+            copy = candidate.seen[0]
+            assert copy.headers["x-request-id"] == "m-1"
+            assert copy.headers["x-shadowctl-shadow"] == "1"
+            assert copy.headers["Host"] == "chat-candidate.ns"
+            body = json.loads(copy.body)
+            assert body["model"] == "cand-model" and body["temperature"] == 0.0 and body["seed"] == 7
+            assert body["messages"] == CHAT["messages"]
+            await eventually(lambda: tap.sample("shadowctl_tap_mirror_requests_total", {"outcome": "sent"}) == 1)
+            # a request that is itself a shadow copy is never mirrored again
+            await client.post(tap.url + "/v1/chat/completions", json=CHAT, headers={"x-shadowctl-shadow": "1"})
+            await client.get(tap.url + "/health")  # nor are non-API paths
+            assert len(candidate.seen) == 1
+    finally:
+        await candidate.stop()
+
+
+def test_shadow_detection_and_mirror_selection() -> None:
+    assert is_shadow_request("chat.ns.svc.cluster.local-shadow", None)
+    assert is_shadow_request("chat-shadow:8080", None)
+    assert is_shadow_request("chat:8080-shadow", None)
+    assert is_shadow_request("chat", "1")
+    assert not is_shadow_request("chat:8080", None)
+    assert not is_shadow_request(None, "0")
+    ids = [f"id-{i}" for i in range(4000)]
+    share = sum(mirror_selected(i, 25) for i in ids) / len(ids)
+    assert 0.22 < share < 0.28
+    assert all(mirror_selected(i, 100) for i in ids[:10]) and not any(mirror_selected(i, 0) for i in ids[:10])
+    assert [mirror_selected(i, 25) for i in ids[:50]] == [mirror_selected(i, 25) for i in ids[:50]]
+    m = MirrorConfig(url="http://x", percent=1)
+    assert rewrite_body(b"not json", MirrorConfig(url="http://x", percent=1, model="m")) == b"not json"
+    assert rewrite_body(b'{"a": 1}', m) == b'{"a": 1}'
+
+
+def test_accumulator_handles_split_events_gzip_and_truncation() -> None:
+    stub = OpenAIStub(answer="héllo wörld 東京")
+    data = b"".join(stub.chunks("chat")).replace(b"\n\n", b"\r\n\r\n", 2)
+    acc = ResponseAccumulator(Endpoint.chat, event_stream=True, content_encoding=None, max_chars=1000)
+    firsts = [acc.feed(data[i:i + 1]) for i in range(len(data))]  # one byte at a time
+    assert firsts.count(True) == 1
+    info = acc.finish()
+    assert info.output == "héllo wörld 東京" and info.finish_reason == "stop" and info.output_tokens == 3
+    body = stub.body("completions")
+    gz = ResponseAccumulator(Endpoint.completions, event_stream=False, content_encoding="gzip", max_chars=5)
+    packed = gzip.compress(body)
+    gz.feed(packed[:10])
+    gz.feed(packed[10:])
+    out = gz.finish()
+    assert out.output == "héllo" and out.truncated
+    br = ResponseAccumulator(Endpoint.chat, event_stream=False, content_encoding="br", max_chars=5)
+    br.feed(b"\x00")
+    assert br.finish().error is not None
