@@ -1,0 +1,65 @@
+"""`shadowctl demo`: a whole rollout on this machine, without a cluster or a GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shadowctl.cli.common import console, fail
+from shadowctl.errors import ShadowctlError
+
+
+def demo(
+    scenario: Annotated[str, typer.Option("--scenario", "-s",
+                                          help="good | bad-latency | bad-output | tail.")] = "good",
+    report_dir: Annotated[Path | None, typer.Option("--report-dir",
+                                                    help="Where to write the report (default: ./demo-report-<time>).")]
+    = None,
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view while it runs.")] = True,
+    short: Annotated[bool, typer.Option("--short", help="The test suite's shorter timings.")] = False,
+) -> None:
+    """Run a rollout end to end on this machine and say what the controller decided, and why.
+
+    Starts, on free local ports: an emulated Kubernetes API server, a mesh simulator routing by the
+    VirtualService, simulated vLLM-like model servers with a shadowctl tap in front of each, a real
+    Prometheus and Mosquitto, a load generator and the controller (`shadowctl run`). The scenario sets
+    how the candidate behaves. Exit code 0 when the outcome is the one the scenario expects, 1 otherwise.
+
+    Example: shadowctl demo --scenario bad-latency
+    """
+    from shadowctl.cli.run_cmd import configure_logging
+    from shadowctl.demo.report import write_report
+    from shadowctl.demo.run import run_scenario
+    from shadowctl.demo.scenarios import FULL, SCENARIOS, SHORT
+
+    if scenario not in SCENARIOS:
+        raise fail(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}", 2)
+    chosen = SCENARIOS[scenario]
+    configure_logging("console", "warning")
+    folder = report_dir or Path(f"demo-report-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{scenario}")
+    try:
+        data = asyncio.run(run_scenario(chosen, SHORT if short else FULL, console=console,
+                                        live=live and sys.stdout.isatty()))
+        paths = write_report(data, folder)
+    except KeyboardInterrupt:
+        raise fail("interrupted; everything was stopped", 130) from None
+    except ShadowctlError as exc:
+        raise fail(str(exc)) from None
+    verdict = "as expected" if data["passed"] else f"NOT as expected (expected {data['expected']})"
+    console.print(f"\n[bold]{data['outcome']}[/] after {data['duration_s']:.0f}s: {verdict}")
+    if data.get("final_message"):
+        console.print(f"last decision: {data['final_message']}", highlight=False, markup=False)
+    if data["invariants"]["violations"]:
+        console.print("[red]invariant violations:[/]\n" + json.dumps(data["invariants"]["violations"], indent=2))
+    console.print(f"report: {paths.markdown}  chart: {paths.chart}", highlight=False, markup=False)
+    raise typer.Exit(0 if data["passed"] else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)

@@ -1,0 +1,260 @@
+"""Run one demo scenario: start the environment, send load, watch the controller decide, record, report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from shadowctl.demo.env import HOST, Environment
+from shadowctl.demo.scenarios import FULL, SCENARIOS, Scenario, Timing, policy_yaml
+from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
+from shadowctl.sim.prompts import PromptMix
+
+TERMINAL = ("Succeeded", "RolledBack", "Failed")
+
+SIMULATED = [
+    "Kubernetes API: an emulated API server (kmock-based, with resourceVersion/409 conflicts, generation, "
+    "status subresource, merge-patch rules and CRD validation); no kube-apiserver can run here.",
+    "Istio data plane: a mesh simulator that routes each real HTTP request by the VirtualService in the emulated "
+    "API (weights; mirrorPercentage with the -shadow Host suffix and the same x-request-id); Envoy cannot run here.",
+    "GPU model servers: OpenAI-compatible simulators exposing vLLM's metric names, latency really spent; "
+    "histograms use 5%-spaced buckets (vLLM's own are up to 2.5x apart, too coarse for a 15% margin).",
+]
+REAL = [
+    "Prometheus (Debian package), scraping every second; the controller's queries go through it.",
+    "Mosquitto (Debian package); the taps publish every answer, the controller pairs them by x-request-id.",
+    "HTTP traffic from a load generator with a mixed prompt set, streaming and not.",
+    "shadowctl tap in front of every model server, and the controller: `shadowctl run` as its own process.",
+]
+
+
+@dataclass
+class Recorder:
+    """What the demo saw, sampled about once a second, in the report's data format."""
+
+    started: float
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    _last_verdict_at: str | None = None
+
+    def t(self, wall: float | None = None) -> float:
+        return round((wall if wall is not None else time.time()) - self.started, 2)
+
+
+async def _quantiles(client: httpx.AsyncClient, prom: str) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {"ttft_p50": {}, "ttft_p99": {}, "rps": {}}
+    queries = {}
+    for variant, pod in (("primary", "chat-v1-.*"), ("candidate", "chat-v2-.*")):
+        sel = f'namespace="llm", pod=~"{pod}"'
+        for name, q in (("ttft_p50", 0.5), ("ttft_p99", 0.99)):
+            queries[(name, variant)] = (
+                f"histogram_quantile({q}, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{{{sel}}}[10s])))")
+        queries[("rps", variant)] = f"sum(rate(vllm:request_success_total{{{sel}}}[10s]))"
+
+    async def one(key: tuple[str, str], expr: str) -> None:
+        value: float | None = None
+        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
+            body = (await client.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=2.0)).json()
+            raw = float(body["data"]["result"][0]["value"][1])
+            value = round(raw, 4) if raw == raw and abs(raw) != float("inf") else None
+        out[key[0]][key[1]] = value
+
+    await asyncio.gather(*(one(k, e) for k, e in queries.items()))
+    return out
+
+
+def _view(scenario: Scenario, rec: Recorder, obj: dict[str, Any], weights: tuple[int, int, float | None],
+          load: dict[str, int]) -> Group:
+    status = obj.get("status") or {}
+    head = Table.grid(padding=(0, 2))
+    head.add_row(Text("scenario", style="bold"), scenario.name, Text("elapsed", style="bold"), f"{rec.t():.0f}s")
+    head.add_row(Text("phase", style="bold"), Text(str(status.get("phase", "Pending")), style="bold cyan"),
+                 Text("step", style="bold"), str(status.get("step") or "-"))
+    mirror = "-" if weights[2] is None else f"{weights[2]:g}%"
+    head.add_row(Text("routes", style="bold"), f"primary {weights[0]}% / candidate {weights[1]}%",
+                 Text("mirror", style="bold"), mirror)
+    head.add_row(Text("load", style="bold"), f"{load.get('sent', 0)} requests sent", "", "")
+    table = Table(title="evidence (last verdict)", expand=True)
+    for col in ("metric", "outcome", "primary", "candidate", "effect [interval]", "samples"):
+        table.add_column(col)
+    verdict = status.get("lastVerdict") or {}
+    for m in verdict.get("metrics") or []:
+        effect = m.get("effect")
+        lo, hi = (m.get("interval") or [None, None])[:2]
+        text = "-" if effect is None else f"{effect:.3g}"
+        if lo is not None or hi is not None:
+            text += f" [{'-' if lo is None else f'{lo:.3g}'}, {'-' if hi is None else f'{hi:.3g}'}]"
+        samples = m.get("samples") or {}
+        table.add_row(str(m.get("name")), str(m.get("outcome")), _num(m.get("primary")), _num(m.get("candidate")),
+                      text, f"{_num(samples.get('primary'))} / {_num(samples.get('candidate'))}")
+    last = Text(f"last decision: {status.get('message') or 'waiting for the controller'}", style="italic")
+    return Group(head, table, last)
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def check_invariants(changes: list[dict[str, Any]], transitions: list[dict[str, Any]], steps: tuple[int, ...],
+                     outcome: str) -> dict[str, Any]:
+    """DESIGN.md invariants over every route change the mesh observed."""
+    violations: list[str] = []
+    shadow_passed_at = next((t["at"] for t in transitions if t["from"] == "Shadowing" and t["to"] == "Progressing"),
+                            None)
+    promote_at = next((t["at"] for t in transitions if t["to"] == "Promoting"), None)
+    for c in changes:
+        total = c["primary"] + c["candidate"]
+        if total != 100:
+            violations.append(f"rv {c['resource_version']}: weights sum to {total}")
+        if c["candidate"] > 0:
+            promoted = promote_at is not None and c["at"] >= promote_at
+            if shadow_passed_at is None or c["at"] < shadow_passed_at:
+                violations.append(f"rv {c['resource_version']}: candidate got {c['candidate']}% before the shadow "
+                                  "phase passed")
+            elif c["candidate"] not in steps and not (promoted and c["candidate"] == 100):
+                violations.append(f"rv {c['resource_version']}: candidate weight {c['candidate']} is not a step")
+    if outcome == "RolledBack" and changes:
+        last = changes[-1]
+        if last["candidate"] != 0 or last["mirror"] is not None:
+            violations.append("after rollback the routes are not 100% primary without a mirror")
+    return {"checked": len(changes), "violations": violations}
+
+
+def _route_changes(env: Environment, started: float) -> list[dict[str, Any]]:
+    out = []
+    assert env.mesh is not None
+    for change in env.mesh.changes:
+        route = next((r for r in change.routes if r.get("name") == "chat-default"), None)
+        if route is None:
+            continue
+        weights = route.get("weights") or {}
+        primary = sum(round(w) for k, w in weights.items() if "/v1" in k)
+        candidate = sum(round(w) for k, w in weights.items() if "/v2" in k)
+        mirrors = route.get("mirrors") or {}
+        mirror = next((float(p) for k, p in mirrors.items() if "/v2" in k), None)
+        out.append({"t": round(change.observed_at - started, 2), "at": change.observed_at,
+                    "resource_version": change.resource_version, "primary": primary, "candidate": candidate,
+                    "mirror": mirror})
+    return out
+
+
+async def run_scenario(
+    scenario: Scenario,
+    timing: Timing = FULL,
+    *,
+    console: Console | None = None,
+    live: bool = True,
+    workdir: Path | None = None,
+    on_sample: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run `scenario` to its end (or `timing.deadline_s`); returns the report data."""
+    console = console or Console()
+    started = time.time()
+    rec = Recorder(started)
+    policy_texts: list[str] = []
+
+    def policy_for(broker: str) -> str:
+        policy_texts.append(policy_yaml(timing, broker))
+        return policy_texts[-1]
+
+    console.print(f"[bold]shadowctl demo[/] scenario [cyan]{scenario.name}[/]: {scenario.description}")
+    console.print("[dim]Real: Prometheus, Mosquitto, HTTP traffic, taps, the controller. Simulated: the Kubernetes "
+                  "API, the Istio data plane, GPU model servers (see docs/local-environment.md).[/]")
+    env = await Environment.start(scenario.candidate, policy_for, workdir=workdir)
+    load_result: LoadResult | None = None
+    outcome = "timeout"
+    try:
+        assert env.mesh is not None and env.prometheus is not None
+        load = LoadGenerator(LoadConfig(url=env.mesh.url, rps=timing.rps, duration_s=timing.deadline_s,
+                                        concurrency=256, model="llama-chat", seed=11, headers={"Host": HOST},
+                                        mix=PromptMix(stream_share=0.3, max_tokens_choices=(16, 32, 64))))
+        load_task = asyncio.create_task(load.run())
+        async with httpx.AsyncClient() as client:
+            ctx = Live(console=console, refresh_per_second=2, transient=False) if live else contextlib.nullcontext()
+            with ctx as view:
+                tick = 0
+                while time.time() - started < timing.deadline_s:
+                    await asyncio.sleep(1.0)
+                    tick += 1
+                    obj = env.policy_object()
+                    status = obj.get("status") or {}
+                    phase = str(status.get("phase") or "Pending")
+                    weights = env.route_weights()
+                    sample: dict[str, Any] = {"t": rec.t(), "phase": phase, "primary_weight": weights[0],
+                                              "candidate_weight": weights[1], "mirror": weights[2]}
+                    if tick % 2 == 0:
+                        sample.update(await _quantiles(client, env.prometheus.url))
+                    rec.samples.append(sample)
+                    verdict = status.get("lastVerdict")
+                    if verdict and verdict.get("at") != rec._last_verdict_at:
+                        rec._last_verdict_at = verdict.get("at")
+                        rec.verdicts.append({"t": rec.t(), "at": verdict.get("at"), "phase": phase,
+                                             "outcome": verdict.get("outcome"),
+                                             "reason": verdict.get("reason"), "metrics": verdict.get("metrics") or []})
+                    if on_sample is not None:
+                        on_sample(sample)
+                    if view is not None:
+                        view.update(_view(scenario, rec, obj, weights, {"sent": load.result.sent}))
+                    if phase in TERMINAL:
+                        outcome = phase
+                        break
+                    if not env.controller_alive():
+                        outcome = "controller-exited"
+                        break
+        load.stop()
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            load_result = await asyncio.wait_for(load_task, 15)
+        obj = env.policy_object()
+        status = obj.get("status") or {}
+        history = (status.get("rollout") or {}).get("history") or []
+        transitions = [{"t": round(h["at"] - started, 2), "at": h["at"], "from": h["from"], "to": h["to"],
+                        "reason": h["reason"]} for h in history]
+        changes = _route_changes(env, started)
+        steps = timing.steps
+        invariants = check_invariants(changes, transitions, steps, outcome)
+        controller_log = env.controller_log.read_text(errors="replace")[-4000:] if env.controller_log else ""
+    finally:
+        await env.close()
+    passed = outcome == scenario.expected and not invariants["violations"]
+    data: dict[str, Any] = {
+        "scenario": scenario.name,
+        "description": scenario.description,
+        "expected": scenario.expected,
+        "outcome": outcome,
+        "passed": passed,
+        "started_at": started,
+        "duration_s": round(time.time() - started, 1),
+        "policy": {"name": "llm/chat", "yaml": policy_texts[-1] if policy_texts else ""},
+        "samples": rec.samples,
+        "transitions": [{k: v for k, v in t.items() if k != "at"} for t in transitions],
+        "verdicts": rec.verdicts,
+        "route_changes": [{k: v for k, v in c.items() if k != "at"} for c in changes],
+        "invariants": invariants,
+        "load": {"sent": load_result.sent if load_result else 0,
+                 "status_counts": {str(k): v for k, v in (load_result.status_counts if load_result else {}).items()}},
+        "simulated": SIMULATED,
+        "real": REAL,
+        "final_message": status.get("message", ""),
+    }
+    if outcome not in TERMINAL:
+        data["controller_log_tail"] = controller_log
+    return data
+
+
+def scenario_by_name(name: str) -> Scenario:
+    return SCENARIOS[name]

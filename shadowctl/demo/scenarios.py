@@ -1,0 +1,106 @@
+"""The demo's scenarios and the policy they run (timings accelerated so a rollout takes minutes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    expected: str  # the phase the rollout must end in
+    candidate: dict[str, Any] = field(default_factory=dict)  # model-server knobs of the candidate
+    expect_failed_metric: str | None = None  # the metric whose failure should cause a rollback
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("good", "The candidate answers like the primary and is a little faster: it is promoted.",
+                 "Succeeded", {"ttft_median_s": 0.115}),
+        Scenario("bad-latency", "The candidate's time to first token is 30% longer: rolled back during shadow.",
+                 "RolledBack", {"latency_factor": 1.3}, "ttft-p50"),
+        Scenario("bad-output", "Half of the candidate's answers drift from what the primary says: rolled back on "
+                 "output agreement.", "RolledBack", {"drift_rate": 0.5}, "agreement/token-f1"),
+        Scenario("tail", "3% of the candidate's requests are 4x slower (p99 moves, the median does not): "
+                 "rolled back.", "RolledBack", {"tail_probability": 0.03, "tail_factor": 4.0}, "ttft-p99"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How fast the demo runs; `short` is the test suite's form."""
+
+    rps: float = 50.0
+    shadow_min: str = "30s"
+    shadow_max: str = "150s"
+    step_duration: str = "15s"
+    step_max: str = "90s"
+    interval: str = "5s"
+    steps: tuple[int, ...] = (40, 70)
+    deadline_s: float = 420.0
+
+
+FULL = Timing()
+SHORT = Timing(rps=50.0, shadow_min="20s", shadow_max="120s", step_duration="10s", step_max="90s",
+               interval="4s", steps=(60,), deadline_s=360.0)
+
+POLICY_TEMPLATE = """\
+apiVersion: shadowctl.dev/v1alpha1
+kind: ShadowPolicy
+metadata:
+  name: chat
+  namespace: llm
+spec:
+  target:
+    istio:
+      virtualService: chat
+      route: chat-default
+      primary: {{host: chat.llm.svc.cluster.local, subset: v1, port: 8000}}
+      candidate: {{host: chat.llm.svc.cluster.local, subset: v2, port: 8000}}
+  trigger: manual
+  shadow:
+    mirrorPercent: 50
+    minDuration: {shadow_min}
+    maxDuration: {shadow_max}
+    minPairs: 100
+  canary:
+    steps: [{steps}]
+    stepDuration: {step_duration}
+    maxStepDuration: {step_max}
+  analysis:
+    interval: {interval}
+    alpha: 0.05
+    beta: 0.05
+    variants:
+      primary: {{pod: "chat-v1-.*"}}
+      candidate: {{pod: "chat-v2-.*"}}
+    metrics:
+      - {{name: ttft-p50, preset: vllm-ttft, statistic: p50, margin: 15%, critical: true, minSamples: 200}}
+      - {{name: ttft-p99, preset: vllm-ttft, statistic: p99, margin: 30%, critical: true, minSamples: 500}}
+      - {{name: errors, preset: vllm-errors, kind: ratio, statistic: rate, margin: 2pp, minSamples: 200}}
+    outputs:
+      mqtt:
+        broker: {broker}
+        topic: shadowctl/outputs/llm/chat/+
+      comparators:
+        - {{name: token-f1, threshold: 0.6}}
+      baseline: {{mode: primary-replica}}
+      minRelativeAgreement: 0.85
+      pairTTL: 30s
+      minPairs: 100
+  onInconclusive: rollback
+  progressDeadline: 10m
+  promotion: auto
+"""
+
+
+def policy_yaml(timing: Timing, broker: str) -> str:
+    return POLICY_TEMPLATE.format(
+        shadow_min=timing.shadow_min, shadow_max=timing.shadow_max, step_duration=timing.step_duration,
+        step_max=timing.step_max, interval=timing.interval, steps=", ".join(str(s) for s in timing.steps),
+        broker=broker,
+    )
