@@ -1,0 +1,166 @@
+"""Controller scale benchmark: N ShadowPolicies on one controller, against the emulated API server.
+
+Each round ticks every policy once, concurrently, as the manager does at an interval boundary
+(all policies share the interval, so their ticks meet and their metric requests are batched). The
+metric source is a stub at the port that counts the queries it would send: one per distinct metric
+template per batch, which is what the Prometheus adapter sends (bench/prometheus_batching.py
+measures the real server). Reported per N: tick duration p50/p99 (wall time of one policy's tick
+while all N run), round duration, API requests per tick, metric queries per round, RSS.
+
+The emulated API server runs in the same process and on the same event loop, so its own CPU time is
+inside the measured tick durations: the numbers are an upper bound for the controller itself.
+
+Run: .venv/bin/python bench/controller/run.py [--sizes 100 1000] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import math
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shadowctl.controller.analysis import Analyzer, BatchingSource
+from shadowctl.controller.clock import FakeClock
+from shadowctl.controller.reconciler import Reconciler
+from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
+from shadowctl.routers.factory import router_for
+from shadowctl.sim.kubeapi import KubeAPIEmulator
+from shadowctl.sources.base import HistogramWindow, MetricKey, SourceUnavailable, VariantPair, WindowRequest, WindowResult
+
+REPO = Path(__file__).resolve().parents[2]
+LE = (*(round(0.05 * 1.05**i, 6) for i in range(100)), math.inf)
+
+POLICY = """
+apiVersion: shadowctl.dev/v1alpha1
+kind: ShadowPolicy
+metadata: {name: NAME, namespace: bench}
+spec:
+  target:
+    istio:
+      virtualService: NAME
+      route: chat-default
+      primary: {host: chat.llm.svc.cluster.local, subset: v1, port: 8000}
+      candidate: {host: chat.llm.svc.cluster.local, subset: v2, port: 8000}
+  shadow: {mirrorPercent: 20, minDuration: 10m, maxDuration: 1h, minPairs: 0}
+  canary: {steps: [10, 50], stepDuration: 10m}
+  analysis:
+    interval: 10s
+    variants:
+      primary: {pod: "NAME-v1-.*"}
+      candidate: {pod: "NAME-v2-.*"}
+    metrics:
+      - {name: ttft-p95, preset: vllm-ttft, statistic: p95, margin: 10%}
+      - {name: tpot-p50, preset: vllm-tpot, statistic: p50, margin: 10%}
+  progressDeadline: 3h
+"""
+
+
+class StubSource:
+    """Answers every request with identical histograms and counts the queries a batch costs."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.queries = 0
+
+    async def fetch(self, request: WindowRequest) -> WindowResult:
+        return (await self.fetch_many([request]))[request.key]
+
+    async def fetch_many(self, requests: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
+        self.calls += 1
+        self.queries += len({(r.template, r.kind) for r in requests})
+        hist = HistogramWindow(LE, tuple(float(i * 10) for i in range(len(LE))))
+        return {r.key: VariantPair(hist, hist) for r in requests}
+
+    async def check(self) -> SourceUnavailable | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench(n: int, rounds: int) -> dict[str, Any]:
+    vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
+    emu = KubeAPIEmulator()
+    await emu.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        kube = await KubeClient.connect(kubeconfig=emu.kubeconfig(Path(tmp) / "kc"))
+        try:
+            for i in range(n):
+                name = f"p{i:04d}"
+                obj = copy.deepcopy(vs)
+                obj["metadata"] = {"name": name, "namespace": "bench"}
+                emu.put_object(VIRTUAL_SERVICE, obj)
+                emu.put_object(SHADOW_POLICY, yaml.safe_load(POLICY.replace("NAME", name)))
+            stub = StubSource()
+            source = BatchingSource(stub, window=0.05)
+            clock = FakeClock()
+            reconciler = Reconciler(kube, router_for, Analyzer(source), clock)
+            refs = [ResourceRef(SHADOW_POLICY, f"p{i:04d}", "bench") for i in range(n)]
+            ticks: list[float] = []
+            round_s: list[float] = []
+            requests_per_round: list[int] = []
+            queries_per_round: list[int] = []
+            for r in range(rounds):
+                clock.advance(10.0)
+                before_req, before_q = sum(emu.verb_counts.values()), stub.queries
+
+                async def timed(ref: ResourceRef) -> float:
+                    t0 = time.perf_counter()
+                    await reconciler.tick(ref)
+                    return time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                durations = await asyncio.gather(*(timed(ref) for ref in refs))
+                round_s.append(time.perf_counter() - t0)
+                if r > 0:  # the first round starts every rollout (route writes); later rounds are steady state
+                    ticks.extend(durations)
+                    requests_per_round.append(sum(emu.verb_counts.values()) - before_req)
+                    queries_per_round.append(stub.queries - before_q)
+            rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return {
+                "policies": n,
+                "rounds_measured": rounds - 1,
+                "tick_p50_s": round(statistics.median(ticks), 4),
+                "tick_p99_s": round(_pct(ticks, 0.99), 4),
+                "round_s": [round(x, 3) for x in round_s[1:]],
+                "api_requests_per_tick": round(statistics.mean(requests_per_round) / n, 2),
+                "metric_queries_per_round": queries_per_round,
+                "batches_per_round": source.batches / rounds,
+                "max_rss_mib": round(rss_mib, 1),
+            }
+        finally:
+            await kube.close()
+            await emu.stop()
+
+
+async def main(sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+    return [await bench(n, rounds) for n in sizes]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    results = asyncio.run(main(args.sizes, args.rounds))
+    out = REPO / "bench" / "results" / "controller.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    for row in results:
+        print(json.dumps(row))
+    print(f"wrote {out}")
