@@ -104,6 +104,17 @@ def _arm(window: Window) -> ArmData:
     raise TypeError(f"unknown window {window!r}")  # pragma: no cover - the Window union is closed
 
 
+def look_end(now: float, since: float, interval: float) -> float:
+    """The end of a look's window: `now` rounded down to the interval boundary (whole seconds).
+
+    Ticks of all policies with the same interval run at the same boundary, a few milliseconds apart;
+    rounding their windows' end to the boundary lets the batching source answer all of them with one
+    query per metric template. A window must not end before it starts, so early in a phase `now` is used.
+    """
+    boundary = float(int(now // interval) * interval)
+    return boundary if boundary > since else now
+
+
 def metric_spec(metric: Metric) -> MetricSpec:
     return MetricSpec(
         name=metric.name,
@@ -231,7 +242,7 @@ class Analyzer:
 
     async def _fetch(self, policy: ShadowPolicy, since: float, now: float) -> dict[str, WindowResult | SourceConfigError]:
         start = datetime.fromtimestamp(since, UTC)
-        end = datetime.fromtimestamp(now, UTC)
+        end = datetime.fromtimestamp(look_end(now, since, policy.spec.analysis.interval.total_seconds()), UTC)
         built = build_requests(policy, start=start, end=end)
         out: dict[str, WindowResult | SourceConfigError] = {}
         requests: list[tuple[Metric, WindowRequest]] = []
@@ -280,39 +291,56 @@ def _check_min_pairs(policy: ShadowPolicy, verdict: MachineVerdict, tally: Agree
 class _Batch:
     requests: list[WindowRequest] = field(default_factory=list)
     done: asyncio.Future[dict[MetricKey, WindowResult]] | None = None
+    first: float = 0.0
+    last: float = 0.0
+    task: asyncio.Task[None] | None = None
 
 
 class BatchingSource:
-    """A MetricSource that coalesces concurrent `fetch_many` calls into one (per `window` seconds).
+    """A MetricSource that coalesces concurrent `fetch_many` calls for the same look into one.
 
-    Workers of all policies tick at the same interval boundaries; their requests
-    meet here and go to the real source as one batch, which answers each metric
-    template with one query for all rollouts.
+    Workers of all policies tick at the same interval boundaries, so their requests carry the same
+    window end. Requests with the same end meet here and go to the real source as one batch, which
+    answers each metric template with one query for all rollouts. A batch is sent once no request
+    joined it for `idle` seconds, or `max_wait` seconds after it opened, whichever comes first.
     """
 
-    def __init__(self, inner: MetricSource, window: float = 0.05) -> None:
+    def __init__(self, inner: MetricSource, idle: float = 0.05, max_wait: float = 1.0) -> None:
         self.inner = inner
-        self.window = window
-        self._batch: _Batch | None = None
+        self.idle = idle
+        self.max_wait = max_wait
+        self._batches: dict[float, _Batch] = {}
         self.batches = 0
 
     async def fetch(self, request: WindowRequest) -> WindowResult:
         return (await self.fetch_many([request]))[request.key]
 
     async def fetch_many(self, requests: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
-        if self._batch is None:
-            batch = _Batch(done=asyncio.get_running_loop().create_future())
-            self._batch = batch
-            asyncio.get_running_loop().call_later(self.window, lambda: asyncio.ensure_future(self._flush(batch)))
-        batch = self._batch
+        if not requests:
+            return {}
+        loop = asyncio.get_running_loop()
+        key = max(r.end for r in requests).timestamp()
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = _Batch(done=loop.create_future(), first=loop.time())
+            self._batches[key] = batch
+            batch.task = loop.create_task(self._flush_when_quiet(key, batch))
         batch.requests.extend(requests)
+        batch.last = loop.time()
         assert batch.done is not None
         answers = await asyncio.shield(batch.done)
         return {r.key: answers[r.key] for r in requests}
 
-    async def _flush(self, batch: _Batch) -> None:
-        if self._batch is batch:
-            self._batch = None
+    async def _flush_when_quiet(self, key: float, batch: _Batch) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            wait = min(batch.last + self.idle, batch.first + self.max_wait) - now
+            if wait <= 0:
+                break
+            await asyncio.sleep(wait)
+        if self._batches.get(key) is batch:
+            del self._batches[key]
         assert batch.done is not None
         self.batches += 1
         try:

@@ -54,6 +54,7 @@ class _Worker:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     ticks: int = 0
+    reread: bool = True
 
 
 class Manager:
@@ -170,14 +171,21 @@ class Manager:
     async def _loop(self, worker: _Worker) -> None:
         while True:
             worker.wake.clear()
+            key = f"{worker.ref.namespace}/{worker.ref.name}"
+            cached = None if worker.reread else self.last_objects.get(key)
             try:
-                result = await self.reconciler.tick(worker.ref)
+                result = await self.reconciler.tick(worker.ref, cached)
             except Exception:  # a bug in one policy's tick must not stop the others
                 log.exception("tick.crashed", policy=str(worker.ref))
                 result = None
             worker.ticks += 1
             if result is not None and result.error == "the policy is gone":
                 return
+            # A conflict means our copy was stale: read it fresh next time, and soon.
+            worker.reread = result is None or result.conflict
+            if worker.reread:
+                await self._sleep_until(worker, self.clock.now() + min(1.0, worker.interval))
+                continue
             # After a transition, look again soon: finishing phases (Promoting, RollingBack) takes one tick.
             fast = result is not None and result.transitioned and result.phase not in ANALYSED and \
                 result.phase not in (Phase.succeeded, Phase.rolled_back, Phase.failed, Phase.paused)

@@ -124,12 +124,14 @@ class Reconciler:
         self.metrics = metrics
         self.identity = identity
 
-    async def tick(self, ref: ResourceRef) -> TickResult:
+    async def tick(self, ref: ResourceRef, cached: dict[str, Any] | None = None) -> TickResult:
+        """One tick. `cached`: the policy as the watch last delivered it (saves a GET); a stale copy only
+        costs a 409 on the status write, after which the caller should tick again without it."""
         key = f"{ref.namespace}/{ref.name}"
         result = TickResult(key)
         started = self.clock.now()
         try:
-            obj = await self.kube.get(ref)
+            obj = cached if cached is not None else await self.kube.get(ref)
         except NotFound:
             result.error = "the policy is gone"
             return result
