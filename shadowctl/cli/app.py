@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from shadowctl import __version__
+from shadowctl.cli.common import configure_logging
 
 app = typer.Typer(
     name="shadowctl",
@@ -40,6 +41,9 @@ def _root(
     ] = False,
 ) -> None:
     """Shadow-traffic and canary controller for GPU-served models."""
+    # Library and adapter logs go to stderr, warnings and worse, so that `-o json` stays clean;
+    # `shadowctl run` and `shadowctl demo` configure their own.
+    configure_logging("console", "warning")
 
 
 def _register() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import sys
 from typing import Annotated, Any
 
+import structlog
 import typer
 import yaml
 from rich.console import Console
@@ -52,3 +54,32 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print an error a person can act on, and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     return typer.Exit(code)
+
+
+class _CurrentStderr:
+    """Whatever `sys.stderr` is at write time (test runners swap it; a captured stream may be closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def configure_logging(fmt: str, level: str = "info") -> None:
+    """structlog: JSON lines (for log collectors) or readable console lines."""
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
+        cache_logger_on_first_use=False,
+    )

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from shadowctl.cli.common import console, fail
+from shadowctl.cli.common import configure_logging, console, fail
 from shadowctl.errors import ShadowctlError
 
 
@@ -33,7 +33,6 @@ def demo(
 
     Example: shadowctl demo --scenario bad-latency
     """
-    from shadowctl.cli.run_cmd import configure_logging
     from shadowctl.demo.report import write_report
     from shadowctl.demo.run import run_scenario
     from shadowctl.demo.scenarios import FULL, SCENARIOS, SHORT

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
-import sys
 import uuid
 from dataclasses import dataclass
 from typing import Annotated
@@ -17,7 +15,7 @@ import httpx
 import structlog
 import typer
 
-from shadowctl.cli.common import ContextOpt, KubeconfigOpt, fail
+from shadowctl.cli.common import ContextOpt, KubeconfigOpt, configure_logging, fail
 from shadowctl.compare.events import parse_broker_url
 from shadowctl.controller.analysis import Analyzer, BatchingSource
 from shadowctl.controller.clock import SystemClock
@@ -35,25 +33,6 @@ from shadowctl.sources.outputs import MqttOutputSource
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
-
-
-def configure_logging(fmt: str, level: str = "info") -> None:
-    """structlog: JSON lines (for log collectors) or readable console lines."""
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from shadowctl.kube.refs import GVR
 from shadowctl.sim import kube_knative
 from shadowctl.sim.kube_patch import PatchError, json_patch, merge_patch
 from shadowctl.sim.kube_schema import Cause, CRDVersion, load_crd_file, prune, validate
+from shadowctl.sim.logs import log_to_stderr
 
 log = structlog.get_logger(__name__)
 
@@ -995,6 +996,7 @@ class KubeAPIEmulator(KubernetesEmulator):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m shadowctl.sim.kubeapi``: serve until interrupted."""
+    log_to_stderr()
     parser = argparse.ArgumentParser(prog="python -m shadowctl.sim.kubeapi", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from shadowctl.sim.errors import SimError
+from shadowctl.sim.logs import log_to_stderr
 from shadowctl.sim.prompts import PromptMix, RequestSpec, sample_request
 
 
@@ -258,6 +259,7 @@ def _headers(values: list[str], parser: argparse.ArgumentParser) -> dict[str, st
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m shadowctl.sim.loadgen --url URL --rps 20 --duration 60``: prints a summary."""
+    log_to_stderr()
     parser = argparse.ArgumentParser(prog="python -m shadowctl.sim.loadgen",
                                      description="Send an OpenAI-style request mix at Poisson arrivals.")
     parser.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080")

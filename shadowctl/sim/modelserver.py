@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from shadowctl.sim.errors import KnobError, SimError
+from shadowctl.sim.logs import log_to_stderr
 from shadowctl.sim.prompts import count_prompt_tokens, drifted_answer, perturb, reference_answer, tokenize
 
 TTFT_BUCKETS = (
@@ -642,6 +643,7 @@ def _knob_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m shadowctl.sim.modelserver``: serve until interrupted; prints the URL."""
+    log_to_stderr()
     parser = argparse.ArgumentParser(prog="python -m shadowctl.sim.modelserver",
                                      description="A simulated OpenAI-compatible model server with vLLM metrics.")
     parser.add_argument("--host", default="127.0.0.1")
