@@ -68,3 +68,30 @@ def test_look_end_rounds_to_the_interval_boundary() -> None:
     assert look_end(1000.004, 900.0, 10.0) == 1000.0
     assert look_end(1009.9, 900.0, 10.0) == 1000.0
     assert look_end(1000.5, 1000.2, 10.0) == 1000.5  # never before the phase started
+
+
+async def test_first_tick_of_a_look_fetches_every_policy_and_later_ticks_read_the_answers() -> None:
+    inner = FakeMetricSource()
+    source = BatchingSource(inner, idle=0.01)
+    planned = [request(f"ns/p{i}") for i in range(20)]
+    source.planner = lambda end: [r for r in planned if r.end == end]
+    await source.fetch(planned[3])
+    assert inner.calls == 1
+    assert len(inner.requests) == 20  # the whole look, for all policies
+    for r in planned:
+        await source.fetch(r)
+    assert inner.calls == 1  # every other tick of this look read the answer
+    await source.fetch(request("ns/p0", END + timedelta(seconds=10)))
+    assert inner.calls == 2  # the next look is fetched again
+
+
+def test_only_a_persons_change_wakes_a_worker() -> None:
+    from shadowctl.controller.manager import _wants_tick
+
+    base = {"metadata": {"generation": 3, "annotations": {}}, "status": {"phase": "Shadowing"}}
+    status_write = {"metadata": {"generation": 3, "annotations": {}}, "status": {"phase": "Progressing"}}
+    edit = {"metadata": {"generation": 4, "annotations": {}}}
+    command = {"metadata": {"generation": 3, "annotations": {"shadowctl.dev/command": '{"id": "x"}'}}}
+    assert not _wants_tick(base, status_write)
+    assert _wants_tick(base, edit)
+    assert _wants_tick(base, command)

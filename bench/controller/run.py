@@ -8,8 +8,10 @@ measures the real server). Reported per N: tick duration p50/p99 (wall time of o
 while all N run), round duration, API requests per tick, metric queries per round, RSS.
 
 
-Each size is run twice: with the emulated API server on the controller's event loop, and in a process
-of its own (closer to a real cluster, where the API server is elsewhere).
+Each size is run three ways: all ticks at the boundary with the emulated API server on the controller's
+event loop; the same with the API server in a process of its own (closer to a real cluster); and with
+the ticks staggered over half the interval as the manager runs them (`Manager.offset`), the first
+tick of each look fetching the whole look through the batching source's planner.
 
 Run: .venv/bin/python bench/controller/run.py [--sizes 100 1000] [--rounds 4]
 """
@@ -35,6 +37,7 @@ import yaml
 
 from shadowctl.controller.analysis import Analyzer, BatchingSource
 from shadowctl.controller.clock import FakeClock
+from shadowctl.controller.manager import Manager
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.routers.factory import router_for
@@ -118,8 +121,9 @@ async def _api_process(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, config
 
 
-async def bench(n: int, rounds: int, api_process: bool) -> dict[str, Any]:
-    """Tick `n` policies `rounds` times; the API server in this process or (`api_process`) its own."""
+async def bench(n: int, rounds: int, api_process: bool, spread_s: float) -> dict[str, Any]:
+    """Tick `n` policies `rounds` times; the API server in this process or (`api_process`) its own;
+    ticks all at once at the boundary (`spread_s` 0) or staggered over `spread_s` seconds."""
     vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
     emu = KubeAPIEmulator()
     proc: subprocess.Popen[bytes] | None = None
@@ -143,6 +147,9 @@ async def bench(n: int, rounds: int, api_process: bool) -> dict[str, Any]:
             clock = FakeClock()
             reconciler = Reconciler(kube, router_for, Analyzer(source), clock)
             refs = [ResourceRef(SHADOW_POLICY, f"p{i:04d}", "bench") for i in range(n)]
+            manager = Manager(kube, reconciler, clock)  # its plan() gives the batching source the whole look
+            source.planner = manager.plan
+            offsets = {ref.name: manager.offset(f"bench/{ref.name}", 1.0) * spread_s / 0.5 for ref in refs}
             ticks: list[float] = []
             round_s: list[float] = []
             requests_per_round: list[int] = []
@@ -153,15 +160,18 @@ async def bench(n: int, rounds: int, api_process: bool) -> dict[str, Any]:
                 # The manager ticks from its watch cache; a list stands in for it here (not counted).
                 listed = await kube.list(SHADOW_POLICY, "bench")
                 cache = {obj["metadata"]["name"]: obj for obj in listed.items}
+                manager.last_objects = {f"bench/{name}": obj for name, obj in cache.items()}
                 listed_requests = kube.request_count - before_req
 
-                async def timed(ref: ResourceRef, cache: dict[str, Any] = cache) -> float:
+                async def timed(ref: ResourceRef, cache: dict[str, Any] = cache, start: float = 0.0) -> float:
+                    await asyncio.sleep(start)  # staggered: each policy at its own offset after the boundary
                     t0 = time.perf_counter()
                     await reconciler.tick(ref, cache[ref.name])
                     return time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                durations = await asyncio.gather(*(timed(ref) for ref in refs))
+                durations = await asyncio.gather(*(timed(ref, start=offsets[ref.name] if spread_s else 0.0)
+                                                   for ref in refs))
                 round_s.append(time.perf_counter() - t0)
                 if r > 0:  # the first round starts every rollout (route writes); later rounds are steady state
                     ticks.extend(durations)
@@ -171,6 +181,7 @@ async def bench(n: int, rounds: int, api_process: bool) -> dict[str, Any]:
             return {
                 "policies": n,
                 "api_server": "separate process" if api_process else "same process",
+                "ticks": f"staggered over {spread_s:g}s" if spread_s else "all at the boundary",
                 "rounds_measured": rounds - 1,
                 "tick_p50_s": round(statistics.median(ticks), 4),
                 "tick_p99_s": round(_pct(ticks, 0.99), 4),
@@ -189,8 +200,9 @@ async def bench(n: int, rounds: int, api_process: bool) -> dict[str, Any]:
                 await emu.stop()
 
 
-async def main(sizes: list[int], rounds: int) -> list[dict[str, Any]]:
-    return [await bench(n, rounds, api_process) for api_process in (False, True) for n in sizes]
+async def main(sizes: list[int], rounds: int, spread_s: float) -> list[dict[str, Any]]:
+    runs = [(False, 0.0), (True, 0.0), (True, spread_s)]
+    return [await bench(n, rounds, api_process, spread) for api_process, spread in runs for n in sizes]
 
 
 if __name__ == "__main__":
@@ -202,8 +214,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--spread", type=float, default=5.0,
+                        help="seconds over which staggered ticks start (the manager's default: half a 10 s interval)")
     args = parser.parse_args()
-    results = asyncio.run(main(args.sizes, args.rounds))
+    results = asyncio.run(main(args.sizes, args.rounds, args.spread))
     out = REPO / "bench" / "results" / "controller.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     for row in results:

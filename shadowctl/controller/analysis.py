@@ -16,7 +16,7 @@ rate grows with the number of metric templates, not with the number of rollouts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -113,6 +113,11 @@ def look_end(now: float, since: float, interval: float) -> float:
     """
     boundary = float(int(now // interval) * interval)
     return boundary if boundary > since else now
+
+
+def plan_requests(policy: ShadowPolicy, since: float, end: float) -> list[tuple[Metric, WindowRequest | SourceConfigError]]:
+    """The metric requests of one look: every metric over (phase start, end]."""
+    return build_requests(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
 
 
 def metric_spec(metric: Metric) -> MetricSpec:
@@ -241,9 +246,7 @@ class Analyzer:
             await self.outputs.stop(policy_key)
 
     async def _fetch(self, policy: ShadowPolicy, since: float, now: float) -> dict[str, WindowResult | SourceConfigError]:
-        start = datetime.fromtimestamp(since, UTC)
-        end = datetime.fromtimestamp(look_end(now, since, policy.spec.analysis.interval.total_seconds()), UTC)
-        built = build_requests(policy, start=start, end=end)
+        built = plan_requests(policy, since, look_end(now, since, policy.spec.analysis.interval.total_seconds()))
         out: dict[str, WindowResult | SourceConfigError] = {}
         requests: list[tuple[Metric, WindowRequest]] = []
         for metric, req in built:
@@ -305,11 +308,17 @@ class BatchingSource:
     joined it for `idle` seconds, or `max_wait` seconds after it opened, whichever comes first.
     """
 
-    def __init__(self, inner: MetricSource, idle: float = 0.05, max_wait: float = 1.0) -> None:
+    def __init__(self, inner: MetricSource, idle: float = 0.05, max_wait: float = 1.0, keep_looks: int = 3) -> None:
         self.inner = inner
         self.idle = idle
         self.max_wait = max_wait
+        self.keep_looks = keep_looks
+        self.planner: Callable[[datetime], Sequence[WindowRequest]] | None = None
+        """Every request due for the look ending at a given time (set by the manager): the first request
+        of a look then fetches all of them, and the later (staggered) ticks read the answers."""
         self._batches: dict[float, _Batch] = {}
+        self._answers: dict[tuple[MetricKey, datetime, datetime], WindowResult] = {}
+        self._planned: list[datetime] = []
         self.batches = 0
 
     async def fetch(self, request: WindowRequest) -> WindowResult:
@@ -318,18 +327,29 @@ class BatchingSource:
     async def fetch_many(self, requests: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
         if not requests:
             return {}
+        found = {r.key: self._answers[(r.key, r.start, r.end)] for r in requests
+                 if (r.key, r.start, r.end) in self._answers}
+        missing = [r for r in requests if r.key not in found]
+        if not missing:
+            return found
+        end = max(r.end for r in missing)
+        extra: Sequence[WindowRequest] = ()
+        if self.planner is not None and end not in self._planned:
+            self._planned = [*self._planned, end][-self.keep_looks:]
+            extra = self.planner(end)
         loop = asyncio.get_running_loop()
-        key = max(r.end for r in requests).timestamp()
+        key = end.timestamp()
         batch = self._batches.get(key)
         if batch is None:
             batch = _Batch(done=loop.create_future(), first=loop.time())
             self._batches[key] = batch
             batch.task = loop.create_task(self._flush_when_quiet(key, batch))
-        batch.requests.extend(requests)
+        batch.requests.extend(extra)
+        batch.requests.extend(missing)
         batch.last = loop.time()
         assert batch.done is not None
         answers = await asyncio.shield(batch.done)
-        return {r.key: answers[r.key] for r in requests}
+        return {**found, **{r.key: answers[r.key] for r in missing}}
 
     async def _flush_when_quiet(self, key: float, batch: _Batch) -> None:
         loop = asyncio.get_running_loop()
@@ -349,6 +369,13 @@ class BatchingSource:
         except Exception as exc:  # pragma: no cover - the port returns failures as results
             batch.done.set_exception(exc)
             return
+        keep = set(self._planned) | {r.end for r in unique.values()}
+        cutoff = sorted(keep)[-self.keep_looks:][0]
+        self._answers = {k: v for k, v in self._answers.items() if k[2] >= cutoff}
+        for r in unique.values():
+            answer = result[r.key]
+            if not isinstance(answer, SourceUnavailable):  # an outage is asked again, not remembered
+                self._answers[(r.key, r.start, r.end)] = answer
         batch.done.set_result(result)
 
     async def check(self) -> SourceUnavailable | None:

@@ -18,16 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
+from shadowctl.controller.analysis import look_end, plan_requests
 from shadowctl.controller.clock import Clock
+from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.controller.reconciler import Reconciler
+from shadowctl.controller.status import parse_policy, read_state
 from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, ResourceRef, WatchExpired
 from shadowctl.machine import ANALYSED, Phase
 from shadowctl.policy.duration import parse_duration
+from shadowctl.policy.model import ShadowPolicy
+from shadowctl.sources.base import WindowRequest
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +53,15 @@ def _interval(obj: dict[str, Any]) -> float:
         return max(1.0, parse_duration(raw).total_seconds())
     except ValueError:
         return DEFAULT_INTERVAL
+
+
+def _wants_tick(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A change a person made (spec edit, command annotation), not our own status write: act now."""
+    o, n = old.get("metadata") or {}, new.get("metadata") or {}
+    return bool(
+        o.get("generation") != n.get("generation")
+        or (o.get("annotations") or {}).get(COMMAND_ANNOTATION) != (n.get("annotations") or {}).get(COMMAND_ANNOTATION)
+    )
 
 
 @dataclass
@@ -69,13 +86,18 @@ class Manager:
         namespace: str | None = None,
         label_selector: str | None = None,
         min_interval: float = 0.0,
+        spread: float = 0.5,
     ) -> None:
+        """`spread`: each policy ticks at a fixed offset in [0, spread x interval) after the boundary,
+        so that the ticks of many policies do not contend; their looks still end at the boundary."""
         self.kube = kube
         self.reconciler = reconciler
         self.clock = clock
         self.namespace = namespace
         self.label_selector = label_selector
         self.min_interval = min_interval
+        self.spread = spread
+        self._parsed: dict[str, tuple[str, ShadowPolicy | None]] = {}
         self.workers: dict[str, _Worker] = {}
         self.ready = asyncio.Event()
         self.last_objects: dict[str, dict[str, Any]] = {}
@@ -132,6 +154,7 @@ class Manager:
     def _upsert(self, obj: dict[str, Any]) -> str:
         key = self._key(obj)
         meta = obj.get("metadata") or {}
+        previous = self.last_objects.get(key)
         self.last_objects[key] = obj
         interval = max(self.min_interval, _interval(obj))
         worker = self.workers.get(key)
@@ -142,7 +165,8 @@ class Manager:
             self.workers[key] = worker
         else:
             worker.interval = interval
-            worker.wake.set()
+            if previous is None or _wants_tick(previous, obj):
+                worker.wake.set()
         return key
 
     async def _remove(self, key: str) -> None:
@@ -190,8 +214,51 @@ class Manager:
             fast = result is not None and result.transitioned and result.phase not in ANALYSED and \
                 result.phase not in (Phase.succeeded, Phase.rolled_back, Phase.failed, Phase.paused)
             now = self.clock.now()
-            deadline = now + min(1.0, worker.interval) if fast else next_tick(now, worker.interval)
+            if fast:
+                deadline = now + min(1.0, worker.interval)
+            else:
+                offset = self.offset(key, worker.interval)
+                deadline = next_tick(now - offset, worker.interval) + offset
             await self._sleep_until(worker, deadline)
+
+    def offset(self, key: str, interval: float) -> float:
+        """This policy's fixed tick offset after each interval boundary."""
+        return self.spread * interval * (zlib.crc32(key.encode()) % 1000) / 1000.0
+
+    def plan(self, end: datetime) -> list[WindowRequest]:
+        """Every metric request of the look that ends at `end`, for all policies this manager runs.
+
+        Given to the batching source, so that the first tick after a boundary fetches the look of all
+        rollouts in one batch (one query per metric template) and the staggered ticks after it read
+        the answers.
+        """
+        end_ts = end.timestamp()
+        out: list[WindowRequest] = []
+        for key, obj in list(self.last_objects.items()):
+            state = read_state(obj)
+            if state.phase not in ANALYSED or state.phase_started_at is None:
+                continue
+            policy = self._policy(key, obj)
+            if policy is None:
+                continue
+            interval = policy.spec.analysis.interval.total_seconds()
+            if look_end(end_ts, state.phase_started_at, interval) != end_ts:
+                continue
+            out.extend(req for _, req in plan_requests(policy, state.phase_started_at, end_ts)
+                       if isinstance(req, WindowRequest))
+        return out
+
+    def _policy(self, key: str, obj: dict[str, Any]) -> ShadowPolicy | None:
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == rv:
+            return cached[1]
+        try:
+            policy: ShadowPolicy | None = parse_policy(obj)
+        except ValidationError:
+            policy = None
+        self._parsed[key] = (rv, policy)
+        return policy
 
     async def _sleep_until(self, worker: _Worker, deadline: float) -> None:
         sleeper = asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.now())))

@@ -32,7 +32,7 @@ from shadowctl.compare.comparators import AgreementTally
 from shadowctl.controller.analysis import Analyzer, Look
 from shadowctl.controller.clock import Clock, iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION, pending_command
-from shadowctl.controller.status import build_status, comparable, read_state, read_tally
+from shadowctl.controller.status import build_status, comparable, parse_policy, read_state, read_tally
 from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, Conflict, KubeClient, KubeError, NotFound, ResourceRef
 from shadowctl.machine import (
     ANALYSED,
@@ -160,9 +160,7 @@ class Reconciler:
 
         # The spec is validated by the same model as `shadowctl validate`; an invalid spec changes nothing.
         try:
-            policy = ShadowPolicy.model_validate({k: obj[k] for k in ("apiVersion", "kind", "spec")}
-                                                 | {"metadata": {"name": meta["name"],
-                                                                 "namespace": meta.get("namespace", "default")}})
+            policy = parse_policy(obj)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
             result.error = f"invalid spec: {problems}"
@@ -253,9 +251,7 @@ class Reconciler:
             return
         meta = obj.get("metadata") or {}
         try:
-            policy = ShadowPolicy.model_validate({k: obj[k] for k in ("apiVersion", "kind", "spec")}
-                                                 | {"metadata": {"name": meta["name"],
-                                                                 "namespace": meta.get("namespace", "default")}})
+            policy = parse_policy(obj)
             router = self.router_for(policy, self.kube)
             await router.finalize(policy.spec.rollback.keep_candidate_tag)
             log.warning("rollout.abandoned", policy=policy.key, phase=state.phase.value,

@@ -14,8 +14,18 @@ from typing import Any
 from shadowctl.compare.comparators import AgreementTally
 from shadowctl.controller.clock import iso
 from shadowctl.machine import Phase, RolloutState
+from shadowctl.policy.model import ShadowPolicy
 
 CONDITION_TYPES = ("Ready", "Progressing", "Promoted")
+
+
+def parse_policy(obj: dict[str, Any]) -> ShadowPolicy:
+    """The policy model of a ShadowPolicy object from the API (raises pydantic's ValidationError)."""
+    meta = obj.get("metadata") or {}
+    return ShadowPolicy.model_validate(
+        {k: obj.get(k) for k in ("apiVersion", "kind", "spec")}
+        | {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace", "default")}}
+    )
 
 
 def read_state(obj: dict[str, Any]) -> RolloutState:
