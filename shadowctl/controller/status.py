@@ -19,13 +19,30 @@ from shadowctl.policy.model import ShadowPolicy
 CONDITION_TYPES = ("Ready", "Progressing", "Promoted")
 
 
+_PARSED: dict[tuple[str, str, str, int], ShadowPolicy] = {}
+_PARSED_LIMIT = 10_000
+
+
 def parse_policy(obj: dict[str, Any]) -> ShadowPolicy:
-    """The policy model of a ShadowPolicy object from the API (raises pydantic's ValidationError)."""
+    """The policy model of a ShadowPolicy object from the API (raises pydantic's ValidationError).
+
+    Cached by (namespace, name, uid, generation): the API server bumps the generation on every spec
+    change, and the model is frozen, so a tick does not validate an unchanged spec again.
+    """
     meta = obj.get("metadata") or {}
-    return ShadowPolicy.model_validate(
+    generation = meta.get("generation")
+    key = (str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid")), int(generation or 0))
+    if generation and meta.get("uid") and key in _PARSED:
+        return _PARSED[key]
+    policy = ShadowPolicy.model_validate(
         {k: obj.get(k) for k in ("apiVersion", "kind", "spec")}
         | {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace", "default")}}
     )
+    if generation and meta.get("uid"):
+        if len(_PARSED) >= _PARSED_LIMIT:
+            _PARSED.clear()
+        _PARSED[key] = policy
+    return policy
 
 
 def read_state(obj: dict[str, Any]) -> RolloutState:

@@ -15,6 +15,7 @@ receive the escaped body without the surrounding quotes.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 
 from shadowctl.policy.model import Metric, MetricKind, ShadowPolicy, VariantSelector
@@ -26,8 +27,10 @@ _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
 MIN_GAUGE_WINDOW = timedelta(minutes=1)
 
 
+@functools.lru_cache(maxsize=4096)
 def escape_string(value: str) -> str:
-    """The body of a PromQL double-quoted string literal that reads back as `value`."""
+    """The body of a PromQL double-quoted string literal that reads back as `value` (cached: the same
+    names are escaped at every look of every rollout)."""
     out: list[str] = []
     for ch in value:
         code = ord(ch)
