@@ -90,3 +90,23 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert wrong.exit_code == 1 and "neither an Istio VirtualService nor a Knative Service" in _text(wrong)
     bad_weight = runner.invoke(app, ["render", VS, "--weight", "101"])
     assert bad_weight.exit_code == 2
+
+
+CHAT = "chat.llm.svc.cluster.local"
+
+
+def test_a_file_with_a_destination_rule_beside_the_virtual_service(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    result = runner.invoke(app, ["render", str(repo / "istio" / "chat.yaml"), "--primary", f"{CHAT}/v1:8000",
+                                 "--candidate", f"{CHAT}/v2:8000", "--route", "chat-default", "--weight", "10"])
+    assert result.exit_code == 0, result.output
+    obj = yaml.safe_load(result.output)
+    assert obj["kind"] == "VirtualService"
+    route = next(r for r in obj["spec"]["http"] if r["name"] == "chat-default")
+    assert sorted(d["weight"] for d in route["route"]) == [10, 90]
+    two = tmp_path / "two.yaml"
+    two.write_text((repo / "istio" / "chat.yaml").read_text() + "\n---\n" + (repo / "istio" / "embed.yaml").read_text())
+    result = runner.invoke(app, ["render", str(two), "--primary", f"{CHAT}/v1", "--candidate", f"{CHAT}/v2",
+                                 "--weight", "10"])
+    assert result.exit_code == 1
+    assert "found 2 among 4 documents" in " ".join(result.output.split())

@@ -4,10 +4,11 @@ Run by hand (from the repository root):
 
     nice .venv/bin/python bench/tap/overhead.py [--requests 1000]
 
-Starts the stub model server and the tap (publishing to a Mosquitto broker when the binary
-exists) as separate processes, then, for 1 (no queueing), 50 and 200 concurrent streaming requests, measures the
-time from sending a request to its first body byte, direct and through the tap, and reports
-p50/p99 and the added latency. Results go to bench/results/tap_overhead.json.
+Starts the stub model server (100 ms to the first token, then a token every 20 ms, like a model
+server; `--ttft-ms 0 --gap-ms 0` for an instant one) and the tap (publishing to a Mosquitto broker
+when the binary exists) as separate processes, then, for 1, 50 and 200 concurrent streams,
+measures the time from sending a request to its first body byte, direct and through the tap, and
+reports p50/p99 and the added latency. Results go to bench/results/tap_overhead.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -50,15 +51,17 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 
 async def run(url: str, concurrency: int, total: int) -> list[float]:
+    """`concurrency` streams in flight at all times (closed loop); aiohttp as the client because the
+    client is the measuring instrument and must not be the bottleneck."""
     ttfb: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
         async def worker(n: int) -> None:
             for _ in range(n):
                 t0 = time.perf_counter()
-                async with client.stream("POST", url + "/v1/chat/completions", json=BODY) as r:
+                async with client.post(url + "/v1/chat/completions", json=BODY) as r:
                     first = True
-                    async for _chunk in r.aiter_raw():
+                    async for _chunk in r.content.iter_any():
                         if first:
                             ttfb.append(time.perf_counter() - t0)
                             first = False
@@ -77,12 +80,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", default="1,50,200", help="comma-separated levels")
+    parser.add_argument("--ttft-ms", type=float, default=100.0, help="the stub's time to first token")
+    parser.add_argument("--gap-ms", type=float, default=20.0, help="the stub's time between tokens")
     args = parser.parse_args()
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp())
     try:
         stub_port, tap_port = free_port(), free_port()
-        procs.append(subprocess.Popen([PY, str(ROOT / "bench/tap/stub_server.py"), str(stub_port)]))
+        procs.append(subprocess.Popen([PY, str(ROOT / "bench/tap/stub_server.py"), str(stub_port),
+                                       str(args.ttft_ms), str(args.gap_ms)]))
         tap_cmd = [PY, "-c", "from shadowctl.cli.app import main; main()", "tap", "--listen", f"127.0.0.1:{tap_port}",
                    "--upstream", f"http://127.0.0.1:{stub_port}", "--service", "bench/chat"]
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -96,7 +102,8 @@ def main() -> None:
                                       stderr=subprocess.DEVNULL))
         wait_port(stub_port)
         wait_port(tap_port)
-        results: dict[str, object] = {"requests_per_run": args.requests, "publishing": len(procs) == 3}
+        results: dict[str, object] = {"requests_per_run": args.requests, "publishing": len(procs) == 3,
+                                      "stub_ttft_ms": args.ttft_ms, "stub_gap_ms": args.gap_ms}
         for conc in (int(c) for c in args.concurrency.split(",")):
             direct = asyncio.run(run(f"http://127.0.0.1:{stub_port}", conc, args.requests))
             tapped = asyncio.run(run(f"http://127.0.0.1:{tap_port}", conc, args.requests))

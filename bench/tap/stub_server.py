@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
@@ -12,11 +13,19 @@ CHUNKS = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": 
 LAST = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
 
 
+TTFT_S = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
+GAP_S = float(sys.argv[3]) / 1000 if len(sys.argv) > 3 else 0.0
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     await request.read()
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    for chunk in CHUNKS:
+    if TTFT_S:
+        await asyncio.sleep(TTFT_S)  # a model server computes before its first token
+    for i, chunk in enumerate(CHUNKS):
+        if GAP_S and i:
+            await asyncio.sleep(GAP_S)  # ... and paces the tokens after it
         await response.write(chunk)
     await response.write(LAST)
     await response.write_eof()

@@ -69,9 +69,15 @@ def _load(file: Path) -> dict[str, Any]:
         raise fail(f"{file}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise fail(f"{file}: not valid YAML: {exc}") from None
-    if len(docs) != 1 or not isinstance(docs[0], dict):
-        raise fail(f"{file}: expected exactly one object, found {len(docs)} documents")
-    return docs[0]
+    # A file may hold a DestinationRule (or anything else) beside the object: take the routing object.
+    routing = [d for d in docs if isinstance(d, dict) and d.get("kind") in ("VirtualService", "Service")]
+    if len(routing) == 1:
+        return routing[0]
+    if len(docs) == 1 and isinstance(docs[0], dict):
+        return docs[0]
+    kinds = ", ".join(str(d.get("kind")) if isinstance(d, dict) else type(d).__name__ for d in docs) or "none"
+    raise fail(f"{file}: expected one VirtualService or Knative Service, found {len(routing)} among "
+               f"{len(docs)} documents ({kinds}); put the one to render in a file of its own")
 
 
 def _revisions_in(obj: dict[str, Any]) -> set[str] | None:
