@@ -54,7 +54,8 @@ async def test_absent_broker_then_recovery(stub: OpenAIStub, mosquitto_broker: M
     ):
         assert await _burst(client, tap.url, 10, "down-") == [200] * 10
         dropped = tap.sample("shadowctl_tap_events_dropped_total", {"reason": "queue_full"})
-        assert dropped == 7  # 3 fit in the queue
+        # 3 fit in the queue; a 4th may be held by the publisher's connect attempt when the burst arrives.
+        assert dropped in (6, 7)
         assert tap.sample("shadowctl_tap_broker_connected") == 0
 
         broker.start()  # the broker comes back on the same port
@@ -62,11 +63,12 @@ async def test_absent_broker_then_recovery(stub: OpenAIStub, mosquitto_broker: M
             assert tap.publisher is not None
             await asyncio.wait_for(tap.publisher.connected.wait(), BOUND_S)
             assert await _burst(client, tap.url, 2, "up-") == [200, 200]
-            await eventually(lambda: len(got.messages) >= 2, what="events after recovery")
-        ids = {parse_event(m).request_id for m in got.messages}
-        assert {"up-0", "up-1"} <= ids
+            await eventually(lambda: {"up-0", "up-1"} <= {parse_event(m).request_id for m in got.messages},
+                             what="events after recovery")
+            await eventually(lambda: tap.sample("shadowctl_tap_events_published_total") >= (10 - dropped) + 2,
+                             what="the queued events published")
         # the three events queued while the broker was down were published once it was back
-        assert tap.sample("shadowctl_tap_events_published_total") == 5
+        assert tap.sample("shadowctl_tap_events_published_total") == (10 - dropped) + 2
 
 
 async def test_frozen_broker_does_not_slow_requests(stub: OpenAIStub, mosquitto: MosquittoBroker) -> None:

@@ -241,9 +241,10 @@ class TapProxy:
         try:
             await response.prepare(request)
             async for chunk in upstream.aiter_raw():
+                arrived = time.perf_counter()
+                await response.write(chunk)  # the user's bytes first; parsing for the event after
                 if acc is not None and acc.feed(chunk) and ttft is None:
-                    ttft = time.perf_counter() - t0
-                await response.write(chunk)
+                    ttft = arrived - t0
             await response.write_eof()
         except (ClientConnectionResetError, ConnectionResetError, asyncio.CancelledError) as exc:
             error = "client disconnected"
