@@ -402,3 +402,28 @@ async def test_knative_split_and_tag_routes(
         assert set(await send(session, mesh, 5, Host="candidate-chat.llm")) == {"candidate"}  # tag kept at 0%
     finally:
         await mesh.stop()
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_not_an_error(
+    kube_emulator: KubeAPIEmulator, kube: KubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = SimModelServer("m", knobs=ModelKnobs(time_scale=0.2, output_words_median=40))
+    await model.start()
+    kube_emulator.put_object(VIRTUAL_SERVICE, vs([{"route": [{"destination": {"host": "chat", "subset": "model"}}]}]))
+    mesh = MeshSimulator(kube, [SRC], upstreams={("chat", "model"): model.url})
+    await mesh.start()
+    await mesh.wait_ready()
+    try:
+        body = {"prompt": "Explain retries.", "stream": True, "max_tokens": 200}
+        for _ in range(3):
+            async with aiohttp.ClientSession() as client, client.post(mesh.url + "/v1/completions", json=body) as resp:
+                await resp.content.readline()  # the first event, then hang up mid-stream
+        await asyncio.sleep(0.5)  # the mesh notices the closed transport on its next write
+        async with aiohttp.ClientSession() as client, client.post(mesh.url + "/v1/completions",
+                                                                  json={"prompt": "ok"}) as resp:
+            assert resp.status == 200
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("aiohttp")]
+        assert errors == []  # no "Error handling request" traceback from the mesh
+    finally:
+        await mesh.stop()
+        await model.stop()

@@ -746,9 +746,12 @@ class MeshSimulator:
                 out_headers[DEST_HEADER] = key
                 response = web.StreamResponse(status=up.status, reason=up.reason, headers=out_headers)
                 await response.prepare(request)
-                async for chunk in up.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
+                try:
+                    async for chunk in up.content.iter_any():
+                        await response.write(chunk)
+                    await response.write_eof()
+                except (aiohttp.ClientConnectionResetError, ConnectionResetError):
+                    pass  # the client hung up (Envoy just closes the upstream too): nothing to tell it
                 return response
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.stats.upstream_errors += 1

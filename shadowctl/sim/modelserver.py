@@ -616,7 +616,10 @@ class SimModelServer:
             await response.write_eof()
             finish = plan.finish_reason
             return response
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
+            finish = "abort"  # the client hung up mid-stream (vLLM counts it the same way); not a server error
+            return response
+        except asyncio.CancelledError:
             finish = "abort"
             raise
         finally:
