@@ -53,6 +53,12 @@ BASE_KNOBS = ModelKnobs(time_scale=1.0, ttft_median_s=0.12, ttft_sigma=0.3, tpot
                         output_words_median=24, noise_rate=0.01, max_running=512)
 
 
+async def _bounded(awaitable: Any, seconds: float = 10.0) -> None:
+    """Await a shutdown step, giving up after `seconds` (errors while stopping are not interesting)."""
+    with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(asyncio.ensure_future(awaitable), seconds)
+
+
 @dataclass
 class _Tap:
     proxy: TapProxy
@@ -201,27 +207,23 @@ class Environment:
             else:
                 self.controller.kill()
                 self.controller.wait(5)
+        # Each piece gets a bounded time to stop: a demo must end even if a handler is stuck
+        # (aiohttp waits up to a minute per server for requests in flight).
         if self.mesh is not None:
-            with contextlib.suppress(Exception):
-                await self.mesh.stop()
+            await _bounded(self.mesh.stop())
         for tap in self.taps.values():
             tap.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await tap.task
-            with contextlib.suppress(Exception):
-                await tap.runner.cleanup()
-            with contextlib.suppress(Exception):
-                await tap.proxy.client.aclose()
-                if tap.proxy.mirror_client is not None:
-                    await tap.proxy.mirror_client.aclose()
+            await _bounded(tap.task)
+            await _bounded(tap.runner.cleanup())
+            await _bounded(tap.proxy.client.aclose())
+            if tap.proxy.mirror_client is not None:
+                await _bounded(tap.proxy.mirror_client.aclose())
         for server in self.servers.values():
-            with contextlib.suppress(Exception):
-                await server.stop()
+            await _bounded(server.stop())
         if self.kube is not None:
-            await self.kube.close()
+            await _bounded(self.kube.close())
         if self.emulator is not None:
-            with contextlib.suppress(Exception):
-                await self.emulator.stop()
+            await _bounded(self.emulator.stop())
         for proc in (self.prometheus, self.mosquitto):
             if proc is not None:
                 await proc.stop()
