@@ -42,7 +42,6 @@ class RunOptions:
     namespace: str | None
     selector: str | None
     prometheus: str | None
-    prometheus_token: str | None
     events_mqtt: str | None
     listen: str
     leader_elect: bool
@@ -175,7 +174,7 @@ def run(
     if log_format not in ("json", "console"):
         raise fail("--log-format must be json or console", 2)
     configure_logging(log_format)
-    opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, None, events_mqtt, listen, leader_elect,
+    opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
                       lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval)
 
     async def _main() -> None:

@@ -97,7 +97,6 @@ class Manager:
         self.label_selector = label_selector
         self.min_interval = min_interval
         self.spread = spread
-        self._parsed: dict[str, tuple[str, ShadowPolicy | None]] = {}
         self.workers: dict[str, _Worker] = {}
         self.ready = asyncio.Event()
         self.last_objects: dict[str, dict[str, Any]] = {}
@@ -234,11 +233,11 @@ class Manager:
         """
         end_ts = end.timestamp()
         out: list[WindowRequest] = []
-        for key, obj in list(self.last_objects.items()):
+        for obj in list(self.last_objects.values()):
             state = read_state(obj)
             if state.phase not in ANALYSED or state.phase_started_at is None:
                 continue
-            policy = self._policy(key, obj)
+            policy = self._policy(obj)
             if policy is None:
                 continue
             interval = policy.spec.analysis.interval.total_seconds()
@@ -248,17 +247,12 @@ class Manager:
                        if isinstance(req, WindowRequest))
         return out
 
-    def _policy(self, key: str, obj: dict[str, Any]) -> ShadowPolicy | None:
-        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-        cached = self._parsed.get(key)
-        if cached is not None and cached[0] == rv:
-            return cached[1]
+    @staticmethod
+    def _policy(obj: dict[str, Any]) -> ShadowPolicy | None:
         try:
-            policy: ShadowPolicy | None = parse_policy(obj)
+            return parse_policy(obj)  # cached by generation there
         except ValidationError:
-            policy = None
-        self._parsed[key] = (rv, policy)
-        return policy
+            return None
 
     async def _sleep_until(self, worker: _Worker, deadline: float) -> None:
         sleeper = asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.now())))
