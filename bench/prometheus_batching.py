@@ -3,16 +3,20 @@
     .venv/bin/python bench/prometheus_batching.py [--rollouts 1,10,50,200] [--repeat 5]
 
 For R rollouts (each in its own namespace, 30 minutes of vLLM and DCGM series at
-15s) it times one look of three metrics (vllm-ttft, vllm-errors,
-gpu-cost-per-1k-tokens) answered by `fetch_many` (batched) and by one `fetch`
-per request (3R queries, all concurrently under the same semaphore), and writes
-bench/results/prometheus_batching-<max-batch>.json.
+15s; phases started in 10 different minutes) it times one look of three metrics
+(vllm-ttft, vllm-errors, gpu-cost-per-1k-tokens) answered three ways, side by side:
+`grouped` (`fetch_many` as the controller calls it: presets grouped by their variant
+labels, one part per window length; the gauge tagged per rollout), `tagged` (`fetch_many`
+with the grouped forms removed: every rollout its own tagged part, at most max-batch per
+query) and `single` (one `fetch` per request, 3R queries, all concurrently under the same
+semaphore), and writes bench/results/prometheus_batching-<max-batch>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -78,11 +82,13 @@ def requests_for(rollouts: int) -> list[WindowRequest]:
     return out
 
 
-async def look(url: str, reqs: list[WindowRequest], batched: bool, max_batch: int) -> tuple[float, int]:
+async def look(url: str, reqs: list[WindowRequest], mode: str, max_batch: int) -> tuple[float, int]:
     src = PrometheusMetricSource(url, timeout=60, max_batch=max_batch)
+    if mode == "tagged":
+        reqs = [dataclasses.replace(r, grouped=None) for r in reqs]
     try:
         started = time.perf_counter()
-        if batched:
+        if mode != "single":
             results = await src.fetch_many(reqs)
         else:
             answers = await asyncio.gather(*(src.fetch(r) for r in reqs))
@@ -100,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rollouts", default="1,10,50,200")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--max-batch", type=int, default=20, help="rollouts per batched query")
+    parser.add_argument("--max-batch", type=int, default=20, help="parts per batched query")
     args = parser.parse_args()
     counts = [int(x) for x in args.rollouts.split(",")]
     rows: list[dict[str, Any]] = []
@@ -111,12 +117,12 @@ def main() -> None:
         try:
             for n in counts:
                 reqs = requests_for(n)
-                for batched in (True, False):
+                for mode in ("grouped", "tagged", "single"):
                     times, queries = [], 0
                     for _ in range(args.repeat):
-                        elapsed, queries = asyncio.run(look(server.url, reqs, batched, args.max_batch))
+                        elapsed, queries = asyncio.run(look(server.url, reqs, mode, args.max_batch))
                         times.append(elapsed)
-                    row = {"rollouts": n, "batched": batched, "max_batch": args.max_batch, "queries": queries,
+                    row = {"rollouts": n, "mode": mode, "max_batch": args.max_batch, "queries": queries,
                            "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4)}
                     rows.append(row)
                     print(json.dumps(row))

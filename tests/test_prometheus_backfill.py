@@ -8,6 +8,7 @@ expected number below is exact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import urllib.parse
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 
 from shadowctl.cli.app import app
 from shadowctl.policy.model import ShadowPolicy
+from shadowctl.policy.presets import PRESETS
 from shadowctl.sources.base import (
     CounterWindow,
     CountWindow,
@@ -152,6 +154,8 @@ def make_policy(
 
 TTFT = {"name": "ttft", "preset": "vllm-ttft"}
 ERRORS = {"name": "errors", "preset": "vllm-errors", "kind": "ratio", "statistic": "rate", "margin": "1pp"}
+TOKENS = {"name": "tokens", "preset": "vllm-generation-tokens", "kind": "counter", "statistic": "rate"}
+ISTIO_ERRORS = {"name": "istio", "preset": "istio-errors", "kind": "ratio", "statistic": "rate", "margin": "1pp"}
 COST = {"name": "cost", "preset": "gpu-cost-per-1k-tokens", "kind": "gauge", "statistic": "mean"}
 
 
@@ -349,18 +353,105 @@ async def test_one_query_per_metric_for_many_rollouts(
         assert cost.primary.times[0] == T0 + start + 30 and cost.primary.times[-1] == T0 + 1800
 
 
-async def test_batches_are_capped_by_max_batch(server: PrometheusServer) -> None:
+CUSTOM_TTFT = {
+    "name": "ttft",
+    "kind": "latency-histogram",
+    "statistic": "p95",
+    "query": "increase(vllm:time_to_first_token_seconds_bucket{ {{ selector }} }[{{ window }}])",
+}
+
+
+async def test_custom_queries_are_batched_up_to_max_batch(server: PrometheusServer) -> None:
+    """A custom query has no grouped form: its rollouts share tagged queries of at most max_batch each."""
     src = PrometheusMetricSource(server.url, max_batch=4)
     try:
         reqs = [
             build_request(p, p.spec.analysis.metrics[0], start=at(0), end=at(1800))
-            for p in (make_policy([TTFT], name=f"r{i}") for i in range(10))
+            for p in (make_policy([CUSTOM_TTFT], name=f"r{i}") for i in range(10))
         ]
+        assert all(r.grouped is None for r in reqs)
         results = await src.fetch_many(reqs)
     finally:
         await src.aclose()
     assert src.queries_sent == 3
     assert all(isinstance(r, VariantPair) for r in results.values())
+
+
+async def test_presets_for_many_rollouts_take_one_query_per_metric(server: PrometheusServer) -> None:
+    """40 rollouts whose phases began in 4 different intervals: one query per preset (max_batch caps
+    the number of distinct window lengths in one query, not rollouts)."""
+    src = PrometheusMetricSource(server.url, max_batch=4)
+    try:
+        reqs = []
+        for i in range(40):
+            pol = make_policy([TTFT, ERRORS], name=f"r{i}")
+            start = at(300 * (i % 4) + 7)  # moved up to the next 30 s boundary
+            reqs += [build_request(pol, m, start=start, end=at(1800)) for m in pol.spec.analysis.metrics]
+        assert all(r.grouped is not None for r in reqs)
+        results = await src.fetch_many(reqs)
+        assert src.queries_sent == 2  # one per preset, for 40 rollouts
+        odd = [build_request(pol, pol.spec.analysis.metrics[0], start=at(30 * i), end=at(1800))
+               for i, pol in enumerate(make_policy([TTFT], name=f"x{i}") for i in range(10))]
+        await src.fetch_many(odd)
+        assert src.queries_sent == 2 + 3  # 10 window lengths, at most 4 per query
+    finally:
+        await src.aclose()
+    for i in range(40):
+        steps = (1800 - 300 * (i % 4) - 30) // STEP
+        ttft = results[MetricKey(f"llm/r{i}", "ttft")]
+        assert isinstance(ttft, VariantPair)
+        assert ttft.primary == HistogramWindow((0.1, 0.5, 1.0, math.inf), expected_hist(P_INC, steps))
+
+
+def _per_rollout(req: WindowRequest) -> WindowRequest:
+    return dataclasses.replace(req, grouped=None)
+
+
+@pytest.mark.parametrize("metric", [TTFT, ERRORS, TOKENS, ISTIO_ERRORS], ids=lambda m: m["name"])
+async def test_grouped_answers_equal_per_rollout_answers_look_after_look(
+    server: PrometheusServer, metric: dict[str, Any]
+) -> None:
+    """Looks every 30 s give exactly what a per-rollout query over the same window gives, across the
+    candidate's counter reset at 900 s, with decoy pods and other rollouts' windows in the same query."""
+    grouped = PrometheusMetricSource(server.url)
+    plain = PrometheusMetricSource(server.url)
+    try:
+        for end in range(630, 1231, 30):
+            reqs = [request(metric, s, end, name=f"r{j}") for j, s in enumerate((0, 300, 600, end - 30))]
+            assert all(r.grouped is not None for r in reqs)
+            got = await grouped.fetch_many(reqs)
+            for r in reqs:
+                want = await plain.fetch(_per_rollout(r))
+                assert isinstance(got[r.key], VariantPair), (end, got[r.key])
+                assert got[r.key] == want, (end, r.key)
+        assert grouped.queries_sent == 21  # one per look
+        assert plain.queries_sent == 21 * 4
+    finally:
+        await grouped.aclose()
+        await plain.aclose()
+
+
+async def test_window_starts_move_to_the_next_interval_boundary() -> None:
+    """Windows ending on a boundary start on one, so that every rollout's window is whole intervals."""
+    req = request(TTFT, 615, 1800)
+    assert req.start == at(630)
+    assert request(TTFT, 615, 1810).start == at(615)  # not ending on a boundary: as asked
+    assert request(TTFT, 1795, 1800).start == at(1795)  # would become empty: as asked
+    assert request(TTFT, 1795, 1800).grouped is not None
+
+
+async def test_unaligned_windows_and_missing_series_in_a_grouped_batch(source: PrometheusMetricSource) -> None:
+    reqs = [
+        request(TTFT, 0, 1805, name="odd"),  # ends off the boundary: answered per rollout
+        request(TTFT, 0, 1800, name="even"),
+        request(TTFT, 0, 1800, name="ghost", candidate={"workload": "chat-v9"}),
+    ]
+    results = await source.fetch_many(reqs)
+    odd, even, ghost = (results[r.key] for r in reqs)
+    assert isinstance(odd, VariantPair) and isinstance(even, VariantPair)
+    assert even.primary == HistogramWindow((0.1, 0.5, 1.0, math.inf), expected_hist(P_INC, 120))
+    assert isinstance(ghost, NoData) and ghost.variant is Variant.candidate
+    assert ghost.reason == "the query returned no series" and "chat-v9" in ghost.query
 
 
 async def test_duplicate_keys_are_refused(source: PrometheusMetricSource) -> None:
@@ -456,3 +547,18 @@ def test_any_text_reads_back_exactly(server: PrometheusServer, value: str) -> No
     with urllib.request.urlopen(f"{server.url}/api/v1/query?{query}", timeout=10) as resp:
         rows = json.loads(resp.read())["data"]["result"]
     assert rows == [{"metric": {"x": value, "m": "yes"}, "value": [T0, "1"]}]
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.values() if p.grouped() is not None))
+async def test_every_grouped_preset_is_valid_promql(source: PrometheusMetricSource, preset: str) -> None:
+    """The grouped form of every preset (a text rewrite of its template) is accepted by Prometheus."""
+    kind = PRESETS[preset].kind.value
+    metric: dict[str, Any] = {"name": "m", "preset": preset, "kind": kind}
+    if kind == "ratio":
+        metric |= {"statistic": "rate", "margin": "1pp"}
+    elif kind == "counter":
+        metric |= {"statistic": "rate"}
+    req = request(metric, 0, 1800)
+    assert req.grouped is not None
+    result = await source.fetch(req)
+    assert not isinstance(result, SourceUnavailable), result

@@ -9,6 +9,7 @@ Prometheus cannot produce (the boundary mocked is the HTTP connection).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -307,3 +308,76 @@ def test_auth_options_are_checked() -> None:
         PrometheusMetricSource("http://x", bearer_token="t", basic_auth=("a", "b"))
     with pytest.raises(SourceConfigError, match="not an http"):
         PrometheusMetricSource("ftp://x")
+
+
+@pytest.fixture
+def threaded_recorder() -> Iterator[dict[str, Any]]:
+    """Like recording_server, in a thread: the CLI runs its own event loop and blocks the test's."""
+    state: dict[str, Any] = {"headers": []}
+    body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            state["headers"].append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_cli_query_reads_credentials_from_files(threaded_recorder: dict[str, Any], tmp_path: Any) -> None:
+    """`query` (and `run`, which shares the options) sends the credentials the files hold."""
+    import yaml
+
+    recording_server = threaded_recorder
+    pol = policy([{"name": "errors", "preset": "vllm-errors", "kind": "ratio", "statistic": "rate", "margin": "1pp"}],
+                 url=recording_server["url"])
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(pol.model_dump(mode="json", by_alias=True, exclude_defaults=True)))
+    auth = tmp_path / "auth"
+    auth.write_text("ann:pw:with:colons\n")
+    result = CliRunner().invoke(app, ["query", str(path), "-o", "json", "--prometheus-basic-auth-file", str(auth)], env={})
+    assert result.exit_code == 0, result.output
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    result = CliRunner().invoke(app, ["query", str(path), "-o", "json", "--prometheus-token-file", str(token)], env={})
+    assert result.exit_code == 0, result.output
+    basic, bearer = recording_server["headers"]
+    assert basic["authorization"] == "Basic " + base64.b64encode(b"ann:pw:with:colons").decode()
+    assert bearer["authorization"] == "Bearer s3cret"
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        ("no-colon", [], "expected USER:PASSWORD"),
+        ("", [], "the file is empty"),
+        ("a:b", ["--prometheus-token-file", "TOKEN"], "not both"),
+    ],
+)
+def test_cli_credential_files_are_checked(tmp_path: Any, content: str, extra: list[str], message: str) -> None:
+    auth = tmp_path / "auth"
+    auth.write_text(content)
+    token = tmp_path / "token"
+    token.write_text("t")
+    args = [a.replace("TOKEN", str(token)) for a in extra]
+    for command in (["query", "policies/chat-istio.yaml"], ["run"]):
+        result = CliRunner().invoke(
+            app, [*command, "--prometheus", "http://127.0.0.1:1", "--prometheus-basic-auth-file", str(auth), *args],
+            env={},
+        )
+        assert result.exit_code == 2, (command, result.output)
+        assert message in " ".join(result.output.split())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +12,15 @@ import typer
 from rich.table import Table
 
 from shadowctl.cli.common import OutputFormat, OutputOpt, console, emit, fail
+from shadowctl.cli.prom_opts import (
+    URL_ENV,
+    BasicAuthFileOpt,
+    CaFileOpt,
+    InsecureOpt,
+    TimeoutOpt,
+    TokenFileOpt,
+    connection_options,
+)
 from shadowctl.policy import PolicyError, load_policies
 from shadowctl.policy.duration import format_duration, parse_duration
 from shadowctl.policy.model import Metric, ShadowPolicy
@@ -33,8 +41,6 @@ from shadowctl.sources.base import (
 )
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.promql import build_requests
-
-URL_ENV = "SHADOWCTL_PROMETHEUS_URL"
 
 
 def _number(value: float) -> float | None:
@@ -148,16 +154,11 @@ def query(
         typer.Option("--prometheus", envvar=URL_ENV, show_default=False,
                      help=f"Prometheus (or Thanos/Mimir) URL; default: the policy's, then ${URL_ENV}."),
     ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option("--token-file", help="File holding a bearer token.", show_default=False)
-    ] = None,
-    ca_file: Annotated[
-        Path | None, typer.Option("--ca-file", help="CA bundle to verify the server.", show_default=False)
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure-skip-tls-verify", help="Do not verify the server's certificate.")
-    ] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per query.", min=0.1)] = 10.0,
+    token_file: TokenFileOpt = None,
+    basic_auth_file: BasicAuthFileOpt = None,
+    ca_file: CaFileOpt = None,
+    insecure: InsecureOpt = False,
+    timeout: TimeoutOpt = 10.0,
     output: OutputOpt = OutputFormat.table,
 ) -> None:
     """Run a policy's metric queries and print what primary and candidate did.
@@ -178,14 +179,7 @@ def query(
         policies = load_policies(policy_file)
     except PolicyError as exc:
         raise fail(str(exc)) from None
-    token = None
-    if token_file is not None:
-        try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise fail(f"--token-file {token_file}: {exc.strerror or exc}", 2) from None
-    if ca_file is not None and not os.path.isfile(ca_file):
-        raise fail(f"--ca-file {ca_file}: no such file", 2)
+    options = connection_options(token_file, basic_auth_file, ca_file, insecure, timeout)
 
     known = {m.name for p in policies for m in p.spec.analysis.metrics}
     unknown = sorted(set(metric or []) - known)
@@ -204,10 +198,6 @@ def query(
             rows_order.append((pol, m, req))
             if isinstance(req, WindowRequest):
                 work.setdefault(url, []).append((pol, m, req))
-    options: dict[str, Any] = {
-        "bearer_token": token, "ca_file": str(ca_file) if ca_file else None,
-        "insecure_skip_verify": insecure, "timeout": timeout,
-    }
     try:
         results = asyncio.run(_run(work, options))
     except SourceConfigError as exc:

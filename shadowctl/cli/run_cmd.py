@@ -8,14 +8,24 @@ import os
 import signal
 import socket
 import uuid
-from dataclasses import dataclass
-from typing import Annotated
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 import httpx
 import structlog
 import typer
 
 from shadowctl.cli.common import ContextOpt, KubeconfigOpt, configure_logging, fail
+from shadowctl.cli.prom_opts import (
+    URL_ENV,
+    BasicAuthFileOpt,
+    CaFileOpt,
+    InsecureOpt,
+    TimeoutOpt,
+    TokenFileOpt,
+    connection_options,
+)
 from shadowctl.compare.events import parse_broker_url
 from shadowctl.controller.analysis import Analyzer, BatchingSource
 from shadowctl.controller.clock import SystemClock
@@ -51,6 +61,8 @@ class RunOptions:
     renew_deadline: float
     retry_period: float
     min_interval: float
+    prometheus_options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments for PrometheusMetricSource: credentials, TLS, timeout, max_batch."""
 
 
 async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) -> None:
@@ -59,7 +71,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
     clock = SystemClock()
     kube = await KubeClient.connect(kubeconfig=opts.kubeconfig, context=opts.context)
     http = httpx.AsyncClient()
-    source = BatchingSource(PrometheusMetricSource(opts.prometheus)) if opts.prometheus else None
+    source = BatchingSource(PrometheusMetricSource(opts.prometheus, **opts.prometheus_options)) if opts.prometheus else None
 
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
         return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"))
@@ -147,8 +159,16 @@ def run(
     selector: Annotated[str | None, typer.Option("-l", "--selector",
                                                   help="Only policies with these labels (shard across controllers).")]
     = None,
-    prometheus: Annotated[str | None, typer.Option("--prometheus", envvar="SHADOWCTL_PROMETHEUS_URL",
+    prometheus: Annotated[str | None, typer.Option("--prometheus", envvar=URL_ENV,
                                                     help="Prometheus (or Thanos/Mimir) base URL.")] = None,
+    prometheus_token_file: TokenFileOpt = None,
+    prometheus_basic_auth_file: BasicAuthFileOpt = None,
+    prometheus_ca_file: CaFileOpt = None,
+    prometheus_insecure: InsecureOpt = False,
+    prometheus_timeout: TimeoutOpt = 10.0,
+    prometheus_max_batch: Annotated[int, typer.Option(
+        "--prometheus-max-batch", min=1,
+        help="Most parts in one batched query (window lengths for presets, rollouts for custom queries).")] = 20,
     events_mqtt: Annotated[str | None, typer.Option("--events-mqtt", envvar="SHADOWCTL_EVENTS_MQTT",
                                                      help="Broker for the rollout events topic, mqtt://host:port.")]
     = None,
@@ -174,8 +194,11 @@ def run(
     if log_format not in ("json", "console"):
         raise fail("--log-format must be json or console", 2)
     configure_logging(log_format)
+    prom = connection_options(prometheus_token_file, prometheus_basic_auth_file, prometheus_ca_file,
+                              prometheus_insecure, prometheus_timeout)
+    prom["max_batch"] = prometheus_max_batch
     opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
-                      lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval)
+                      lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom)
 
     async def _main() -> None:
         stop = asyncio.Event()

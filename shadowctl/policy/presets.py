@@ -56,6 +56,33 @@ class Preset:
     price_scaled: bool = False
     """The value is multiplied by the policy's gpuPricePerHour (a cost preset)."""
 
+    @property
+    def group_labels(self) -> tuple[str, ...]:
+        """The labels that tell one variant's series from another's in this preset's metric family."""
+        return GROUP_LABELS[self.selector]
+
+    def grouped(self) -> tuple[str, str | None] | None:
+        """``query`` and ``error_query`` aggregated by :attr:`group_labels` as well, so that one query
+        answers many rollouts; None for gauges (sampled per interval, answered per rollout)."""
+        if self.kind is MetricKind.gauge:
+            return None
+        by = ", ".join(self.group_labels)
+        return _group(self.query, by), (_group(self.error_query, by) if self.error_query is not None else None)
+
+
+GROUP_LABELS: Mapping[SelectorStyle, tuple[str, ...]] = MappingProxyType({
+    SelectorStyle.pod: ("namespace", "pod"),
+    SelectorStyle.istio: ("destination_workload_namespace", "destination_workload", "destination_version"),
+})
+
+
+def _group(template: str, by: str) -> str:
+    """Add ``by`` to every top-level ``sum`` of a preset's template (they all aggregate with sum)."""
+    out = template.replace("sum by (le) (", f"sum by (le, {by}) (").replace("sum(", f"sum by ({by}) (")
+    if out.count("sum by (") != template.count("sum"):
+        raise ValueError(f"cannot group {template!r}")  # pragma: no cover - checked for every preset by a test
+    return out
+
 
 def _histogram(metric: str, *alternatives: str) -> str:
     parts = [f"sum by (le) (increase({m}_bucket{{ {{{{ selector }}}} }}[{{{{ window }}}}]))" for m in (metric, *alternatives)]

@@ -191,6 +191,41 @@ class VariantQuery:
 
 
 @dataclass(frozen=True)
+class SeriesMatch:
+    """Which series of a grouped answer belong to one variant: labels equal to values, and one label
+    matching a regular expression (PromQL's anchored RE2, which Python's ``re.fullmatch`` reads the same
+    way for the patterns shadowctl writes)."""
+
+    equals: tuple[tuple[str, str], ...]
+    regex: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class GroupedForm:
+    """The same metric as one query for many rollouts: the template aggregated ``by`` the labels that
+    tell variants apart, the label that scopes it (a namespace label) and how to find each variant.
+
+    ``value`` and ``failures`` keep the ``{{ selector }}`` and ``{{ window }}`` placeholders: the source
+    fills them for the whole batch (the namespaces and pods of the batch; one window length).
+    """
+
+    @property
+    def scope_label(self) -> str:
+        return self.labels[0]
+
+    value: str
+    failures: str | None
+    labels: tuple[str, ...]
+    """The labels the query is aggregated by; the first scopes it (a namespace label)."""
+    namespace: str
+    primary: SeriesMatch
+    candidate: SeriesMatch
+
+    def __getitem__(self, variant: Variant) -> SeriesMatch:
+        return self.primary if variant is Variant.primary else self.candidate
+
+
+@dataclass(frozen=True)
 class WindowRequest:
     """One metric of one rollout, rendered for both variants, over [start, end].
 
@@ -210,6 +245,8 @@ class WindowRequest:
     step: timedelta = timedelta(seconds=30)
     scale: float = 1.0
     unit: str = ""
+    grouped: GroupedForm | None = None
+    """Set for presets whose series carry the labels that tell variants apart (see the Prometheus source)."""
 
     def __post_init__(self) -> None:
         if self.end <= self.start:

@@ -16,12 +16,22 @@ receive the escaped body without the surrounding quotes.
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timedelta
+import math
+import re
+from datetime import UTC, datetime, timedelta
 
 from shadowctl.policy.model import Metric, MetricKind, ShadowPolicy, VariantSelector
 from shadowctl.policy.presets import Preset, SelectorStyle, get_preset
 from shadowctl.policy.templates import render
-from shadowctl.sources.base import MetricKey, SourceConfigError, Variant, VariantQuery, WindowRequest
+from shadowctl.sources.base import (
+    GroupedForm,
+    MetricKey,
+    SeriesMatch,
+    SourceConfigError,
+    Variant,
+    VariantQuery,
+    WindowRequest,
+)
 
 _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
 MIN_GAUGE_WINDOW = timedelta(minutes=1)
@@ -94,6 +104,45 @@ def selector(style: SelectorStyle, namespace: str, sel: VariantSelector) -> str 
     if sel.subset:
         return f"{ns}, destination_version={quote(sel.subset)}"
     return None
+
+
+def series_match(style: SelectorStyle, namespace: str, sel: VariantSelector) -> SeriesMatch | None:
+    """How to find one variant's series in a grouped answer (the same choice as :func:`selector`)."""
+    if style is SelectorStyle.pod:
+        pattern = _pod_pattern(sel)
+        if pattern is None:
+            return None
+        try:
+            re.compile(pattern)
+        except re.error:
+            return None  # RE2 syntax Python does not read: answered per rollout instead
+        return SeriesMatch((("namespace", namespace),), ("pod", pattern))
+    ns = ("destination_workload_namespace", namespace)
+    if sel.workload:
+        return SeriesMatch((ns, ("destination_workload", sel.workload)))
+    if sel.revision:
+        return SeriesMatch((ns, ("destination_workload", sel.revision + "-deployment")))
+    if sel.subset:
+        return SeriesMatch((ns, ("destination_version", sel.subset)))
+    return None
+
+
+def aligned_start(start: datetime, end: datetime, step: timedelta) -> datetime:
+    """The window's start moved up to the first interval boundary, when the window ends on one.
+
+    The controller ends every look on an interval boundary; starting the window on one too makes it a
+    whole number of intervals, which lets the source answer all rollouts with one query (their phases
+    started at different times). Up to one interval at the phase's start is left out: the traffic
+    shift that began the phase is still settling there. A window that would become empty is kept.
+    """
+    seconds = step.total_seconds()
+    if seconds <= 0:
+        return start
+    e = end.timestamp()
+    if abs(e / seconds - round(e / seconds)) > 1e-6:
+        return start
+    first = math.ceil(start.timestamp() / seconds - 1e-9) * seconds
+    return datetime.fromtimestamp(first, UTC) if first < e else start
 
 
 _NEEDS = {
@@ -171,6 +220,8 @@ def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end:
             raise SourceConfigError(f"{key}: preset {preset.name!r} needs spec.analysis.gpuPricePerHour")
         scale = analysis.gpu_price_per_hour
     step = analysis.interval
+    if kind is not MetricKind.gauge:
+        start = aligned_start(start, end, step)
     window = max(step, MIN_GAUGE_WINDOW) if kind is MetricKind.gauge else end - start
     queries: dict[Variant, VariantQuery] = {}
     for variant in Variant:
@@ -193,7 +244,20 @@ def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end:
         key=key, kind=kind, template=preset.name if preset else template + "\x00" + (failures or ""),
         start=start, end=end, primary=queries[Variant.primary], candidate=queries[Variant.candidate],
         step=step, scale=scale, unit=preset.unit if preset else "",
+        grouped=_grouped_form(policy, preset) if preset is not None else None,
     )
+
+
+def _grouped_form(policy: ShadowPolicy, preset: Preset) -> GroupedForm | None:
+    forms = preset.grouped()
+    if forms is None:
+        return None
+    ns = policy.metadata.namespace
+    matches = {v: series_match(preset.selector, ns, _variant_fields(policy, v)[0]) for v in Variant}
+    p, c = matches[Variant.primary], matches[Variant.candidate]
+    if p is None or c is None:
+        return None
+    return GroupedForm(forms[0], forms[1], preset.group_labels, ns, p, c)
 
 
 def build_requests(
