@@ -42,6 +42,20 @@ class SelectorStyle(str, enum.Enum):
     istio = "istio"
 
 
+class Combine(str, enum.Enum):
+    """How a gauge's grouped parts make its value at one sample time (sums over the variant's series)."""
+
+    total = "total"  # s
+    mean = "mean"  # s / c
+    cost = "cost"  # (n / 3600) / (d / 1000): GPUs per hour over thousands of tokens per second
+
+
+@dataclass(frozen=True)
+class GroupedTemplate:
+    parts: tuple[tuple[str, str], ...]
+    combine: Combine | None
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named query: kind, unit, PromQL template(s) and how the variant is selected."""
@@ -56,18 +70,31 @@ class Preset:
     price_scaled: bool = False
     """The value is multiplied by the policy's gpuPricePerHour (a cost preset)."""
 
+    gauge_parts: tuple[tuple[str, str], ...] = ()
+    """A gauge's grouped form: named queries aggregated by {{ by }}, combined per sample by ``combine``."""
+    combine: Combine | None = None
+
     @property
     def group_labels(self) -> tuple[str, ...]:
         """The labels that tell one variant's series from another's in this preset's metric family."""
         return GROUP_LABELS[self.selector]
 
-    def grouped(self) -> tuple[str, str | None] | None:
-        """``query`` and ``error_query`` aggregated by :attr:`group_labels` as well, so that one query
-        answers many rollouts; None for gauges (sampled per interval, answered per rollout)."""
-        if self.kind is MetricKind.gauge:
-            return None
+    def grouped(self) -> GroupedTemplate:
+        """This preset as one query for many rollouts: parts aggregated by :attr:`group_labels` as well,
+        whose per-variant sums give back the preset's value (see the Prometheus source).
+
+        Histograms, ratios and counters add ``by`` to every top-level ``sum`` (part ``v``; a ratio's
+        failures are part ``f``, zero where the failure series does not exist yet). A gauge names its
+        parts and how to combine their sums, because an ``avg`` or a quotient is not a sum of parts.
+        """
         by = ", ".join(self.group_labels)
-        return _group(self.query, by), (_group(self.error_query, by) if self.error_query is not None else None)
+        if self.kind is MetricKind.gauge:
+            assert self.combine is not None and self.gauge_parts
+            return GroupedTemplate(tuple((n, q.replace("{{ by }}", by)) for n, q in self.gauge_parts), self.combine)
+        value = _group(self.query, by)
+        if self.error_query is None:
+            return GroupedTemplate((("v", value),), None)
+        return GroupedTemplate((("v", value), ("f", f"({_group(self.error_query, by)}) or (0 * ({value}))")), None)
 
 
 GROUP_LABELS: Mapping[SelectorStyle, tuple[str, ...]] = MappingProxyType({
@@ -141,16 +168,23 @@ _ALL: tuple[Preset, ...] = (
         "dcgm-gpu-util", MetricKind.gauge, "%",
         "Mean GPU utilisation of the variant's GPUs (DCGM exporter).",
         "avg(DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })",
+        gauge_parts=(("s", "sum by ({{ by }}) (DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })"),
+                     ("c", "count by ({{ by }}) (DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })")),
+        combine=Combine.mean,
     ),
     Preset(
         "dcgm-fb-used", MetricKind.gauge, "MiB",
         "GPU frame-buffer memory used by the variant, summed over its GPUs (DCGM exporter).",
         "sum(DCGM_FI_DEV_FB_USED{ {{ selector }} })",
+        gauge_parts=(("s", "sum by ({{ by }}) (DCGM_FI_DEV_FB_USED{ {{ selector }} })"),),
+        combine=Combine.total,
     ),
     Preset(
         "dcgm-power", MetricKind.gauge, "W",
         "Power drawn by the variant's GPUs, summed (DCGM exporter).",
         "sum(DCGM_FI_DEV_POWER_USAGE{ {{ selector }} })",
+        gauge_parts=(("s", "sum by ({{ by }}) (DCGM_FI_DEV_POWER_USAGE{ {{ selector }} })"),),
+        combine=Combine.total,
     ),
     Preset(
         "gpu-cost-per-1k-tokens", MetricKind.gauge, "$/1k tokens",
@@ -158,6 +192,9 @@ _ALL: tuple[Preset, ...] = (
         "(count(DCGM_FI_DEV_GPU_UTIL{ {{ selector }} }) / 3600)"
         " / (sum(rate(vllm:generation_tokens_total{ {{ selector }} }[{{ window }}])) / 1000)",
         price_scaled=True,
+        gauge_parts=(("n", "count by ({{ by }}) (DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })"),
+                     ("d", "sum by ({{ by }}) (rate(vllm:generation_tokens_total{ {{ selector }} }[{{ window }}]))")),
+        combine=Combine.cost,
     ),
 )
 

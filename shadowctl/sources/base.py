@@ -21,6 +21,7 @@ from typing import Protocol
 
 from shadowctl.errors import ShadowctlError
 from shadowctl.policy.model import MetricKind
+from shadowctl.policy.presets import Combine
 
 
 class SourceError(ShadowctlError):
@@ -205,16 +206,18 @@ class GroupedForm:
     """The same metric as one query for many rollouts: the template aggregated ``by`` the labels that
     tell variants apart, the label that scopes it (a namespace label) and how to find each variant.
 
-    ``value`` and ``failures`` keep the ``{{ selector }}`` and ``{{ window }}`` placeholders: the source
-    fills them for the whole batch (the namespaces and pods of the batch; one window length).
+    The parts keep the ``{{ selector }}`` and ``{{ window }}`` placeholders: the source fills them for
+    the whole batch (the namespaces and pods of the batch; one window length).
     """
 
     @property
     def scope_label(self) -> str:
         return self.labels[0]
 
-    value: str
-    failures: str | None
+    parts: tuple[tuple[str, str], ...]
+    """Named queries (see :meth:`shadowctl.policy.presets.Preset.grouped`)."""
+    combine: Combine | None
+    """For gauges: how the parts' sums make the value at one sample time."""
     labels: tuple[str, ...]
     """The labels the query is aggregated by; the first scopes it (a namespace label)."""
     namespace: str

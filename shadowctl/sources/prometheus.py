@@ -11,7 +11,8 @@ distinct lengths are the intervals in which phases began. Why not per-interval
 increases summed over looks (one length for all): a window holding one or two
 scrapes makes ``increase`` extrapolate, which would double some counts and lose
 others, and the judge would then believe it had twice the data it has.
-Custom queries and gauges, which have no grouped form, are batched by tagging each
+Gauges are grouped too, as one range query (an average as a sum and a count).
+Custom queries, which have no grouped form, are batched by tagging each
 rollout's expression (``label_replace(expr, "shadowctl_key", "<i>/<variant>/<part>", "", "")``)
 and joining the tagged parts with ``or``; `max_batch` caps the parts of one query.
 
@@ -32,6 +33,7 @@ calls (a worker thread finishes on its own when its HTTP timeout fires).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 import re
@@ -50,6 +52,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
 from shadowctl.policy.model import MetricKind
+from shadowctl.policy.presets import Combine
 from shadowctl.policy.templates import render
 from shadowctl.sources.base import (
     CounterWindow,
@@ -70,7 +73,7 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
-from shadowctl.sources.promql import escape_regex, format_window, quote
+from shadowctl.sources.promql import MIN_GAUGE_WINDOW, escape_regex, format_window, quote
 
 TAG = "shadowctl_key"
 _T = TypeVar("_T")
@@ -274,10 +277,11 @@ class PrometheusMetricSource:
             groups[(req.kind, req.template, req.end, step)].append(req)
         jobs: list[Any] = []
         for reqs in groups.values():
-            grouped = [r for r in reqs if r.grouped is not None and r.kind is not MetricKind.gauge]
-            rest = [r for r in reqs if r.grouped is None or r.kind is MetricKind.gauge]
+            grouped = [r for r in reqs if r.grouped is not None]
+            rest = [r for r in reqs if r.grouped is None]
             if grouped:
-                jobs.append(self._run_grouped(grouped))
+                gauge = grouped[0].kind is MetricKind.gauge
+                jobs.append(self._run_grouped_gauge(grouped) if gauge else self._run_grouped(grouped))
             jobs.extend(self._run_chunk(rest[i:i + self.max_batch]) for i in range(0, len(rest), self.max_batch))
         answers = await asyncio.gather(*jobs)
         out: dict[MetricKey, WindowResult] = {}
@@ -337,46 +341,96 @@ class PrometheusMetricSource:
         return out
 
     async def _run_lengths(self, groups: Sequence[Sequence[WindowRequest]]) -> dict[MetricKey, WindowResult]:
-        expr = _balanced_or([_grouped_part(i, g) for i, g in enumerate(groups)])
+        expr = _balanced_or([_grouped_part(i, g, g[0].end - g[0].start) for i, g in enumerate(groups)])
         flat = [r for g in groups for r in g]
         try:
             rows = await self.instant(expr, flat[0].end)
-            series = _grouped_rows(rows)
         except QueryFailed as exc:
             return {r.key: SourceUnavailable(str(r.key), _describe(r), exc.cause, exc.reason) for r in flat}
+        sums = self._sum_by_variant(groups, rows, instant=True)
+        if isinstance(sums, SourceUnavailable):
+            return {r.key: dataclasses.replace(sums, metric=str(r.key), query=_describe(r)) for r in flat}
+        end = flat[0].end.timestamp()
+        return {
+            r.key: _assemble(r, {
+                (v, part): [_Series(le, ((end, points[end]),)) for le, points in per_le.items() if end in points]
+                for (v, part), per_le in sums[r.key].items()
+            })
+            for r in flat
+        }
+
+    async def _run_grouped_gauge(self, reqs: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
+        """All rollouts of a gauge preset with one range query: samples sit on the same step grid for
+        every rollout (multiples of the step since the epoch), so each keeps those inside its window."""
+        first = reqs[0]
+        assert first.grouped is not None and first.grouped.combine is not None
+        step = first.step.total_seconds()
+        start = math.floor(min(r.start.timestamp() for r in reqs) / step) * step
+        expr = _grouped_part(0, reqs, max(first.step, MIN_GAUGE_WINDOW))
+        try:
+            rows = await self.range(expr, start, first.end.timestamp(), step)
+        except QueryFailed as exc:
+            return {r.key: SourceUnavailable(str(r.key), _describe(r), exc.cause, exc.reason) for r in reqs}
+        sums = self._sum_by_variant([reqs], rows, instant=False)
+        if isinstance(sums, SourceUnavailable):
+            return {r.key: dataclasses.replace(sums, metric=str(r.key), query=_describe(r)) for r in reqs}
+        combine = first.grouped.combine
+        out: dict[MetricKey, WindowResult] = {}
+        for r in reqs:
+            parts_out: dict[tuple[Variant, str], list[_Series]] = {}
+            for v in Variant:
+                by_part = {part: per_le.get(None, {}) for (vv, part), per_le in sums[r.key].items() if vv is v}
+                times = sorted(set().union(*(set(p) for p in by_part.values()))) if by_part else []
+                points = [(t, x) for t in times if (x := _combine(combine, {n: p.get(t) for n, p in by_part.items()}))
+                          is not None]
+                if points:
+                    parts_out[(v, _PART_VALUE)] = [_Series(None, tuple(points))]
+            out[r.key] = _assemble(r, parts_out)
+        return out
+
+    @staticmethod
+    def _sum_by_variant(
+        groups: Sequence[Sequence[WindowRequest]], rows: list[dict[str, Any]], *, instant: bool
+    ) -> dict[MetricKey, dict[tuple[Variant, str], dict[str | None, dict[float, float]]]] | SourceUnavailable:
+        """Sum a grouped answer's series per request, variant, part, ``le`` and sample time."""
+        flat = [r for g in groups for r in g]
         form0 = flat[0].grouped
         assert form0 is not None
-        scope = form0.scope_label
+        scope, names = form0.scope_label, form0.labels
         index: dict[tuple[int, str], list[tuple[WindowRequest, Variant]]] = defaultdict(list)
         for i, g in enumerate(groups):
             for r in g:
                 assert r.grouped is not None
                 for v in Variant:
                     index[(i, r.grouped.namespace)].append((r, v))
-        sums: dict[MetricKey, dict[tuple[Variant, str], dict[str | None, float]]] = {r.key: {} for r in flat}
-        owners: dict[tuple[int, tuple[str | None, ...]], list[tuple[WindowRequest, Variant]]] = {}
-        names = form0.labels
-        for labels, (i, part), value in series:
-            # Which variants a series belongs to depends only on its group labels, not on `le` or the part.
-            who = (i, tuple(labels.get(n) for n in names))
-            found = owners.get(who)
-            if found is None:
-                found = owners[who] = [
-                    (r, v) for r, v in index.get((i, labels.get(scope, "")), ())
-                    if r.grouped is not None and _matches(r.grouped[v], labels)
-                ]
-            for r, v in found:
-                per_le = sums[r.key].setdefault((v, part), {})
-                le = labels.get("le")
-                per_le[le] = per_le.get(le, 0.0) + value
-        end = flat[0].end.timestamp()
-        return {
-            r.key: _assemble(
-                r,
-                {vp: [_Series(le, ((end, x),)) for le, x in per_le.items()] for vp, per_le in sums[r.key].items()},
-            )
-            for r in flat
+        sums: dict[MetricKey, dict[tuple[Variant, str], dict[str | None, dict[float, float]]]] = {
+            r.key: {} for r in flat
         }
+        owners: dict[tuple[int, tuple[str | None, ...]], list[tuple[WindowRequest, Variant]]] = {}
+        try:
+            for row in rows:
+                labels: dict[str, str] = row["metric"]
+                tag, _, part = labels[TAG].partition("/")
+                i = int(tag)
+                raw = [row["value"]] if instant else row["values"]
+                points = [(float(t), float(x)) for t, x in raw]
+                # Which variants a series belongs to depends only on its group labels, not on `le` or the part.
+                who = (i, tuple(labels.get(n) for n in names))
+                found = owners.get(who)
+                if found is None:
+                    found = owners[who] = [
+                        (r, v) for r, v in index.get((i, labels.get(scope, "")), ())
+                        if r.grouped is not None and _matches(r.grouped[v], labels)
+                    ]
+                for r, v in found:
+                    lo, hi = r.start.timestamp(), r.end.timestamp()
+                    acc = sums[r.key].setdefault((v, part), {}).setdefault(labels.get("le"), {})
+                    for t, x in points:
+                        if instant or lo < t <= hi:
+                            acc[t] = acc.get(t, 0.0) + x
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            return SourceUnavailable("", "", Unavailability.bad_response, f"unexpected result row ({type(exc).__name__})")
+        return sums
 
     @staticmethod
     def _split(rows: list[dict[str, Any]], kind: MetricKind) -> dict[tuple[int, Variant, str], list[_Series]]:
@@ -394,8 +448,8 @@ class PrometheusMetricSource:
         return out
 
 
-def _grouped_part(index: int, reqs: Sequence[WindowRequest]) -> str:
-    """The preset aggregated by its variant labels for rollouts with one window length, tagged ``index``."""
+def _grouped_part(index: int, reqs: Sequence[WindowRequest], window: timedelta) -> str:
+    """A preset's parts for many rollouts, scoped to their namespaces (and pods), each tagged ``index/part``."""
     form = reqs[0].grouped
     assert form is not None
     namespaces = sorted({r.grouped.namespace for r in reqs if r.grouped is not None})
@@ -405,26 +459,26 @@ def _grouped_part(index: int, reqs: Sequence[WindowRequest]) -> str:
     if len(regexes) == 2 * len(reqs) and len({name for name, _ in regexes}) == 1:
         # Every variant is a pod pattern: read only those pods' series.
         matchers.append(f"{regexes[0][0]}=~{quote('|'.join(sorted({p for _, p in regexes})))}")
-    values = {"selector": ", ".join(matchers), "window": format_window(reqs[0].end - reqs[0].start)}
-    value = render(form.value, values)
-    parts = [_tagged(value, f"{index}/{_PART_VALUE}")]
-    if reqs[0].kind is MetricKind.ratio:
-        assert form.failures is not None
-        failures = render(form.failures, values)
-        parts.append(_tagged(f"({failures}) or (0 * ({value}))", f"{index}/{_PART_FAILURES}"))
-    return " or ".join(f"({p})" for p in parts)
+    values = {"selector": ", ".join(matchers), "window": format_window(window)}
+    return " or ".join(f"({_tagged(render(q, values), f'{index}/{name}')})" for name, q in form.parts)
 
 
-def _grouped_rows(rows: list[dict[str, Any]]) -> list[tuple[dict[str, str], tuple[int, str], float]]:
+def _combine(rule: Combine, parts: dict[str, float | None]) -> float | None:
+    """A gauge's value at one time from its parts' sums; None where a part has no series then (as PromQL's
+    aggregation of nothing), +Inf or NaN where PromQL would divide by zero."""
+    if any(x is None for x in parts.values()):
+        return None
+    x = {k: float(v) for k, v in parts.items() if v is not None}
     try:
-        out = []
-        for row in rows:
-            labels: dict[str, str] = row["metric"]
-            index, part = labels[TAG].split("/")
-            out.append((labels, (int(index), part), float(row["value"][1])))
-        return out
-    except (KeyError, ValueError, TypeError, IndexError) as exc:
-        raise QueryFailed(Unavailability.bad_response, f"unexpected result row ({type(exc).__name__})") from exc
+        if rule is Combine.total:
+            return x["s"]
+        if rule is Combine.mean:
+            return x["s"] / x["c"]
+        return (x["n"] / 3600.0) / (x["d"] / 1000.0)
+    except ZeroDivisionError:
+        return math.nan
+    except KeyError:
+        return None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -249,15 +249,13 @@ def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end:
 
 
 def _grouped_form(policy: ShadowPolicy, preset: Preset) -> GroupedForm | None:
-    forms = preset.grouped()
-    if forms is None:
-        return None
+    form = preset.grouped()
     ns = policy.metadata.namespace
     matches = {v: series_match(preset.selector, ns, _variant_fields(policy, v)[0]) for v in Variant}
     p, c = matches[Variant.primary], matches[Variant.candidate]
     if p is None or c is None:
         return None
-    return GroupedForm(forms[0], forms[1], preset.group_labels, ns, p, c)
+    return GroupedForm(form.parts, form.combine, preset.group_labels, ns, p, c)
 
 
 def build_requests(
