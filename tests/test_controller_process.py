@@ -8,6 +8,7 @@ source, a double at the port (tests/controller_helpers.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 from pathlib import Path
@@ -22,9 +23,19 @@ from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.manager import Manager, next_tick
 from shadowctl.controller.notify import ClusterNotifier
 from shadowctl.controller.reconciler import Reconciler
-from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, KubeClient, LeaderElector, ResourceRef, RetryPolicy
+from shadowctl.kube import (
+    KNATIVE_SERVICE,
+    SECRET,
+    SHADOW_POLICY,
+    KubeClient,
+    LeaderElector,
+    ResourceRef,
+    RetryPolicy,
+)
 from shadowctl.routers.factory import router_for
 from shadowctl.sim.kubeapi import KubeAPIEmulator
+from shadowctl.sources.base import ServerRef
+from shadowctl.sources.routing import secret_connect
 
 
 @pytest.fixture
@@ -316,10 +327,15 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_emulator: KubeAPIEm
     vs["metadata"]["name"] = "chat-bad"
     await setup.create(VIRTUAL_SERVICE, vs)
     await setup.create(SHADOW_POLICY, bad)
+    await setup.create(SECRET, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "prom", "namespace": "llm"},
+                                "data": {"token": base64.b64encode(b"t0k3n").decode()}})
     kube_emulator.request_log.clear()
 
     kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "controller"))
     clock = FakeClock()
+    # A policy naming its own Prometheus and token Secret: the controller's connect reads the Secret.
+    own = await secret_connect(kube, {})(ServerRef("http://127.0.0.1:9", ("llm", "prom")))
+    await own.aclose()
     source = FakeMetricSource()
     reconciler = Reconciler(kube, router_for, Analyzer(source), clock, notifier=ClusterNotifier(kube, clock))
     manager = Manager(kube, reconciler, clock)

@@ -41,6 +41,7 @@ from shadowctl.policy.model import ShadowPolicy
 from shadowctl.routers.factory import router_for
 from shadowctl.sources.outputs import MqttOutputSource
 from shadowctl.sources.prometheus import PrometheusMetricSource
+from shadowctl.sources.routing import RoutingSource, secret_connect
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
 
@@ -71,7 +72,10 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
     clock = SystemClock()
     kube = await KubeClient.connect(kubeconfig=opts.kubeconfig, context=opts.context)
     http = httpx.AsyncClient()
-    source = BatchingSource(PrometheusMetricSource(opts.prometheus, **opts.prometheus_options)) if opts.prometheus else None
+    default = PrometheusMetricSource(opts.prometheus, **opts.prometheus_options) if opts.prometheus else None
+    # A policy may name its own Prometheus (spec.analysis.prometheus); requests are routed by server.
+    routed = RoutingSource(default, secret_connect(kube, opts.prometheus_options), clock=clock.now)
+    source = BatchingSource(routed)
 
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
         return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"))
@@ -97,8 +101,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
                             metrics=metrics)
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
                       min_interval=opts.min_interval)
-    if source is not None:
-        source.planner = manager.plan  # the first tick of a look fetches it for every rollout
+    source.planner = manager.plan  # the first tick of a look fetches it for every rollout
     listen_host, _, listen_port = opts.listen.rpartition(":")
     runner = await serve(make_app(metrics.registry, lambda: manager.ready.is_set() or not elector_leading()),
                          listen_host or "0.0.0.0", int(listen_port))
@@ -145,8 +148,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
         await hub.close()
         await runner.cleanup()
         await http.aclose()
-        if source is not None:
-            await source.aclose()
+        await source.aclose()
         await kube.close()
         log.info("controller.stopped")
 

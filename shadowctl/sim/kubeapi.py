@@ -110,6 +110,7 @@ BUILTINS = (
     ResourceDef("coordination.k8s.io", "v1", "leases", "Lease", custom=False),
     ResourceDef("", "v1", "namespaces", "Namespace", namespaced=False, custom=False, status_subresource=True),
     ResourceDef("", "v1", "configmaps", "ConfigMap", custom=False),
+    ResourceDef("", "v1", "secrets", "Secret", custom=False),
 )
 # Registered without a schema when no CRD file describes them.
 FALLBACK_CRDS = (

@@ -192,6 +192,15 @@ class VariantQuery:
 
 
 @dataclass(frozen=True)
+class ServerRef:
+    """The Prometheus a policy names (``spec.analysis.prometheus``) instead of the controller's."""
+
+    url: str
+    token_secret: tuple[str, str] | None = None
+    """(namespace, name) of a Secret whose key ``token`` holds a bearer token for this server."""
+
+
+@dataclass(frozen=True)
 class SeriesMatch:
     """Which series of a grouped answer belong to one variant: labels equal to values, and one label
     matching a regular expression (PromQL's anchored RE2, which Python's ``re.fullmatch`` reads the same
@@ -250,6 +259,8 @@ class WindowRequest:
     unit: str = ""
     grouped: GroupedForm | None = None
     """Set for presets whose series carry the labels that tell variants apart (see the Prometheus source)."""
+    server: ServerRef | None = None
+    """The policy's own Prometheus; None: the controller's."""
 
     def __post_init__(self) -> None:
         if self.end <= self.start:

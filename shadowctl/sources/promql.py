@@ -27,6 +27,7 @@ from shadowctl.sources.base import (
     GroupedForm,
     MetricKey,
     SeriesMatch,
+    ServerRef,
     SourceConfigError,
     Variant,
     VariantQuery,
@@ -245,7 +246,16 @@ def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end:
         start=start, end=end, primary=queries[Variant.primary], candidate=queries[Variant.candidate],
         step=step, scale=scale, unit=preset.unit if preset else "",
         grouped=_grouped_form(policy, preset) if preset is not None else None,
+        server=_server(policy),
     )
+
+
+def _server(policy: ShadowPolicy) -> ServerRef | None:
+    own = policy.spec.analysis.prometheus
+    if own is None:
+        return None
+    secret = (policy.metadata.namespace, own.bearer_token_secret) if own.bearer_token_secret else None
+    return ServerRef(own.url, secret)
 
 
 def _grouped_form(policy: ShadowPolicy, preset: Preset) -> GroupedForm | None:
