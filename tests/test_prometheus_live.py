@@ -381,3 +381,11 @@ def test_cli_credential_files_are_checked(tmp_path: Any, content: str, extra: li
         )
         assert result.exit_code == 2, (command, result.output)
         assert message in " ".join(result.output.split())
+
+
+def test_run_refuses_an_embedding_model_it_cannot_load(tmp_path: Any) -> None:
+    """Whether or not the semantic extra is installed, a bad --embedding-model is a usage error, not a traceback."""
+    result = CliRunner().invoke(app, ["run", "--embedding-model", str(tmp_path / "none")], env={})
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "--embedding-model" in text and ("cannot load the embedding model" in text or "optional extra" in text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from shadowctl.cli.prom_opts import (
     TokenFileOpt,
     connection_options,
 )
+from shadowctl.compare.comparators import Embedder
 from shadowctl.compare.events import parse_broker_url
 from shadowctl.controller.analysis import Analyzer, BatchingSource
 from shadowctl.controller.clock import SystemClock
@@ -39,7 +41,7 @@ from shadowctl.errors import ShadowctlError
 from shadowctl.kube import KubeClient, LeaderElector
 from shadowctl.policy.model import ShadowPolicy
 from shadowctl.routers.factory import router_for
-from shadowctl.sources.outputs import MqttOutputSource
+from shadowctl.sources.outputs import EmbedderUnavailable, MqttOutputSource, load_local_embedder
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.routing import RoutingSource, secret_connect
 from shadowctl.tap.metrics import TapMetrics
@@ -64,6 +66,19 @@ class RunOptions:
     min_interval: float
     prometheus_options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for PrometheusMetricSource: credentials, TLS, timeout, max_batch."""
+    embedder: Embedder | None = None
+    """The `semantic` comparator's local embedding model (--embedding-model), if any."""
+
+
+def cached_embedder(embed: Embedder, size: int = 4096) -> Embedder:
+    """Remember recent embeddings: the primary's answer is compared with the candidate's and with the
+    baseline replica's, and scoring runs on the event loop (about 10 ms an answer on a CPU)."""
+
+    @functools.lru_cache(maxsize=size)
+    def one(text: str) -> tuple[float, ...]:
+        return tuple(embed(text))
+
+    return one
 
 
 async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) -> None:
@@ -78,7 +93,8 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
     source = BatchingSource(routed)
 
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
-        return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"))
+        return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"),
+                                            embedder=opts.embedder)
 
     hub = OutputHub(make_output_source)
     publisher: EventPublisher | None = None
@@ -171,6 +187,10 @@ def run(
     prometheus_max_batch: Annotated[int, typer.Option(
         "--prometheus-max-batch", min=1,
         help="Most parts in one batched query (window lengths for presets, rollouts for custom queries).")] = 20,
+    embedding_model: Annotated[str | None, typer.Option(
+        "--embedding-model", envvar="SHADOWCTL_EMBEDDING_MODEL", show_default=False,
+        help="Directory of a local sentence-transformers model for the 'semantic' comparator "
+             "(needs the 'semantic' extra; never downloaded).")] = None,
     events_mqtt: Annotated[str | None, typer.Option("--events-mqtt", envvar="SHADOWCTL_EVENTS_MQTT",
                                                      help="Broker for the rollout events topic, mqtt://host:port.")]
     = None,
@@ -199,8 +219,15 @@ def run(
     prom = connection_options(prometheus_token_file, prometheus_basic_auth_file, prometheus_ca_file,
                               prometheus_insecure, prometheus_timeout)
     prom["max_batch"] = prometheus_max_batch
+    embedder = None
+    if embedding_model is not None:
+        try:
+            embedder = cached_embedder(load_local_embedder(embedding_model))
+        except EmbedderUnavailable as exc:
+            raise fail(f"--embedding-model: {exc}", 2) from None
     opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
-                      lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom)
+                      lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom,
+                      embedder)
 
     async def _main() -> None:
         stop = asyncio.Event()
