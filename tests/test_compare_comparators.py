@@ -185,3 +185,69 @@ def test_tally_accumulates_serialises_and_feeds_the_judge() -> None:
                                     "baseline": {"mode": "fixed", "agreement": 0.7}})
     (inp2,) = judge_inputs(tally, fixed)
     assert inp2.fixed_baseline == 0.7 and inp2.baseline_pairs == 0
+
+
+def _normalize_reference(text: str) -> str:
+    """The definition :func:`c.normalize` implements with faster steps."""
+    import re
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    folded = folded.translate(str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"}))
+    return re.sub(r"\s+", " ", folded).strip()
+
+
+_TEXT = st.lists(st.sampled_from([*"aZ9_-'. \t\n\x0b\x1c\x85\xa0\u3000\u2028\u2019\u02bcßİﬁＡ東é", "e\u0301"]),
+                 max_size=30).map("".join)
+
+
+@given(_TEXT)
+def test_fast_normalize_and_tokens_match_their_definition(text: str) -> None:
+    c.normalize.cache_clear()
+    c.tokens.cache_clear()
+    assert c.normalize(text) == _normalize_reference(text)
+    assert c.tokens(text) == tuple(c._TOKEN.findall(_normalize_reference(text)))
+
+
+def test_normalize_literals() -> None:
+    assert c.normalize("  It\u2019s\u00a0 A\u3000TEST\x1c ") == "it's a test"
+    assert c.normalize("Tab\tand\x0bvertical") == "tab and vertical"
+    assert c.tokens("R2-D2 isn't_here") == ("r2", "d2", "isn", "t", "here")
+
+
+@given(st.lists(st.sampled_from("ab"), max_size=6), st.lists(st.sampled_from("abc"), max_size=12),
+       st.lists(st.sampled_from("abc"), max_size=12), st.lists(st.sampled_from("ab"), max_size=6))
+def test_lcs_with_shared_prefix_and_suffix(pre: list[str], a: list[str], b: list[str], suf: list[str]) -> None:
+    x, y = pre + a + suf, pre + b + suf
+    assert c.lcs_length(x, y) == _lcs_table(x, y)
+    assert c.lcs_length(tuple(x), tuple(y)) == _lcs_table(x, y)
+
+
+def test_parse_json_prefilter_keeps_pythons_json() -> None:
+    assert c.parse_json("NaN")[0] and c.parse_json("-Infinity")[0] and c.parse_json(" \n[1]") == (True, [1])
+    assert c.parse_json("null") == (True, None) and c.parse_json("true") == (True, True)
+    assert c.parse_json("The answer is 4.") == (False, None)
+    assert c.parse_json("\x0c[]") == (False, None)  # form feed is not JSON whitespace
+    assert c.parse_json("nope") == (False, None) and c.parse_json("") == (False, None)
+
+
+def test_tally_builder_matches_add_many() -> None:
+    comps = build_comparators([Comparator(name=ComparatorName.exact, threshold=1.0),
+                               Comparator(name=ComparatorName.token_f1, threshold=0.5)])
+    p = ev(Variant.primary, "yes it is")
+    results = [compare_pair(Pair(p, ev(v, text, status=s)), comps)
+               for v, text, s in [(Variant.candidate, "yes it is", 200), (Variant.candidate, "no", 200),
+                                  (Variant.baseline, "yes", 200), (Variant.candidate, "x", 500)]]
+    results.append(compare_pair(Pair(ev(Variant.primary, "", status=503), ev(Variant.candidate, "x")), comps))
+    builder = c.TallyBuilder()
+    for r in results:
+        builder.add(r)
+    frozen = builder.tally()
+    assert frozen is builder.tally()  # cached until the next add
+    assert frozen == AgreementTally().add_many(results)
+    assert frozen.counts["exact"] == c.ComparatorTally(candidate_pairs=3, candidate_agree=1, baseline_pairs=1,
+                                                       baseline_agree=0)
+    assert frozen.skipped_primary_failed == 1
+    resumed = c.TallyBuilder(frozen)
+    resumed.add(results[0])
+    assert resumed.tally().counts["exact"].candidate_pairs == 4

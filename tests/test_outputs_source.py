@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ import pytest
 from openai_stub import OpenAIStub
 from tap_helpers import eventually, free_port, running_tap
 
-from shadowctl.compare.comparators import build_comparators
+from shadowctl.compare.comparators import BoundComparator, build_comparators
 from shadowctl.compare.events import Endpoint, OutputEvent, Variant
 from shadowctl.policy.model import Comparator, ComparatorName, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
@@ -109,7 +110,10 @@ def test_from_policy_and_bad_config() -> None:
         MqttOutputSource.from_policy(ShadowPolicy.model_validate(doc))
 
 
-def test_semantic_extra_missing_is_explained() -> None:
+def test_semantic_extra_missing_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the extra is installed (hack/setup.sh installs it on this project's machines), its absence is
+    simulated the way Python reports it: a None entry in sys.modules makes the import fail."""
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
     with pytest.raises(SourceError, match=r"shadowctl\[semantic\]"):
         load_local_embedder("/nonexistent")
 
@@ -142,3 +146,22 @@ async def test_tap_to_source_end_to_end(mosquitto: MosquittoBroker) -> None:
     finally:
         await primary.stop()
         await candidate.stop()
+
+
+async def test_a_failing_comparator_costs_one_pair_not_the_connection(mosquitto: MosquittoBroker) -> None:
+    """An exception while pairing or comparing one event must not end the source."""
+    def score(primary: OutputEvent, other: OutputEvent) -> float:
+        if other.output == "boom":
+            raise RuntimeError("a comparator bug")
+        return 1.0
+
+    comps = [BoundComparator(name=ComparatorName.exact, threshold=0.5, critical=False, score=score)]
+    source = MqttOutputSource(mosquitto.url, TOPIC, comps, pair_ttl_s=30, expect_baseline=False)
+    async with running(source), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        for rid, answer in (("1", "boom"), ("2", "fine"), ("3", "fine")):
+            await pub.publish("shadowctl/outputs/ns/chat/primary", ev(rid, Variant.primary, "x").to_json(), qos=1)
+            await pub.publish("shadowctl/outputs/ns/chat/candidate", ev(rid, Variant.candidate, answer).to_json(),
+                              qos=1)
+        await eventually(lambda: "exact" in source.snapshot().tally.counts
+                         and source.snapshot().tally.counts["exact"].candidate_pairs == 2, what="two pairs")
+        assert source.snapshot().connected and source.pairer.stats.paired[Variant.candidate] == 3

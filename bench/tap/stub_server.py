@@ -8,8 +8,10 @@ import sys
 
 from aiohttp import web
 
-CHUNKS = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": f" tok{i}"}}]}).encode() + b"\n\n"
-          for i in range(16)]
+CHUNKS = [
+    b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": f" tok{i}"}}]}).encode() + b"\n\n"
+    for i in range(16)
+]
 LAST = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
 
 
@@ -35,7 +37,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
 def main() -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    # backlog: uvicorn's default (vLLM and most Python model servers run on uvicorn); aiohttp's own
+    # default of 128 overflows when a few hundred connections open at once.
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, backlog=2048)
 
 
 if __name__ == "__main__":

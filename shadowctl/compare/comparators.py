@@ -49,16 +49,30 @@ class ComparatorUnavailable(ShadowctlError):
 
 # --------------------------------------------------------------------------- text helpers
 
-_WS = re.compile(r"\s+")
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+", re.UNICODE)
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+#: The same tokens for ASCII text, which is already lower case once normalised (a faster pattern).
+_ASCII_TOKEN = re.compile(r"[a-z0-9]+")
+_APOSTROPHE_CHARS = ("\u2019", "\u2018", "\u02bc")
+_APOSTROPHES = str.maketrans(dict.fromkeys(_APOSTROPHE_CHARS, "'"))
 _FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?\s*```\s*$", re.DOTALL)
+#: The first character of any JSON text after its leading whitespace (Python's json also takes NaN, Infinity).
+_JSON_START = frozenset('{["-0123456789tfnNI')
 
 
 @functools.lru_cache(maxsize=4096)
 def normalize(text: str) -> str:
-    """NFKC, case-folded, curly apostrophes straightened, whitespace collapsed to single spaces."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold().translate(_APOSTROPHES)).strip()
+    """NFKC, case-folded, curly apostrophes straightened, whitespace collapsed to single spaces.
+
+    ``" ".join(s.split())`` collapses exactly the characters the regex ``\\s+`` matches (both
+    use ``str.isspace``) and is several times faster; ASCII text skips NFKC (a no-op there) and
+    the apostrophe table.
+    """
+    if text.isascii():
+        return " ".join(text.lower().split())
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    if any(ch in folded for ch in _APOSTROPHE_CHARS):
+        folded = folded.translate(_APOSTROPHES)
+    return " ".join(folded.split())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -68,7 +82,8 @@ def tokens(text: str) -> tuple[str, ...]:
     Cached (as :func:`normalize` is): every comparator of a pair reads the same two texts, and the
     primary's text recurs in its baseline pair.
     """
-    return tuple(_TOKEN.findall(normalize(text)))
+    norm = normalize(text)
+    return tuple((_ASCII_TOKEN if norm.isascii() else _TOKEN).findall(norm))
 
 
 # --------------------------------------------------------------------------- lexical scores
@@ -89,7 +104,14 @@ def token_f1(a: str, b: str) -> float:
     ta, tb = tokens(a), tokens(b)
     if not ta or not tb:
         return 1.0 if not ta and not tb else 0.0
-    common = sum((Counter(ta) & Counter(tb)).values())
+    if ta == tb:
+        return 1.0
+    counts = Counter(ta)
+    common = 0
+    for tok, n in Counter(tb).items():
+        m = counts.get(tok)
+        if m:
+            common += n if n < m else m
     if common == 0:
         return 0.0
     precision, recall = common / len(tb), common / len(ta)
@@ -97,11 +119,26 @@ def token_f1(a: str, b: str) -> float:
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (bit-parallel, after Allison-Dix and Hyyrö)."""
+    """Length of the longest common subsequence (bit-parallel, after Allison-Dix and Hyyrö).
+
+    A common prefix and suffix belong to a longest common subsequence, so they are counted first
+    and only the differing middles go through the bit-parallel loop (two answers that differ in a
+    few words cost almost nothing).
+    """
+    n = min(len(a), len(b))
+    start = 0
+    while start < n and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < n - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    shared = start + end
+    if shared:
+        a, b = a[start:len(a) - end], b[start:len(b) - end]
     if len(a) < len(b):
         a, b = b, a
     if not b:
-        return 0
+        return shared
     masks: dict[str, int] = {}
     for i, tok in enumerate(a):
         masks[tok] = masks.get(tok, 0) | (1 << i)
@@ -110,7 +147,7 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     for tok in b:
         u = v & masks.get(tok, 0)
         v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
+    return shared + len(a) - v.bit_count()
 
 
 def rouge_l(a: str, b: str) -> float:
@@ -143,8 +180,12 @@ def _strip_fence(text: str) -> str:
 
 def parse_json(text: str) -> tuple[bool, Any]:
     """(True, value) when the text, minus one surrounding code fence, is JSON; else (False, None)."""
+    body = _strip_fence(text)
+    head = body.lstrip()[:1]
+    if not head or head not in _JSON_START:  # most answers are prose: skip the exception's cost
+        return False, None
     try:
-        return True, json.loads(_strip_fence(text))
+        return True, json.loads(body)
     except (ValueError, RecursionError):
         return False, None
 
@@ -221,10 +262,14 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 )
 
 
+_REFUSAL = re.compile("|".join(re.escape(p) for p in REFUSAL_PHRASES))
+
+
+@functools.lru_cache(maxsize=4096)
 def is_refusal(text: str) -> bool:
     """Whether the answer opens with a refusal (see :data:`REFUSAL_PHRASES`)."""
     head = normalize(text[:2000])[:400]
-    return any(p in head for p in REFUSAL_PHRASES)
+    return _REFUSAL.search(head) is not None
 
 
 def refusal(a: str, b: str) -> float:
@@ -350,12 +395,14 @@ def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResu
     A failed candidate or baseline answer (non-2xx, or cut off) disagrees under every comparator:
     an error is not an answer that agrees with the primary's.
     """
-    if not pair.primary.ok:
+    primary, other = pair.primary, pair.other
+    if not primary.ok:
         return None
+    other_ok = other.ok
     scores: dict[ComparatorName, float] = {}
     agrees: dict[ComparatorName, bool] = {}
     for comp in comparators:
-        value = min(1.0, max(0.0, comp.score(pair.primary, pair.other))) if pair.other.ok else 0.0
+        value = min(1.0, max(0.0, comp.score(primary, other))) if other_ok else 0.0
         scores[comp.name] = value
         agrees[comp.name] = value >= comp.threshold
     return PairResult(request_id=pair.request_id, variant=pair.variant, scores=scores, agrees=agrees)
@@ -389,21 +436,10 @@ class AgreementTally:
 
     def add_many(self, results: Iterable[PairResult | None]) -> AgreementTally:
         """The tally with many pair results (cheaper than one :meth:`add` per result)."""
-        acc = {name: [t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree]
-               for name, t in self.counts.items()}
-        skipped = self.skipped_primary_failed
+        builder = TallyBuilder(self)
         for result in results:
-            if result is None:
-                skipped += 1
-                continue
-            offset = 0 if result.variant is Variant.candidate else 2
-            for name, agrees in result.agrees.items():
-                row = acc.setdefault(name.value, [0, 0, 0, 0])
-                row[offset] += 1
-                row[offset + 1] += int(agrees)
-        return AgreementTally(
-            counts={name: ComparatorTally(*row) for name, row in acc.items()}, skipped_primary_failed=skipped
-        )
+            builder.add(result)
+        return builder.tally()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -433,6 +469,49 @@ class AgreementTally:
             for name, row in data.get("comparators", {}).items()
         }
         return cls(counts=counts, skipped_primary_failed=int(data.get("skippedPrimaryFailed", 0)))
+
+
+class TallyBuilder:
+    """A mutable :class:`AgreementTally` for a stream of pair results (one add per pair, no copying).
+
+    :meth:`tally` returns the frozen tally, cached until the next :meth:`add`.
+    """
+
+    __slots__ = ("_frozen", "_rows", "_skipped")
+
+    def __init__(self, start: AgreementTally | None = None) -> None:
+        start = start if start is not None else AgreementTally()
+        self._rows: dict[str, list[int]] = {
+            name: [t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree]
+            for name, t in start.counts.items()
+        }
+        self._skipped = start.skipped_primary_failed
+        self._frozen: AgreementTally | None = start
+
+    def add(self, result: PairResult | None) -> None:
+        """Count one pair result (None: a pair whose primary failed)."""
+        self._frozen = None
+        if result is None:
+            self._skipped += 1
+            return
+        offset = 0 if result.variant is Variant.candidate else 2
+        rows = self._rows
+        for name, agrees in result.agrees.items():
+            row = rows.get(name.value)
+            if row is None:
+                row = rows[name.value] = [0, 0, 0, 0]
+            row[offset] += 1
+            if agrees:
+                row[offset + 1] += 1
+
+    def tally(self) -> AgreementTally:
+        """The counts so far, frozen."""
+        if self._frozen is None:
+            self._frozen = AgreementTally(
+                counts={name: ComparatorTally(*row) for name, row in self._rows.items()},
+                skipped_primary_failed=self._skipped,
+            )
+        return self._frozen
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,14 @@ from typing import Any, Protocol
 import aiomqtt
 import structlog
 
-from shadowctl.compare.comparators import AgreementTally, BoundComparator, Embedder, build_comparators, compare_pair
+from shadowctl.compare.comparators import (
+    AgreementTally,
+    BoundComparator,
+    Embedder,
+    TallyBuilder,
+    build_comparators,
+    compare_pair,
+)
 from shadowctl.compare.events import MalformedEvent, OutputEvent, parse_broker_url, parse_event
 from shadowctl.compare.pairing import Pairer
 from shadowctl.policy.model import BaselineMode, ShadowPolicy
@@ -123,7 +130,7 @@ class MqttOutputSource:
         self.backoff_max_s = backoff_max_s
         self.clock = clock
         self.pairer = Pairer(pair_ttl_s, max_pending=max_pending, expect_baseline=expect_baseline)
-        self.tally = AgreementTally()
+        self._tally = TallyBuilder()
         self.malformed = 0
         self.connected = False
         self.last_error: str | None = None
@@ -229,9 +236,13 @@ class MqttOutputSource:
 
     def ingest(self, event: OutputEvent) -> None:
         """Pair one event at the current time and add the resulting comparisons to the tally."""
-        pairs = self.pairer.add(event, self.clock())
-        if pairs:
-            self.tally = self.tally.add_many(compare_pair(p, self.comparators) for p in pairs)
+        for pair in self.pairer.add(event, self.clock()):
+            self._tally.add(compare_pair(pair, self.comparators))
+
+    @property
+    def tally(self) -> AgreementTally:
+        """Agreement counts since the last :meth:`reset`."""
+        return self._tally.tally()
 
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff; bad credentials are raised, not retried."""
@@ -242,12 +253,18 @@ class MqttOutputSource:
                 try:
                     async for event in self.events():
                         backoff = 0.2
-                        self.ingest(event)
+                        try:
+                            self.ingest(event)
+                        except Exception:  # a comparator bug costs this event, not the source
+                            log.exception("cannot pair or compare an output event", request_id=event.request_id)
                 except BrokerRejected:
                     raise
                 except BrokerUnavailable as exc:
                     self.last_error = str(exc)
                     log.warning("output source disconnected; retrying", error=str(exc), retry_in_s=backoff)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a cancellation aiomqtt's wait_for turned into an error
+                    raise asyncio.CancelledError
                 await asyncio.sleep(backoff)
                 backoff = min(self.backoff_max_s, backoff * 2)
         finally:
@@ -274,7 +291,7 @@ class MqttOutputSource:
 
     def reset(self) -> None:
         """Start a new tally (pending pairs and health counters are kept)."""
-        self.tally = AgreementTally()
+        self._tally = TallyBuilder()
 
 
 def load_local_embedder(model_dir: str) -> Embedder:

@@ -1,9 +1,12 @@
 """Read what went into and came out of an OpenAI-compatible request, without touching the bytes forwarded.
 
 The proxy hands every upstream chunk to a :class:`ResponseAccumulator` *after*
-deciding to forward it unchanged; the accumulator keeps its own copy, decoded
-if the server compressed it, and parses Server-Sent Events incrementally (an
-event may be split across chunks). Only the first choice (``index`` 0) is
+forwarding it unchanged; the accumulator keeps its own copy, decoded if the
+server compressed it. Server-Sent Events (an event may be split across chunks)
+are parsed chunk by chunk only until the first output token, whose arrival is
+the time to first token; after that, chunks are only appended, and parsed in
+batches of :data:`PARSE_BATCH_BYTES` and at the end, which keeps the per-chunk
+work on the streaming path to a copy. Only the first choice (``index`` 0) is
 recorded when a request asks for several. Output text is capped so a runaway
 generation cannot exhaust the sidecar's memory; the event then says
 ``truncated``.
@@ -27,6 +30,9 @@ _PATHS = {
 
 #: Largest non-streamed response body kept for parsing (an embeddings batch can be large).
 MAX_PARSED_BODY = 8 * 1024 * 1024
+
+#: Stream bytes held after the first token before they are parsed (bounds memory per stream).
+PARSE_BATCH_BYTES = 64 * 1024
 
 
 def classify(method: str, path: str) -> Endpoint | None:
@@ -177,19 +183,38 @@ class ResponseAccumulator:
             elif not self._body_overflow:
                 self._body.extend(chunk)
             return False
-        before = self._chunks_with_tokens
         self._buffer.extend(chunk)
-        while True:
-            end, sep = self._event_end()
-            if end < 0:
-                break
-            raw = bytes(self._buffer[:end])
-            del self._buffer[: end + sep]
-            self._sse_event(raw)
-        if len(self._buffer) > MAX_PARSED_BODY:  # a stream that never separates events
+        if self._chunks_with_tokens:  # the first token is known: parse later, in batches
+            if len(self._buffer) >= PARSE_BATCH_BYTES:
+                self._parse_events()
+            return False
+        self._parse_events()
+        return self._chunks_with_tokens > 0
+
+    def _parse_events(self) -> None:
+        """Parse every complete event in the buffer; keep the incomplete tail."""
+        buf = self._buffer
+        if b"\r" in buf:  # CRLF or CR line ends: the general, event-by-event path
+            while True:
+                end, sep = self._event_end()
+                if end < 0:
+                    break
+                raw = bytes(buf[:end])
+                del buf[: end + sep]
+                self._sse_event(raw)
+        else:  # LF only (what servers send): split the complete part in one go
+            end = buf.rfind(b"\n\n")
+            if end >= 0:
+                block = bytes(buf[:end])
+                del buf[: end + 2]
+                for raw in block.split(b"\n\n"):
+                    if raw.startswith(b"data:") and b"\n" not in raw:  # the usual one-line event
+                        self._sse_data(raw[5:].lstrip(b" "))
+                    else:
+                        self._sse_event(raw)
+        if len(buf) > MAX_PARSED_BODY:  # a stream that never separates events
             self._error = "event stream without event separators"
-            self._buffer.clear()
-        return before == 0 and self._chunks_with_tokens > 0
+            buf.clear()
 
     def _event_end(self) -> tuple[int, int]:
         buf = self._buffer
@@ -199,8 +224,9 @@ class ResponseAccumulator:
 
     def _sse_event(self, raw: bytes) -> None:
         lines = raw.replace(b"\r\n", b"\n").split(b"\n")
-        data = b"\n".join(line[5:].lstrip(b" ") if line.startswith(b"data:") else b"" for line in lines
-                          if line.startswith(b"data:"))
+        self._sse_data(b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:")))
+
+    def _sse_data(self, data: bytes) -> None:
         if not data or data.strip() == b"[DONE]":
             return
         try:
@@ -301,7 +327,9 @@ class ResponseAccumulator:
 
     def finish(self) -> ResponseInfo:
         """The output collected so far (call once the upstream body has ended)."""
-        if self._error is None and not self.event_stream:
+        if self.event_stream:
+            self._parse_events()  # what is left (after a decoding error: what was decoded)
+        elif self._error is None:
             self._parse_body()
         tools = (
             [ToolCall(name=d.name, arguments="".join(d.arguments)) for _, d in sorted(self._tools.items())]

@@ -3,7 +3,14 @@
 Server side is aiohttp (already a dependency of the demo tooling, mature, and
 its ``StreamResponse.write`` sends each chunk as it comes, which is what
 streamed tokens need); the client side is httpx, whose ``aiter_raw`` gives the
-upstream bytes exactly as sent (compressed bodies stay compressed).
+upstream bytes exactly as sent (compressed bodies stay compressed), over an
+aiohttp-based transport (:mod:`shadowctl.tap.transport`: aiohttp's C HTTP
+parser needs a fraction of httpcore's CPU per streamed chunk).
+
+The work on the user's path is kept small: the request is forwarded before its
+body is parsed for the event (prompt hash, model), and after the first output
+token a streamed chunk is only forwarded and copied; parsing, metrics and the
+event happen once the response has ended.
 
 What the proxy guarantees, and why it is built this way:
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.cookiejar
 import json
 import time
 import uuid
@@ -41,6 +49,7 @@ from shadowctl.errors import ShadowctlError
 from shadowctl.tap.extract import RequestInfo, ResponseAccumulator, classify, parse_request
 from shadowctl.tap.metrics import CONTENT_TYPE, TapMetrics
 from shadowctl.tap.publisher import EventPublisher
+from shadowctl.tap.transport import AiohttpTransport
 
 log = structlog.get_logger(__name__)
 
@@ -150,9 +159,12 @@ class TapProxy:
         self.publisher = publisher
         self.metrics = metrics
         self.upstream = config.upstream.rstrip("/")
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60)
         timeout = httpx.Timeout(connect=config.upstream_connect_timeout_s, read=None, write=None, pool=None)
-        self.client = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False, follow_redirects=False)
+        transport = AiohttpTransport(connect_timeout_s=config.upstream_connect_timeout_s, keepalive_s=60.0)
+        # A cookie jar that keeps nothing: a Set-Cookie meant for one user must not ride on another's request.
+        no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self.client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False, follow_redirects=False,
+                                        cookies=httpx.Cookies(no_cookies))
         self.mirror_client: httpx.AsyncClient | None = None
         if config.mirror is not None:
             self.mirror_client = httpx.AsyncClient(
@@ -196,16 +208,16 @@ class TapProxy:
             headers.append((REQUEST_ID_HEADER, request_id))
         endpoint = classify(request.method, request.path)
         shadow = is_shadow_request(request.headers.get("host"), request.headers.get(SHADOW_HEADER))
-        info = parse_request(endpoint, body) if endpoint is not None else None
         mirror = self.config.mirror
         if mirror is not None and endpoint is not None and not shadow and mirror_selected(request_id, mirror.percent):
             self._send_mirror(request.raw_path, headers, body, mirror)
 
         url = self.upstream + request.raw_path
         try:
-            upstream = await self.client.send(
-                self.client.build_request(request.method, url, headers=headers, content=body), stream=True
-            )
+            # httpx.Request, not client.build_request: the client's default headers (Accept-Encoding,
+            # User-Agent, ...) must not be added to the user's request.
+            upstream = await self.client.send(httpx.Request(request.method, url, headers=headers, content=body),
+                                              stream=True)
         except httpx.HTTPError as exc:
             log.warning("upstream unreachable", url=url, error=str(exc))
             failure = web.json_response(
@@ -213,9 +225,9 @@ class TapProxy:
                            "type": "upstream_unreachable"}},
                 status=502,
             )
-            if endpoint is not None and info is not None:
-                self._record(endpoint, info, request_id, shadow, None, 502, started_at, t0, None,
-                             error=f"upstream unreachable: {type(exc).__name__}")
+            if endpoint is not None:
+                self._record(endpoint, parse_request(endpoint, body), request_id, shadow, None, 502, started_at, t0,
+                             None, error=f"upstream unreachable: {type(exc).__name__}")
             return failure
 
         acc: ResponseAccumulator | None = None
@@ -241,15 +253,20 @@ class TapProxy:
         try:
             await response.prepare(request)
             async for chunk in upstream.aiter_raw():
-                arrived = time.perf_counter()
-                await response.write(chunk)  # the user's bytes first; parsing for the event after
-                if acc is not None and acc.feed(chunk) and ttft is None:
-                    ttft = arrived - t0
+                if ttft is None and acc is not None:
+                    arrived = time.perf_counter()
+                    await response.write(chunk)  # the user's bytes first; parsing for the event after
+                    if acc.feed(chunk):
+                        ttft = arrived - t0
+                else:
+                    await response.write(chunk)
+                    if acc is not None:
+                        acc.feed(chunk)  # after the first token only a copy: parsed at the end
             await response.write_eof()
         except (ClientConnectionResetError, ConnectionResetError, asyncio.CancelledError) as exc:
             error = "client disconnected"
             if isinstance(exc, asyncio.CancelledError):
-                self._finish(acc, endpoint, info, request_id, shadow, upstream.status_code, started_at, t0, ttft,
+                self._finish(acc, endpoint, body, request_id, shadow, upstream.status_code, started_at, t0, ttft,
                              error)
                 raise
         except httpx.HTTPError as exc:
@@ -259,17 +276,18 @@ class TapProxy:
                 request.transport.close()  # the client must see a broken response, not a short one
         finally:
             await upstream.aclose()
-        self._finish(acc, endpoint, info, request_id, shadow, upstream.status_code, started_at, t0, ttft, error)
+        self._finish(acc, endpoint, body, request_id, shadow, upstream.status_code, started_at, t0, ttft, error)
         return response
 
     def _finish(
-        self, acc: ResponseAccumulator | None, endpoint: Endpoint | None, info: RequestInfo | None,
+        self, acc: ResponseAccumulator | None, endpoint: Endpoint | None, body: bytes,
         request_id: str, shadow: bool, status: int, started_at: float, t0: float, ttft: float | None,
         error: str | None,
     ) -> None:
-        if acc is None or endpoint is None or info is None:
+        if acc is None or endpoint is None:
             return
-        self._record(endpoint, info, request_id, shadow, acc, status, started_at, t0, ttft, error=error)
+        self._record(endpoint, parse_request(endpoint, body), request_id, shadow, acc, status, started_at, t0, ttft,
+                     error=error)
 
     def _record(
         self, endpoint: Endpoint, info: RequestInfo, request_id: str, shadow: bool,

@@ -29,6 +29,18 @@ log = structlog.get_logger(__name__)
 MAX_ATTEMPTS = 3
 
 
+def cancel_requested() -> bool:
+    """Whether the current task was asked to stop, even if its CancelledError got lost.
+
+    On Python 3.11, ``asyncio.wait_for`` (used inside aiomqtt) can turn a cancellation that
+    coincides with its inner future finishing into that future's result or error; a retry loop
+    that catches ``MqttError`` then retries forever and the tap never shuts down. Retry loops
+    check this before sleeping.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
     """Where and how to connect."""
@@ -119,6 +131,8 @@ class EventPublisher:
             if item is not None and attempts >= MAX_ATTEMPTS:
                 self.metrics.events_dropped.labels("publish_failed").inc()
                 item = None
+            if cancel_requested():
+                raise asyncio.CancelledError
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(self.backoff_max_s, backoff * 2)
 
