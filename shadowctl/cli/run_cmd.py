@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -44,6 +44,7 @@ from shadowctl.routers.factory import router_for
 from shadowctl.sources.outputs import EmbedderUnavailable, MqttOutputSource, load_local_embedder
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.routing import RoutingSource, secret_connect
+from shadowctl.sources.secrets import parse_secret_ref, read_secret_value
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
 
@@ -70,6 +71,22 @@ class RunOptions:
     """The `semantic` comparator's local embedding model (--embedding-model), if any."""
 
 
+def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[], Awaitable[str]] | None:
+    """Reads spec.analysis.outputs.mqtt.passwordSecret (``name/key``, key ``password`` by default) from the
+    policy's namespace at every connect; None when the policy names no Secret (then $SHADOWCTL_MQTT_PASSWORD)."""
+    outputs = policy.spec.analysis.outputs
+    ref = outputs.mqtt.password_secret if outputs is not None else None
+    if ref is None:
+        return None
+    name, key = parse_secret_ref(ref, "password")
+    namespace = policy.metadata.namespace
+
+    async def read() -> str:
+        return await read_secret_value(kube, namespace, name, key, field="spec.analysis.outputs.mqtt.passwordSecret")
+
+    return read
+
+
 def cached_embedder(embed: Embedder, size: int = 4096) -> Embedder:
     """Remember recent embeddings: the primary's answer is compared with the candidate's and with the
     baseline replica's, and scoring runs on the event loop (about 10 ms an answer on a CPU)."""
@@ -94,6 +111,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
 
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
         return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"),
+                                            password_provider=mqtt_password_provider(kube, policy),
                                             embedder=opts.embedder)
 
     hub = OutputHub(make_output_source)

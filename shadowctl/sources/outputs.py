@@ -23,7 +23,7 @@ import os
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,6 +111,7 @@ class MqttOutputSource:
         expect_baseline: bool,
         username: str | None = None,
         password: str | None = None,
+        password_provider: Callable[[], Awaitable[str]] | None = None,
         tls_context: ssl.SSLContext | None = None,
         max_pending: int = 100_000,
         timeout_s: float = 10.0,
@@ -125,6 +126,8 @@ class MqttOutputSource:
         self.comparators = list(comparators)
         self.username = username
         self.password = password
+        self.password_provider = password_provider
+        """Read at every (re)connect, so a rotated Secret applies; overrides ``password``."""
         self.tls_context = tls_context if tls_context is not None else (ssl.create_default_context() if tls else None)
         self.timeout_s = timeout_s
         self.backoff_max_s = backoff_max_s
@@ -143,6 +146,7 @@ class MqttOutputSource:
         policy: ShadowPolicy,
         *,
         password: str | None = None,
+        password_provider: Callable[[], Awaitable[str]] | None = None,
         embedder: Embedder | None = None,
         tls_context: ssl.SSLContext | None = None,
     ) -> MqttOutputSource:
@@ -172,6 +176,7 @@ class MqttOutputSource:
             expect_baseline=outputs.baseline.mode is BaselineMode.primary_replica,
             username=outputs.mqtt.username,
             password=password,
+            password_provider=password_provider,
             tls_context=tls_context,
         )
 
@@ -202,6 +207,12 @@ class MqttOutputSource:
         when the connection cannot be made or is lost.
         """
         doing = "connecting"
+        if self.password_provider is not None:
+            try:
+                self.password = await self.password_provider()
+            except SourceError as exc:
+                # Retried with backoff like an unreachable broker: the Secret may appear (or be fixed) later.
+                raise BrokerUnavailable(f"mqtt broker {self.host}:{self.port}: no password: {exc}") from exc
         try:
             async with self._client() as client:
                 doing = f"subscribing to {self.topic!r}"

@@ -11,12 +11,11 @@ judge then sees "no data", never a number.
 
 from __future__ import annotations
 
-import base64
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from shadowctl.kube import SECRET, KubeClient, KubeError, NotFound, ResourceRef
+from shadowctl.kube import KubeClient
 from shadowctl.sources.base import (
     MetricKey,
     MetricSource,
@@ -28,6 +27,7 @@ from shadowctl.sources.base import (
     WindowResult,
 )
 from shadowctl.sources.prometheus import PrometheusMetricSource
+from shadowctl.sources.secrets import read_secret_value
 
 Connect = Callable[[ServerRef], Awaitable[MetricSource]]
 
@@ -105,19 +105,9 @@ def secret_connect(kube: KubeClient, options: Mapping[str, Any]) -> Connect:
         opts = {k: v for k, v in options.items() if k not in ("bearer_token", "basic_auth")}
         if ref.token_secret is not None:
             ns, name = ref.token_secret
-            try:
-                secret = await kube.get(ResourceRef(SECRET, name, ns))
-            except NotFound:
-                raise SourceError(f"Secret {ns}/{name} (spec.analysis.prometheus.bearerTokenSecret) not found") from None
-            except KubeError as exc:
-                raise SourceError(f"cannot read Secret {ns}/{name}: {exc}") from exc
-            data = secret.get("data") or {}
-            if TOKEN_KEY not in data:
-                raise SourceError(f"Secret {ns}/{name} has no key {TOKEN_KEY!r} (the bearer token for {ref.url})")
-            try:
-                opts["bearer_token"] = base64.b64decode(data[TOKEN_KEY], validate=True).decode("utf-8").strip()
-            except (ValueError, UnicodeDecodeError):
-                raise SourceError(f"Secret {ns}/{name}: key {TOKEN_KEY!r} is not base64 UTF-8 text") from None
+            opts["bearer_token"] = await read_secret_value(
+                kube, ns, name, TOKEN_KEY, field=f"spec.analysis.prometheus.bearerTokenSecret, the token for {ref.url}"
+            )
         return PrometheusMetricSource(ref.url, **opts)
 
     return connect
