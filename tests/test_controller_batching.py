@@ -95,3 +95,55 @@ def test_only_a_persons_change_wakes_a_worker() -> None:
     assert not _wants_tick(base, status_write)
     assert _wants_tick(base, edit)
     assert _wants_tick(base, command)
+
+
+async def test_a_planned_look_is_sent_at_once_without_waiting_for_more_requests() -> None:
+    inner = FakeMetricSource()
+    source = BatchingSource(inner, idle=3600.0, max_wait=3600.0)  # only a planned batch can be sent at all here
+    planned = [request(f"ns/p{i}") for i in range(5)]
+    source.planner = lambda end: [r for r in planned if r.end == end]
+    await asyncio.wait_for(source.fetch(planned[0]), 30)
+    assert inner.calls == 1 and len(inner.requests) == 5
+
+
+class _Gated(FakeMetricSource):
+    """Answers only once `release` is set (a slow Prometheus)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def fetch_many(self, requests):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        await self.release.wait()
+        return await super().fetch_many(requests)
+
+
+async def test_a_tick_during_the_look_fetch_waits_for_it_instead_of_asking_again() -> None:
+    inner = _Gated()
+    source = BatchingSource(inner, idle=0.01)
+    planned = [request(f"ns/p{i}") for i in range(10)]
+    source.planner = lambda end: [r for r in planned if r.end == end]
+    first = asyncio.create_task(source.fetch(planned[0]))
+    await inner.entered.wait()  # the look is in flight
+    later = asyncio.create_task(source.fetch(planned[7]))
+    await asyncio.sleep(0.05)  # longer than `idle`: a new batch would have been sent by now
+    inner.release.set()
+    a, b = await asyncio.gather(first, later)
+    assert inner.calls == 1
+    assert a == (await FakeMetricSource().fetch(planned[0]))
+    assert b == (await FakeMetricSource().fetch(planned[7]))
+
+
+async def test_one_metric_asked_for_two_windows_gets_each_windows_answer() -> None:
+    inner = FakeMetricSource()
+    source = BatchingSource(inner, idle=0.01)
+    long = request("ns/p0")
+    short = WindowRequest(long.key, long.kind, long.template, END - timedelta(minutes=1), END,
+                          long.primary, long.candidate)  # its phase restarted: a shorter window
+    got_long, got_short = await asyncio.gather(source.fetch(long), source.fetch(short))
+    reference = FakeMetricSource()
+    assert got_long == await reference.fetch(long)
+    assert got_short == await reference.fetch(short)
+    assert got_long != got_short

@@ -10,8 +10,11 @@ while all N run), round duration, API requests per tick, metric queries per roun
 
 Each size is run three ways: all ticks at the boundary with the emulated API server on the controller's
 event loop; the same with the API server in a process of its own (closer to a real cluster); and with
-the ticks staggered over half the interval as the manager runs them (`Manager.offset`), the first
-tick of each look fetching the whole look through the batching source's planner.
+the ticks staggered over the interval as the manager runs them (`Manager.offset`: 1 s to 9 s after the
+boundary of a 10 s interval). In every mode the look is fetched and judged for all rollouts in one pass
+started at the boundary (`Analyzer.prepare`, which the manager runs there); ticks read its rows.
+The stub's counts grow with the window (`--data growing`, as Prometheus' increase does), so every
+tick's evidence changes and every tick writes `.status`; `--data static` repeats the same counts.
 
 Run: .venv/bin/python bench/controller/run.py [--sizes 100 1000] [--rounds 4]
 """
@@ -80,11 +83,17 @@ spec:
 
 
 class StubSource:
-    """Answers every request with identical histograms and counts the queries a batch costs."""
+    """Answers every request with histograms and counts the queries a batch costs.
 
-    def __init__(self) -> None:
+    `growing` (the default): the counts grow with the window, as Prometheus' `increase(...[since])` does,
+    so the evidence changes at every look and every tick writes `.status`; `static`: the same counts at
+    every look (after the first look with evidence nothing changes, so no tick writes).
+    """
+
+    def __init__(self, growing: bool = True) -> None:
         self.calls = 0
         self.queries = 0
+        self.growing = growing
 
     async def fetch(self, request: WindowRequest) -> WindowResult:
         return (await self.fetch_many([request]))[request.key]
@@ -92,8 +101,12 @@ class StubSource:
     async def fetch_many(self, requests: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
         self.calls += 1
         self.queries += len({(r.template, r.kind) for r in requests})
-        hist = HistogramWindow(LE, tuple(float(i * 10) for i in range(len(LE))))
-        return {r.key: VariantPair(hist, hist) for r in requests}
+        out: dict[MetricKey, WindowResult] = {}
+        for r in requests:
+            scale = (r.end - r.start).total_seconds() / 10.0 if self.growing else 1.0
+            hist = HistogramWindow(LE, tuple(float(i * 10) * scale for i in range(len(LE))))
+            out[r.key] = VariantPair(hist, hist)
+        return out
 
     async def check(self) -> SourceUnavailable | None:
         return None
@@ -121,7 +134,7 @@ async def _api_process(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, config
 
 
-async def bench(n: int, rounds: int, api_process: bool, spread_s: float) -> dict[str, Any]:
+async def bench(n: int, rounds: int, api_process: bool, spread_s: float, growing: bool = True) -> dict[str, Any]:
     """Tick `n` policies `rounds` times; the API server in this process or (`api_process`) its own;
     ticks all at once at the boundary (`spread_s` 0) or staggered over `spread_s` seconds."""
     vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
@@ -142,21 +155,25 @@ async def bench(n: int, rounds: int, api_process: bool, spread_s: float) -> dict
                 obj["metadata"] = {"name": name, "namespace": "bench"}
                 await kube.create(VIRTUAL_SERVICE, obj, namespace="bench")
                 await kube.create(SHADOW_POLICY, yaml.safe_load(POLICY.replace("NAME", name)), namespace="bench")
-            stub = StubSource()
+            stub = StubSource(growing)
             source = BatchingSource(stub)
             clock = FakeClock()
-            reconciler = Reconciler(kube, router_for, Analyzer(source), clock)
+            analyzer = Analyzer(source)
+            reconciler = Reconciler(kube, router_for, analyzer, clock)
             refs = [ResourceRef(SHADOW_POLICY, f"p{i:04d}", "bench") for i in range(n)]
             manager = Manager(kube, reconciler, clock)  # its plan() gives the batching source the whole look
             source.planner = manager.plan
-            offsets = {ref.name: manager.offset(f"bench/{ref.name}", 1.0) * spread_s / 0.5 for ref in refs}
+            # The manager's own offsets (a hash of the key, uniform in [lead, spread) x the 10 s interval, the
+            # lead left to the look's pass), scaled so that the last tick starts `spread_s` after the boundary.
+            offsets = {ref.name: manager.offset(f"bench/{ref.name}", 1.0) / manager.spread * spread_s for ref in refs}
             ticks: list[float] = []
             round_s: list[float] = []
             requests_per_round: list[int] = []
+            writes_per_round: list[int] = []
             queries_per_round: list[int] = []
             for r in range(rounds):
                 clock.advance(10.0)
-                before_req, before_q = kube.request_count, stub.queries
+                before_req, before_q, before_w = kube.request_count, stub.queries, kube.write_count
                 # The manager ticks from its watch cache; a list stands in for it here (not counted).
                 listed = await kube.list(SHADOW_POLICY, "bench")
                 cache = {obj["metadata"]["name"]: obj for obj in listed.items}
@@ -170,12 +187,16 @@ async def bench(n: int, rounds: int, api_process: bool, spread_s: float) -> dict
                     return time.perf_counter() - t0
 
                 t0 = time.perf_counter()
+                # As the manager does at each boundary: fetch and judge the whole look in one pass.
+                prepare = asyncio.create_task(analyzer.prepare(clock.now()))
                 durations = await asyncio.gather(*(timed(ref, start=offsets[ref.name] if spread_s else 0.0)
                                                    for ref in refs))
+                await prepare
                 round_s.append(time.perf_counter() - t0)
                 if r > 0:  # the first round starts every rollout (route writes); later rounds are steady state
                     ticks.extend(durations)
                     requests_per_round.append(kube.request_count - before_req - listed_requests)
+                    writes_per_round.append(kube.write_count - before_w)
                     queries_per_round.append(stub.queries - before_q)
             rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             return {
@@ -186,9 +207,13 @@ async def bench(n: int, rounds: int, api_process: bool, spread_s: float) -> dict
                 "tick_p50_s": round(statistics.median(ticks), 4),
                 "tick_p99_s": round(_pct(ticks, 0.99), 4),
                 "round_s": [round(x, 3) for x in round_s[1:]],
+                "data": "growing" if growing else "static",
                 "api_requests_per_tick": round(statistics.mean(requests_per_round) / n, 2),
+                "api_writes_per_tick": round(statistics.mean(writes_per_round) / n, 2),
                 "metric_queries_per_round": queries_per_round,
                 "batches_per_round": source.batches / rounds,
+                "judge_passes_per_round": getattr(analyzer, "looks_judged", 0) / rounds,
+                "metric_results_from_the_pass": getattr(analyzer, "rows_used", 0),
                 "max_rss_mib": round(rss_mib, 1),
             }
         finally:
@@ -200,9 +225,9 @@ async def bench(n: int, rounds: int, api_process: bool, spread_s: float) -> dict
                 await emu.stop()
 
 
-async def main(sizes: list[int], rounds: int, spread_s: float) -> list[dict[str, Any]]:
+async def main(sizes: list[int], rounds: int, spread_s: float, growing: bool) -> list[dict[str, Any]]:
     runs = [(False, 0.0), (True, 0.0), (True, spread_s)]
-    return [await bench(n, rounds, api_process, spread) for api_process, spread in runs for n in sizes]
+    return [await bench(n, rounds, api_process, spread, growing) for api_process, spread in runs for n in sizes]
 
 
 if __name__ == "__main__":
@@ -214,11 +239,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--spread", type=float, default=5.0,
-                        help="seconds over which staggered ticks start (the manager's default: half a 10 s interval)")
+    parser.add_argument("--spread", type=float, default=9.0,
+                        help="seconds over which staggered ticks start (the manager's default: 0.9 of the 10 s interval)")
+    parser.add_argument("--data", choices=["growing", "static"], default="growing",
+                        help="growing: counts grow with the window as in Prometheus (every tick writes .status); "
+                             "static: the same counts every look (no status writes after the first look)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "controller.json")
     args = parser.parse_args()
-    results = asyncio.run(main(args.sizes, args.rounds, args.spread))
-    out = REPO / "bench" / "results" / "controller.json"
+    results = asyncio.run(main(args.sizes, args.rounds, args.spread, args.data == "growing"))
+    out = args.out
     out.write_text(json.dumps(results, indent=2) + "\n")
     for row in results:
         print(json.dumps(row))

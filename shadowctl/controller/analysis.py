@@ -11,6 +11,15 @@ The Prometheus source answers all policies of a look together: the
 :class:`BatchingSource` coalesces the requests that workers send within a few
 milliseconds of each other (workers tick on interval boundaries), so the query
 rate grows with the number of metric templates, not with the number of rollouts.
+
+The judge, too, runs once per look for all rollouts: the first tick of a look
+asks the manager which rollouts' looks end at the same boundary
+(:attr:`Analyzer.peers`), fetches them together and judges every metric of every
+rollout in one vectorized call per metric kind (:func:`~shadowctl.judge.core.batch_binned`,
+:func:`~shadowctl.judge.core.batch_counts`); each tick then reads its rows. A row
+is used only if the tick's own data, spec and error budget are exactly the ones
+that were judged; anything else is judged on its own, as before, so the verdict
+never depends on whether it came from the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
+import structlog
 
 from shadowctl.compare.comparators import AgreementInput, AgreementTally, judge_inputs
 from shadowctl.judge import (
@@ -30,16 +40,20 @@ from shadowctl.judge import (
     Counts,
     Histogram,
     JudgeError,
+    JudgeInputError,
     Margin,
     MetricInput,
+    MetricResult,
     MetricSpec,
     NoData,
     Outcome,
     Verdict,
-    judge,
+    combine,
     judge_fixed,
+    judge_metric,
 )
 from shadowctl.judge import Direction as JudgeDirection
+from shadowctl.judge.core import Batch, batch_binned, batch_counts, result_of
 from shadowctl.judge.fixed import FixedConfig
 from shadowctl.machine import Decision, Phase, RolloutState
 from shadowctl.machine import Verdict as MachineVerdict
@@ -60,6 +74,8 @@ from shadowctl.sources.base import (
 )
 from shadowctl.sources.base import NoData as SourceNoData
 from shadowctl.sources.promql import build_requests
+
+log = structlog.get_logger(__name__)
 
 FIXED_BASELINE_PSEUDO_COUNT = 1_000_000
 """A fixed baseline agreement (measured beforehand) enters the judge as an arm this large, so that its
@@ -115,9 +131,29 @@ def look_end(now: float, since: float, interval: float) -> float:
     return boundary if boundary > since else now
 
 
-def plan_requests(policy: ShadowPolicy, since: float, end: float) -> list[tuple[Metric, WindowRequest | SourceConfigError]]:
-    """The metric requests of one look: every metric over (phase start, end]."""
-    return build_requests(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
+Planned = list[tuple[Metric, WindowRequest | SourceConfigError]]
+
+_PLANNED: dict[tuple[int, float, float], tuple[ShadowPolicy, Planned]] = {}
+_PLANNED_LIMIT = 20_000
+
+
+def plan_requests(policy: ShadowPolicy, since: float, end: float) -> Planned:
+    """The metric requests of one look: every metric over (phase start, end]. Do not modify the list.
+
+    Remembered per (policy object, since, end): the first tick of a look plans every rollout's requests
+    (:meth:`Manager.looks`), and each tick of the look then needs its own again. Policy objects are
+    frozen and cached by generation (:func:`~shadowctl.controller.status.parse_policy`), so an edited
+    spec is a new object and is planned anew.
+    """
+    key = (id(policy), since, end)
+    hit = _PLANNED.get(key)
+    if hit is not None and hit[0] is policy:
+        return hit[1]
+    built = build_requests(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
+    if len(_PLANNED) >= _PLANNED_LIMIT:
+        _PLANNED.clear()
+    _PLANNED[key] = (policy, built)
+    return built
 
 
 def metric_spec(metric: Metric) -> MetricSpec:
@@ -185,35 +221,66 @@ def phase_limit(policy: ShadowPolicy, state: RolloutState) -> float | None:
     return None
 
 
+LookPeers = Callable[[float], Sequence[tuple[ShadowPolicy, Sequence[tuple[Metric, WindowRequest]]]]]
+"""For a look's end (epoch seconds): every rollout whose look ends there, with its metric requests."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One metric of one rollout, judged together with the rest of its look: row `index` of `batch`."""
+
+    spec: MetricSpec
+    alpha: float
+    beta: float
+    data: WindowResult
+    batch: Batch
+    index: int
+
+    def matches(self, spec: MetricSpec, alpha: float, beta: float, data: WindowResult | SourceConfigError) -> bool:
+        """The tick judges exactly what was judged here (else it judges on its own)."""
+        return (self.alpha == alpha and self.beta == beta and self.spec == spec
+                and (self.data is data or self.data == data))
+
+
 class Analyzer:
     """Runs one look for one policy: metric source + output tallies -> judge -> verdict."""
 
-    def __init__(self, source: MetricSource | None, outputs: OutputTallies | None = None) -> None:
+    def __init__(self, source: MetricSource | None, outputs: OutputTallies | None = None, keep_looks: int = 3) -> None:
         self.source = source
         self.outputs = outputs
+        self.peers: LookPeers | None = None
+        """Set by the manager: then the first tick of a look judges the look of every rollout at once."""
+        self.keep_looks = keep_looks
+        self._looks: dict[float, asyncio.Future[dict[MetricKey, _Row]]] = {}
+        self.looks_judged = 0
+        """Looks judged in one vectorized pass (for tests and the benchmark)."""
+        self.rows_used = 0
+        """Metric results a tick took from such a pass instead of judging alone."""
 
     async def look(self, policy: ShadowPolicy, state: RolloutState, now: float,
                    stored_tally: AgreementTally | None = None) -> Look:
         since = state.phase_started_at if state.phase_started_at is not None else now
         limit = phase_limit(policy, state)
         final = limit is not None and now - since >= limit
-        inputs: list[MetricInput] = []
         errors: list[str] = []
         metrics = policy.spec.analysis.metrics
+        analysis = policy.spec.analysis
+        results: dict[str, WindowResult | SourceConfigError] = {}
+        rows: dict[MetricKey, _Row] = {}
         if metrics:
             if now - since < 1.0:
-                results: dict[str, WindowResult | SourceConfigError] = {
-                    m.name: SourceNoData(m.name, None, "", "the phase has just started") for m in metrics
-                }
+                results = {m.name: SourceNoData(m.name, None, "", "the phase has just started") for m in metrics}
             else:
+                if analysis.method is Method.sequential:
+                    rows = await self._look_rows(policy, since, now)
                 results = await self._fetch(policy, since, now)
             for metric in metrics:
                 result = results[metric.name]
                 if isinstance(result, SourceUnavailable | SourceConfigError):
                     errors.append(str(result))
-                inputs.append(metric_input(metric, result))
         tally: AgreementTally | None = None
-        outputs = policy.spec.analysis.outputs
+        extra: list[MetricInput] = []
+        outputs = analysis.outputs
         if outputs is not None and state.phase is Phase.shadowing:
             fresh = None
             if self.outputs is not None:
@@ -221,17 +288,17 @@ class Analyzer:
                 fresh = self.outputs.tally(policy.key, since)
             tally = _merge(stored_tally, fresh)
             for item in judge_inputs(tally or AgreementTally(), outputs):
-                inputs.append(agreement_input(item, outputs.min_pairs))
-        if not inputs:
+                extra.append(agreement_input(item, outputs.min_pairs))
+        if not metrics and not extra:
             verdict = MachineVerdict(Decision.nodata, "nothing to judge in this phase")
             return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
-        analysis = policy.spec.analysis
         try:
             if analysis.method is Method.fixed:
+                inputs = [metric_input(m, results[m.name]) for m in metrics] + extra
                 judged = judge_fixed(inputs, FixedConfig(pass_score=analysis.pass_score,
                                                          marginal_score=analysis.marginal_score))
             else:
-                judged = judge(inputs, alpha=analysis.alpha, beta=analysis.beta, final=final)
+                judged = self._judge(policy, results, extra, rows, final)
         except JudgeError as exc:
             verdict = MachineVerdict(Decision.nodata, f"the judge could not use the data: {exc}")
             return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
@@ -239,6 +306,147 @@ class Analyzer:
         if verdict.decision is Decision.passed and state.phase is Phase.shadowing:
             verdict = _check_min_pairs(policy, verdict, tally)
         return Look(verdict, judged.to_dict(), tuple(errors), tally)
+
+    def _judge(self, policy: ShadowPolicy, results: dict[str, WindowResult | SourceConfigError],
+               extra: list[MetricInput], rows: dict[MetricKey, _Row], final: bool) -> Verdict:
+        """What ``judge(inputs, alpha, beta, final)`` returns, taking each metric's row from the look's
+        vectorized pass where it judged exactly this metric's data (row-wise the same computation)."""
+        analysis = policy.spec.analysis
+        alpha, beta = analysis.alpha, analysis.beta
+        if not (0 < alpha < 1 and 0 < beta < 1):
+            raise JudgeInputError(f"alpha and beta must be in (0, 1), got alpha={alpha}, beta={beta}")
+        metrics = analysis.metrics
+        alpha_k = alpha / max(len(metrics) + len(extra), 1)  # Bonferroni over all inputs, as judge() does
+        out: list[MetricResult] = []
+        for metric in metrics:
+            data = results[metric.name]
+            spec = metric_spec(metric)
+            row = rows.get(MetricKey(policy.key, metric.name))
+            if row is not None and row.matches(spec, alpha_k, beta, data):
+                out.append(result_of(spec, row.batch, row.index, alpha=alpha_k, beta=beta, final=final))
+                self.rows_used += 1
+                continue
+            mi = metric_input(metric, data)
+            out.append(judge_metric(mi.spec, mi.primary, mi.candidate, alpha=alpha_k, beta=beta, final=final))
+        for mi in extra:
+            out.append(judge_metric(mi.spec, mi.primary, mi.candidate, alpha=alpha_k, beta=beta, final=final))
+        return combine(out, final=final)
+
+    async def _look_rows(self, policy: ShadowPolicy, since: float, now: float) -> dict[MetricKey, _Row]:
+        """The vectorized pass of the look this tick belongs to (run by its first tick, shared by the rest)."""
+        if self.peers is None or self.source is None:
+            return {}
+        interval = policy.spec.analysis.interval.total_seconds()
+        end = look_end(now, since, interval)
+        if end != float(int(now // interval) * interval):
+            return {}  # early in a phase the window ends now: a look of its own
+        return await self.prepare(end)
+
+    async def prepare(self, end: float) -> dict[MetricKey, _Row]:
+        """Fetch and judge, in one pass, the look ending at `end` of every rollout due then (see `peers`).
+
+        The manager calls it at each interval boundary, before the first tick of the look; otherwise the
+        first tick of the look runs it and the other ticks wait for it. Runs at most once per look.
+        """
+        if self.peers is None or self.source is None:
+            return {}
+        pending = self._looks.get(end)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        mine: asyncio.Future[dict[MetricKey, _Row]] = asyncio.get_running_loop().create_future()
+        self._looks[end] = mine
+        for old in sorted(self._looks)[:-self.keep_looks]:
+            del self._looks[old]
+        rows: dict[MetricKey, _Row] = {}
+        try:
+            rows = await self._judge_look(end)
+            self.looks_judged += 1
+        except asyncio.CancelledError:
+            if self._looks.get(end) is mine:
+                del self._looks[end]  # the next tick of this look tries again
+            raise
+        except Exception:  # the shortcut must never cost a verdict: every tick then judges on its own
+            log.exception("analysis.look_batch_failed", end=end)
+        finally:
+            if not mine.done():
+                mine.set_result(rows)
+        return rows
+
+    async def _judge_look(self, end: float) -> dict[MetricKey, _Row]:
+        assert self.peers is not None and self.source is not None
+        todo: list[tuple[ShadowPolicy, Metric, WindowRequest]] = []
+        for policy, requests in self.peers(end):
+            if policy.spec.analysis.method is Method.sequential:
+                todo.extend((policy, metric, req) for metric, req in requests)
+        if not todo:
+            return {}
+        answers = await self.source.fetch_many([req for _, _, req in todo])
+        binned: dict[
+            tuple[MetricSpec, float, float, tuple[float, ...]],
+            list[tuple[MetricKey, VariantPair, HistogramWindow, HistogramWindow]],
+        ] = {}
+        counts: dict[tuple[MetricSpec, float, float], list[tuple[MetricKey, VariantPair, Counts, Counts]]] = {}
+        for policy, metric, req in todo:
+            data = answers.get(req.key)
+            if not isinstance(data, VariantPair):
+                continue  # no data or an outage: the tick reports it on its own
+            analysis = policy.spec.analysis
+            alpha_k = analysis.alpha / max(len(analysis.metrics), 1)  # with output agreement a tick's k differs
+            p, c = data.primary, data.candidate
+            if isinstance(p, HistogramWindow) and isinstance(c, HistogramWindow):
+                if (p.le is c.le or p.le == c.le) and len(p.counts) == len(p.le) == len(c.counts):
+                    group = (metric_spec(metric), alpha_k, analysis.beta, p.le)
+                    binned.setdefault(group, []).append((req.key, data, p, c))
+            elif isinstance(p, CountWindow) and isinstance(c, CountWindow):
+                try:
+                    mi = metric_input(metric, data)
+                except JudgeError:
+                    continue
+                if isinstance(mi.primary, Counts) and isinstance(mi.candidate, Counts) and not (
+                    mi.primary.has_nan or mi.candidate.has_nan
+                ):
+                    counts.setdefault((mi.spec, alpha_k, analysis.beta), []).append(
+                        (req.key, data, mi.primary, mi.candidate))
+            # raw samples and gauges: judged per tick
+        rows: dict[MetricKey, _Row] = {}
+        for (spec, alpha_k, beta, le_values), members in binned.items():
+            le = np.asarray(le_values, dtype=np.float64)
+            if le.size == 0 or not np.isposinf(le[-1]) or np.isnan(le).any() or (np.diff(le) <= 0).any():
+                continue  # not a histogram the judge takes: each tick reports why
+            cp = np.asarray([m[2].counts for m in members], dtype=np.float64)
+            cc = np.asarray([m[3].counts for m in members], dtype=np.float64)
+            # The rows a Histogram takes as they are (finite, >= 0, cumulative); others are judged per tick.
+            ok = np.ones(len(members), dtype=bool)
+            for cum in (cp, cc):
+                tolerance = -1e-9 * np.maximum(1.0, cum[:, -1])
+                ok &= np.isfinite(cum).all(axis=1) & (cum >= 0).all(axis=1)
+                ok &= (np.diff(cum, axis=1) >= tolerance[:, None]).all(axis=1)
+            keep = np.flatnonzero(ok)
+            if keep.size == 0:
+                continue
+            try:
+                batch = batch_binned(spec, cp[keep], cc[keep], le, alpha=alpha_k, beta=beta)
+            except JudgeError:
+                continue  # e.g. a statistic buckets cannot give: each tick reports it
+            for i, m in enumerate(keep):
+                key, data, _, _ = members[int(m)]
+                rows[key] = _Row(spec, alpha_k, beta, data, batch, i)
+        for (spec, alpha_k, beta), found in counts.items():
+            try:
+                batch = batch_counts(
+                    spec,
+                    np.array([f[2].failures for f in found]),
+                    np.array([f[2].total for f in found]),
+                    np.array([f[3].failures for f in found]),
+                    np.array([f[3].total for f in found]),
+                    alpha=alpha_k,
+                    beta=beta,
+                )
+            except JudgeError:
+                continue
+            for i, (key, data, _, _) in enumerate(found):
+                rows[key] = _Row(spec, alpha_k, beta, data, batch, i)
+        return rows
 
     async def idle(self, policy_key: str) -> None:
         """The policy is not in a phase that compares outputs."""
@@ -290,13 +498,24 @@ def _check_min_pairs(policy: ShadowPolicy, verdict: MachineVerdict, tally: Agree
 # --------------------------------------------------------------------------- batching across policies
 
 
+_Window = tuple[MetricKey, datetime, datetime]
+
+
+def _window(r: WindowRequest) -> _Window:
+    return (r.key, r.start, r.end)
+
+
 @dataclass
 class _Batch:
     requests: list[WindowRequest] = field(default_factory=list)
-    done: asyncio.Future[dict[MetricKey, WindowResult]] | None = None
+    done: asyncio.Future[dict[_Window, WindowResult]] | None = None
     first: float = 0.0
     last: float = 0.0
     task: asyncio.Task[None] | None = None
+    planned: bool = False
+    """The planner gave the whole look: send it at once instead of waiting for more requests."""
+    asked: set[_Window] = field(default_factory=set)
+    """Once sent: what it asks for (a tick that needs no more waits for it instead of asking again)."""
 
 
 class BatchingSource:
@@ -305,7 +524,9 @@ class BatchingSource:
     Workers of all policies tick at the same interval boundaries, so their requests carry the same
     window end. Requests with the same end meet here and go to the real source as one batch, which
     answers each metric template with one query for all rollouts. A batch is sent once no request
-    joined it for `idle` seconds, or `max_wait` seconds after it opened, whichever comes first.
+    joined it for `idle` seconds, or `max_wait` seconds after it opened, whichever comes first; a
+    batch the planner filled with the whole look is sent at once. A request that a batch in flight
+    already asks for waits for that batch.
     """
 
     def __init__(self, inner: MetricSource, idle: float = 0.05, max_wait: float = 1.0, keep_looks: int = 3) -> None:
@@ -317,7 +538,8 @@ class BatchingSource:
         """Every request due for the look ending at a given time (set by the manager): the first request
         of a look then fetches all of them, and the later (staggered) ticks read the answers."""
         self._batches: dict[float, _Batch] = {}
-        self._answers: dict[tuple[MetricKey, datetime, datetime], WindowResult] = {}
+        self._in_flight: dict[float, list[_Batch]] = {}
+        self._answers: dict[_Window, WindowResult] = {}
         self._planned: list[datetime] = []
         self.batches = 0
 
@@ -327,33 +549,38 @@ class BatchingSource:
     async def fetch_many(self, requests: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
         if not requests:
             return {}
-        found = {r.key: self._answers[(r.key, r.start, r.end)] for r in requests
-                 if (r.key, r.start, r.end) in self._answers}
-        missing = [r for r in requests if r.key not in found]
+        found = {r.key: self._answers[_window(r)] for r in requests if _window(r) in self._answers}
+        missing = [r for r in requests if _window(r) not in self._answers]
         if not missing:
             return found
         end = max(r.end for r in missing)
+        key = end.timestamp()
+        for flying in self._in_flight.get(key, ()):
+            if all(_window(r) in flying.asked for r in missing):
+                assert flying.done is not None
+                answers = await asyncio.shield(flying.done)
+                return {**found, **{r.key: answers[_window(r)] for r in missing}}
         extra: Sequence[WindowRequest] = ()
         if self.planner is not None and end not in self._planned:
             self._planned = [*self._planned, end][-self.keep_looks:]
             extra = self.planner(end)
         loop = asyncio.get_running_loop()
-        key = end.timestamp()
         batch = self._batches.get(key)
         if batch is None:
             batch = _Batch(done=loop.create_future(), first=loop.time())
             self._batches[key] = batch
             batch.task = loop.create_task(self._flush_when_quiet(key, batch))
+        batch.planned = batch.planned or bool(extra)
         batch.requests.extend(extra)
         batch.requests.extend(missing)
         batch.last = loop.time()
         assert batch.done is not None
         answers = await asyncio.shield(batch.done)
-        return {**found, **{r.key: answers[r.key] for r in missing}}
+        return {**found, **{r.key: answers[_window(r)] for r in missing}}
 
     async def _flush_when_quiet(self, key: float, batch: _Batch) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not batch.planned:
             now = loop.time()
             wait = min(batch.last + self.idle, batch.first + self.max_wait) - now
             if wait <= 0:
@@ -363,20 +590,44 @@ class BatchingSource:
             del self._batches[key]
         assert batch.done is not None
         self.batches += 1
+        unique: dict[_Window, WindowRequest] = {_window(r): r for r in batch.requests}
+        batch.asked = set(unique)
+        self._in_flight.setdefault(key, []).append(batch)
         try:
-            unique: dict[MetricKey, WindowRequest] = {r.key: r for r in batch.requests}
-            result = await self.inner.fetch_many(list(unique.values()))
+            result = await self._ask(list(unique.values()))
         except Exception as exc:  # pragma: no cover - the port returns failures as results
             batch.done.set_exception(exc)
             return
+        finally:
+            flying = self._in_flight.get(key, [])
+            if batch in flying:
+                flying.remove(batch)
+            if not flying:
+                self._in_flight.pop(key, None)
         keep = set(self._planned) | {r.end for r in unique.values()}
         cutoff = sorted(keep)[-self.keep_looks:][0]
         self._answers = {k: v for k, v in self._answers.items() if k[2] >= cutoff}
-        for r in unique.values():
-            answer = result[r.key]
+        for window, answer in result.items():
             if not isinstance(answer, SourceUnavailable):  # an outage is asked again, not remembered
-                self._answers[(r.key, r.start, r.end)] = answer
+                self._answers[window] = answer
         batch.done.set_result(result)
+
+    async def _ask(self, requests: list[WindowRequest]) -> dict[_Window, WindowResult]:
+        """The inner source answers by MetricKey: a key asked for two windows (a phase restarted while its
+        previous window was planned) goes in a second call rather than getting the other window's answer."""
+        out: dict[_Window, WindowResult] = {}
+        while requests:
+            now: dict[MetricKey, WindowRequest] = {}
+            later: list[WindowRequest] = []
+            for r in requests:
+                if r.key in now:
+                    later.append(r)
+                else:
+                    now[r.key] = r
+            answers = await self.inner.fetch_many(list(now.values()))
+            out.update({_window(r): answers[r.key] for r in now.values()})
+            requests = later
+        return out
 
     async def check(self) -> SourceUnavailable | None:
         return await self.inner.check()

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -34,7 +34,7 @@ from shadowctl.controller.status import parse_policy, read_state
 from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, ResourceRef, WatchExpired
 from shadowctl.machine import ANALYSED, Phase
 from shadowctl.policy.duration import parse_duration
-from shadowctl.policy.model import ShadowPolicy
+from shadowctl.policy.model import Metric, ShadowPolicy
 from shadowctl.sources.base import WindowRequest
 
 log = structlog.get_logger(__name__)
@@ -86,10 +86,15 @@ class Manager:
         namespace: str | None = None,
         label_selector: str | None = None,
         min_interval: float = 0.0,
-        spread: float = 0.5,
+        spread: float = 0.9,
+        lead: float = 0.1,
     ) -> None:
-        """`spread`: each policy ticks at a fixed offset in [0, spread x interval) after the boundary,
-        so that the ticks of many policies do not contend; their looks still end at the boundary."""
+        """`spread`, `lead`: each policy ticks at a fixed offset in [lead, spread) x interval after the
+        boundary, so that the ticks of many policies do not contend; their looks still end at the boundary.
+
+        The manager tells the reconciler's analyzer which rollouts share a look (:meth:`looks`), and at
+        each boundary has it fetch and judge all of them in one vectorized pass (``Analyzer.prepare``);
+        the `lead` leaves that pass the start of the interval, so that no tick waits for it."""
         self.kube = kube
         self.reconciler = reconciler
         self.clock = clock
@@ -97,14 +102,19 @@ class Manager:
         self.label_selector = label_selector
         self.min_interval = min_interval
         self.spread = spread
+        self.lead = min(lead, spread)
         self.workers: dict[str, _Worker] = {}
         self.ready = asyncio.Event()
         self.last_objects: dict[str, dict[str, Any]] = {}
+        self._looks: tuple[float, list[tuple[ShadowPolicy, list[tuple[Metric, WindowRequest]]]]] | None = None
+        if reconciler.analyzer.peers is None:
+            reconciler.analyzer.peers = self.looks
 
     # ----------------------------------------------------------------- watch
 
     async def run(self) -> None:
         """Watch and run workers until cancelled (then every worker is cancelled too)."""
+        prepare = asyncio.create_task(self._prepare_looks(), name="prepare looks")
         try:
             backoff = 0.5
             while True:
@@ -121,8 +131,25 @@ class Manager:
                     await asyncio.sleep(backoff)
                     backoff = min(10.0, backoff * 2)
         finally:
+            prepare.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prepare
             self.ready.clear()
             await self.stop_workers()
+
+    async def _prepare_looks(self) -> None:
+        """At each interval boundary, have the analyzer fetch and judge the look of every rollout due then."""
+        while True:
+            intervals = {w.interval for w in self.workers.values()} or {DEFAULT_INTERVAL}
+            now = self.clock.now()
+            boundary = min(next_tick(now, i) for i in intervals)
+            await self.clock.sleep(boundary - now)
+            if self.clock.now() < boundary or not self.workers:
+                continue
+            try:
+                await self.reconciler.analyzer.prepare(boundary)
+            except Exception:  # the ticks then run the pass themselves
+                log.exception("manager.prepare_failed", end=boundary)
 
     async def _relist(self) -> str:
         listed = await self.kube.list(SHADOW_POLICY, self.namespace, label_selector=self.label_selector)
@@ -221,18 +248,21 @@ class Manager:
             await self._sleep_until(worker, deadline)
 
     def offset(self, key: str, interval: float) -> float:
-        """This policy's fixed tick offset after each interval boundary."""
-        return self.spread * interval * (zlib.crc32(key.encode()) % 1000) / 1000.0
+        """This policy's fixed tick offset after each interval boundary (a hash of its key, uniform in
+        [lead, spread) x interval; crc32 of similar names such as p0001, p0002 clusters)."""
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return interval * (self.lead + (self.spread - self.lead) * int.from_bytes(digest, "big") / 2.0**64)
 
-    def plan(self, end: datetime) -> list[WindowRequest]:
-        """Every metric request of the look that ends at `end`, for all policies this manager runs.
+    def looks(self, end: float) -> list[tuple[ShadowPolicy, list[tuple[Metric, WindowRequest]]]]:
+        """Every rollout this manager runs whose look ends at `end`, with the look's metric requests.
 
-        Given to the batching source, so that the first tick after a boundary fetches the look of all
-        rollouts in one batch (one query per metric template) and the staggered ticks after it read
-        the answers.
+        Computed once per look (at the boundary, see :meth:`_prepare_looks`, else by the look's first
+        tick) from the watch cache; a rollout whose phase moves on during the look asks for a different
+        window then and is fetched and judged on its own.
         """
-        end_ts = end.timestamp()
-        out: list[WindowRequest] = []
+        if self._looks is not None and self._looks[0] == end:
+            return self._looks[1]
+        out: list[tuple[ShadowPolicy, list[tuple[Metric, WindowRequest]]]] = []
         for obj in list(self.last_objects.values()):
             state = read_state(obj)
             if state.phase not in ANALYSED or state.phase_started_at is None:
@@ -241,11 +271,21 @@ class Manager:
             if policy is None:
                 continue
             interval = policy.spec.analysis.interval.total_seconds()
-            if look_end(end_ts, state.phase_started_at, interval) != end_ts:
+            if look_end(end, state.phase_started_at, interval) != end:
                 continue
-            out.extend(req for _, req in plan_requests(policy, state.phase_started_at, end_ts)
-                       if isinstance(req, WindowRequest))
+            out.append((policy, [(metric, req) for metric, req in plan_requests(policy, state.phase_started_at, end)
+                                 if isinstance(req, WindowRequest)]))
+        self._looks = (end, out)
         return out
+
+    def plan(self, end: datetime) -> list[WindowRequest]:
+        """Every metric request of the look that ends at `end`, for all policies this manager runs.
+
+        Given to the batching source, so that the first tick after a boundary fetches the look of all
+        rollouts in one batch (one query per metric template) and the staggered ticks after it read
+        the answers.
+        """
+        return [req for _, requests in self.looks(end.timestamp()) for _, req in requests]
 
     @staticmethod
     def _policy(obj: dict[str, Any]) -> ShadowPolicy | None:

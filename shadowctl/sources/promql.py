@@ -107,15 +107,23 @@ def selector(style: SelectorStyle, namespace: str, sel: VariantSelector) -> str 
     return None
 
 
+@functools.lru_cache(maxsize=8192)
+def _python_reads(pattern: str) -> bool:
+    """Whether Python's re compiles the pattern (cached: a look asks for every rollout's patterns)."""
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def series_match(style: SelectorStyle, namespace: str, sel: VariantSelector) -> SeriesMatch | None:
     """How to find one variant's series in a grouped answer (the same choice as :func:`selector`)."""
     if style is SelectorStyle.pod:
         pattern = _pod_pattern(sel)
         if pattern is None:
             return None
-        try:
-            re.compile(pattern)
-        except re.error:
+        if not _python_reads(pattern):
             return None  # RE2 syntax Python does not read: answered per rollout instead
         return SeriesMatch((("namespace", namespace),), ("pod", pattern))
     ns = ("destination_workload_namespace", namespace)
