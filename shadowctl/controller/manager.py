@@ -56,11 +56,12 @@ def _interval(obj: dict[str, Any]) -> float:
 
 
 def _wants_tick(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """A change a person made (spec edit, command annotation), not our own status write: act now."""
+    """A change a person made (spec edit, command annotation, deletion), not our own status write: act now."""
     o, n = old.get("metadata") or {}, new.get("metadata") or {}
     return bool(
         o.get("generation") != n.get("generation")
         or (o.get("annotations") or {}).get(COMMAND_ANNOTATION) != (n.get("annotations") or {}).get(COMMAND_ANNOTATION)
+        or bool(o.get("deletionTimestamp")) != bool(n.get("deletionTimestamp"))
     )
 
 

@@ -52,6 +52,11 @@ from shadowctl.routers.base import Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
 
+FINALIZER = "shadowctl.dev/restore-routes"
+"""Held while a rollout may have live traffic or a mirror on the candidate: deleting the policy then
+waits until the controller has restored the routes to the primary. Not held in a terminal phase, so
+a finished policy is deleted at once, with or without a controller."""
+
 
 class Notifier(Protocol):
     """Tells people what happened (Kubernetes Events, MQTT, webhooks); must not raise."""
@@ -168,6 +173,23 @@ class Reconciler:
                                      error=result.error)
             return None
 
+        # Deletion and the finalizer come before anything else.
+        finalizers = [str(f) for f in meta.get("finalizers") or []]
+        if meta.get("deletionTimestamp"):
+            if FINALIZER in finalizers:
+                await self._release(ref, obj, rv, state, policy, finalizers, result)
+            return None
+        wanted = not state.phase.terminal
+        if wanted != (FINALIZER in finalizers):
+            keep = [f for f in finalizers if f != FINALIZER] + ([FINALIZER] if wanted else [])
+            try:
+                obj = await self.kube.patch_merge(ref, {"metadata": {"finalizers": keep}}, resource_version=rv)
+            except KubeError as exc:  # a 409 means someone wrote first: the next tick sees their object
+                result.error = f"cannot {'add' if wanted else 'remove'} the finalizer: {exc}"
+                return None
+            meta = obj.get("metadata") or {}
+            rv = str(meta.get("resourceVersion") or "")
+
         router = self.router_for(policy, self.kube)
         pending = pending_command(obj)
         command = pending.command if pending else None
@@ -243,6 +265,34 @@ class Reconciler:
                      to=outcome.state.phase.value, step=outcome.state.step, weight=outcome.state.weight,
                      reason=outcome.state.message)
         return look
+
+    async def _release(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
+                       policy: ShadowPolicy, finalizers: list[str], result: TickResult) -> None:
+        """The policy is being deleted: restore the routes (a rollout in flight), then let it go.
+
+        Routes first, as in a rollback; if they cannot be restored the finalizer stays and the next
+        tick tries again, so no mirror or candidate weight is left behind by a deletion.
+        """
+        if state.phase is not Phase.pending:
+            stored = (obj.get("status") or {}).get("rolloutTarget")
+            router = (self._router_for_target(policy, stored) if stored else None) or self.router_for(policy, self.kube)
+            try:
+                applied = await router.finalize(policy.spec.rollback.keep_candidate_tag)
+            except RouterError as exc:
+                result.error = f"deleted mid-rollout; cannot restore the routes yet: {exc}"
+                log.warning("rollout.delete_blocked", policy=policy.key, phase=state.phase.value, error=str(exc))
+                return
+            result.actions.append("Finalize")
+            result.route_writes += int(applied.wrote)
+            log.warning("rollout.deleted", policy=policy.key, phase=state.phase.value,
+                        message="policy deleted mid-rollout; routes restored to the primary")
+        keep = [f for f in finalizers if f != FINALIZER]
+        try:
+            await self.kube.patch_merge(ref, {"metadata": {"finalizers": keep}}, resource_version=rv)
+        except NotFound:
+            pass
+        except KubeError as exc:
+            result.error = f"cannot remove the finalizer: {exc}"
 
     async def abandon(self, obj: dict[str, Any]) -> None:
         """The policy was deleted: a rollout in flight must not leave live traffic or a mirror behind."""

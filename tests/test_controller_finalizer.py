@@ -1,0 +1,68 @@
+"""Deleting a ShadowPolicy never leaves traffic or a mirror on the candidate (the finalizer).
+
+Against the emulated API server, which implements finalizers as Kubernetes does (a DELETE of an
+object with finalizers only sets metadata.deletionTimestamp; removing the last one deletes it).
+"""
+
+from __future__ import annotations
+
+import pytest
+from controller_helpers import REF, Harness
+
+from shadowctl.controller.reconciler import FINALIZER
+from shadowctl.kube import KubeClient, NotFound
+from shadowctl.sim.kubeapi import KubeAPIEmulator
+
+
+@pytest.fixture
+async def h(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> Harness:
+    return Harness(kube_emulator, kube_client)
+
+
+async def _finalizers(h: Harness) -> list[str]:
+    return list((await h.kube.get(REF))["metadata"].get("finalizers") or [])
+
+
+async def test_deleted_while_no_controller_runs_restores_routes_at_the_next_tick(h: Harness) -> None:
+    await h.setup()
+    await h.tick()
+    assert await _finalizers(h) == [FINALIZER]  # held from the first tick, before any route is written
+    await h.run_until({"Progressing"})
+    assert (await h.weights())[1] == 10
+    await h.kube.delete(REF)  # the controller is not running: the object stays, being deleted
+    obj = await h.kube.get(REF)
+    assert obj["metadata"].get("deletionTimestamp") and (await h.weights())[1] == 10
+    h.clock.advance(10)
+    result = await h.reconciler.tick(REF)
+    assert "Finalize" in result.actions
+    assert await h.weights() == (100, 0, None)  # all traffic back on the primary, no mirror
+    with pytest.raises(NotFound):
+        await h.kube.get(REF)
+
+
+async def test_routes_that_cannot_be_restored_keep_the_policy(h: Harness) -> None:
+    await h.setup()
+    await h.run_until({"Shadowing"})
+    assert (await h.weights())[2] is not None  # mirroring
+    await h.kube.delete(REF)
+    h.emu.fail_next(4, 503, verb="update", path="virtualservices")  # the first try and its 3 retries
+    h.clock.advance(10)
+    result = await h.reconciler.tick(REF)
+    assert result.error is not None and "cannot restore the routes" in result.error
+    assert FINALIZER in await _finalizers(h)  # still there: nothing was let go
+    assert (await h.weights())[2] is not None
+    h.clock.advance(10)
+    await h.reconciler.tick(REF)
+    assert await h.weights() == (100, 0, None)
+    with pytest.raises(NotFound):
+        await h.kube.get(REF)
+
+
+async def test_finished_and_pending_policies_are_deleted_at_once(h: Harness) -> None:
+    await h.setup()
+    await h.run_until({"Succeeded"})
+    await h.tick()  # a terminal phase lets the finalizer go
+    assert await _finalizers(h) == []
+    await h.kube.delete(REF)
+    with pytest.raises(NotFound):
+        await h.kube.get(REF)
