@@ -8,6 +8,7 @@ route change the mesh observed, and that the report was written. About two minut
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,8 +31,13 @@ pytestmark = [
 async def test_scenario(name: str, tmp_path: Path) -> None:
     scenario = SCENARIOS[name]
     data = await run_scenario(scenario, SHORT, console=Console(quiet=True), live=False)
-    assert data["outcome"] == scenario.expected, (data["outcome"], data.get("final_message"),
-                                                  data.get("controller_log_tail", "")[-2000:])
+    (tmp_path / "data.json").write_text(json.dumps(data, default=str))  # evidence when it fails
+    assert data["outcome"] == scenario.expected, (
+        data["outcome"], data.get("final_message"), data.get("duration_s"), data.get("transitions"),
+        [(v["t"], v["phase"], v["outcome"], [(m["name"], m["outcome"], m.get("samples"), m.get("interval"))
+                                             for m in v["metrics"]]) for v in data.get("verdicts", [])[-3:]],
+        data.get("load"),
+    )
     assert data["invariants"]["violations"] == []
     assert data["invariants"]["checked"] >= 2
     phases = [t["to"] for t in data["transitions"]]
