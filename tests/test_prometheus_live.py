@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from http_stub import serving
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from typer.testing import CliRunner
 
@@ -106,25 +105,8 @@ def exporter() -> Iterator[tuple[str, Histogram]]:
     for pod in (P_POD, C_POD):
         hist.labels("llm", pod)  # the series exist (at 0) before the first scrape
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = generate_latest(registry)
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}", hist
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(lambda: generate_latest(registry), CONTENT_TYPE_LATEST) as stub:
+        yield stub["host"], hist
 
 
 @pytest.mark.prometheus
@@ -313,29 +295,9 @@ def test_auth_options_are_checked() -> None:
 @pytest.fixture
 def threaded_recorder() -> Iterator[dict[str, Any]]:
     """Like recording_server, in a thread: the CLI runs its own event loop and blocks the test's."""
-    state: dict[str, Any] = {"headers": []}
-    body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            state["headers"].append({k.lower(): v for k, v in self.headers.items()})
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
-    yield state
-    server.shutdown()
-    server.server_close()
+    empty = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+    with serving(empty) as stub:
+        yield stub
 
 
 def test_cli_query_reads_credentials_from_files(threaded_recorder: dict[str, Any], tmp_path: Any) -> None:

@@ -8,16 +8,14 @@ HTTP server standing in for Prometheus.
 from __future__ import annotations
 
 import base64
-import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from controller_helpers import FakeMetricSource
+from http_stub import PROMETHEUS_VECTOR_1, serving
 
 from shadowctl.kube import SECRET, KubeClient
 from shadowctl.policy.model import ShadowPolicy
@@ -117,30 +115,9 @@ async def test_sources_are_made_again_after_refresh_so_rotated_tokens_apply() ->
 
 @pytest.fixture
 def recorder() -> Iterator[dict[str, Any]]:
-    """A stand-in Prometheus that records the Authorization header of each query."""
-    seen: dict[str, Any] = {"auth": []}
-    body = json.dumps({"status": "success", "data": {"resultType": "vector",
-                                                     "result": [{"metric": {}, "value": [1, "1"]}]}}).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen["auth"].append(self.headers.get("Authorization"))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    seen["url"] = f"http://127.0.0.1:{server.server_address[1]}"
-    yield seen
-    server.shutdown()
-    server.server_close()
+    """A stand-in Prometheus that records the headers of each query."""
+    with serving(PROMETHEUS_VECTOR_1) as stub:
+        yield stub
 
 
 async def test_secret_connect_sends_the_token_from_the_policys_secret(
@@ -157,7 +134,7 @@ async def test_secret_connect_sends_the_token_from_the_policys_secret(
         source = await connect(ServerRef(recorder["url"], ("llm", "prom")))
         assert await source.check() is None
         await source.aclose()
-        assert recorder["auth"] == ["Bearer t3nant-token"]  # the policy's token, not the controller's
+        assert [h.get("authorization") for h in recorder["headers"]] == ["Bearer t3nant-token"]  # the policy's token, not the controller's
         with pytest.raises(SourceError, match=r"Secret llm/nope .* not found"):
             await connect(ServerRef(recorder["url"], ("llm", "nope")))
         with pytest.raises(SourceError, match="has no key 'token'"):
