@@ -90,21 +90,30 @@ def _pod_pattern(sel: VariantSelector) -> str | None:
     return None
 
 
-def selector(style: SelectorStyle, namespace: str, sel: VariantSelector) -> str | None:
-    """The label matchers selecting one variant's series, or None when the selector names nothing usable."""
+def variant_match(style: SelectorStyle, namespace: str, sel: VariantSelector) -> SeriesMatch | None:
+    """Which series are one variant's, or None when the selector names nothing usable for ``style``."""
     if style is SelectorStyle.pod:
         pattern = _pod_pattern(sel)
-        if pattern is None:
-            return None
-        return f"namespace={quote(namespace)}, pod=~{quote(pattern)}"
-    ns = f"destination_workload_namespace={quote(namespace)}"
+        return SeriesMatch((("namespace", namespace),), ("pod", pattern)) if pattern is not None else None
+    ns = ("destination_workload_namespace", namespace)
     if sel.workload:
-        return f"{ns}, destination_workload={quote(sel.workload)}"
+        return SeriesMatch((ns, ("destination_workload", sel.workload)))
     if sel.revision:
-        return f"{ns}, destination_workload={quote(sel.revision + '-deployment')}"
+        return SeriesMatch((ns, ("destination_workload", sel.revision + "-deployment")))
     if sel.subset:
-        return f"{ns}, destination_version={quote(sel.subset)}"
+        return SeriesMatch((ns, ("destination_version", sel.subset)))
     return None
+
+
+def selector(style: SelectorStyle, namespace: str, sel: VariantSelector) -> str | None:
+    """The label matchers selecting one variant's series, or None when the selector names nothing usable."""
+    match = variant_match(style, namespace, sel)
+    if match is None:
+        return None
+    parts = [f"{label}={quote(value)}" for label, value in match.equals]
+    if match.regex is not None:
+        parts.append(f"{match.regex[0]}=~{quote(match.regex[1])}")
+    return ", ".join(parts)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -118,22 +127,12 @@ def _python_reads(pattern: str) -> bool:
 
 
 def series_match(style: SelectorStyle, namespace: str, sel: VariantSelector) -> SeriesMatch | None:
-    """How to find one variant's series in a grouped answer (the same choice as :func:`selector`)."""
-    if style is SelectorStyle.pod:
-        pattern = _pod_pattern(sel)
-        if pattern is None:
-            return None
-        if not _python_reads(pattern):
-            return None  # RE2 syntax Python does not read: answered per rollout instead
-        return SeriesMatch((("namespace", namespace),), ("pod", pattern))
-    ns = ("destination_workload_namespace", namespace)
-    if sel.workload:
-        return SeriesMatch((ns, ("destination_workload", sel.workload)))
-    if sel.revision:
-        return SeriesMatch((ns, ("destination_workload", sel.revision + "-deployment")))
-    if sel.subset:
-        return SeriesMatch((ns, ("destination_version", sel.subset)))
-    return None
+    """:func:`variant_match` where the grouped answer can be split in Python: a pod pattern in RE2 syntax
+    Python does not read is answered per rollout instead."""
+    match = variant_match(style, namespace, sel)
+    if match is not None and match.regex is not None and not _python_reads(match.regex[1]):
+        return None
+    return match
 
 
 def aligned_start(start: datetime, end: datetime, step: timedelta) -> datetime:
