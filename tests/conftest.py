@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_timeout
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CRDS = REPO.parent / "shared" / "crds"
@@ -15,3 +19,24 @@ def repo() -> Path:
     return REPO
 
 pytest_plugins = ["conftest_kube", "conftest_mqtt", "conftest_prometheus"]
+
+
+# A hung async test shows only the event loop's select() in pytest-timeout's thread dump. Its SIGALRM
+# handler runs on the loop's thread, so the running loop is reachable there: print every task's stack
+# too (where each coroutine is waiting), which is what tells a lost cancellation from a slow server.
+_dump_threads = pytest_timeout.dump_stacks
+
+
+def _dump_stacks_and_tasks(terminal: Any) -> None:
+    _dump_threads(terminal)
+    loop = asyncio.events._get_running_loop()
+    if loop is None:
+        return
+    for task in asyncio.all_tasks(loop):
+        terminal.sep("~", title=f"asyncio task {task.get_name()}")
+        out = io.StringIO()
+        task.print_stack(file=out)
+        terminal.write(out.getvalue())
+
+
+pytest_timeout.dump_stacks = _dump_stacks_and_tasks

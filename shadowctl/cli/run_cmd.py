@@ -17,6 +17,7 @@ import httpx
 import structlog
 import typer
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.cli.common import ContextOpt, KubeconfigOpt, configure_logging, fail
 from shadowctl.cli.prom_opts import (
     URL_ENV,
@@ -174,9 +175,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
             if main_task.done():
                 main_task.result()
     finally:
-        main_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await main_task
+        await cancel_and_wait(main_task)
         for t in tasks:
             t.cancel()
         await hub.close()

@@ -16,7 +16,6 @@ instead of double-applying a step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from shadowctl.aio import cancel_and_wait, cancel_requested
 from shadowctl.controller.analysis import look_end, plan_requests
 from shadowctl.controller.clock import Clock
 from shadowctl.controller.commands import COMMAND_ANNOTATION
@@ -128,13 +128,13 @@ class Manager:
                 except WatchExpired:
                     log.info("watch.expired; listing again")
                 except KubeError as exc:
+                    if cancel_requested():  # a library turned our cancellation into an error
+                        raise asyncio.CancelledError from exc
                     log.warning("watch.failed", error=str(exc), retry_in_s=backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(10.0, backoff * 2)
         finally:
-            prepare.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await prepare
+            await cancel_and_wait(prepare)
             self.ready.clear()
             await self.stop_workers()
 
@@ -199,23 +199,15 @@ class Manager:
     async def _remove(self, key: str) -> None:
         worker = self.workers.pop(key, None)
         obj = self.last_objects.pop(key, None)
-        if worker is not None and worker.task is not None:
-            worker.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker.task
+        if worker is not None:
+            await cancel_and_wait(worker.task)
         if obj is not None:
             await self.reconciler.abandon(obj)
 
     async def stop_workers(self) -> None:
         workers = list(self.workers.values())
         self.workers.clear()
-        for w in workers:
-            if w.task is not None:
-                w.task.cancel()
-        for w in workers:
-            if w.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await w.task
+        await cancel_and_wait(*(w.task for w in workers))
 
     # ----------------------------------------------------------------- workers
 
@@ -227,9 +219,13 @@ class Manager:
             try:
                 result = await self.reconciler.tick(worker.ref, cached)
             except Exception:  # a bug in one policy's tick must not stop the others
+                if cancel_requested():  # a library turned our cancellation into an error
+                    raise asyncio.CancelledError from None
                 log.exception("tick.crashed", policy=str(worker.ref))
                 result = None
             worker.ticks += 1
+            if cancel_requested():  # a tick that lost our cancellation returned as if nothing happened
+                raise asyncio.CancelledError
             if result is not None and result.error == "the policy is gone":
                 return
             # A conflict means our copy was stale: read it fresh next time, and soon.
@@ -301,8 +297,4 @@ class Manager:
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (sleeper, waker):
-                t.cancel()
-            for t in (sleeper, waker):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_and_wait(sleeper, waker)

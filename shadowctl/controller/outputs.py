@@ -9,13 +9,13 @@ the analyzer's question "agreement counts since the phase started".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.comparators import AgreementTally
 from shadowctl.errors import ShadowctlError
 from shadowctl.policy.model import ShadowPolicy
@@ -80,9 +80,7 @@ class OutputHub:
     async def stop(self, policy_key: str) -> None:
         entry = self._entries.pop(policy_key, None)
         if entry is not None:
-            entry.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await entry.task
+            await cancel_and_wait(entry.task)
 
     async def close(self) -> None:
         for key in list(self._entries):

@@ -21,7 +21,6 @@ Topology::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
 from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.sim.kubeapi import KubeAPIEmulator
@@ -55,8 +55,11 @@ BASE_KNOBS = ModelKnobs(time_scale=1.0, ttft_median_s=0.12, ttft_sigma=0.3, tpot
 
 async def _bounded(awaitable: Any, seconds: float = 10.0) -> None:
     """Await a shutdown step, giving up after `seconds` (errors while stopping are not interesting)."""
-    with contextlib.suppress(Exception, asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(asyncio.ensure_future(awaitable), seconds)
+    task = asyncio.ensure_future(awaitable)
+    _, pending = await asyncio.wait({task}, timeout=seconds)
+    await cancel_and_wait(*pending)
+    if not pending and not task.cancelled():
+        task.exception()  # retrieved: errors while stopping are not interesting
 
 
 @dataclass

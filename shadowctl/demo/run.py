@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.demo.env import HOST, Environment
 from shadowctl.demo.scenarios import FULL, SCENARIOS, Scenario, Timing, policy_yaml
 from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
@@ -236,8 +237,10 @@ async def _run_started(
                         outcome = "controller-exited"
                         break
         load.stop()
-        with contextlib.suppress(asyncio.TimeoutError, Exception):
-            load_result = await asyncio.wait_for(load_task, 15)
+        _, late = await asyncio.wait({load_task}, timeout=15)
+        await cancel_and_wait(*late)
+        if not late and not load_task.cancelled() and load_task.exception() is None:
+            load_result = load_task.result()
         obj = env.policy_object()
         status = obj.get("status") or {}
         history = (status.get("rollout") or {}).get("history") or []

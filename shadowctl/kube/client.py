@@ -405,7 +405,8 @@ class KubeClient:
             try:
                 response = await self._send(method, path, query or [], body, content_type, limits)
                 try:
-                    await asyncio.wait_for(response.read(), self.timeout)
+                    async with asyncio.timeout(self.timeout):
+                        await response.read()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise Unavailable(f"{method} {path}: reading the response failed: {exc!r}") from exc
                 finally:

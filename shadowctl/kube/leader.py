@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.kube.client import KubeClient, Sleep
 from shadowctl.kube.errors import AlreadyExists, Conflict, KubeError, NotFound
 from shadowctl.kube.refs import LEASE, ResourceRef
@@ -113,10 +114,7 @@ class LeaderElector:
             raise
         finally:
             self.is_leader = False
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(task)
         if on_stopped is not None:
             await on_stopped()
 

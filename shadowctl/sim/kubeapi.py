@@ -982,7 +982,8 @@ class KubeAPIEmulator(KubernetesEmulator):
                 if remaining is not None and remaining <= 0:
                     break
                 try:
-                    await asyncio.wait_for(tick.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await tick.wait()
                 except TimeoutError:
                     break
                 if self._cut_generation != cut_generation:

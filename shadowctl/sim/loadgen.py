@@ -189,7 +189,8 @@ class LoadGenerator:
                 delay = next_at - loop.time()
                 if delay > 0:
                     try:
-                        await asyncio.wait_for(self._stop.wait(), delay)
+                        async with asyncio.timeout(delay):
+                            await self._stop.wait()
                         break
                     except TimeoutError:
                         pass

@@ -561,7 +561,8 @@ class MeshSimulator:
                 await event.wait()
 
         try:
-            await asyncio.wait_for(loop(), within)
+            async with asyncio.timeout(within):
+                await loop()
         except TimeoutError as exc:
             raise SimError(f"mesh: {what} did not happen within {within:g}s") from exc
 

@@ -17,7 +17,6 @@ counters say so.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import os
 import ssl
@@ -30,6 +29,7 @@ from typing import Any, Protocol
 import aiomqtt
 import structlog
 
+from shadowctl.aio import cancel_and_wait, cancel_requested
 from shadowctl.compare.comparators import (
     AgreementTally,
     BoundComparator,
@@ -273,15 +273,12 @@ class MqttOutputSource:
                 except BrokerUnavailable as exc:
                     self.last_error = str(exc)
                     log.warning("output source disconnected; retrying", error=str(exc), retry_in_s=backoff)
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():  # a cancellation aiomqtt's wait_for turned into an error
+                if cancel_requested():  # a cancellation aiomqtt's wait_for turned into an error
                     raise asyncio.CancelledError
                 await asyncio.sleep(backoff)
                 backoff = min(self.backoff_max_s, backoff * 2)
         finally:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
+            await cancel_and_wait(expiry)
 
     async def _expire_periodically(self) -> None:
         period = max(0.05, min(5.0, self.pairer.ttl / 4))

@@ -222,7 +222,8 @@ class PrometheusMetricSource:
             loop = asyncio.get_running_loop()
             self.queries_sent += 1
             try:
-                return await asyncio.wait_for(loop.run_in_executor(self._executor, fn), self.timeout + 1.0)
+                async with asyncio.timeout(self.timeout + 1.0):
+                    return await loop.run_in_executor(self._executor, fn)
             except Exception as exc:  # cancellation (a BaseException) passes through
                 raise _classify(exc, self.timeout) from exc
 

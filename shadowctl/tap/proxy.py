@@ -31,7 +31,6 @@ What the proxy guarantees, and why it is built this way:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import http.cookiejar
 import json
@@ -44,6 +43,7 @@ import httpx
 import structlog
 from aiohttp import ClientConnectionResetError, web
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant
 from shadowctl.errors import ShadowctlError
 from shadowctl.tap.extract import RequestInfo, ResponseAccumulator, classify, parse_request
@@ -396,8 +396,6 @@ async def serve(proxy: TapProxy, publisher: EventPublisher | None, host: str, po
     finally:
         await runner.cleanup()
         if publisher_task is not None:
-            publisher_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher_task
+            await cancel_and_wait(publisher_task)
             if publisher is not None:
                 publisher.drop_remaining()

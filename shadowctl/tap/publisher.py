@@ -22,23 +22,12 @@ from dataclasses import dataclass
 import aiomqtt
 import structlog
 
+from shadowctl.aio import cancel_requested
 from shadowctl.tap.metrics import TapMetrics
 
 log = structlog.get_logger(__name__)
 
 MAX_ATTEMPTS = 3
-
-
-def cancel_requested() -> bool:
-    """Whether the current task was asked to stop, even if its CancelledError got lost.
-
-    On Python 3.11, ``asyncio.wait_for`` (used inside aiomqtt) can turn a cancellation that
-    coincides with its inner future finishing into that future's result or error; a retry loop
-    that catches ``MqttError`` then retries forever and the tap never shuts down. Retry loops
-    check this before sleeping.
-    """
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 @dataclass(frozen=True, slots=True)
