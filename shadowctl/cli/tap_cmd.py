@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
@@ -14,6 +16,60 @@ from shadowctl.compare.events import Variant, parse_broker_url
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapError, TapProxy, default_topic, parse_listen, serve
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+from shadowctl.tap.workers import Supervisor
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerOptions:
+    """The broker as given on the command line (picklable: a worker process builds its TLS context)."""
+
+    host: str
+    port: int
+    tls: bool
+    ca_file: str | None
+    username: str | None
+    password: str | None
+
+    def settings(self) -> BrokerSettings:
+        context = ssl.create_default_context(cafile=self.ca_file) if self.tls else None
+        return BrokerSettings(host=self.host, port=self.port, username=self.username, password=self.password,
+                              tls=context)
+
+
+@dataclass(frozen=True, slots=True)
+class TapSettings:
+    """Everything one tap process needs, checked by the command before anything starts."""
+
+    config: TapConfig
+    host: str
+    port: int
+    broker: BrokerOptions | None
+    queue_size: int
+    reuse_port: bool = False
+
+
+def run_tap(settings: TapSettings, on_ready: Callable[[], None] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM; the exit code (a worker process's entry point too). `on_ready` is
+    called once the tap listens."""
+    metrics = TapMetrics(settings.config.variant.value)
+    publisher = None
+    if settings.broker is not None:
+        publisher = EventPublisher(settings.broker.settings(), metrics, queue_size=settings.queue_size)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        proxy = TapProxy(settings.config, publisher, metrics)
+        await serve(proxy, publisher, settings.host, settings.port, stop, reuse_port=settings.reuse_port,
+                    on_ready=on_ready)
+
+    try:
+        asyncio.run(main())
+    except TapError as exc:
+        return fail(str(exc)).exit_code
+    return 0
 
 
 def _service(value: str) -> tuple[str, str]:
@@ -57,6 +113,12 @@ def tap(
     mirror_model: Annotated[str | None, typer.Option("--mirror-model", help="Set `model` in copies.")] = None,
     mirror_temperature: Annotated[float | None, typer.Option("--mirror-temperature", min=0)] = None,
     mirror_seed: Annotated[int | None, typer.Option("--mirror-seed")] = None,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", min=1, max=64, envvar="SHADOWCTL_TAP_WORKERS",
+                     help="Processes sharing the listen port (SO_REUSEPORT); about one per CPU the sidecar may use. "
+                          "/metrics shows all of them together."),
+    ] = 1,
 ) -> None:
     """Proxy an OpenAI-compatible model server and publish each answer to MQTT for comparison."""
     namespace, name = _service(service)
@@ -77,35 +139,25 @@ def tap(
         topic=topic or default_topic(namespace, name, variant), redact_prompts=redact_prompts,
         max_output_chars=max_output_chars, metrics_path=metrics_path, mirror=mirror,
     )
-    metrics = TapMetrics(variant.value)
-    publisher = None
+    broker = None
     if mqtt is not None:
         try:
             broker_host, broker_port, tls = parse_broker_url(mqtt)
         except ValueError as exc:
             raise fail(f"--mqtt: {exc}", code=2) from None
-        context = None
-        if tls:
-            try:
-                context = ssl.create_default_context(cafile=mqtt_ca)
-            except (OSError, ssl.SSLError) as exc:
-                raise fail(f"--mqtt-ca {mqtt_ca!r}: cannot load: {exc}") from None
-        broker = BrokerSettings(host=broker_host, port=broker_port, username=mqtt_username, password=mqtt_password,
-                                tls=context)
-        publisher = EventPublisher(broker, metrics, queue_size=queue_size)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        proxy = TapProxy(config, publisher, metrics)
-        await serve(proxy, publisher, host, port, stop)
-
-    try:
-        asyncio.run(main())
-    except TapError as exc:
-        raise fail(str(exc)) from None
+        broker = BrokerOptions(broker_host, broker_port, tls, mqtt_ca, mqtt_username, mqtt_password)
+        try:
+            broker.settings()  # a CA file that cannot be loaded fails here, before anything starts
+        except (OSError, ssl.SSLError) as exc:
+            raise fail(f"--mqtt-ca {mqtt_ca!r}: cannot load: {exc}") from None
+    if workers > 1 and port == 0:
+        raise fail(f"--listen {listen!r}: --workers needs a fixed port (each worker would get its own with 0)",
+                   code=2)
+    settings = TapSettings(config=config, host=host, port=port, broker=broker, queue_size=queue_size,
+                           reuse_port=workers > 1)
+    code = run_tap(settings) if workers == 1 else Supervisor(run_tap, settings, workers).run()
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

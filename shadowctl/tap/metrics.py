@@ -3,12 +3,19 @@
 The ``model`` label comes from request bodies, which clients choose; to keep
 the series count bounded, only the first :data:`MAX_MODELS` distinct names get
 their own label value and the rest share ``other``.
+
+Under ``shadowctl tap --workers N`` (:mod:`shadowctl.tap.workers`) the workers
+record into prometheus_client's multiprocess files and :meth:`TapMetrics.render`
+sums them, so a scrape that reaches any worker sees the whole tap.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 MAX_MODELS = 20
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -23,6 +30,8 @@ class TapMetrics:
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
+        # Set by the supervisor for its workers only (shadowctl.tap.workers).
+        self.shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if os.environ.get("SHADOWCTL_TAP_WORKER") else None
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("variant", "model")
         self.ttft = Histogram(
@@ -43,9 +52,11 @@ class TapMetrics:
             "shadowctl_tap_events_dropped", "Output events not published, by reason.", ("reason",),
             registry=self.registry)
         self.queue_depth = Gauge(
-            "shadowctl_tap_event_queue_depth", "Output events waiting for the broker.", registry=self.registry)
+            "shadowctl_tap_event_queue_depth", "Output events waiting for the broker.", registry=self.registry,
+            multiprocess_mode="livesum")
         self.broker_connected = Gauge(
-            "shadowctl_tap_broker_connected", "1 while connected to the MQTT broker.", registry=self.registry)
+            "shadowctl_tap_broker_connected", "1 while connected to the MQTT broker (with workers: 1 while all are).",
+            registry=self.registry, multiprocess_mode="livemin")
         self.mirrored = Counter(
             "shadowctl_tap_mirror_requests", "Application-level mirror copies, by outcome.", ("outcome",),
             registry=self.registry)
@@ -74,5 +85,9 @@ class TapMetrics:
         self.requests.labels(self.variant, label, str(status)).inc()
 
     def render(self) -> bytes:
-        """The text exposition format."""
+        """The text exposition format (of all workers, when there are several)."""
+        if self.shared_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, self.shared_dir)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -34,8 +34,10 @@ import asyncio
 import hashlib
 import http.cookiejar
 import json
+import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -363,11 +365,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
-async def start_server(proxy: TapProxy, host: str, port: int) -> web.AppRunner:
-    """Bind and start serving; the caller cleans up the returned runner."""
+async def start_server(proxy: TapProxy, host: str, port: int, *, reuse_port: bool = False) -> web.AppRunner:
+    """Bind and start serving; the caller cleans up the returned runner. `reuse_port`: share the port with
+    other processes that set it too (SO_REUSEPORT; the kernel spreads connections across them)."""
     runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
@@ -386,11 +389,14 @@ def bound_port(runner: web.AppRunner) -> int:
 
 
 async def serve(proxy: TapProxy, publisher: EventPublisher | None, host: str, port: int,
-                stop: asyncio.Event) -> None:
-    """Run the proxy and the publisher until ``stop`` is set."""
-    runner = await start_server(proxy, host, port)
+                stop: asyncio.Event, *, reuse_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
+    """Run the proxy and the publisher until ``stop`` is set; `on_ready()` once listening."""
+    runner = await start_server(proxy, host, port, reuse_port=reuse_port)
     publisher_task = asyncio.create_task(publisher.run()) if publisher is not None else None
-    log.info("tap listening", host=host, port=bound_port(runner), upstream=proxy.upstream)
+    worker = {"worker": os.environ["SHADOWCTL_TAP_WORKER"]} if "SHADOWCTL_TAP_WORKER" in os.environ else {}
+    log.info("tap listening", host=host, port=bound_port(runner), upstream=proxy.upstream, **worker)
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
     finally:
