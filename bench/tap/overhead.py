@@ -23,10 +23,11 @@ How the load is shaped (the same for direct and tap):
   retransmission timeouts) are read before and after each run and reported as deltas: a SYN
   dropped by a full listen queue is retried after 1 s, which shows up as a 1 s stall.
 
-`--tap-src DIR` runs the tap from another checkout (e.g. a copy of the previous version), for a
-before/after comparison on the same machine in one run; `--tap-workers N` passes `--workers N`;
-`--tap-uvloop` runs the tap on uvloop's event loop (uvloop must be installed; not a dependency of
-shadowctl: this measures what it would bring).
+`--tap-workers 1,2` starts one tap per value (`shadowctl tap --workers N`) and measures each next
+to going direct, `--rounds R` times interleaved (direct, tap 1, tap 2, direct, ...); the summary is
+the median over rounds of each round's added latency. `--tap-src DIR` runs the taps from another
+checkout (e.g. a copy of the previous version); `--tap-uvloop` runs them on uvloop's event loop
+(uvloop must be installed; not a dependency of shadowctl: this measures what it would bring).
 """
 
 from __future__ import annotations
@@ -111,6 +112,31 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
 
 
+def start_tap(args: argparse.Namespace, port: int, stub_port: int, mq_port: int | None, workers: int,
+              ) -> subprocess.Popen[bytes]:
+    boot = "from shadowctl.cli.app import main; main()"
+    if args.tap_uvloop:
+        boot = "import uvloop; uvloop.install(); " + boot
+    cmd = [PY, "-c", boot, "tap", "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{stub_port}",
+           "--service", "bench/chat", "--workers", str(workers)]
+    if mq_port is not None:
+        cmd += ["--mqtt", f"mqtt://127.0.0.1:{mq_port}"]
+    # Run from the tap's checkout so that its package is the one imported.
+    return subprocess.Popen(cmd, cwd=args.tap_src, env={**os.environ, "PYTHONPATH": args.tap_src},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def measure(url: str, conc: int, per: int, answer_s: float, aligned: bool) -> dict[str, float]:
+    before = nstat()
+    values = asyncio.run(run(url, conc, per, answer_s, aligned))
+    after = nstat()
+    row = {"p50_ms": pct(values, 50), "p99_ms": pct(values, 99), "max_ms": max(values) * 1000}
+    for key in NSTAT_KEYS:
+        if key in before:
+            row[key.removeprefix("TcpExt")] = after[key] - before[key]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1000, help="measured requests per run (at least 1 per stream)")
@@ -119,79 +145,72 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=20.0, help="the stub's time between tokens")
     parser.add_argument("--phase", choices=("spread", "aligned"), default="spread")
     parser.add_argument("--tap-src", default=str(ROOT), help="checkout to run the tap from")
-    parser.add_argument("--tap-workers", type=int, default=0, help="pass --workers N to the tap (0: not passed)")
+    parser.add_argument("--tap-workers", default="1", help="comma-separated --workers values, each a tap of its own")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat direct and every tap this often, interleaved")
     parser.add_argument("--tap-uvloop", action="store_true", help="run the tap on uvloop (installed separately)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/tap_overhead.json"))
     args = parser.parse_args()
+    worker_counts = [int(w) for w in args.tap_workers.split(",")]
     procs: list[subprocess.Popen[bytes]] = []
     tmp = Path(tempfile.mkdtemp())
     answer_s = (args.ttft_ms + 16 * args.gap_ms) / 1000
     try:
-        stub_port, tap_port = free_port(), free_port()
+        stub_port = free_port()
         procs.append(
             subprocess.Popen(
                 [PY, str(ROOT / "bench/tap/stub_server.py"), str(stub_port), str(args.ttft_ms), str(args.gap_ms)]
             )
         )
-        boot = "from shadowctl.cli.app import main; main()"
-        if args.tap_uvloop:
-            boot = "import uvloop; uvloop.install(); " + boot
-        tap_cmd = [
-            PY,
-            "-c",
-            boot,
-            "tap",
-            "--listen",
-            f"127.0.0.1:{tap_port}",
-            "--upstream",
-            f"http://127.0.0.1:{stub_port}",
-            "--service",
-            "bench/chat",
-        ]
-        if args.tap_workers:
-            tap_cmd += ["--workers", str(args.tap_workers)]
+        mq_port = None
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if os.path.exists(mosquitto):
             mq_port = free_port()
             (tmp / "m.conf").write_text(f"listener {mq_port} 127.0.0.1\nallow_anonymous true\n")
             procs.append(subprocess.Popen([mosquitto, "-c", str(tmp / "m.conf")], stderr=subprocess.DEVNULL))
             wait_port(mq_port)
-            tap_cmd += ["--mqtt", f"mqtt://127.0.0.1:{mq_port}"]
-        # Run from the tap's checkout so that its package is the one imported.
-        procs.append(
-            subprocess.Popen(
-                tap_cmd, cwd=args.tap_src, env={**os.environ, "PYTHONPATH": args.tap_src}, stderr=subprocess.DEVNULL
-            )
-        )
-        wait_port(stub_port)
-        wait_port(tap_port)
+        targets = {"direct": stub_port}
+        for w in worker_counts:
+            port = free_port()
+            procs.append(start_tap(args, port, stub_port, mq_port, w))
+            targets[f"tap_w{w}"] = port
+        for port in targets.values():
+            wait_port(port)
+        time.sleep(2.0)  # every worker of every tap listening
         results: dict[str, object] = {
+            "command": "bench/tap/overhead.py " + " ".join(sys.argv[1:]),
             "requests_per_run": args.requests,
-            "publishing": len(procs) == 3,
+            "rounds": args.rounds,
+            "publishing": mq_port is not None,
             "stub_ttft_ms": args.ttft_ms,
             "stub_gap_ms": args.gap_ms,
             "phase": args.phase,
-            "tap_workers": args.tap_workers,
+            "tap_workers": worker_counts,
             "tap_uvloop": args.tap_uvloop,
             "tap_src": "this checkout" if Path(args.tap_src).resolve() == ROOT else args.tap_src,
+            "cpus": os.cpu_count(),
         }
         for conc in (int(c) for c in args.concurrency.split(",")):
             per = max(1, args.requests // conc)
-            row: dict[str, float] = {}
-            for name, port in (("direct", stub_port), ("tap", tap_port)):
-                before = nstat()
-                values = asyncio.run(run(f"http://127.0.0.1:{port}", conc, per, answer_s, args.phase == "aligned"))
-                after = nstat()
-                row[f"{name}_p50_ms"] = pct(values, 50)
-                row[f"{name}_p99_ms"] = pct(values, 99)
-                row[f"{name}_max_ms"] = max(values) * 1000
-                for key in NSTAT_KEYS:
-                    if key in before:
-                        row[f"{name}_{key.removeprefix('TcpExt')}"] = after[key] - before[key]
-            row["added_p50_ms"] = row["tap_p50_ms"] - row["direct_p50_ms"]
-            row["added_p99_ms"] = row["tap_p99_ms"] - row["direct_p99_ms"]
-            results[f"concurrency_{conc}"] = {k: round(v, 3) for k, v in row.items()}
-            print(conc, results[f"concurrency_{conc}"], flush=True)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            for _ in range(args.rounds):
+                for name, port in targets.items():
+                    runs[name].append(measure(f"http://127.0.0.1:{port}", conc, per, answer_s,
+                                              args.phase == "aligned"))
+            summary: dict[str, object] = {}
+            for name, rows in runs.items():
+                summary[name] = {"p50_ms": round(statistics.median(r["p50_ms"] for r in rows), 3),
+                                 "p99_ms": round(statistics.median(r["p99_ms"] for r in rows), 3),
+                                 "runs": [{k: round(v, 3) for k, v in r.items()} for r in rows]}
+            for name in targets:
+                if name == "direct":
+                    continue
+                added = [(t["p50_ms"] - d["p50_ms"], t["p99_ms"] - d["p99_ms"])
+                         for t, d in zip(runs[name], runs["direct"], strict=True)]
+                summary[f"{name}_added"] = {"p50_ms": round(statistics.median(a[0] for a in added), 3),
+                                            "p99_ms": round(statistics.median(a[1] for a in added), 3),
+                                            "per_round": [[round(a, 2) for a in pair] for pair in added]}
+                print(conc, name, "added p50/p99 (median of rounds):", summary[f"{name}_added"], flush=True)
+            results[f"concurrency_{conc}"] = summary
         out = Path(args.out)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
@@ -199,7 +218,7 @@ def main() -> None:
         for p in reversed(procs):
             p.terminate()
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
 
