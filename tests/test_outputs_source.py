@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -165,3 +166,42 @@ async def test_a_failing_comparator_costs_one_pair_not_the_connection(mosquitto:
         await eventually(lambda: "exact" in source.snapshot().tally.counts
                          and source.snapshot().tally.counts["exact"].candidate_pairs == 2, what="two pairs")
         assert source.snapshot().connected and source.pairer.stats.paired[Variant.candidate] == 3
+
+
+async def test_slow_comparators_are_scored_off_the_event_loop(mosquitto: MosquittoBroker) -> None:
+    """A semantic comparator's model must not stall the controller's loop (Lease renewals, ticks).
+
+    The embedding function is a stand-in at the model boundary: it sleeps 0.4 s per text, as torch
+    computes without holding the GIL. Scored on the loop, each pair would stall it for 0.8 s."""
+
+    def slow_embed(text: str) -> list[float]:
+        time.sleep(0.4)
+        return [1.0, float(len(text))]
+
+    comps = build_comparators([Comparator(name=ComparatorName.semantic, threshold=0.5)], embedder=slow_embed)
+    assert [c.slow for c in comps] == [True]
+    source = MqttOutputSource(mosquitto.url, TOPIC, comps, pair_ttl_s=30, expect_baseline=False)
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+
+    async def heartbeat() -> None:
+        nonlocal worst
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            worst = max(worst, loop.time() - before)
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        async with running(source), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            for rid in ("1", "2", "3"):
+                await pub.publish("shadowctl/outputs/ns/chat/primary", ev(rid, Variant.primary, "a").to_json(), qos=1)
+                await pub.publish("shadowctl/outputs/ns/chat/candidate",
+                                  ev(rid, Variant.candidate, "bb").to_json(), qos=1)
+            await eventually(lambda: "semantic" in source.snapshot().tally.counts
+                             and source.snapshot().tally.counts["semantic"].candidate_pairs == 3, 20, "3 pairs")
+    finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+    assert worst < 0.4, f"the event loop stalled for {worst:.2f} s"

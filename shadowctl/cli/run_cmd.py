@@ -90,7 +90,7 @@ def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[
 
 def cached_embedder(embed: Embedder, size: int = 4096) -> Embedder:
     """Remember recent embeddings: the primary's answer is compared with the candidate's and with the
-    baseline replica's, and scoring runs on the event loop (about 10 ms an answer on a CPU)."""
+    baseline replica's, and an embedding costs about 10 ms of CPU (thread-safe: lru_cache locks)."""
 
     @functools.lru_cache(maxsize=size)
     def one(text: str) -> tuple[float, ...]:

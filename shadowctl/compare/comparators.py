@@ -341,6 +341,8 @@ class BoundComparator:
     threshold: float
     critical: bool
     score: Callable[[OutputEvent, OutputEvent], float]
+    slow: bool = False
+    """Runs a model (milliseconds per pair, not microseconds): callers score it off their event loop."""
 
 
 def _text_scorer(fn: Callable[[str, str], float]) -> Callable[[OutputEvent, OutputEvent], float]:
@@ -375,7 +377,8 @@ def build_comparators(specs: Iterable[ComparatorSpec], *, embedder: Embedder | N
             fn = _tool_scorer
         else:
             fn = _text_scorer(_TEXT_SCORERS[spec.name])
-        out.append(BoundComparator(name=spec.name, threshold=spec.threshold, critical=spec.critical, score=fn))
+        out.append(BoundComparator(name=spec.name, threshold=spec.threshold, critical=spec.critical, score=fn,
+                                   slow=spec.name is ComparatorName.semantic))
     return out
 
 

@@ -20,6 +20,7 @@ import asyncio
 import importlib
 import os
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -250,6 +251,28 @@ class MqttOutputSource:
         for pair in self.pairer.add(event, self.clock()):
             self._tally.add(compare_pair(pair, self.comparators))
 
+    async def ingest_async(self, event: OutputEvent) -> None:
+        """:meth:`ingest`, with slow comparators (an embedding model) scored in a worker thread.
+
+        The controller's loop also renews the leader Lease and runs every policy's tick; an
+        embedding takes about 10 ms of CPU (torch releases the GIL while it computes), so scoring
+        on the loop would stall all of them under load. Pairing stays on the loop (cheap, and the
+        pairer is not thread-safe); a comparison that ends after :meth:`reset` is not counted in
+        the new tally.
+        """
+        if not any(c.slow for c in self.comparators):
+            self.ingest(event)
+            return
+        pairs = self.pairer.add(event, self.clock())
+        if not pairs:
+            return
+        tally = self._tally
+        comparators = self.comparators
+        results = await asyncio.to_thread(lambda: [compare_pair(pair, comparators) for pair in pairs])
+        if self._tally is tally:
+            for result in results:
+                tally.add(result)
+
     @property
     def tally(self) -> AgreementTally:
         """Agreement counts since the last :meth:`reset`."""
@@ -265,7 +288,7 @@ class MqttOutputSource:
                     async for event in self.events():
                         backoff = 0.2
                         try:
-                            self.ingest(event)
+                            await self.ingest_async(event)
                         except Exception:  # a comparator bug costs this event, not the source
                             log.exception("cannot pair or compare an output event", request_id=event.request_id)
                 except BrokerRejected:
@@ -321,8 +344,11 @@ def load_local_embedder(model_dir: str) -> Embedder:
     except Exception as exc:  # the library raises many types; all mean "cannot load"
         raise EmbedderUnavailable(f"cannot load the embedding model from {model_dir!r}: {exc}") from exc
 
+    lock = threading.Lock()  # sources score in worker threads; one encode at a time (torch uses the cores)
+
     def embed(text: str) -> Sequence[float]:
-        vector = model.encode(text, normalize_embeddings=True)
+        with lock:
+            vector = model.encode(text, normalize_embeddings=True)
         return [float(x) for x in vector]
 
     return embed
