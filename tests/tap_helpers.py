@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapProxy, bound_port, default_topic, start_server
@@ -64,9 +65,7 @@ async def running_tap(
     finally:
         await runner.cleanup()
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 @dataclass
@@ -93,9 +92,7 @@ async def collecting(host: str, port: int, topic: str) -> AsyncIterator[Collecte
         await asyncio.wait_for(out.ready.wait(), 10)
         yield out
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def eventually(predicate: Callable[[], bool], limit: float = 10.0, what: str = "condition") -> None:

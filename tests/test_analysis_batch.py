@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import math
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from typing import Any, cast
 
 from controller_helpers import LE, policy_doc
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.controller.analysis import Analyzer, Look
 from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.manager import Manager
@@ -210,9 +210,7 @@ async def test_the_manager_runs_the_pass_at_the_boundary_before_the_ticks() -> N
         assert analyzer.looks_judged == 1  # the tick read the pass' rows, it did not run one
         assert analyzer.rows_used == 2
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def test_a_failing_pass_costs_no_verdict() -> None:

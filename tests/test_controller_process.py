@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from controller_helpers import REF, REPO, Arm, FakeMetricSource, Harness, policy_doc
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.manager import Manager, next_tick
@@ -78,9 +78,7 @@ async def test_manager_runs_a_rollout_from_the_watch(h: Harness) -> None:
             await asyncio.sleep(0.02)
         assert not manager.workers
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def test_policy_deleted_mid_rollout_restores_routes(h: Harness) -> None:
@@ -101,9 +99,7 @@ async def test_policy_deleted_mid_rollout_restores_routes(h: Harness) -> None:
             await asyncio.sleep(0.02)
         assert await h.weights() == (100, 0, None)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def test_crash_between_route_write_and_status_write_resumes_to_same_end(h: Harness) -> None:
@@ -213,9 +209,7 @@ async def test_leader_handover_mid_rollout(h: Harness, kube_emulator: KubeAPIEmu
         leader = next(i for i, e in enumerate(electors) if e.is_leader)
         follower = 1 - leader
         assert not managers[follower].workers  # the stand-by runs no workers
-        tasks[leader].cancel()  # the leader dies (releases the Lease on the way out)
-        with contextlib.suppress(asyncio.CancelledError):
-            await tasks[leader]
+        await cancel_and_wait(tasks[leader])  # the leader dies (releases the Lease on the way out)
 
         async def done() -> bool:
             return (await h.status()).get("phase") == "Succeeded"
@@ -225,11 +219,7 @@ async def test_leader_handover_mid_rollout(h: Harness, kube_emulator: KubeAPIEmu
         history = [t["to"] for t in (await h.status())["rollout"]["history"]]
         assert history == ["Shadowing", "Progressing", "Progressing", "Promoting", "Succeeded"]
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*tasks)
         for c in clients:
             await c.close()
 
@@ -366,9 +356,7 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_emulator: KubeAPIEm
         source.fetch_many = per_policy  # type: ignore[method-assign]
         await _drive(clock, all_done, step=10.0, rounds=600)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         await kube.close()
         await setup.close()
     used: set[tuple[str, str, str]] = set()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import yaml
 from conftest_mqtt import MosquittoBroker
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.cli.run_cmd import mqtt_password_provider
 from shadowctl.kube import SECRET, KubeClient, ResourceRef
 from shadowctl.policy.model import ShadowPolicy
@@ -81,9 +81,7 @@ async def test_password_comes_from_the_policys_secret_at_every_connect(
                                    "data": {"pw": base64.b64encode(b"s3cr3t").decode()}})
         await asyncio.wait_for(src.subscribed.wait(), 10)  # it connected with the Secret's password
         assert src.connected
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
         # A wrong password is refused by the broker and not retried.
         secret = await kube.get(ResourceRef(SECRET, "mqtt-creds", "llm"))

@@ -16,6 +16,7 @@ import pytest
 from openai_stub import OpenAIStub
 from tap_helpers import eventually, free_port, running_tap
 
+from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.comparators import BoundComparator, build_comparators
 from shadowctl.compare.events import Endpoint, OutputEvent, Variant
 from shadowctl.policy.model import Comparator, ComparatorName, ShadowPolicy
@@ -42,9 +43,7 @@ async def running(source: MqttOutputSource) -> AsyncIterator[MqttOutputSource]:
         await asyncio.wait_for(source.subscribed.wait(), 10)
         yield source
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 def make_source(broker: MosquittoBroker, *, baseline: bool = True) -> MqttOutputSource:
@@ -201,7 +200,5 @@ async def test_slow_comparators_are_scored_off_the_event_loop(mosquitto: Mosquit
             await eventually(lambda: "semantic" in source.snapshot().tally.counts
                              and source.snapshot().tally.counts["semantic"].candidate_pairs == 3, 20, "3 pairs")
     finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+        await cancel_and_wait(beat)
     assert worst < 0.4, f"the event loop stalled for {worst:.2f} s"

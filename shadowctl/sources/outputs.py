@@ -286,6 +286,8 @@ class MqttOutputSource:
             while True:
                 try:
                     async for event in self.events():
+                        if cancel_requested():  # aiomqtt's wait_for returned instead of raising
+                            raise asyncio.CancelledError
                         backoff = 0.2
                         try:
                             await self.ingest_async(event)

@@ -111,6 +111,8 @@ class EventPublisher:
                         await client.publish(item[0], item[1], qos=1, timeout=self.broker.timeout_s)
                         self.metrics.events_published.inc()
                         item = None
+                        if cancel_requested():  # aiomqtt's wait_for returned instead of raising
+                            raise asyncio.CancelledError
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt unavailable; retrying", error=str(exc), retry_in_s=round(backoff, 3))
             except OSError as exc:  # TLS and socket errors paho does not wrap
