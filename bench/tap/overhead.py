@@ -48,6 +48,9 @@ from pathlib import Path
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lean_http
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 BODY = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
@@ -108,6 +111,52 @@ async def run(url: str, concurrency: int, per_worker: int, answer_s: float, alig
     return ttfb
 
 
+async def run_lean(port: int, concurrency: int, per_worker: int, answer_s: float, aligned: bool) -> list[float]:
+    """The same closed loop with the lean protocol client (bench/tap/lean_http.py): a fraction of the
+    CPU of aiohttp's client, so that the tap, not the instrument, gets the cores."""
+    body = json.dumps(BODY).encode()
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (port, len(body), body))
+    ttfb: list[float] = []
+    rng = random.Random(concurrency)
+
+    async def worker() -> None:
+        if not aligned:
+            await asyncio.sleep(rng.random() * answer_s)
+        conn = await lean_http.open_client(port)
+        try:
+            for i in range(WARMUP + per_worker):
+                t0 = time.perf_counter()
+                first, done = conn.request(raw)
+                arrived = await first
+                await done
+                if i >= WARMUP:
+                    ttfb.append(arrived - t0)
+        finally:
+            assert conn.transport is not None
+            conn.transport.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ttfb
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live children (a supervisor's workers), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
 
@@ -126,11 +175,22 @@ def start_tap(args: argparse.Namespace, port: int, stub_port: int, mq_port: int 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def measure(url: str, conc: int, per: int, answer_s: float, aligned: bool) -> dict[str, float]:
+def measure(port: int, conc: int, per: int, answer_s: float, aligned: bool, client: str,
+            watch: dict[str, int]) -> dict[str, float]:
+    """One run; with the CPU (in cores) each watched process and this one (the client) used during it."""
     before = nstat()
-    values = asyncio.run(run(url, conc, per, answer_s, aligned))
+    cpu_before = {name: cpu_seconds(pid) for name, pid in watch.items()}
+    own_before, wall_before = time.process_time(), time.perf_counter()
+    if client == "lean":
+        values = asyncio.run(run_lean(port, conc, per, answer_s, aligned))
+    else:
+        values = asyncio.run(run(f"http://127.0.0.1:{port}", conc, per, answer_s, aligned))
+    wall = time.perf_counter() - wall_before
     after = nstat()
     row = {"p50_ms": pct(values, 50), "p99_ms": pct(values, 99), "max_ms": max(values) * 1000}
+    row["cpu_client"] = (time.process_time() - own_before) / wall
+    for name, pid in watch.items():
+        row[f"cpu_{name}"] = (cpu_seconds(pid) - cpu_before[name]) / wall
     for key in NSTAT_KEYS:
         if key in before:
             row[key.removeprefix("TcpExt")] = after[key] - before[key]
@@ -148,6 +208,8 @@ def main() -> None:
     parser.add_argument("--tap-workers", default="1", help="comma-separated --workers values, each a tap of its own")
     parser.add_argument("--rounds", type=int, default=1, help="repeat direct and every tap this often, interleaved")
     parser.add_argument("--tap-uvloop", action="store_true", help="run the tap on uvloop (installed separately)")
+    parser.add_argument("--instrument", choices=("lean", "aiohttp"), default="lean",
+                        help="load client and stub server: lean asyncio protocols, or aiohttp's (as before)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/tap_overhead.json"))
     args = parser.parse_args()
     worker_counts = [int(w) for w in args.tap_workers.split(",")]
@@ -156,23 +218,27 @@ def main() -> None:
     answer_s = (args.ttft_ms + 16 * args.gap_ms) / 1000
     try:
         stub_port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [PY, str(ROOT / "bench/tap/stub_server.py"), str(stub_port), str(args.ttft_ms), str(args.gap_ms)]
-            )
-        )
+        if args.instrument == "lean":
+            stub_cmd = [PY, str(ROOT / "bench/tap/lean_http.py"), "serve", str(stub_port), str(args.ttft_ms),
+                        str(args.gap_ms)]
+        else:
+            stub_cmd = [PY, str(ROOT / "bench/tap/stub_server.py"), str(stub_port), str(args.ttft_ms), str(args.gap_ms)]
+        procs.append(subprocess.Popen(stub_cmd))
+        watch = {"stub": procs[-1].pid}
         mq_port = None
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if os.path.exists(mosquitto):
             mq_port = free_port()
             (tmp / "m.conf").write_text(f"listener {mq_port} 127.0.0.1\nallow_anonymous true\n")
             procs.append(subprocess.Popen([mosquitto, "-c", str(tmp / "m.conf")], stderr=subprocess.DEVNULL))
+            watch["broker"] = procs[-1].pid
             wait_port(mq_port)
         targets = {"direct": stub_port}
         for w in worker_counts:
             port = free_port()
             procs.append(start_tap(args, port, stub_port, mq_port, w))
             targets[f"tap_w{w}"] = port
+            watch[f"tap_w{w}"] = procs[-1].pid
         for port in targets.values():
             wait_port(port)
         time.sleep(2.0)  # every worker of every tap listening
@@ -187,6 +253,7 @@ def main() -> None:
             "tap_workers": worker_counts,
             "tap_uvloop": args.tap_uvloop,
             "tap_src": "this checkout" if Path(args.tap_src).resolve() == ROOT else args.tap_src,
+            "instrument": args.instrument,
             "cpus": os.cpu_count(),
         }
         for conc in (int(c) for c in args.concurrency.split(",")):
@@ -194,8 +261,8 @@ def main() -> None:
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             for _ in range(args.rounds):
                 for name, port in targets.items():
-                    runs[name].append(measure(f"http://127.0.0.1:{port}", conc, per, answer_s,
-                                              args.phase == "aligned"))
+                    runs[name].append(measure(port, conc, per, answer_s, args.phase == "aligned", args.instrument,
+                                              watch))
             summary: dict[str, object] = {}
             for name, rows in runs.items():
                 summary[name] = {"p50_ms": round(statistics.median(r["p50_ms"] for r in rows), 3),
