@@ -19,6 +19,10 @@ How the load is shaped (the same for direct and tap):
   N requests arrive in the same millisecond again and again (a burst test: a single-process
   proxy then queues them, and the added latency measures that queue, not the proxy's cost).
 - Each worker's first 2 requests warm the connections up and are not measured.
+- Before each run the bench waits until the machine is idle again (at most 30 s): a tap still
+  publishing the previous run's events would otherwise load the next one. Each run records the
+  CPU (in cores) the client, stub, broker and each tap used, the machine's busy and stolen CPU
+  (steal: the hypervisor running someone else on our virtual CPUs) and the request rate.
 - The kernel's TCP counters (`nstat`: listen-queue overflows and drops, SYN retransmissions,
   retransmission timeouts) are read before and after each run and reported as deltas: a SYN
   dropped by a full listen queue is retried after 1 s, which shows up as a 1 s stall.
@@ -157,6 +161,28 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far (/proc/stat); steal is time the
+    hypervisor gave our virtual CPUs to someone else."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def settle(limit_s: float = 30.0, idle_cores: float = 0.15) -> float:
+    """Wait until the machine is idle again (a tap still publishing the previous run's events, or
+    its broker, would otherwise load the next run); the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        busy_before, _ = machine_cpu()
+        time.sleep(0.5)
+        busy_after, _ = machine_cpu()
+        if (busy_after - busy_before) / 0.5 < idle_cores:
+            break
+    return time.perf_counter() - start
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
 
@@ -178,7 +204,9 @@ def start_tap(args: argparse.Namespace, port: int, stub_port: int, mq_port: int 
 def measure(port: int, conc: int, per: int, answer_s: float, aligned: bool, client: str,
             watch: dict[str, int]) -> dict[str, float]:
     """One run; with the CPU (in cores) each watched process and this one (the client) used during it."""
+    settled_s = settle()
     before = nstat()
+    stat_before = machine_cpu()
     cpu_before = {name: cpu_seconds(pid) for name, pid in watch.items()}
     own_before, wall_before = time.process_time(), time.perf_counter()
     if client == "lean":
@@ -189,6 +217,11 @@ def measure(port: int, conc: int, per: int, answer_s: float, aligned: bool, clie
     after = nstat()
     row = {"p50_ms": pct(values, 50), "p99_ms": pct(values, 99), "max_ms": max(values) * 1000}
     row["cpu_client"] = (time.process_time() - own_before) / wall
+    row["requests_per_s"] = conc * (WARMUP + per) / wall
+    row["settled_s"] = settled_s
+    stat_after = machine_cpu()
+    row["machine_busy_cores"] = (stat_after[0] - stat_before[0]) / wall
+    row["machine_steal_cores"] = (stat_after[1] - stat_before[1]) / wall
     for name, pid in watch.items():
         row[f"cpu_{name}"] = (cpu_seconds(pid) - cpu_before[name]) / wall
     for key in NSTAT_KEYS:
