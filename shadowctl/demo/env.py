@@ -218,9 +218,7 @@ class Environment:
             tap.task.cancel()
             await _bounded(tap.task)
             await _bounded(tap.runner.cleanup())
-            await _bounded(tap.proxy.client.aclose())
-            if tap.proxy.mirror_client is not None:
-                await _bounded(tap.proxy.mirror_client.aclose())
+            await _bounded(tap.proxy.aclose())
         for server in self.servers.values():
             await _bounded(server.stop())
         if self.kube is not None:

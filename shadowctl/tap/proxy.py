@@ -2,10 +2,13 @@
 
 Server side is aiohttp (already a dependency of the demo tooling, mature, and
 its ``StreamResponse.write`` sends each chunk as it comes, which is what
-streamed tokens need); the client side is httpx, whose ``aiter_raw`` gives the
-upstream bytes exactly as sent (compressed bodies stay compressed), over an
-aiohttp-based transport (:mod:`shadowctl.tap.transport`: aiohttp's C HTTP
-parser needs a fraction of httpcore's CPU per streamed chunk).
+streamed tokens need); the client side is an httpx transport (httpx.Request in,
+httpx.Response out, whose ``aiter_raw`` gives the upstream bytes exactly as
+sent: compressed bodies stay compressed) built on aiohttp
+(:mod:`shadowctl.tap.transport`: aiohttp's C HTTP parser needs a fraction of
+httpcore's CPU per streamed chunk), called without an ``httpx.AsyncClient``
+around it, whose layers would all be no-ops for a proxy. Mirror copies go
+through an ``httpx.AsyncClient``.
 
 The work on the user's path is kept small: the request is forwarded before its
 body is parsed for the event (prompt hash, model), and after the first output
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.cookiejar
 import json
 import os
 import time
@@ -161,12 +163,11 @@ class TapProxy:
         self.publisher = publisher
         self.metrics = metrics
         self.upstream = config.upstream.rstrip("/")
-        timeout = httpx.Timeout(connect=config.upstream_connect_timeout_s, read=None, write=None, pool=None)
-        transport = AiohttpTransport(connect_timeout_s=config.upstream_connect_timeout_s, keepalive_s=60.0)
-        # A cookie jar that keeps nothing: a Set-Cookie meant for one user must not ride on another's request.
-        no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        self.client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False, follow_redirects=False,
-                                        cookies=httpx.Cookies(no_cookies))
+        # The user's request goes straight to the transport (httpx.Request in, httpx.Response out).
+        # An AsyncClient's layers would all be no-ops or harmful here: a proxy follows no redirect,
+        # adds no default header (Accept-Encoding, User-Agent) and keeps no cookie (a Set-Cookie for
+        # one user must not ride on another's request); they cost CPU on every request and chunk.
+        self.transport = AiohttpTransport(connect_timeout_s=config.upstream_connect_timeout_s, keepalive_s=60.0)
         self.mirror_client: httpx.AsyncClient | None = None
         if config.mirror is not None:
             self.mirror_client = httpx.AsyncClient(
@@ -192,7 +193,7 @@ class TapProxy:
             task.cancel()
         if self._mirror_tasks:
             await asyncio.gather(*self._mirror_tasks, return_exceptions=True)
-        await self.client.aclose()
+        await self.transport.aclose()
         if self.mirror_client is not None:
             await self.mirror_client.aclose()
 
@@ -216,10 +217,8 @@ class TapProxy:
 
         url = self.upstream + request.raw_path
         try:
-            # httpx.Request, not client.build_request: the client's default headers (Accept-Encoding,
-            # User-Agent, ...) must not be added to the user's request.
-            upstream = await self.client.send(httpx.Request(request.method, url, headers=headers, content=body),
-                                              stream=True)
+            upstream = await self.transport.handle_async_request(
+                httpx.Request(request.method, url, headers=headers, content=body))
         except httpx.HTTPError as exc:
             log.warning("upstream unreachable", url=url, error=str(exc))
             failure = web.json_response(
