@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import pytest_timeout
+from openai_stub import OpenAIStub
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CRDS = REPO.parent / "shared" / "crds"
@@ -19,6 +22,17 @@ def repo() -> Path:
     return REPO
 
 pytest_plugins = ["conftest_kube", "conftest_mqtt", "conftest_prometheus"]
+
+
+@pytest_asyncio.fixture
+async def stub() -> AsyncIterator[OpenAIStub]:
+    """The OpenAI-compatible stub upstream (tests/openai_stub.py), started on a free port."""
+    s = OpenAIStub()
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
 
 
 # A hung async test shows only the event loop's select() in pytest-timeout's thread dump. Its SIGALRM

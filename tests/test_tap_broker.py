@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import httpx
-import pytest_asyncio
 from openai_stub import OpenAIStub
 from tap_helpers import collecting, eventually, running_tap
 
@@ -26,16 +24,6 @@ CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}], 
 # Generous: far above a proxied request on a loaded 2-core machine, far below the broker stall
 # the requests would otherwise wait for (the frozen broker never answers at all).
 BOUND_S = 15.0
-
-
-@pytest_asyncio.fixture
-async def stub() -> AsyncIterator[OpenAIStub]:
-    s = OpenAIStub()
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 async def _burst(client: httpx.AsyncClient, url: str, n: int, prefix: str) -> list[int]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-import pytest_asyncio
 from openai_stub import OpenAIStub
 from tap_helpers import collecting, eventually, free_port, running_tap
 
@@ -27,16 +25,6 @@ if TYPE_CHECKING:
 
 
 CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "Capital of France?"}]}
-
-
-@pytest_asyncio.fixture
-async def stub() -> AsyncIterator[OpenAIStub]:
-    s = OpenAIStub()
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 async def test_plain_body_status_and_headers_pass_through(stub: OpenAIStub) -> None:

@@ -13,13 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-import pytest_asyncio
 from openai_stub import OpenAIStub
 from tap_helpers import collecting, eventually, free_port
 from typer.testing import CliRunner
@@ -32,16 +31,6 @@ if TYPE_CHECKING:
 
 CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 TOPIC = "shadowctl/outputs/ns/chat/primary"
-
-
-@pytest_asyncio.fixture
-async def stub() -> AsyncIterator[OpenAIStub]:
-    s = OpenAIStub()
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 def _workers_of(pid: int) -> list[int]:
