@@ -163,13 +163,13 @@ def test_sigterm_stops_every_worker_and_frees_the_port(tap_workers: tuple[TapPro
         s.bind(("127.0.0.1", port))  # nobody holds it any more
 
 
-def test_workers_that_cannot_listen_stop_the_tap_with_the_reason(stub: OpenAIStub) -> None:
+def test_workers_that_cannot_listen_stop_the_tap_with_the_reason() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        tap = TapProcess(["--listen", f"127.0.0.1:{port}", "--upstream", stub.url, "--service", "ns/chat",
-                          "--workers", "2"])
+        tap = TapProcess(["--listen", f"127.0.0.1:{port}", "--upstream", "http://127.0.0.1:9", "--service",
+                          "ns/chat", "--workers", "2"])
         try:
             code = tap.proc.wait(timeout=60)
         finally:
