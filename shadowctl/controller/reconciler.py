@@ -48,7 +48,7 @@ from shadowctl.machine import (
     step,
 )
 from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
-from shadowctl.routers.base import Router, RouterError, RouteState
+from shadowctl.routers.base import ApplyResult, Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
 
@@ -274,18 +274,14 @@ class Reconciler:
         tick tries again, so no mirror or candidate weight is left behind by a deletion.
         """
         if state.phase is not Phase.pending:
-            stored = (obj.get("status") or {}).get("rolloutTarget")
-            router = (self._router_for_target(policy, stored) if stored else None) or self.router_for(policy, self.kube)
             try:
-                applied = await router.finalize(policy.spec.rollback.keep_candidate_tag)
+                applied = await self._restore_routes(policy, obj, state)
             except RouterError as exc:
                 result.error = f"deleted mid-rollout; cannot restore the routes yet: {exc}"
                 log.warning("rollout.delete_blocked", policy=policy.key, phase=state.phase.value, error=str(exc))
                 return
             result.actions.append("Finalize")
             result.route_writes += int(applied.wrote)
-            log.warning("rollout.deleted", policy=policy.key, phase=state.phase.value,
-                        message="policy deleted mid-rollout; routes restored to the primary")
         keep = [f for f in finalizers if f != FINALIZER]
         try:
             await self.kube.patch_merge(ref, {"metadata": {"finalizers": keep}}, resource_version=rv)
@@ -301,13 +297,19 @@ class Reconciler:
             return
         meta = obj.get("metadata") or {}
         try:
-            policy = parse_policy(obj)
-            router = self.router_for(policy, self.kube)
-            await router.finalize(policy.spec.rollback.keep_candidate_tag)
-            log.warning("rollout.abandoned", policy=policy.key, phase=state.phase.value,
-                        message="policy deleted mid-rollout; routes restored to the primary")
+            await self._restore_routes(parse_policy(obj), obj, state)
         except (ValidationError, KeyError, RouterError, KubeError) as exc:
             log.error("rollout.abandon_failed", policy=f"{meta.get('namespace')}/{meta.get('name')}", error=str(exc))
+
+    async def _restore_routes(self, policy: ShadowPolicy, obj: dict[str, Any], state: RolloutState) -> ApplyResult:
+        """All traffic back to the primary and our mirror removed, on the target the rollout was started
+        on (``status.rolloutTarget``; the spec may have been edited since)."""
+        stored = (obj.get("status") or {}).get("rolloutTarget")
+        router = (self._router_for_target(policy, stored) if stored else None) or self.router_for(policy, self.kube)
+        applied = await router.finalize(policy.spec.rollback.keep_candidate_tag)
+        log.warning("rollout.deleted", policy=policy.key, phase=state.phase.value,
+                    message="policy deleted mid-rollout; routes restored to the primary")
+        return applied
 
     def _router_for_target(self, policy: ShadowPolicy, target: dict[str, Any]) -> Router | None:
         try:

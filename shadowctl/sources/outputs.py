@@ -125,6 +125,7 @@ class MqttOutputSource:
             raise SourceConfigError(f"outputs.mqtt.broker: {exc}") from exc
         self.topic = topic
         self.comparators = list(comparators)
+        self._slow = any(c.slow for c in self.comparators)
         self.username = username
         self.password = password
         self.password_provider = password_provider
@@ -260,7 +261,7 @@ class MqttOutputSource:
         pairer is not thread-safe); a comparison that ends after :meth:`reset` is not counted in
         the new tally.
         """
-        if not any(c.slow for c in self.comparators):
+        if not self._slow:
             self.ingest(event)
             return
         pairs = self.pairer.add(event, self.clock())

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from shadowctl.tap.workers import MULTIPROC_ENV, worker_index
+
 MAX_MODELS = 20
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -30,8 +32,8 @@ class TapMetrics:
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
-        # Set by the supervisor for its workers only (shadowctl.tap.workers).
-        self.shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if os.environ.get("SHADOWCTL_TAP_WORKER") else None
+        # Set by the supervisor for its workers only.
+        self.shared_dir = os.environ.get(MULTIPROC_ENV) if worker_index() is not None else None
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("variant", "model")
         self.ttft = Histogram(

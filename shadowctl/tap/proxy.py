@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from shadowctl.tap.extract import RequestInfo, ResponseAccumulator, classify, pa
 from shadowctl.tap.metrics import CONTENT_TYPE, TapMetrics
 from shadowctl.tap.publisher import EventPublisher
 from shadowctl.tap.transport import AiohttpTransport
+from shadowctl.tap.workers import worker_index
 
 log = structlog.get_logger(__name__)
 
@@ -392,7 +392,8 @@ async def serve(proxy: TapProxy, publisher: EventPublisher | None, host: str, po
     """Run the proxy and the publisher until ``stop`` is set; `on_ready()` once listening."""
     runner = await start_server(proxy, host, port, reuse_port=reuse_port)
     publisher_task = asyncio.create_task(publisher.run()) if publisher is not None else None
-    worker = {"worker": os.environ["SHADOWCTL_TAP_WORKER"]} if "SHADOWCTL_TAP_WORKER" in os.environ else {}
+    index = worker_index()
+    worker = {"worker": index} if index is not None else {}
     log.info("tap listening", host=host, port=bound_port(runner), upstream=proxy.upstream, **worker)
     if on_ready is not None:
         on_ready()

@@ -45,6 +45,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_ENV = "SHADOWCTL_TAP_WORKER"
 RESTART_PAUSE_S = 1.0
 
 Target = Callable[[Any, Callable[[], None]], int]
@@ -53,12 +54,12 @@ Target = Callable[[Any, Callable[[], None]], int]
 
 def worker_index() -> int | None:
     """This process's worker number under a supervisor, else None."""
-    raw = os.environ.get("SHADOWCTL_TAP_WORKER")
+    raw = os.environ.get(WORKER_ENV)
     return int(raw) if raw is not None and raw.isdigit() else None
 
 
 def _child(target: Target, settings: Any, index: int, ready: Event) -> None:
-    os.environ["SHADOWCTL_TAP_WORKER"] = str(index)
+    os.environ[WORKER_ENV] = str(index)
     raise SystemExit(target(settings, ready.set))
 
 
@@ -74,13 +75,9 @@ class Supervisor:
         self.workers = workers
         self.stop_grace_s = stop_grace_s
         self.restart_pause_s = restart_pause_s
-        self.restarts = 0
         self._ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited loop or sockets
         self._procs: dict[int, tuple[BaseProcess, Event]] = {}
         self._stopping = False
-
-    def stop(self, *_: Any) -> None:
-        self._stopping = True
 
     def run(self) -> int:
         """Start the workers, watch them, stop them; the exit code for the command."""
@@ -100,7 +97,7 @@ class Supervisor:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.stop()
+        self._stopping = True
 
     def _start(self, index: int) -> None:
         ready = self._ctx.Event()
@@ -123,7 +120,6 @@ class Supervisor:
                 log.warning("tap worker exited; starting it again", worker=index, exit_code=code,
                             restart_in_s=self.restart_pause_s)
                 self._forget(proc)
-                self.restarts += 1
                 time.sleep(self.restart_pause_s)
                 if not self._stopping:
                     self._start(index)
