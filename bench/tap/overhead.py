@@ -5,7 +5,7 @@ Run by hand (from the repository root):
     nice .venv/bin/python bench/tap/overhead.py [--requests 1000]
 
 Starts the stub model server (100 ms to the first token, then a token every 20 ms, like a model
-server; `--ttft-ms 0 --gap-ms 0` for an instant one) and the tap (publishing to a Mosquitto broker
+server; `--ttft-ms 0 --gap-ms 0` for an instant one) and the taps (publishing to a Mosquitto broker
 when the binary exists) as separate processes, then, for 1, 50 and 200 concurrent streams,
 measures the time from sending a request to its first body byte, direct and through the tap, and
 reports p50/p99 and the added latency. Results go to bench/results/tap_overhead.json.
@@ -19,6 +19,9 @@ How the load is shaped (the same for direct and tap):
   N requests arrive in the same millisecond again and again (a burst test: a single-process
   proxy then queues them, and the added latency measures that queue, not the proxy's cost).
 - Each worker's first 2 requests warm the connections up and are not measured.
+- Client and stub are lean asyncio protocols by default (bench/tap/lean_http.py), so that the
+  instrument leaves the cores to the tap; `--instrument aiohttp` uses aiohttp's client and
+  bench/tap/stub_server.py instead (about 0.75 of a core between them at 200 streams).
 - Before each run the bench waits until the machine is idle again (at most 30 s): a tap still
   publishing the previous run's events would otherwise load the next one. Each run records the
   CPU (in cores) the client, stub, broker and each tap used, the machine's busy and stolen CPU
@@ -91,8 +94,8 @@ def nstat() -> dict[str, int]:
 
 
 async def run(url: str, concurrency: int, per_worker: int, answer_s: float, aligned: bool) -> list[float]:
-    """`concurrency` streams in flight at all times (closed loop); aiohttp as the client because the
-    client is the measuring instrument and must not be the bottleneck."""
+    """`concurrency` streams in flight at all times (closed loop), with aiohttp's client
+    (`--instrument aiohttp`)."""
     ttfb: list[float] = []
     rng = random.Random(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
