@@ -7,13 +7,22 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
 from shadowctl.tap.metrics import TapMetrics
-from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapProxy, bound_port, default_topic, start_server
+from shadowctl.tap.proxy import (
+    MirrorConfig,
+    RunningServer,
+    TapConfig,
+    TapProxy,
+    bound_port,
+    default_topic,
+    start_server,
+)
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
 
 
@@ -31,6 +40,7 @@ class RunningTap:
     metrics: TapMetrics
     publisher: EventPublisher | None
     topic: str
+    running: RunningServer
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         value = self.metrics.registry.get_sample_value(name, labels or {})
@@ -47,6 +57,7 @@ async def running_tap(
     redact_prompts: bool = False,
     queue_size: int = 1000,
     broker_timeout_s: float = 5.0,
+    **config_fields: Any,
 ) -> AsyncIterator[RunningTap]:
     metrics = TapMetrics(variant.value)
     topic = default_topic("ns", "chat", variant)
@@ -56,12 +67,12 @@ async def running_tap(
         publisher = EventPublisher(settings, metrics, queue_size=queue_size, backoff_initial_s=0.05,
                                    backoff_max_s=0.2)
     config = TapConfig(upstream=upstream, variant=variant, namespace="ns", service="chat", topic=topic,
-                       redact_prompts=redact_prompts, mirror=mirror)
+                       redact_prompts=redact_prompts, mirror=mirror, **config_fields)
     proxy = TapProxy(config, publisher, metrics)
     runner = await start_server(proxy, "127.0.0.1", 0)
     task = asyncio.create_task(publisher.run()) if publisher is not None else None
     try:
-        yield RunningTap(f"http://127.0.0.1:{bound_port(runner)}", proxy, metrics, publisher, topic)
+        yield RunningTap(f"http://127.0.0.1:{bound_port(runner)}", proxy, metrics, publisher, topic, runner)
     finally:
         await runner.cleanup()
         if task is not None:

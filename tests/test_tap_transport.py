@@ -1,4 +1,4 @@
-"""The tap's upstream transport (aiohttp under httpx) and its streaming path, against a real upstream.
+"""The tap's upstream side and its streaming path (shadowctl.tap.http1), against a real upstream.
 
 An inline aiohttp server plays the model server where the shared stub cannot: compressed event
 streams, an upstream that dies mid-stream, long streams, and a client that sends no default

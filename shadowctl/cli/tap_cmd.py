@@ -102,6 +102,13 @@ def tap(
         bool, typer.Option("--redact-prompts", help="Publish only the prompt's hash, not its text.")
     ] = False,
     max_output_chars: Annotated[int, typer.Option("--max-output-chars", min=1)] = 200_000,
+    max_request_bytes: Annotated[
+        int, typer.Option("--max-request-bytes", min=1, help="Larger request bodies are refused with 413.")
+    ] = 64 * 1024 * 1024,
+    drain_seconds: Annotated[
+        float, typer.Option("--drain-seconds", min=0,
+                            help="On SIGTERM, time given to requests in flight before they are cut.")
+    ] = 10.0,
     metrics_path: Annotated[
         str, typer.Option("--metrics-path", help="Path of the tap's metrics (other paths pass through).")
     ] = "/metrics",
@@ -138,6 +145,7 @@ def tap(
         upstream=upstream, variant=variant, namespace=namespace, service=name,
         topic=topic or default_topic(namespace, name, variant), redact_prompts=redact_prompts,
         max_output_chars=max_output_chars, metrics_path=metrics_path, mirror=mirror,
+        max_request_bytes=max_request_bytes, drain_s=drain_seconds,
     )
     broker = None
     if mqtt is not None:
@@ -155,7 +163,8 @@ def tap(
                    code=2)
     settings = TapSettings(config=config, host=host, port=port, broker=broker, queue_size=queue_size,
                            reuse_port=workers > 1)
-    code = run_tap(settings) if workers == 1 else Supervisor(run_tap, settings, workers).run()
+    code = (run_tap(settings) if workers == 1
+            else Supervisor(run_tap, settings, workers, stop_grace_s=drain_seconds + 5.0).run())
     if code:
         raise typer.Exit(code)
 
