@@ -298,6 +298,24 @@ async def test_upstream_garbage_before_the_head_is_a_502(raw_client) -> None:
         writer.write(post(b"/v1/chat/completions", CHAT))
         head, body = await read_response(reader)
         assert head.startswith(b"HTTP/1.1 502") and json.loads(body)["error"]["type"] == "upstream_unreachable"
+        labels = {"variant": "primary", "model": "m", "code": "502"}
+        await eventually(lambda: tap.sample("shadowctl_tap_requests_total", labels) == 1)
+
+
+async def test_client_gone_before_the_answer_is_recorded_as_499(raw_client) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upstream.read_request(reader)
+        await reader.read()  # never answers; returns when the tap closes the connection
+        upstream.disconnected.set()
+
+    async with RawUpstream(silent) as upstream, running_tap(upstream.url) as tap:
+        reader, writer = await raw_client(tap.url)
+        writer.write(post(b"/v1/chat/completions", CHAT))
+        await eventually(lambda: len(upstream.bodies) == 1)
+        writer.close()
+        await asyncio.wait_for(upstream.disconnected.wait(), 5)
+        labels = {"variant": "primary", "model": "m", "code": "499"}
+        await eventually(lambda: tap.sample("shadowctl_tap_requests_total", labels) == 1)
 
 
 async def test_shutdown_lets_a_stream_in_flight_finish_and_refuses_new_connections(stub: OpenAIStub) -> None:

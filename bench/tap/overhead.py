@@ -33,7 +33,9 @@ How the load is shaped (the same for direct and tap):
 `--tap-workers 1,2` starts one tap per value (`shadowctl tap --workers N`) and measures each next
 to going direct, `--rounds R` times interleaved (direct, tap 1, tap 2, direct, ...); the summary is
 the median over rounds of each round's added latency. `--tap-src DIR` runs the taps from another
-checkout (e.g. a copy of the previous version); `--tap-uvloop` runs them on uvloop's event loop
+checkout; `--baseline-src DIR` adds taps from a second checkout (e.g. the previous version, from
+`git archive`), named base_wN, run interleaved with the others, so that old and new are compared
+in the same minutes; each tap's CPU per request (ms) is in the summary; `--tap-uvloop` runs them on uvloop's event loop
 (uvloop must be installed; not a dependency of shadowctl: this measures what it would bring).
 """
 
@@ -191,7 +193,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def start_tap(args: argparse.Namespace, port: int, stub_port: int, mq_port: int | None, workers: int,
-              ) -> subprocess.Popen[bytes]:
+              src: str) -> subprocess.Popen[bytes]:
     boot = "from shadowctl.cli.app import main; main()"
     if args.tap_uvloop:
         boot = "import uvloop; uvloop.install(); " + boot
@@ -200,7 +202,7 @@ def start_tap(args: argparse.Namespace, port: int, stub_port: int, mq_port: int 
     if mq_port is not None:
         cmd += ["--mqtt", f"mqtt://127.0.0.1:{mq_port}"]
     # Run from the tap's checkout so that its package is the one imported.
-    return subprocess.Popen(cmd, cwd=args.tap_src, env={**os.environ, "PYTHONPATH": args.tap_src},
+    return subprocess.Popen(cmd, cwd=src, env={**os.environ, "PYTHONPATH": src},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -242,6 +244,9 @@ def main() -> None:
     parser.add_argument("--phase", choices=("spread", "aligned"), default="spread")
     parser.add_argument("--tap-src", default=str(ROOT), help="checkout to run the tap from")
     parser.add_argument("--tap-workers", default="1", help="comma-separated --workers values, each a tap of its own")
+    parser.add_argument("--baseline-src", default=None,
+                        help="also run taps from this checkout (e.g. the previous version), named base_wN, "
+                             "interleaved with the others: a side-by-side comparison in one run")
     parser.add_argument("--rounds", type=int, default=1, help="repeat direct and every tap this often, interleaved")
     parser.add_argument("--tap-uvloop", action="store_true", help="run the tap on uvloop (installed separately)")
     parser.add_argument("--instrument", choices=("lean", "aiohttp"), default="lean",
@@ -270,11 +275,13 @@ def main() -> None:
             watch["broker"] = procs[-1].pid
             wait_port(mq_port)
         targets = {"direct": stub_port}
+        sources = [("tap", args.tap_src)] + ([("base", args.baseline_src)] if args.baseline_src else [])
         for w in worker_counts:
-            port = free_port()
-            procs.append(start_tap(args, port, stub_port, mq_port, w))
-            targets[f"tap_w{w}"] = port
-            watch[f"tap_w{w}"] = procs[-1].pid
+            for label, src in sources:
+                port = free_port()
+                procs.append(start_tap(args, port, stub_port, mq_port, w, src))
+                targets[f"{label}_w{w}"] = port
+                watch[f"{label}_w{w}"] = procs[-1].pid
         for port in targets.values():
             wait_port(port)
         time.sleep(2.0)  # every worker of every tap listening
@@ -289,6 +296,7 @@ def main() -> None:
             "tap_workers": worker_counts,
             "tap_uvloop": args.tap_uvloop,
             "tap_src": "this checkout" if Path(args.tap_src).resolve() == ROOT else args.tap_src,
+            "baseline_src": args.baseline_src,
             "instrument": args.instrument,
             "cpus": os.cpu_count(),
         }
@@ -309,9 +317,11 @@ def main() -> None:
                     continue
                 added = [(t["p50_ms"] - d["p50_ms"], t["p99_ms"] - d["p99_ms"])
                          for t, d in zip(runs[name], runs["direct"], strict=True)]
+                cpu_ms = [1000 * t[f"cpu_{name}"] / t["requests_per_s"] for t in runs[name]]
                 summary[f"{name}_added"] = {"p50_ms": round(statistics.median(a[0] for a in added), 3),
                                             "p99_ms": round(statistics.median(a[1] for a in added), 3),
-                                            "per_round": [[round(a, 2) for a in pair] for pair in added]}
+                                            "per_round": [[round(a, 2) for a in pair] for pair in added],
+                                            "cpu_ms_per_request": round(statistics.median(cpu_ms), 3)}
                 print(conc, name, "added p50/p99 (median of rounds):", summary[f"{name}_added"], flush=True)
             results[f"concurrency_{conc}"] = summary
         out = Path(args.out)

@@ -71,7 +71,11 @@ class OutputEvent(_Strict):
     finish_reason: str | None = None
     usage: Usage | None = None
     output_tokens: int | None = Field(default=None, ge=0, description="From usage, else counted stream chunks.")
-    status: int = Field(ge=100, le=599, description="HTTP status the upstream answered (502 if unreachable).")
+    status: int = Field(
+        ge=100, le=599,
+        description="HTTP status the user got: the upstream's; 502 if it was unreachable or failed before "
+                    "answering; 499 if the client left before the answer began.",
+    )
     error: str | None = None
     started_at: float = Field(description="Unix time (s) the tap received the request.")
     ttft_s: float | None = Field(default=None, ge=0, description="Time to first token (streaming only).")

@@ -115,8 +115,10 @@ class Recorder(Protocol):
     def on_chunk(self, chunk: bytes, arrived: float) -> None:
         """A piece of the body, already sent to the client; ``arrived`` is ``perf_counter()`` on arrival."""
 
-    def on_end(self, error: str | None) -> None:
-        """The exchange is over: answered in full (``error`` None), or why not."""
+    def on_end(self, error: str | None, status: int | None) -> None:
+        """The exchange is over: answered in full (``error`` None), or why not. ``status`` is set when
+        no upstream status reached the client: 502 (the upstream failed before answering) or 499
+        (the client left before the answer began, as nginx logs it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +388,7 @@ class _Exchange:
         self.head_sent = True
         if self.recorder is not None:
             self.recorder.on_head(status, headers)
-        if not has_body and self.head_only:  # llhttp cannot know the answer to HEAD has no body
+        if self.head_only:  # llhttp cannot know that the answer to HEAD has no body
             conn, self.upstream = self.upstream, None
             if conn is not None:
                 conn.exchange = None
@@ -438,7 +440,7 @@ class _Exchange:
             log.warning("upstream failed before answering", error=why)
             self.client.write(local_response(502, error_body(why, "upstream_unreachable"), keep_alive=False))
             self.keep_client = False
-        self._finish(why)
+        self._finish(why, None if self.head_sent else 502)
 
     # from the client connection
     def client_lost(self) -> None:
@@ -448,7 +450,7 @@ class _Exchange:
         if conn is not None:  # the model server sees the connection close and stops generating
             conn.exchange = None
             conn.close()
-        self._finish("client disconnected")
+        self._finish("client disconnected", None if self.head_sent else 499)
 
     def client_paused(self, paused: bool) -> None:
         conn = self.upstream
@@ -458,12 +460,12 @@ class _Exchange:
             else:
                 conn.transport.resume_reading()
 
-    def _finish(self, error: str | None) -> None:
+    def _finish(self, error: str | None, status: int | None = None) -> None:
         if self.done.done():
             return
         if self.recorder is not None:
             try:
-                self.recorder.on_end(error)
+                self.recorder.on_end(error, status)
             except Exception:  # recording must never break the user's connection
                 log.exception("recording the answer failed")
         self.done.set_result(None)

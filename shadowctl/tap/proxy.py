@@ -191,7 +191,9 @@ class Trace:
         else:
             acc.feed(chunk)  # after the first token only a copy: parsed in batches and at the end
 
-    def on_end(self, error: str | None) -> None:
+    def on_end(self, error: str | None, status: int | None) -> None:
+        if status is not None:
+            self.status = status
         self.proxy.record(self, error=error)
 
 
