@@ -309,7 +309,7 @@ async def test_client_gone_before_the_answer_is_recorded_as_499(raw_client) -> N
         upstream.disconnected.set()
 
     async with RawUpstream(silent) as upstream, running_tap(upstream.url) as tap:
-        reader, writer = await raw_client(tap.url)
+        _reader, writer = await raw_client(tap.url)
         writer.write(post(b"/v1/chat/completions", CHAT))
         await eventually(lambda: len(upstream.bodies) == 1)
         writer.close()
