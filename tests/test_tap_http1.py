@@ -17,6 +17,8 @@ import pytest_asyncio
 from openai_stub import OpenAIStub
 from tap_helpers import eventually, running_tap
 
+from shadowctl.tap.http1 import origin_form
+
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -336,3 +338,28 @@ async def test_shutdown_lets_a_stream_in_flight_finish_and_refuses_new_connectio
             rest = b"".join([c async for c in chunks])
             assert rest.endswith(b"data: [DONE]\n\n")
         await asyncio.wait_for(closing, 5)
+
+
+async def test_absolute_form_target_and_empty_request_id(raw_client) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await upstream.read_request(reader)
+            writer.write(ok(b"{}"))
+
+    async with RawUpstream(echo) as upstream, running_tap(upstream.url) as tap:
+        reader, writer = await raw_client(tap.url)
+        writer.write(b"POST http://model.example/v1/chat/completions?x=1 HTTP/1.1\r\nhost: model.example\r\n"
+                     b"x-request-id: \r\ncontent-length: %d\r\n\r\n%s" % (len(CHAT), CHAT))
+        await read_response(reader)
+        head = upstream.heads[0]
+        assert head.startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n")
+        ids = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+        assert len(ids) == 1 and len(ids[0].split(b":", 1)[1].strip()) == 32  # one, generated
+
+
+def test_origin_form() -> None:
+    assert origin_form(b"/v1/models?a=b") == b"/v1/models?a=b"
+    assert origin_form(b"http://h:8/v1/x?q=1") == b"/v1/x?q=1"
+    assert origin_form(b"https://h") == b"/"
+    assert origin_form(b"http://h?q=1") == b"/?q=1"
+    assert origin_form(b"*") == b"*"

@@ -156,6 +156,19 @@ def error_body(message: str, kind: str) -> bytes:
     return json.dumps({"error": {"message": f"shadowctl tap: {message}", "type": kind}}).encode()
 
 
+def origin_form(target: bytes) -> bytes:
+    """``/path?query`` of a request target; an absolute-form one (``http://host/path``, which a client
+    configured to use the tap as its proxy sends) loses its scheme and authority."""
+    if target.startswith((b"http://", b"https://")):
+        rest = target.partition(b"://")[2]
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        if slash < 0 or 0 <= query < slash:
+            return b"/" + rest[query:] if query >= 0 else b"/"
+        return rest[slash:]
+    return target
+
+
 def _connection_tokens(headers: Headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for key, value in headers:
@@ -575,7 +588,7 @@ class _ClientConn(asyncio.Protocol):
             self._refuse(501, "upgrade and CONNECT are not supported", "not_implemented")
             return
         headers = [(k, v) for k, v in self._headers if k.lower() != b"expect"]
-        self.queue.append(Request(method, self._target, headers, self.parser.get_http_version(),
+        self.queue.append(Request(method, origin_form(self._target), headers, self.parser.get_http_version(),
                                   self.parser.should_keep_alive(), b"".join(self._body)))
         self._body = []
         if len(self.queue) > MAX_PIPELINED and self.transport is not None and not self.reading_paused:

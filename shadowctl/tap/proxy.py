@@ -239,8 +239,9 @@ class TapProxy:
             return LocalResponse(200, self.metrics.render(), CONTENT_TYPE.encode())
         headers = end_to_end(request.headers)
         request_id = request.header(REQUEST_ID_HEADER)
-        if request_id is None:
+        if not request_id:  # absent or empty: Istio's mirror pairing needs one
             request_id = uuid.uuid4().hex.encode()
+            headers = [(k, v) for k, v in headers if k.lower() != REQUEST_ID_HEADER]
             headers.append((REQUEST_ID_HEADER, request_id))
         endpoint = classify(request.method, path.decode("latin-1"))
         trace = None
