@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai_stub import OpenAIStub
 from tap_helpers import eventually, running_tap
 
@@ -363,3 +365,65 @@ def test_origin_form() -> None:
     assert origin_form(b"https://h") == b"/"
     assert origin_form(b"http://h?q=1") == b"/?q=1"
     assert origin_form(b"*") == b"*"
+
+
+async def test_a_connection_without_a_complete_request_is_closed_after_the_idle_time(
+    raw_client, stub: OpenAIStub,
+) -> None:
+    async with running_tap(stub.url, client_idle_s=0.3) as tap:
+        idle_reader, _ = await raw_client(tap.url)
+        trickle_reader, trickle = await raw_client(tap.url)
+        trickle.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: m\r\n")  # and never the rest
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+        assert await asyncio.wait_for(trickle_reader.read(), 5) == b""
+        busy_reader, busy = await raw_client(tap.url)  # a complete request in time is answered
+        busy.write(post(b"/v1/chat/completions", CHAT))
+        head, _ = await read_response(busy_reader)
+        assert head.startswith(b"HTTP/1.1 200")
+
+
+def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % len(data) for c in cuts} - {0})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(client_cuts=st.lists(st.integers(1, 10_000), max_size=6),
+       upstream_cuts=st.lists(st.integers(1, 10_000), max_size=6))
+def test_byte_boundaries_do_not_matter(client_cuts: list[int], upstream_cuts: list[int]) -> None:
+    """Two pipelined requests (the second with a chunked body) and a chunked event stream, each cut
+    into pieces sent 2 ms apart at arbitrary byte offsets: the same bytes arrive either way."""
+    tokens = [f" tök{i}" for i in range(8)]
+    events = b"".join(b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % t.encode() for t in tokens)
+    events += b"data: [DONE]\n\n"
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in _pieces(events, [17, 100, 333])) + b"0\r\n\r\n"
+    stream = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + framed
+    second = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "ünï"}]}).encode()
+    client_bytes = post(b"/v1/chat/completions", CHAT) + (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: model\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(second), second))
+
+    async def scenario() -> None:
+        async def streamer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await upstream.read_request(reader)
+                for piece in _pieces(stream, upstream_cuts):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+
+        async with RawUpstream(streamer) as upstream, running_tap(upstream.url) as tap:
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(tap.url.rsplit(":", 1)[1]))
+            try:
+                for piece in _pieces(client_bytes, client_cuts):
+                    writer.write(piece)
+                    await asyncio.sleep(0.002)
+                bodies = [(await asyncio.wait_for(read_response(reader), 10))[1] for _ in range(2)]
+            finally:
+                writer.close()
+            assert bodies == [events, events]
+            assert upstream.bodies == [CHAT, second]
+            labels = {"variant": "primary", "model": "m"}
+            await eventually(lambda: tap.sample("shadowctl_tap_output_tokens_sum", labels) == 16)
+
+    asyncio.run(scenario())

@@ -10,8 +10,8 @@ for an upstream connection and for the answer to end.
 
 What a proxy in the request path must get right, and how this one does it:
 
-- Client side: HTTP/1.1 and 1.0, keep-alive (an idle connection is closed after
-  ``client_idle_s``), pipelined requests answered in order, ``Expect: 100-continue`` answered,
+- Client side: HTTP/1.1 and 1.0, keep-alive (a connection is closed after ``client_idle_s``
+  without a complete request: idle, or trickling one in), pipelined requests answered in order, ``Expect: 100-continue`` answered,
   request bodies by Content-Length or chunked, bounded by ``max_request_bytes`` (413).
   Upgrade and CONNECT are refused (501); a request that cannot be parsed gets 400; both close
   the connection.
@@ -549,9 +549,6 @@ class _ClientConn(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._size = 0
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -615,6 +612,9 @@ class _ClientConn(asyncio.Protocol):
                 self._arm_idle()
             return
         item = self.queue.popleft()
+        if self.idle_timer is not None:  # armed while idle, so a request trickled in slowly still times out
+            self.idle_timer.cancel()
+            self.idle_timer = None
         if self.reading_paused and len(self.queue) <= MAX_PIPELINED // 2 and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()

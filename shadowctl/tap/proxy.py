@@ -98,6 +98,7 @@ class TapConfig:
     mirror: MirrorConfig | None = None
     upstream_connect_timeout_s: float = 10.0
     drain_s: float = 10.0
+    client_idle_s: float = 75.0
 
 
 def default_topic(namespace: str, service: str, variant: Variant) -> str:
@@ -355,7 +356,8 @@ async def start_server(proxy: TapProxy, host: str, port: int, *, reuse_port: boo
     config = proxy.config
     try:
         server = TapServer(proxy, config.upstream, connect_timeout_s=config.upstream_connect_timeout_s,
-                           max_request_bytes=config.max_request_bytes, drain_s=config.drain_s)
+                           max_request_bytes=config.max_request_bytes, drain_s=config.drain_s,
+                           client_idle_s=config.client_idle_s)
     except ShadowctlError as exc:
         raise TapError(str(exc)) from exc
     try:
