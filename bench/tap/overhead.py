@@ -35,7 +35,7 @@ to going direct, `--rounds R` times interleaved (direct, tap 1, tap 2, direct, .
 the median over rounds of each round's added latency. `--tap-src DIR` runs the taps from another
 checkout; `--baseline-src DIR` adds taps from a second checkout (e.g. the previous version, from
 `git archive`), named base_wN, run interleaved with the others, so that old and new are compared
-in the same minutes; each tap's CPU per request (ms) is in the summary; `--tap-uvloop` runs them on uvloop's event loop
+in the same minutes; each tap's CPU per request (ms) is in the summary; `--tap-uvloop` (`--baseline-uvloop`: the baseline taps only) runs them on uvloop's event loop
 (uvloop must be installed; not a dependency of shadowctl: this measures what it would bring).
 """
 
@@ -193,9 +193,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def start_tap(args: argparse.Namespace, port: int, stub_port: int, mq_port: int | None, workers: int,
-              src: str) -> subprocess.Popen[bytes]:
+              src: str, uvloop: bool) -> subprocess.Popen[bytes]:
     boot = "from shadowctl.cli.app import main; main()"
-    if args.tap_uvloop:
+    if uvloop:
         boot = "import uvloop; uvloop.install(); " + boot
     cmd = [PY, "-c", boot, "tap", "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{stub_port}",
            "--service", "bench/chat", "--workers", str(workers)]
@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--baseline-src", default=None,
                         help="also run taps from this checkout (e.g. the previous version), named base_wN, "
                              "interleaved with the others: a side-by-side comparison in one run")
+    parser.add_argument("--baseline-uvloop", action="store_true", help="run the baseline taps on uvloop")
     parser.add_argument("--rounds", type=int, default=1, help="repeat direct and every tap this often, interleaved")
     parser.add_argument("--tap-uvloop", action="store_true", help="run the tap on uvloop (installed separately)")
     parser.add_argument("--instrument", choices=("lean", "aiohttp"), default="lean",
@@ -275,11 +276,13 @@ def main() -> None:
             watch["broker"] = procs[-1].pid
             wait_port(mq_port)
         targets = {"direct": stub_port}
-        sources = [("tap", args.tap_src)] + ([("base", args.baseline_src)] if args.baseline_src else [])
+        sources = [("tap", args.tap_src, args.tap_uvloop)]
+        if args.baseline_src:
+            sources.append(("base", args.baseline_src, args.baseline_uvloop))
         for w in worker_counts:
-            for label, src in sources:
+            for label, src, uvloop in sources:
                 port = free_port()
-                procs.append(start_tap(args, port, stub_port, mq_port, w, src))
+                procs.append(start_tap(args, port, stub_port, mq_port, w, src, uvloop))
                 targets[f"{label}_w{w}"] = port
                 watch[f"{label}_w{w}"] = procs[-1].pid
         for port in targets.values():
@@ -297,6 +300,7 @@ def main() -> None:
             "tap_uvloop": args.tap_uvloop,
             "tap_src": "this checkout" if Path(args.tap_src).resolve() == ROOT else args.tap_src,
             "baseline_src": args.baseline_src,
+            "baseline_uvloop": args.baseline_uvloop,
             "instrument": args.instrument,
             "cpus": os.cpu_count(),
         }
