@@ -427,3 +427,28 @@ def test_byte_boundaries_do_not_matter(client_cuts: list[int], upstream_cuts: li
             await eventually(lambda: tap.sample("shadowctl_tap_output_tokens_sum", labels) == 16)
 
     asyncio.run(scenario())
+
+
+async def test_reused_connection_closed_before_answering_is_retried_once_on_a_new_one(raw_client) -> None:
+    async def closes_when_reused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upstream.read_request(reader)
+        writer.write(ok(b"first on this connection"))
+        await upstream.read_request(reader)  # the second request is read, then the server goes away
+
+    async with RawUpstream(closes_when_reused) as upstream, running_tap(upstream.url) as tap:
+        reader, writer = await raw_client(tap.url)
+        for _ in range(2):
+            writer.write(post(b"/x", b"{}"))
+            assert (await read_response(reader))[1] == b"first on this connection"
+        assert upstream.connections == 2 and len(upstream.bodies) == 3  # the second request went twice
+
+
+async def test_new_connection_closed_before_answering_is_a_502_not_a_retry(raw_client) -> None:
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upstream.read_request(reader)
+
+    async with RawUpstream(never_answers) as upstream, running_tap(upstream.url) as tap:
+        reader, writer = await raw_client(tap.url)
+        writer.write(post(b"/x", b"{}"))
+        head, _ = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 502") and len(upstream.bodies) == 1

@@ -18,7 +18,9 @@ What a proxy in the request path must get right, and how this one does it:
 - Upstream side: a pool of keep-alive connections to the one model server (http or https). A
   pooled connection is closed after ``upstream_idle_s`` idle (4 s: shorter than the 5 s
   keep-alive of uvicorn, which vLLM runs on, so that the tap closes an idle connection before the
-  server does; a request written on a connection the server is closing is lost).
+  server does). If a reused connection is closed before any answer (the server closed it as
+  idle while the request was on its way, unread), the request is sent again once, on a new
+  connection, as Go's HTTP transport does; a new connection closed that way is a 502.
 - Framing: Content-Length is kept; chunked and close-delimited answers go to the client chunked
   (HTTP/1.1) or close-delimited (HTTP/1.0). Body bytes are the upstream's (content encoding
   untouched); chunk boundaries are the upstream's reads, as through any proxy. 1xx interim
@@ -201,6 +203,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: _Exchange | None = None
         self.closed = False
+        self.uses = 0
         self.idle_timer: asyncio.TimerHandle | None = None
         self._reason = b""
         self._headers: Headers = []
@@ -238,6 +241,8 @@ class _UpstreamConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reason = b""
         self._headers = []
+        if self.exchange is not None:
+            self.exchange.answered = True
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -265,6 +270,7 @@ class _UpstreamConn(asyncio.Protocol):
 
     # used by the pool and the exchange
     def send(self, exchange: _Exchange, data: bytes) -> None:
+        self.uses += 1
         self.exchange = exchange
         assert self.transport is not None
         self.transport.write(data)
@@ -298,8 +304,9 @@ class _Pool:
         self.idle: list[_UpstreamConn] = []
         self.all: set[_UpstreamConn] = set()
 
-    async def acquire(self) -> _UpstreamConn:
-        while self.idle:
+    async def acquire(self, *, fresh: bool = False) -> _UpstreamConn:
+        """A pooled connection (most recently used first), or a new one (always, with ``fresh``)."""
+        while self.idle and not fresh:
             conn = self.idle.pop()
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
@@ -356,7 +363,9 @@ class _Exchange:
         self.recorder = forward.recorder
         self.pool = pool
         self.upstream: _UpstreamConn | None = None
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()  # True: send it again
+        self.answered = False  # the upstream began an answer (a status line, or part of one)
+        self.retried = False
         self.head_sent = False
         self.chunked = False  # re-framed as chunked to the client
         self.close_delimited = False  # the upstream's body ends when its connection does
@@ -429,8 +438,14 @@ class _Exchange:
         self._finish(None)
 
     def upstream_lost(self) -> None:
-        self.upstream = None
+        conn, self.upstream = self.upstream, None
         if self.done.done():
+            return
+        if conn is not None and conn.uses > 1 and not self.answered and not self.retried:
+            # A reused connection closed before any answer: the server closed it as idle while the
+            # request was on its way (it had read none of it). Sent again once, on a new connection.
+            self.retried = True
+            self.done.set_result(True)
             return
         if self.head_sent and self.close_delimited:  # the connection's end is the body's end
             if self.chunked:
@@ -481,7 +496,7 @@ class _Exchange:
                 self.recorder.on_end(error, status)
             except Exception:  # recording must never break the user's connection
                 log.exception("recording the answer failed")
-        self.done.set_result(None)
+        self.done.set_result(False)
 
 
 # ---------------------------------------------------------------------------------------- client
@@ -645,18 +660,23 @@ class _ClientConn(asyncio.Protocol):
         exchange = _Exchange(self, request, routed, pool)
         data = _request_bytes(routed, pool)
         self.exchange = exchange
-        try:
-            conn = await pool.acquire()
-        except UpstreamUnavailable as exc:
-            self.exchange = None
-            self._answer_locally(request, handler.upstream_unreachable(request, routed, exc))
-            return
-        if self.closed:
-            pool.release(conn)
-            exchange.client_lost()
-            return
-        exchange.start(conn, data)
-        await exchange.done
+        again = False
+        while True:
+            try:
+                conn = await pool.acquire(fresh=again)
+            except UpstreamUnavailable as exc:
+                self.exchange = None
+                self._answer_locally(request, handler.upstream_unreachable(request, routed, exc))
+                return
+            if self.closed:
+                pool.release(conn)
+                exchange.client_lost()
+                return
+            exchange.start(conn, data)
+            again = await exchange.done
+            if not again:
+                break
+            exchange.done = asyncio.get_running_loop().create_future()
         if not exchange.keep_client:
             self.close()
 
