@@ -290,10 +290,13 @@ async def test_idle_upstream_connection_closed_by_the_server_is_not_reused(raw_c
         assert upstream.connections == 3
 
 
-async def test_upstream_garbage_before_the_head_is_a_502(raw_client) -> None:
+@pytest.mark.parametrize("answer", [b"SPDY/9 nonsense\r\n\r\n",
+                                    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\n"],
+                         ids=["garbage", "unasked-101"])
+async def test_upstream_garbage_before_the_head_is_a_502(raw_client, answer: bytes) -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await upstream.read_request(reader)
-        writer.write(b"SPDY/9 nonsense\r\n\r\n")
+        writer.write(answer)
         await writer.drain()
         await asyncio.sleep(1)
 

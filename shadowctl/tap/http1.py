@@ -218,7 +218,7 @@ class _UpstreamConn(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # the tap never asks for 101
             exchange = self.exchange
             self.close()
             if exchange is not None:
