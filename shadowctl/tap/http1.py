@@ -231,12 +231,6 @@ class _UpstreamConn(asyncio.Protocol):
         if exchange is not None:
             exchange.upstream_lost()
 
-    def pause_writing(self) -> None:  # a large request body: the transport buffers it
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._reason = b""
@@ -255,7 +249,7 @@ class _UpstreamConn(asyncio.Protocol):
         if 100 <= status < 200:
             return  # interim answer (100 Continue, 103 Early Hints): not forwarded; the final one follows
         if self.exchange is not None:
-            self.exchange.upstream_head(status, self._reason, self._headers, self.parser.should_keep_alive())
+            self.exchange.upstream_head(status, self._reason, self._headers)
 
     def on_body(self, chunk: bytes) -> None:
         if self.exchange is not None:
@@ -379,7 +373,7 @@ class _Exchange:
         conn.send(self, data)
 
     # from the upstream connection
-    def upstream_head(self, status: int, reason: bytes, headers: Headers, keep_alive: bool) -> None:
+    def upstream_head(self, status: int, reason: bytes, headers: Headers) -> None:
         length: bytes | None = None
         chunked_in = False
         for key, value in headers:

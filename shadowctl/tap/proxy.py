@@ -13,9 +13,9 @@ event happen once the response has ended.
 What the proxy guarantees, and why it is built this way:
 
 - Transparency: status, headers (minus hop-by-hop ones) and body bytes go
-  through unchanged (framing rules: :mod:`shadowctl.tap.http1`); the incoming Host is kept (the upstream is the pod's own
-  model server, and Host-based routing in front of the tap must still work
-  when the tap is bypassed). Chunks are written as they arrive, never buffered.
+  through unchanged (framing: :mod:`shadowctl.tap.http1`); the incoming Host
+  is kept (the upstream is the pod's own model server, and Host-based routing
+  in front of the tap must still work when the tap is bypassed). Chunks are written as they arrive, never buffered.
 - User traffic never waits for MQTT: events are offered to a bounded queue
   after the response is done (see :mod:`shadowctl.tap.publisher`).
 - ``x-request-id`` is kept, or generated and sent upstream, so that Istio's
@@ -63,6 +63,7 @@ log = structlog.get_logger(__name__)
 
 SHADOW_HEADER = b"x-shadowctl-shadow"
 REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID = frozenset({REQUEST_ID_HEADER})
 
 
 class TapError(ShadowctlError):
@@ -238,11 +239,12 @@ class TapProxy:
         path = request.target.partition(b"?")[0]
         if path == self._metrics_path and request.method in ("GET", "HEAD"):
             return LocalResponse(200, self.metrics.render(), CONTENT_TYPE.encode())
-        headers = end_to_end(request.headers)
         request_id = request.header(REQUEST_ID_HEADER)
-        if not request_id:  # absent or empty: Istio's mirror pairing needs one
+        if request_id:
+            headers = end_to_end(request.headers)
+        else:  # absent or empty: Istio's mirror pairing needs one
             request_id = uuid.uuid4().hex.encode()
-            headers = [(k, v) for k, v in headers if k.lower() != REQUEST_ID_HEADER]
+            headers = end_to_end(request.headers, drop=_REQUEST_ID)
             headers.append((REQUEST_ID_HEADER, request_id))
         endpoint = classify(request.method, path.decode("latin-1"))
         trace = None
