@@ -77,7 +77,13 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
 
 
 async def read_response(reader: asyncio.StreamReader, *, head_only: bool = False) -> tuple[bytes, bytes]:
-    """One response off a raw connection: (head, de-chunked body); body to EOF when close-delimited."""
+    """One response off a raw connection, within 10 s (a proxy that misframes fails fast, not hangs)."""
+    async with asyncio.timeout(10):
+        return await _read_response(reader, head_only=head_only)
+
+
+async def _read_response(reader: asyncio.StreamReader, *, head_only: bool) -> tuple[bytes, bytes]:
+    """(head, de-chunked body); body to EOF when close-delimited."""
     head = await reader.readuntil(b"\r\n\r\n")
     lower = head.lower()
     if head_only or b" 204 " in head.split(b"\r\n")[0] or b" 100 " in head.split(b"\r\n")[0]:
