@@ -2,7 +2,8 @@
 # Set up everything shadowctl needs on a fresh Debian machine; safe to run twice.
 #   - Debian packages: prometheus (server + promtool) and mosquitto (MQTT broker),
 #     used by the tests and by `shadowctl demo` (started on free ports, never as services);
-#   - a virtual environment in .venv with shadowctl and its dev/demo extras.
+#   - a virtual environment in .venv with shadowctl and its dev/demo extras;
+#   - etcd, kube-apiserver and kubectl built from pinned Go modules into .venv/bin (hack/kube-build.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +38,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+
+# The local Kubernetes control plane (etcd, kube-apiserver, kubectl), built from pinned Go modules.
+hack/kube-build.sh
 
 # The optional `semantic` comparator is tested with a real local model (all-MiniLM-L6-v2, packaged
 # for offline use) when the CPU build of torch lies on this machine's disk, so that no multi-GB CUDA

@@ -58,6 +58,7 @@ def _register() -> None:
     __import__("shadowctl.cli.run_cmd", fromlist=["register"]).register(app)
     __import__("shadowctl.cli.demo_cmd", fromlist=["register"]).register(app)
     __import__("shadowctl.cli.rollout_cmds", fromlist=["register"]).register(app)
+    __import__("shadowctl.cli.sim_cmd", fromlist=["register"]).register(app)
 
 
 _register()

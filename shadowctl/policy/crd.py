@@ -2,7 +2,8 @@
 
 Why a converter: Kubernetes wants a *structural* OpenAPI v3 schema, which is a
 subset of JSON Schema: no `$ref`, no `const`, no `title`, nullable instead of a
-`null` branch in `anyOf`, `additionalProperties` never beside `properties`.
+`null` branch in `anyOf`, `additionalProperties` never beside `properties`, `exclusiveMinimum` a flag
+beside `minimum` (OpenAPI v3.0) where JSON Schema 2020-12 gives the bound itself.
 Generating the CRD from the same model that validates files keeps the two from
 drifting; a test fails when the committed `deploy/crd.yaml` differs.
 """
@@ -47,6 +48,11 @@ def _structural(node: Any, defs: dict[str, Any], keep_defaults: bool = False) ->
             continue
         if key == "const":
             out["enum"] = [value]
+            continue
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            # JSON Schema 2020-12 (pydantic) gives the bound; OpenAPI v3.0 (Kubernetes) a flag beside it.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
             continue
         out[key] = _structural(value, defs, keep_defaults)
     branches = out.get("anyOf")
