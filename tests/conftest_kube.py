@@ -24,9 +24,11 @@ deletecollection calls, far less than a control plane per test.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -38,9 +40,12 @@ from shadowctl.sim.cluster import ControlPlaneError, LocalCluster, default_crds_
 from shadowctl.sim.faultproxy import FaultProxy, RequestRecord
 
 JSON = dict[str, Any]
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CRDS = REPO.parent / "shared" / "crds"
-TEST_NAMESPACES = ("llm", "models", "ns", "ns1", "team-a", "team-b", "shadowctl-system")
+# The session's control plane, for helpers that are not fixtures (tests/routers_util.py).
+SESSION: dict[str, LocalCluster] = {}
+TEST_NAMESPACES = ("default", "llm", "models", "ns", "ns1", "team-a", "team-b", "shadowctl-system")
 # What a test may leave behind, deleted in this order after each test.
 CLEANED = tuple(
     GVR(group, version, plural, "")
@@ -90,8 +95,10 @@ def local_cluster() -> Iterator[LocalCluster]:
                 body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
                 answer = client.post("/api/v1/namespaces", json=body)
                 assert answer.status_code in (201, 409), answer.text
+        SESSION["cluster"] = cluster
         yield cluster
     finally:
+        SESSION.pop("cluster", None)
         cluster.stop()
 
 
@@ -245,6 +252,30 @@ class KubeEnv:
         self.admin.close()
 
 
+async def eventually(check: Callable[[], Awaitable[T] | T], *, timeout: float = 15.0, every: float = 0.05) -> T:
+    """Call ``check`` until it returns a truthy value without raising AssertionError; that value.
+
+    For what the real control plane does after a write returns: the Knative
+    stand-in writes status a moment later, a watch delivers an event later.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value  # type: ignore[return-value]
+            last: BaseException | None = None
+        except AssertionError as exc:
+            last = exc
+        if asyncio.get_running_loop().time() > deadline:
+            if last is not None:
+                raise last
+            raise AssertionError(f"not true within {timeout} s: {check}")
+        await asyncio.sleep(every)
+
+
 def _path(gvr: GVR, namespace: str | None, name: str | None = None) -> str:
     path = gvr.path(namespace if gvr.namespaced else None).lstrip("/")
     return f"{path}/{name}" if name else path
@@ -285,4 +316,4 @@ async def kube_client(kube_env: KubeEnv, tmp_path: Path, kube_sleeps: list[float
         await client.close()
 
 
-__all__ = ["KubeEnv", "RequestRecord", "crds_folder"]
+__all__ = ["KubeEnv", "RequestRecord", "crds_folder", "eventually"]
