@@ -33,7 +33,7 @@ if [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; th
   exit 1
 fi
 
-kube_version=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' hack/kube/go.mod)
+kube_version=$(cd hack/kube && go list -m -f '{{.Version}}' k8s.io/kubernetes)
 minor=$(echo "$kube_version" | cut -d. -f2)
 ldflags="-s -w"
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do

@@ -190,7 +190,15 @@ class Shadow(_Model):
 class Canary(_Model):
     """The canary phase: live traffic to the candidate in increasing steps."""
 
-    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(min_length=1)
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        min_length=1,
+        max_length=100,
+        # The API server's own check (CEL in the CRD), the same rule as _increasing below.
+        json_schema_extra={"x-kubernetes-validations": [{
+            "rule": "self.isSorted() && self.all(x, self.filter(y, y == x).size() == 1)",
+            "message": "steps must be strictly increasing",
+        }]},
+    )
     step_duration: Duration = Field(
         default=timedelta(minutes=10), description="How long each step holds at least before it can pass."
     )
@@ -556,6 +564,22 @@ class RollbackOptions(_Model):
 
 
 class Spec(_Model):
+    # What _cross checks across fields, said again in CEL so that the API server refuses it too.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {
+            "rule": "!has(self.target.knative) || !has(self.shadow) || has(self.shadow.virtualService)"
+                    " || (has(self.shadow.mode) && self.shadow.mode == 'tap')",
+            "message": "a Knative target cannot mirror by itself: set shadow.virtualService (an Istio "
+                       "VirtualService in front of the service) or shadow.mode: tap",
+            "fieldPath": ".shadow",
+        },
+        {
+            "rule": "!has(self.target.istio) || !has(self.shadow) || !has(self.shadow.virtualService)",
+            "message": "shadow.virtualService is only for Knative targets; the Istio target mirrors itself",
+            "fieldPath": ".shadow.virtualService",
+        },
+    ]})
+
     target: Target
     trigger: Trigger = Trigger.manual
     shadow: Shadow | None = None
