@@ -31,13 +31,11 @@ def cluster(
 ) -> None:
     """Run a real Kubernetes control plane on this machine until Ctrl-C (or SIGTERM).
 
-    Starts etcd and kube-apiserver (the binaries hack/setup.sh builds) on free loopback ports, envtest's
-    way: no kubelet, no controllers, RBAC on, its own CA and certificates. Installs shadowctl's CRD and
-    the upstream Istio and Knative CRDs, runs the Knative stand-in (an admission webhook and a controller
-    that writes Service and Revision status), writes an admin kubeconfig to --kubeconfig and prints a
-    line starting with `ready`. On exit it stops both processes and removes their data.
+    Starts etcd and kube-apiserver (the binaries hack/setup.sh builds) on free loopback ports, envtest's way: no kubelet, no controllers, RBAC on, its own CA and certificates.
 
-    Example: shadowctl sim cluster --kubeconfig /tmp/kc & KUBECONFIG=/tmp/kc kubectl apply -k deploy/
+    Installs shadowctl's CRD and the upstream Istio and Knative CRDs, runs the Knative stand-in (an admission webhook, and a controller that writes Service and Revision status), writes an admin kubeconfig to --kubeconfig and prints a line starting with `ready`. On exit it stops both processes and removes their data.
+
+    Example: shadowctl sim cluster --kubeconfig /tmp/kc &  then  KUBECONFIG=/tmp/kc .venv/bin/kubectl apply -k deploy/
     """
     from shadowctl.sim.cluster import LocalCluster
 

@@ -20,6 +20,7 @@ process is not work an event loop should share.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -30,6 +31,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,8 +41,10 @@ from typing import Any
 import httpx
 import yaml
 
+from shadowctl.kube import KubeClient
 from shadowctl.policy.crd import crd as shadow_policy_crd
 from shadowctl.sim.errors import SimError
+from shadowctl.sim.knative import KnativeStandIn
 from shadowctl.sim.pki import CertFiles, LocalCA, signing_key_pair
 
 JSON = dict[str, Any]
@@ -428,9 +432,9 @@ class LocalCluster:
         self.plane = ControlPlane(crds=crds)
         self.knative = knative
         self.admin_token = ""
-        self._thread: Any = None
-        self._loop: Any = None
-        self._stand_in: Any = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stand_in: KnativeStandIn | None = None
 
     @property
     def url(self) -> str:
@@ -451,7 +455,6 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop the stand-ins, then the control plane."""
         if self._loop is not None:
-            import asyncio
 
             async def stop_all() -> None:
                 if self._stand_in is not None:
@@ -461,7 +464,8 @@ class LocalCluster:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(stop_all(), self._loop).result(15)
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(15)
+            if self._thread is not None:
+                self._thread.join(15)
             self._loop = None
         self.plane.stop()
 
@@ -496,20 +500,12 @@ class LocalCluster:
         return str(answer.json()["status"]["token"])
 
     def _start_knative(self, client: httpx.Client) -> None:
-        import asyncio
-        import ssl
-        import threading
-
-        from shadowctl.kube import KubeClient
-        from shadowctl.sim.knative import KnativeStandIn
-
         plane = self.plane
         assert plane.ca is not None
         serving = plane.ca.issue("knative-webhook", "knative-webhook", hosts=("127.0.0.1", "localhost"))
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(serving.cert), str(serving.key))
         kubeconfig = plane.write_kubeconfig(plane.workdir / "knative-stand-in.kubeconfig")
-        ready: asyncio.Future[None] | None = None
         started = threading.Event()
         failure: list[BaseException] = []
 
@@ -532,7 +528,6 @@ class LocalCluster:
             loop.run_forever()
             loop.close()
 
-        del ready
         self._thread = threading.Thread(target=run, name="knative-stand-in", daemon=True)
         self._thread.start()
         started.wait(30)
