@@ -20,8 +20,9 @@ import pytest
 import yaml
 from conftest_kube import KubeEnv
 
-from shadowctl.kube import SHADOW_POLICY
+from shadowctl.kube import SHADOW_POLICY, KubeClient
 from shadowctl.sim.cluster import LocalCluster, find_binaries
+from shadowctl.sim.faultproxy import verb_of
 
 REPO = Path(__file__).resolve().parent.parent
 SA = "system:serviceaccount:shadowctl:shadowctl"
@@ -206,3 +207,35 @@ def _run_sim_cluster(proc: subprocess.Popen[str], config: Path, tmp_path: Path) 
             proc.kill()
             proc.wait(10)
     return line
+
+
+async def test_controller_events_show_in_kubectl_describe(kubectl: Any, kube_env: KubeEnv,
+                                                          kube_client: KubeClient) -> None:
+    stored = kube_env.put_object(SHADOW_POLICY, policy())
+    await kube_client.create_event(stored, reason="ShadowStarted", message="mirroring 20% to the candidate")
+    described = kubectl("describe", "shadowpolicy", stored["metadata"]["name"], "-n", "llm").stdout
+    events = described[described.index("Events:"):]
+    assert "ShadowStarted" in events and "mirroring 20% to the candidate" in events, events
+    # The same Event through events.k8s.io/v1, the API kubectl's newer commands read.
+    listed = yaml.safe_load(kubectl("get", "events.v1.events.k8s.io", "-n", "llm", "-o", "yaml").stdout)
+    assert [e["note"] for e in listed["items"]] == ["mirroring 20% to the candidate"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "verb"),
+    [
+        ("GET", "/apis/networking.istio.io/v1/namespaces/llm/virtualservices/chat", {}, "get"),
+        ("GET", "/apis/networking.istio.io/v1/namespaces/llm/virtualservices", {}, "list"),
+        ("GET", "/apis/networking.istio.io/v1/virtualservices", {}, "list"),
+        ("GET", "/apis/networking.istio.io/v1/namespaces/llm/virtualservices", {"watch": "true"}, "watch"),
+        ("GET", "/api/v1/namespaces/llm", {}, "get"),
+        ("GET", "/api/v1/namespaces", {}, "list"),
+        ("GET", "/apis/shadowctl.dev/v1alpha1/namespaces/llm/shadowpolicies/chat/status", {}, "get"),
+        ("PATCH", "/apis/shadowctl.dev/v1alpha1/namespaces/llm/shadowpolicies/chat/status", {}, "patch"),
+        ("PUT", "/apis/coordination.k8s.io/v1/namespaces/llm/leases/x", {}, "update"),
+        ("POST", "/api/v1/namespaces/llm/events", {}, "create"),
+        ("DELETE", "/api/v1/namespaces/llm/secrets/s", {}, "delete"),
+    ],
+)
+def test_fault_proxy_names_the_kubernetes_verb(method: str, path: str, query: dict[str, str], verb: str) -> None:
+    assert verb_of(method, path, query) == verb

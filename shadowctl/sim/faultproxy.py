@@ -44,8 +44,15 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
      "transfer-encoding", "upgrade", "host", "content-length"}
 )
-_NAMED = re.compile(r"^/(?:api/v1|apis/[^/]+/[^/]+)(?:/namespaces/[^/]+)?/[^/]+/[^/]+(?:/[^/]+)?$")
-_CLUSTER_NAMESPACE = re.compile(r"^/api/v1/namespaces/[^/]+$")
+
+
+def _names_an_object(path: str) -> bool:
+    """Whether a REST path names one object (``.../plural/name[/subresource]``), not a collection."""
+    segments = path.strip("/").split("/")
+    rest = segments[2:] if segments[:1] == ["api"] else segments[3:]
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]  # /namespaces/<ns>/<plural>...: a namespaced resource
+    return len(rest) >= 2
 
 
 def verb_of(method: str, path: str, query: dict[str, str]) -> str:
@@ -53,7 +60,7 @@ def verb_of(method: str, path: str, query: dict[str, str]) -> str:
     if method == "GET":
         if query.get("watch") in ("true", "1"):
             return "watch"
-        return "get" if _NAMED.match(path) or _CLUSTER_NAMESPACE.match(path) else "list"
+        return "get" if _names_an_object(path) else "list"
     return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
 
 
