@@ -23,7 +23,7 @@ from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.reconciler import Reconciler, TickResult
 from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.routers.factory import router_for
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.base import (
     CountWindow,
     HistogramWindow,
@@ -144,7 +144,7 @@ VS_REF = ResourceRef(VIRTUAL_SERVICE, "chat", "llm")
 class Harness:
     """An emulated cluster with the chat VirtualService, a policy, a fake clock and a reconciler."""
 
-    def __init__(self, emu: KubeEnv, kube: KubeClient, source: FakeMetricSource | None = None) -> None:
+    def __init__(self, emu: KubeAPIEmulator, kube: KubeClient, source: FakeMetricSource | None = None) -> None:
         self.emu = emu
         self.kube = kube
         self.clock = FakeClock()

@@ -25,7 +25,7 @@ from shadowctl.cli import rollout_cmds
 from shadowctl.cli.app import app
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.kube import SHADOW_POLICY, KubeClient, ResourceRef
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 Cli = Callable[..., Awaitable[Result]]
 runner = CliRunner()
@@ -39,8 +39,8 @@ def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def kubeconfig(kube_env: KubeEnv, tmp_path: Path) -> Path:
-    return kube_env.kubeconfig(tmp_path / "kubeconfig", namespace="team-a")
+def kubeconfig(kube_emulator: KubeAPIEmulator, tmp_path: Path) -> Path:
+    return kube_emulator.kubeconfig(tmp_path / "kubeconfig", namespace="team-a")
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ async def put_policy(kube: KubeClient, status: dict[str, Any] | None = None, nam
     return obj
 
 
-def annotation(emu: KubeEnv, name: str = "chat") -> dict[str, Any] | None:
+def annotation(emu: KubeAPIEmulator, name: str = "chat") -> dict[str, Any] | None:
     obj = emu.get_object(SHADOW_POLICY, "llm", name)
     assert obj is not None
     raw = (obj["metadata"].get("annotations") or {}).get(COMMAND_ANNOTATION)
@@ -132,25 +132,25 @@ def annotation(emu: KubeEnv, name: str = "chat") -> dict[str, Any] | None:
 
 
 async def test_apply_creates_then_unchanged_then_configured_keeping_status_and_annotations(
-    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient, tmp_path: Path
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, tmp_path: Path
 ) -> None:
     file = write_policy(tmp_path / "chat.yaml")
     first = await cli("apply", "-f", str(file))
     assert first.exit_code == 0, first.output
     assert first.stdout == "shadowpolicy llm/chat created\n"
-    created = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
+    created = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
     assert created is not None and created["spec"]["canary"]["steps"] == [10, 50]
 
     again = await cli("apply", "-f", str(file))
     assert again.stdout == "shadowpolicy llm/chat unchanged\n"
-    assert kube_env.get_object(SHADOW_POLICY, "llm", "chat") == created  # no write at all
+    assert kube_emulator.get_object(SHADOW_POLICY, "llm", "chat") == created  # no write at all
 
     await kube_client.patch_status(REF, {"status": progressing_status()})
     await kube_client.patch_merge(REF, {"metadata": {"annotations": {"team.example/owner": "ml-infra"}}})
     write_policy(file, canary={"steps": [10, 30, 50], "stepDuration": "20s", "maxStepDuration": "300s"})
     changed = await cli("apply", "-f", str(file))
     assert changed.stdout == "shadowpolicy llm/chat configured\n"
-    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
+    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
     assert obj is not None
     assert obj["spec"]["canary"]["steps"] == [10, 30, 50]
     assert obj["metadata"]["generation"] == 2
@@ -159,21 +159,21 @@ async def test_apply_creates_then_unchanged_then_configured_keeping_status_and_a
     assert obj["status"]["phase"] == "Progressing"
 
 
-async def test_apply_retries_a_conflict(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
+async def test_apply_retries_a_conflict(cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
     file = write_policy(tmp_path / "chat.yaml")
     assert (await cli("apply", "-f", str(file))).exit_code == 0
     write_policy(file, progressDeadline="2h")
-    kube_env.fail_next(2, status=409, verb="update")
-    kube_env.reset_counts()
+    kube_emulator.fail_next(2, status=409, verb="update")
+    kube_emulator.reset_counts()
     result = await cli("apply", "-f", str(file))
     assert result.exit_code == 0, result.output
     assert result.stdout == "shadowpolicy llm/chat configured\n"
-    assert kube_env.verb_counts["update"] == 3
-    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
+    assert kube_emulator.verb_counts["update"] == 3
+    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
     assert obj is not None and obj["spec"]["progressDeadline"] == "2h"
 
 
-async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
+async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
     folder = tmp_path / "policies"
     folder.mkdir()
     write_policy(folder / "a-good.yaml", metadata={"name": "good", "namespace": "llm"})
@@ -184,11 +184,11 @@ async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_env: KubeEnv, t
     assert f"{bad}:{line}:" in result.stderr
     assert "spec.canary.steps" in result.stderr
     assert "nothing was applied" in result.stderr
-    assert kube_env.list_objects(SHADOW_POLICY) == []
+    assert kube_emulator.list_objects(SHADOW_POLICY) == []
 
 
 async def test_apply_namespace_from_file_flag_or_context(
-    cli: Cli, kube_env: KubeEnv, tmp_path: Path
+    cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path
 ) -> None:
     unnamespaced = write_policy(tmp_path / "plain.yaml", metadata={"name": "plain"})
     assert (await cli("apply", "-f", str(unnamespaced))).stdout == "shadowpolicy team-a/plain created\n"
@@ -200,8 +200,8 @@ async def test_apply_namespace_from_file_flag_or_context(
     line = next(i for i, text in enumerate(pinned.read_text().splitlines(), 1) if "namespace: llm" in text)
     assert f"{pinned}:{line}:" in clash.stderr
     assert "does not match the namespace given with -n ('team-b')" in clash.stderr
-    assert kube_env.get_object(SHADOW_POLICY, "llm", "chat") is None
-    assert kube_env.get_object(SHADOW_POLICY, "team-b", "chat") is None
+    assert kube_emulator.get_object(SHADOW_POLICY, "llm", "chat") is None
+    assert kube_emulator.get_object(SHADOW_POLICY, "team-b", "chat") is None
 
 
 # --------------------------------------------------------------------------- get, status, describe
@@ -281,21 +281,21 @@ async def test_describe_shows_history_outputs_command_and_own_events(cli: Cli, k
     ],
 )
 async def test_command_writes_annotation_with_fresh_id(
-    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient, args: list[str], phase: str, sent: str
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, args: list[str], phase: str, sent: str
 ) -> None:
     await put_policy(kube_client, progressing_status(phase=phase))
     first = await cli(*args, "chat", "-n", "llm")
     assert first.exit_code == 0, first.output
     verb = " ".join(args)
     assert first.stdout == f"{verb} requested for llm/chat (phase {phase}); the controller acts at its next tick\n"
-    written = annotation(kube_env)
+    written = annotation(kube_emulator)
     assert written is not None and written["command"] == sent and len(written["id"]) == 12
     second = await cli(*args, "chat", "-n", "llm")
     assert second.exit_code == 0
-    rewritten = annotation(kube_env)
+    rewritten = annotation(kube_emulator)
     assert rewritten is not None and rewritten["id"] != written["id"]
     assert "replaces" in second.stderr and written["id"] in second.stderr
-    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
+    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
     assert obj is not None and obj["metadata"]["generation"] == 1  # a command does not restart the analysis
 
 
@@ -311,20 +311,20 @@ async def test_command_writes_annotation_with_fresh_id(
     ],
 )
 async def test_command_refused_in_a_phase_where_it_cannot_work(
-    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient, args: list[str], phase: str, says: str
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, args: list[str], phase: str, says: str
 ) -> None:
     await put_policy(kube_client, progressing_status(phase=phase))
     result = await cli(*args, "chat", "-n", "llm")
     assert result.exit_code == 1
     assert says in result.stderr and f"llm/chat is {phase}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert annotation(kube_env) is None
+    assert annotation(kube_emulator) is None
 
 
 async def test_promote_wait_with_the_real_controller(
-    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient
+    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient
 ) -> None:
-    h = Harness(kube_env, kube_client)
+    h = Harness(kube_emulator, kube_client)
     await h.setup(promotion="manual")
     assert await h.run_until({"WaitingPromotion", "RolledBack"}) == "WaitingPromotion"
 
@@ -360,23 +360,23 @@ async def test_wait_times_out_without_a_controller(cli: Cli, kube_client: KubeCl
 
 
 async def test_not_found_forbidden_and_missing_crd_are_one_line(
-    cli: Cli, kube_env: KubeEnv
+    cli: Cli, kube_emulator: KubeAPIEmulator
 ) -> None:
     for args in (["get", "nope"], ["describe", "nope"], ["status", "nope"], ["rollback", "nope"]):
         result = await cli(*args, "-n", "llm")
         assert result.exit_code == 1
         assert result.stderr == "error: shadowpolicy llm/nope not found\n", args
-    kube_env.fail_next(1, status=403, verb="list")
+    kube_emulator.fail_next(1, status=403, verb="list")
     forbidden = await cli("get", "-n", "llm")
     assert forbidden.exit_code == 1
     assert forbidden.stderr.startswith("error: forbidden (403):") and forbidden.stderr.count("\n") == 1
 
 
-async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, kube_env: KubeEnv) -> None:
+async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, kube_emulator: KubeAPIEmulator) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        config = kube_env.kubeconfig_dict()
+        config = kube_emulator.kubeconfig_dict()
         config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{port}"
         closed = tmp_path / "closed"
         closed.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -399,7 +399,7 @@ async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, 
 
 
 async def test_watch_shows_each_change_and_ends_when_deleted(
-    kube_env: KubeEnv, kube_client: KubeClient
+    kube_emulator: KubeAPIEmulator, kube_client: KubeClient
 ) -> None:
     """The loop behind `status --watch`, driven by its injected sleep instead of time."""
     await put_policy(kube_client, progressing_status())

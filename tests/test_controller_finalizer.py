@@ -11,12 +11,12 @@ from controller_helpers import REF, Harness
 
 from shadowctl.controller.reconciler import FINALIZER
 from shadowctl.kube import KubeClient, NotFound
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 
 @pytest.fixture
-async def h(kube_env: KubeEnv, kube_client: KubeClient) -> Harness:
-    return Harness(kube_env, kube_client)
+async def h(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> Harness:
+    return Harness(kube_emulator, kube_client)
 
 
 async def _finalizers(h: Harness) -> list[str]:

@@ -33,14 +33,14 @@ from shadowctl.kube import (
     RetryPolicy,
 )
 from shadowctl.routers.factory import router_for
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.base import ServerRef
 from shadowctl.sources.routing import secret_connect
 
 
 @pytest.fixture
-async def h(kube_env: KubeEnv, kube_client: KubeClient) -> Harness:
-    return Harness(kube_env, kube_client)
+async def h(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> Harness:
+    return Harness(kube_emulator, kube_client)
 
 
 def test_next_tick_is_aligned() -> None:
@@ -127,10 +127,10 @@ async def test_crash_between_route_write_and_status_write_resumes_to_same_end(h:
 
 
 async def test_two_controllers_that_both_think_they_lead_do_not_double_apply(h: Harness,
-                                                                           kube_env: KubeEnv,
+                                                                           kube_emulator: KubeAPIEmulator,
                                                                            tmp_path: Path) -> None:
     await h.setup()
-    other_kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "kc2"),
+    other_kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "kc2"),
                                           retry=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05))
     try:
         other = Reconciler(other_kube, router_for, Analyzer(h.source), h.clock)
@@ -193,10 +193,10 @@ async def test_new_candidate_mid_rollout_restarts_analysis(h: Harness) -> None:
 # --------------------------------------------------------------------------- leader election
 
 
-async def test_leader_handover_mid_rollout(h: Harness, kube_env: KubeEnv, tmp_path: Path) -> None:
+async def test_leader_handover_mid_rollout(h: Harness, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
     """Two controller replicas with real Lease election (short durations); the leader dies mid-rollout."""
     await h.setup()
-    clients = [await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / f"kc{i}")) for i in range(2)]
+    clients = [await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / f"kc{i}")) for i in range(2)]
     electors = [LeaderElector(c, name="shadowctl", namespace="llm", identity=f"replica-{i}", lease_duration=0.6,
                               renew_deadline=0.4, retry_period=0.1) for i, c in enumerate(clients)]
     managers = [Manager(c, Reconciler(c, router_for, Analyzer(h.source), h.clock), h.clock) for c in clients]
@@ -300,11 +300,11 @@ def _rules() -> set[tuple[str, str, str]]:
 _PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/[^/]+)?/(?P<res>[^/]+)(?:/[^/]+)?(?:/(?P<sub>status))?$")
 
 
-async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_path: Path) -> None:
+async def test_rbac_is_exactly_what_the_controller_uses(kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
     """Run Istio and Knative rollouts (one rolled back) with leader election and Events through the process
     wiring, record every request the emulator served, and compare with deploy/rbac.yaml both ways."""
-    setup = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "setup"))
-    h = Harness(kube_env, setup)
+    setup = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "setup"))
+    h = Harness(kube_emulator, setup)
     await h.setup()
     await _knative_setup(setup)
     bad = policy_doc()
@@ -319,9 +319,9 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
     await setup.create(SHADOW_POLICY, bad)
     await setup.create(SECRET, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "prom", "namespace": "llm"},
                                 "data": {"token": base64.b64encode(b"t0k3n").decode()}})
-    kube_env.request_log.clear()
+    kube_emulator.request_log.clear()
 
-    kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "controller"))
+    kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "controller"))
     clock = FakeClock()
     # A policy naming its own Prometheus and token Secret: the controller's connect reads the Secret.
     own = await secret_connect(kube, {})(ServerRef("http://127.0.0.1:9", ("llm", "prom")))
@@ -360,7 +360,7 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
         await kube.close()
         await setup.close()
     used: set[tuple[str, str, str]] = set()
-    for record in kube_env.request_log:
+    for record in kube_emulator.request_log:
         m = _PATH.match(record.path)
         assert m, record.path
         res = m.group("res") + ("/status" if m.group("sub") else "")

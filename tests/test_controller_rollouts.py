@@ -12,12 +12,12 @@ from controller_helpers import REF, VS_REF, Arm, FakeMetricSource, Harness
 from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.kube import VIRTUAL_SERVICE, KubeClient
 from shadowctl.machine import Command
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 
 @pytest.fixture
-async def h(kube_env: KubeEnv, kube_client: KubeClient) -> Harness:
-    return Harness(kube_env, kube_client)
+async def h(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> Harness:
+    return Harness(kube_emulator, kube_client)
 
 
 async def command(h: Harness, cmd: Command) -> None:
@@ -189,9 +189,9 @@ async def test_idle_tick_makes_no_route_write(h: Harness) -> None:
     assert (await h.kube.get(VS_REF))["metadata"]["resourceVersion"] == before
 
 
-async def test_fake_source_is_batched_per_look(kube_env: KubeEnv, kube_client: KubeClient) -> None:
+async def test_fake_source_is_batched_per_look(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> None:
     src = FakeMetricSource()
-    h = Harness(kube_env, kube_client, src)
+    h = Harness(kube_emulator, kube_client, src)
     await h.setup()
     await h.tick()
     calls = src.calls

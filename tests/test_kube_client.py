@@ -24,7 +24,7 @@ from shadowctl.kube import (
     Unavailable,
 )
 from shadowctl.kube.retry import parse_retry_after
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 REF = ResourceRef(VIRTUAL_SERVICE, "reviews", "default")
 
@@ -106,12 +106,12 @@ async def test_generation_moves_only_on_spec_changes(kube_client: KubeClient) ->
     assert obj["metadata"]["generation"] == 2
 
 
-async def test_noop_update_writes_nothing(kube_client: KubeClient, kube_env: KubeEnv) -> None:
+async def test_noop_update_writes_nothing(kube_client: KubeClient, kube_emulator: KubeAPIEmulator) -> None:
     obj = await kube_client.create(VIRTUAL_SERVICE, vs())
-    before = kube_env.resource_version
+    before = kube_emulator.resource_version
     again = await kube_client.replace(VIRTUAL_SERVICE, obj)
     assert again["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]
-    assert kube_env.resource_version == before
+    assert kube_emulator.resource_version == before
     assert kube_client.write_count == 2 and kube_client.requests_by_verb["update"] == 1
 
 
@@ -155,11 +155,11 @@ async def test_merge_patch_null_deletes_and_lists_replace(kube_client: KubeClien
     assert out["spec"]["http"][0]["name"] == "main"
 
 
-async def test_strategic_merge_patch_on_custom_resource_is_415(kube_env: KubeEnv) -> None:
+async def test_strategic_merge_patch_on_custom_resource_is_415(kube_emulator: KubeAPIEmulator) -> None:
     """Raw aiohttp here: the adapter never sends strategic merge patches, so only a raw client can."""
-    kube_env.put_object(VIRTUAL_SERVICE, vs())
+    kube_emulator.put_object(VIRTUAL_SERVICE, vs())
     headers = {"Authorization": "Bearer test-token", "Content-Type": "application/strategic-merge-patch+json"}
-    resp = await kube_env.patch(REF.path(), json={"spec": {"hosts": ["x"]}}, headers=headers)
+    resp = await kube_emulator.patch(REF.path(), json={"spec": {"hosts": ["x"]}}, headers=headers)
     body = await resp.json()
     assert resp.status == 415 and body["kind"] == "Status" and body["reason"] == "UnsupportedMediaType"
 
@@ -195,10 +195,10 @@ async def test_events_are_recorded(kube_client: KubeClient) -> None:
 
 
 async def test_429_storm_honours_retry_after(
-    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
+    kube_client: KubeClient, kube_emulator: KubeAPIEmulator, kube_sleeps: list[float]
 ) -> None:
     await kube_client.create(VIRTUAL_SERVICE, vs())
-    kube_env.fail_next(3, status=429, verb="get", retry_after=7)
+    kube_emulator.fail_next(3, status=429, verb="get", retry_after=7)
     obj = await kube_client.get(REF)
     assert obj["metadata"]["name"] == "reviews"
     assert kube_sleeps == [7.0, 7.0, 7.0]
@@ -206,9 +206,9 @@ async def test_429_storm_honours_retry_after(
 
 
 async def test_500_storm_backs_off_exponentially_then_gives_up(
-    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
+    kube_client: KubeClient, kube_emulator: KubeAPIEmulator, kube_sleeps: list[float]
 ) -> None:
-    kube_env.fail_next(10, status=500, verb="list")
+    kube_emulator.fail_next(10, status=500, verb="list")
     with pytest.raises(Unavailable) as info:
         await kube_client.list(VIRTUAL_SERVICE, "default")
     assert info.value.status == 500
@@ -218,26 +218,26 @@ async def test_500_storm_backs_off_exponentially_then_gives_up(
 
 
 async def test_create_is_not_retried_on_500(
-    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
+    kube_client: KubeClient, kube_emulator: KubeAPIEmulator, kube_sleeps: list[float]
 ) -> None:
-    kube_env.fail_next(1, status=500, verb="create")
+    kube_emulator.fail_next(1, status=500, verb="create")
     with pytest.raises(Unavailable):
         await kube_client.create(VIRTUAL_SERVICE, vs())
     assert kube_sleeps == [] and kube_client.requests_by_verb["create"] == 1
-    kube_env.fail_next(1, status=503, verb="create")
+    kube_emulator.fail_next(1, status=503, verb="create")
     await kube_client.create(VIRTUAL_SERVICE, vs())  # 503 means "not processed": safe to retry
     assert len(kube_sleeps) == 1
 
 
-async def test_request_timeout_is_unavailable(kube_env: KubeEnv, tmp_path: Path) -> None:
-    kube_env.set_latency(5.0, verb="get")
+async def test_request_timeout_is_unavailable(kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
+    kube_emulator.set_latency(5.0, verb="get")
     sleeps: list[float] = []
 
     async def record(seconds: float) -> None:
         sleeps.append(seconds)
 
     client = await KubeClient.connect(
-        kubeconfig=kube_env.kubeconfig(tmp_path / "kc"),
+        kubeconfig=kube_emulator.kubeconfig(tmp_path / "kc"),
         timeout=0.2,
         retry=RetryPolicy(attempts=2),
         sleep=record,
@@ -249,11 +249,11 @@ async def test_request_timeout_is_unavailable(kube_env: KubeEnv, tmp_path: Path)
         assert len(sleeps) == 1 and client.requests_by_verb["get"] == 2
     finally:
         await client.close()
-        kube_env.set_latency(0)
+        kube_emulator.set_latency(0)
 
 
-async def test_wrong_token_is_unauthorized(kube_env: KubeEnv) -> None:
-    async with KubeClient.for_url(kube_env.url, token="wrong") as client:
+async def test_wrong_token_is_unauthorized(kube_emulator: KubeAPIEmulator) -> None:
+    async with KubeClient.for_url(kube_emulator.url, token="wrong") as client:
         with pytest.raises(Unauthorized):
             await client.get(REF)
 

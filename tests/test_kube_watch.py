@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from shadowctl.kube import VIRTUAL_SERVICE, KubeClient, ResourceRef, WatchEvent, WatchExpired
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 
 def vs(name: str) -> dict[str, Any]:
@@ -64,11 +64,11 @@ async def test_resume_after_a_seen_version_replays_what_was_missed(kube_client: 
     assert [e.object["metadata"]["name"] for e in resumed] == ["b", "c"]
 
 
-async def test_too_old_version_raises_watch_expired(kube_client: KubeClient, kube_env: KubeEnv) -> None:
+async def test_too_old_version_raises_watch_expired(kube_client: KubeClient, kube_emulator: KubeAPIEmulator) -> None:
     await kube_client.create(VIRTUAL_SERVICE, vs("seed"))
     _, rv = await kube_client.list(VIRTUAL_SERVICE, "default")
     await kube_client.create(VIRTUAL_SERVICE, vs("a"))
-    kube_env.compact()
+    kube_emulator.compact()
     with pytest.raises(WatchExpired) as info:
         await collect(kube_client, rv, 1)
     assert info.value.status == 410
@@ -81,7 +81,7 @@ async def test_too_old_version_raises_watch_expired(kube_client: KubeClient, kub
 
 
 async def test_bounded_history_expires_slow_resumers() -> None:
-    emu = KubeEnv(load_crds=False, history_limit=3)
+    emu = KubeAPIEmulator(load_crds=False, history_limit=3)
     await emu.start()
     try:
         async with KubeClient.for_url(emu.url) as client:
@@ -98,7 +98,7 @@ async def test_bounded_history_expires_slow_resumers() -> None:
 
 
 async def test_cut_watch_ends_stream_and_resume_loses_nothing(
-    kube_client: KubeClient, kube_env: KubeEnv
+    kube_client: KubeClient, kube_emulator: KubeAPIEmulator
 ) -> None:
     _, rv = await kube_client.list(VIRTUAL_SERVICE, "default")
     seen: list[WatchEvent] = []
@@ -113,7 +113,7 @@ async def test_cut_watch_ends_stream_and_resume_loses_nothing(
     await kube_client.create(VIRTUAL_SERVICE, vs("a"))
     async with asyncio.timeout(5):
         await first_seen.wait()
-    kube_env.cut_watches()
+    kube_emulator.cut_watches()
     async with asyncio.timeout(5):
         await task  # the iterator ends on a dropped connection
     await kube_client.create(VIRTUAL_SERVICE, vs("b"))  # happens while nobody watches
@@ -131,10 +131,10 @@ async def test_timeout_seconds_ends_the_stream(kube_client: KubeClient) -> None:
 
 
 async def test_watch_open_is_retried_on_500(
-    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
+    kube_client: KubeClient, kube_emulator: KubeAPIEmulator, kube_sleeps: list[float]
 ) -> None:
     await kube_client.create(VIRTUAL_SERVICE, vs("a"))
-    kube_env.fail_next(2, status=500, verb="watch")
+    kube_emulator.fail_next(2, status=500, verb="watch")
     events = await collect(kube_client, None, 1)
     assert events[0].object["metadata"]["name"] == "a"
     assert len(kube_sleeps) == 2 and kube_client.requests_by_verb["watch"] == 3

@@ -22,7 +22,7 @@ from shadowctl.aio import cancel_and_wait
 from shadowctl.cli.run_cmd import mqtt_password_provider
 from shadowctl.kube import SECRET, KubeClient, ResourceRef
 from shadowctl.policy.model import ShadowPolicy
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.outputs import BrokerRejected, MqttOutputSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,9 +57,9 @@ def _policy(secret: str) -> ShadowPolicy:
 
 
 async def test_password_comes_from_the_policys_secret_at_every_connect(
-    secured_broker: MosquittoBroker, kube_env: KubeEnv, tmp_path: Path
+    secured_broker: MosquittoBroker, kube_emulator: KubeAPIEmulator, tmp_path: Path
 ) -> None:
-    kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "k"))
+    kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "k"))
     try:
         def source_for(secret: str) -> MqttOutputSource:
             pol = _policy(secret)

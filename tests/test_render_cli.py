@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 
 import yaml
@@ -17,9 +15,6 @@ runner = CliRunner()
 VS = str(FIXTURES / "vs-llm.yaml")
 KSVC = str(FIXTURES / "ksvc-llm.yaml")
 HOST = "llm.models.svc.cluster.local"
-
-# assert_valid asks the real API server (a dry run).
-pytestmark = pytest.mark.usefixtures("local_cluster")
 
 
 def _text(result: object) -> str:

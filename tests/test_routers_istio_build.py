@@ -30,9 +30,6 @@ TARGET = IstioTarget(
     candidate=Destination(host=HOST, subset="v2", port=8000),
 )
 
-# assert_valid asks the real API server (a dry run).
-pytestmark = pytest.mark.usefixtures("local_cluster")
-
 
 def _route(obj: dict[str, Any], name: str) -> dict[str, Any]:
     return next(r for r in obj["spec"]["http"] if r.get("name") == name)

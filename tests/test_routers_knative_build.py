@@ -25,9 +25,6 @@ from shadowctl.routers.base import (
 TARGET = KnativeTarget(service="llm")
 KNOWN = {"llm-00001", "llm-00002"}
 
-# assert_valid asks the real API server (a dry run).
-pytestmark = pytest.mark.usefixtures("local_cluster")
-
 
 def _record(obj: dict[str, Any]) -> dict[str, Any]:
     return json.loads(obj["metadata"]["annotations"][MANAGED_ANNOTATION])

@@ -19,7 +19,7 @@ from http_stub import PROMETHEUS_VECTOR_1, serving
 
 from shadowctl.kube import SECRET, KubeClient
 from shadowctl.policy.model import ShadowPolicy
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.base import MetricSource, ServerRef, SourceError, SourceUnavailable, VariantPair
 from shadowctl.sources.promql import build_request
 from shadowctl.sources.routing import RoutingSource, secret_connect
@@ -121,9 +121,9 @@ def recorder() -> Iterator[dict[str, Any]]:
 
 
 async def test_secret_connect_sends_the_token_from_the_policys_secret(
-    kube_env: KubeEnv, tmp_path: Path, recorder: dict[str, Any]
+    kube_emulator: KubeAPIEmulator, tmp_path: Path, recorder: dict[str, Any]
 ) -> None:
-    kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "k"))
+    kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "k"))
     try:
         await kube.create(SECRET, {"apiVersion": "v1", "kind": "Secret",
                                    "metadata": {"name": "prom", "namespace": "llm"},

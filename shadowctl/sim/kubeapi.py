@@ -21,7 +21,7 @@ shadowctl depends on it:
 * CRD schemas from ``../shared/crds`` (and ``deploy/crd.yaml``) prune unknown
   fields and reject invalid objects with 422 and field causes;
 * Knative's webhook and controller for ``serving.knative.dev/v1`` Services
-  (see :mod:`shadowctl.sim.kube_knative`);
+  (see :mod:`shadowctl.sim.knative`);
 * fault injection: fail the next N matching requests, add latency, cut watches.
 
 Everything runs on one event loop and no mutation awaits midway, so the store
@@ -52,7 +52,7 @@ import yaml
 from kmock import KubernetesEmulator, ResourceInfo, Server, resource
 
 from shadowctl.kube.refs import GVR
-from shadowctl.sim import kube_knative
+from shadowctl.sim import knative
 from shadowctl.sim.kube_patch import PatchError, json_patch, merge_patch
 from shadowctl.sim.kube_schema import Cause, CRDVersion, load_crd_file, prune, validate
 from shadowctl.sim.logs import log_to_stderr
@@ -654,7 +654,7 @@ class KubeAPIEmulator(KubernetesEmulator):
         if rdef.store_key == KSVC:
             ns = (obj.get("metadata") or {}).get("namespace") or ""
             revisions = {n for (rns, n) in self._store[KREV] if rns == ns}
-            causes += kube_knative.validate_service(obj, revisions)
+            causes += [Cause(c.field, c.reason, c.message) for c in knative.validate_service(obj, revisions)]
         if causes:
             raise ApiError(
                 422,
@@ -890,21 +890,21 @@ class KubeAPIEmulator(KubernetesEmulator):
         last_template, count, latest = self._ksvc_state.get(key, (None, 0, ""))
         if template != last_template:
             count += 1
-            latest = kube_knative.next_revision_name(meta["name"], template, count)
+            latest = knative.next_revision_name(meta["name"], template, count)
             rev_def = self._defs[("serving.knative.dev", "v1", "revisions")]
             if (key[0], latest) not in self._store[KREV]:
-                revision = kube_knative.revision_for(obj, latest, int(meta.get("generation") or 1))
+                revision = knative.revision_for(obj, latest, int(meta.get("generation") or 1))
                 revision["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
                 revision["status"] = {
                     "observedGeneration": 1,
-                    "conditions": kube_knative.ready_conditions(
+                    "conditions": knative.ready_conditions(
                         ["Active", "ContainerHealthy", "Ready", "ResourcesAvailable"], _now()
                     ),
                 }
                 self._commit(rev_def, revision, "ADDED")
             self._ksvc_state[key] = (copy.deepcopy(template), count, latest)
         status_obj = copy.deepcopy(obj)
-        status_obj["status"] = kube_knative.service_status(obj, latest, _now())
+        status_obj["status"] = knative.service_status(obj, latest, _now())
         self._commit(rdef, status_obj, "MODIFIED")
 
     # ----------------------------------------------------------------- watch

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shadowctl.kube import KNATIVE_REVISION, KNATIVE_SERVICE, Invalid, KubeClient, ResourceRef
-from conftest_kube import KubeEnv
+from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 REF = ResourceRef(KNATIVE_SERVICE, "llm", "default")
 
@@ -38,7 +38,7 @@ async def test_create_makes_a_ready_revision_and_status(kube_client: KubeClient)
 
 
 async def test_template_change_creates_next_revision_traffic_change_does_not(
-    kube_client: KubeClient, kube_env: KubeEnv
+    kube_client: KubeClient, kube_emulator: KubeAPIEmulator
 ) -> None:
     await kube_client.create(KNATIVE_SERVICE, ksvc())
     svc = await kube_client.get(REF)
@@ -60,7 +60,7 @@ async def test_template_change_creates_next_revision_traffic_change_does_not(
     svc["spec"]["traffic"] = [{"revisionName": "llm-00002", "percent": 100}]
     out = await kube_client.replace(KNATIVE_SERVICE, svc)
     assert out["metadata"]["generation"] == 3
-    names = [r["metadata"]["name"] for r in kube_env.list_objects(KNATIVE_REVISION, "default")]
+    names = [r["metadata"]["name"] for r in kube_emulator.list_objects(KNATIVE_REVISION, "default")]
     assert names == ["llm-00001", "llm-00002"]
     svc = await kube_client.get(REF)
     assert svc["status"]["observedGeneration"] == 3
