@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_CRDS = REPO.parent / "shared" / "crds"
 # The session's control plane, for helpers that are not fixtures (tests/routers_util.py).
 SESSION: dict[str, LocalCluster] = {}
-TEST_NAMESPACES = ("default", "llm", "models", "ns", "ns1", "team-a", "team-b", "shadowctl-system")
+TEST_NAMESPACES = ("default", "llm", "models", "ns", "ns1", "team-a", "team-b", "shadowctl-system", "shadowctl")
 # What a test may leave behind, deleted in this order after each test.
 CLEANED = tuple(
     GVR(group, version, plural, "")
@@ -164,6 +164,15 @@ class KubeEnv:
         """Watches from any resourceVersion up to now get 410 Expired (as after an etcd compaction)."""
         self.proxy.expire_watches(self.resource_version + 1)
 
+    def compact(self, revision: int | None = None) -> None:
+        """As etcd compacting at ``revision`` (default: now): a watch from an older resourceVersion gets 410 Expired.
+
+        Unlike :meth:`expire_watches`, a watch from ``revision`` itself (a fresh
+        list's version) still works, as after a real compaction: so a client can
+        recover by listing and watching from the list's version.
+        """
+        self.proxy.expire_watches(self.resource_version if revision is None else revision)
+
     @property
     def verb_counts(self) -> Any:
         return self.proxy.verb_counts
@@ -227,10 +236,49 @@ class KubeEnv:
                                   headers={"Content-Type": "application/merge-patch+json"})
         return self._check(answer, f"patch {name}")
 
+    def patch_status(self, gvr: GVR, namespace: str | None, name: str, patch: JSON) -> JSON:
+        """Merge-patch the status subresource as the admin (a second writer in the controller's place)."""
+        answer = self.admin.patch("/" + _path(gvr, namespace, name) + "/status", json=patch,
+                                  headers={"Content-Type": "application/merge-patch+json"})
+        return self._check(answer, f"patch status of {name}")
+
+    def service_account_kubeconfig(self, path: Path | str, namespace: str, name: str, *,
+                                   cluster_role: str | None = None, context_namespace: str = "default") -> Path:
+        """A kubeconfig through the fault proxy as ServiceAccount ``namespace/name`` (a TokenRequest token).
+
+        Without ``cluster_role`` the account has no RBAC at all: the real authorizer answers 403.
+        """
+        token = self.cluster.service_account_token(self.admin, namespace, name, cluster_role=cluster_role,
+                                                   seconds=3600)
+        return self.kubeconfig(path, namespace=context_namespace, token=token)
+
     def delete_object(self, gvr: GVR, namespace: str | None, name: str) -> None:
         answer = self.admin.delete("/" + _path(gvr, namespace, name))
         if answer.status_code not in (200, 202, 404):
             self._check(answer, f"delete {name}")
+
+    def wait_knative_settled(self, namespace: str, name: str, *, timeout: float = 15.0) -> JSON:
+        """The Knative Service once the stand-in has written status for its current generation (polls).
+
+        Settled: ``status.observedGeneration`` is ``metadata.generation``, ``status.traffic`` is set and
+        the latest created revision is the latest ready one. Synchronous (the stand-in runs on its own
+        thread), so sync fixtures can use it; it blocks an async test's event loop while it polls.
+        """
+        import time
+
+        from shadowctl.kube.refs import KNATIVE_SERVICE
+
+        deadline = time.monotonic() + timeout
+        while True:
+            svc = self.get_object(KNATIVE_SERVICE, namespace, name)
+            status = (svc or {}).get("status") or {}
+            if (svc is not None and status.get("observedGeneration") == svc["metadata"].get("generation")
+                    and status.get("traffic") is not None
+                    and status.get("latestCreatedRevisionName") == status.get("latestReadyRevisionName")):
+                return svc
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Knative Service {namespace}/{name} not settled within {timeout} s: {svc}")
+            time.sleep(0.02)
 
     # --------------------------------------------------------------- cleanup
 
@@ -252,7 +300,7 @@ class KubeEnv:
         self.admin.close()
 
 
-async def eventually(check: Callable[[], Awaitable[T] | T], *, timeout: float = 15.0, every: float = 0.05) -> T:
+async def eventually(check: Callable[[], Awaitable[T] | T], *, timeout: float = 15.0, every: float = 0.05) -> T:  # noqa: ASYNC109
     """Call ``check`` until it returns a truthy value without raising AssertionError; that value.
 
     For what the real control plane does after a write returns: the Knative

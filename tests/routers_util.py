@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
-
 import conftest_kube
+import yaml
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "routers"
 

@@ -1,9 +1,12 @@
-"""`shadowctl apply|get|status|describe|promote|rollback|pause|resume|retry` against the emulated API server.
+"""`shadowctl apply|get|status|describe|promote|rollback|pause|resume|retry` against a real kube-apiserver.
 
-The CLI runs in a thread (CliRunner is synchronous) while the emulator serves on the test's
-event loop. Nothing is mocked: the kube client, the emulator (resourceVersions, 409s, the
-status subresource) and, for `--wait`, the real reconciler (with the metric-source double of
-tests/controller_helpers.py at its port) are the real parts.
+The CLI runs in a thread (CliRunner is synchronous) and reaches the session's local control plane
+(tests/conftest_kube.py) through the fault proxy, with the admin's bearer token. Nothing is mocked:
+the kube client, the API server (resourceVersions, 409s from a real second writer, the status
+subresource, RBAC's 403s, 401s for a bad token) and, for `--wait`, the real reconciler (with the
+metric-source double of tests/controller_helpers.py at its port) are the real parts. The proxy
+injects only what a real server does not do on demand: the 409s of the retry-count test and the
+404 of a CRD that is not installed (uninstalling it would delete the session's policies).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import Result
+from conftest_kube import KubeEnv, eventually
 from controller_helpers import POLICY, Harness
 from typer.testing import CliRunner
 
@@ -25,7 +29,6 @@ from shadowctl.cli import rollout_cmds
 from shadowctl.cli.app import app
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.kube import SHADOW_POLICY, KubeClient, ResourceRef
-from conftest_kube import KubeEnv
 
 Cli = Callable[..., Awaitable[Result]]
 runner = CliRunner()
@@ -121,8 +124,8 @@ async def put_policy(kube: KubeClient, status: dict[str, Any] | None = None, nam
     return obj
 
 
-def annotation(emu: KubeEnv, name: str = "chat") -> dict[str, Any] | None:
-    obj = emu.get_object(SHADOW_POLICY, "llm", name)
+def annotation(env: KubeEnv, name: str = "chat") -> dict[str, Any] | None:
+    obj = env.get_object(SHADOW_POLICY, "llm", name)
     assert obj is not None
     raw = (obj["metadata"].get("annotations") or {}).get(COMMAND_ANNOTATION)
     return json.loads(raw) if raw else None
@@ -159,7 +162,26 @@ async def test_apply_creates_then_unchanged_then_configured_keeping_status_and_a
     assert obj["status"]["phase"] == "Progressing"
 
 
+def statuses(env: KubeEnv, verb: str) -> list[int]:
+    """The statuses the proxy answered for ``verb`` since the last reset_counts()."""
+    return [r.status for r in list(env.request_log) if r.verb == verb]
+
+
+async def answered(env: KubeEnv, verb: str, path_part: str) -> None:
+    """Wait until the proxy has answered a ``verb`` request whose path contains ``path_part``."""
+
+    def seen() -> bool:
+        try:
+            records = list(env.request_log)
+        except RuntimeError:  # the proxy's thread appended meanwhile
+            return False
+        return any(r.verb == verb and path_part in r.path for r in records)
+
+    await eventually(seen, every=0.005)
+
+
 async def test_apply_retries_a_conflict(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
+    """The retry count: two 409s injected by the proxy, then the real write (the next test gets a real 409)."""
     file = write_policy(tmp_path / "chat.yaml")
     assert (await cli("apply", "-f", str(file))).exit_code == 0
     write_policy(file, progressDeadline="2h")
@@ -171,6 +193,27 @@ async def test_apply_retries_a_conflict(cli: Cli, kube_env: KubeEnv, tmp_path: P
     assert kube_env.verb_counts["update"] == 3
     obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
     assert obj is not None and obj["spec"]["progressDeadline"] == "2h"
+
+
+async def test_apply_recomputes_after_a_real_second_writer(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
+    """Someone labels the policy between apply's read and its write: the API server refuses the stale
+    resourceVersion (409), apply reads again and writes the file's spec with the other writer's label kept."""
+    file = write_policy(tmp_path / "chat.yaml")
+    assert (await cli("apply", "-f", str(file))).exit_code == 0
+    write_policy(file, progressDeadline="2h")
+    kube_env.reset_counts()
+    kube_env.set_latency(2.0, verb="update")  # apply's PUT waits in the proxy: the second writer goes first
+    invocation = asyncio.create_task(cli("apply", "-f", str(file)))
+    await answered(kube_env, "get", "/shadowpolicies/chat")
+    kube_env.patch(SHADOW_POLICY, "llm", "chat", {"metadata": {"labels": {"team.example/owner": "ml-infra"}}})
+    result = await invocation
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "shadowpolicy llm/chat configured\n"
+    assert statuses(kube_env, "update") == [409, 200]
+    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
+    assert obj is not None and obj["spec"]["progressDeadline"] == "2h"
+    assert obj["metadata"]["labels"] == {"team.example/owner": "ml-infra"}
+    assert obj["metadata"]["generation"] == 2
 
 
 async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
@@ -321,6 +364,25 @@ async def test_command_refused_in_a_phase_where_it_cannot_work(
     assert annotation(kube_env) is None
 
 
+async def test_command_checks_the_phase_again_after_a_real_conflict(
+    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient
+) -> None:
+    """The rollout ends between pause's read and its conditional patch: the API server refuses the stale
+    resourceVersion (409); pause reads again, sees Succeeded and refuses instead of writing."""
+    await put_policy(kube_client, progressing_status(phase="Shadowing"))
+    kube_env.reset_counts()
+    kube_env.set_latency(2.0, verb="patch")  # the command's patch waits in the proxy: the controller goes first
+    invocation = asyncio.create_task(cli("pause", "chat", "-n", "llm"))
+    await answered(kube_env, "get", "/shadowpolicies/chat")
+    kube_env.patch_status(SHADOW_POLICY, "llm", "chat", {"status": {"phase": "Succeeded"}})
+    result = await invocation
+    assert result.exit_code == 1
+    assert "llm/chat is Succeeded" in result.stderr and "can be paused" in result.stderr
+    assert statuses(kube_env, "patch") == [409]
+    assert statuses(kube_env, "get") == [200, 200]
+    assert annotation(kube_env) is None
+
+
 async def test_promote_wait_with_the_real_controller(
     cli: Cli, kube_env: KubeEnv, kube_client: KubeClient
 ) -> None:
@@ -359,17 +421,38 @@ async def test_wait_times_out_without_a_controller(cli: Cli, kube_client: KubeCl
 # --------------------------------------------------------------------------- errors
 
 
-async def test_not_found_forbidden_and_missing_crd_are_one_line(
-    cli: Cli, kube_env: KubeEnv
+async def test_not_found_forbidden_unauthorized_and_missing_crd_are_one_line(
+    cli: Cli, kube_env: KubeEnv, tmp_path: Path
 ) -> None:
     for args in (["get", "nope"], ["describe", "nope"], ["status", "nope"], ["rollback", "nope"]):
         result = await cli(*args, "-n", "llm")
         assert result.exit_code == 1
         assert result.stderr == "error: shadowpolicy llm/nope not found\n", args
-    kube_env.fail_next(1, status=403, verb="list")
-    forbidden = await cli("get", "-n", "llm")
+
+    # A ServiceAccount no role is bound to: the real RBAC authorizer refuses, in its own words.
+    nobody = kube_env.service_account_kubeconfig(tmp_path / "nobody", "llm", "nobody")
+    forbidden = await cli("get", "-n", "llm", config=nobody)
     assert forbidden.exit_code == 1
-    assert forbidden.stderr.startswith("error: forbidden (403):") and forbidden.stderr.count("\n") == 1
+    assert forbidden.stderr.startswith("error: forbidden (403): shadowpolicies.shadowctl.dev is forbidden: "
+                                       'User "system:serviceaccount:llm:nobody" cannot list resource '
+                                       '"shadowpolicies" in API group "shadowctl.dev" in the namespace "llm"')
+    assert forbidden.stderr.count("\n") == 1
+    refused = await cli("pause", "chat", "-n", "llm", config=nobody)
+    assert refused.exit_code == 1 and 'cannot get resource "shadowpolicies"' in refused.stderr
+
+    # A token the API server did not issue: 401 from its authenticator.
+    stranger = kube_env.kubeconfig(tmp_path / "stranger", token="not-a-token-the-server-issued")
+    unauthorized = await cli("get", "-n", "llm", config=stranger)
+    assert unauthorized.exit_code == 1
+    assert unauthorized.stderr == ("error: the cluster refused the credentials (401 Unauthorized): check the user "
+                                   "or token in your kubeconfig\n")
+
+    # Injected: removing the session's CRD would delete every policy of the tests that run after this one.
+    kube_env.fail_next(1, status=404, verb="list", path="/shadowpolicies$")
+    missing = await cli("get", "-n", "llm")
+    assert missing.exit_code == 1
+    assert missing.stderr == ("error: the ShadowPolicy resource is not served by this cluster: install the CRD "
+                              "(kubectl apply -f deploy/crd.yaml)\n")
 
 
 async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, kube_env: KubeEnv) -> None:

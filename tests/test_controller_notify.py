@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 from aiohttp import web
+from conftest_kube import KubeEnv
 from controller_helpers import policy_doc
 
 from shadowctl.controller.clock import FakeClock
@@ -21,7 +22,6 @@ from shadowctl.controller.server import bound_port, make_app, serve
 from shadowctl.kube import EVENT, SHADOW_POLICY, KubeClient
 from shadowctl.machine import Notify, Phase, RolloutState
 from shadowctl.policy import ShadowPolicy, parse_policies
-from conftest_kube import KubeEnv
 
 
 class Hooks:

@@ -1,18 +1,19 @@
-"""Whole rollouts through the reconciler against the emulated API server, with an injected clock.
+"""Whole rollouts through the reconciler against the real local API server, with an injected clock.
 
-Routers, the kube client, the emulator (with CRD validation) and the judge are real;
-the metric source is a double at the port (see tests/controller_helpers.py).
+Routers, the kube client, kube-apiserver (with the CRDs' OpenAPI and CEL validation, reached through
+the fault proxy) and the judge are real; the metric source is a double at the port (see
+tests/controller_helpers.py).
 """
 
 from __future__ import annotations
 
 import pytest
+from conftest_kube import KubeEnv
 from controller_helpers import REF, VS_REF, Arm, FakeMetricSource, Harness
 
 from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.kube import VIRTUAL_SERVICE, KubeClient
 from shadowctl.machine import Command
-from conftest_kube import KubeEnv
 
 
 @pytest.fixture

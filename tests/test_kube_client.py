@@ -1,4 +1,4 @@
-"""KubeClient (kubernetes.aio underneath) over real HTTP against the emulated API server."""
+"""KubeClient (kubernetes.aio underneath) over real HTTP against the real local kube-apiserver (via the fault proxy)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from conftest_kube import KubeEnv
 
 from shadowctl.kube import (
     EVENT,
@@ -24,7 +26,6 @@ from shadowctl.kube import (
     Unavailable,
 )
 from shadowctl.kube.retry import parse_retry_after
-from conftest_kube import KubeEnv
 
 REF = ResourceRef(VIRTUAL_SERVICE, "reviews", "default")
 
@@ -141,8 +142,9 @@ async def test_json_patch_test_op_guards_the_write(kube_client: KubeClient) -> N
         await kube_client.patch_json(
             REF, [{"op": "test", "path": path, "value": 50}, {"op": "replace", "path": "/spec/hosts", "value": ["x"]}]
         )
-    assert info.value.status == 422 and "test operation failed" in info.value.message
-    assert (await kube_client.get(REF))["spec"]["hosts"] == ["reviews"]
+    # kube-apiserver answers a failed "test" op with a bare 422 Invalid (no causes, a generic message)
+    assert info.value.status == 422 and info.value.reason == "Invalid"
+    assert (await kube_client.get(REF))["spec"]["hosts"] == ["reviews"]  # the replace op did not land
 
 
 async def test_merge_patch_null_deletes_and_lists_replace(kube_client: KubeClient) -> None:
@@ -156,12 +158,16 @@ async def test_merge_patch_null_deletes_and_lists_replace(kube_client: KubeClien
 
 
 async def test_strategic_merge_patch_on_custom_resource_is_415(kube_env: KubeEnv) -> None:
-    """Raw aiohttp here: the adapter never sends strategic merge patches, so only a raw client can."""
+    """Raw httpx here: the adapter never sends strategic merge patches, so only a raw client can."""
     kube_env.put_object(VIRTUAL_SERVICE, vs())
-    headers = {"Authorization": "Bearer test-token", "Content-Type": "application/strategic-merge-patch+json"}
-    resp = await kube_env.patch(REF.path(), json={"spec": {"hosts": ["x"]}}, headers=headers)
-    body = await resp.json()
-    assert resp.status == 415 and body["kind"] == "Status" and body["reason"] == "UnsupportedMediaType"
+    headers = {"Authorization": f"Bearer {kube_env.token}", "Content-Type": "application/strategic-merge-patch+json"}
+    async with httpx.AsyncClient(base_url=kube_env.url, timeout=10) as http:
+        resp = await http.patch(REF.path(), json={"spec": {"hosts": ["x"]}}, headers=headers)
+    body = resp.json()
+    assert resp.status_code == 415 and body["kind"] == "Status" and body["reason"] == "UnsupportedMediaType"
+    assert "application/merge-patch+json" in body["message"]  # the server lists what a custom resource accepts
+    current = kube_env.get_object(VIRTUAL_SERVICE, "default", "reviews")
+    assert current is not None and current["spec"]["hosts"] == ["reviews"]
 
 
 async def test_list_with_label_selector(kube_client: KubeClient) -> None:
@@ -253,9 +259,15 @@ async def test_request_timeout_is_unavailable(kube_env: KubeEnv, tmp_path: Path)
 
 
 async def test_wrong_token_is_unauthorized(kube_env: KubeEnv) -> None:
-    async with KubeClient.for_url(kube_env.url, token="wrong") as client:
-        with pytest.raises(Unauthorized):
+    kube_env.put_object(VIRTUAL_SERVICE, vs())
+    # not a token the API server issued (the real admin token with its signature spoiled)
+    wrong = kube_env.token[:-4] + ("AAAA" if not kube_env.token.endswith("AAAA") else "BBBB")
+    async with KubeClient.for_url(kube_env.url, token=wrong) as client:
+        with pytest.raises(Unauthorized) as info:
             await client.get(REF)
+    assert info.value.status == 401
+    async with KubeClient.for_url(kube_env.url, token=kube_env.token) as client:  # the real token passes
+        assert (await client.get(REF))["metadata"]["name"] == "reviews"
 
 
 async def test_bad_kubeconfig_is_a_config_error(tmp_path: Path) -> None:

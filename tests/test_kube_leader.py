@@ -1,13 +1,13 @@
-"""Lease-based leader election on KubeClient against the emulator (short real durations)."""
+"""Lease-based leader election on KubeClient against the real kube-apiserver (short real durations)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from conftest_kube import KubeEnv
 
 from shadowctl.kube import LEASE, KubeClient, LeaderElector
-from conftest_kube import KubeEnv
 
 
 def elector(client: KubeClient, identity: str, *, release: bool = True) -> LeaderElector:
@@ -31,7 +31,7 @@ async def wait_for(cond: asyncio.Event) -> None:
 async def test_one_leader_then_handover_when_leader_stops_renewing(
     kube_env: KubeEnv, kube_client: KubeClient
 ) -> None:
-    async with KubeClient.for_url(kube_env.url, token="test-token") as other:
+    async with KubeClient.for_url(kube_env.url, token=kube_env.token) as other:
         a, b = elector(kube_client, "a", release=False), elector(other, "b")
         started = {"a": asyncio.Event(), "b": asyncio.Event()}
 
@@ -70,6 +70,7 @@ async def test_racing_candidates_only_one_wins(kube_client: KubeClient) -> None:
 
 
 async def test_leader_that_cannot_renew_steps_down(kube_env: KubeEnv, kube_client: KubeClient) -> None:
+    """The lost permission is injected at the boundary: the fault proxy answers every Lease call with 403."""
     a = elector(kube_client, "a")
     started, stopped = asyncio.Event(), asyncio.Event()
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
 
+import pytest
 import yaml
 from routers_util import FIXTURES, assert_valid
 from typer.testing import CliRunner

@@ -1,9 +1,15 @@
-"""The routers over real HTTP: the real kubernetes.aio client against the emulated API server.
+"""The routers over real HTTP: shadowctl's KubeClient against the real local kube-apiserver.
 
-Nothing is mocked. Where a test needs another writer at an exact moment (between
-the router's read and its write, or between its write and its read-back), it
-wraps the real client's method so that the emulator receives a real write from
-"someone else" right then; the router's own requests still go over HTTP.
+Nothing is mocked. The router's requests go through the fault proxy (which
+counts them and injects 429/5xx on demand). Where a test needs another writer
+at an exact moment (between the router's read and its write, or between its
+write and its read-back), it wraps the client's method so that the API server
+receives a real write from "someone else" (the admin, straight to the server)
+right then, and the router meets the real 409 or the real changed object.
+
+Knative Services are checked by the stand-in's real admission webhook, and
+their status (the latest ready revision) is written by its controller a moment
+after each spec write, so the fixtures wait for it to settle.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest_kube import KubeEnv
 from routers_util import load
 
 from shadowctl.kube import KNATIVE_SERVICE, VIRTUAL_SERVICE, KubeClient, ResourceRef
@@ -22,6 +29,7 @@ from shadowctl.routers import (
     MANAGED_ANNOTATION,
     ClusterError,
     ConflictRetriesExhausted,
+    DestinationNotFound,
     RouteNotFound,
     Router,
     RouteState,
@@ -31,7 +39,6 @@ from shadowctl.routers import (
 from shadowctl.routers.factory import router_for
 from shadowctl.routers.istio import IstioRouter
 from shadowctl.routers.knative import KnativeRouter, KnativeWithIstioMirror
-from conftest_kube import KubeEnv
 
 HOST = "llm.models.svc.cluster.local"
 TARGET = IstioTarget(
@@ -46,8 +53,8 @@ def _chat(obj: dict[str, Any]) -> dict[str, Any]:
     return next(r for r in obj["spec"]["http"] if r.get("name") == "chat")
 
 
-def _stored_vs(emu: KubeEnv) -> dict[str, Any]:
-    obj = emu.get_object(VIRTUAL_SERVICE, "models", "llm")
+def _stored_vs(env: KubeEnv) -> dict[str, Any]:
+    obj = env.get_object(VIRTUAL_SERVICE, "models", "llm")
     assert obj is not None
     return obj
 
@@ -110,12 +117,24 @@ async def test_concurrent_writer_between_read_and_write(kube_client: KubeClient,
 
 async def test_conflict_storm_writes_nothing(kube_client: KubeClient, kube_env: KubeEnv,
                                              vs: dict[str, Any]) -> None:
-    kube_env.fail_next(100, status=409, verb="update")
+    """Another writer changes the VirtualService after every one of the router's reads: five real 409s."""
+    writes = [0]
+
+    def someone_else() -> None:
+        writes[0] += 1
+        kube_env.patch(VIRTUAL_SERVICE, "models", "llm", {"metadata": {"annotations": {"other": str(writes[0])}}})
+
+    _intercept(kube_client, "get", someone_else, times=100)
     with pytest.raises(ConflictRetriesExhausted, match="5 writes in a row") as info:
         await IstioRouter(kube_client, "models", TARGET).apply(RouteState(50, 50, 1.0))
     assert isinstance(info.value.__cause__, Conflict)
-    assert kube_env.verb_counts["update"] == 5
-    assert _stored_vs(kube_env) == vs
+    assert info.value.__cause__.status == 409
+    assert "the object has been modified" in info.value.__cause__.message  # the API server's own refusal
+    assert kube_env.verb_counts["update"] == 5 and writes[0] == 5
+    stored = _stored_vs(kube_env)
+    assert stored["spec"] == vs["spec"], "a write based on a stale read got through"
+    assert MANAGED_ANNOTATION not in stored["metadata"]["annotations"]
+    assert stored["metadata"]["annotations"]["other"] == "5"
 
 
 async def test_throttling_is_retried_then_succeeds(kube_client: KubeClient, kube_env: KubeEnv,
@@ -173,21 +192,26 @@ async def test_missing_virtual_service(kube_client: KubeClient) -> None:
 
 @pytest.fixture
 def ksvc(kube_env: KubeEnv) -> dict[str, Any]:
-    """A Service whose controller made llm-00001 (pinned, 100%) and then llm-00002 (latest ready, 0%)."""
+    """A Service whose controller made llm-00001 (pinned, 100%) and then llm-00002 (latest ready, 0%).
+
+    Each write waits for the stand-in's controller: the second names llm-00001,
+    which the webhook refuses until the controller has created it.
+    """
     base = load("ksvc-llm.yaml")
     del base["status"]
     first = copy.deepcopy(base)
     first["spec"]["template"]["spec"]["containers"][0]["image"] = "registry.example.com/llm:1.0"
     del first["spec"]["traffic"]
     kube_env.put_object(KNATIVE_SERVICE, first)
+    assert kube_env.wait_knative_settled("models", "llm")["status"]["latestReadyRevisionName"] == "llm-00001"
     kube_env.put_object(KNATIVE_SERVICE, base)
-    obj = kube_env.get_object(KNATIVE_SERVICE, "models", "llm")
-    assert obj is not None and obj["status"]["latestReadyRevisionName"] == "llm-00002"
+    obj = kube_env.wait_knative_settled("models", "llm")
+    assert obj["metadata"]["generation"] == 2 and obj["status"]["latestReadyRevisionName"] == "llm-00002"
     return obj
 
 
-def _traffic(emu: KubeEnv) -> list[dict[str, Any]]:
-    obj = emu.get_object(KNATIVE_SERVICE, "models", "llm")
+def _traffic(env: KubeEnv) -> list[dict[str, Any]]:
+    obj = env.get_object(KNATIVE_SERVICE, "models", "llm")
     assert obj is not None
     return [{k: v for k, v in t.items() if k in ("revisionName", "tag", "percent")} for t in obj["spec"]["traffic"]]
 
@@ -218,6 +242,63 @@ async def test_knative_promote(kube_client: KubeClient, kube_env: KubeEnv,
     assert (await router.promote()).wrote
     assert _traffic(kube_env)[0] == {"revisionName": "llm-00002", "percent": 100}
     assert not (await router.promote()).wrote
+
+
+def _new_template(ksvc: dict[str, Any]) -> dict[str, Any]:
+    svc = copy.deepcopy(ksvc)
+    svc["spec"]["template"]["spec"]["containers"][0]["image"] = "registry.example.com/llm:3.0"
+    return svc
+
+
+async def test_knative_step_right_after_a_deploy_never_takes_the_stale_candidate(
+        kube_client: KubeClient, kube_env: KubeEnv, ksvc: dict[str, Any]) -> None:
+    """A new template makes llm-00003, which the controller reports a moment later; a step whose read lands in
+    between must not roll out llm-00002, which the stale status still calls the latest ready revision.
+
+    The router refuses a status that has not observed the Service's generation. (Were it to compute from it,
+    the controller's status write would still make its PUT a 409 here, but only because the stand-in is
+    fast: real Knative reports the new revision minutes later, after it is ready.)
+    """
+    original = kube_client.get
+
+    async def deploy_then_get(*args: Any, **kwargs: Any) -> Any:
+        if kube_client.get is deploy_then_get:  # once: the new template lands just before the router reads
+            kube_client.get = original  # type: ignore[method-assign]
+            kube_env.put_object(KNATIVE_SERVICE, _new_template(ksvc))
+        return await original(*args, **kwargs)
+
+    kube_client.get = deploy_then_get  # type: ignore[method-assign]
+    router = KnativeRouter(kube_client, "models", KnativeTarget(service="llm"))
+    try:
+        result = await router.apply(RouteState(90, 10))
+    except DestinationNotFound as exc:  # the usual outcome: the read saw the status of generation 2
+        assert "has not reconciled generation 3 yet" in str(exc)
+        assert all(t.get("tag") != "candidate" for t in _traffic(kube_env))  # nothing was written
+        kube_env.wait_knative_settled("models", "llm")
+        result = await router.apply(RouteState(90, 10))
+    assert result.wrote
+    assert _traffic(kube_env)[-1] == {"tag": "candidate", "revisionName": "llm-00003", "percent": 10}
+
+
+async def test_knative_waits_for_the_latest_revision_to_be_ready(kube_client: KubeClient, kube_env: KubeEnv,
+                                                                ksvc: dict[str, Any]) -> None:
+    """While the newest revision starts, Knative reports it as latest created but not latest ready."""
+    kube_env.put_object(KNATIVE_SERVICE, _new_template(ksvc))
+    settled = kube_env.wait_knative_settled("models", "llm")
+    assert settled["status"]["latestReadyRevisionName"] == "llm-00003"
+    starting = copy.deepcopy(settled)  # the status real Knative writes until llm-00003 is ready
+    starting["status"]["latestReadyRevisionName"] = "llm-00002"
+    starting["status"]["conditions"] = [{"type": "Ready", "status": "Unknown", "reason": "RevisionMissing"}]
+    kube_env.put_object(KNATIVE_SERVICE, starting)
+    router = KnativeRouter(kube_client, "models", KnativeTarget(service="llm"))
+    with pytest.raises(DestinationNotFound, match="latest created revision llm-00003 is not ready yet"):
+        await router.apply(RouteState(90, 10))
+    assert all(t.get("tag") != "candidate" for t in _traffic(kube_env))
+    ready = kube_env.get_object(KNATIVE_SERVICE, "models", "llm")
+    assert ready is not None and ready["status"]["latestReadyRevisionName"] == "llm-00002"  # the status held
+    kube_env.put_object(KNATIVE_SERVICE, {**ready, "status": settled["status"]})  # llm-00003 is ready now
+    assert (await router.apply(RouteState(90, 10))).wrote
+    assert _traffic(kube_env)[-1] == {"tag": "candidate", "revisionName": "llm-00003", "percent": 10}
 
 
 async def test_knative_with_istio_mirror(kube_client: KubeClient, kube_env: KubeEnv,

@@ -1,8 +1,11 @@
-"""The mesh simulator: routing by objects in the emulated API server, over real HTTP.
+"""The mesh simulator: routing by objects in the real local API server, over real HTTP.
 
 Upstreams are small real aiohttp servers that record what reached them (they
 stand for the pods behind a destination); the routing objects live in the
-emulated Kubernetes API server and are changed through it.
+local kube-apiserver, are changed there by the admin, and the mesh follows them
+with a real list and watch through the fault proxy (which can cut watches and
+make them expire, as after an etcd compaction). Knative Service status comes
+from the stand-in's controller a moment after each spec write.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from conftest_kube import KubeEnv
 from scipy.stats import chisquare
 
 from shadowctl.kube import KNATIVE_SERVICE, VIRTUAL_SERVICE, KubeClient
 from shadowctl.sim.errors import SimError
-from conftest_kube import KubeEnv
 from shadowctl.sim.mesh import (
     HttpRoute,
     IstioSource,
@@ -246,14 +249,21 @@ async def test_follows_a_change_and_records_every_version(
 async def test_relists_after_the_watch_history_is_compacted(
     kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder]
 ) -> None:
+    """The watch is cut and every resourceVersion up to now expires (410, as after etcd compacts): only a relist
+    can bring the next version."""
     kube_env.put_object(VIRTUAL_SERVICE, vs([split(100, 0)]))
     mesh = await start_mesh(kube, upstreams, watch_timeout=1)
     try:
+        kube_env.reset_counts()
+        kube_env.expire_watches()
         kube_env.cut_watches()
-        kube_env.compact()
+        await asyncio.sleep(0.2)
+        kube_env.cut_watches()  # also a watch that was being opened (past the expiry check) at the first cut
         obj = kube_env.put_object(VIRTUAL_SERVICE, vs([split(40, 60)]))
         await mesh.wait_for_version(SRC, obj["metadata"]["resourceVersion"], within=10)
         assert mesh.tables[SRC] is not None and mesh.tables[SRC].http[0].destinations[1][1] == 60
+        assert mesh.changes[-1].event == "LIST"  # not from the expired watch
+        assert kube_env.verb_counts["list"] >= 1
     finally:
         await mesh.stop()
 
@@ -376,11 +386,19 @@ async def test_knative_split_and_tag_routes(
     await mesh.start()
     await mesh.wait_ready()
     try:
+        # Until Knative's controller reports a ready revision nothing routes; then 100% to the latest.
+        settled = kube_env.wait_knative_settled("llm", "chat")
+        assert settled["status"]["latestReadyRevisionName"] == "chat-v1"
+        await mesh.wait_for_version(source, settled["metadata"]["resourceVersion"], within=10)
         assert set(await send(session, mesh, 20)) == {"primary"}  # default traffic: 100% latest
         obj = kube_env.put_object(KNATIVE_SERVICE, ksvc("chat-v2", [
             {"revisionName": "chat-v1", "percent": 80, "tag": "stable"},
             {"revisionName": "chat-v2", "percent": 20, "tag": "candidate"},
         ]))
+        await mesh.wait_for_version(source, obj["metadata"]["resourceVersion"], within=10)
+        # the spec (and, once written, the status for it) split 80/20 with both tags
+        assert mesh.changes[-1].routes[0]["percent_sum"] == 100
+        obj = kube_env.wait_knative_settled("llm", "chat")  # no status write races the next change
         await mesh.wait_for_version(source, obj["metadata"]["resourceVersion"], within=10)
         change = mesh.changes[-1]
         assert change.routes[0]["percent_sum"] == 100
@@ -392,7 +410,10 @@ async def test_knative_split_and_tag_routes(
         assert set(await send(session, mesh, 20, **{"Knative-Serving-Tag": "candidate"})) == {"candidate"}
         async with session.post(mesh.url + "/", headers={"Host": "nosuchtag-chat.llm.example.com"}) as resp:
             assert resp.status == 404
-        assert all(c.routes[0]["percent_sum"] == 100 for c in mesh.changes)
+        # every version routed 100% in all, once the controller had first reported a ready revision
+        routing = [bool(c.routes[0]["percents"]) for c in mesh.changes]
+        assert routing[-1] and routing == sorted(routing), routing
+        assert all(c.routes[0]["percent_sum"] == 100 for c in mesh.changes if c.routes[0]["percents"])
         obj = kube_env.put_object(KNATIVE_SERVICE, ksvc("chat-v2", [
             {"revisionName": "chat-v1", "percent": 100},
             {"revisionName": "chat-v2", "percent": 0, "tag": "candidate"},

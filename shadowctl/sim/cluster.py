@@ -460,6 +460,10 @@ class LocalCluster:
                 if self._stand_in is not None:
                     await self._stand_in.stop()
                     await self._stand_in.kube.close()
+                    # TLS connections (its watch, the API server's webhook calls) finish closing a few
+                    # loop iterations later; stopping the loop first leaks their sockets (aiohttp's
+                    # "graceful shutdown" advice).
+                    await asyncio.sleep(0.25)
 
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(stop_all(), self._loop).result(15)

@@ -117,7 +117,7 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._streams: set[web.Request] = set()
+        self._streams: dict[int, web.Request] = {}  # by id(): a web.Request is unhashable
 
     @property
     def url(self) -> str:
@@ -149,7 +149,7 @@ class FaultProxy:
         done = threading.Event()
 
         def cut() -> None:
-            for stream in list(self._streams):
+            for stream in list(self._streams.values()):
                 if stream.transport is not None:
                     stream.transport.close()
             self._streams.clear()
@@ -296,7 +296,7 @@ class FaultProxy:
                 return response
             await response.prepare(request)
             self._record(verb, request, upstream.status)
-            self._streams.add(request)
+            self._streams[id(request)] = request
             try:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
@@ -304,7 +304,7 @@ class FaultProxy:
             except (ConnectionResetError, aiohttp.ClientError, RuntimeError):
                 pass
             finally:
-                self._streams.discard(request)
+                self._streams.pop(id(request), None)
             return response
         finally:
             upstream.release()

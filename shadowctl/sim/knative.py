@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 from typing import Any, NamedTuple
 
-
 DOMAIN = "example.com"
 
 
