@@ -1,4 +1,4 @@
-"""Shared fixtures. Real Prometheus / Mosquitto / emulated Kubernetes API fixtures live in plugin modules."""
+"""Shared fixtures. The real Prometheus, Mosquitto and Kubernetes control plane fixtures live in plugin modules."""
 
 from __future__ import annotations
 

@@ -1,23 +1,25 @@
-"""Pytest fixtures for Kubernetes (a plugin module): the real local control plane, and the emulator.
+"""Pytest fixtures for the real local Kubernetes control plane (a plugin module, see tests/conftest.py).
 
-The real control plane (:class:`~shadowctl.sim.cluster.LocalCluster`: etcd,
-kube-apiserver, the Knative stand-in) serves the whole session; a test reaches
-it through a :class:`~shadowctl.sim.faultproxy.FaultProxy`. Fixtures:
+One :class:`~shadowctl.sim.cluster.LocalCluster` (etcd, kube-apiserver, the
+Knative stand-in) serves the whole test session; a test reaches it through a
+:class:`~shadowctl.sim.faultproxy.FaultProxy` so that it can inject the faults
+a real server does not make on demand. Fixtures:
 
 * ``local_cluster``: the session's control plane. When its binaries are
-  missing the tests that need it **fail** (they do not skip), saying to run
-  ``hack/setup.sh``;
-* ``kube_env``: a :class:`KubeEnv` per test (admin access, the fault proxy,
-  kubeconfigs); after the test it empties the test namespaces;
-* ``cluster_client``: a :class:`KubeClient` through the fault proxy.
-
-Not yet moved to the real control plane (issue 13, in progress): the tests that
-use ``kube_emulator`` / ``kube_client``, the in-process emulator of
-:mod:`shadowctl.sim.kubeapi`, and ``crds_dir`` (``../shared/crds``).
+  missing the tests that need it **fail** (they do not skip), with the message
+  that says to run ``hack/setup.sh``;
+* ``kube_env``: a :class:`KubeEnv` per test: direct admin access (synchronous,
+  for arranging and checking), the fault proxy, kubeconfigs. After the test it
+  deletes every object the tests' kinds left in the test namespaces, so each
+  test starts from empty namespaces;
+* ``kube_client``: a :class:`KubeClient` through the fault proxy with no-wait
+  retries whose sleeps are recorded in ``kube_sleeps``;
+* ``crds_dir``: the upstream CRD folder the control plane installed from.
 
 Why shared namespaces that are emptied, not a fresh namespace per test: without
 a controller manager a deleted Namespace stays Terminating forever, and many
-tests (and the example policies) name ``llm``.
+tests (and the example policies) name ``llm``. Emptying takes a few
+deletecollection calls, far less than a control plane per test.
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ from shadowctl.kube import KubeClient, RetryPolicy
 from shadowctl.kube.refs import GVR
 from shadowctl.sim.cluster import ControlPlaneError, LocalCluster, default_crds_dir
 from shadowctl.sim.faultproxy import FaultProxy, RequestRecord
-from shadowctl.sim.kubeapi import KubeAPIEmulator
-from shadowctl.sim.kubeapi import default_crds_dir as shared_crds_dir
 
 JSON = dict[str, Any]
 T = TypeVar("T")
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_CRDS = REPO.parent / "shared" / "crds"
 # The session's control plane, for helpers that are not fixtures (tests/routers_util.py).
 SESSION: dict[str, LocalCluster] = {}
-TEST_NAMESPACES = ("default", "llm", "models", "ns", "ns1", "team-a", "team-b", "shadowctl-system")
+TEST_NAMESPACES = ("default", "llm", "models", "ns", "ns1", "team-a", "team-b", "shadowctl-system", "shadowctl")
 # What a test may leave behind, deleted in this order after each test.
 CLEANED = tuple(
     GVR(group, version, plural, "")
@@ -72,6 +72,14 @@ def crds_folder() -> Path:
     """The upstream CRDs: setup's copy from the Go modules, else ``../shared/crds``."""
     folder = default_crds_dir()
     return folder if folder.is_dir() else SHARED_CRDS
+
+
+@pytest.fixture
+def crds_dir() -> Path:
+    folder = crds_folder()
+    if not folder.is_dir():
+        pytest.fail(f"no upstream CRDs in {default_crds_dir()} or {SHARED_CRDS}: run hack/setup.sh")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -156,6 +164,15 @@ class KubeEnv:
         """Watches from any resourceVersion up to now get 410 Expired (as after an etcd compaction)."""
         self.proxy.expire_watches(self.resource_version + 1)
 
+    def compact(self, revision: int | None = None) -> None:
+        """As etcd compacting at ``revision`` (default: now): a watch from an older resourceVersion gets 410 Expired.
+
+        Unlike :meth:`expire_watches`, a watch from ``revision`` itself (a fresh
+        list's version) still works, as after a real compaction: so a client can
+        recover by listing and watching from the list's version.
+        """
+        self.proxy.expire_watches(self.resource_version if revision is None else revision)
+
     @property
     def verb_counts(self) -> Any:
         return self.proxy.verb_counts
@@ -219,10 +236,49 @@ class KubeEnv:
                                   headers={"Content-Type": "application/merge-patch+json"})
         return self._check(answer, f"patch {name}")
 
+    def patch_status(self, gvr: GVR, namespace: str | None, name: str, patch: JSON) -> JSON:
+        """Merge-patch the status subresource as the admin (a second writer in the controller's place)."""
+        answer = self.admin.patch("/" + _path(gvr, namespace, name) + "/status", json=patch,
+                                  headers={"Content-Type": "application/merge-patch+json"})
+        return self._check(answer, f"patch status of {name}")
+
+    def service_account_kubeconfig(self, path: Path | str, namespace: str, name: str, *,
+                                   cluster_role: str | None = None, context_namespace: str = "default") -> Path:
+        """A kubeconfig through the fault proxy as ServiceAccount ``namespace/name`` (a TokenRequest token).
+
+        Without ``cluster_role`` the account has no RBAC at all: the real authorizer answers 403.
+        """
+        token = self.cluster.service_account_token(self.admin, namespace, name, cluster_role=cluster_role,
+                                                   seconds=3600)
+        return self.kubeconfig(path, namespace=context_namespace, token=token)
+
     def delete_object(self, gvr: GVR, namespace: str | None, name: str) -> None:
         answer = self.admin.delete("/" + _path(gvr, namespace, name))
         if answer.status_code not in (200, 202, 404):
             self._check(answer, f"delete {name}")
+
+    def wait_knative_settled(self, namespace: str, name: str, *, timeout: float = 15.0) -> JSON:
+        """The Knative Service once the stand-in has written status for its current generation (polls).
+
+        Settled: ``status.observedGeneration`` is ``metadata.generation``, ``status.traffic`` is set and
+        the latest created revision is the latest ready one. Synchronous (the stand-in runs on its own
+        thread), so sync fixtures can use it; it blocks an async test's event loop while it polls.
+        """
+        import time
+
+        from shadowctl.kube.refs import KNATIVE_SERVICE
+
+        deadline = time.monotonic() + timeout
+        while True:
+            svc = self.get_object(KNATIVE_SERVICE, namespace, name)
+            status = (svc or {}).get("status") or {}
+            if (svc is not None and status.get("observedGeneration") == svc["metadata"].get("generation")
+                    and status.get("traffic") is not None
+                    and status.get("latestCreatedRevisionName") == status.get("latestReadyRevisionName")):
+                return svc
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Knative Service {namespace}/{name} not settled within {timeout} s: {svc}")
+            time.sleep(0.02)
 
     # --------------------------------------------------------------- cleanup
 
@@ -285,58 +341,18 @@ def kube_env(local_cluster: LocalCluster, _session_proxy: FaultProxy) -> Iterato
         env.close()
 
 
-@pytest_asyncio.fixture
-async def cluster_client(kube_env: KubeEnv, tmp_path: Path) -> AsyncIterator[KubeClient]:
-    """A KubeClient to the real control plane, through the fault proxy."""
-    client = await KubeClient.connect(
-        kubeconfig=kube_env.kubeconfig(tmp_path / "cluster.kubeconfig"),
-        timeout=5.0,
-        retry=RetryPolicy(attempts=4, base_delay=0.1, max_delay=1.0),
-    )
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-
-
-# ----------------------------------------------------------------- the emulator (tests not yet moved)
-
-
-@pytest.fixture
-def crds_dir() -> Path:
-    folder = shared_crds_dir()
-    if not folder.is_dir():
-        pytest.skip(f"needs the upstream CRDs in {folder} (../shared/crds is absent here)")
-    return folder
-
-
-@pytest_asyncio.fixture
-async def kube_emulator() -> AsyncIterator[KubeAPIEmulator]:
-    emu = KubeAPIEmulator(token="test-token")
-    await emu.start()
-    try:
-        yield emu
-    finally:
-        await emu.stop()
-
-
 @pytest.fixture
 def kube_sleeps() -> list[float]:
     return []
 
 
 @pytest_asyncio.fixture
-async def kube_client(
-    kube_emulator: KubeAPIEmulator, tmp_path: Path, kube_sleeps: list[float]
-) -> AsyncIterator[KubeClient]:
+async def kube_client(kube_env: KubeEnv, tmp_path: Path, kube_sleeps: list[float]) -> AsyncIterator[KubeClient]:
     async def record_sleep(seconds: float) -> None:
         kube_sleeps.append(seconds)
 
-    config = kube_emulator.kubeconfig(tmp_path / "kubeconfig")
     client = await KubeClient.connect(
-        kubeconfig=config,
+        kubeconfig=kube_env.kubeconfig(tmp_path / "kubeconfig"),
         timeout=5.0,
         retry=RetryPolicy(attempts=4, base_delay=0.1, max_delay=1.0),
         sleep=record_sleep,
@@ -346,5 +362,6 @@ async def kube_client(
         yield client
     finally:
         await client.close()
+
 
 __all__ = ["KubeEnv", "RequestRecord", "crds_folder", "eventually"]

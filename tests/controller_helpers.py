@@ -1,4 +1,5 @@
-"""Shared pieces of the controller tests: a policy, a deterministic metric source double, a harness.
+"""Shared pieces of the controller tests: a policy, a deterministic metric source double, a harness,
+and a second writer that provokes real 409 Conflicts on the real API server.
 
 The metric source double stands in for Prometheus at the port boundary (the real
 adapter is tested against a real Prometheus in tests/test_prometheus_*.py): it
@@ -9,21 +10,24 @@ milliseconds of fake time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from conftest_kube import KubeEnv
 
 from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.reconciler import Reconciler, TickResult
 from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
+from shadowctl.kube.refs import GVR
 from shadowctl.routers.factory import router_for
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.base import (
     CountWindow,
     HistogramWindow,
@@ -142,10 +146,14 @@ VS_REF = ResourceRef(VIRTUAL_SERVICE, "chat", "llm")
 
 
 class Harness:
-    """An emulated cluster with the chat VirtualService, a policy, a fake clock and a reconciler."""
+    """The real local API server with the chat VirtualService, a policy, a fake clock and a reconciler.
 
-    def __init__(self, emu: KubeAPIEmulator, kube: KubeClient, source: FakeMetricSource | None = None) -> None:
-        self.emu = emu
+    ``kube`` is the client under test (normally through the fault proxy); ``env`` the test's
+    :class:`~conftest_kube.KubeEnv` (admin access, faults).
+    """
+
+    def __init__(self, env: KubeEnv, kube: KubeClient, source: FakeMetricSource | None = None) -> None:
+        self.env = env
         self.kube = kube
         self.clock = FakeClock()
         self.source = source or FakeMetricSource()
@@ -202,3 +210,43 @@ class Harness:
             if row["phase"] in ("RolledBack",):
                 assert row["candidate"] == 0, row
                 assert row["mirror"] is None, row
+
+
+_edits = itertools.count(1)
+
+
+def touch(env: KubeEnv, gvr: GVR, namespace: str, name: str) -> None:
+    """A person edits the object (a new annotation value, straight to the API server as the admin).
+
+    The edit changes nothing shadowctl reads, but gives the object a new resourceVersion, so a
+    conditional write computed from an earlier read gets a real 409 Conflict.
+    """
+    env.patch(gvr, namespace, name, {"metadata": {"annotations": {"example.com/edited-by-a-person": str(next(_edits))}}})
+
+
+@contextlib.contextmanager
+def second_writer(
+    kube: KubeClient, method: str, when: Callable[..., bool], edit: Callable[[], None], *, times: int | None = None
+) -> Iterator[list[int]]:
+    """Run ``edit`` (another writer's change) right after each call of ``kube.<method>(...)`` for which
+    ``when(*args)`` holds, at most ``times`` times. Yields a one-item list: how often it edited.
+
+    This places a real concurrent write at an exact point of a tick (between the controller's read and
+    its write, or between its route write and its status write), where a racing thread would hit it
+    only sometimes.
+    """
+    original = getattr(kube, method)
+    edits = [0]
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = await original(*args, **kwargs)
+        if (times is None or edits[0] < times) and when(*args):
+            edits[0] += 1
+            edit()
+        return result
+
+    setattr(kube, method, wrapped)
+    try:
+        yield edits
+    finally:
+        delattr(kube, method)

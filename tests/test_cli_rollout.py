@@ -1,9 +1,12 @@
-"""`shadowctl apply|get|status|describe|promote|rollback|pause|resume|retry` against the emulated API server.
+"""`shadowctl apply|get|status|describe|promote|rollback|pause|resume|retry` against a real kube-apiserver.
 
-The CLI runs in a thread (CliRunner is synchronous) while the emulator serves on the test's
-event loop. Nothing is mocked: the kube client, the emulator (resourceVersions, 409s, the
-status subresource) and, for `--wait`, the real reconciler (with the metric-source double of
-tests/controller_helpers.py at its port) are the real parts.
+The CLI runs in a thread (CliRunner is synchronous) and reaches the session's local control plane
+(tests/conftest_kube.py) through the fault proxy, with the admin's bearer token. Nothing is mocked:
+the kube client, the API server (resourceVersions, 409s from a real second writer, the status
+subresource, RBAC's 403s, 401s for a bad token) and, for `--wait`, the real reconciler (with the
+metric-source double of tests/controller_helpers.py at its port) are the real parts. The proxy
+injects only what a real server does not do on demand: the 409s of the retry-count test and the
+404 of a CRD that is not installed (uninstalling it would delete the session's policies).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import Result
+from conftest_kube import KubeEnv, eventually
 from controller_helpers import POLICY, Harness
 from typer.testing import CliRunner
 
@@ -25,7 +29,6 @@ from shadowctl.cli import rollout_cmds
 from shadowctl.cli.app import app
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.kube import SHADOW_POLICY, KubeClient, ResourceRef
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 Cli = Callable[..., Awaitable[Result]]
 runner = CliRunner()
@@ -39,8 +42,8 @@ def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def kubeconfig(kube_emulator: KubeAPIEmulator, tmp_path: Path) -> Path:
-    return kube_emulator.kubeconfig(tmp_path / "kubeconfig", namespace="team-a")
+def kubeconfig(kube_env: KubeEnv, tmp_path: Path) -> Path:
+    return kube_env.kubeconfig(tmp_path / "kubeconfig", namespace="team-a")
 
 
 @pytest.fixture
@@ -121,8 +124,8 @@ async def put_policy(kube: KubeClient, status: dict[str, Any] | None = None, nam
     return obj
 
 
-def annotation(emu: KubeAPIEmulator, name: str = "chat") -> dict[str, Any] | None:
-    obj = emu.get_object(SHADOW_POLICY, "llm", name)
+def annotation(env: KubeEnv, name: str = "chat") -> dict[str, Any] | None:
+    obj = env.get_object(SHADOW_POLICY, "llm", name)
     assert obj is not None
     raw = (obj["metadata"].get("annotations") or {}).get(COMMAND_ANNOTATION)
     return json.loads(raw) if raw else None
@@ -132,25 +135,25 @@ def annotation(emu: KubeAPIEmulator, name: str = "chat") -> dict[str, Any] | Non
 
 
 async def test_apply_creates_then_unchanged_then_configured_keeping_status_and_annotations(
-    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, tmp_path: Path
+    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient, tmp_path: Path
 ) -> None:
     file = write_policy(tmp_path / "chat.yaml")
     first = await cli("apply", "-f", str(file))
     assert first.exit_code == 0, first.output
     assert first.stdout == "shadowpolicy llm/chat created\n"
-    created = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    created = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
     assert created is not None and created["spec"]["canary"]["steps"] == [10, 50]
 
     again = await cli("apply", "-f", str(file))
     assert again.stdout == "shadowpolicy llm/chat unchanged\n"
-    assert kube_emulator.get_object(SHADOW_POLICY, "llm", "chat") == created  # no write at all
+    assert kube_env.get_object(SHADOW_POLICY, "llm", "chat") == created  # no write at all
 
     await kube_client.patch_status(REF, {"status": progressing_status()})
     await kube_client.patch_merge(REF, {"metadata": {"annotations": {"team.example/owner": "ml-infra"}}})
     write_policy(file, canary={"steps": [10, 30, 50], "stepDuration": "20s", "maxStepDuration": "300s"})
     changed = await cli("apply", "-f", str(file))
     assert changed.stdout == "shadowpolicy llm/chat configured\n"
-    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
     assert obj is not None
     assert obj["spec"]["canary"]["steps"] == [10, 30, 50]
     assert obj["metadata"]["generation"] == 2
@@ -159,21 +162,61 @@ async def test_apply_creates_then_unchanged_then_configured_keeping_status_and_a
     assert obj["status"]["phase"] == "Progressing"
 
 
-async def test_apply_retries_a_conflict(cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
+def statuses(env: KubeEnv, verb: str) -> list[int]:
+    """The statuses the proxy answered for ``verb`` since the last reset_counts()."""
+    return [r.status for r in list(env.request_log) if r.verb == verb]
+
+
+async def answered(env: KubeEnv, verb: str, path_part: str) -> None:
+    """Wait until the proxy has answered a ``verb`` request whose path contains ``path_part``."""
+
+    def seen() -> bool:
+        try:
+            records = list(env.request_log)
+        except RuntimeError:  # the proxy's thread appended meanwhile
+            return False
+        return any(r.verb == verb and path_part in r.path for r in records)
+
+    await eventually(seen, every=0.005)
+
+
+async def test_apply_retries_a_conflict(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
+    """The retry count: two 409s injected by the proxy, then the real write (the next test gets a real 409)."""
     file = write_policy(tmp_path / "chat.yaml")
     assert (await cli("apply", "-f", str(file))).exit_code == 0
     write_policy(file, progressDeadline="2h")
-    kube_emulator.fail_next(2, status=409, verb="update")
-    kube_emulator.reset_counts()
+    kube_env.fail_next(2, status=409, verb="update")
+    kube_env.reset_counts()
     result = await cli("apply", "-f", str(file))
     assert result.exit_code == 0, result.output
     assert result.stdout == "shadowpolicy llm/chat configured\n"
-    assert kube_emulator.verb_counts["update"] == 3
-    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    assert kube_env.verb_counts["update"] == 3
+    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
     assert obj is not None and obj["spec"]["progressDeadline"] == "2h"
 
 
-async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
+async def test_apply_recomputes_after_a_real_second_writer(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
+    """Someone labels the policy between apply's read and its write: the API server refuses the stale
+    resourceVersion (409), apply reads again and writes the file's spec with the other writer's label kept."""
+    file = write_policy(tmp_path / "chat.yaml")
+    assert (await cli("apply", "-f", str(file))).exit_code == 0
+    write_policy(file, progressDeadline="2h")
+    kube_env.reset_counts()
+    kube_env.set_latency(2.0, verb="update")  # apply's PUT waits in the proxy: the second writer goes first
+    invocation = asyncio.create_task(cli("apply", "-f", str(file)))
+    await answered(kube_env, "get", "/shadowpolicies/chat")
+    kube_env.patch(SHADOW_POLICY, "llm", "chat", {"metadata": {"labels": {"team.example/owner": "ml-infra"}}})
+    result = await invocation
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "shadowpolicy llm/chat configured\n"
+    assert statuses(kube_env, "update") == [409, 200]
+    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
+    assert obj is not None and obj["spec"]["progressDeadline"] == "2h"
+    assert obj["metadata"]["labels"] == {"team.example/owner": "ml-infra"}
+    assert obj["metadata"]["generation"] == 2
+
+
+async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_env: KubeEnv, tmp_path: Path) -> None:
     folder = tmp_path / "policies"
     folder.mkdir()
     write_policy(folder / "a-good.yaml", metadata={"name": "good", "namespace": "llm"})
@@ -184,11 +227,11 @@ async def test_apply_invalid_file_applies_nothing(cli: Cli, kube_emulator: KubeA
     assert f"{bad}:{line}:" in result.stderr
     assert "spec.canary.steps" in result.stderr
     assert "nothing was applied" in result.stderr
-    assert kube_emulator.list_objects(SHADOW_POLICY) == []
+    assert kube_env.list_objects(SHADOW_POLICY) == []
 
 
 async def test_apply_namespace_from_file_flag_or_context(
-    cli: Cli, kube_emulator: KubeAPIEmulator, tmp_path: Path
+    cli: Cli, kube_env: KubeEnv, tmp_path: Path
 ) -> None:
     unnamespaced = write_policy(tmp_path / "plain.yaml", metadata={"name": "plain"})
     assert (await cli("apply", "-f", str(unnamespaced))).stdout == "shadowpolicy team-a/plain created\n"
@@ -200,8 +243,8 @@ async def test_apply_namespace_from_file_flag_or_context(
     line = next(i for i, text in enumerate(pinned.read_text().splitlines(), 1) if "namespace: llm" in text)
     assert f"{pinned}:{line}:" in clash.stderr
     assert "does not match the namespace given with -n ('team-b')" in clash.stderr
-    assert kube_emulator.get_object(SHADOW_POLICY, "llm", "chat") is None
-    assert kube_emulator.get_object(SHADOW_POLICY, "team-b", "chat") is None
+    assert kube_env.get_object(SHADOW_POLICY, "llm", "chat") is None
+    assert kube_env.get_object(SHADOW_POLICY, "team-b", "chat") is None
 
 
 # --------------------------------------------------------------------------- get, status, describe
@@ -281,21 +324,21 @@ async def test_describe_shows_history_outputs_command_and_own_events(cli: Cli, k
     ],
 )
 async def test_command_writes_annotation_with_fresh_id(
-    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, args: list[str], phase: str, sent: str
+    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient, args: list[str], phase: str, sent: str
 ) -> None:
     await put_policy(kube_client, progressing_status(phase=phase))
     first = await cli(*args, "chat", "-n", "llm")
     assert first.exit_code == 0, first.output
     verb = " ".join(args)
     assert first.stdout == f"{verb} requested for llm/chat (phase {phase}); the controller acts at its next tick\n"
-    written = annotation(kube_emulator)
+    written = annotation(kube_env)
     assert written is not None and written["command"] == sent and len(written["id"]) == 12
     second = await cli(*args, "chat", "-n", "llm")
     assert second.exit_code == 0
-    rewritten = annotation(kube_emulator)
+    rewritten = annotation(kube_env)
     assert rewritten is not None and rewritten["id"] != written["id"]
     assert "replaces" in second.stderr and written["id"] in second.stderr
-    obj = kube_emulator.get_object(SHADOW_POLICY, "llm", "chat")
+    obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat")
     assert obj is not None and obj["metadata"]["generation"] == 1  # a command does not restart the analysis
 
 
@@ -311,20 +354,39 @@ async def test_command_writes_annotation_with_fresh_id(
     ],
 )
 async def test_command_refused_in_a_phase_where_it_cannot_work(
-    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient, args: list[str], phase: str, says: str
+    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient, args: list[str], phase: str, says: str
 ) -> None:
     await put_policy(kube_client, progressing_status(phase=phase))
     result = await cli(*args, "chat", "-n", "llm")
     assert result.exit_code == 1
     assert says in result.stderr and f"llm/chat is {phase}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert annotation(kube_emulator) is None
+    assert annotation(kube_env) is None
+
+
+async def test_command_checks_the_phase_again_after_a_real_conflict(
+    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient
+) -> None:
+    """The rollout ends between pause's read and its conditional patch: the API server refuses the stale
+    resourceVersion (409); pause reads again, sees Succeeded and refuses instead of writing."""
+    await put_policy(kube_client, progressing_status(phase="Shadowing"))
+    kube_env.reset_counts()
+    kube_env.set_latency(2.0, verb="patch")  # the command's patch waits in the proxy: the controller goes first
+    invocation = asyncio.create_task(cli("pause", "chat", "-n", "llm"))
+    await answered(kube_env, "get", "/shadowpolicies/chat")
+    kube_env.patch_status(SHADOW_POLICY, "llm", "chat", {"status": {"phase": "Succeeded"}})
+    result = await invocation
+    assert result.exit_code == 1
+    assert "llm/chat is Succeeded" in result.stderr and "can be paused" in result.stderr
+    assert statuses(kube_env, "patch") == [409]
+    assert statuses(kube_env, "get") == [200, 200]
+    assert annotation(kube_env) is None
 
 
 async def test_promote_wait_with_the_real_controller(
-    cli: Cli, kube_emulator: KubeAPIEmulator, kube_client: KubeClient
+    cli: Cli, kube_env: KubeEnv, kube_client: KubeClient
 ) -> None:
-    h = Harness(kube_emulator, kube_client)
+    h = Harness(kube_env, kube_client)
     await h.setup(promotion="manual")
     assert await h.run_until({"WaitingPromotion", "RolledBack"}) == "WaitingPromotion"
 
@@ -359,24 +421,45 @@ async def test_wait_times_out_without_a_controller(cli: Cli, kube_client: KubeCl
 # --------------------------------------------------------------------------- errors
 
 
-async def test_not_found_forbidden_and_missing_crd_are_one_line(
-    cli: Cli, kube_emulator: KubeAPIEmulator
+async def test_not_found_forbidden_unauthorized_and_missing_crd_are_one_line(
+    cli: Cli, kube_env: KubeEnv, tmp_path: Path
 ) -> None:
     for args in (["get", "nope"], ["describe", "nope"], ["status", "nope"], ["rollback", "nope"]):
         result = await cli(*args, "-n", "llm")
         assert result.exit_code == 1
         assert result.stderr == "error: shadowpolicy llm/nope not found\n", args
-    kube_emulator.fail_next(1, status=403, verb="list")
-    forbidden = await cli("get", "-n", "llm")
+
+    # A ServiceAccount no role is bound to: the real RBAC authorizer refuses, in its own words.
+    nobody = kube_env.service_account_kubeconfig(tmp_path / "nobody", "llm", "nobody")
+    forbidden = await cli("get", "-n", "llm", config=nobody)
     assert forbidden.exit_code == 1
-    assert forbidden.stderr.startswith("error: forbidden (403):") and forbidden.stderr.count("\n") == 1
+    assert forbidden.stderr.startswith("error: forbidden (403): shadowpolicies.shadowctl.dev is forbidden: "
+                                       'User "system:serviceaccount:llm:nobody" cannot list resource '
+                                       '"shadowpolicies" in API group "shadowctl.dev" in the namespace "llm"')
+    assert forbidden.stderr.count("\n") == 1
+    refused = await cli("pause", "chat", "-n", "llm", config=nobody)
+    assert refused.exit_code == 1 and 'cannot get resource "shadowpolicies"' in refused.stderr
+
+    # A token the API server did not issue: 401 from its authenticator.
+    stranger = kube_env.kubeconfig(tmp_path / "stranger", token="not-a-token-the-server-issued")
+    unauthorized = await cli("get", "-n", "llm", config=stranger)
+    assert unauthorized.exit_code == 1
+    assert unauthorized.stderr == ("error: the cluster refused the credentials (401 Unauthorized): check the user "
+                                   "or token in your kubeconfig\n")
+
+    # Injected: removing the session's CRD would delete every policy of the tests that run after this one.
+    kube_env.fail_next(1, status=404, verb="list", path="/shadowpolicies$")
+    missing = await cli("get", "-n", "llm")
+    assert missing.exit_code == 1
+    assert missing.stderr == ("error: the ShadowPolicy resource is not served by this cluster: install the CRD "
+                              "(kubectl apply -f deploy/crd.yaml)\n")
 
 
-async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, kube_emulator: KubeAPIEmulator) -> None:
+async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, kube_env: KubeEnv) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        config = kube_emulator.kubeconfig_dict()
+        config = kube_env.kubeconfig_dict()
         config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{port}"
         closed = tmp_path / "closed"
         closed.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -399,7 +482,7 @@ async def test_unreachable_cluster_and_bad_kubeconfig(cli: Cli, tmp_path: Path, 
 
 
 async def test_watch_shows_each_change_and_ends_when_deleted(
-    kube_emulator: KubeAPIEmulator, kube_client: KubeClient
+    kube_env: KubeEnv, kube_client: KubeClient
 ) -> None:
     """The loop behind `status --watch`, driven by its injected sleep instead of time."""
     await put_policy(kube_client, progressing_status())

@@ -210,9 +210,9 @@ def _run_sim_cluster(proc: subprocess.Popen[str], config: Path, tmp_path: Path) 
 
 
 async def test_controller_events_show_in_kubectl_describe(kubectl: Any, kube_env: KubeEnv,
-                                                          cluster_client: KubeClient) -> None:
+                                                          kube_client: KubeClient) -> None:
     stored = kube_env.put_object(SHADOW_POLICY, policy())
-    await cluster_client.create_event(stored, reason="ShadowStarted", message="mirroring 20% to the candidate")
+    await kube_client.create_event(stored, reason="ShadowStarted", message="mirroring 20% to the candidate")
     described = kubectl("describe", "shadowpolicy", stored["metadata"]["name"], "-n", "llm").stdout
     events = described[described.index("Events:"):]
     assert "ShadowStarted" in events and "mirroring 20% to the candidate" in events, events

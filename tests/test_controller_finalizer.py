@@ -1,22 +1,22 @@
 """Deleting a ShadowPolicy never leaves traffic or a mirror on the candidate (the finalizer).
 
-Against the emulated API server, which implements finalizers as Kubernetes does (a DELETE of an
-object with finalizers only sets metadata.deletionTimestamp; removing the last one deletes it).
+Against the real local API server: a DELETE of an object with finalizers only sets
+metadata.deletionTimestamp; removing the last one deletes it.
 """
 
 from __future__ import annotations
 
 import pytest
+from conftest_kube import KubeEnv
 from controller_helpers import REF, Harness
 
 from shadowctl.controller.reconciler import FINALIZER
 from shadowctl.kube import KubeClient, NotFound
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 
 @pytest.fixture
-async def h(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> Harness:
-    return Harness(kube_emulator, kube_client)
+async def h(kube_env: KubeEnv, kube_client: KubeClient) -> Harness:
+    return Harness(kube_env, kube_client)
 
 
 async def _finalizers(h: Harness) -> list[str]:
@@ -41,14 +41,20 @@ async def test_deleted_while_no_controller_runs_restores_routes_at_the_next_tick
 
 
 async def test_routes_that_cannot_be_restored_keep_the_policy(h: Harness) -> None:
+    """The API server is unavailable for the route write (503s injected by the fault proxy: the real server
+    does not fail on demand), for the first try and each of the client's retries: the policy stays."""
     await h.setup()
     await h.run_until({"Shadowing"})
     assert (await h.weights())[2] is not None  # mirroring
     await h.kube.delete(REF)
-    h.emu.fail_next(4, 503, verb="update", path="virtualservices")  # the first try and its 3 retries
+    attempts = h.kube.retry.attempts
+    h.env.reset_counts()
+    h.env.fail_next(attempts, 503, verb="update", path="virtualservices")  # the first try and its retries
     h.clock.advance(10)
     result = await h.reconciler.tick(REF)
     assert result.error is not None and "cannot restore the routes" in result.error
+    writes = [r.status for r in h.env.request_log if r.verb == "update" and "/virtualservices/" in r.path]
+    assert writes == [503] * attempts  # none reached the API server
     assert FINALIZER in await _finalizers(h)  # still there: nothing was let go
     assert (await h.weights())[2] is not None
     h.clock.advance(10)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 from aiohttp import web
+from conftest_kube import KubeEnv
 from controller_helpers import policy_doc
 
 from shadowctl.controller.clock import FakeClock
@@ -21,7 +22,6 @@ from shadowctl.controller.server import bound_port, make_app, serve
 from shadowctl.kube import EVENT, SHADOW_POLICY, KubeClient
 from shadowctl.machine import Notify, Phase, RolloutState
 from shadowctl.policy import ShadowPolicy, parse_policies
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 
 class Hooks:
@@ -99,7 +99,7 @@ async def test_gate_closed_when_unreachable_or_slow(hooks: tuple[Hooks, str]) ->
 
 
 async def test_notifier_records_event_posts_webhook_and_publishes(hooks: tuple[Hooks, str],
-                                                                 kube_emulator: KubeAPIEmulator,
+                                                                 kube_env: KubeEnv,
                                                                  kube_client: KubeClient) -> None:
     h, url = hooks
     policy = _policy(url, "event")
@@ -124,7 +124,7 @@ async def test_notifier_records_event_posts_webhook_and_publishes(hooks: tuple[H
     assert notifier.failures == 0
 
 
-async def test_notifier_never_raises(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> None:
+async def test_notifier_never_raises(kube_env: KubeEnv, kube_client: KubeClient) -> None:
     policy = _policy("http://127.0.0.1:1/hook", "event")
 
     async def broken(topic: str, payload: bytes) -> None:

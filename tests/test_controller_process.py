@@ -1,8 +1,10 @@
 """The controller as a process: watch-driven workers, crashes between writes, two leaders, leader handover,
 409 storms, Knative targets, and RBAC that matches exactly the calls the controller makes.
 
-Everything is real (emulated API server over HTTP, kubernetes.aio, routers, judge) except the metric
-source, a double at the port (tests/controller_helpers.py).
+Everything is real (the local kube-apiserver with its RBAC, Leases and watches, reached through the fault
+proxy; the Knative stand-in's webhook and controller; kubernetes.aio, routers, judge) except the metric
+source, a double at the port (tests/controller_helpers.py). Conflicts come from real second writers
+(:func:`controller_helpers.second_writer`, or a second controller), never from injected 409s.
 """
 
 from __future__ import annotations
@@ -15,7 +17,19 @@ from typing import Any
 
 import pytest
 import yaml
-from controller_helpers import REF, REPO, Arm, FakeMetricSource, Harness, policy_doc
+from conftest_kube import KubeEnv, eventually
+from controller_helpers import (
+    REF,
+    REPO,
+    VS_REF,
+    Arm,
+    FakeMetricSource,
+    Harness,
+    load_vs,
+    policy_doc,
+    second_writer,
+    touch,
+)
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.controller.analysis import Analyzer
@@ -27,20 +41,23 @@ from shadowctl.kube import (
     KNATIVE_SERVICE,
     SECRET,
     SHADOW_POLICY,
+    VIRTUAL_SERVICE,
+    Forbidden,
     KubeClient,
     LeaderElector,
+    NotFound,
     ResourceRef,
     RetryPolicy,
 )
+from shadowctl.routers._io import DEFAULT_ATTEMPTS
 from shadowctl.routers.factory import router_for
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.base import ServerRef
 from shadowctl.sources.routing import secret_connect
 
 
 @pytest.fixture
-async def h(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> Harness:
-    return Harness(kube_emulator, kube_client)
+async def h(kube_env: KubeEnv, kube_client: KubeClient) -> Harness:
+    return Harness(kube_env, kube_client)
 
 
 def test_next_tick_is_aligned() -> None:
@@ -71,12 +88,8 @@ async def test_manager_runs_a_rollout_from_the_watch(h: Harness) -> None:
         assert await h.weights() == (0, 100, None)
         assert manager.ready.is_set()
         # Deleting the policy stops its worker.
-        await h.kube.delete(REF)
-        for _ in range(50):
-            if not manager.workers:
-                break
-            await asyncio.sleep(0.02)
-        assert not manager.workers
+        await h.kube.delete(REF)  # finished: no finalizer holds it, the watch says DELETED
+        await eventually(lambda: not manager.workers)
     finally:
         await cancel_and_wait(task)
 
@@ -92,31 +105,42 @@ async def test_policy_deleted_mid_rollout_restores_routes(h: Harness) -> None:
 
         await _drive(h.clock, canary)
         assert (await h.weights())[1] == 10
-        await h.kube.delete(REF)
-        for _ in range(100):
-            if await h.weights() == (100, 0, None):
-                break
-            await asyncio.sleep(0.02)
-        assert await h.weights() == (100, 0, None)
+        await h.kube.delete(REF)  # the finalizer holds it: the watch says MODIFIED (deletionTimestamp)
+
+        async def restored_and_gone() -> bool:
+            assert await h.weights() == (100, 0, None)
+            with pytest.raises(NotFound):  # the finalizer was let go once the routes were restored
+                await h.kube.get(REF)
+            return True
+
+        await eventually(restored_and_gone)
+        await eventually(lambda: not manager.workers)
     finally:
         await cancel_and_wait(task)
 
 
 async def test_crash_between_route_write_and_status_write_resumes_to_same_end(h: Harness) -> None:
-    """Every status write of a transition fails once (as if the process died right after the route write);
-    a fresh reconciler (a restarted process) continues. End state and invariants are the same."""
+    """Right after every route write a person edits the policy, so the status write of that tick meets
+    a newer resourceVersion (a real 409): as if the process died between its route write and its
+    status write. A fresh reconciler (a restarted process) continues; end state and invariants are
+    the same, and a transition whose status write failed is recorded by the next tick, once."""
     await h.setup()
     failed_transitions = 0
     for _ in range(120):
         before = (await h.status()).get("rollout", {}).get("history", [])
-        h.emu.fail_next(1, 409, verb="patch", path=r"/status$")
         h.reconciler = Reconciler(h.kube, router_for, Analyzer(h.source), h.clock)  # "restart"
-        result = await h.tick()
+        with second_writer(h.kube, "replace", lambda gvr, obj: gvr == VIRTUAL_SERVICE,
+                           lambda: touch(h.env, SHADOW_POLICY, "llm", "chat"), times=1) as edits:
+            result = await h.tick()
         after = (await h.status()).get("rollout", {}).get("history", [])
-        if result.conflict:
+        if edits[0]:
+            assert result.route_writes == 1 and result.conflict, result  # routes written, status refused
             failed_transitions += 1
             assert after == before  # nothing recorded
+        else:
+            assert not result.conflict, result
         result = await h.tick(advance=0.5)  # the restarted process recomputes
+        assert result.route_writes == 0, result  # the routes it finds are already right
         if (await h.status()).get("phase") == "Succeeded":
             break
     assert (await h.status())["phase"] == "Succeeded"
@@ -127,10 +151,10 @@ async def test_crash_between_route_write_and_status_write_resumes_to_same_end(h:
 
 
 async def test_two_controllers_that_both_think_they_lead_do_not_double_apply(h: Harness,
-                                                                           kube_emulator: KubeAPIEmulator,
+                                                                           kube_env: KubeEnv,
                                                                            tmp_path: Path) -> None:
     await h.setup()
-    other_kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "kc2"),
+    other_kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "kc2"),
                                           retry=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05))
     try:
         other = Reconciler(other_kube, router_for, Analyzer(h.source), h.clock)
@@ -155,18 +179,30 @@ async def test_two_controllers_that_both_think_they_lead_do_not_double_apply(h: 
 
 
 async def test_409_storm_on_routes_records_error_and_recovers(h: Harness) -> None:
+    """Another writer edits the VirtualService after every read of it during one tick, so each of the
+    router's conditional writes meets a newer version (real 409s from the API server): the tick gives
+    up after its attempts, records why without moving the step, and a later tick completes."""
     await h.setup()
     await h.tick()
     await h.run_until({"Progressing"})
-    h.emu.fail_next(30, 409, verb="update", path=r"/virtualservices/")
-    h.source.candidate = Arm()
-    result = await h.tick(advance=30)
+    assert (await h.weights())[1] == 10
+    step = (await h.status())["step"]
+    h.env.reset_counts()
+    with second_writer(h.kube, "get", lambda ref: ref == VS_REF, lambda: touch(h.env, VIRTUAL_SERVICE, "llm", "chat")):
+        for _ in range(10):  # until the step's analysis passes and 10% -> 50% is due
+            result = await h.tick()
+            if result.error or result.route_writes:
+                break
+    assert result.error is not None and "cannot set the routes" in result.error, result
+    assert "409 Conflict" in result.error
+    writes = [r for r in h.env.request_log if r.verb == "update" and "/virtualservices/chat" in r.path]
+    assert [r.status for r in writes] == [409] * DEFAULT_ATTEMPTS  # each attempt re-read, none succeeded
     status = await h.status()
-    if result.error:
-        assert "cannot set the routes" in result.error
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        assert ready["status"] == "False"
-        assert status["phase"] == "Progressing"  # nothing half-applied: the step did not advance
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"
+    assert status["phase"] == "Progressing"  # nothing half-applied: the step did not advance
+    assert status["step"] == step
+    assert (await h.weights())[1] == 10
     assert await h.run_until({"Succeeded"}) == "Succeeded"
     h.check_invariants([10, 50])
 
@@ -193,10 +229,10 @@ async def test_new_candidate_mid_rollout_restarts_analysis(h: Harness) -> None:
 # --------------------------------------------------------------------------- leader election
 
 
-async def test_leader_handover_mid_rollout(h: Harness, kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
+async def test_leader_handover_mid_rollout(h: Harness, kube_env: KubeEnv, tmp_path: Path) -> None:
     """Two controller replicas with real Lease election (short durations); the leader dies mid-rollout."""
     await h.setup()
-    clients = [await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / f"kc{i}")) for i in range(2)]
+    clients = [await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / f"kc{i}")) for i in range(2)]
     electors = [LeaderElector(c, name="shadowctl", namespace="llm", identity=f"replica-{i}", lease_duration=0.6,
                               renew_deadline=0.4, retry_period=0.1) for i, c in enumerate(clients)]
     managers = [Manager(c, Reconciler(c, router_for, Analyzer(h.source), h.clock), h.clock) for c in clients]
@@ -254,14 +290,26 @@ spec:
 """
 
 
+async def _ready_revision(kube: KubeClient, name: str) -> bool:
+    status = (await kube.get(ResourceRef(KNATIVE_SERVICE, "summarize", "llm"))).get("status") or {}
+    return status.get("latestReadyRevisionName") == name
+
+
 async def _knative_setup(kube: KubeClient) -> None:
+    """The Service with revision 1 serving, then revision 2 deployed with all traffic pinned to 1, and the policy.
+
+    Knative's controller (the stand-in) creates each Revision and writes the Service's status a moment
+    after the write, so each step waits for it, as a person deploying with kubectl would.
+    """
     await kube.create(KNATIVE_SERVICE, KSVC)
+    await eventually(lambda: _ready_revision(kube, "summarize-00001"))
     ref = ResourceRef(KNATIVE_SERVICE, "summarize", "llm")
-    svc = await kube.get(ref)
+    svc = await kube.get(ref)  # read after the status write: its resourceVersion is current
     svc["spec"]["template"]["metadata"]["annotations"]["v"] = "2"
     svc["spec"]["template"]["spec"]["containers"][0]["image"] = "vllm/vllm-openai:v2"
     svc["spec"]["traffic"] = [{"revisionName": "summarize-00001", "percent": 100}]
     await kube.replace(KNATIVE_SERVICE, svc)
+    await eventually(lambda: _ready_revision(kube, "summarize-00002"))
     await kube.create(SHADOW_POLICY, yaml.safe_load(KNATIVE_POLICY))
 
 
@@ -299,29 +347,83 @@ def _rules() -> set[tuple[str, str, str]]:
 
 _PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/[^/]+)?/(?P<res>[^/]+)(?:/[^/]+)?(?:/(?P<sub>status))?$")
 
+SA_NAMESPACE, SA_NAME = "shadowctl", "shadowctl"  # deploy/rbac.yaml's ServiceAccount
+SA_USER = f"system:serviceaccount:{SA_NAMESPACE}:{SA_NAME}"
+_RBAC_PATHS = {
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+}
 
-async def test_rbac_is_exactly_what_the_controller_uses(kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
-    """Run Istio and Knative rollouts (one rolled back) with leader election and Events through the process
-    wiring, record every request the emulator served, and compare with deploy/rbac.yaml both ways."""
-    setup = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "setup"))
-    h = Harness(kube_emulator, setup)
+
+def _apply(kube_env: KubeEnv, doc: dict[str, Any]) -> None:
+    """Create ``doc`` as the admin, or replace it when it exists (as ``kubectl apply`` ends up doing)."""
+    collection = _RBAC_PATHS[doc["kind"]].format(ns=doc["metadata"].get("namespace"))
+    answer = kube_env.admin.post(collection, json=doc)
+    if answer.status_code == 409:
+        url = f"{collection}/{doc['metadata']['name']}"
+        current = kube_env.admin.get(url).json()
+        body = {**doc, "metadata": {**doc["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+        answer = kube_env.admin.put(url, json=body)
+    assert answer.status_code in (200, 201), f"{doc['kind']} {doc['metadata']['name']}: {answer.text[:300]}"
+
+
+def _allowed_for_sa(kube_env: KubeEnv, verb: str, group: str, resource: str, namespace: str | None = None) -> bool:
+    """What the API server's authorizer answers for the controller's ServiceAccount (a SubjectAccessReview)."""
+    attributes = {"verb": verb, "group": group, "resource": resource, **({"namespace": namespace} if namespace else {})}
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+              "spec": {"user": SA_USER, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{SA_NAMESPACE}"],
+                       "resourceAttributes": attributes}}
+    answer = kube_env.admin.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review)
+    assert answer.status_code == 201, answer.text[:300]
+    return bool(answer.json()["status"].get("allowed"))
+
+
+async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_path: Path) -> None:
+    """Apply deploy/rbac.yaml to the real API server and run the controller (leader election, Istio and
+    Knative rollouts, one rolled back, Events, a policy's own Prometheus token Secret) AS its
+    ServiceAccount, with a token from the TokenRequest API, through the fault proxy.
+
+    The real RBAC authorizer refuses (403) any call the RBAC does not grant, so every rollout finishing
+    without one shows the RBAC is enough; the proxy's log of every request the controller made shows
+    it uses every grant, so the RBAC is no wider than needed."""
+    for doc in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()):
+        if doc:
+            _apply(kube_env, doc)
+    # As deploy/rbac.yaml says: the Secret reader is bound in each namespace whose policies name a Secret.
+    _apply(kube_env, {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "shadowctl-secrets", "namespace": "llm"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "shadowctl-secret-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": SA_NAME, "namespace": SA_NAMESPACE}],
+    })
+    # The authorizer learns of new RBAC objects from its informers, a moment after they are stored.
+    await eventually(lambda: _allowed_for_sa(kube_env, "create", "coordination.k8s.io", "leases", SA_NAMESPACE)
+                     and _allowed_for_sa(kube_env, "get", "", "secrets", "llm")
+                     and _allowed_for_sa(kube_env, "watch", "shadowctl.dev", "shadowpolicies"))
+    assert not _allowed_for_sa(kube_env, "get", "", "secrets", "models")  # not bound there
+    token = kube_env.cluster.service_account_token(kube_env.admin, SA_NAMESPACE, SA_NAME, seconds=3600)
+
+    setup = await KubeClient.connect(kubeconfig=kube_env.direct_kubeconfig(tmp_path / "setup"))  # not via the proxy
+    h = Harness(kube_env, setup)
     await h.setup()
     await _knative_setup(setup)
     bad = policy_doc()
     bad["metadata"]["name"] = "chat-bad"
     bad["spec"]["target"]["istio"]["virtualService"] = "chat-bad"
-    from controller_helpers import load_vs
-
-    from shadowctl.kube import VIRTUAL_SERVICE
     vs = load_vs()
     vs["metadata"]["name"] = "chat-bad"
     await setup.create(VIRTUAL_SERVICE, vs)
     await setup.create(SHADOW_POLICY, bad)
     await setup.create(SECRET, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "prom", "namespace": "llm"},
                                 "data": {"token": base64.b64encode(b"t0k3n").decode()}})
-    kube_emulator.request_log.clear()
 
-    kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "controller"))
+    kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "controller", token=token))
+    with pytest.raises(Forbidden):  # the controller really runs as the ServiceAccount, not as an admin
+        await kube.list(SECRET, "llm")
+    kube_env.reset_counts()
     clock = FakeClock()
     # A policy naming its own Prometheus and token Secret: the controller's connect reads the Secret.
     own = await secret_connect(kube, {})(ServerRef("http://127.0.0.1:9", ("llm", "prom")))
@@ -329,18 +431,16 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_emulator: KubeAPIEm
     source = FakeMetricSource()
     reconciler = Reconciler(kube, router_for, Analyzer(source), clock, notifier=ClusterNotifier(kube, clock))
     manager = Manager(kube, reconciler, clock)
-    elector = LeaderElector(kube, name="shadowctl", namespace="shadowctl", identity="me", lease_duration=0.6,
+    elector = LeaderElector(kube, name="shadowctl", namespace=SA_NAMESPACE, identity="me", lease_duration=0.6,
                             renew_deadline=0.4, retry_period=0.1)
     task = asyncio.create_task(elector.run(manager.run))
+    phases: dict[str, Any] = {}
     try:
         async def all_done() -> bool:
-            phases = set()
             for name in ("chat", "summarize", "chat-bad"):
                 obj = await setup.get(ResourceRef(SHADOW_POLICY, name, "llm"))
-                phases.add((obj.get("status") or {}).get("phase"))
-                if name == "chat" and (obj.get("status") or {}).get("phase") == "Shadowing":
-                    source.candidate = Arm()
-            return phases <= {"Succeeded", "RolledBack"}
+                phases[name] = (obj.get("status") or {}).get("phase")
+            return set(phases.values()) <= {"Succeeded", "RolledBack"}
 
         # chat-bad gets the slow candidate: make the source slow for it only by policy key.
         original = source.fetch_many
@@ -359,12 +459,77 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_emulator: KubeAPIEm
         await cancel_and_wait(task)
         await kube.close()
         await setup.close()
+    assert phases == {"chat": "Succeeded", "summarize": "Succeeded", "chat-bad": "RolledBack"}
+    records = list(kube_env.request_log)
+    refused = [(r.verb, r.path, r.status) for r in records if r.status in (401, 403)]
+    assert not refused, f"the API server refused the controller: {refused[:10]}"
     used: set[tuple[str, str, str]] = set()
-    for record in kube_emulator.request_log:
-        m = _PATH.match(record.path)
+    for record in records:
+        m = _PATH.match(record.path.split("?", 1)[0])
         assert m, record.path
         res = m.group("res") + ("/status" if m.group("sub") else "")
         used.add((m.group("group") or "", res, record.verb))
     allowed = _rules()
     assert used <= allowed, f"calls the RBAC does not allow: {sorted(used - allowed)}"
     assert allowed <= used, f"RBAC grants what the controller never uses: {sorted(allowed - used)}"
+
+
+async def test_a_missing_verb_is_a_clear_forbidden_and_nothing_else_is_written(kube_env: KubeEnv,
+                                                                               tmp_path: Path) -> None:
+    """deploy/rbac.yaml less one verb (``update`` on virtualservices), the controller as its ServiceAccount.
+
+    The real authorizer refuses the route write; the policy's Ready condition then carries the API
+    server's own words (verb, resource, API group, namespace), the VirtualService is exactly as it was,
+    and the rollout does not move on as if traffic had been shifted."""
+    docs = [d for d in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()) if d]
+    controller_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "shadowctl-controller")
+    full = [dict(rule) for rule in controller_role["rules"]]
+    for rule in controller_role["rules"]:
+        if rule["resources"] == ["virtualservices"]:
+            rule["verbs"] = [v for v in rule["verbs"] if v != "update"]
+    assert controller_role["rules"] != full
+    for doc in docs:
+        _apply(kube_env, doc)
+    try:
+        await eventually(lambda: _allowed_for_sa(kube_env, "get", "networking.istio.io", "virtualservices", "llm")
+                         and not _allowed_for_sa(kube_env, "update", "networking.istio.io", "virtualservices", "llm"))
+        setup = await KubeClient.connect(kubeconfig=kube_env.direct_kubeconfig(tmp_path / "setup"))
+        token = kube_env.cluster.service_account_token(kube_env.admin, SA_NAMESPACE, SA_NAME, seconds=3600)
+        kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "controller", token=token))
+        try:
+            await Harness(kube_env, setup).setup()
+            before = await setup.get(VS_REF)
+            clock = FakeClock()
+            reconciler = Reconciler(kube, router_for, Analyzer(FakeMetricSource()), clock)
+            errors = []
+            for _ in range(4):
+                clock.advance(10)
+                errors.append((await reconciler.tick(REF)).error)
+            after = await setup.get(VS_REF)
+            status = (await setup.get(REF)).get("status") or {}
+        finally:
+            await kube.close()
+            await setup.close()
+    finally:
+        controller_role["rules"] = full
+        _apply(kube_env, controller_role)
+
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert after["spec"] == before["spec"]
+    assert status.get("phase") in (None, "Pending"), status
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ReconcileError"
+    words = ready["message"]
+    for part in ('"system:serviceaccount:shadowctl:shadowctl"', 'cannot update resource "virtualservices"',
+                 'in API group "networking.istio.io"', 'in the namespace "llm"'):
+        assert part in words, words
+    assert all(e and "Forbidden" in e for e in errors[1:]), errors
+    # Nothing else was written: the controller's requests, as the proxy saw them, are reads, the
+    # finalizer and the status (with the error), and the refused route update.
+    writes = [(r.verb, r.path.split("?")[0], r.status) for r in kube_env.request_log()
+              if r.verb not in ("get", "list", "watch")]
+    policy_path = "/apis/shadowctl.dev/v1alpha1/namespaces/llm/shadowpolicies/chat"
+    vs_path = "/apis/networking.istio.io/v1/namespaces/llm/virtualservices/chat"
+    assert {path for _, path, _ in writes} <= {policy_path, policy_path + "/status", vs_path}, writes
+    assert [status for verb, path, status in writes if path == vs_path] and all(
+        status == 403 for verb, path, status in writes if path == vs_path), writes

@@ -1,23 +1,24 @@
-"""Whole rollouts through the reconciler against the emulated API server, with an injected clock.
+"""Whole rollouts through the reconciler against the real local API server, with an injected clock.
 
-Routers, the kube client, the emulator (with CRD validation) and the judge are real;
-the metric source is a double at the port (see tests/controller_helpers.py).
+Routers, the kube client, kube-apiserver (with the CRDs' OpenAPI and CEL validation, reached through
+the fault proxy) and the judge are real; the metric source is a double at the port (see
+tests/controller_helpers.py).
 """
 
 from __future__ import annotations
 
 import pytest
+from conftest_kube import KubeEnv
 from controller_helpers import REF, VS_REF, Arm, FakeMetricSource, Harness
 
 from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.kube import VIRTUAL_SERVICE, KubeClient
 from shadowctl.machine import Command
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 
 @pytest.fixture
-async def h(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> Harness:
-    return Harness(kube_emulator, kube_client)
+async def h(kube_env: KubeEnv, kube_client: KubeClient) -> Harness:
+    return Harness(kube_env, kube_client)
 
 
 async def command(h: Harness, cmd: Command) -> None:
@@ -189,9 +190,9 @@ async def test_idle_tick_makes_no_route_write(h: Harness) -> None:
     assert (await h.kube.get(VS_REF))["metadata"]["resourceVersion"] == before
 
 
-async def test_fake_source_is_batched_per_look(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> None:
+async def test_fake_source_is_batched_per_look(kube_env: KubeEnv, kube_client: KubeClient) -> None:
     src = FakeMetricSource()
-    h = Harness(kube_emulator, kube_client, src)
+    h = Harness(kube_env, kube_client, src)
     await h.setup()
     await h.tick()
     calls = src.calls

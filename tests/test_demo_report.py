@@ -114,8 +114,9 @@ def rolled_back_run() -> dict[str, Any]:
         ],
         "invariants": {"checked": 14, "violations": []},
         "load": {"sent": 5120, "status_counts": {"200": 5100, "500": 20}},
-        "simulated": ["Kubernetes API: emulated (kmock)", "Istio data plane: mesh simulator"],
-        "real": ["Prometheus (Debian package) scraping every second", "Mosquitto MQTT broker"],
+        "simulated": ["Istio data plane: mesh simulator", "GPU model servers: simulated"],
+        "real": ["Kubernetes API (kube-apiserver v1.37.2, etcd 3.6.16): a local control plane",
+                 "Prometheus (Debian package) scraping every second", "Mosquitto MQTT broker"],
     }
 
 
@@ -291,7 +292,13 @@ def test_routes_invariants_load_and_policy_sections() -> None:
     assert _section(md, "## Load").strip() == "5120 requests sent; responses by status: 200: 5100, 500: 20; 0.39% not 2xx."
     assert f"```yaml\n{POLICY_YAML}```" in _section(md, "## Policy")
     real = _section(md, "## What is real, what is simulated")
-    assert "- real: Mosquitto MQTT broker" in real and "- simulated: Kubernetes API: emulated (kmock)" in real
+    assert real.strip().splitlines() == [
+        "- real: Kubernetes API (kube-apiserver v1.37.2, etcd 3.6.16): a local control plane",
+        "- real: Prometheus (Debian package) scraping every second",
+        "- real: Mosquitto MQTT broker",
+        "- simulated: Istio data plane: mesh simulator",
+        "- simulated: GPU model servers: simulated",
+    ]
 
 
 def test_invariant_violations_are_listed() -> None:

@@ -1,4 +1,4 @@
-"""KubeClient (kubernetes.aio underneath) over real HTTP against the emulated API server."""
+"""KubeClient (kubernetes.aio underneath) over real HTTP against the real local kube-apiserver (via the fault proxy)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from conftest_kube import KubeEnv
 
 from shadowctl.kube import (
     EVENT,
@@ -24,7 +26,6 @@ from shadowctl.kube import (
     Unavailable,
 )
 from shadowctl.kube.retry import parse_retry_after
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 REF = ResourceRef(VIRTUAL_SERVICE, "reviews", "default")
 
@@ -106,12 +107,12 @@ async def test_generation_moves_only_on_spec_changes(kube_client: KubeClient) ->
     assert obj["metadata"]["generation"] == 2
 
 
-async def test_noop_update_writes_nothing(kube_client: KubeClient, kube_emulator: KubeAPIEmulator) -> None:
+async def test_noop_update_writes_nothing(kube_client: KubeClient, kube_env: KubeEnv) -> None:
     obj = await kube_client.create(VIRTUAL_SERVICE, vs())
-    before = kube_emulator.resource_version
+    before = kube_env.resource_version
     again = await kube_client.replace(VIRTUAL_SERVICE, obj)
     assert again["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]
-    assert kube_emulator.resource_version == before
+    assert kube_env.resource_version == before
     assert kube_client.write_count == 2 and kube_client.requests_by_verb["update"] == 1
 
 
@@ -141,8 +142,9 @@ async def test_json_patch_test_op_guards_the_write(kube_client: KubeClient) -> N
         await kube_client.patch_json(
             REF, [{"op": "test", "path": path, "value": 50}, {"op": "replace", "path": "/spec/hosts", "value": ["x"]}]
         )
-    assert info.value.status == 422 and "test operation failed" in info.value.message
-    assert (await kube_client.get(REF))["spec"]["hosts"] == ["reviews"]
+    # kube-apiserver answers a failed "test" op with a bare 422 Invalid (no causes, a generic message)
+    assert info.value.status == 422 and info.value.reason == "Invalid"
+    assert (await kube_client.get(REF))["spec"]["hosts"] == ["reviews"]  # the replace op did not land
 
 
 async def test_merge_patch_null_deletes_and_lists_replace(kube_client: KubeClient) -> None:
@@ -155,13 +157,17 @@ async def test_merge_patch_null_deletes_and_lists_replace(kube_client: KubeClien
     assert out["spec"]["http"][0]["name"] == "main"
 
 
-async def test_strategic_merge_patch_on_custom_resource_is_415(kube_emulator: KubeAPIEmulator) -> None:
-    """Raw aiohttp here: the adapter never sends strategic merge patches, so only a raw client can."""
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs())
-    headers = {"Authorization": "Bearer test-token", "Content-Type": "application/strategic-merge-patch+json"}
-    resp = await kube_emulator.patch(REF.path(), json={"spec": {"hosts": ["x"]}}, headers=headers)
-    body = await resp.json()
-    assert resp.status == 415 and body["kind"] == "Status" and body["reason"] == "UnsupportedMediaType"
+async def test_strategic_merge_patch_on_custom_resource_is_415(kube_env: KubeEnv) -> None:
+    """Raw httpx here: the adapter never sends strategic merge patches, so only a raw client can."""
+    kube_env.put_object(VIRTUAL_SERVICE, vs())
+    headers = {"Authorization": f"Bearer {kube_env.token}", "Content-Type": "application/strategic-merge-patch+json"}
+    async with httpx.AsyncClient(base_url=kube_env.url, timeout=10) as http:
+        resp = await http.patch(REF.path(), json={"spec": {"hosts": ["x"]}}, headers=headers)
+    body = resp.json()
+    assert resp.status_code == 415 and body["kind"] == "Status" and body["reason"] == "UnsupportedMediaType"
+    assert "application/merge-patch+json" in body["message"]  # the server lists what a custom resource accepts
+    current = kube_env.get_object(VIRTUAL_SERVICE, "default", "reviews")
+    assert current is not None and current["spec"]["hosts"] == ["reviews"]
 
 
 async def test_list_with_label_selector(kube_client: KubeClient) -> None:
@@ -195,10 +201,10 @@ async def test_events_are_recorded(kube_client: KubeClient) -> None:
 
 
 async def test_429_storm_honours_retry_after(
-    kube_client: KubeClient, kube_emulator: KubeAPIEmulator, kube_sleeps: list[float]
+    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
 ) -> None:
     await kube_client.create(VIRTUAL_SERVICE, vs())
-    kube_emulator.fail_next(3, status=429, verb="get", retry_after=7)
+    kube_env.fail_next(3, status=429, verb="get", retry_after=7)
     obj = await kube_client.get(REF)
     assert obj["metadata"]["name"] == "reviews"
     assert kube_sleeps == [7.0, 7.0, 7.0]
@@ -206,9 +212,9 @@ async def test_429_storm_honours_retry_after(
 
 
 async def test_500_storm_backs_off_exponentially_then_gives_up(
-    kube_client: KubeClient, kube_emulator: KubeAPIEmulator, kube_sleeps: list[float]
+    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
 ) -> None:
-    kube_emulator.fail_next(10, status=500, verb="list")
+    kube_env.fail_next(10, status=500, verb="list")
     with pytest.raises(Unavailable) as info:
         await kube_client.list(VIRTUAL_SERVICE, "default")
     assert info.value.status == 500
@@ -218,26 +224,26 @@ async def test_500_storm_backs_off_exponentially_then_gives_up(
 
 
 async def test_create_is_not_retried_on_500(
-    kube_client: KubeClient, kube_emulator: KubeAPIEmulator, kube_sleeps: list[float]
+    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
 ) -> None:
-    kube_emulator.fail_next(1, status=500, verb="create")
+    kube_env.fail_next(1, status=500, verb="create")
     with pytest.raises(Unavailable):
         await kube_client.create(VIRTUAL_SERVICE, vs())
     assert kube_sleeps == [] and kube_client.requests_by_verb["create"] == 1
-    kube_emulator.fail_next(1, status=503, verb="create")
+    kube_env.fail_next(1, status=503, verb="create")
     await kube_client.create(VIRTUAL_SERVICE, vs())  # 503 means "not processed": safe to retry
     assert len(kube_sleeps) == 1
 
 
-async def test_request_timeout_is_unavailable(kube_emulator: KubeAPIEmulator, tmp_path: Path) -> None:
-    kube_emulator.set_latency(5.0, verb="get")
+async def test_request_timeout_is_unavailable(kube_env: KubeEnv, tmp_path: Path) -> None:
+    kube_env.set_latency(5.0, verb="get")
     sleeps: list[float] = []
 
     async def record(seconds: float) -> None:
         sleeps.append(seconds)
 
     client = await KubeClient.connect(
-        kubeconfig=kube_emulator.kubeconfig(tmp_path / "kc"),
+        kubeconfig=kube_env.kubeconfig(tmp_path / "kc"),
         timeout=0.2,
         retry=RetryPolicy(attempts=2),
         sleep=record,
@@ -249,13 +255,19 @@ async def test_request_timeout_is_unavailable(kube_emulator: KubeAPIEmulator, tm
         assert len(sleeps) == 1 and client.requests_by_verb["get"] == 2
     finally:
         await client.close()
-        kube_emulator.set_latency(0)
+        kube_env.set_latency(0)
 
 
-async def test_wrong_token_is_unauthorized(kube_emulator: KubeAPIEmulator) -> None:
-    async with KubeClient.for_url(kube_emulator.url, token="wrong") as client:
-        with pytest.raises(Unauthorized):
+async def test_wrong_token_is_unauthorized(kube_env: KubeEnv) -> None:
+    kube_env.put_object(VIRTUAL_SERVICE, vs())
+    # not a token the API server issued (the real admin token with its signature spoiled)
+    wrong = kube_env.token[:-4] + ("AAAA" if not kube_env.token.endswith("AAAA") else "BBBB")
+    async with KubeClient.for_url(kube_env.url, token=wrong) as client:
+        with pytest.raises(Unauthorized) as info:
             await client.get(REF)
+    assert info.value.status == 401
+    async with KubeClient.for_url(kube_env.url, token=kube_env.token) as client:  # the real token passes
+        assert (await client.get(REF))["metadata"]["name"] == "reviews"
 
 
 async def test_bad_kubeconfig_is_a_config_error(tmp_path: Path) -> None:

@@ -1,13 +1,13 @@
-"""Lease-based leader election on KubeClient against the emulator (short real durations)."""
+"""Lease-based leader election on KubeClient against the real kube-apiserver (short real durations)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from conftest_kube import KubeEnv
 
 from shadowctl.kube import LEASE, KubeClient, LeaderElector
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 
 
 def elector(client: KubeClient, identity: str, *, release: bool = True) -> LeaderElector:
@@ -29,9 +29,9 @@ async def wait_for(cond: asyncio.Event) -> None:
 
 
 async def test_one_leader_then_handover_when_leader_stops_renewing(
-    kube_emulator: KubeAPIEmulator, kube_client: KubeClient
+    kube_env: KubeEnv, kube_client: KubeClient
 ) -> None:
-    async with KubeClient.for_url(kube_emulator.url, token="test-token") as other:
+    async with KubeClient.for_url(kube_env.url, token=kube_env.token) as other:
         a, b = elector(kube_client, "a", release=False), elector(other, "b")
         started = {"a": asyncio.Event(), "b": asyncio.Event()}
 
@@ -51,13 +51,13 @@ async def test_one_leader_then_handover_when_leader_stops_renewing(
         with pytest.raises(asyncio.CancelledError):
             await task_a
         await wait_for(started["b"])
-        lease = kube_emulator.get_object(LEASE, "default", "shadowctl")
+        lease = kube_env.get_object(LEASE, "default", "shadowctl")
         assert lease is not None
         assert lease["spec"]["holderIdentity"] == "b" and lease["spec"]["leaseTransitions"] == 1
         task_b.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task_b
-        lease = kube_emulator.get_object(LEASE, "default", "shadowctl")
+        lease = kube_env.get_object(LEASE, "default", "shadowctl")
         assert lease is not None and lease["spec"]["holderIdentity"] == ""  # released on a clean stop
 
 
@@ -69,7 +69,8 @@ async def test_racing_candidates_only_one_wins(kube_client: KubeClient) -> None:
     assert sum(results) == 1  # the leader renews, the others see an unexpired lease
 
 
-async def test_leader_that_cannot_renew_steps_down(kube_emulator: KubeAPIEmulator, kube_client: KubeClient) -> None:
+async def test_leader_that_cannot_renew_steps_down(kube_env: KubeEnv, kube_client: KubeClient) -> None:
+    """The lost permission is injected at the boundary: the fault proxy answers every Lease call with 403."""
     a = elector(kube_client, "a")
     started, stopped = asyncio.Event(), asyncio.Event()
 
@@ -82,7 +83,7 @@ async def test_leader_that_cannot_renew_steps_down(kube_emulator: KubeAPIEmulato
 
     task = asyncio.create_task(a.run(on_started, on_stopped))
     await wait_for(started)
-    kube_emulator.fail_next(10_000, status=403, path="/leases/")
+    kube_env.fail_next(10_000, status=403, path="/leases/")
     await wait_for(stopped)
     await asyncio.wait_for(task, 5)
     assert not a.is_leader

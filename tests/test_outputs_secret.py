@@ -1,7 +1,7 @@
 """The output source's MQTT password from the policy's Secret (outputs.mqtt.passwordSecret).
 
 A real Mosquitto with a password file (mosquitto_passwd) and authentication required; the Secret
-lives in the emulated API server and is read by the controller's provider at every connect.
+lives in the real local API server and is read by the controller's provider at every connect.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest_kube import KubeEnv
 from conftest_mqtt import MosquittoBroker
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.cli.run_cmd import mqtt_password_provider
 from shadowctl.kube import SECRET, KubeClient, ResourceRef
 from shadowctl.policy.model import ShadowPolicy
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.outputs import BrokerRejected, MqttOutputSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,9 +57,9 @@ def _policy(secret: str) -> ShadowPolicy:
 
 
 async def test_password_comes_from_the_policys_secret_at_every_connect(
-    secured_broker: MosquittoBroker, kube_emulator: KubeAPIEmulator, tmp_path: Path
+    secured_broker: MosquittoBroker, kube_env: KubeEnv, tmp_path: Path
 ) -> None:
-    kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "k"))
+    kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "k"))
     try:
         def source_for(secret: str) -> MqttOutputSource:
             pol = _policy(secret)

@@ -102,6 +102,31 @@ def test_candidate_already_serving_everything_is_an_error() -> None:
         knative_build.build(load("ksvc-floating.yaml"), KnativeTarget(service="llm"), RouteState(90, 10))
 
 
+def test_first_touch_waits_for_a_current_status() -> None:
+    """Knative writes status after the spec: a stale latestReadyRevisionName must not become the candidate."""
+    svc = load("ksvc-llm.yaml")
+    svc["metadata"]["generation"] = 3  # someone deployed llm-00003; the controller has not reported it yet
+    svc["status"]["observedGeneration"] = 2
+    for attempt in (lambda s: knative_build.build(s, TARGET, RouteState(90, 10), KNOWN),
+                    lambda s: knative_build.promote(s, TARGET, KNOWN)):
+        with pytest.raises(DestinationNotFound, match="has not reconciled generation 3 yet"):
+            attempt(svc)
+    named = KnativeTarget(service="llm", primary_revision="llm-00001", candidate_revision="llm-00002")
+    assert knative_build.build(svc, named, RouteState(90, 10), KNOWN).modified  # nothing taken from status
+    svc["status"]["observedGeneration"] = 3
+    svc["status"]["latestCreatedRevisionName"] = "llm-00003"  # created, not ready yet
+    with pytest.raises(DestinationNotFound, match="latest created revision llm-00003 is not ready yet"):
+        knative_build.build(svc, TARGET, RouteState(90, 10), KNOWN | {"llm-00003"})
+    svc["status"]["latestReadyRevisionName"] = "llm-00003"
+    new, modified = knative_build.build(svc, TARGET, RouteState(90, 10), KNOWN | {"llm-00003"})
+    assert modified and _record(new)["traffic"]["candidateRevision"] == "llm-00003"
+    # Once resolved, later steps use the record: a status that lags the router's own write is fine.
+    new["metadata"]["generation"] = 4
+    later, _ = knative_build.build(new, TARGET, RouteState(50, 50), KNOWN | {"llm-00003"})
+    assert later["spec"]["traffic"][-1] == {"tag": "candidate", "revisionName": "llm-00003", "percent": 50}
+    assert knative_build.read_state(later, TARGET) == RouteState(50, 50)
+
+
 def test_missing_revision_is_named() -> None:
     target = KnativeTarget(service="llm", candidate_revision="llm-00009")
     with pytest.raises(DestinationNotFound, match=r"'llm-00009' does not exist; known revisions: llm-00001, llm-00002"):

@@ -1,8 +1,11 @@
-"""The mesh simulator: routing by objects in the emulated API server, over real HTTP.
+"""The mesh simulator: routing by objects in the real local API server, over real HTTP.
 
 Upstreams are small real aiohttp servers that record what reached them (they
 stand for the pods behind a destination); the routing objects live in the
-emulated Kubernetes API server and are changed through it.
+local kube-apiserver, are changed there by the admin, and the mesh follows them
+with a real list and watch through the fault proxy (which can cut watches and
+make them expire, as after an etcd compaction). Knative Service status comes
+from the stand-in's controller a moment after each spec write.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from conftest_kube import KubeEnv
 from scipy.stats import chisquare
 
 from shadowctl.kube import KNATIVE_SERVICE, VIRTUAL_SERVICE, KubeClient
 from shadowctl.sim.errors import SimError
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sim.mesh import (
     HttpRoute,
     IstioSource,
@@ -102,8 +105,8 @@ async def upstreams() -> AsyncIterator[dict[str, Recorder]]:
 
 
 @pytest_asyncio.fixture
-async def kube(kube_emulator: KubeAPIEmulator) -> AsyncIterator[KubeClient]:
-    client = KubeClient.for_url(kube_emulator.url, token=kube_emulator.token)
+async def kube(kube_env: KubeEnv) -> AsyncIterator[KubeClient]:
+    client = KubeClient.for_url(kube_env.url, token=kube_env.token)
     yield client
     await client.close()
 
@@ -195,9 +198,9 @@ def test_weights_mirrors_and_shadow_host() -> None:
 
 
 async def test_routes_by_weights(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
+    kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
 ) -> None:
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs([split(70, 30)]))
+    kube_env.put_object(VIRTUAL_SERVICE, vs([split(70, 30)]))
     mesh = await start_mesh(kube, upstreams)
     try:
         answered = await send(session, mesh, 400)
@@ -216,15 +219,15 @@ async def test_routes_by_weights(
 
 
 async def test_follows_a_change_and_records_every_version(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
+    kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
 ) -> None:
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs([split(100, 0)]))
+    kube_env.put_object(VIRTUAL_SERVICE, vs([split(100, 0)]))
     mesh = await start_mesh(kube, upstreams)
     try:
         assert set(await send(session, mesh, 30)) == {"primary"}
         versions = []
         for primary in (75, 50, 0):
-            obj = kube_emulator.put_object(VIRTUAL_SERVICE, vs([split(primary, 100 - primary)]))
+            obj = kube_env.put_object(VIRTUAL_SERVICE, vs([split(primary, 100 - primary)]))
             versions.append(obj["metadata"]["resourceVersion"])
         change = await mesh.wait_for_version(SRC, versions[-1], within=10)
         assert change.routes[0]["weights"] == {f"{HOST}/primary": 0.0, f"{HOST}/candidate": 100.0}
@@ -235,7 +238,7 @@ async def test_follows_a_change_and_records_every_version(
         assert all(r["weight_sum"] == 100 for c in mesh.changes for r in c.routes)
         async with session.get(mesh.url + "/mesh/changes") as resp:
             assert [c["resource_version"] for c in await resp.json()] == seen
-        kube_emulator.delete_object(VIRTUAL_SERVICE, "llm", "chat")
+        kube_env.delete_object(VIRTUAL_SERVICE, "llm", "chat")
         await mesh.wait_for(lambda: mesh.tables[SRC] is None, 10, "the deletion")
         async with session.post(mesh.url + "/v1/completions", json={}, headers={"Host": HOST}) as resp:
             assert resp.status == 404
@@ -244,24 +247,31 @@ async def test_follows_a_change_and_records_every_version(
 
 
 async def test_relists_after_the_watch_history_is_compacted(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, upstreams: dict[str, Recorder]
+    kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder]
 ) -> None:
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs([split(100, 0)]))
+    """The watch is cut and every resourceVersion up to now expires (410, as after etcd compacts): only a relist
+    can bring the next version."""
+    kube_env.put_object(VIRTUAL_SERVICE, vs([split(100, 0)]))
     mesh = await start_mesh(kube, upstreams, watch_timeout=1)
     try:
-        kube_emulator.cut_watches()
-        kube_emulator.compact()
-        obj = kube_emulator.put_object(VIRTUAL_SERVICE, vs([split(40, 60)]))
+        kube_env.reset_counts()
+        kube_env.expire_watches()
+        kube_env.cut_watches()
+        await asyncio.sleep(0.2)
+        kube_env.cut_watches()  # also a watch that was being opened (past the expiry check) at the first cut
+        obj = kube_env.put_object(VIRTUAL_SERVICE, vs([split(40, 60)]))
         await mesh.wait_for_version(SRC, obj["metadata"]["resourceVersion"], within=10)
         assert mesh.tables[SRC] is not None and mesh.tables[SRC].http[0].destinations[1][1] == 60
+        assert mesh.changes[-1].event == "LIST"  # not from the expired watch
+        assert kube_env.verb_counts["list"] >= 1
     finally:
         await mesh.stop()
 
 
 async def test_mirrors_at_the_percentage_with_shadow_host_and_same_request_id(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
+    kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
 ) -> None:
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs([{
+    kube_env.put_object(VIRTUAL_SERVICE, vs([{
         "route": [{"destination": {"host": "chat", "subset": "primary"}}],
         "mirror": {"host": "chat", "subset": "candidate"},
         "mirrorPercentage": {"value": 25.0},
@@ -281,7 +291,7 @@ async def test_mirrors_at_the_percentage_with_shadow_host_and_same_request_id(
             assert primary_ids[rid] == HOST  # the same x-request-id as the user's request
             assert path == "/v1/completions"
         # a client-supplied x-request-id is kept on both copies
-        kube_emulator.put_object(VIRTUAL_SERVICE, vs([{
+        kube_env.put_object(VIRTUAL_SERVICE, vs([{
             "route": [{"destination": {"host": "chat", "subset": "primary"}}],
             "mirrors": [{"destination": {"host": "chat", "subset": "candidate"}}],  # no percentage: 100%
         }]))
@@ -294,11 +304,11 @@ async def test_mirrors_at_the_percentage_with_shadow_host_and_same_request_id(
 
 
 async def test_a_slow_mirror_does_not_hold_the_users_response(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
+    kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
 ) -> None:
     """The mirror target holds every response until the test releases it: users must be answered before that."""
     upstreams["candidate"].gate = asyncio.Event()
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs([{
+    kube_env.put_object(VIRTUAL_SERVICE, vs([{
         "route": [{"destination": {"host": "chat", "subset": "primary"}}],
         "mirror": {"host": "chat", "subset": "candidate"},
     }]))
@@ -316,11 +326,11 @@ async def test_a_slow_mirror_does_not_hold_the_users_response(
 
 
 async def test_streams_chunk_by_chunk_and_handles_missing_routes(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
+    kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
 ) -> None:
     model = SimModelServer("m", knobs=ModelKnobs(time_scale=0.01, output_words_median=15))
     await model.start()
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs([
+    kube_env.put_object(VIRTUAL_SERVICE, vs([
         {"match": [{"headers": {"x-variant": {"exact": "model"}}}],
          "route": [{"destination": {"host": "chat", "subset": "model"}}]},
         {"match": [{"headers": {"x-variant": {"exact": "nowhere"}}}],
@@ -367,20 +377,28 @@ def ksvc(template_name: str, traffic: list[dict[str, Any]] | None = None) -> dic
 
 
 async def test_knative_split_and_tag_routes(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
+    kube_env: KubeEnv, kube: KubeClient, upstreams: dict[str, Recorder], session: aiohttp.ClientSession
 ) -> None:
-    kube_emulator.put_object(KNATIVE_SERVICE, ksvc("chat-v1"))
+    kube_env.put_object(KNATIVE_SERVICE, ksvc("chat-v1"))
     source = KnativeSource("llm", "chat")
     mesh = MeshSimulator(kube, [source], seed=3,
                          revisions={"chat-v1": upstreams["primary"].url, "chat-v2": upstreams["candidate"].url})
     await mesh.start()
     await mesh.wait_ready()
     try:
+        # Until Knative's controller reports a ready revision nothing routes; then 100% to the latest.
+        settled = kube_env.wait_knative_settled("llm", "chat")
+        assert settled["status"]["latestReadyRevisionName"] == "chat-v1"
+        await mesh.wait_for_version(source, settled["metadata"]["resourceVersion"], within=10)
         assert set(await send(session, mesh, 20)) == {"primary"}  # default traffic: 100% latest
-        obj = kube_emulator.put_object(KNATIVE_SERVICE, ksvc("chat-v2", [
+        obj = kube_env.put_object(KNATIVE_SERVICE, ksvc("chat-v2", [
             {"revisionName": "chat-v1", "percent": 80, "tag": "stable"},
             {"revisionName": "chat-v2", "percent": 20, "tag": "candidate"},
         ]))
+        await mesh.wait_for_version(source, obj["metadata"]["resourceVersion"], within=10)
+        # the spec (and, once written, the status for it) split 80/20 with both tags
+        assert mesh.changes[-1].routes[0]["percent_sum"] == 100
+        obj = kube_env.wait_knative_settled("llm", "chat")  # no status write races the next change
         await mesh.wait_for_version(source, obj["metadata"]["resourceVersion"], within=10)
         change = mesh.changes[-1]
         assert change.routes[0]["percent_sum"] == 100
@@ -392,8 +410,11 @@ async def test_knative_split_and_tag_routes(
         assert set(await send(session, mesh, 20, **{"Knative-Serving-Tag": "candidate"})) == {"candidate"}
         async with session.post(mesh.url + "/", headers={"Host": "nosuchtag-chat.llm.example.com"}) as resp:
             assert resp.status == 404
-        assert all(c.routes[0]["percent_sum"] == 100 for c in mesh.changes)
-        obj = kube_emulator.put_object(KNATIVE_SERVICE, ksvc("chat-v2", [
+        # every version routed 100% in all, once the controller had first reported a ready revision
+        routing = [bool(c.routes[0]["percents"]) for c in mesh.changes]
+        assert routing[-1] and routing == sorted(routing), routing
+        assert all(c.routes[0]["percent_sum"] == 100 for c in mesh.changes if c.routes[0]["percents"])
+        obj = kube_env.put_object(KNATIVE_SERVICE, ksvc("chat-v2", [
             {"revisionName": "chat-v1", "percent": 100},
             {"revisionName": "chat-v2", "percent": 0, "tag": "candidate"},
         ]))
@@ -405,11 +426,11 @@ async def test_knative_split_and_tag_routes(
 
 
 async def test_a_client_that_hangs_up_mid_stream_is_not_an_error(
-    kube_emulator: KubeAPIEmulator, kube: KubeClient, caplog: pytest.LogCaptureFixture
+    kube_env: KubeEnv, kube: KubeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = SimModelServer("m", knobs=ModelKnobs(time_scale=0.2, output_words_median=40))
     await model.start()
-    kube_emulator.put_object(VIRTUAL_SERVICE, vs([{"route": [{"destination": {"host": "chat", "subset": "model"}}]}]))
+    kube_env.put_object(VIRTUAL_SERVICE, vs([{"route": [{"destination": {"host": "chat", "subset": "model"}}]}]))
     mesh = MeshSimulator(kube, [SRC], upstreams={("chat", "model"): model.url})
     await mesh.start()
     await mesh.wait_ready()

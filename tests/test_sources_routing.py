@@ -1,8 +1,9 @@
 """Per-policy Prometheus: requests routed by server; the token comes from the policy's Secret.
 
 The metric sources behind the router are test doubles at the port (FakeMetricSource); the
-Secret is read from the emulated API server, and the token is checked on the wire by a small
-HTTP server standing in for Prometheus.
+Secret is read from the real local API server (created there through KubeClient, read by
+``secret_connect``), and the token is checked on the wire by a small HTTP server standing in
+for Prometheus.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest_kube import KubeEnv
 from controller_helpers import FakeMetricSource
 from http_stub import PROMETHEUS_VECTOR_1, serving
 
 from shadowctl.kube import SECRET, KubeClient
 from shadowctl.policy.model import ShadowPolicy
-from shadowctl.sim.kubeapi import KubeAPIEmulator
 from shadowctl.sources.base import MetricSource, ServerRef, SourceError, SourceUnavailable, VariantPair
 from shadowctl.sources.promql import build_request
 from shadowctl.sources.routing import RoutingSource, secret_connect
@@ -121,9 +122,9 @@ def recorder() -> Iterator[dict[str, Any]]:
 
 
 async def test_secret_connect_sends_the_token_from_the_policys_secret(
-    kube_emulator: KubeAPIEmulator, tmp_path: Path, recorder: dict[str, Any]
+    kube_env: KubeEnv, tmp_path: Path, recorder: dict[str, Any]
 ) -> None:
-    kube = await KubeClient.connect(kubeconfig=kube_emulator.kubeconfig(tmp_path / "k"))
+    kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "k"))
     try:
         await kube.create(SECRET, {"apiVersion": "v1", "kind": "Secret",
                                    "metadata": {"name": "prom", "namespace": "llm"},

@@ -1,4 +1,4 @@
-"""Controller scale benchmark: N ShadowPolicies on one controller, against the emulated API server.
+"""Controller scale benchmark: N ShadowPolicies on one controller, against a real kube-apiserver.
 
 Each round ticks every policy once, concurrently, as the manager does at an interval boundary
 (all policies share the interval, so their ticks meet and their metric requests are batched). The
@@ -8,9 +8,10 @@ measures the real server). Reported per N: tick duration p50/p99 (wall time of o
 while all N run), round duration, API requests per tick, metric queries per round, RSS.
 
 
-Each size is run three ways: all ticks at the boundary with the emulated API server on the controller's
-event loop; the same with the API server in a process of its own (closer to a real cluster); and with
-the ticks staggered over the interval as the manager runs them (`Manager.offset`: 1 s to 9 s after the
+The API server is the local control plane of shadowctl.sim.cluster (kube-apiserver and etcd from
+hack/setup.sh, started once for the whole run; each run gets a namespace of its own), reached with the
+admin's client certificate. Each size is run two ways: all ticks at the boundary, and with the ticks
+staggered over the interval as the manager runs them (`Manager.offset`: 1 s to 9 s after the
 boundary of a 10 s interval). In every mode the look is fetched and judged for all rollouts in one pass
 started at the boundary (`Analyzer.prepare`, which the manager runs there); ticks read its rows.
 The stub's counts grow with the window (`--data growing`, as Prometheus' increase does), so every
@@ -28,8 +29,6 @@ import json
 import math
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,9 +41,9 @@ from shadowctl.controller.analysis import Analyzer, BatchingSource
 from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.manager import Manager
 from shadowctl.controller.reconciler import Reconciler
-from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
+from shadowctl.kube import NAMESPACE, SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.routers.factory import router_for
-from shadowctl.sim.kubeapi import KubeAPIEmulator
+from shadowctl.sim.cluster import LocalCluster, default_crds_dir
 from shadowctl.sources.base import (
     HistogramWindow,
     MetricKey,
@@ -60,7 +59,7 @@ LE = (*(round(0.05 * 1.05**i, 6) for i in range(100)), math.inf)
 POLICY = """
 apiVersion: shadowctl.dev/v1alpha1
 kind: ShadowPolicy
-metadata: {name: NAME, namespace: bench}
+metadata: {name: NAME, namespace: NS}
 spec:
   target:
     istio:
@@ -120,52 +119,42 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _api_process(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    config = tmp / "kc"
-    with (tmp / "kubeapi.log").open("wb") as err:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - the server outlives this call
-            [sys.executable, "-m", "shadowctl.sim.kubeapi", "--port", "0", "--kubeconfig-out", str(config)],
-            stdout=subprocess.PIPE, stderr=err,
-        )
-    assert proc.stdout is not None
-    line = await asyncio.to_thread(proc.stdout.readline)
-    if b"serving" not in line:
-        raise RuntimeError(f"the emulator did not start: {(tmp / 'kubeapi.log').read_text()[-2000:]}")
-    return proc, config
+def crds_dir() -> Path:
+    """The upstream CRDs (Istio's VirtualService): hack/setup.sh's copy, else ``../shared/crds``."""
+    folder = default_crds_dir()
+    shared = REPO.parent / "shared" / "crds"
+    return shared if not folder.is_dir() and shared.is_dir() else folder
 
 
-async def bench(n: int, rounds: int, api_process: bool, spread_s: float, growing: bool = True) -> dict[str, Any]:
-    """Tick `n` policies `rounds` times; the API server in this process or (`api_process`) its own;
-    ticks all at once at the boundary (`spread_s` 0) or staggered over `spread_s` seconds."""
+async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spread_s: float,
+                growing: bool = True) -> dict[str, Any]:
+    """Tick `n` policies (in `namespace`, created here) `rounds` times; ticks all at once at the boundary
+    (`spread_s` 0) or staggered over `spread_s` seconds."""
     vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
-    emu = KubeAPIEmulator()
-    proc: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        if api_process:
-            proc, config = await _api_process(tmp)
-        else:
-            await emu.start()
-            config = emu.kubeconfig(tmp / "kc")
+        config = cluster.plane.write_kubeconfig(Path(tmp_name) / "kc", namespace=namespace)
         kube = await KubeClient.connect(kubeconfig=config)
         try:
+            # A real API server stores objects only in a Namespace that exists.
+            await kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
             for i in range(n):
                 name = f"p{i:04d}"
                 obj = copy.deepcopy(vs)
-                obj["metadata"] = {"name": name, "namespace": "bench"}
-                await kube.create(VIRTUAL_SERVICE, obj, namespace="bench")
-                await kube.create(SHADOW_POLICY, yaml.safe_load(POLICY.replace("NAME", name)), namespace="bench")
+                obj["metadata"] = {"name": name, "namespace": namespace}
+                await kube.create(VIRTUAL_SERVICE, obj, namespace=namespace)
+                policy = yaml.safe_load(POLICY.replace("NAME", name).replace("NS", namespace))
+                await kube.create(SHADOW_POLICY, policy, namespace=namespace)
             stub = StubSource(growing)
             source = BatchingSource(stub)
             clock = FakeClock()
             analyzer = Analyzer(source)
             reconciler = Reconciler(kube, router_for, analyzer, clock)
-            refs = [ResourceRef(SHADOW_POLICY, f"p{i:04d}", "bench") for i in range(n)]
+            refs = [ResourceRef(SHADOW_POLICY, f"p{i:04d}", namespace) for i in range(n)]
             manager = Manager(kube, reconciler, clock)  # its plan() gives the batching source the whole look
             source.planner = manager.plan
             # The manager's own offsets (a hash of the key, uniform in [lead, spread) x the 10 s interval, the
             # lead left to the look's pass), scaled so that the last tick starts `spread_s` after the boundary.
-            offsets = {ref.name: manager.offset(f"bench/{ref.name}", 1.0) / manager.spread * spread_s for ref in refs}
+            offsets = {ref.name: manager.offset(f"{namespace}/{ref.name}", 1.0) / manager.spread * spread_s for ref in refs}
             ticks: list[float] = []
             round_s: list[float] = []
             requests_per_round: list[int] = []
@@ -175,9 +164,9 @@ async def bench(n: int, rounds: int, api_process: bool, spread_s: float, growing
                 clock.advance(10.0)
                 before_req, before_q, before_w = kube.request_count, stub.queries, kube.write_count
                 # The manager ticks from its watch cache; a list stands in for it here (not counted).
-                listed = await kube.list(SHADOW_POLICY, "bench")
+                listed = await kube.list(SHADOW_POLICY, namespace)
                 cache = {obj["metadata"]["name"]: obj for obj in listed.items}
-                manager.last_objects = {f"bench/{name}": obj for name, obj in cache.items()}
+                manager.last_objects = {f"{namespace}/{name}": obj for name, obj in cache.items()}
                 listed_requests = kube.request_count - before_req
 
                 async def timed(ref: ResourceRef, cache: dict[str, Any] = cache, start: float = 0.0) -> float:
@@ -201,7 +190,7 @@ async def bench(n: int, rounds: int, api_process: bool, spread_s: float, growing
             rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             return {
                 "policies": n,
-                "api_server": "separate process" if api_process else "same process",
+                "api_server": str(cluster.plane.versions),
                 "ticks": f"staggered over {spread_s:g}s" if spread_s else "all at the boundary",
                 "rounds_measured": rounds - 1,
                 "tick_p50_s": round(statistics.median(ticks), 4),
@@ -218,16 +207,17 @@ async def bench(n: int, rounds: int, api_process: bool, spread_s: float, growing
             }
         finally:
             await kube.close()
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
-            else:
-                await emu.stop()
 
 
 async def main(sizes: list[int], rounds: int, spread_s: float, growing: bool) -> list[dict[str, Any]]:
-    runs = [(False, 0.0), (True, 0.0), (True, spread_s)]
-    return [await bench(n, rounds, api_process, spread, growing) for api_process, spread in runs for n in sizes]
+    cluster = LocalCluster(crds=crds_dir(), knative=False)
+    await asyncio.to_thread(cluster.start)
+    try:
+        # A namespace per run: a namespace cannot be emptied by deleting it (no namespace controller runs).
+        runs = [(spread, n) for spread in (0.0, spread_s) for n in sizes]
+        return [await bench(cluster, f"bench-{i}", n, rounds, spread, growing) for i, (spread, n) in enumerate(runs)]
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`shadowctl demo`: a whole rollout on this machine, without a cluster or a GPU."""
+"""`shadowctl demo`: a whole rollout on this machine, on a local control plane, without a GPU."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ def demo(
 ) -> None:
     """Run a rollout end to end on this machine and say what the controller decided, and why.
 
-    Starts, on free local ports: an emulated Kubernetes API server, a mesh simulator routing by the
-    VirtualService, simulated vLLM-like model servers with a shadowctl tap in front of each, a real
-    Prometheus and Mosquitto, a load generator and the controller (`shadowctl run`). The scenario sets
-    how the candidate behaves. Exit code 0 when the outcome is the one the scenario expects, 1 otherwise.
+    Starts, on free local ports: a real Kubernetes control plane (kube-apiserver and etcd from
+    hack/setup.sh, with the CRDs and deploy/rbac.yaml), a mesh simulator routing by the VirtualService,
+    simulated vLLM-like model servers with a shadowctl tap in front of each, a real Prometheus and
+    Mosquitto, a load generator and the controller (`shadowctl run`, as deploy/rbac.yaml's
+    ServiceAccount). The scenario sets how the candidate behaves. Exit code 0 when the outcome is the
+    one the scenario expects, 1 otherwise.
 
     Example: shadowctl demo --scenario bad-latency
     """

@@ -1,12 +1,13 @@
 """The local environment: everything `shadowctl demo` starts, wired on free local ports.
 
-Real: Prometheus and Mosquitto (Debian packages, child processes), HTTP
-traffic, the taps, the controller (`shadowctl run`, a child process) and the
-CLI. Simulated, because they cannot run here: the Kubernetes API server
-(kmock-based emulator with real resourceVersion/409/validation semantics),
-Envoy (a mesh simulator that routes real requests by the VirtualService in the
-emulated API, mirroring with Istio's semantics), and GPU model servers
-(OpenAI-compatible, vLLM metric names, latency really spent).
+Real: the Kubernetes API (kube-apiserver and etcd, the local control plane of
+:mod:`shadowctl.sim.cluster`, RBAC on), Prometheus and Mosquitto (Debian
+packages, child processes), HTTP traffic, the taps, the controller (`shadowctl
+run`, a child process, as deploy/rbac.yaml's ServiceAccount) and the CLI.
+Simulated, because they cannot run here: Envoy (a mesh simulator that routes
+real requests by the VirtualService in the API server, mirroring with Istio's
+semantics), and GPU model servers (OpenAI-compatible, vLLM metric names,
+latency really spent). No kubelet runs: nothing here is a Pod.
 
 Topology::
 
@@ -15,12 +16,14 @@ Topology::
                             └──────────────────────────▶ tap(candidate) ──▶ model server chat-v2
     taps ── output events ──▶ Mosquitto ──▶ controller's output source
     model servers ◀── scrape every 1s ── Prometheus ◀── controller's queries
-    controller ◀──▶ emulated Kubernetes API (ShadowPolicy, VirtualService, Events, status)
+    controller ◀──▶ kube-apiserver + etcd (ShadowPolicy, VirtualService, Events, status)
+    mesh simulator ◀── watch ── kube-apiserver (the VirtualService the controller writes)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -34,8 +37,10 @@ import yaml
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
-from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
-from shadowctl.sim.kubeapi import KubeAPIEmulator
+from shadowctl.kube import NAMESPACE as NAMESPACES
+from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, Forbidden, KubeClient, NotFound, ResourceRef
+from shadowctl.sim.cluster import LocalCluster, default_crds_dir
+from shadowctl.sim.errors import SimError
 from shadowctl.sim.mesh import IstioSource, MeshSimulator
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
 from shadowctl.sim.services import MosquittoProcess, PrometheusProcess, ScrapeTarget, free_port
@@ -48,9 +53,21 @@ NAMESPACE = "llm"
 HOST = "chat.llm.svc.cluster.local"
 POLICY_REF = ResourceRef(SHADOW_POLICY, "chat", NAMESPACE)
 VS_REF = ResourceRef(VIRTUAL_SERVICE, "chat", NAMESPACE)
+# deploy/rbac.yaml's ServiceAccount: the controller runs with exactly the RBAC that is deployed.
+CONTROLLER_SA = ("shadowctl", "shadowctl")
+# What kubectl applies, in order: the controller's namespace and RBAC, then the routing objects.
+MANIFESTS = (REPO / "deploy" / "namespace.yaml", REPO / "deploy" / "rbac.yaml", REPO / "istio" / "chat.yaml")
+RBAC_WAIT_S = 15.0
 
 BASE_KNOBS = ModelKnobs(time_scale=1.0, ttft_median_s=0.12, ttft_sigma=0.3, tpot_median_s=0.01,
                         output_words_median=24, noise_rate=0.01, max_running=512)
+
+
+def crds_dir() -> Path:
+    """The upstream CRDs: hack/setup.sh's copy (``.venv/share/shadowctl/crds``), else ``../shared/crds``."""
+    folder = default_crds_dir()
+    shared = REPO.parent / "shared" / "crds"
+    return shared if not folder.is_dir() and shared.is_dir() else folder
 
 
 async def _bounded(awaitable: Any, seconds: float = 10.0) -> None:
@@ -77,7 +94,7 @@ class Environment:
 
     workdir: Path
     keep_workdir: bool = False
-    emulator: KubeAPIEmulator | None = None
+    cluster: LocalCluster | None = None
     kube: KubeClient | None = None
     servers: dict[str, SimModelServer] = field(default_factory=dict)
     taps: dict[str, _Tap] = field(default_factory=dict)
@@ -86,7 +103,8 @@ class Environment:
     mosquitto: MosquittoProcess | None = None
     controller: subprocess.Popen[bytes] | None = None
     controller_log: Path | None = None
-    kubeconfig: Path | None = None
+    kubeconfig: Path | None = None  # the admin's (the demo's own reads and writes, the mesh simulator)
+    controller_kubeconfig: Path | None = None  # deploy/rbac.yaml's ServiceAccount, with a bearer token
 
     # ------------------------------------------------------------------ start
 
@@ -103,6 +121,29 @@ class Environment:
         return env
 
     async def _start(self, candidate_knobs: dict[str, Any], policy_text_for: Any, seed: int) -> None:
+        # The Kubernetes API first (it says plainly when hack/setup.sh has not been run): a real
+        # kube-apiserver and etcd, shadowctl's and Istio's CRDs installed.
+        self.cluster = LocalCluster(crds=crds_dir(), knative=False)
+        starting = asyncio.ensure_future(asyncio.to_thread(self.cluster.start))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Ctrl-C while it starts: let the thread finish, so that close() stops every process it started.
+            with contextlib.suppress(BaseException):
+                await starting
+            raise
+        plane = self.cluster.plane
+        if "virtualservices.networking.istio.io" not in plane.installed_crds:
+            raise SimError(f"the Istio CRDs are not in {plane.crds_dir}: run hack/setup.sh, which copies them there")
+        self.kubeconfig = plane.write_kubeconfig(self.workdir / "kubeconfig", namespace=NAMESPACE)
+        self.kube = await KubeClient.connect(kubeconfig=self.kubeconfig)
+        # A real API server stores an object only in a Namespace that exists.
+        await self.kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        # The controller's namespace, ServiceAccount and RBAC as deployed, the VirtualService and
+        # DestinationRule: applied with kubectl, as a person would.
+        await self._kubectl("apply", *(arg for path in MANIFESTS for arg in ("-f", str(path))))
+        await self._controller_credentials()
+
         self.mosquitto = MosquittoProcess(self.workdir / "mosquitto")
         await self.mosquitto.start()
 
@@ -122,16 +163,6 @@ class Environment:
             if variant == "primary":
                 mirror = MirrorConfig(url=self.taps["baseline"].url, percent=30.0)
             await self._start_tap(variant, mirror)
-
-        # The emulated Kubernetes API with the CRDs, the VirtualService and DestinationRule.
-        self.emulator = KubeAPIEmulator(policy_crd=REPO / "deploy" / "crd.yaml")
-        await self.emulator.start()
-        self.kubeconfig = self.emulator.kubeconfig(self.workdir / "kubeconfig", namespace=NAMESPACE)
-        self.kube = await KubeClient.connect(kubeconfig=self.kubeconfig)
-        for doc in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()):
-            gvr = VIRTUAL_SERVICE if doc["kind"] == "VirtualService" else None
-            if gvr is not None:
-                await self.kube.create(gvr, doc)
 
         # The mesh routes by that VirtualService to the taps.
         self.mesh = MeshSimulator(
@@ -157,12 +188,52 @@ class Environment:
         log = self.controller_log.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.controller = subprocess.Popen(  # noqa: ASYNC220 - a child process that outlives this call
-            [sys.executable, "-m", "shadowctl", "run", "--kubeconfig", str(self.kubeconfig),
+            [sys.executable, "-m", "shadowctl", "run", "--kubeconfig", str(self.controller_kubeconfig),
              "--prometheus", self.prometheus.url, "--events-mqtt", self.mosquitto.url, "--no-leader-elect",
              "--listen", f"127.0.0.1:{free_port()}", "--log-format", "json"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
+
+    async def _kubectl(self, *args: str) -> None:
+        """Run the control plane's kubectl as the admin; SimError with its output when it fails."""
+        assert self.cluster is not None and self.kubeconfig is not None
+        argv = [str(self.cluster.plane.binaries.kubectl), "--kubeconfig", str(self.kubeconfig), *args]
+        try:
+            done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=120,
+                                           check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SimError(f"kubectl {' '.join(args)}: {exc}") from exc
+        if done.returncode != 0:
+            raise SimError(f"kubectl {' '.join(args)} failed ({done.returncode}): {(done.stderr or done.stdout).strip()}")
+
+    async def _controller_credentials(self) -> None:
+        """A kubeconfig with a token of deploy/rbac.yaml's ServiceAccount; wait until the authorizer knows its RBAC."""
+        assert self.cluster is not None
+        cluster = self.cluster
+
+        def token() -> str:
+            with cluster.plane.admin_client() as client:
+                return cluster.service_account_token(client, *CONTROLLER_SA, seconds=86_400)
+
+        self.controller_kubeconfig = cluster.plane.write_kubeconfig(
+            self.workdir / "controller.kubeconfig", token=await asyncio.to_thread(token), namespace=NAMESPACE,
+            user="shadowctl")
+        # RBAC objects reach the authorizer through its informers, a moment after they are stored.
+        probe = await KubeClient.connect(kubeconfig=self.controller_kubeconfig)
+        try:
+            deadline = asyncio.get_running_loop().time() + RBAC_WAIT_S
+            while True:
+                try:
+                    await probe.list(SHADOW_POLICY, None)
+                    return
+                except Forbidden as exc:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise SimError(f"deploy/rbac.yaml applied, but its ServiceAccount still cannot list "
+                                       f"ShadowPolicies after {RBAC_WAIT_S:g} s: {exc.message}") from exc
+                    await asyncio.sleep(0.1)
+        finally:
+            await probe.close()
 
     async def _start_tap(self, variant: str, mirror: MirrorConfig | None) -> None:
         assert self.mosquitto is not None
@@ -179,14 +250,25 @@ class Environment:
 
     # ------------------------------------------------------------------ reading
 
-    def policy_object(self) -> dict[str, Any]:
-        assert self.emulator is not None
-        return self.emulator.get_object(SHADOW_POLICY, NAMESPACE, "chat") or {}
+    @property
+    def api_versions(self) -> str:
+        """What serves the Kubernetes API, e.g. ``kube-apiserver v1.37.2, etcd 3.6.16``."""
+        return str(self.cluster.plane.versions) if self.cluster is not None else "not started"
 
-    def route_weights(self) -> tuple[int, int, float | None]:
-        """(primary, candidate, mirror %) of the managed route, read from the emulated API."""
-        assert self.emulator is not None
-        vs = self.emulator.get_object(VIRTUAL_SERVICE, NAMESPACE, "chat") or {}
+    async def _read(self, ref: ResourceRef) -> dict[str, Any]:
+        assert self.kube is not None
+        try:
+            return await self.kube.get(ref)
+        except NotFound:
+            return {}
+
+    async def policy_object(self) -> dict[str, Any]:
+        """The ShadowPolicy as stored ({} when it does not exist)."""
+        return await self._read(POLICY_REF)
+
+    async def route_weights(self) -> tuple[int, int, float | None]:
+        """(primary, candidate, mirror %) of the managed route, read from the API server."""
+        vs = await self._read(VS_REF)
         route: dict[str, Any] = next(
             (r for r in (vs.get("spec") or {}).get("http", []) if r.get("name") == "chat-default"), {})
         dests = route.get("route") or []
@@ -223,8 +305,8 @@ class Environment:
             await _bounded(server.stop())
         if self.kube is not None:
             await _bounded(self.kube.close())
-        if self.emulator is not None:
-            await _bounded(self.emulator.stop())
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.stop)  # bounded: SIGKILL after 10 s per process
         for proc in (self.prometheus, self.mosquitto):
             if proc is not None:
                 await proc.stop()

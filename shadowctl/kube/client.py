@@ -143,7 +143,7 @@ class KubeClient:
 
     @classmethod
     def for_url(cls, url: str, *, token: str | None = None, **options: Any) -> Self:
-        """A client for a plain URL (the emulator, ``kubectl proxy``) with an optional bearer token."""
+        """A client for a plain URL (``kubectl proxy``, a fault proxy) with an optional bearer token."""
         configuration = k8s_client.Configuration(host=url.rstrip("/"))
         if token:
             configuration.api_key = {"BearerToken": token}

@@ -16,6 +16,11 @@ candidate revisions are resolved once, on first touch, and kept in the
 ownership record, so that later steps and a rollback after a restart use the
 same revisions even after ``latestReadyRevisionName`` has moved on.
 
+Knative's controller writes ``status`` a moment after each spec write, so on
+first touch the revisions are resolved only from a status that is current
+(``observedGeneration`` is the Service's generation and the latest created
+revision is ready); otherwise the builder refuses, and the caller retries.
+
 Before anything is written the traffic block is checked the way Knative's
 webhook checks it: percents sum to 100, ``revisionName`` XOR
 ``latestRevision: true``, unique tags, revisions that exist (when known).
@@ -63,6 +68,8 @@ def build(
         )
     obj = copy.deepcopy(current)
     record = load_record(obj)
+    if not record.get("traffic"):
+        check_status_current(obj, target)
     res = resolve(obj, target, known_revisions)
     traffic = _traffic(obj)
     p = _primary_index(obj, traffic, res, record)
@@ -122,6 +129,7 @@ def promote(current: JSON, target: KnativeTarget, known_revisions: Collection[st
         wanted = target.candidate_revision or (obj.get("status") or {}).get("latestReadyRevisionName")
         if done is not None and done == wanted:
             return Build(obj, False)
+        check_status_current(obj, target)
     res = resolve(obj, target, known_revisions)
     traffic = _traffic(obj)
     p = _primary_index(obj, traffic, res, record)
@@ -203,6 +211,38 @@ def resolve(obj: JSON, target: KnativeTarget, known_revisions: Collection[str] |
                     f"{', '.join(sorted(known)) or '(none)'}"
                 )
     return Resolved(str(primary), str(candidate), str(rec.get("candidateTag") or target.candidate_tag))
+
+
+def check_status_current(obj: JSON, target: KnativeTarget) -> None:
+    """Raise DestinationNotFound when revisions would be resolved from a status Knative has not caught up on.
+
+    Knative's controller writes ``status`` some time after a spec write. Until
+    ``status.observedGeneration`` reaches ``metadata.generation``, and while the
+    latest created revision is not yet the latest ready one,
+    ``latestReadyRevisionName`` (and what a floating ``latestRevision`` target
+    points at) names an older revision; resolved on first touch it would be
+    recorded as the candidate (or promoted) for the whole rollout. Called before
+    the first touch only, and not when the policy names both revisions. A status
+    without ``observedGeneration`` (a file, a status written by hand) is taken as is.
+    """
+    if target.candidate_revision and target.primary_revision:
+        return
+    name = object_name(obj)
+    generation = (obj.get("metadata") or {}).get("generation")
+    status = obj.get("status") or {}
+    observed = status.get("observedGeneration")
+    if isinstance(generation, int) and isinstance(observed, int) and observed < generation:
+        raise DestinationNotFound(
+            f"{name}: Knative has not reconciled generation {generation} yet (status.observedGeneration is "
+            f"{observed}), so its status may name an older revision; try again once the status is current, "
+            "or name candidateRevision and primaryRevision"
+        )
+    created, ready = status.get("latestCreatedRevisionName"), status.get("latestReadyRevisionName")
+    if not target.candidate_revision and created and ready and created != ready:
+        raise DestinationNotFound(
+            f"{name}: the latest created revision {created} is not ready yet (the latest ready is {ready}); "
+            f"try again once it is ready, or name candidateRevision (e.g. {ready}) to roll out another"
+        )
 
 
 def check_traffic(obj: JSON, traffic: list[JSON], known_revisions: Collection[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """A mesh data-plane simulator: routes real HTTP requests by Istio VirtualServices or Knative Services.
 
 It stands in for Envoy (and Knative's activator) in the local environment. The
-routing objects are read from the (emulated) Kubernetes API through
+routing objects are read from the Kubernetes API (the local control plane) through
 :class:`~shadowctl.kube.KubeClient`: a list, then a watch from the list's
 resourceVersion, re-listing on 410 and after errors. A watch rather than
 polling, because the change log must hold *every* version the data plane saw,

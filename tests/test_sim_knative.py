@@ -1,13 +1,18 @@
-"""Knative Service webhook rules and status following spec, in the emulator, through KubeClient."""
+"""The Knative stand-in on the real API server, through KubeClient: webhook rules, status following spec.
+
+The webhook is a real ValidatingWebhookConfiguration, so its refusals come back
+from kube-apiserver as they would from Knative's; the controller writes status
+asynchronously after a spec write, so status is awaited with ``eventually``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from conftest_kube import KubeEnv, eventually
 
-from shadowctl.kube import KNATIVE_REVISION, KNATIVE_SERVICE, Invalid, KubeClient, ResourceRef
-from shadowctl.sim.kubeapi import KubeAPIEmulator
+from shadowctl.kube import KNATIVE_REVISION, KNATIVE_SERVICE, Conflict, Invalid, KubeClient, ResourceRef
 
 REF = ResourceRef(KNATIVE_SERVICE, "llm", "default")
 
@@ -24,9 +29,22 @@ def ksvc(image: str = "llm:1", traffic: list[dict[str, Any]] | None = None) -> d
     }
 
 
+async def observed(client: KubeClient, generation: int) -> dict[str, Any]:
+    """The Service once the stand-in has written status for ``generation``."""
+
+    async def check() -> dict[str, Any] | None:
+        svc = await client.get(REF)
+        status = svc.get("status") or {}
+        ok = svc["metadata"]["generation"] == generation and status.get("observedGeneration") == generation
+        return svc if ok and status.get("traffic") is not None else None
+
+    return await eventually(check)
+
+
 async def test_create_makes_a_ready_revision_and_status(kube_client: KubeClient) -> None:
-    await kube_client.create(KNATIVE_SERVICE, ksvc())
-    svc = await kube_client.get(REF)
+    created = await kube_client.create(KNATIVE_SERVICE, ksvc())
+    assert "status" not in created or not created["status"].get("traffic")  # written later, by the controller
+    svc = await observed(kube_client, 1)
     status = svc["status"]
     assert status["latestReadyRevisionName"] == status["latestCreatedRevisionName"] == "llm-00001"
     assert status["observedGeneration"] == svc["metadata"]["generation"]
@@ -35,20 +53,21 @@ async def test_create_makes_a_ready_revision_and_status(kube_client: KubeClient)
     rev = await kube_client.get(ResourceRef(KNATIVE_REVISION, "llm-00001", "default"))
     assert rev["spec"]["containers"][0]["image"] == "llm:1"
     assert rev["metadata"]["labels"]["serving.knative.dev/service"] == "llm"
+    assert {c["type"]: c["status"] for c in rev["status"]["conditions"]}["Ready"] == "True"
 
 
 async def test_template_change_creates_next_revision_traffic_change_does_not(
-    kube_client: KubeClient, kube_emulator: KubeAPIEmulator
+    kube_client: KubeClient, kube_env: KubeEnv
 ) -> None:
     await kube_client.create(KNATIVE_SERVICE, ksvc())
-    svc = await kube_client.get(REF)
+    svc = await observed(kube_client, 1)
     svc["spec"]["template"]["spec"]["containers"][0]["image"] = "llm:2"
     svc["spec"]["traffic"] = [
         {"revisionName": "llm-00001", "percent": 90},
         {"latestRevision": True, "percent": 10, "tag": "candidate"},
     ]
     await kube_client.replace(KNATIVE_SERVICE, svc)
-    svc = await kube_client.get(REF)
+    svc = await observed(kube_client, 2)
     assert svc["status"]["latestReadyRevisionName"] == "llm-00002"
     assert svc["status"]["traffic"][1] == {
         "revisionName": "llm-00002",
@@ -60,11 +79,11 @@ async def test_template_change_creates_next_revision_traffic_change_does_not(
     svc["spec"]["traffic"] = [{"revisionName": "llm-00002", "percent": 100}]
     out = await kube_client.replace(KNATIVE_SERVICE, svc)
     assert out["metadata"]["generation"] == 3
-    names = [r["metadata"]["name"] for r in kube_emulator.list_objects(KNATIVE_REVISION, "default")]
-    assert names == ["llm-00001", "llm-00002"]
-    svc = await kube_client.get(REF)
-    assert svc["status"]["observedGeneration"] == 3
+    svc = await observed(kube_client, 3)
     assert svc["status"]["traffic"] == [{"revisionName": "llm-00002", "percent": 100, "latestRevision": False}]
+    assert svc["status"]["latestReadyRevisionName"] == "llm-00002"
+    names = [r["metadata"]["name"] for r in kube_env.list_objects(KNATIVE_REVISION, "default")]
+    assert names == ["llm-00001", "llm-00002"]  # the traffic-only change made no Revision
 
 
 @pytest.mark.parametrize(
@@ -85,14 +104,26 @@ async def test_template_change_creates_next_revision_traffic_change_does_not(
 )
 async def test_webhook_rejects(kube_client: KubeClient, traffic: list[dict[str, Any]], needle: str) -> None:
     await kube_client.create(KNATIVE_SERVICE, ksvc())
+    await observed(kube_client, 1)  # llm-00001 exists: only the rule under test can refuse
     with pytest.raises(Invalid) as info:
         await kube_client.patch_merge(REF, {"spec": {"traffic": traffic}})
+    assert info.value.status == 422
+    assert 'admission webhook "validation.webhook.serving.knative.dev" denied the request' in info.value.message
     assert needle in info.value.message
     assert info.value.causes and info.value.causes[0]["field"].startswith("spec.traffic")
+    assert (await kube_client.get(REF))["metadata"]["generation"] == 1  # nothing was stored
 
 
 async def test_spec_write_response_is_already_stale(kube_client: KubeClient) -> None:
     """Knative's controller writes status right after a spec write, so the write's own version is stale."""
     created = await kube_client.create(KNATIVE_SERVICE, ksvc())
-    current = await kube_client.get(REF)
-    assert int(current["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
+
+    async def moved_on() -> dict[str, Any] | None:
+        current = await kube_client.get(REF)
+        newer = int(current["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
+        return current if newer else None
+
+    current = await eventually(moved_on)
+    assert current["metadata"]["generation"] == created["metadata"]["generation"]  # a status write, not spec
+    with pytest.raises(Conflict):
+        await kube_client.replace(KNATIVE_SERVICE, dict(created, spec=ksvc("llm:2")["spec"]))
