@@ -499,6 +499,7 @@ async def test_a_missing_verb_is_a_clear_forbidden_and_nothing_else_is_written(k
         try:
             await Harness(kube_env, setup).setup()
             before = await setup.get(VS_REF)
+            kube_env.reset_counts()
             clock = FakeClock()
             reconciler = Reconciler(kube, router_for, Analyzer(FakeMetricSource()), clock)
             errors = []
@@ -526,7 +527,7 @@ async def test_a_missing_verb_is_a_clear_forbidden_and_nothing_else_is_written(k
     assert all(e and "Forbidden" in e for e in errors[1:]), errors
     # Nothing else was written: the controller's requests, as the proxy saw them, are reads, the
     # finalizer and the status (with the error), and the refused route update.
-    writes = [(r.verb, r.path.split("?")[0], r.status) for r in kube_env.request_log()
+    writes = [(r.verb, r.path.split("?")[0], r.status) for r in kube_env.request_log
               if r.verb not in ("get", "list", "watch")]
     policy_path = "/apis/shadowctl.dev/v1alpha1/namespaces/llm/shadowpolicies/chat"
     vs_path = "/apis/networking.istio.io/v1/namespaces/llm/virtualservices/chat"

@@ -289,10 +289,11 @@ class FaultProxy:
             if verb != "watch":
                 data = await upstream.read()
                 response.content_length = len(data)
+                # Recorded before the answer leaves: a client that has its answer finds it in the log.
+                self._record(verb, request, upstream.status)
                 await response.prepare(request)
                 await response.write(data)
                 await response.write_eof()
-                self._record(verb, request, upstream.status)
                 return response
             await response.prepare(request)
             self._record(verb, request, upstream.status)
