@@ -154,6 +154,9 @@ class KubeEnv:
                   retry_after: int | None = None) -> None:
         self.proxy.fail_next(count, status, verb=verb, path=path, retry_after=retry_after)
 
+    def reset_next(self, count: int, *, verb: str | None = None, path: str | None = None) -> None:
+        self.proxy.reset_next(count, verb=verb, path=path)
+
     def set_latency(self, seconds: float, *, verb: str | None = None) -> None:
         self.proxy.set_latency(seconds, verb=verb)
 

@@ -235,6 +235,28 @@ async def test_create_is_not_retried_on_500(
     assert len(kube_sleeps) == 1
 
 
+async def test_connection_reset_is_retried_for_reads_but_not_for_creates(
+    kube_client: KubeClient, kube_env: KubeEnv, kube_sleeps: list[float]
+) -> None:
+    """The fault proxy drops the connection with no answer: a read is safe to send again, a create is not
+    (the server may have stored it), so the create's reset surfaces as Unavailable, sent once."""
+    await kube_client.create(VIRTUAL_SERVICE, vs())
+    kube_env.reset_next(2, verb="get")
+    assert (await kube_client.get(REF))["metadata"]["name"] == REF.name
+    # The proxy saw both resets and the answer (aiohttp itself resends an idempotent request once when a
+    # kept-alive connection drops, so the client counts fewer attempts than the proxy sees).
+    assert [r.status for r in kube_env.request_log if r.verb == "get"] == [0, 0, 200]
+    assert kube_sleeps
+    kube_env.reset_next(1, verb="create")
+    other = vs()
+    other["metadata"]["name"] = "other"
+    with pytest.raises(Unavailable) as info:
+        await kube_client.create(VIRTUAL_SERVICE, other)
+    assert info.value.status is None
+    assert kube_client.requests_by_verb["create"] == 2
+    assert [r.status for r in kube_env.request_log if r.verb == "create"] == [201, 0]  # sent once, never again
+
+
 async def test_request_timeout_is_unavailable(kube_env: KubeEnv, tmp_path: Path) -> None:
     kube_env.set_latency(5.0, verb="get")
     sleeps: list[float] = []

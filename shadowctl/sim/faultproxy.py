@@ -64,6 +64,10 @@ def verb_of(method: str, path: str, query: dict[str, str]) -> str:
     return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
 
 
+RESET = 0
+"""The status a :class:`Fault` (and a :class:`RequestRecord`) carries for a dropped connection."""
+
+
 @dataclass
 class Fault:
     """Answer the next ``remaining`` matching requests with ``status``."""
@@ -132,6 +136,10 @@ class FaultProxy:
         """Answer the next ``count`` requests matching ``verb`` and the ``path`` regex with ``status``."""
         with self._lock:
             self._faults.append(Fault(count, status, verb, re.compile(path) if path else None, retry_after))
+
+    def reset_next(self, count: int, *, verb: str | None = None, path: str | None = None) -> None:
+        """Drop the connection of the next ``count`` matching requests without any answer (a TCP reset)."""
+        self.fail_next(count, RESET, verb=verb, path=path)
 
     def set_latency(self, seconds: float, *, verb: str | None = None) -> None:
         """Delay answers to ``verb`` (every verb when None) by ``seconds``; 0 removes the delay."""
@@ -260,6 +268,10 @@ class FaultProxy:
         fault = self._take_fault(verb, request.path)
         if fault is not None:
             self._record(verb, request, fault.status)
+            if fault.status == RESET:
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response(status=500)  # never sent: the connection is gone
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
             return web.json_response(status_body(fault.status, f"injected by the fault proxy: {fault.status}"),
                                      status=fault.status, headers=headers)
