@@ -26,12 +26,9 @@ def demo(
 ) -> None:
     """Run a rollout end to end on this machine and say what the controller decided, and why.
 
-    Starts, on free local ports: a real Kubernetes control plane (kube-apiserver and etcd from
-    hack/setup.sh, with the CRDs and deploy/rbac.yaml), a mesh simulator routing by the VirtualService,
-    simulated vLLM-like model servers with a shadowctl tap in front of each, a real Prometheus and
-    Mosquitto, a load generator and the controller (`shadowctl run`, as deploy/rbac.yaml's
-    ServiceAccount). The scenario sets how the candidate behaves. Exit code 0 when the outcome is the
-    one the scenario expects, 1 otherwise.
+    Starts, on free local ports: a real Kubernetes control plane (kube-apiserver and etcd from hack/setup.sh, with the CRDs and deploy/rbac.yaml), a mesh simulator routing by the VirtualService, simulated vLLM-like model servers with a shadowctl tap in front of each, a real Prometheus and Mosquitto, a load generator and the controller (`shadowctl run`, as deploy/rbac.yaml's ServiceAccount).
+
+    The scenario sets how the candidate behaves. Exit code 0 when the outcome is the one the scenario expects, 1 otherwise.
 
     Example: shadowctl demo --scenario bad-latency
     """
