@@ -42,7 +42,6 @@ from shadowctl.sim.faultproxy import FaultProxy, RequestRecord
 JSON = dict[str, Any]
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
-SHARED_CRDS = REPO.parent / "shared" / "crds"
 # The session's control plane, for helpers that are not fixtures (tests/routers_util.py).
 SESSION: dict[str, LocalCluster] = {}
 TEST_NAMESPACES = ("default", "llm", "models", "ns", "ns1", "team-a", "team-b", "shadowctl-system", "shadowctl")
@@ -68,24 +67,18 @@ CLEANED = tuple(
 )
 
 
-def crds_folder() -> Path:
-    """The upstream CRDs: setup's copy from the Go modules, else ``../shared/crds``."""
-    folder = default_crds_dir()
-    return folder if folder.is_dir() else SHARED_CRDS
-
-
 @pytest.fixture
 def crds_dir() -> Path:
-    folder = crds_folder()
+    folder = default_crds_dir()
     if not folder.is_dir():
-        pytest.fail(f"no upstream CRDs in {default_crds_dir()} or {SHARED_CRDS}: run hack/setup.sh")
+        pytest.fail(f"no upstream CRDs in {folder}: run hack/setup.sh")
     return folder
 
 
 @pytest.fixture(scope="session")
 def local_cluster() -> Iterator[LocalCluster]:
     try:
-        cluster = LocalCluster(crds=crds_folder())
+        cluster = LocalCluster(crds=default_crds_dir())
         cluster.start()
     except ControlPlaneError as exc:
         pytest.fail(f"the local control plane cannot start: {exc}", pytrace=False)
@@ -367,4 +360,4 @@ async def kube_client(kube_env: KubeEnv, tmp_path: Path, kube_sleeps: list[float
         await client.close()
 
 
-__all__ = ["KubeEnv", "RequestRecord", "crds_folder", "eventually"]
+__all__ = ["KubeEnv", "RequestRecord", "eventually"]

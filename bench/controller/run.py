@@ -43,7 +43,7 @@ from shadowctl.controller.manager import Manager
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.kube import NAMESPACE, SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.routers.factory import router_for
-from shadowctl.sim.cluster import LocalCluster, default_crds_dir
+from shadowctl.sim.cluster import LocalCluster
 from shadowctl.sources.base import (
     HistogramWindow,
     MetricKey,
@@ -117,13 +117,6 @@ class StubSource:
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def crds_dir() -> Path:
-    """The upstream CRDs (Istio's VirtualService): hack/setup.sh's copy, else ``../shared/crds``."""
-    folder = default_crds_dir()
-    shared = REPO.parent / "shared" / "crds"
-    return shared if not folder.is_dir() and shared.is_dir() else folder
 
 
 async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spread_s: float,
@@ -210,7 +203,7 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
 
 
 async def main(sizes: list[int], rounds: int, spread_s: float, growing: bool) -> list[dict[str, Any]]:
-    cluster = LocalCluster(crds=crds_dir(), knative=False)
+    cluster = LocalCluster(knative=False)
     await asyncio.to_thread(cluster.start)
     try:
         # A namespace per run: a namespace cannot be emptied by deleting it (no namespace controller runs).

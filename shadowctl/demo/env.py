@@ -37,9 +37,8 @@ import yaml
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
-from shadowctl.kube import NAMESPACE as NAMESPACES
-from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, Forbidden, KubeClient, NotFound, ResourceRef
-from shadowctl.sim.cluster import LocalCluster, default_crds_dir
+from shadowctl.kube import NAMESPACE, SHADOW_POLICY, VIRTUAL_SERVICE, Forbidden, KubeClient, NotFound, ResourceRef
+from shadowctl.sim.cluster import LocalCluster
 from shadowctl.sim.errors import SimError
 from shadowctl.sim.mesh import IstioSource, MeshSimulator
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
@@ -49,10 +48,10 @@ from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapProxy, bound_port, d
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
 
 REPO = Path(__file__).resolve().parents[2]
-NAMESPACE = "llm"
+DEMO_NAMESPACE = "llm"
 HOST = "chat.llm.svc.cluster.local"
-POLICY_REF = ResourceRef(SHADOW_POLICY, "chat", NAMESPACE)
-VS_REF = ResourceRef(VIRTUAL_SERVICE, "chat", NAMESPACE)
+POLICY_REF = ResourceRef(SHADOW_POLICY, "chat", DEMO_NAMESPACE)
+VS_REF = ResourceRef(VIRTUAL_SERVICE, "chat", DEMO_NAMESPACE)
 # deploy/rbac.yaml's ServiceAccount: the controller runs with exactly the RBAC that is deployed.
 CONTROLLER_SA = ("shadowctl", "shadowctl")
 # What kubectl applies, in order: the controller's namespace and RBAC, then the routing objects.
@@ -61,13 +60,6 @@ RBAC_WAIT_S = 15.0
 
 BASE_KNOBS = ModelKnobs(time_scale=1.0, ttft_median_s=0.12, ttft_sigma=0.3, tpot_median_s=0.01,
                         output_words_median=24, noise_rate=0.01, max_running=512)
-
-
-def crds_dir() -> Path:
-    """The upstream CRDs: hack/setup.sh's copy (``.venv/share/shadowctl/crds``), else ``../shared/crds``."""
-    folder = default_crds_dir()
-    shared = REPO.parent / "shared" / "crds"
-    return shared if not folder.is_dir() and shared.is_dir() else folder
 
 
 async def _bounded(awaitable: Any, seconds: float = 10.0) -> None:
@@ -123,7 +115,7 @@ class Environment:
     async def _start(self, candidate_knobs: dict[str, Any], policy_text_for: Any, seed: int) -> None:
         # The Kubernetes API first (it says plainly when hack/setup.sh has not been run): a real
         # kube-apiserver and etcd, shadowctl's and Istio's CRDs installed.
-        self.cluster = LocalCluster(crds=crds_dir(), knative=False)
+        self.cluster = LocalCluster(knative=False)
         starting = asyncio.ensure_future(asyncio.to_thread(self.cluster.start))
         try:
             await asyncio.shield(starting)
@@ -135,10 +127,10 @@ class Environment:
         plane = self.cluster.plane
         if "virtualservices.networking.istio.io" not in plane.installed_crds:
             raise SimError(f"the Istio CRDs are not in {plane.crds_dir}: run hack/setup.sh, which copies them there")
-        self.kubeconfig = plane.write_kubeconfig(self.workdir / "kubeconfig", namespace=NAMESPACE)
+        self.kubeconfig = plane.write_kubeconfig(self.workdir / "kubeconfig", namespace=DEMO_NAMESPACE)
         self.kube = await KubeClient.connect(kubeconfig=self.kubeconfig)
         # A real API server stores an object only in a Namespace that exists.
-        await self.kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        await self.kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE}})
         # The controller's namespace, ServiceAccount and RBAC as deployed, the VirtualService and
         # DestinationRule: applied with kubectl, as a person would.
         await self._kubectl("apply", *(arg for path in MANIFESTS for arg in ("-f", str(path))))
@@ -153,7 +145,7 @@ class Environment:
         for i, (variant, pod) in enumerate(pods.items()):
             knobs = BASE_KNOBS.updated(candidate_knobs) if variant == "candidate" else BASE_KNOBS
             server = SimModelServer("llama-chat", variant=variant, knobs=knobs, seed=seed + i, pod=pod,
-                                    namespace=NAMESPACE, fine_buckets=True)
+                                    namespace=DEMO_NAMESPACE, fine_buckets=True)
             await server.start()
             self.servers[variant] = server
 
@@ -166,7 +158,7 @@ class Environment:
 
         # The mesh routes by that VirtualService to the taps.
         self.mesh = MeshSimulator(
-            self.kube, [IstioSource(NAMESPACE, "chat")],
+            self.kube, [IstioSource(DEMO_NAMESPACE, "chat")],
             upstreams={(HOST, "v1", 8000): self.taps["primary"].url, (HOST, "v2", 8000): self.taps["candidate"].url},
             seed=seed,
         )
@@ -175,9 +167,9 @@ class Environment:
 
         # Prometheus scrapes the model servers (vLLM metrics) and the taps every second.
         targets = [ScrapeTarget("vllm", s.url.removeprefix("http://").rstrip("/"),
-                                {"namespace": NAMESPACE, "pod": s.pod}) for s in self.servers.values()]
+                                {"namespace": DEMO_NAMESPACE, "pod": s.pod}) for s in self.servers.values()]
         targets += [ScrapeTarget("tap", t.url.removeprefix("http://").rstrip("/"),
-                                 {"namespace": NAMESPACE, "pod": pods[v]}) for v, t in self.taps.items()]
+                                 {"namespace": DEMO_NAMESPACE, "pod": pods[v]}) for v, t in self.taps.items()]
         self.prometheus = PrometheusProcess(self.workdir / "prometheus", targets)
         await self.prometheus.start()
 
@@ -217,7 +209,7 @@ class Environment:
                 return cluster.service_account_token(client, *CONTROLLER_SA, seconds=86_400)
 
         self.controller_kubeconfig = cluster.plane.write_kubeconfig(
-            self.workdir / "controller.kubeconfig", token=await asyncio.to_thread(token), namespace=NAMESPACE,
+            self.workdir / "controller.kubeconfig", token=await asyncio.to_thread(token), namespace=DEMO_NAMESPACE,
             user="shadowctl")
         # RBAC objects reach the authorizer through its informers, a moment after they are stored.
         probe = await KubeClient.connect(kubeconfig=self.controller_kubeconfig)
@@ -241,8 +233,8 @@ class Environment:
         metrics = TapMetrics(variant)
         publisher = EventPublisher(BrokerSettings("127.0.0.1", self.mosquitto.port,
                                                   client_id=f"tap-{variant}-{os.getpid()}"), metrics)
-        config = TapConfig(upstream=self.servers[variant].url, variant=v, namespace=NAMESPACE, service="chat",
-                           topic=default_topic(NAMESPACE, "chat", v), mirror=mirror)
+        config = TapConfig(upstream=self.servers[variant].url, variant=v, namespace=DEMO_NAMESPACE, service="chat",
+                           topic=default_topic(DEMO_NAMESPACE, "chat", v), mirror=mirror)
         proxy = TapProxy(config, publisher, metrics)
         runner = await start_server(proxy, "127.0.0.1", 0)
         task = asyncio.create_task(publisher.run())

@@ -96,9 +96,14 @@ def find_binaries() -> Binaries:
 
 
 def default_crds_dir() -> Path:
-    """The upstream CRDs ``hack/setup.sh`` copied out of the Go module cache (``.venv/share/shadowctl/crds``)."""
+    """The upstream CRDs: ``$SHADOWCTL_CRDS``, else the copy ``hack/setup.sh`` made from the Go module cache
+    (``.venv/share/shadowctl/crds``), else the checkout's ``../shared/crds`` where that copy is absent."""
     override = os.environ.get("SHADOWCTL_CRDS")
-    return Path(override) if override else Path(sys.prefix) / "share" / "shadowctl" / "crds"
+    if override:
+        return Path(override)
+    installed = Path(sys.prefix) / "share" / "shadowctl" / "crds"
+    shared = Path(__file__).resolve().parents[2].parent / "shared" / "crds"
+    return shared if not installed.is_dir() and shared.is_dir() else installed
 
 
 def free_port() -> int:
