@@ -50,7 +50,7 @@ def data(rollouts: int) -> str:
                 for le, inc in (("0.1", 1), ("0.5", 2), ("1", 3), ("+Inf", 4)):
                     lines.append(f'vllm:time_to_first_token_seconds_bucket{{{base},le="{le}"}} {k * inc * scale} {ts}')
                 lines.append(f'vllm:request_success_total{{{base},finished_reason="stop"}} {10 * k} {ts}')
-                lines.append(f'vllm:request_success_total{{{base},finished_reason="abort"}} {k * scale} {ts}')
+                lines.append(f'vllm:request_success_total{{{base},finished_reason="error"}} {k * scale} {ts}')
                 lines.append(f"vllm:generation_tokens_total{{{base}}} {1000 * k * scale} {ts}")
                 lines.append(f'DCGM_FI_DEV_GPU_UTIL{{{base},gpu="0"}} 50 {ts}')
     lines.sort(key=lambda ln: (ln.rsplit(" ", 2)[0], int(ln.rsplit(" ", 1)[1])))

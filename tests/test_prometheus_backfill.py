@@ -86,7 +86,7 @@ def _lines() -> list[str]:
     series(ok, {"namespace": "llm", "pod": P_POD, "finished_reason": "stop"}, lambda k: 10 * k)
     series(ok, {"namespace": "llm", "pod": P_POD, "finished_reason": "length"}, lambda k: 5 * k)
     series(ok, {"namespace": "llm", "pod": C_POD, "finished_reason": "stop"}, lambda k: 8 * _candidate_steps(k))
-    series(ok, {"namespace": "llm", "pod": C_POD, "finished_reason": "abort"}, lambda k: 2 * _candidate_steps(k))
+    series(ok, {"namespace": "llm", "pod": C_POD, "finished_reason": "error"}, lambda k: 2 * _candidate_steps(k))
     tokens = "vllm:generation_tokens_total"
     series(tokens, {"namespace": "llm", "pod": P_POD}, lambda k: 1000 * k)
     series(tokens, {"namespace": "llm", "pod": C_POD}, lambda k: 1500 * _candidate_steps(k))

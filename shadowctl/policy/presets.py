@@ -5,10 +5,23 @@ Each preset is a PromQL template over the `{{ placeholder }}` names of
 source from the variant's selector in the preset's *selector style*, because the
 same variant carries different labels in different metric families:
 
-- ``pod``: series scraped from the model-server pods (vLLM, DCGM exporter) carry
-  ``namespace`` and ``pod``; the variant is ``pod=~<variants.X.pod>``, or else the
-  pods of its Deployment (``<workload>-<hash>-<id>``) or of its Knative revision
+- ``pod``: series scraped from the model-server pods (vLLM) carry ``namespace`` and
+  ``pod``; the variant is ``pod=~<variants.X.pod>``, or else the pods of its
+  Deployment (``<workload>-<hash>-<id>``) or of its Knative revision
   (``<revision>-deployment-<hash>-<id>``).
+
+  The DCGM exporter is scraped from its own DaemonSet pod and names the GPU's pod in
+  labels of its own, which reach Prometheus under one of three names depending on
+  the setup (docs/metrics.md, "GPU metrics"): ``exported_namespace`` /
+  ``exported_pod`` (the dcgm-exporter Helm chart: ``honorLabels: false`` renames the
+  exporter's labels that clash with the target's), ``namespace`` / ``pod``
+  (``honor_labels: true``) or ``pod_namespace`` / ``pod_name``
+  (``--use-old-namespace``). :func:`_gpu` selects through all three and writes the
+  GPU's pod back into ``namespace`` / ``pod``, so a DCGM preset is grouped, split and
+  combined with vLLM's series like any ``pod`` preset. A physical series matches one
+  form only (the ``namespace`` / ``pod`` form requires ``exported_pod=""``), so
+  nothing is counted twice; the selector values for the other two forms are the
+  same matchers under renamed labels (:data:`GPU_POD_LABELS`).
 - ``istio``: Istio standard metrics, always ``reporter="destination"`` (mirrored
   requests are reported only by the destination side), matched by
   ``destination_workload_namespace`` and ``destination_workload`` (the Deployment,
@@ -111,6 +124,28 @@ def _group(template: str, by: str) -> str:
     return out
 
 
+GPU_POD_LABELS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "selector": ("namespace", "pod"),
+    "exported_selector": ("exported_namespace", "exported_pod"),
+    "pod_name_selector": ("pod_namespace", "pod_name"),
+})
+"""The placeholders of a ``pod``-style preset and the (namespace, pod) labels each renders the variant on."""
+
+
+def _gpu(metric: str) -> str:
+    """The DCGM series of the variant's GPUs, whichever labels name their pod, with it in ``namespace`` / ``pod``."""
+    parts = []
+    for placeholder, (ns_label, pod_label) in GPU_POD_LABELS.items():
+        if (ns_label, pod_label) == ("namespace", "pod"):
+            parts.append(f'{metric}{{ {{{{ {placeholder} }}}}, exported_pod="" }}')
+            continue
+        inner = f"{metric}{{ {{{{ {placeholder} }}}} }}"
+        parts.append(
+            f'label_replace(label_replace({inner}, "namespace", "$1", "{ns_label}", "(.*)"), "pod", "$1", "{pod_label}", "(.*)")'
+        )
+    return "(" + " or ".join(parts) + ")"
+
+
 def _histogram(metric: str, *alternatives: str) -> str:
     parts = [f"sum by (le) (increase({m}_bucket{{ {{{{ selector }}}} }}[{{{{ window }}}}]))" for m in (metric, *alternatives)]
     return " or ".join(parts)
@@ -118,6 +153,7 @@ def _histogram(metric: str, *alternatives: str) -> str:
 
 _VLLM_TOTAL = "sum(increase(vllm:request_success_total{ {{ selector }} }[{{ window }}]))"
 _ISTIO = 'reporter="destination", {{ selector }}'
+_COMPLETIONS = 'handler=~"/v1/(chat/)?completions"'
 
 _ALL: tuple[Preset, ...] = (
     Preset(
@@ -127,8 +163,17 @@ _ALL: tuple[Preset, ...] = (
     ),
     Preset(
         "vllm-tpot", MetricKind.latency_histogram, "s",
-        "vLLM time per output token (inter-token latency; newer vLLM names it vllm:inter_token_latency_seconds).",
-        _histogram("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds"),
+        "vLLM time per output token: every gap between two output tokens (vllm:inter_token_latency_seconds;"
+        " vLLM 0.12 and older also had it as vllm:time_per_output_token_seconds, read when the new name has no"
+        " series).",
+        _histogram("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+    ),
+    Preset(
+        "vllm-request-tpot", MetricKind.latency_histogram, "s",
+        "vLLM time per output token of each request (its decode time over its output tokens less one): one"
+        " observation per request, so a few slow requests weigh as much as their share of requests, not of"
+        " tokens.",
+        _histogram("vllm:request_time_per_output_token_seconds"),
     ),
     Preset(
         "vllm-e2e", MetricKind.latency_histogram, "s",
@@ -142,9 +187,19 @@ _ALL: tuple[Preset, ...] = (
     ),
     Preset(
         "vllm-errors", MetricKind.ratio, "requests",
-        "Share of vLLM requests that finished with reason 'abort' among all finished requests.",
+        "Share of the requests vLLM's engine finished that finished with an error (finished_reason=\"error\","
+        " answered 500). vLLM never counts here a client that disconnected, a request refused before the engine"
+        " (4xx validation, admission: vllm:admission_rejections) or a failure outside the engine; see"
+        " vllm-http-errors and istio-errors.",
         _VLLM_TOTAL,
-        'sum(increase(vllm:request_success_total{ {{ selector }}, finished_reason="abort" }[{{ window }}]))',
+        'sum(increase(vllm:request_success_total{ {{ selector }}, finished_reason="error" }[{{ window }}]))',
+    ),
+    Preset(
+        "vllm-http-errors", MetricKind.ratio, "requests",
+        "Share of completion requests vLLM's HTTP server answered 5xx, among all it answered (http_requests_total"
+        " of its /metrics, any status: 4xx count in the total, not as failures).",
+        f"sum(increase(http_requests_total{{ {{{{ selector }}}}, {_COMPLETIONS} }}[{{{{ window }}}}]))",
+        f'sum(increase(http_requests_total{{ {{{{ selector }}}}, {_COMPLETIONS}, status="5xx" }}[{{{{ window }}}}]))',
     ),
     Preset(
         "vllm-generation-tokens", MetricKind.counter, "tokens",
@@ -167,32 +222,32 @@ _ALL: tuple[Preset, ...] = (
     Preset(
         "dcgm-gpu-util", MetricKind.gauge, "%",
         "Mean GPU utilisation of the variant's GPUs (DCGM exporter).",
-        "avg(DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })",
-        gauge_parts=(("s", "sum by ({{ by }}) (DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })"),
-                     ("c", "count by ({{ by }}) (DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })")),
+        "avg(" + _gpu("DCGM_FI_DEV_GPU_UTIL") + ")",
+        gauge_parts=(("s", "sum by ({{ by }}) (" + _gpu("DCGM_FI_DEV_GPU_UTIL") + ")"),
+                     ("c", "count by ({{ by }}) (" + _gpu("DCGM_FI_DEV_GPU_UTIL") + ")")),
         combine=Combine.mean,
     ),
     Preset(
         "dcgm-fb-used", MetricKind.gauge, "MiB",
         "GPU frame-buffer memory used by the variant, summed over its GPUs (DCGM exporter).",
-        "sum(DCGM_FI_DEV_FB_USED{ {{ selector }} })",
-        gauge_parts=(("s", "sum by ({{ by }}) (DCGM_FI_DEV_FB_USED{ {{ selector }} })"),),
+        "sum(" + _gpu("DCGM_FI_DEV_FB_USED") + ")",
+        gauge_parts=(("s", "sum by ({{ by }}) (" + _gpu("DCGM_FI_DEV_FB_USED") + ")"),),
         combine=Combine.total,
     ),
     Preset(
         "dcgm-power", MetricKind.gauge, "W",
         "Power drawn by the variant's GPUs, summed (DCGM exporter).",
-        "sum(DCGM_FI_DEV_POWER_USAGE{ {{ selector }} })",
-        gauge_parts=(("s", "sum by ({{ by }}) (DCGM_FI_DEV_POWER_USAGE{ {{ selector }} })"),),
+        "sum(" + _gpu("DCGM_FI_DEV_POWER_USAGE") + ")",
+        gauge_parts=(("s", "sum by ({{ by }}) (" + _gpu("DCGM_FI_DEV_POWER_USAGE") + ")"),),
         combine=Combine.total,
     ),
     Preset(
         "gpu-cost-per-1k-tokens", MetricKind.gauge, "$/1k tokens",
         "GPU cost of 1,000 output tokens: GPUs x gpuPricePerHour / 3600 / (output tokens per second / 1000).",
-        "(count(DCGM_FI_DEV_GPU_UTIL{ {{ selector }} }) / 3600)"
+        "(count(" + _gpu("DCGM_FI_DEV_GPU_UTIL") + ") / 3600)"
         " / (sum(rate(vllm:generation_tokens_total{ {{ selector }} }[{{ window }}])) / 1000)",
         price_scaled=True,
-        gauge_parts=(("n", "count by ({{ by }}) (DCGM_FI_DEV_GPU_UTIL{ {{ selector }} })"),
+        gauge_parts=(("n", "count by ({{ by }}) (" + _gpu("DCGM_FI_DEV_GPU_UTIL") + ")"),
                      ("d", "sum by ({{ by }}) (rate(vllm:generation_tokens_total{ {{ selector }} }[{{ window }}]))")),
         combine=Combine.cost,
     ),

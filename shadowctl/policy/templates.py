@@ -21,6 +21,9 @@ PLACEHOLDERS: dict[str, str] = {
     "variant": "primary or candidate",
     "window": "the range of the look, such as 30s",
     "selector": "the label matchers that select the variant, such as namespace=\"llm\",pod=~\"chat-v2-.*\"",
+    "exported_selector": "the same matchers on exported_namespace and exported_pod (the DCGM exporter's pod labels"
+                         " as the dcgm-exporter chart's honorLabels: false leaves them)",
+    "pod_name_selector": "the same matchers on pod_namespace and pod_name (DCGM exporter's --use-old-namespace)",
 }
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")

@@ -21,7 +21,7 @@ step since the epoch, so a sample's time, and hence its value, does not depend o
 which other rollouts happened to share the batch or when the look ran.
 
 A ratio's failures are ``(F) or (0 * (T))``: a failure counter (``response_code="503"``,
-``finished_reason="abort"``) exists only after its first increment, so "no failure
+``finished_reason="error"``) exists only after its first increment, so "no failure
 series while the total exists" is a true zero; without the total it stays no data.
 
 prometheus-api-client is synchronous (requests); calls run in a small thread
@@ -73,7 +73,7 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
-from shadowctl.sources.promql import MIN_GAUGE_WINDOW, escape_regex, format_window, quote
+from shadowctl.sources.promql import MIN_GAUGE_WINDOW, Matcher, escape_regex, format_window, selector_values
 
 TAG = "shadowctl_key"
 _T = TypeVar("_T")
@@ -454,13 +454,13 @@ def _grouped_part(index: int, reqs: Sequence[WindowRequest], window: timedelta) 
     form = reqs[0].grouped
     assert form is not None
     namespaces = sorted({r.grouped.namespace for r in reqs if r.grouped is not None})
-    matchers = [f"{form.scope_label}=~{quote('|'.join(escape_regex(ns) for ns in namespaces))}"]
+    matchers: list[Matcher] = [(form.scope_label, "=~", "|".join(escape_regex(ns) for ns in namespaces))]
     regexes = [m.regex for r in reqs if r.grouped is not None for m in (r.grouped.primary, r.grouped.candidate)
                if m.regex is not None]
     if len(regexes) == 2 * len(reqs) and len({name for name, _ in regexes}) == 1:
         # Every variant is a pod pattern: read only those pods' series.
-        matchers.append(f"{regexes[0][0]}=~{quote('|'.join(sorted({p for _, p in regexes})))}")
-    values = {"selector": ", ".join(matchers), "window": format_window(window)}
+        matchers.append((regexes[0][0], "=~", "|".join(sorted({p for _, p in regexes}))))
+    values = {**selector_values(matchers), "window": format_window(window)}
     return " or ".join(f"({_tagged(render(q, values), f'{index}/{name}')})" for name, q in form.parts)
 
 

@@ -21,7 +21,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 from shadowctl.policy.model import Metric, MetricKind, ShadowPolicy, VariantSelector
-from shadowctl.policy.presets import Preset, SelectorStyle, get_preset
+from shadowctl.policy.presets import GPU_POD_LABELS, Preset, SelectorStyle, get_preset
 from shadowctl.policy.templates import render
 from shadowctl.sources.base import (
     GroupedForm,
@@ -105,15 +105,33 @@ def variant_match(style: SelectorStyle, namespace: str, sel: VariantSelector) ->
     return None
 
 
+Matcher = tuple[str, str, str]
+"""One PromQL label matcher: (label, ``=`` or ``=~``, value)."""
+
+
+def _matchers(match: SeriesMatch) -> list[Matcher]:
+    out = [(label, "=", value) for label, value in match.equals]
+    if match.regex is not None:
+        out.append((match.regex[0], "=~", match.regex[1]))
+    return out
+
+
+def selector_values(matchers: list[Matcher]) -> dict[str, str]:
+    """The matchers as ``{{ selector }}``, and under the renamed pod labels of every other placeholder of
+    :data:`~shadowctl.policy.presets.GPU_POD_LABELS` (labels other than namespace and pod keep their name)."""
+    out: dict[str, str] = {}
+    for placeholder, (ns_label, pod_label) in GPU_POD_LABELS.items():
+        rename = {"namespace": ns_label, "pod": pod_label}
+        out[placeholder] = ", ".join(f"{rename.get(label, label)}{op}{quote(value)}" for label, op, value in matchers)
+    return out
+
+
 def selector(style: SelectorStyle, namespace: str, sel: VariantSelector) -> str | None:
     """The label matchers selecting one variant's series, or None when the selector names nothing usable."""
     match = variant_match(style, namespace, sel)
     if match is None:
         return None
-    parts = [f"{label}={quote(value)}" for label, value in match.equals]
-    if match.regex is not None:
-        parts.append(f"{match.regex[0]}=~{quote(match.regex[1])}")
-    return ", ".join(parts)
+    return selector_values(_matchers(match))["selector"]
 
 
 @functools.lru_cache(maxsize=8192)
@@ -190,9 +208,9 @@ def _values(
     ):
         if raw is not None:
             values[name] = escape_string(raw)
-    matchers = selector(style, ns, sel)
-    if matchers is not None:
-        values["selector"] = matchers
+    match = variant_match(style, ns, sel)
+    if match is not None:
+        values.update(selector_values(_matchers(match)))
     return values
 
 
