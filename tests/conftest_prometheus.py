@@ -23,6 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+
+from shadowctl.sim.services import ScrapeTarget, scrape_configs
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -50,7 +53,7 @@ def backfill(openmetrics: str, data_dir: Path) -> None:
 class PrometheusServer:
     """One Prometheus process; `url` is its base URL."""
 
-    def __init__(self, root: Path, scrape_targets: list[str] | None = None, scrape_interval: str = "1s") -> None:
+    def __init__(self, root: Path, scrape_targets: list[ScrapeTarget] | None = None, scrape_interval: str = "1s") -> None:
         self.root = root
         self.data_dir = root / "data"
         self.port = free_port()
@@ -61,14 +64,11 @@ class PrometheusServer:
 
     def start(self) -> None:
         config = self.root / "prometheus.yml"
-        lines = [f"global:\n  scrape_interval: {self.scrape_interval}\n  evaluation_interval: 1m\n"]
+        settings: dict[str, object] = {"global": {"scrape_interval": self.scrape_interval, "evaluation_interval": "1m"}}
         if self.scrape_targets:
-            targets = ", ".join(f"'{t}'" for t in self.scrape_targets)
-            lines.append(
-                "scrape_configs:\n  - job_name: model\n    honor_labels: true\n"
-                f"    scrape_interval: {self.scrape_interval}\n    static_configs:\n      - targets: [{targets}]\n"
-            )
-        config.write_text("".join(lines))
+            # honor_labels as each target says (False by default, as a ServiceMonitor or PodMonitor has it).
+            settings["scrape_configs"] = scrape_configs(self.scrape_targets, self.scrape_interval)
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = (self.root / "prometheus.log").open("ab")
         self._proc = subprocess.Popen(
@@ -129,7 +129,7 @@ class PrometheusFactory:
         self._tmp = tmp
         self.servers: list[PrometheusServer] = []
 
-    def __call__(self, openmetrics: str | None = None, scrape_targets: list[str] | None = None) -> PrometheusServer:
+    def __call__(self, openmetrics: str | None = None, scrape_targets: list[ScrapeTarget] | None = None) -> PrometheusServer:
         server = PrometheusServer(self._tmp.mktemp("prometheus"), scrape_targets)
         if openmetrics is not None:
             backfill(openmetrics, server.data_dir)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import json
 import time
 import urllib.parse
@@ -25,6 +27,7 @@ from typer.testing import CliRunner
 
 from shadowctl.cli.app import app
 from shadowctl.policy.model import ShadowPolicy
+from shadowctl.sim.services import ScrapeTarget
 from shadowctl.sources.base import HistogramWindow, SourceUnavailable, Unavailability, VariantPair, WindowRequest
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.promql import build_request
@@ -91,50 +94,57 @@ def _wait_for(url: str, expr: str, expected: float, deadline_s: float = 30) -> N
 
 
 @pytest.fixture(scope="module")
-def exporter() -> Iterator[tuple[str, Histogram]]:
-    """A model-server stand-in exposing vLLM's TTFT histogram in the text format.
+def exporters() -> Iterator[dict[str, tuple[ScrapeTarget, Histogram]]]:
+    """Two model-server stand-ins (one per pod) exposing vLLM 0.33's TTFT histogram in the text format.
 
+    As in a cluster, the series carry only vLLM's own labels (model_name, engine); namespace and pod
+    are the scrape target's, given as a kube-prometheus PodMonitor gives them (honor_labels false).
     Served by hand rather than with start_http_server: prometheus_client 0.26 answers
     Prometheus's OpenMetrics Accept header with ':' escaped to '_', which vLLM's real
     endpoint does not do.
     """
-    registry = CollectorRegistry()
-    hist = Histogram(
-        "vllm:time_to_first_token_seconds", "TTFT", ["namespace", "pod"], buckets=(0.1, 0.5, 1.0), registry=registry
-    )
-    for pod in (P_POD, C_POD):
-        hist.labels("llm", pod)  # the series exist (at 0) before the first scrape
-
-    with serving(lambda: generate_latest(registry), CONTENT_TYPE_LATEST) as stub:
-        yield stub["host"], hist
+    with contextlib.ExitStack() as stack:
+        out = {}
+        for pod in (P_POD, C_POD):
+            registry = CollectorRegistry()
+            hist = Histogram("vllm:time_to_first_token_seconds", "TTFT", ["model_name", "engine"],
+                             buckets=(0.1, 0.5, 1.0), registry=registry)
+            hist.labels("llama", "0")  # the series exist (at 0) before the first scrape
+            stub = stack.enter_context(serving(functools.partial(generate_latest, registry), CONTENT_TYPE_LATEST))
+            labels = {"namespace": "llm", "pod": pod, "container": "vllm", "endpoint": "http"}
+            out[pod] = (ScrapeTarget("llm/vllm", stub["host"], labels), hist)
+        yield out
 
 
 @pytest.mark.prometheus
 async def test_live_scrape_exact_increases(
-    prometheus_factory: PrometheusFactory, exporter: tuple[str, Histogram]
+    prometheus_factory: PrometheusFactory, exporters: dict[str, tuple[ScrapeTarget, Histogram]]
 ) -> None:
-    target, hist = exporter
     start = datetime.now(UTC) - timedelta(seconds=5)
-    server = prometheus_factory(scrape_targets=[target])
+    server = prometheus_factory(scrape_targets=[t for t, _ in exporters.values()])
     bucket = "vllm:time_to_first_token_seconds_bucket"
     _wait_for(server.url, f"count({bucket})", 8)
     for value in (0.05, 0.05, 0.05, 0.7, 0.7):
-        hist.labels("llm", P_POD).observe(value)
+        exporters[P_POD][1].labels("llama", "0").observe(value)
     for value in (0.3, 0.3, 0.3, 0.3, 2.0):
-        hist.labels("llm", C_POD).observe(value)
+        exporters[C_POD][1].labels("llama", "0").observe(value)
     _wait_for(server.url, "sum(vllm:time_to_first_token_seconds_count)", 10)
-    # Evaluate at the last scrape, so that increase() has nothing to extrapolate.
-    last = float(_instant(server.url, f"max(timestamp({bucket}))")[0]["value"][1])
-    end = datetime.fromtimestamp(last, UTC)
+    await asyncio.sleep(1.5)  # one more scrape of each target: each pod's last scrape is after both have their counts
+    # Evaluate each variant at its own pod's last scrape (two targets are scraped at different times),
+    # so that increase() has nothing to extrapolate.
+    results = {}
     src = PrometheusMetricSource(server.url)
     try:
-        result = await src.fetch(requests_for(["vllm-ttft"], start, end)[0])
+        for pod in (P_POD, C_POD):
+            last = float(_instant(server.url, f'max(timestamp({bucket}{{pod="{pod}"}}))')[0]["value"][1])
+            results[pod] = await src.fetch(requests_for(["vllm-ttft"], start, datetime.fromtimestamp(last, UTC))[0])
     finally:
         await src.aclose()
-    assert isinstance(result, VariantPair), result
+    primary, candidate = results[P_POD], results[C_POD]
+    assert isinstance(primary, VariantPair) and isinstance(candidate, VariantPair), results
     inf = float("inf")
-    assert result.primary == HistogramWindow((0.1, 0.5, 1.0, inf), (3.0, 3.0, 5.0, 5.0))
-    assert result.candidate == HistogramWindow((0.1, 0.5, 1.0, inf), (0.0, 4.0, 4.0, 5.0))
+    assert primary.primary == HistogramWindow((0.1, 0.5, 1.0, inf), (3.0, 3.0, 5.0, 5.0))
+    assert candidate.candidate == HistogramWindow((0.1, 0.5, 1.0, inf), (0.0, 4.0, 4.0, 5.0))
 
 
 @pytest.mark.prometheus

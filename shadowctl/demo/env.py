@@ -39,6 +39,7 @@ from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
 from shadowctl.kube import NAMESPACE, SHADOW_POLICY, VIRTUAL_SERVICE, Forbidden, KubeClient, NotFound, ResourceRef
 from shadowctl.sim.cluster import LocalCluster
+from shadowctl.sim.dcgm import SimDcgmExporter
 from shadowctl.sim.errors import SimError
 from shadowctl.sim.mesh import IstioSource, MeshSimulator
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
@@ -60,6 +61,11 @@ RBAC_WAIT_S = 15.0
 
 BASE_KNOBS = ModelKnobs(time_scale=1.0, ttft_median_s=0.12, ttft_sigma=0.3, tpot_median_s=0.01,
                         output_words_median=24, noise_rate=0.01, max_running=512)
+
+
+def _address(url: str) -> str:
+    """``host:port`` of a local ``http://`` URL, as a scrape target."""
+    return url.removeprefix("http://").rstrip("/")
 
 
 async def _bounded(awaitable: Any, seconds: float = 10.0) -> None:
@@ -91,6 +97,7 @@ class Environment:
     servers: dict[str, SimModelServer] = field(default_factory=dict)
     taps: dict[str, _Tap] = field(default_factory=dict)
     mesh: MeshSimulator | None = None
+    dcgm: SimDcgmExporter | None = None
     prometheus: PrometheusProcess | None = None
     mosquitto: MosquittoProcess | None = None
     controller: subprocess.Popen[bytes] | None = None
@@ -165,11 +172,25 @@ class Environment:
         await self.mesh.start()
         await self.mesh.wait_ready(10.0)
 
-        # Prometheus scrapes the model servers (vLLM metrics) and the taps every second.
-        targets = [ScrapeTarget("vllm", s.url.removeprefix("http://").rstrip("/"),
-                                {"namespace": DEMO_NAMESPACE, "pod": s.pod}) for s in self.servers.values()]
-        targets += [ScrapeTarget("tap", t.url.removeprefix("http://").rstrip("/"),
-                                 {"namespace": DEMO_NAMESPACE, "pod": pods[v]}) for v, t in self.taps.items()]
+        # The GPU node's DCGM exporter: one GPU per model server's pod, and an idle one.
+        self.dcgm = SimDcgmExporter("gpu-node-1")
+        for server in self.servers.values():
+            self.dcgm.attach(server)
+        self.dcgm.add_idle_gpus(1)
+        await self.dcgm.start()
+
+        # Prometheus scrapes every second: the model servers (vLLM metrics) and the taps with the labels a
+        # kube-prometheus PodMonitor gives them, the DCGM exporter as the dcgm-exporter chart's
+        # ServiceMonitor does (honorLabels: false, so the GPU's pod arrives as exported_namespace/exported_pod).
+        targets = [ScrapeTarget("vllm", _address(s.url), {"namespace": DEMO_NAMESPACE, "pod": s.pod,
+                                                           "container": "vllm", "endpoint": "http"})
+                   for s in self.servers.values()]
+        targets += [ScrapeTarget("tap", _address(t.url), {"namespace": DEMO_NAMESPACE, "pod": pods[v],
+                                                          "container": "tap", "endpoint": "tap-metrics"})
+                    for v, t in self.taps.items()]
+        targets.append(ScrapeTarget("dcgm-exporter", _address(self.dcgm.url), {
+            "namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-7xk2p", "container": "nvidia-dcgm-exporter",
+            "service": "nvidia-dcgm-exporter", "endpoint": "gpu-metrics"}))
         self.prometheus = PrometheusProcess(self.workdir / "prometheus", targets)
         await self.prometheus.start()
 
@@ -293,6 +314,8 @@ class Environment:
             await _bounded(tap.task)
             await _bounded(tap.runner.cleanup())
             await _bounded(tap.proxy.aclose())
+        if self.dcgm is not None:
+            await _bounded(self.dcgm.stop())
         for server in self.servers.values():
             await _bounded(server.stop())
         if self.kube is not None:

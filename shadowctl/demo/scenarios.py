@@ -24,6 +24,8 @@ SCENARIOS: dict[str, Scenario] = {
                  "RolledBack", {"latency_factor": 1.3}, "ttft-p50"),
         Scenario("bad-output", "Half of the candidate's answers drift from what the primary says: rolled back on "
                  "output agreement.", "RolledBack", {"drift_rate": 0.5}, "agreement/token-f1"),
+        Scenario("errors", "7% of the candidate's requests fail with HTTP 500 inside the engine: rolled back on "
+                 "the error rate (vllm-errors).", "RolledBack", {"error_rate": 0.07}, "errors"),
         Scenario("tail", "3% of the candidate's requests are 4x slower (p99 moves, the median does not): "
                  "rolled back.", "RolledBack", {"tail_probability": 0.03, "tail_factor": 4.0}, "ttft-p99"),
     )

@@ -9,16 +9,26 @@ What it imitates, and the choices that are not obvious:
   server's own notion of time, so bucket boundaries stay meaningful at any scale.
 * TTFT counts from arrival, queue included, as vLLM's does; a request waits in
   the queue while ``max_running`` requests are generating.
-* ``vllm:time_per_output_token_seconds`` and ``vllm:inter_token_latency_seconds``
-  observe every gap between two output tokens (vLLM v1 records the former as a
-  deprecated alias of the latter), so their counts are generated tokens minus
-  one per request, not requests.
+* The metric families, labels and finish reasons are vLLM 0.33's: every ``vllm:``
+  series carries ``model_name`` and ``engine``; ``vllm:inter_token_latency_seconds``
+  observes every gap between two output tokens (its count is generated tokens minus
+  one per request), ``vllm:request_time_per_output_token_seconds`` one mean gap per
+  request; the removed ``vllm:time_per_output_token_seconds`` is not served.
 * An injected error (knob ``error_rate``) answers HTTP 500 with an OpenAI error
-  body and is counted as ``vllm:request_success_total{finished_reason="abort"}``:
-  that is the series the ``vllm-errors`` preset reads as failures. A client that
-  disconnects mid-stream is counted the same way, as vLLM does.
-* Histogram buckets are vLLM's own boundaries (TTFT; TPOT / inter-token; the
-  request-latency buckets shared by e2e and queue time).
+  body and is finished by the engine with ``finished_reason="error"`` (with its
+  end-to-end latency, as vLLM records it for every request the engine finishes). A
+  client that disconnects mid-stream is not counted in ``vllm:request_success_total``
+  nor in the latency of finished requests: vLLM drops those uncounted. A request
+  refused before the engine (400) reaches only ``http_requests_total``.
+* ``http_requests_total{handler,method,status}`` counts the ``/v1`` endpoints'
+  answers with grouped status (``2xx``, ``4xx``, ``5xx``), as vLLM's
+  prometheus-fastapi-instrumentator does; ``/metrics``, ``/health`` and ``/admin``
+  are left out, as vLLM leaves out its own.
+* Histogram buckets are vLLM's own boundaries (TTFT; inter-token and per-request
+  TPOT; the request-latency buckets shared by e2e and queue time). Real vLLM takes
+  finer ones from ``--custom-histogram-buckets``; ``fine_buckets`` is that here.
+* GPU series are not served here: the DCGM exporter is another process on the node
+  (:mod:`shadowctl.sim.dcgm` reads this server's GPU knobs).
 * The answer is a pure function of the prompt (:mod:`shadowctl.sim.prompts`);
   ``noise_rate`` perturbs words (replica noise), ``drift_rate`` swaps the whole
   answer (a changed model). The model name in the request is accepted whatever
@@ -173,73 +183,75 @@ class ServerStats:
         return out
 
 
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+"""vLLM 0.33's ``finished_reason`` values; each series exists (at 0) from the start, as vLLM creates them."""
+ENGINE = "0"
+"""The ``engine`` label of a single-engine vLLM server."""
+UNCOUNTED_PATHS = ("/metrics", "/health", "/admin/")
+"""Paths vLLM's HTTP instrumentation leaves out (``/admin`` is the simulator's own)."""
+
+
 class _Metrics:
-    def __init__(self, model: str, pod: str, namespace: str, gpus: int, fine_buckets: bool = False) -> None:
+    def __init__(self, model: str, fine_buckets: bool = False) -> None:
         ttft_buckets = FINE_BUCKETS if fine_buckets else TTFT_BUCKETS
         tpot_buckets = FINE_BUCKETS if fine_buckets else TPOT_BUCKETS
         latency_buckets = FINE_BUCKETS if fine_buckets else REQUEST_LATENCY_BUCKETS
         self.registry = CollectorRegistry()
         reg = self.registry
-        label = ["model_name"]
+        label = ["model_name", "engine"]
+        values = (model, ENGINE)
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
             label, registry=reg, buckets=ttft_buckets,
-        ).labels(model)
-        self.tpot = Histogram(
-            "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
-            label, registry=reg, buckets=tpot_buckets,
-        ).labels(model)
+        ).labels(*values)
         self.itl = Histogram(
             "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
             label, registry=reg, buckets=tpot_buckets,
-        ).labels(model)
+        ).labels(*values)
+        self.request_tpot = Histogram(
+            "vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
+            label, registry=reg, buckets=tpot_buckets,
+        ).labels(*values)
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
             label, registry=reg, buckets=latency_buckets,
-        ).labels(model)
+        ).labels(*values)
         self.queue = Histogram(
             "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
             label, registry=reg, buckets=latency_buckets,
-        ).labels(model)
+        ).labels(*values)
         # prometheus_client appends _total to counter names itself.
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Number of generation tokens processed.", label, registry=reg
-        ).labels(model)
+        ).labels(*values)
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Number of prefill tokens processed.", label, registry=reg
-        ).labels(model)
+        ).labels(*values)
         self._success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
-            ["model_name", "finished_reason"], registry=reg,
+            ["model_name", "engine", "finished_reason"], registry=reg,
         )
         self.running = Gauge(
             "vllm:num_requests_running", "Number of requests in model execution batches.", label, registry=reg
-        ).labels(model)
+        ).labels(*values)
         self.waiting = Gauge(
             "vllm:num_requests_waiting", "Number of requests waiting to be processed.", label, registry=reg
-        ).labels(model)
+        ).labels(*values)
+        self.http = Counter(
+            "http_requests", "Total number of requests by method, status and handler.",
+            ["method", "status", "handler"], registry=reg,
+        )
         self.model = model
-        for reason in ("stop", "length", "abort"):
-            self._success.labels(model, reason)
-        gpu_labels = ["gpu", "UUID", "device", "modelName", "Hostname", "container", "namespace", "pod"]
-        self.gpu_util = Gauge("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", gpu_labels, registry=reg)
-        self.fb_used = Gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", gpu_labels, registry=reg)
-        self.power = Gauge("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", gpu_labels, registry=reg)
-        self._gpu_label_sets = []
-        for i in range(gpus):
-            uid = uuid.UUID(bytes=hashlib.sha256(f"{pod}/{i}".encode()).digest()[:16])
-            self._gpu_label_sets.append(
-                (str(i), f"GPU-{uid}", f"nvidia{i}", "NVIDIA H100 80GB HBM3 (simulated)", "sim-node", "model", namespace, pod)
-            )
+        for reason in FINISH_REASONS:
+            self._success.labels(model, ENGINE, reason)
 
-    def success(self, reason: str) -> None:
-        self._success.labels(self.model, reason).inc()
+    def finished(self, reason: str, e2e_s: float) -> None:
+        """One request the engine finished: its reason and its end-to-end latency."""
+        self._success.labels(self.model, ENGINE, reason).inc()
+        self.e2e.observe(e2e_s)
 
-    def set_gpu(self, knobs: ModelKnobs) -> None:
-        for labels in self._gpu_label_sets:
-            self.gpu_util.labels(*labels).set(knobs.gpu_util_percent)
-            self.fb_used.labels(*labels).set(knobs.gpu_memory_used_mib)
-            self.power.labels(*labels).set(knobs.gpu_power_watts)
+    def answered(self, method: str, handler: str, status: int) -> None:
+        self.http.labels(method, f"{status // 100}xx", handler).inc()
 
 
 class _BadRequest(Exception):
@@ -288,7 +300,6 @@ class SimModelServer:
         seed: int | None = None,
         pod: str | None = None,
         namespace: str = "default",
-        gpus: int = 1,
         history: int = 10_000,
         fine_buckets: bool = False,
     ) -> None:
@@ -298,8 +309,7 @@ class SimModelServer:
         self.namespace = namespace
         self._knobs = knobs or ModelKnobs()
         self._rng = random.Random(seed)
-        self._metrics = _Metrics(model, self.pod, namespace, gpus, fine_buckets)
-        self._metrics.set_gpu(self._knobs)
+        self._metrics = _Metrics(model, fine_buckets)
         self._running = 0
         self._slot_free = asyncio.Condition()
         self.stats = ServerStats()
@@ -318,7 +328,6 @@ class SimModelServer:
         """Replace the knobs (whole, or some by name); returns the new ones. Raises KnobError."""
         new = (knobs or self._knobs).updated(changes)
         self._knobs = new
-        self._metrics.set_gpu(new)
         return new
 
     @property
@@ -326,7 +335,7 @@ class SimModelServer:
         return self._metrics.registry
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._count_answers])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
@@ -374,6 +383,22 @@ class SimModelServer:
                 ],
             }
         )
+
+    @web.middleware
+    async def _count_answers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """``http_requests_total`` as vLLM's instrumentation counts it: by route, method and grouped status."""
+        counted = not request.path.startswith(UNCOUNTED_PATHS)
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "none"
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            if counted:
+                self._metrics.answered(request.method, name, exc.status)
+            raise
+        if counted:
+            self._metrics.answered(request.method, name, response.status)
+        return response
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -494,9 +519,7 @@ class SimModelServer:
             if i == 0:
                 self._metrics.ttft.observe((now - arrival) / scale)
             else:
-                gap = (now - last) / scale
-                self._metrics.tpot.observe(gap)
-                self._metrics.itl.observe(gap)
+                self._metrics.itl.observe((now - last) / scale)
             last = now
             self._metrics.generation_tokens.inc()
             yield i, token
@@ -533,8 +556,8 @@ class SimModelServer:
 
         if self._rng.random() < knobs.error_rate:
             self.stats.errors += 1
-            self._metrics.success("abort")
-            record("abort", 0, None, "", None)
+            self._metrics.finished("error", (time.monotonic() - arrival) / scale)
+            record("error", 0, None, "", None)
             return _error_response(
                 500, "simulated engine failure (knob error_rate)", "InternalServerError", headers=headers
             )
@@ -617,7 +640,7 @@ class SimModelServer:
             finish = plan.finish_reason
             return response
         except ConnectionError:
-            finish = "abort"  # the client hung up mid-stream (vLLM counts it the same way); not a server error
+            finish = "abort"  # the client hung up mid-stream: vLLM aborts the request and counts it nowhere
             return response
         except asyncio.CancelledError:
             finish = "abort"
@@ -625,11 +648,13 @@ class SimModelServer:
         finally:
             self._metrics.running.dec()
             await self._release_slot()
-            self._metrics.success(finish)
             if finish == "abort":
                 self.stats.aborted += 1
             else:
-                self._metrics.e2e.observe((time.monotonic() - arrival) / scale)
+                e2e = (time.monotonic() - arrival) / scale
+                self._metrics.finished(finish, e2e)
+                if emitted > 1 and first is not None:
+                    self._metrics.request_tpot.observe((e2e - first) / (emitted - 1))
                 self.stats.succeeded += 1
             record(finish, emitted, first, "".join(plan.tokens[:emitted]), plan)
 
@@ -653,9 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--model", default="sim-model", help="the served model name")
     parser.add_argument("--variant", default="primary", help="reported in the x-sim-variant response header")
-    parser.add_argument("--pod", default=None, help="pod label of the DCGM gauges")
-    parser.add_argument("--namespace", default="default", help="namespace label of the DCGM gauges")
-    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--pod", default=None, help="the simulated pod's name (default: MODEL-VARIANT-0)")
+    parser.add_argument("--namespace", default="default", help="the simulated pod's namespace")
     parser.add_argument("--seed", type=int, default=None)
     _knob_arguments(parser)
     args = parser.parse_args(argv)
@@ -667,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> None:
         server = SimModelServer(args.model, variant=args.variant, knobs=knobs, seed=args.seed, pod=args.pod,
-                                namespace=args.namespace, gpus=args.gpus)
+                                namespace=args.namespace)
         url = await server.start(args.host, args.port)
         print(url, flush=True)
         try:

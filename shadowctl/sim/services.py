@@ -73,12 +73,34 @@ class _Process:
 
 @dataclass(frozen=True)
 class ScrapeTarget:
-    """One /metrics endpoint and the labels Kubernetes service discovery would give it."""
+    """One /metrics endpoint and the labels Kubernetes service discovery would give it.
+
+    ``honor_labels`` is False as in a ServiceMonitor or PodMonitor by default (and the dcgm-exporter
+    chart's): a label the endpoint exposes that the target also has is renamed ``exported_<name>``.
+    """
 
     job: str
     address: str  # host:port
     labels: Mapping[str, str]
     path: str = "/metrics"
+    honor_labels: bool = False
+
+
+def scrape_configs(targets: Sequence[ScrapeTarget], scrape_interval: str | None = None) -> list[dict[str, object]]:
+    """Prometheus ``scrape_configs`` for the targets, one job per ``job`` name (its first target's path and
+    ``honor_labels`` stand for the job's)."""
+    jobs: dict[str, list[ScrapeTarget]] = {}
+    for target in targets:
+        jobs.setdefault(target.job, []).append(target)
+    out: list[dict[str, object]] = []
+    for job, members in jobs.items():
+        config: dict[str, object] = {"job_name": job, "metrics_path": members[0].path,
+                                     "honor_labels": members[0].honor_labels}
+        if scrape_interval is not None:
+            config["scrape_interval"] = scrape_interval
+        config["static_configs"] = [{"targets": [t.address], "labels": dict(t.labels)} for t in members]
+        out.append(config)
+    return out
 
 
 class PrometheusProcess(_Process):
@@ -97,17 +119,7 @@ class PrometheusProcess(_Process):
     def config(self) -> dict[str, object]:
         return {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
-            "scrape_configs": [
-                {
-                    "job_name": job,
-                    "metrics_path": self.targets[[t.job for t in self.targets].index(job)].path,
-                    "honor_labels": True,
-                    "static_configs": [
-                        {"targets": [t.address], "labels": dict(t.labels)} for t in self.targets if t.job == job
-                    ],
-                }
-                for job in dict.fromkeys(t.job for t in self.targets)
-            ],
+            "scrape_configs": scrape_configs(self.targets),
         }
 
     async def start(self, wait_s: float = 30.0) -> None:
