@@ -15,7 +15,14 @@ from shadowctl.policy.presets import PRESETS, SelectorStyle, check_preset
 from shadowctl.policy.templates import PLACEHOLDERS, check_template, placeholders, render
 from shadowctl.sources.base import HistogramWindow, SourceConfigError, Variant
 from shadowctl.sources.prometheus import batch_expression
-from shadowctl.sources.promql import build_request, escape_regex, escape_string, format_window, selector
+from shadowctl.sources.promql import (
+    build_request,
+    escape_regex,
+    escape_string,
+    format_window,
+    selector,
+    service_name,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 END = datetime(2024, 1, 1, 12, tzinfo=UTC)
@@ -176,6 +183,14 @@ def test_selector_styles() -> None:
         'destination_workload_namespace="llm", destination_version="v2"'
     )
     assert selector(SelectorStyle.pod, "llm", VariantSelector(subset="v2")) is None
+    # A subset is matched with the destination host's service: other services may share the version label.
+    assert selector(SelectorStyle.istio, "llm", VariantSelector(subset="v2"), "chat.llm.svc.cluster.local") == (
+        'destination_workload_namespace="llm", destination_service_name="chat", destination_version="v2"'
+    )
+    for host, name in (("chat", "chat"), ("chat.llm", "chat"), ("chat.llm.svc", "chat"),
+                       ("chat.llm.svc.corp.internal", "chat"), ("api.example.com", "api.example.com"),
+                       ("example.com", "example.com")):
+        assert service_name(host, "llm") == name, host
 
 
 def test_batch_expression_tags_every_variant_and_part() -> None:

@@ -26,7 +26,9 @@ same variant carries different labels in different metric families:
   requests are reported only by the destination side), matched by
   ``destination_workload_namespace`` and ``destination_workload`` (the Deployment,
   or ``<revision>-deployment`` for Knative), or else ``destination_version`` (the
-  subset, assuming the DestinationRule subset selects the pods' ``version`` label).
+  subset, assuming the DestinationRule subset selects the pods' ``version`` label)
+  with ``destination_service_name`` of the destination host, because other services'
+  pods may carry the same version label.
 
 What the result of each kind means (the metric source relies on it):
 
@@ -112,7 +114,8 @@ class Preset:
 
 GROUP_LABELS: Mapping[SelectorStyle, tuple[str, ...]] = MappingProxyType({
     SelectorStyle.pod: ("namespace", "pod"),
-    SelectorStyle.istio: ("destination_workload_namespace", "destination_workload", "destination_version"),
+    SelectorStyle.istio: ("destination_workload_namespace", "destination_workload", "destination_service_name",
+                          "destination_version"),
 })
 
 
@@ -147,8 +150,11 @@ def _gpu(metric: str) -> str:
 
 
 def _histogram(metric: str, *alternatives: str) -> str:
-    parts = [f"sum by (le) (increase({m}_bucket{{ {{{{ selector }}}} }}[{{{{ window }}}}]))" for m in (metric, *alternatives)]
-    return " or ".join(parts)
+    """A histogram's bucket increases summed by ``le``; an alternative name is read for each series (one pod's
+    ``le``) that has no series under the names before it, so a Deployment half upgraded to a vLLM that
+    renamed the metric counts both halves, and a vLLM serving both names is counted once."""
+    parts = [f"increase({m}_bucket{{ {{{{ selector }}}} }}[{{{{ window }}}}])" for m in (metric, *alternatives)]
+    return f"sum by (le) ({' or '.join(parts)})"
 
 
 _VLLM_TOTAL = "sum(increase(vllm:request_success_total{ {{ selector }} }[{{ window }}]))"

@@ -90,8 +90,25 @@ def _pod_pattern(sel: VariantSelector) -> str | None:
     return None
 
 
-def variant_match(style: SelectorStyle, namespace: str, sel: VariantSelector) -> SeriesMatch | None:
-    """Which series are one variant's, or None when the selector names nothing usable for ``style``."""
+def service_name(host: str, namespace: str) -> str:
+    """Istio's ``destination_service_name`` of a destination host: a Kubernetes Service's name for ``chat``,
+    ``chat.<namespace>`` or ``chat.<ns>.svc[.<cluster domain>]`` (the first label), any other host as it is
+    (Istio names a ServiceEntry's service by its host)."""
+    labels = host.lower().rstrip(".").split(".")
+    if len(labels) == 1 or (len(labels) == 2 and labels[1] == namespace) or (len(labels) > 2 and labels[2] == "svc"):
+        return labels[0]
+    return host
+
+
+def variant_match(
+    style: SelectorStyle, namespace: str, sel: VariantSelector, host: str | None = None
+) -> SeriesMatch | None:
+    """Which series are one variant's, or None when the selector names nothing usable for ``style``.
+
+    A subset is a version label that other services' pods in the namespace may share (Istio's bookinfo:
+    reviews and ratings both have ``version: v1``), so it is matched with the destination host's
+    service name when the target names one.
+    """
     if style is SelectorStyle.pod:
         pattern = _pod_pattern(sel)
         return SeriesMatch((("namespace", namespace),), ("pod", pattern)) if pattern is not None else None
@@ -101,7 +118,8 @@ def variant_match(style: SelectorStyle, namespace: str, sel: VariantSelector) ->
     if sel.revision:
         return SeriesMatch((ns, ("destination_workload", sel.revision + "-deployment")))
     if sel.subset:
-        return SeriesMatch((ns, ("destination_version", sel.subset)))
+        service = (("destination_service_name", service_name(host, namespace)),) if host else ()
+        return SeriesMatch((ns, *service, ("destination_version", sel.subset)))
     return None
 
 
@@ -126,9 +144,9 @@ def selector_values(matchers: list[Matcher]) -> dict[str, str]:
     return out
 
 
-def selector(style: SelectorStyle, namespace: str, sel: VariantSelector) -> str | None:
+def selector(style: SelectorStyle, namespace: str, sel: VariantSelector, host: str | None = None) -> str | None:
     """The label matchers selecting one variant's series, or None when the selector names nothing usable."""
-    match = variant_match(style, namespace, sel)
+    match = variant_match(style, namespace, sel, host)
     if match is None:
         return None
     return selector_values(_matchers(match))["selector"]
@@ -144,10 +162,12 @@ def _python_reads(pattern: str) -> bool:
     return True
 
 
-def series_match(style: SelectorStyle, namespace: str, sel: VariantSelector) -> SeriesMatch | None:
+def series_match(
+    style: SelectorStyle, namespace: str, sel: VariantSelector, host: str | None = None
+) -> SeriesMatch | None:
     """:func:`variant_match` where the grouped answer can be split in Python: a pod pattern in RE2 syntax
     Python does not read is answered per rollout instead."""
-    match = variant_match(style, namespace, sel)
+    match = variant_match(style, namespace, sel, host)
     if match is not None and match.regex is not None and not _python_reads(match.regex[1]):
         return None
     return match
@@ -208,7 +228,7 @@ def _values(
     ):
         if raw is not None:
             values[name] = escape_string(raw)
-    match = variant_match(style, ns, sel)
+    match = variant_match(style, ns, sel, host)
     if match is not None:
         values.update(selector_values(_matchers(match)))
     return values
@@ -286,7 +306,7 @@ def _server(policy: ShadowPolicy) -> ServerRef | None:
 def _grouped_form(policy: ShadowPolicy, preset: Preset) -> GroupedForm | None:
     form = preset.grouped()
     ns = policy.metadata.namespace
-    matches = {v: series_match(preset.selector, ns, _variant_fields(policy, v)[0]) for v in Variant}
+    matches = {v: series_match(preset.selector, ns, *_variant_fields(policy, v)[:2]) for v in Variant}
     p, c = matches[Variant.primary], matches[Variant.candidate]
     if p is None or c is None:
         return None
