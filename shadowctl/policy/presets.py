@@ -170,8 +170,8 @@ _ALL: tuple[Preset, ...] = (
     Preset(
         "vllm-tpot", MetricKind.latency_histogram, "s",
         "vLLM time per output token: every gap between two output tokens (vllm:inter_token_latency_seconds;"
-        " vLLM 0.12 and older also had it as vllm:time_per_output_token_seconds, read when the new name has no"
-        " series).",
+        " vLLM 0.12 and older also had it as vllm:time_per_output_token_seconds, read for each pod that has no"
+        " series under the new name).",
         _histogram("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
     ),
     Preset(
