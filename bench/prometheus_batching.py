@@ -34,7 +34,7 @@ from conftest_prometheus import PrometheusServer, backfill  # noqa: E402
 from shadowctl.policy.model import ShadowPolicy  # noqa: E402
 from shadowctl.sources.base import VariantPair, WindowRequest  # noqa: E402
 from shadowctl.sources.prometheus import PrometheusMetricSource  # noqa: E402
-from shadowctl.sources.promql import build_request  # noqa: E402
+from shadowctl.sources.prometheus.promql import build_request  # noqa: E402
 
 T0, STEP, STEPS = 1_700_006_400, 15, 120
 

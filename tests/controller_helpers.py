@@ -38,6 +38,7 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
+from shadowctl.sources.prometheus import build_requests
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,6 +93,7 @@ class FakeMetricSource:
     down: bool = False
     calls: int = 0
     requests: list[WindowRequest] = field(default_factory=list)
+    plan = staticmethod(build_requests)  # requests as the Prometheus source makes them
 
     async def fetch(self, request: WindowRequest) -> WindowResult:
         return (await self.fetch_many([request]))[request.key]

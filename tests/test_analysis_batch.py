@@ -29,6 +29,7 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
+from shadowctl.sources.prometheus import build_requests
 
 END = 1_800_000_000.0  # a 10 s boundary
 NOW = END + 3.7  # a staggered tick of that look
@@ -41,6 +42,8 @@ def _cdf(x: float, median: float, sigma: float = 0.5) -> float:
 
 class VariedSource:
     """Different data per rollout (so that verdicts differ), a function of the request only."""
+
+    plan = staticmethod(build_requests)  # requests as the Prometheus source makes them
 
     def __init__(self) -> None:
         self.calls = 0

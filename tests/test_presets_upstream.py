@@ -30,7 +30,6 @@ import pytest
 
 from shadowctl.policy.loader import parse_policies
 from shadowctl.policy.model import ShadowPolicy
-from shadowctl.policy.presets import PRESETS
 from shadowctl.sources.base import (
     CounterWindow,
     CountWindow,
@@ -45,7 +44,8 @@ from shadowctl.sources.base import (
     WindowResult,
 )
 from shadowctl.sources.prometheus import PrometheusMetricSource
-from shadowctl.sources.promql import build_request
+from shadowctl.sources.prometheus.presets import PRESETS
+from shadowctl.sources.prometheus.promql import build_request
 
 if TYPE_CHECKING:
     from conftest_prometheus import PrometheusFactory, PrometheusServer

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from shadowctl.cli.app import app
+from shadowctl.cli.query_cmd import describe_window
 from shadowctl.policy.model import ShadowPolicy
-from shadowctl.policy.presets import PRESETS
 from shadowctl.sources.base import (
     CounterWindow,
     CountWindow,
@@ -39,7 +39,8 @@ from shadowctl.sources.base import (
     WindowRequest,
 )
 from shadowctl.sources.prometheus import PrometheusMetricSource
-from shadowctl.sources.promql import build_request, escape_regex, quote
+from shadowctl.sources.prometheus.presets import PRESETS
+from shadowctl.sources.prometheus.promql import build_request, escape_regex, quote
 
 if TYPE_CHECKING:
     from conftest_prometheus import PrometheusFactory, PrometheusServer
@@ -201,7 +202,15 @@ async def test_histogram_quantile_matches_prometheus(source: PrometheusMetricSou
         f'{{namespace="llm", pod="{P_POD}"}}[30m])))'
     )
     rows = await source.instant(expr, at(1800))
-    assert result.primary.quantile(0.95) == pytest.approx(float(rows[0]["value"][1]))
+    promql = float(rows[0]["value"][1])
+    # `shadowctl query` shows the judge's estimate: a power law in the tail bucket where PromQL is linear,
+    # so the same bucket as histogram_quantile, not the same point.
+    shown = describe_window(result.primary)["p95"]
+    le = result.primary.le
+    bucket = next(i for i, bound in enumerate(le) if promql <= bound)
+    assert (le[bucket - 1] if bucket else 0.0) <= shown <= le[bucket]
+    median = (await source.instant(expr.replace("0.95", "0.5"), at(1800)))[0]["value"][1]
+    assert describe_window(result.primary)["p50"] == pytest.approx(float(median))  # linear in the median's bucket
 
 
 async def test_histogram_without_inf_bucket_is_no_data(source: PrometheusMetricSource) -> None:

@@ -30,7 +30,7 @@ from shadowctl.policy.model import ShadowPolicy
 from shadowctl.sim.services import ScrapeTarget
 from shadowctl.sources.base import HistogramWindow, SourceUnavailable, Unavailability, VariantPair, WindowRequest
 from shadowctl.sources.prometheus import PrometheusMetricSource
-from shadowctl.sources.promql import build_request
+from shadowctl.sources.prometheus.promql import build_request
 
 if TYPE_CHECKING:
     from conftest_prometheus import PrometheusFactory

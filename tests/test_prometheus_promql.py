@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
+from shadowctl.cli.query_cmd import describe_window
 from shadowctl.policy import PolicyError, load_policies, parse_policies
-from shadowctl.policy.model import MetricKind, ShadowPolicy
-from shadowctl.policy.presets import PRESETS, SelectorStyle, check_preset
+from shadowctl.policy.model import MetricKind, ShadowPolicy, check_preset
 from shadowctl.policy.templates import PLACEHOLDERS, check_template, placeholders, render
 from shadowctl.sources.base import HistogramWindow, SourceConfigError, Variant
-from shadowctl.sources.prometheus import batch_expression
-from shadowctl.sources.promql import (
+from shadowctl.sources.prometheus.presets import PRESETS, SelectorStyle
+from shadowctl.sources.prometheus.promql import (
     build_request,
     escape_regex,
     escape_string,
@@ -23,6 +23,7 @@ from shadowctl.sources.promql import (
     selector,
     service_name,
 )
+from shadowctl.sources.prometheus.source import batch_expression
 
 REPO = Path(__file__).resolve().parent.parent
 END = datetime(2024, 1, 1, 12, tzinfo=UTC)
@@ -204,13 +205,15 @@ def test_batch_expression_tags_every_variant_and_part() -> None:
     assert f"({req[Variant.candidate].failures}) or (0 * ({req.candidate.expr}))" in expr
 
 
-def test_histogram_quantile_interpolates_like_promql() -> None:
+def test_query_shows_the_judges_quantiles() -> None:
     h = HistogramWindow((0.1, 0.5, 1.0, math.inf), (40.0, 60.0, 80.0, 100.0))
-    assert h.quantile(0.5) == pytest.approx(0.1 + 0.4 * (50 - 40) / 20)
-    assert h.quantile(0.2) == pytest.approx(0.05)
-    assert h.quantile(0.95) == 1.0  # in the +Inf bucket: the highest finite bound
-    with pytest.raises(ValueError, match="quantile"):
-        h.quantile(1.5)
+    shown = describe_window(h)
+    assert shown["p50"] == pytest.approx(0.1 + 0.4 * (50 - 40) / 20)  # the median's bucket: linear, as PromQL
+    assert shown["p95"] == 1.0 and shown["p99"] == 1.0  # in the +Inf bucket: at least the highest finite bound
+    assert shown["at_least"] == ["p95", "p99"]
+    tail = describe_window(HistogramWindow((0.1, 1.0, 10.0, math.inf), (50.0, 90.0, 99.0, 100.0)))
+    assert 1.0 < tail["p95"] < 10.0 and tail["p95"] < 1.0 + 9.0 * (95 - 90) / 9  # a power law, below linear
+    assert "at_least" not in tail and describe_window(HistogramWindow((1.0, math.inf), (0.0, 0.0)))["p50"] is None
 
 
 def test_docs_show_every_preset_query_verbatim() -> None:

@@ -31,7 +31,7 @@ from shadowctl.sim.modelserver import ModelKnobs, ServerStats, SimModelServer
 from shadowctl.sim.services import ScrapeTarget
 from shadowctl.sources.base import CountWindow, GaugeWindow, HistogramWindow, NoData, VariantPair
 from shadowctl.sources.prometheus import PrometheusMetricSource
-from shadowctl.sources.promql import build_request
+from shadowctl.sources.prometheus.promql import build_request
 
 if TYPE_CHECKING:
     from conftest_prometheus import PrometheusFactory, PrometheusServer

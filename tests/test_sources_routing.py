@@ -22,7 +22,7 @@ from http_stub import PROMETHEUS_VECTOR_1, serving
 from shadowctl.kube import SECRET, KubeClient
 from shadowctl.policy.model import ShadowPolicy
 from shadowctl.sources.base import MetricSource, ServerRef, SourceError, SourceUnavailable, VariantPair
-from shadowctl.sources.promql import build_request
+from shadowctl.sources.prometheus.promql import build_request
 from shadowctl.sources.routing import RoutingSource, secret_connect
 
 

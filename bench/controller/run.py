@@ -52,6 +52,7 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
+from shadowctl.sources.prometheus import build_requests
 
 REPO = Path(__file__).resolve().parents[2]
 LE = (*(round(0.05 * 1.05**i, 6) for i in range(100)), math.inf)
@@ -88,6 +89,8 @@ class StubSource:
     so the evidence changes at every look and every tick writes `.status`; `static`: the same counts at
     every look (after the first look with evidence nothing changes, so no tick writes).
     """
+
+    plan = staticmethod(build_requests)  # requests as the Prometheus source makes them
 
     def __init__(self, growing: bool = True) -> None:
         self.calls = 0

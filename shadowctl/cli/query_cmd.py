@@ -40,22 +40,39 @@ from shadowctl.sources.base import (
     WindowResult,
 )
 from shadowctl.sources.prometheus import PrometheusMetricSource
-from shadowctl.sources.promql import build_requests
+from shadowctl.sources.prometheus.promql import build_requests
 
 
 def _number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+
+
 def describe_window(window: Window) -> dict[str, Any]:
-    """Plain numbers for one variant's window (what the table and JSON show)."""
+    """Plain numbers for one variant's window (what the table and JSON show).
+
+    A histogram's quantiles are the judge's own estimates (:func:`shadowctl.judge.estimators.quantile_binned`:
+    linear in the median's bucket, a power law in the tails), so what this prints is what a look would
+    judge. One in the +Inf bucket is only known to be at least the highest finite bound: it is listed
+    under ``at_least``.
+    """
     if isinstance(window, HistogramWindow):
-        return {
-            "samples": window.total,
-            "p50": _number(window.quantile(0.5)),
-            "p95": _number(window.quantile(0.95)),
-            "p99": _number(window.quantile(0.99)),
-        }
+        import numpy as np  # numpy and the judge only where a histogram is shown
+
+        from shadowctl.judge.estimators import quantile_binned
+
+        out: dict[str, Any] = {"samples": window.total}
+        at_least = []
+        for name, q in QUANTILES.items():
+            estimate = quantile_binned(np.asarray([window.counts]), np.asarray(window.le), q)
+            out[name] = _number(float(estimate.value[0])) if window.total > 0 else None
+            if window.total > 0 and bool(estimate.open_hi[0]) and np.isinf(estimate.hi_value[0]):
+                at_least.append(name)
+        if at_least:
+            out["at_least"] = at_least
+        return out
     if isinstance(window, CountWindow):
         return {"samples": window.total, "failures": window.failures, "rate": window.rate}
     if isinstance(window, CounterWindow):
@@ -102,7 +119,8 @@ def _table(rows: list[dict[str, Any]], since: timedelta) -> Table:
         for variant, nums in row["variants"].items():
             unit = f" {row['unit']}" if row["unit"] else ""
             if "p50" in nums:
-                value = " ".join(f"{q}={_fmt(nums[q])}{unit}" for q in ("p50", "p95", "p99"))
+                value = " ".join(f"{q}={'>=' if q in nums.get('at_least', ()) else ''}{_fmt(nums[q])}{unit}"
+                                 for q in QUANTILES)
             elif "rate" in nums:
                 value = f"rate={_fmt(nums['rate'])} ({_fmt(nums['failures'])} failed)"
             elif "per_second" in nums:

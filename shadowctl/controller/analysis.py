@@ -65,6 +65,7 @@ from shadowctl.sources.base import (
     HistogramWindow,
     MetricKey,
     MetricSource,
+    Planned,
     SourceConfigError,
     SourceUnavailable,
     VariantPair,
@@ -73,7 +74,6 @@ from shadowctl.sources.base import (
     WindowResult,
 )
 from shadowctl.sources.base import NoData as SourceNoData
-from shadowctl.sources.promql import build_requests
 
 log = structlog.get_logger(__name__)
 
@@ -131,25 +131,23 @@ def look_end(now: float, since: float, interval: float) -> float:
     return boundary if boundary > since else now
 
 
-Planned = list[tuple[Metric, WindowRequest | SourceConfigError]]
-
-_PLANNED: dict[tuple[int, float, float], tuple[ShadowPolicy, Planned]] = {}
+_PLANNED: dict[tuple[int, int, float, float], tuple[ShadowPolicy, Planned]] = {}
 _PLANNED_LIMIT = 20_000
 
 
-def plan_requests(policy: ShadowPolicy, since: float, end: float) -> Planned:
+def plan_requests(source: MetricSource, policy: ShadowPolicy, since: float, end: float) -> Planned:
     """The metric requests of one look: every metric over (phase start, end]. Do not modify the list.
 
-    Remembered per (policy object, since, end): the first tick of a look plans every rollout's requests
-    (:meth:`Manager.looks`), and each tick of the look then needs its own again. Policy objects are
-    frozen and cached by generation (:func:`~shadowctl.controller.status.parse_policy`), so an edited
+    Remembered per (source, policy object, since, end): the first tick of a look plans every rollout's
+    requests (:meth:`Manager.looks`), and each tick of the look then needs its own again. Policy objects
+    are frozen and cached by generation (:func:`~shadowctl.controller.status.parse_policy`), so an edited
     spec is a new object and is planned anew.
     """
-    key = (id(policy), since, end)
+    key = (id(source), id(policy), since, end)
     hit = _PLANNED.get(key)
     if hit is not None and hit[0] is policy:
         return hit[1]
-    built = build_requests(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
+    built = source.plan(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
     if len(_PLANNED) >= _PLANNED_LIMIT:
         _PLANNED.clear()
     _PLANNED[key] = (policy, built)
@@ -454,22 +452,21 @@ class Analyzer:
             await self.outputs.stop(policy_key)
 
     async def _fetch(self, policy: ShadowPolicy, since: float, now: float) -> dict[str, WindowResult | SourceConfigError]:
-        built = plan_requests(policy, since, look_end(now, since, policy.spec.analysis.interval.total_seconds()))
+        if self.source is None:
+            return {m.name: SourceNoData(m.name, None, "", "no metric source configured")
+                    for m in policy.spec.analysis.metrics}
+        end = look_end(now, since, policy.spec.analysis.interval.total_seconds())
         out: dict[str, WindowResult | SourceConfigError] = {}
         requests: list[tuple[Metric, WindowRequest]] = []
-        for metric, req in built:
+        for metric, req in plan_requests(self.source, policy, since, end):
             if isinstance(req, SourceConfigError):
                 out[metric.name] = req
             else:
                 requests.append((metric, req))
         if requests:
-            if self.source is None:
-                for metric, req in requests:
-                    out[metric.name] = SourceNoData(metric.name, None, req.primary.expr, "no metric source configured")
-            else:
-                answers = await self.source.fetch_many([r for _, r in requests])
-                for metric, req in requests:
-                    out[metric.name] = answers[req.key]
+            answers = await self.source.fetch_many([r for _, r in requests])
+            for metric, req in requests:
+                out[metric.name] = answers[req.key]
         return out
 
 
@@ -542,6 +539,11 @@ class BatchingSource:
         self._answers: dict[_Window, WindowResult] = {}
         self._planned: list[datetime] = []
         self.batches = 0
+
+    def plan(
+        self, policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: Sequence[str] | None = None
+    ) -> Planned:
+        return self.inner.plan(policy, start=start, end=end, metrics=metrics)
 
     async def fetch(self, request: WindowRequest) -> WindowResult:
         return (await self.fetch_many([request]))[request.key]

@@ -260,6 +260,9 @@ class Manager:
         if self._looks is not None and self._looks[0] == end:
             return self._looks[1]
         out: list[tuple[ShadowPolicy, list[tuple[Metric, WindowRequest]]]] = []
+        source = self.reconciler.analyzer.source
+        if source is None:
+            return out
         for obj in list(self.last_objects.values()):
             state = read_state(obj)
             if state.phase not in ANALYSED or state.phase_started_at is None:
@@ -270,7 +273,7 @@ class Manager:
             interval = policy.spec.analysis.interval.total_seconds()
             if look_end(end, state.phase_started_at, interval) != end:
                 continue
-            out.append((policy, [(metric, req) for metric, req in plan_requests(policy, state.phase_started_at, end)
+            out.append((policy, [(metric, req) for metric, req in plan_requests(source, policy, state.phase_started_at, end)
                                  if isinstance(req, WindowRequest)]))
         self._looks = (end, out)
         return out

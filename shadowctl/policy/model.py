@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_serializer, model_validator
@@ -245,6 +247,36 @@ class MetricKind(str, enum.Enum):
     gauge = "gauge"
 
 
+PRESET_KINDS: Mapping[str, MetricKind] = MappingProxyType({
+    "vllm-ttft": MetricKind.latency_histogram,
+    "vllm-tpot": MetricKind.latency_histogram,
+    "vllm-request-tpot": MetricKind.latency_histogram,
+    "vllm-e2e": MetricKind.latency_histogram,
+    "vllm-queue-time": MetricKind.latency_histogram,
+    "vllm-errors": MetricKind.ratio,
+    "vllm-http-errors": MetricKind.ratio,
+    "vllm-generation-tokens": MetricKind.counter,
+    "istio-errors": MetricKind.ratio,
+    "istio-latency": MetricKind.latency_histogram,
+    "dcgm-gpu-util": MetricKind.gauge,
+    "dcgm-fb-used": MetricKind.gauge,
+    "dcgm-power": MetricKind.gauge,
+    "gpu-cost-per-1k-tokens": MetricKind.gauge,
+})
+"""The presets a metric may name, and the kind of each: all a policy needs to check one. What each
+queries is the metric source's business (:mod:`shadowctl.sources.prometheus.presets`, which implements
+exactly these)."""
+
+
+def check_preset(name: str, kind: MetricKind) -> None:
+    """Raise ValueError if `name` is no preset (listing the known ones), or `kind` is not its kind."""
+    known = PRESET_KINDS.get(name)
+    if known is None:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESET_KINDS))}")
+    if kind is not known:
+        raise ValueError(f"preset {name!r} is of kind {known.value!r}; set kind: {known.value}")
+
+
 class Statistic(str, enum.Enum):
     p50 = "p50"
     p90 = "p90"
@@ -343,8 +375,6 @@ class Metric(_Model):
         if (self.preset is None) == (self.query is None):
             raise ValueError("set exactly one of 'preset' or 'query'")
         if self.preset is not None:
-            from shadowctl.policy.presets import check_preset  # presets imports this module
-
             check_preset(self.preset, self.kind)
         if self.kind is MetricKind.ratio and self.statistic is not Statistic.rate:
             raise ValueError(f"a ratio metric is judged by statistic 'rate', not {self.statistic.value!r}")

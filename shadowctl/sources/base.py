@@ -20,8 +20,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from shadowctl.errors import ShadowctlError
-from shadowctl.policy.model import MetricKind
-from shadowctl.policy.presets import Combine
+from shadowctl.policy.model import Metric, MetricKind, ShadowPolicy
 
 
 class SourceError(ShadowctlError):
@@ -66,25 +65,6 @@ class HistogramWindow:
     @property
     def total(self) -> float:
         return self.counts[-1]
-
-    def quantile(self, q: float) -> float:
-        """The q-quantile by linear interpolation inside a bucket (as PromQL's histogram_quantile).
-
-        Observations in the +Inf bucket are reported as the highest finite bound.
-        """
-        if not 0 <= q <= 1:
-            raise ValueError(f"quantile {q} is not within 0..1")
-        rank = q * self.total
-        for i, (bound, count) in enumerate(zip(self.le, self.counts, strict=True)):
-            if count >= rank and count > 0:
-                lower = self.le[i - 1] if i else 0.0
-                below = self.counts[i - 1] if i else 0.0
-                if math.isinf(bound):
-                    return lower
-                if count == below:
-                    return bound
-                return lower + (bound - lower) * (rank - below) / (count - below)
-        return math.nan
 
 
 @dataclass(frozen=True)
@@ -201,50 +181,14 @@ class ServerRef:
 
 
 @dataclass(frozen=True)
-class SeriesMatch:
-    """Which series of a grouped answer belong to one variant: labels equal to values, and one label
-    matching a regular expression (PromQL's anchored RE2, which Python's ``re.fullmatch`` reads the same
-    way for the patterns shadowctl writes)."""
-
-    equals: tuple[tuple[str, str], ...]
-    regex: tuple[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class GroupedForm:
-    """The same metric as one query for many rollouts: the template aggregated ``by`` the labels that
-    tell variants apart, the label that scopes it (a namespace label) and how to find each variant.
-
-    The parts keep the ``{{ selector }}`` and ``{{ window }}`` placeholders: the source fills them for
-    the whole batch (the namespaces and pods of the batch; one window length).
-    """
-
-    @property
-    def scope_label(self) -> str:
-        return self.labels[0]
-
-    parts: tuple[tuple[str, str], ...]
-    """Named queries (see :meth:`shadowctl.policy.presets.Preset.grouped`)."""
-    combine: Combine | None
-    """For gauges: how the parts' sums make the value at one sample time."""
-    labels: tuple[str, ...]
-    """The labels the query is aggregated by; the first scopes it (a namespace label)."""
-    namespace: str
-    primary: SeriesMatch
-    candidate: SeriesMatch
-
-    def __getitem__(self, variant: Variant) -> SeriesMatch:
-        return self.primary if variant is Variant.primary else self.candidate
-
-
-@dataclass(frozen=True)
 class WindowRequest:
     """One metric of one rollout, rendered for both variants, over [start, end].
 
     Histograms, ratios and counters are increases over `end - start`, evaluated at
     `end` (so a restarted controller recomputes "since phase start" exactly);
     gauges are sampled every `step` in (start, end]. Requests with the same
-    `template` (and kind, end and step) are answered by one query.
+    `template` (and kind, end and step) are answered by one query. Requests are made by the
+    source that answers them (:meth:`MetricSource.plan`), which may carry more in a subclass.
     """
 
     key: MetricKey
@@ -257,8 +201,6 @@ class WindowRequest:
     step: timedelta = timedelta(seconds=30)
     scale: float = 1.0
     unit: str = ""
-    grouped: GroupedForm | None = None
-    """Set for presets whose series carry the labels that tell variants apart (see the Prometheus source)."""
     server: ServerRef | None = None
     """The policy's own Prometheus; None: the controller's."""
 
@@ -275,8 +217,22 @@ class WindowRequest:
 # --------------------------------------------------------------------------- the port
 
 
+Planned = list[tuple[Metric, "WindowRequest | SourceConfigError"]]
+"""A policy's metrics, each with its request or the reason it cannot become one."""
+
+
 class MetricSource(Protocol):
     """Where the judge's numbers come from (Prometheus, Thanos, Mimir, or recorded data)."""
+
+    def plan(
+        self, policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: Sequence[str] | None = None
+    ) -> Planned:
+        """Every metric of the policy (or the named ones) as this source's request over [start, end], or
+        the SourceConfigError saying why it cannot be asked (no selector for a variant, ...).
+
+        Pure: no I/O. A request may start later than ``start`` (the source's own alignment).
+        """
+        ...
 
     async def fetch(self, request: WindowRequest) -> WindowResult:
         """What both variants did over the request's window.

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from shadowctl.kube import KubeClient
+from shadowctl.policy.model import ShadowPolicy
 from shadowctl.sources.base import (
     MetricKey,
     MetricSource,
+    Planned,
     ServerRef,
     SourceError,
     SourceUnavailable,
@@ -26,7 +29,7 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
-from shadowctl.sources.prometheus import PrometheusMetricSource
+from shadowctl.sources.prometheus import PrometheusMetricSource, build_requests
 from shadowctl.sources.secrets import read_secret_value
 
 Connect = Callable[[ServerRef], Awaitable[MetricSource]]
@@ -59,6 +62,12 @@ class RoutingSource:
         if held is not None:
             await held[0].aclose()
         return fresh
+
+    def plan(
+        self, policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: Sequence[str] | None = None
+    ) -> Planned:
+        """Prometheus requests, whichever server answers them."""
+        return build_requests(policy, start=start, end=end, metrics=metrics)
 
     async def fetch(self, request: WindowRequest) -> WindowResult:
         return (await self.fetch_many([request]))[request.key]

@@ -6,7 +6,7 @@ A preset is sent *grouped*: aggregated by the labels that tell variants apart
 (``namespace, pod`` or Istio's destination labels) over the namespaces of the
 batch, so one ``increase(...[W])`` serves every rollout whose window has length W,
 and each rollout sums the series matching its variants. Windows start and end on
-interval boundaries (:func:`shadowctl.sources.promql.aligned_start`), so the
+interval boundaries (:func:`shadowctl.sources.prometheus.promql.aligned_start`), so the
 distinct lengths are the intervals in which phases began. Why not per-interval
 increases summed over looks (one length for all): a window holding one or two
 scrapes makes ``increase`` extrapolate, which would double some counts and lose
@@ -51,8 +51,7 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
-from shadowctl.policy.model import MetricKind
-from shadowctl.policy.presets import Combine
+from shadowctl.policy.model import MetricKind, ShadowPolicy
 from shadowctl.policy.templates import render
 from shadowctl.sources.base import (
     CounterWindow,
@@ -62,7 +61,7 @@ from shadowctl.sources.base import (
     MetricKey,
     MetricSource,
     NoData,
-    SeriesMatch,
+    Planned,
     SourceConfigError,
     SourceError,
     SourceUnavailable,
@@ -73,7 +72,17 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
-from shadowctl.sources.promql import MIN_GAUGE_WINDOW, Matcher, escape_regex, format_window, selector_values
+from shadowctl.sources.prometheus.presets import combine_parts
+from shadowctl.sources.prometheus.promql import (
+    MIN_GAUGE_WINDOW,
+    Matcher,
+    PrometheusRequest,
+    SeriesMatch,
+    build_requests,
+    escape_regex,
+    format_window,
+    selector_values,
+)
 
 TAG = "shadowctl_key"
 _T = TypeVar("_T")
@@ -255,6 +264,11 @@ class PrometheusMetricSource:
 
     # ------------------------------------------------------------------ the port
 
+    def plan(
+        self, policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: Sequence[str] | None = None
+    ) -> Planned:
+        return build_requests(policy, start=start, end=end, metrics=metrics)
+
     async def check(self) -> SourceUnavailable | None:
         try:
             rows = await self.instant("vector(1)", datetime.now().astimezone())
@@ -278,8 +292,8 @@ class PrometheusMetricSource:
             groups[(req.kind, req.template, req.end, step)].append(req)
         jobs: list[Any] = []
         for reqs in groups.values():
-            grouped = [r for r in reqs if r.grouped is not None]
-            rest = [r for r in reqs if r.grouped is None]
+            grouped = [r for r in reqs if isinstance(r, PrometheusRequest) and r.grouped is not None]
+            rest = [r for r in reqs if not (isinstance(r, PrometheusRequest) and r.grouped is not None)]
             if grouped:
                 gauge = grouped[0].kind is MetricKind.gauge
                 jobs.append(self._run_grouped_gauge(grouped) if gauge else self._run_grouped(grouped))
@@ -321,7 +335,7 @@ class PrometheusMetricSource:
 
     # ------------------------------------------------------------------ grouped queries for many rollouts
 
-    async def _run_grouped(self, reqs: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
+    async def _run_grouped(self, reqs: Sequence[PrometheusRequest]) -> dict[MetricKey, WindowResult]:
         """Answer requests of a preset with one query whose size grows with their window lengths.
 
         Rollouts whose windows have the same length (the controller starts and ends windows on
@@ -331,7 +345,7 @@ class PrometheusMetricSource:
         Each rollout then sums the series that match its variants. The numbers are those of one query
         per rollout: the same increase over the same window, summed over the same series.
         """
-        by_length: dict[int, list[WindowRequest]] = defaultdict(list)
+        by_length: dict[int, list[PrometheusRequest]] = defaultdict(list)
         for r in reqs:
             by_length[round((r.end - r.start).total_seconds() * 1000)].append(r)
         lengths = sorted(by_length)
@@ -341,7 +355,7 @@ class PrometheusMetricSource:
             out.update(answer)
         return out
 
-    async def _run_lengths(self, groups: Sequence[Sequence[WindowRequest]]) -> dict[MetricKey, WindowResult]:
+    async def _run_lengths(self, groups: Sequence[Sequence[PrometheusRequest]]) -> dict[MetricKey, WindowResult]:
         expr = _balanced_or([_grouped_part(i, g, g[0].end - g[0].start) for i, g in enumerate(groups)])
         flat = [r for g in groups for r in g]
         try:
@@ -360,7 +374,7 @@ class PrometheusMetricSource:
             for r in flat
         }
 
-    async def _run_grouped_gauge(self, reqs: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
+    async def _run_grouped_gauge(self, reqs: Sequence[PrometheusRequest]) -> dict[MetricKey, WindowResult]:
         """All rollouts of a gauge preset with one range query: samples sit on the same step grid for
         every rollout (multiples of the step since the epoch), so each keeps those inside its window."""
         first = reqs[0]
@@ -382,7 +396,7 @@ class PrometheusMetricSource:
             for v in Variant:
                 by_part = {part: per_le.get(None, {}) for (vv, part), per_le in sums[r.key].items() if vv is v}
                 times = sorted(set().union(*(set(p) for p in by_part.values()))) if by_part else []
-                points = [(t, x) for t in times if (x := _combine(combine, {n: p.get(t) for n, p in by_part.items()}))
+                points = [(t, x) for t in times if (x := combine_parts(combine, {n: p.get(t) for n, p in by_part.items()}))
                           is not None]
                 if points:
                     parts_out[(v, _PART_VALUE)] = [_Series(None, tuple(points))]
@@ -391,14 +405,14 @@ class PrometheusMetricSource:
 
     @staticmethod
     def _sum_by_variant(
-        groups: Sequence[Sequence[WindowRequest]], rows: list[dict[str, Any]], *, instant: bool
+        groups: Sequence[Sequence[PrometheusRequest]], rows: list[dict[str, Any]], *, instant: bool
     ) -> dict[MetricKey, dict[tuple[Variant, str], dict[str | None, dict[float, float]]]] | SourceUnavailable:
         """Sum a grouped answer's series per request, variant, part, ``le`` and sample time."""
         flat = [r for g in groups for r in g]
         form0 = flat[0].grouped
         assert form0 is not None
         scope, names = form0.scope_label, form0.labels
-        index: dict[tuple[int, str], list[tuple[WindowRequest, Variant]]] = defaultdict(list)
+        index: dict[tuple[int, str], list[tuple[PrometheusRequest, Variant]]] = defaultdict(list)
         for i, g in enumerate(groups):
             for r in g:
                 assert r.grouped is not None
@@ -407,7 +421,7 @@ class PrometheusMetricSource:
         sums: dict[MetricKey, dict[tuple[Variant, str], dict[str | None, dict[float, float]]]] = {
             r.key: {} for r in flat
         }
-        owners: dict[tuple[int, tuple[str | None, ...]], list[tuple[WindowRequest, Variant]]] = {}
+        owners: dict[tuple[int, tuple[str | None, ...]], list[tuple[PrometheusRequest, Variant]]] = {}
         try:
             for row in rows:
                 labels: dict[str, str] = row["metric"]
@@ -449,7 +463,7 @@ class PrometheusMetricSource:
         return out
 
 
-def _grouped_part(index: int, reqs: Sequence[WindowRequest], window: timedelta) -> str:
+def _grouped_part(index: int, reqs: Sequence[PrometheusRequest], window: timedelta) -> str:
     """A preset's parts for many rollouts, scoped to their namespaces (and pods), each tagged ``index/part``."""
     form = reqs[0].grouped
     assert form is not None
@@ -462,24 +476,6 @@ def _grouped_part(index: int, reqs: Sequence[WindowRequest], window: timedelta) 
         matchers.append((regexes[0][0], "=~", "|".join(sorted({p for _, p in regexes}))))
     values = {**selector_values(matchers), "window": format_window(window)}
     return " or ".join(f"({_tagged(render(q, values), f'{index}/{name}')})" for name, q in form.parts)
-
-
-def _combine(rule: Combine, parts: dict[str, float | None]) -> float | None:
-    """A gauge's value at one time from its parts' sums; None where a part has no series then (as PromQL's
-    aggregation of nothing), +Inf or NaN where PromQL would divide by zero."""
-    if any(x is None for x in parts.values()):
-        return None
-    x = {k: float(v) for k, v in parts.items() if v is not None}
-    try:
-        if rule is Combine.total:
-            return x["s"]
-        if rule is Combine.mean:
-            return x["s"] / x["c"]
-        return (x["n"] / 3600.0) / (x["d"] / 1000.0)
-    except ZeroDivisionError:
-        return math.nan
-    except KeyError:
-        return None
 
 
 @functools.lru_cache(maxsize=4096)

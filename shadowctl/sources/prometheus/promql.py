@@ -18,21 +18,68 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from shadowctl.policy.model import Metric, MetricKind, ShadowPolicy, VariantSelector
-from shadowctl.policy.presets import GPU_POD_LABELS, Preset, SelectorStyle, get_preset
 from shadowctl.policy.templates import render
 from shadowctl.sources.base import (
-    GroupedForm,
     MetricKey,
-    SeriesMatch,
+    Planned,
     ServerRef,
     SourceConfigError,
     Variant,
     VariantQuery,
     WindowRequest,
 )
+from shadowctl.sources.prometheus.presets import GPU_POD_LABELS, Combine, Preset, SelectorStyle, get_preset
+
+
+@dataclass(frozen=True)
+class SeriesMatch:
+    """Which series of a grouped answer belong to one variant: labels equal to values, and one label
+    matching a regular expression (PromQL's anchored RE2, which Python's ``re.fullmatch`` reads the same
+    way for the patterns shadowctl writes)."""
+
+    equals: tuple[tuple[str, str], ...]
+    regex: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class GroupedForm:
+    """The same metric as one query for many rollouts: the template aggregated ``by`` the labels that
+    tell variants apart, the label that scopes it (a namespace label) and how to find each variant.
+
+    The parts keep the ``{{ selector }}`` and ``{{ window }}`` placeholders: the source fills them for
+    the whole batch (the namespaces and pods of the batch; one window length).
+    """
+
+    @property
+    def scope_label(self) -> str:
+        return self.labels[0]
+
+    parts: tuple[tuple[str, str], ...]
+    """Named queries (see :meth:`shadowctl.sources.prometheus.presets.Preset.grouped`)."""
+    combine: Combine | None
+    """For gauges: how the parts' sums make the value at one sample time."""
+    labels: tuple[str, ...]
+    """The labels the query is aggregated by; the first scopes it (a namespace label)."""
+    namespace: str
+    primary: SeriesMatch
+    candidate: SeriesMatch
+
+    def __getitem__(self, variant: Variant) -> SeriesMatch:
+        return self.primary if variant is Variant.primary else self.candidate
+
+
+@dataclass(frozen=True)
+class PrometheusRequest(WindowRequest):
+    """A :class:`WindowRequest` this source made, with the grouped form of a preset (None: a custom query,
+    or a variant the grouped answer cannot be split for; then it is answered per rollout)."""
+
+    grouped: GroupedForm | None = None
+
 
 _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
 MIN_GAUGE_WINDOW = timedelta(minutes=1)
@@ -136,7 +183,7 @@ def _matchers(match: SeriesMatch) -> list[Matcher]:
 
 def selector_values(matchers: list[Matcher]) -> dict[str, str]:
     """The matchers as ``{{ selector }}``, and under the renamed pod labels of every other placeholder of
-    :data:`~shadowctl.policy.presets.GPU_POD_LABELS` (labels other than namespace and pod keep their name)."""
+    :data:`~shadowctl.sources.prometheus.presets.GPU_POD_LABELS` (labels other than namespace and pod keep their name)."""
     out: dict[str, str] = {}
     for placeholder, (ns_label, pod_label) in GPU_POD_LABELS.items():
         rename = {"namespace": ns_label, "pod": pod_label}
@@ -243,7 +290,7 @@ def _wrap(kind: MetricKind, expr: str) -> str:
     return f"sum({expr})"
 
 
-def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end: datetime) -> WindowRequest:
+def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end: datetime) -> PrometheusRequest:
     """Render `metric` of `policy` for both variants over [start, end] (gauges: sampled every interval).
 
     Raises SourceConfigError naming the policy, metric and what is missing.
@@ -286,7 +333,7 @@ def build_request(policy: ShadowPolicy, metric: Metric, *, start: datetime, end:
         raise SourceConfigError(
             f"{key}: primary and candidate render to the same query; their selectors must differ"
         )
-    return WindowRequest(
+    return PrometheusRequest(
         key=key, kind=kind, template=preset.name if preset else template + "\x00" + (failures or ""),
         start=start, end=end, primary=queries[Variant.primary], candidate=queries[Variant.candidate],
         step=step, scale=scale, unit=preset.unit if preset else "",
@@ -314,10 +361,11 @@ def _grouped_form(policy: ShadowPolicy, preset: Preset) -> GroupedForm | None:
 
 
 def build_requests(
-    policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: list[str] | None = None
-) -> list[tuple[Metric, WindowRequest | SourceConfigError]]:
-    """Every (or the named) metric of a policy, each rendered or with the reason it cannot be."""
-    out: list[tuple[Metric, WindowRequest | SourceConfigError]] = []
+    policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: Sequence[str] | None = None
+) -> Planned:
+    """Every (or the named) metric of a policy, each rendered or with the reason it cannot be
+    (:meth:`shadowctl.sources.base.MetricSource.plan` of the Prometheus sources)."""
+    out: Planned = []
     for metric in policy.spec.analysis.metrics:
         if metrics is not None and metric.name not in metrics:
             continue
