@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from routers_util import FIXTURES, assert_valid
 from typer.testing import CliRunner
@@ -26,6 +27,7 @@ def _chat(obj: dict) -> dict:  # type: ignore[type-arg]
     return next(r for r in obj["spec"]["http"] if r.get("name") == "chat")
 
 
+@pytest.mark.usefixtures("local_cluster")  # assert_valid asks the real API server
 def test_renders_a_canary_step_as_yaml() -> None:
     result = runner.invoke(app, ["render", VS, "--primary", f"{HOST}/v1:8000", "--candidate", f"{HOST}/v2:8000",
                                  "--route", "chat", "--weight", "25", "--mirror", "2.5"])
@@ -65,6 +67,7 @@ def test_missing_destination_lists_the_destinations() -> None:
     assert f"no primary destination {HOST}/v0" in _text(result) and f"{HOST}/v1:8000" in _text(result)
 
 
+@pytest.mark.usefixtures("local_cluster")
 def test_knative_service() -> None:
     result = runner.invoke(app, ["render", KSVC, "--candidate", "llm-00002", "--weight", "20", "--tag", "canary"])
     assert result.exit_code == 0, result.output

@@ -8,7 +8,6 @@ import logging
 import sys
 from typing import Annotated, Any
 
-import structlog
 import typer
 import yaml
 from rich.console import Console
@@ -68,7 +67,9 @@ class _CurrentStderr:
 
 def configure_logging(fmt: str, level: str = "info") -> None:
     """structlog: JSON lines (for log collectors) or readable console lines."""
-    renderer: structlog.types.Processor = (
+    import structlog  # 0.1 s: only commands that run adapters set logging up (see cli/app.py)
+
+    renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(

@@ -1,0 +1,67 @@
+"""The CLI starts without the heavy parts: the command table is true, and what a light command imports.
+
+Start-up time itself is measured by bench/cli_startup.py (a timed test would be noise on a shared
+machine); these tests hold the reasons it is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from shadowctl.cli.app import COMMANDS, load_command
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("scipy", "numpy", "kubernetes", "shadowctl.judge", "shadowctl.controller", "shadowctl.kube")
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter holds after running ``code``."""
+    probe = (
+        "import sys, json\n" + code + "\n"
+        f"print(json.dumps(sorted({{m for m in sys.modules for h in {HEAVY!r} if m == h or m.startswith(h + '.')}})))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    loaded: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def test_importing_the_app_loads_neither_scipy_numpy_nor_kubernetes() -> None:
+    assert _loaded_after("import shadowctl.cli.app") == []
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["validate", "policies/"], ["schema"]])
+def test_light_commands_load_nothing_heavy(argv: list[str]) -> None:
+    code = (
+        "from shadowctl.cli.app import app\n"
+        f"try:\n    app({argv!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+    )
+    assert _loaded_after(code) == []
+
+
+@pytest.mark.parametrize("entry", COMMANDS, ids=[c.name for c in COMMANDS])
+def test_the_table_says_what_each_module_registers(entry: object) -> None:
+    from shadowctl.cli.app import LazyCommand
+
+    assert isinstance(entry, LazyCommand)
+    command = load_command(entry.name)
+    first = (command.help or "").split("\n\n")[0]
+    assert " ".join(first.split()) == entry.help, f"update COMMANDS[{entry.name!r}].help in cli/app.py"
+
+
+def test_every_registered_command_is_in_the_table() -> None:
+    table = {c.name: c.module for c in COMMANDS}
+    for module in sorted(set(table.values())):
+        holder = typer.Typer()
+        importlib.import_module(module).register(holder)
+        names = [c.name or c.callback.__name__ for c in holder.registered_commands if c.callback]  # type: ignore[union-attr]
+        names += [g.name or g.typer_instance.info.name for g in holder.registered_groups]  # type: ignore[misc]
+        for name in names:
+            assert table.get(name) == module, f"{module} registers {name!r}: add it to COMMANDS in cli/app.py"
