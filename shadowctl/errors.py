@@ -3,15 +3,62 @@
 Every adapter defines its errors under :class:`ShadowctlError` and chains the
 third-party exception that caused it (``raise X(...) from exc``), so that the
 kubernetes, httpx, prometheus-api-client and MQTT libraries' exceptions never
-leak out of the adapters::
+leak out of the adapters, and a command line can print any of them as one
+line. The whole tree (``tests/test_errors.py`` fails when a class is missing
+here, or is not under ``ShadowctlError``)::
 
     ShadowctlError
-    ├── PolicyError                  (shadowctl.policy: bad policy input)
-    ├── KubeError                    (shadowctl.kube)
-    │   ├── NotFound, Conflict, Forbidden, Invalid, Unavailable
-    ├── RouterError                  (shadowctl.routers)
-    ├── SourceError                  (shadowctl.sources)
-    └── ...
+    ├── PolicyError                  shadowctl.policy: bad policy input, every problem as FILE:LINE:COL
+    ├── JudgeError                   shadowctl.judge
+    │   └── JudgeInputError          (also a ValueError) a spec or data object is malformed
+    ├── MalformedEvent               shadowctl.compare (also a ValueError): not a valid output event
+    ├── ComparatorUnavailable        shadowctl.compare: a comparator cannot run here (semantic without its extra)
+    ├── KubeError                    shadowctl.kube: an API call failed (``status``: the HTTP status)
+    │   ├── ConfigError              no usable kubeconfig or in-cluster configuration
+    │   ├── BadRequest               400
+    │   ├── Unauthorized             401
+    │   ├── Forbidden                403
+    │   ├── NotFound                 404
+    │   ├── Conflict                 409: a stale resourceVersion
+    │   │   └── AlreadyExists        409 on create
+    │   ├── Gone                     410 outside a watch
+    │   │   └── WatchExpired         410 on a watch: re-list
+    │   ├── UnsupportedMediaType     415
+    │   ├── Invalid                  422 (``causes``: the fields)
+    │   └── Unavailable              unreachable, timeouts, 429, 5xx after retries
+    ├── RouterError                  shadowctl.routers
+    │   ├── RouteNotFound            the object or its route does not exist
+    │   ├── DestinationNotFound      a destination or revision the policy names is not there
+    │   ├── UnmanagedTraffic         traffic to something that is neither primary nor candidate
+    │   ├── WouldBeRejected          the object would fail the API server's or the mesh's validation
+    │   ├── Unsupported              e.g. mirroring on Knative alone
+    │   ├── ConflictRetriesExhausted every write met a newer resourceVersion
+    │   ├── VerifyFailed             the read-back shows other routes than were written
+    │   └── ClusterError             the Kubernetes API failed (the KubeError is chained)
+    ├── SourceError                  shadowctl.sources
+    │   ├── SourceConfigError        a metric cannot be turned into a query
+    │   ├── QueryFailed              a raw Prometheus query failed
+    │   └── OutputSourceError        the MQTT output source cannot deliver events
+    │       ├── BrokerUnavailable    the broker cannot be reached, or the connection was lost
+    │       ├── BrokerRejected       the broker refused the credentials or the subscription
+    │       └── EmbedderUnavailable  the semantic comparator's local model cannot be loaded
+    ├── TapError                     shadowctl.tap: the tap cannot start
+    ├── UpstreamUnavailable          shadowctl.tap: no connection to the upstream model server
+    ├── SimError                     shadowctl.sim: a simulator cannot do what it was asked
+    │   ├── KnobError                (also a ValueError) a bad model-server knob
+    │   └── ControlPlaneError        the local control plane cannot start or answer
+    ├── ReportError                  shadowctl.demo: recorded data unreadable, or the report unwritable
+    ├── CliError                     shadowctl.cli: a failure the command explains in one line
+    └── ReplayInputError             shadowctl.cli: a malformed line of a `judge replay` file
+
+Deliberately not under ``ShadowctlError``: private control flow, raised and
+caught inside one module, where an ``except ShadowctlError`` elsewhere must never
+catch one by mistake (one that escapes is a bug, and should look like one)::
+
+    _DuplicateKey                    shadowctl.policy.loader: becomes a PolicyError problem
+    _NoDataError                     shadowctl.judge.core: becomes a metric's ``nodata`` result
+    _BadRequest                      shadowctl.sim.modelserver: becomes an HTTP 400 answer
+    _Missing                         shadowctl.sources.prometheus: becomes a NoData window
 """
 
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 from conftest_kube import KubeEnv
+from fake_clock import FakeClock
 
 from shadowctl.controller.analysis import Analyzer
-from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.reconciler import Reconciler, TickResult
 from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.kube.refs import GVR

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 
 from shadowctl.aio import cancel_and_wait, cancel_requested
-from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.manager import Manager
 from shadowctl.controller.reconciler import TickResult
 

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from controller_helpers import LE, policy_doc
+from fake_clock import FakeClock
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.controller.analysis import Analyzer, Look
-from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.manager import Manager
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.controller.status import parse_policy, read_state

@@ -34,10 +34,12 @@ async def test_deleted_while_no_controller_runs_restores_routes_at_the_next_tick
     assert obj["metadata"].get("deletionTimestamp") and (await h.weights())[1] == 10
     h.clock.advance(10)
     result = await h.reconciler.tick(REF)
-    assert "Finalize" in result.actions
+    assert "Finalize" in result.actions and not result.gone
     assert await h.weights() == (100, 0, None)  # all traffic back on the primary, no mirror
     with pytest.raises(NotFound):
         await h.kube.get(REF)
+    after = await h.reconciler.tick(REF)  # what the policy's worker sees next: it stops on `gone`
+    assert after.gone and after.error == "the policy is gone" and after.route_writes == 0
 
 
 async def test_routes_that_cannot_be_restored_keep_the_policy(h: Harness) -> None:

@@ -14,8 +14,8 @@ import yaml
 from aiohttp import web
 from conftest_kube import KubeEnv
 from controller_helpers import policy_doc
+from fake_clock import FakeClock
 
-from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.metrics import ControllerMetrics
 from shadowctl.controller.notify import ClusterNotifier, WebhookGate, event_payload, events_topic
 from shadowctl.controller.server import bound_port, make_app, serve

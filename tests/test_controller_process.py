@@ -30,10 +30,10 @@ from controller_helpers import (
     second_writer,
     touch,
 )
+from fake_clock import FakeClock
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.controller.analysis import Analyzer
-from shadowctl.controller.clock import FakeClock
 from shadowctl.controller.manager import Manager, next_tick
 from shadowctl.controller.notify import ClusterNotifier
 from shadowctl.controller.reconciler import Reconciler

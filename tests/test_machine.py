@@ -10,17 +10,19 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shadowctl.judge import Outcome, Verdict
 from shadowctl.machine import (
+    ANALYSED,
     Command,
-    Decision,
     Finalize,
     Notify,
     Observed,
     Phase,
     Promote,
+    Refusal,
     RolloutState,
     SetRoutes,
-    Verdict,
+    refusal,
     step,
 )
 from shadowctl.policy import ShadowPolicy, parse_policies
@@ -45,11 +47,11 @@ spec:
 """
 
 CAND = Observed(candidate="v2", generation=1)
-PASS = Verdict(Decision.passed, "ttft p95 within 10%")
-FAIL = Verdict(Decision.failed, "ttft p95 +31%")
-CONT = Verdict(Decision.cont)
-NODATA = Verdict(Decision.nodata, "no samples")
-INCONCLUSIVE = Verdict(Decision.inconclusive, "too few samples at the deadline")
+PASS = Verdict(Outcome.passed, (), "ttft p95 within 10%")
+FAIL = Verdict(Outcome.failed, (), "ttft p95 +31%")
+CONT = Verdict(Outcome.cont, (), "")
+NODATA = Verdict(Outcome.nodata, (), "no samples")
+INCONCLUSIVE = Verdict(Outcome.inconclusive, (), "too few samples at the deadline")
 
 
 def policy(**spec_changes: Any) -> ShadowPolicy:
@@ -207,6 +209,52 @@ def test_status_round_trip() -> None:
     assert RolloutState.from_dict(data) == out.state
     assert RolloutState.from_dict(None) == RolloutState()
     assert RolloutState.from_dict({"phase": "Bogus"}) == RolloutState()
+
+
+STATES = [at(p) for p in Phase if p is not Phase.paused] + [
+    at(Phase.paused, paused_from=p, paused_step=None if p is Phase.shadowing else 0,
+       step=None if p is Phase.shadowing else 0, weight=0 if p is Phase.shadowing else 10)
+    for p in ANALYSED
+]
+
+
+@pytest.mark.parametrize("command", list(Command))
+@pytest.mark.parametrize("state", STATES, ids=[f"{s.phase.value}{s.paused_from or ''}" for s in STATES])
+def test_refusal_is_exactly_what_step_ignores(state: RolloutState, command: Command) -> None:
+    """`refusal()` is the one statement of which commands a phase accepts: step does with a refused
+    command what it does with none (a refused promote only adds its PromoteIgnored event), and an
+    accepted one changes what step does."""
+    why = refusal(command, state)
+    for verdict in (PASS, CONT, FAIL, None):
+        with_command = step(state, verdict, command, 1100, P, CAND)
+        without = step(state, verdict, None, 1100, P, CAND)
+        if why is None:
+            if verdict is CONT:
+                assert with_command != without
+            continue
+        assert with_command.state == without.state
+        told = [a for a in with_command.actions if isinstance(a, Notify) and a.reason == "PromoteIgnored"]
+        assert [a for a in with_command.actions if a not in told] == list(without.actions)
+        assert not told or (why is Refusal.nothing_to_approve and state.phase in ANALYSED)
+
+
+def test_refusals_a_person_is_told() -> None:
+    assert refusal(Command.promote, at(Phase.progressing)) is Refusal.nothing_to_approve
+    assert refusal(Command.promote, at(Phase.waiting_promotion)) is None
+    assert refusal(Command.promote, at(Phase.paused, paused_from=Phase.waiting_promotion)) is None
+    assert refusal(Command.promote, at(Phase.paused, paused_from=Phase.progressing)) is Refusal.nothing_to_approve
+    assert refusal(Command.promote_full, at(Phase.succeeded)) is Refusal.already_promoted
+    assert refusal(Command.promote_full, at(Phase.rolled_back)) is None
+    assert refusal(Command.rollback, at(Phase.failed)) is Refusal.nothing_to_roll_back
+    assert refusal(Command.rollback, at(Phase.succeeded)) is None
+    assert refusal(Command.pause, at(Phase.paused)) is Refusal.already_paused
+    assert refusal(Command.pause, at(Phase.succeeded)) is Refusal.not_in_analysis
+    assert refusal(Command.resume, at(Phase.progressing)) is Refusal.not_paused
+    assert refusal(Command.retry, at(Phase.shadowing)) is Refusal.still_running
+    assert refusal(Command.retry, at(Phase.paused)) is None
+    assert str(Refusal.not_in_analysis) == (
+        "only a rollout in analysis (Shadowing, Progressing, WaitingPromotion) can be paused")
+    assert "(Succeeded, RolledBack, Failed or Paused)" in str(Refusal.still_running)
 
 
 _events = st.tuples(

@@ -27,6 +27,7 @@ import numpy as np
 import typer
 
 from shadowctl.cli.common import fail
+from shadowctl.errors import ShadowctlError
 from shadowctl.judge import (
     Direction,
     FixedConfig,
@@ -55,7 +56,7 @@ _KINDS = {
 }
 
 
-class ReplayInputError(Exception):
+class ReplayInputError(ShadowctlError):
     """A line of the replay file is malformed; the message names the line."""
 
 

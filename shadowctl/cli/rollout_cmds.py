@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -77,7 +77,7 @@ from shadowctl.kube import (
     Unauthorized,
     Unavailable,
 )
-from shadowctl.machine import Command, Phase
+from shadowctl.machine import Command, Phase, Refusal, RolloutState, refusal
 from shadowctl.policy import PolicyError, Problem, ShadowPolicy, load_policies, policy_files
 from shadowctl.policy.duration import format_duration, parse_duration
 
@@ -1060,60 +1060,30 @@ def describe(
 # --------------------------------------------------------------------------- commands
 
 
-def refusal(command: Command, obj: JSON) -> str | None:
-    """Why the controller would not act on ``command`` in the object's current phase (None: it would).
+def refusal_text(command: Command, obj: JSON) -> str | None:
+    """What a person is told when the object's phase refuses ``command`` (None: the controller would act).
 
-    Mirrors what :func:`shadowctl.machine.step` does with each command, so that a person is told
-    up front instead of seeing a command "carried out" with no effect.
+    Which commands a phase accepts is :func:`shadowctl.machine.refusal`, the rule ``step`` itself
+    applies; this only words it for the command line, with what would work instead.
     """
     phase_name = phase_of(obj)
     try:
         phase = Phase(phase_name)
     except ValueError:
         return None  # a phase this CLI does not know: let the controller decide
-    rollout = _dict(_status(obj).get("rollout"))
-    where = f"{key_of(obj)} is {phase_name}"
+    # `.status.phase` is what `get` and `status` show; the rollout block adds where a pause came from.
+    state = replace(RolloutState.from_dict(_dict(_status(obj).get("rollout"))), phase=phase)
+    why = refusal(command, state)
+    if why is None:
+        return None
     name = _meta(obj).get("name")
-    if command is Command.promote:
-        if phase is Phase.waiting_promotion or (phase is Phase.paused and rollout.get("pausedFrom") ==
-                                                Phase.waiting_promotion.value):
-            return None
-        return (f"{where}: nothing waits for approval, so promote would do nothing. "
-                f"`shadowctl promote {name} --full` skips the remaining analysis and sends 100% of live "
-                "traffic to the candidate")
-    if command is Command.promote_full:
-        if phase is Phase.succeeded:
-            return f"{where}: the candidate already serves all traffic"
-        if phase is Phase.promoting:
-            return f"{where}: the promotion is already under way"
-        if phase is Phase.rolling_back:
-            return f"{where}: a rollback is finishing; promote --full once it is RolledBack"
-        if phase is Phase.pending:
-            return f"{where}: no rollout has started (no candidate yet), there is nothing to promote"
-        return None
-    if command is Command.rollback:
-        if phase in (Phase.rolled_back, Phase.failed):
-            return f"{where}: the primary already serves all traffic, there is nothing to roll back"
-        if phase is Phase.rolling_back:
-            return f"{where}: the rollback is already under way"
-        if phase is Phase.promoting:
-            return f"{where}: the promotion is finishing; roll back once it is Succeeded"
-        return None
-    if command is Command.pause:
-        if phase is Phase.paused:
-            return f"{where} already; `shadowctl resume {name}` continues it"
-        if phase.terminal or phase in (Phase.pending, Phase.promoting, Phase.rolling_back):
-            return f"{where}: only a rollout in analysis (Shadowing, Progressing, WaitingPromotion) can be paused"
-        return None
-    if command is Command.resume:
-        if phase is Phase.paused:
-            return None
-        return f"{where}, not Paused: there is nothing to resume"
-    # Command.retry
-    if phase.terminal or phase is Phase.paused:
-        return None
-    return (f"{where}: retry starts a finished rollout again (Succeeded, RolledBack, Failed or Paused); "
-            "this one is still running")
+    text = f"{key_of(obj)} is {phase_name}: {why}"
+    if why is Refusal.nothing_to_approve:
+        text += (f". `shadowctl promote {name} --full` skips the remaining analysis and sends 100% of live "
+                 "traffic to the candidate")
+    elif why is Refusal.already_paused:
+        text += f"; `shadowctl resume {name}` continues it"
+    return text
 
 
 def _who() -> str:
@@ -1135,7 +1105,7 @@ async def send_command(client: KubeClient, namespace: str, name: str, command: C
     ref = ResourceRef(SHADOW_POLICY, name, namespace)
     for _ in range(CONFLICT_ATTEMPTS):
         obj = await read_policy(client, namespace, name)
-        why = refusal(command, obj)
+        why = refusal_text(command, obj)
         if why is not None:
             raise CliError(why)
         previous = pending_command(obj)

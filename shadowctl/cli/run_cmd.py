@@ -165,19 +165,18 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
     log.info("controller.start", identity=identity, namespace=opts.namespace or "(all)", selector=opts.selector,
              prometheus=opts.prometheus, leader_election=opts.leader_elect)
     main_task = asyncio.create_task(main())
+    stopper: asyncio.Task[bool] | None = None
     try:
         if stop is None:
             await main_task
         else:
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({main_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
             if main_task.done():
                 main_task.result()
     finally:
-        await cancel_and_wait(main_task)
-        for t in tasks:
-            t.cancel()
+        await cancel_and_wait(main_task, stopper)
+        await cancel_and_wait(*tasks)  # after the manager: the events of its last ticks are offered by then
         await hub.close()
         await runner.cleanup()
         await http.aclose()

@@ -37,8 +37,7 @@ from typing import Any
 from shadowctl.compare.events import OutputEvent, ToolCall, Variant
 from shadowctl.compare.pairing import Pair
 from shadowctl.errors import ShadowctlError
-from shadowctl.policy.model import BaselineMode, ComparatorName, Outputs
-from shadowctl.policy.model import Comparator as ComparatorSpec
+from shadowctl.policy.model import BaselineMode, Comparator, ComparatorName, Outputs
 
 Embedder = Callable[[str], Sequence[float]]
 
@@ -365,7 +364,7 @@ def _semantic_scorer(embed: Embedder) -> Callable[[OutputEvent, OutputEvent], fl
     return score
 
 
-def build_comparators(specs: Iterable[ComparatorSpec], *, embedder: Embedder | None = None) -> list[BoundComparator]:
+def build_comparators(specs: Iterable[Comparator], *, embedder: Embedder | None = None) -> list[BoundComparator]:
     """Bind the policy's comparators; raise :class:`ComparatorUnavailable` for ``semantic`` without an embedder."""
     out: list[BoundComparator] = []
     for spec in specs:

@@ -14,6 +14,8 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shadowctl.errors import ShadowctlError
+
 SCHEMA_VERSION: Final = "shadowctl.dev/output-event/v1"
 
 
@@ -91,7 +93,7 @@ class OutputEvent(_Strict):
         return self.model_dump_json(by_alias=True, exclude_none=False).encode()
 
 
-class MalformedEvent(ValueError):
+class MalformedEvent(ShadowctlError, ValueError):
     """An MQTT payload that is not a valid version-1 output event (the reason is in the message)."""
 
 

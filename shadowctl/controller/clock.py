@@ -1,8 +1,9 @@
 """Time for the controller, injected: the real clock in production, a fake one in tests.
 
 The core never reads the clock; the controller reads it here, once per tick,
-and passes it down. Tests drive whole rollouts in seconds by advancing a
-:class:`FakeClock` instead of waiting.
+and passes it down. Tests drive whole rollouts in seconds by advancing a fake
+clock instead of waiting (``tests/fake_clock.py``: a test helper, so it is not
+shipped in the package).
 """
 
 from __future__ import annotations
@@ -29,27 +30,6 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-
-class FakeClock:
-    """A clock that moves only when told to; `sleep` returns once `advance` passed its deadline."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self._now = start
-        self._changed = asyncio.Event()
-
-    def now(self) -> float:
-        return self._now
-
-    def advance(self, seconds: float) -> None:
-        self._now += seconds
-        self._changed.set()
-
-    async def sleep(self, seconds: float) -> None:
-        deadline = self._now + seconds
-        while self._now < deadline:
-            self._changed.clear()
-            await self._changed.wait()
 
 
 def iso(ts: float) -> str:

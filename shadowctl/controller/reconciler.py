@@ -40,11 +40,11 @@ from shadowctl.machine import (
     Finalize,
     Notify,
     Observed,
-    Outcome,
     Phase,
     Promote,
     RolloutState,
     SetRoutes,
+    StepResult,
     step,
 )
 from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
@@ -88,6 +88,7 @@ class TickResult:
     status_written: bool = False
     conflict: bool = False
     error: str | None = None
+    gone: bool = False  # the policy no longer exists (then `error` says so): its worker stops
     actions: list[str] = field(default_factory=list)
 
 
@@ -138,6 +139,7 @@ class Reconciler:
         try:
             obj = cached if cached is not None else await self.kube.get(ref)
         except NotFound:
+            result.gone = True
             result.error = "the policy is gone"
             return result
         except KubeError as exc:
@@ -219,19 +221,19 @@ class Reconciler:
         if state.phase is Phase.waiting_promotion and self.gate is not None:
             gate = await self.gate.check(policy, state)
 
-        outcome = step(state, verdict, command, now, policy,
+        stepped = step(state, verdict, command, now, policy,
                        Observed(candidate=candidate, generation=generation, gate=gate, drift=drift))
-        result.transitioned = outcome.state.phase is not state.phase or outcome.state.step != state.step
-        result.phase = outcome.state.phase
-        result.state = outcome.state
+        result.transitioned = stepped.state.phase is not state.phase or stepped.state.step != state.step
+        result.phase = stepped.state.phase
+        result.state = stepped.state
 
         # 5. Routes first.
         routes_after: RouteState | None = current
         try:
-            routes_after = await self._act(router, policy, outcome, result, previous_router) or current
+            routes_after = await self._act(router, policy, stepped, result, previous_router) or current
         except RouterError as exc:
             msg = f"cannot set the routes: {exc}"
-            if any(isinstance(a, Finalize) for a in outcome.actions):
+            if any(isinstance(a, Finalize) for a in stepped.actions):
                 # A rollback that cannot restore the routes is not recorded as done; retried next tick.
                 result.error = msg
                 await self._write_status(ref, obj, rv, state, now, generation, look, current, None, None, result,
@@ -244,26 +246,26 @@ class Reconciler:
         cmd_record = None
         if pending is not None:
             cmd_record = {"id": pending.id, "command": pending.command.value, "at": pending.at, "by": pending.by,
-                          "handledAt": iso(now), "result": outcome.state.phase.value}
+                          "handledAt": iso(now), "result": stepped.state.phase.value}
         tally = look.tally if look is not None else None
         evidence = look.evidence if look is not None else None
         errors = look.source_errors if look is not None else ()
-        acted = any(isinstance(a, SetRoutes | Promote | Finalize) for a in outcome.actions)
+        acted = any(isinstance(a, SetRoutes | Promote | Finalize) for a in stepped.actions)
         target_for_status = target_now if acted or not stored_target else stored_target
-        written = await self._write_status(ref, obj, rv, outcome.state, now, generation, look, routes_after, tally,
+        written = await self._write_status(ref, obj, rv, stepped.state, now, generation, look, routes_after, tally,
                                            cmd_record, result, evidence=evidence, source_errors=errors,
                                            target=target_for_status)
-        if outcome.state.phase is not Phase.shadowing and policy.spec.analysis.outputs is not None:
+        if stepped.state.phase is not Phase.shadowing and policy.spec.analysis.outputs is not None:
             await self.analyzer.idle(policy.key)
         # 7. Then tell people.
         if written and self.notifier is not None:
-            for action in outcome.actions:
+            for action in stepped.actions:
                 if isinstance(action, Notify):
-                    await self.notifier.notify(obj, policy, action, outcome.state)
-        if written and outcome.state.phase is not state.phase:
+                    await self.notifier.notify(obj, policy, action, stepped.state)
+        if written and stepped.state.phase is not state.phase:
             log.info("rollout.transition", policy=policy.key, **{"from": state.phase.value},
-                     to=outcome.state.phase.value, step=outcome.state.step, weight=outcome.state.weight,
-                     reason=outcome.state.message)
+                     to=stepped.state.phase.value, step=stepped.state.step, weight=stepped.state.weight,
+                     reason=stepped.state.message)
         return look
 
     async def _release(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
@@ -318,10 +320,10 @@ class Reconciler:
             return None
         return self.router_for(policy.model_copy(update={"spec": spec}), self.kube)
 
-    async def _act(self, router: Router, policy: ShadowPolicy, outcome: Outcome, result: TickResult,
+    async def _act(self, router: Router, policy: ShadowPolicy, stepped: StepResult, result: TickResult,
                    previous: Router | None = None) -> RouteState | None:
         after: RouteState | None = None
-        for action in outcome.actions:
+        for action in stepped.actions:
             if isinstance(action, SetRoutes):
                 applied = await router.apply(desired_routes(router, policy, action.weight, action.mirror_percent))
             elif isinstance(action, Promote):
@@ -369,7 +371,8 @@ class Reconciler:
             for t in status.get("traffic") or []
         )
         primary = target.knative.primary_revision
-        if candidate == primary or (serving_all and read_state(obj).phase in (Phase.pending, *_TERMINAL)):
+        phase = read_state(obj).phase
+        if candidate == primary or (serving_all and (phase is Phase.pending or phase.terminal)):
             return None
         return str(candidate)
 
@@ -403,7 +406,5 @@ class Reconciler:
         result.status_written = True
         return True
 
-
-_TERMINAL = (Phase.succeeded, Phase.rolled_back, Phase.failed)
 
 __all__ = ["COMMAND_ANNOTATION", "Gate", "Notifier", "Reconciler", "TickResult", "desired_routes"]

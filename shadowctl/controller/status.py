@@ -16,9 +16,6 @@ from shadowctl.controller.clock import iso
 from shadowctl.machine import Phase, RolloutState
 from shadowctl.policy.model import ShadowPolicy
 
-CONDITION_TYPES = ("Ready", "Progressing", "Promoted")
-
-
 _PARSED: dict[tuple[str, str, str, int], ShadowPolicy] = {}
 _PARSED_LIMIT = 10_000
 

@@ -70,6 +70,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot state and no b
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from shadowctl.errors import ShadowctlError
+from shadowctl.machine import Phase
 
 __all__ = [
     "ReportError",
@@ -89,7 +90,8 @@ CHART_SIZE_PX = (1400, 900)
 _DPI = 100
 _SLACK_AT_S = 1.0
 _SLACK_POLLED_S = 3.0
-_DECISION_PHASES = ("Promoting", "RollingBack", "Succeeded", "RolledBack", "Failed")
+_DECISION_PHASES = frozenset(p.value for p in Phase if p.terminal or p in (Phase.promoting, Phase.rolling_back))
+"""The phases a decision moves a rollout to: the first transition into one is the run's decision."""
 _FRACTION_STATISTICS = ("rate", "agreement")
 
 

@@ -19,11 +19,10 @@ from rich.text import Text
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.demo.env import HOST, Environment
-from shadowctl.demo.scenarios import FULL, SCENARIOS, Scenario, Timing, policy_yaml
+from shadowctl.demo.scenarios import FULL, Scenario, Timing, policy_yaml
+from shadowctl.machine import Phase
 from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
 from shadowctl.sim.prompts import PromptMix
-
-TERMINAL = ("Succeeded", "RolledBack", "Failed")
 
 SIMULATED = [
     "Istio data plane: a mesh simulator that routes each real HTTP request by the VirtualService it watches in the "
@@ -138,7 +137,7 @@ def check_invariants(changes: list[dict[str, Any]], transitions: list[dict[str, 
                                   "phase passed")
             elif c["candidate"] not in steps and not (promoted and c["candidate"] == 100):
                 violations.append(f"rv {c['resource_version']}: candidate weight {c['candidate']} is not a step")
-    if outcome == "RolledBack" and changes:
+    if outcome == Phase.rolled_back and changes:
         last = changes[-1]
         if last["candidate"] != 0 or last["mirror"] is not None:
             violations.append("after rollback the routes are not 100% primary without a mirror")
@@ -239,7 +238,7 @@ async def _run_started(
                         on_sample(sample)
                     if view is not None:
                         view.update(_view(scenario, rec, obj, weights, {"sent": load.result.sent}))
-                    if phase in TERMINAL:
+                    if _finished(phase):
                         outcome = phase
                         break
                     if not env.controller_alive():
@@ -283,10 +282,14 @@ async def _run_started(
         "real": [kubernetes_line(api_versions), *REAL],
         "final_message": status.get("message", ""),
     }
-    if outcome not in TERMINAL:
+    if not _finished(outcome):
         data["controller_log_tail"] = controller_log
     return data
 
 
-def scenario_by_name(name: str) -> Scenario:
-    return SCENARIOS[name]
+def _finished(outcome: str) -> bool:
+    """Whether `outcome` (a phase as `.status` has it, or "timeout" / "controller-exited") ends a rollout."""
+    try:
+        return Phase(outcome).terminal
+    except ValueError:
+        return False

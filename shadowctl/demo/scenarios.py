@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowctl.machine import Phase
+
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
-    expected: str  # the phase the rollout must end in
+    expected: Phase  # the phase the rollout must end in
     candidate: dict[str, Any] = field(default_factory=dict)  # model-server knobs of the candidate
     expect_failed_metric: str | None = None  # the metric whose failure should cause a rollback
 
@@ -19,15 +21,15 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("good", "The candidate answers like the primary and is a little faster: it is promoted.",
-                 "Succeeded", {"ttft_median_s": 0.115}),
+                 Phase.succeeded, {"ttft_median_s": 0.115}),
         Scenario("bad-latency", "The candidate's time to first token is 30% longer: rolled back during shadow.",
-                 "RolledBack", {"latency_factor": 1.3}, "ttft-p50"),
+                 Phase.rolled_back, {"latency_factor": 1.3}, "ttft-p50"),
         Scenario("bad-output", "Half of the candidate's answers drift from what the primary says: rolled back on "
-                 "output agreement.", "RolledBack", {"drift_rate": 0.5}, "agreement/token-f1"),
+                 "output agreement.", Phase.rolled_back, {"drift_rate": 0.5}, "agreement/token-f1"),
         Scenario("errors", "7% of the candidate's requests fail with HTTP 500 inside the engine: rolled back on "
-                 "the error rate (vllm-errors).", "RolledBack", {"error_rate": 0.07}, "errors"),
+                 "the error rate (vllm-errors).", Phase.rolled_back, {"error_rate": 0.07}, "errors"),
         Scenario("tail", "3% of the candidate's requests are 4x slower (p99 moves, the median does not): "
-                 "rolled back.", "RolledBack", {"tail_probability": 0.03, "tail_factor": 4.0}, "ttft-p99"),
+                 "rolled back.", Phase.rolled_back, {"tail_probability": 0.03, "tail_factor": 4.0}, "ttft-p99"),
     )
 }
 

@@ -205,10 +205,6 @@ class Histogram:
     def has_nan(self) -> bool:
         return bool(np.isnan(self.counts).any()) or (self.sum is not None and math.isnan(self.sum))
 
-    def bucket_counts(self) -> FloatArray:
-        """Counts per bucket (not cumulative)."""
-        return np.diff(self.counts, prepend=0.0)
-
     def __add__(self, other: Histogram) -> Histogram:
         """Accumulate two histograms with the same layout (increments of later looks)."""
         if self.le.shape != other.le.shape or not np.array_equal(self.le, other.le):

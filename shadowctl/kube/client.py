@@ -30,9 +30,9 @@ from typing import Any, Literal, NamedTuple, Self
 
 import aiohttp
 import structlog
-from kubernetes.aio import client as k8s_client
-from kubernetes.aio import config as k8s_config
+from kubernetes.aio.client import ApiClient, Configuration
 from kubernetes.aio.client.exceptions import ApiException
+from kubernetes.aio.config import ConfigException, load_incluster_config, load_kube_config
 
 from shadowctl.kube.errors import ConfigError, Conflict, KubeError, Unavailable, WatchExpired, from_status
 from shadowctl.kube.refs import EVENT, GVR, ResourceRef
@@ -119,37 +119,37 @@ class KubeClient:
         ``~/.kube/config``) with ``context`` (else its current context).
         ``options`` go to the constructor. Raises ConfigError.
         """
-        configuration = k8s_client.Configuration()
+        configuration = Configuration()
         if in_cluster is None:
             in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
         try:
             if in_cluster:
-                k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             else:
                 path = str(kubeconfig) if kubeconfig is not None else None
-                await k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                await load_kube_config(  # type: ignore[no-untyped-call]
                     config_file=path,
                     context=context,
                     client_configuration=configuration,
                     persist_config=False,
                 )
-        except k8s_config.ConfigException as exc:
+        except ConfigException as exc:
             where = "in-cluster configuration" if in_cluster else f"kubeconfig {kubeconfig or '(default)'}"
             raise ConfigError(f"cannot load {where}: {exc}") from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot load kubeconfig {kubeconfig or '(default)'}: {exc}") from exc
         configuration.retries = None
-        return cls(k8s_client.ApiClient(configuration), **options)
+        return cls(ApiClient(configuration), **options)
 
     @classmethod
     def for_url(cls, url: str, *, token: str | None = None, **options: Any) -> Self:
         """A client for a plain URL (``kubectl proxy``, a fault proxy) with an optional bearer token."""
-        configuration = k8s_client.Configuration(host=url.rstrip("/"))
+        configuration = Configuration(host=url.rstrip("/"))
         if token:
             configuration.api_key = {"BearerToken": token}
             configuration.api_key_prefix = {"BearerToken": "Bearer"}
         configuration.retries = None
-        return cls(k8s_client.ApiClient(configuration), **options)
+        return cls(ApiClient(configuration), **options)
 
     async def close(self) -> None:
         """Close the connection pool."""

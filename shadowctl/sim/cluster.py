@@ -42,7 +42,7 @@ import httpx
 import yaml
 
 from shadowctl.kube import KubeClient
-from shadowctl.policy.crd import crd as shadow_policy_crd
+from shadowctl.policy.crd import crd
 from shadowctl.sim.errors import SimError
 from shadowctl.sim.knative import KnativeStandIn
 from shadowctl.sim.pki import CertFiles, LocalCA, signing_key_pair
@@ -351,7 +351,7 @@ class ControlPlane:
             time.sleep(0.2)
 
     def _crd_documents(self) -> Iterator[JSON]:
-        yield shadow_policy_crd()
+        yield crd()  # shadowctl's own, generated from the policy model
         seen = set()
         files = sorted(self.crds_dir.glob("*.yaml")) if self.crds_dir.is_dir() else []
         for path in [*files, *self.extra_crds]:
@@ -375,16 +375,16 @@ class ControlPlane:
         deadline = time.monotonic() + START_TIMEOUT
         for name in names:
             while True:
-                crd = client.get(f"{path}/{name}").json()
-                conditions = {c.get("type"): c.get("status") for c in (crd.get("status") or {}).get("conditions") or []}
+                stored = client.get(f"{path}/{name}").json()
+                conditions = {c.get("type"): c.get("status") for c in (stored.get("status") or {}).get("conditions") or []}
                 if conditions.get("Established") == "True":
                     break
                 if time.monotonic() > deadline:
                     raise ControlPlaneError(f"CRD {name} not established within {START_TIMEOUT:.0f} s: {conditions}")
                 time.sleep(0.05)
-            group = crd["spec"]["group"]
-            version = next(v["name"] for v in crd["spec"]["versions"] if v.get("served"))
-            plural = crd["spec"]["names"]["plural"]
+            group = stored["spec"]["group"]
+            version = next(v["name"] for v in stored["spec"]["versions"] if v.get("served"))
+            plural = stored["spec"]["names"]["plural"]
             # Established is set before discovery serves the resource; kubectl needs discovery.
             while True:
                 listing = client.get(f"/apis/{group}/{version}")

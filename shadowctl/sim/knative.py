@@ -245,13 +245,9 @@ class KnativeStandIn:
 
     async def stop(self) -> None:
         """Stop the controller loop and the webhook server."""
-        import asyncio
-        import contextlib
+        from shadowctl.aio import cancel_and_wait
 
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._runner is not None:
             await self._runner.cleanup()
 
