@@ -25,6 +25,7 @@ never depends on whether it came from the batch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from shadowctl.judge import (
     Aggregates,
     ArmData,
     Counts,
+    Direction,
     Histogram,
     JudgeError,
     JudgeInputError,
@@ -52,12 +54,11 @@ from shadowctl.judge import (
     judge_fixed,
     judge_metric,
 )
-from shadowctl.judge import Direction as JudgeDirection
 from shadowctl.judge.core import Batch, batch_binned, batch_counts, result_of
 from shadowctl.judge.fixed import FixedConfig
-from shadowctl.machine import Decision, Phase, RolloutState
-from shadowctl.machine import Verdict as MachineVerdict
+from shadowctl.machine import Phase, RolloutState
 from shadowctl.policy.model import Method, Metric, ShadowPolicy
+from shadowctl.sources import base
 from shadowctl.sources.base import (
     CounterWindow,
     CountWindow,
@@ -73,7 +74,6 @@ from shadowctl.sources.base import (
     WindowRequest,
     WindowResult,
 )
-from shadowctl.sources.base import NoData as SourceNoData
 
 log = structlog.get_logger(__name__)
 
@@ -100,9 +100,9 @@ class OutputTallies(Protocol):
 
 @dataclass(frozen=True)
 class Look:
-    """The result of one look: the machine's verdict and the judge's evidence for `.status`."""
+    """The result of one look: the judge's verdict (what the machine steps on) and its evidence for `.status`."""
 
-    verdict: MachineVerdict
+    verdict: Verdict
     evidence: dict[str, Any]
     source_errors: tuple[str, ...] = ()
     tally: AgreementTally | None = None
@@ -158,7 +158,7 @@ def metric_spec(metric: Metric) -> MetricSpec:
     return MetricSpec(
         name=metric.name,
         statistic=metric.statistic.value,
-        direction=JudgeDirection(metric.direction.value),
+        direction=Direction(metric.direction.value),
         margin=Margin(metric.margin.value, relative=metric.margin.relative),
         critical=metric.critical,
         min_samples=metric.min_samples,
@@ -178,7 +178,7 @@ def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
     spec = MetricSpec(
         name=f"agreement/{item.comparator}",
         statistic="agreement",
-        direction=JudgeDirection.decrease,
+        direction=Direction.decrease,
         margin=Margin(round(1.0 - item.min_relative_agreement, 6), relative=True),
         critical=item.critical,
         min_samples=min_pairs,
@@ -196,17 +196,6 @@ def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
     else:
         primary = NoData("no baseline pairs (primary vs a second primary replica) yet")
     return MetricInput(spec, primary, candidate)
-
-
-def _to_machine(verdict: Verdict) -> MachineVerdict:
-    mapping = {
-        Outcome.passed: Decision.passed,
-        Outcome.failed: Decision.failed,
-        Outcome.cont: Decision.cont,
-        Outcome.inconclusive: Decision.inconclusive,
-        Outcome.nodata: Decision.nodata,
-    }
-    return MachineVerdict(mapping[verdict.outcome], verdict.reason)
 
 
 def phase_limit(policy: ShadowPolicy, state: RolloutState) -> float | None:
@@ -267,7 +256,7 @@ class Analyzer:
         rows: dict[MetricKey, _Row] = {}
         if metrics:
             if now - since < 1.0:
-                results = {m.name: SourceNoData(m.name, None, "", "the phase has just started") for m in metrics}
+                results = {m.name: base.NoData(m.name, None, "", "the phase has just started") for m in metrics}
             else:
                 if analysis.method is Method.sequential:
                     rows = await self._look_rows(policy, since, now)
@@ -288,7 +277,7 @@ class Analyzer:
             for item in judge_inputs(tally or AgreementTally(), outputs):
                 extra.append(agreement_input(item, outputs.min_pairs))
         if not metrics and not extra:
-            verdict = MachineVerdict(Decision.nodata, "nothing to judge in this phase")
+            verdict = Verdict(Outcome.nodata, (), "nothing to judge in this phase")
             return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
         try:
             if analysis.method is Method.fixed:
@@ -298,10 +287,10 @@ class Analyzer:
             else:
                 judged = self._judge(policy, results, extra, rows, final)
         except JudgeError as exc:
-            verdict = MachineVerdict(Decision.nodata, f"the judge could not use the data: {exc}")
+            verdict = Verdict(Outcome.nodata, (), f"the judge could not use the data: {exc}")
             return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
-        verdict = _to_machine(judged)
-        if verdict.decision is Decision.passed and state.phase is Phase.shadowing:
+        verdict = judged
+        if verdict.outcome is Outcome.passed and state.phase is Phase.shadowing:
             verdict = _check_min_pairs(policy, verdict, tally)
         return Look(verdict, judged.to_dict(), tuple(errors), tally)
 
@@ -453,7 +442,7 @@ class Analyzer:
 
     async def _fetch(self, policy: ShadowPolicy, since: float, now: float) -> dict[str, WindowResult | SourceConfigError]:
         if self.source is None:
-            return {m.name: SourceNoData(m.name, None, "", "no metric source configured")
+            return {m.name: base.NoData(m.name, None, "", "no metric source configured")
                     for m in policy.spec.analysis.metrics}
         end = look_end(now, since, policy.spec.analysis.interval.total_seconds())
         out: dict[str, WindowResult | SourceConfigError] = {}
@@ -481,14 +470,14 @@ def _merge(stored: AgreementTally | None, fresh: AgreementTally | None) -> Agree
     return fresh if fresh_n >= stored_n else stored
 
 
-def _check_min_pairs(policy: ShadowPolicy, verdict: MachineVerdict, tally: AgreementTally | None) -> MachineVerdict:
+def _check_min_pairs(policy: ShadowPolicy, verdict: Verdict, tally: AgreementTally | None) -> Verdict:
     shadow = policy.spec.shadow
     if shadow is None or shadow.min_pairs == 0 or policy.spec.analysis.outputs is None:
         return verdict
     pairs = max((t.candidate_pairs for t in (tally.counts.values() if tally else ())), default=0)
     if pairs < shadow.min_pairs:
-        return MachineVerdict(Decision.cont, f"{verdict.reason}; waiting for {shadow.min_pairs} paired answers "
-                                             f"(have {pairs})")
+        return dataclasses.replace(verdict, outcome=Outcome.cont,
+                                   reason=f"{verdict.reason}; waiting for {shadow.min_pairs} paired answers (have {pairs})")
     return verdict
 
 

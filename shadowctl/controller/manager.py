@@ -226,7 +226,7 @@ class Manager:
             worker.ticks += 1
             if cancel_requested():  # a tick that lost our cancellation returned as if nothing happened
                 raise asyncio.CancelledError
-            if result is not None and result.error == "the policy is gone":
+            if result is not None and result.gone:
                 return
             # A conflict means our copy was stale: read it fresh next time, and soon.
             worker.reread = result is None or result.conflict
@@ -234,8 +234,8 @@ class Manager:
                 await self._sleep_until(worker, self.clock.now() + min(1.0, worker.interval))
                 continue
             # After a transition, look again soon: finishing phases (Promoting, RollingBack) takes one tick.
-            fast = result is not None and result.transitioned and result.phase not in ANALYSED and \
-                result.phase not in (Phase.succeeded, Phase.rolled_back, Phase.failed, Phase.paused)
+            fast = (result is not None and result.transitioned and result.phase is not None
+                    and result.phase not in ANALYSED and not result.phase.terminal and result.phase is not Phase.paused)
             now = self.clock.now()
             if fast:
                 deadline = now + min(1.0, worker.interval)

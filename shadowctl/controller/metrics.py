@@ -42,7 +42,7 @@ class ControllerMetrics:
         if error:
             self.tick_errors.labels(policy).inc()
         if look is not None:
-            self.decisions.labels(policy, look.verdict.decision.value).inc()
+            self.decisions.labels(policy, look.verdict.outcome.value).inc()
             if look.source_errors:
                 self.source_errors.labels(policy).inc(len(look.source_errors))
             for m in look.evidence.get("metrics") or []:

@@ -40,8 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shadowctl import judge
-from shadowctl.judge import Outcome
+from shadowctl.judge import Outcome, Verdict
 from shadowctl.policy.model import OnDrift, OnInconclusive, Promotion, ShadowPolicy, Trigger, WebhookType
 
 HISTORY_LIMIT = 50
@@ -376,7 +375,7 @@ def _after_last_step(state: RolloutState, now: float, policy: ShadowPolicy, obse
 
 def step(
     state: RolloutState,
-    verdict: judge.Verdict | None,
+    verdict: Verdict | None,
     command: Command | None,
     now: float,
     policy: ShadowPolicy,
@@ -477,7 +476,7 @@ def step(
 
 def _analyse(
     state: RolloutState,
-    verdict: judge.Verdict | None,
+    verdict: Verdict | None,
     command: Command | None,
     now: float,
     policy: ShadowPolicy,
@@ -530,22 +529,3 @@ def _analyse(
         return StepResult(state, extra)
 
     return StepResult(state, extra)  # pragma: no cover - every non-terminal phase is handled above
-
-
-# --------------------------------------------------------------------------- transitional (issue #14)
-# controller/analysis.py, which another change is rewriting now, still speaks the machine's old
-# vocabulary: ``Decision`` and ``Verdict(decision, reason)``. These two names keep it working until
-# it builds the judge's Verdict itself; delete this block then (nothing else may use it).
-
-Decision = Outcome
-
-
-class Verdict(judge.Verdict):
-    """Deprecated: the judge's :class:`~shadowctl.judge.Verdict` without metric results."""
-
-    def __init__(self, decision: Outcome, reason: str = "") -> None:
-        super().__init__(decision, (), reason)
-
-    @property
-    def decision(self) -> Outcome:
-        return self.outcome

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiomqtt
 import structlog
@@ -76,19 +76,6 @@ class OutputSnapshot:
     malformed: int
     connected: bool
     last_error: str | None
-
-
-class OutputSource(Protocol):
-    """The port the controller uses (pure data out; no MQTT types)."""
-
-    async def run(self) -> None:
-        """Consume events until cancelled."""
-
-    def snapshot(self) -> OutputSnapshot:
-        """Counts and health so far."""
-
-    def reset(self) -> None:
-        """Start a new tally (a new shadow phase); pending pairs and health counters are kept."""
 
 
 def _rc(exc: aiomqtt.MqttError) -> int | None:

@@ -45,10 +45,10 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
+import urllib3.exceptions
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.exceptions import MaxRetryError, NewConnectionError
-from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
 from shadowctl.policy.model import MetricKind, ShadowPolicy
@@ -147,7 +147,7 @@ def _timed_out(exc: BaseException) -> bool:
     """
     return any(
         isinstance(arg, MaxRetryError)
-        and isinstance(arg.reason, Urllib3Timeout)
+        and isinstance(arg.reason, urllib3.exceptions.TimeoutError)
         and not isinstance(arg.reason, NewConnectionError)
         for arg in exc.args
     )
