@@ -24,6 +24,8 @@ Public API::
           final=False) -> Verdict
         MetricInput(spec, primary, candidate); alpha is the family-wise false-fail probability
         (Bonferroni over metrics), beta the false-pass probability at a metric's margin.
+    judge_many(looks: Sequence[LookInput(inputs, alpha, beta, final)]) -> [Verdict | JudgeInputError]
+        the sequential judge of many rollouts' looks at once (vectorized per metric spec and layout)
     judge_metric(spec, primary, candidate, *, alpha, beta, final=False) -> MetricResult
     judge_fixed(inputs, FixedConfig(...)) -> Verdict          Kayenta-parity fixed-horizon judge
 
@@ -35,7 +37,7 @@ Vectorized kernels for many streams at once (used by the replay command and the 
 in :mod:`shadowctl.judge.estimators` and :func:`shadowctl.judge.sequential.decide`.
 """
 
-from shadowctl.judge.core import combine, judge, judge_metric, nodata_result
+from shadowctl.judge.core import LookInput, check_levels, combine, judge, judge_many, judge_metric, nodata_result
 from shadowctl.judge.fixed import Classification, FixedConfig, classify, judge_fixed, mann_whitney
 from shadowctl.judge.model import (
     Aggregates,
@@ -65,6 +67,7 @@ __all__ = [
     "Histogram",
     "JudgeError",
     "JudgeInputError",
+    "LookInput",
     "Margin",
     "MetricInput",
     "MetricResult",
@@ -73,10 +76,12 @@ __all__ = [
     "Outcome",
     "Samples",
     "Verdict",
+    "check_levels",
     "classify",
     "combine",
     "judge",
     "judge_fixed",
+    "judge_many",
     "judge_metric",
     "mann_whitney",
     "nodata_result",

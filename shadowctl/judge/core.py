@@ -88,7 +88,26 @@ def _layout(p: Samples | Histogram, c: Samples | Histogram) -> FloatArray:
     return est.SKETCH_LE
 
 
-def _prepare(spec: MetricSpec, p: ArmData, c: ArmData, *, alpha: float, beta: float) -> Batch:
+@dataclass(frozen=True)
+class _Row:
+    """One metric's data, made ready for a kernel: counts, or cumulative counts at shared bounds."""
+
+    counts: tuple[float, float, float, float] | None = None
+    """(failures, total) of primary then candidate, for a rate or agreement."""
+    le: FloatArray | None = None
+    cum: tuple[FloatArray, FloatArray] | None = None
+    sums: tuple[float | None, float | None] = (None, None)
+    sums_sq: tuple[float | None, float | None] = (None, None)
+
+    def group(self) -> tuple[object, ...]:
+        """What rows must share to go through one kernel call (besides the spec and the levels)."""
+        if self.le is None:
+            return ("counts",)
+        return ("binned", self.le.tobytes(), tuple(x is None for x in (*self.sums, *self.sums_sq)))
+
+
+def _row(spec: MetricSpec, p: ArmData, c: ArmData) -> _Row:
+    """Raises _NoDataError (no usable data) or JudgeInputError (data of the wrong kind for the statistic)."""
     for name, data in (("primary", p), ("candidate", c)):
         reason = _arm_missing(name, data)
         if reason:
@@ -96,10 +115,7 @@ def _prepare(spec: MetricSpec, p: ArmData, c: ArmData, *, alpha: float, beta: fl
     if spec.statistic in ("rate", "agreement"):
         if not (isinstance(p, Counts) and isinstance(c, Counts)):
             raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} needs Counts for both arms")
-        return batch_counts(
-            spec, np.array([p.failures]), np.array([p.total]), np.array([c.failures]), np.array([c.total]),
-            alpha=alpha, beta=beta,
-        )
+        return _Row(counts=(p.failures, p.total, c.failures, c.total))
     if not (isinstance(p, Samples | Histogram) and isinstance(c, Samples | Histogram)):
         raise JudgeInputError(
             f"metric {spec.name!r}: statistic {spec.statistic!r} needs samples or histograms, not counts"
@@ -107,14 +123,28 @@ def _prepare(spec: MetricSpec, p: ArmData, c: ArmData, *, alpha: float, beta: fl
     le = _layout(p, c)
     cp, sum_p, sq_p = _binned(p, le)
     cc, sum_c, sq_c = _binned(c, le)
+    return _Row(le=le, cum=(cp, cc), sums=(sum_p, sum_c), sums_sq=(sq_p, sq_c))
 
-    def arr(x: float | None) -> FloatArray | None:
-        return None if x is None else np.array([x])
 
-    return batch_binned(
-        spec, cp[None, :], cc[None, :], le, alpha=alpha, beta=beta,
-        sums=(arr(sum_p), arr(sum_c)), sums_sq=(arr(sq_p), arr(sq_c)),
-    )
+def _batch(spec: MetricSpec, rows: Sequence[_Row], *, alpha: float, beta: float) -> Batch:
+    """One kernel call for rows of the same :meth:`_Row.group`."""
+    first = rows[0]
+    if first.le is None:
+        f = np.asarray([r.counts for r in rows], dtype=np.float64)
+        return batch_counts(spec, f[:, 0], f[:, 1], f[:, 2], f[:, 3], alpha=alpha, beta=beta)
+    cum_p = np.stack([r.cum[0] for r in rows if r.cum is not None])
+    cum_c = np.stack([r.cum[1] for r in rows if r.cum is not None])
+
+    def column(values: list[float | None]) -> FloatArray | None:
+        return None if values[0] is None else np.asarray(values, dtype=np.float64)
+
+    sums = (column([r.sums[0] for r in rows]), column([r.sums[1] for r in rows]))
+    sums_sq = (column([r.sums_sq[0] for r in rows]), column([r.sums_sq[1] for r in rows]))
+    return batch_binned(spec, cum_p, cum_c, first.le, alpha=alpha, beta=beta, sums=sums, sums_sq=sums_sq)
+
+
+def _prepare(spec: MetricSpec, p: ArmData, c: ArmData, *, alpha: float, beta: float) -> Batch:
+    return _batch(spec, [_row(spec, p, c)], alpha=alpha, beta=beta)
 
 
 def needed_samples(spec: MetricSpec) -> int:
@@ -351,6 +381,67 @@ def combine(results: Sequence[MetricResult], *, final: bool, method: str = "sequ
     return Verdict(Outcome.passed, res, f"all {len(res)} metric(s) passed", method)
 
 
+@dataclass(frozen=True)
+class LookInput:
+    """All metrics of one look of one rollout, and the levels to judge them at."""
+
+    inputs: Sequence[MetricInput]
+    alpha: float = 0.05
+    beta: float = 0.05
+    final: bool = False
+    """The last look of the phase: an undecided metric is inconclusive."""
+
+
+def check_levels(alpha: float, beta: float) -> None:
+    """Raise JudgeInputError unless both error levels are probabilities strictly between 0 and 1."""
+    if not (0 < alpha < 1 and 0 < beta < 1):
+        raise JudgeInputError(f"alpha and beta must be in (0, 1), got alpha={alpha}, beta={beta}")
+
+
+def judge_many(looks: Sequence[LookInput]) -> list[Verdict | JudgeInputError]:
+    """The sequential verdict of every look: ``judge(look.inputs, alpha=..., beta=..., final=...)`` each.
+
+    Bonferroni is applied here, per look (each metric at alpha/k, k the look's metrics), and each
+    metric's data are checked here (missing, NaN, too few, bucket layouts). Metrics of many looks with
+    the same spec, level and bucket layout go through one vectorized kernel call; a kernel works row
+    by row, so a look's verdict does not depend on which other looks were judged with it. A look whose
+    levels or data are of the wrong kind gets its JudgeInputError instead of a verdict.
+    """
+    results: list[list[MetricResult | None]] = [[None] * len(look.inputs) for look in looks]
+    errors: dict[int, JudgeInputError] = {}
+    groups: dict[tuple[MetricSpec, float, float, tuple[object, ...]], list[tuple[int, int, _Row]]] = {}
+    for i, look in enumerate(looks):
+        try:
+            check_levels(look.alpha, look.beta)
+            alpha = look.alpha / max(len(look.inputs), 1)
+            prepared: list[tuple[int, tuple[MetricSpec, float, float, tuple[object, ...]], _Row]] = []
+            for j, mi in enumerate(look.inputs):
+                try:
+                    row = _row(mi.spec, mi.primary, mi.candidate)
+                except _NoDataError as exc:
+                    results[i][j] = nodata_result(mi.spec, str(exc), alpha=alpha, beta=look.beta)
+                    continue
+                prepared.append((j, (mi.spec, alpha, look.beta, row.group()), row))
+        except JudgeInputError as exc:
+            errors[i] = exc
+            continue
+        for j, key, row in prepared:
+            groups.setdefault(key, []).append((i, j, row))
+    for (spec, level, beta, _), members in groups.items():
+        batch = _batch(spec, [row for _, _, row in members], alpha=level, beta=beta)
+        for n, (i, j, _) in enumerate(members):
+            results[i][j] = result_of(spec, batch, n, alpha=level, beta=beta, final=looks[i].final)
+    out: list[Verdict | JudgeInputError] = []
+    for i, look in enumerate(looks):
+        if i in errors:
+            out.append(errors[i])
+            continue
+        done = [r for r in results[i] if r is not None]
+        assert len(done) == len(look.inputs)
+        out.append(combine(done, final=look.final))
+    return out
+
+
 def judge(
     inputs: Sequence[MetricInput],
     *,
@@ -362,18 +453,17 @@ def judge(
     """Judge all metrics of one look. ``final``: this is the last look (undecided -> inconclusive).
 
     ``method="fixed"`` runs the Kayenta-parity judge with its default configuration; use
-    :func:`shadowctl.judge.fixed.judge_fixed` to configure it.
+    :func:`shadowctl.judge.fixed.judge_fixed` to configure it. The sequential judge is
+    :func:`judge_many` of this one look.
     """
-    if not (0 < alpha < 1 and 0 < beta < 1):
-        raise JudgeInputError(f"alpha and beta must be in (0, 1), got alpha={alpha}, beta={beta}")
+    check_levels(alpha, beta)
     if method == "fixed":
         from shadowctl.judge.fixed import FixedConfig, judge_fixed
 
         return judge_fixed(inputs, FixedConfig(confidence=1.0 - alpha))
     if method != "sequential":
         raise JudgeInputError(f"unknown method {method!r}: use 'sequential' or 'fixed'")
-    k = max(len(inputs), 1)
-    results = [
-        judge_metric(mi.spec, mi.primary, mi.candidate, alpha=alpha / k, beta=beta, final=final) for mi in inputs
-    ]
-    return combine(results, final=final)
+    [verdict] = judge_many([LookInput(inputs, alpha, beta, final)])
+    if isinstance(verdict, JudgeInputError):
+        raise verdict
+    return verdict
