@@ -118,16 +118,24 @@ async def _looks(analyzer: Analyzer, objects: list[dict[str, Any]]) -> list[Look
     return list(await asyncio.gather(*(analyzer.look(parse_policy(o), read_state(o), NOW) for o in objects)))
 
 
-async def test_the_vectorized_pass_gives_the_same_looks_as_judging_each_rollout_alone() -> None:
+async def _boundary(manager: Manager, end: float = END) -> None:
+    """What the manager does at a boundary: the look of every rollout due then."""
+    await manager.scheduler.run(end, manager.due(end))
+
+
+async def test_the_shared_look_gives_the_same_looks_as_judging_each_rollout_alone() -> None:
     objects = _objects()
     alone = Analyzer(VariedSource())
     expected = await _looks(alone, objects)
-    assert alone.looks_judged == 0 and alone.rows_used == 0
+    assert alone.looks_judged == 0 and alone.shared_verdicts == 0
 
-    batched = Analyzer(VariedSource())
+    source = VariedSource()
+    batched = Analyzer(source)
     manager = _manager(batched, objects)
-    assert batched.peers == manager.looks  # the manager wires itself in
+    await _boundary(manager)
+    assert source.calls == 1  # one fetch for every rollout's look
     got = await _looks(batched, objects)
+    assert source.calls == 1  # the ticks read it: none fetched again
 
     assert [g.verdict for g in got] == [e.verdict for e in expected]
     assert [g.evidence for g in got] == [e.evidence for e in expected]
@@ -137,43 +145,53 @@ async def test_the_vectorized_pass_gives_the_same_looks_as_judging_each_rollout_
     assert {"pass", "fail", "continue", "nodata"} <= outcomes
     assert any(e.evidence["outcome"] == "inconclusive" for e in expected)
     assert batched.looks_judged == 1  # one pass for the whole look
-    # Every sequential metric with usable same-layout data came from the pass: not the fixed-method
-    # rollout (3), not the other-layout histogram (7), not the unreachable source (11); a histogram that is
-    # not cumulative (9) makes the whole look of its rollout nodata, as judging it alone does.
-    skipped = {3: 2, 7: 1, 9: 2, 11: 2}
-    assert batched.rows_used == 2 * N - sum(skipped.values())
+    # Every sequential look took the shared verdict: not the fixed-method rollout (3), and not the one
+    # whose histogram is not cumulative (9), which the judge refuses (the tick says why, as alone).
+    assert batched.shared_verdicts == N - 2
 
 
-async def test_a_tick_whose_data_differ_from_the_pass_judges_alone() -> None:
+async def test_a_tick_whose_data_differ_from_the_shared_look_judges_alone() -> None:
     objects = _objects()
-    batched = Analyzer(VariedSource())
+    source = VariedSource()
+    batched = Analyzer(source)
     stale = copy.deepcopy(objects)
-    # The watch cache (what the pass planned from) still has an older phase start for p4 and p8.
+    # The watch cache (what the boundary planned from) still has an older phase start for p4 and p8.
     stale[4] = _object(4, _since(4) - 10.0)
     stale[8] = _object(8, _since(8) - 20.0, Phase.shadowing)
-    _manager(batched, stale)
+    await _boundary(_manager(batched, stale))
     got = await _looks(batched, objects)
     expected = await _looks(Analyzer(VariedSource()), objects)
     assert [g.evidence for g in got] == [e.evidence for e in expected]
-    assert batched.rows_used == 2 * N - 7 - 4  # as above, and p4, p8 judged on their own data
+    assert batched.shared_verdicts == N - 2 - 2  # as above, and p4, p8 judged on their own data
+    assert source.calls == 1 + 2  # p4 and p8 fetched their own windows
 
 
-async def test_a_tick_early_in_a_phase_does_not_start_a_pass() -> None:
-    objects = [_object(0, NOW - 2.0)]  # its window ends now, not at the boundary
+async def test_a_spec_edited_after_the_boundary_is_judged_alone() -> None:
+    objects = _objects()
     batched = Analyzer(VariedSource())
-    _manager(batched, objects)
-    await _looks(batched, objects)
-    assert batched.looks_judged == 0
+    await _boundary(_manager(batched, objects))
+    edited = copy.deepcopy(objects[5])
+    edited["metadata"]["generation"] = 2
+    edited["spec"]["analysis"]["alpha"] = 0.2
+    look = await batched.look(parse_policy(edited), read_state(edited), NOW)
+    alone = await Analyzer(VariedSource()).look(parse_policy(edited), read_state(edited), NOW)
+    assert look.evidence == alone.evidence and batched.shared_verdicts == 0
 
 
-async def test_looks_are_planned_once_per_look() -> None:
+async def test_a_tick_early_in_a_phase_is_not_in_the_boundary_look() -> None:
+    objects = [_object(0, NOW - 2.0)]  # its window ends now, not at the boundary
+    manager = _manager(Analyzer(VariedSource()), objects)
+    assert manager.due(END) == []
+    await _looks(manager.reconciler.analyzer, objects)
+    assert manager.reconciler.analyzer.shared_verdicts == 0
+
+
+def test_the_due_rollouts_are_those_whose_look_ends_at_the_boundary() -> None:
     objects = _objects()
     manager = _manager(Analyzer(VariedSource()), objects)
-    first = manager.looks(END)
-    assert manager.looks(END) is first
-    assert len(first) == N
-    assert {r.key.policy for _, reqs in first for _, r in reqs} == {f"llm/p{i}" for i in range(N)}
-    assert manager.looks(END + 10.0) is not first
+    due = manager.due(END)
+    assert {p.key for p, _ in due} == {f"llm/p{i}" for i in range(N)}
+    assert manager.due(END + 5.0) == []  # no interval boundary of these policies
 
 
 def test_tick_offsets_spread_evenly_over_most_of_the_interval() -> None:
@@ -188,43 +206,47 @@ def test_tick_offsets_spread_evenly_over_most_of_the_interval() -> None:
     assert max(bins) < 95 and min(bins) > 35, bins
 
 
-async def test_the_manager_runs_the_pass_at_the_boundary_before_the_ticks() -> None:
+async def test_the_manager_runs_the_look_at_the_boundary_before_the_ticks() -> None:
     from shadowctl.controller.manager import _Worker
     from shadowctl.kube import SHADOW_POLICY, ResourceRef
 
     objects = _objects()
-    analyzer = Analyzer(VariedSource())
+    source = VariedSource()
+    analyzer = Analyzer(source)
     manager = _manager(analyzer, objects)
     clock = manager.clock
     assert isinstance(clock, FakeClock)
     clock.advance(-NOW + END - 5.0)  # 5 s before the boundary
     manager.workers["llm/p0"] = _Worker(ResourceRef(SHADOW_POLICY, "p0", "llm"), 10.0)
-    task = asyncio.create_task(manager._prepare_looks())
+    task = asyncio.create_task(manager._run_looks())
     try:
         await asyncio.sleep(0)
         assert analyzer.looks_judged == 0  # not before the look ends
         clock.advance(5.0)
         for _ in range(20):
             await asyncio.sleep(0)
-        assert analyzer.looks_judged == 1
+        assert analyzer.looks_judged == 1 and source.calls == 1
         clock.advance(3.7)
         policy, state = parse_policy(objects[0]), read_state(objects[0])
         await analyzer.look(policy, state, clock.now())
-        assert analyzer.looks_judged == 1  # the tick read the pass' rows, it did not run one
-        assert analyzer.rows_used == 2
+        assert analyzer.looks_judged == 1 and source.calls == 1  # the tick read the look, it fetched nothing
+        assert analyzer.shared_verdicts == 1
     finally:
         await cancel_and_wait(task)
 
 
-async def test_a_failing_pass_costs_no_verdict() -> None:
+async def test_a_failing_look_costs_no_verdict() -> None:
     objects = _objects()
 
-    def broken(end: float) -> list[Any]:
-        raise RuntimeError("the watch cache is broken")
+    class Broken(VariedSource):
+        def plan(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the planner is broken")
 
-    batched = Analyzer(VariedSource())
-    batched.peers = broken
+    batched = Analyzer(Broken())
+    manager = _manager(batched, objects)
+    await _boundary(manager)  # logged, and an empty look posted
+    batched.source = VariedSource()
     got = await _looks(batched, objects)
     expected = await _looks(Analyzer(VariedSource()), objects)
     assert [g.evidence for g in got] == [e.evidence for e in expected]
-    assert batched.rows_used == 0
+    assert batched.shared_verdicts == 0

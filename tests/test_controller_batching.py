@@ -70,21 +70,6 @@ def test_look_end_rounds_to_the_interval_boundary() -> None:
     assert look_end(1000.5, 1000.2, 10.0) == 1000.5  # never before the phase started
 
 
-async def test_first_tick_of_a_look_fetches_every_policy_and_later_ticks_read_the_answers() -> None:
-    inner = FakeMetricSource()
-    source = BatchingSource(inner, idle=0.01)
-    planned = [request(f"ns/p{i}") for i in range(20)]
-    source.planner = lambda end: [r for r in planned if r.end == end]
-    await source.fetch(planned[3])
-    assert inner.calls == 1
-    assert len(inner.requests) == 20  # the whole look, for all policies
-    for r in planned:
-        await source.fetch(r)
-    assert inner.calls == 1  # every other tick of this look read the answer
-    await source.fetch(request("ns/p0", END + timedelta(seconds=10)))
-    assert inner.calls == 2  # the next look is fetched again
-
-
 def test_only_a_persons_change_wakes_a_worker() -> None:
     from shadowctl.controller.manager import _wants_tick
 
@@ -95,15 +80,6 @@ def test_only_a_persons_change_wakes_a_worker() -> None:
     assert not _wants_tick(base, status_write)
     assert _wants_tick(base, edit)
     assert _wants_tick(base, command)
-
-
-async def test_a_planned_look_is_sent_at_once_without_waiting_for_more_requests() -> None:
-    inner = FakeMetricSource()
-    source = BatchingSource(inner, idle=3600.0, max_wait=3600.0)  # only a planned batch can be sent at all here
-    planned = [request(f"ns/p{i}") for i in range(5)]
-    source.planner = lambda end: [r for r in planned if r.end == end]
-    await asyncio.wait_for(source.fetch(planned[0]), 30)
-    assert inner.calls == 1 and len(inner.requests) == 5
 
 
 class _Gated(FakeMetricSource):
@@ -124,15 +100,14 @@ async def test_a_tick_during_the_look_fetch_waits_for_it_instead_of_asking_again
     inner = _Gated()
     source = BatchingSource(inner, idle=0.01)
     planned = [request(f"ns/p{i}") for i in range(10)]
-    source.planner = lambda end: [r for r in planned if r.end == end]
-    first = asyncio.create_task(source.fetch(planned[0]))
+    look = asyncio.create_task(source.fetch_many(planned))  # the boundary's look, for every rollout
     await inner.entered.wait()  # the look is in flight
     later = asyncio.create_task(source.fetch(planned[7]))
     await asyncio.sleep(0.05)  # longer than `idle`: a new batch would have been sent by now
     inner.release.set()
-    a, b = await asyncio.gather(first, later)
+    answers, b = await asyncio.gather(look, later)
     assert inner.calls == 1
-    assert a == (await FakeMetricSource().fetch(planned[0]))
+    assert answers[planned[0].key] == (await FakeMetricSource().fetch(planned[0]))
     assert b == (await FakeMetricSource().fetch(planned[7]))
 
 

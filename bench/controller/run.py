@@ -12,8 +12,10 @@ The API server is the local control plane of shadowctl.sim.cluster (kube-apiserv
 hack/setup.sh, started once for the whole run; each run gets a namespace of its own), reached with the
 admin's client certificate. Each size is run two ways: all ticks at the boundary, and with the ticks
 staggered over the interval as the manager runs them (`Manager.offset`: 1 s to 9 s after the
-boundary of a 10 s interval). In every mode the look is fetched and judged for all rollouts in one pass
-started at the boundary (`Analyzer.prepare`, which the manager runs there); ticks read its rows.
+boundary of a 10 s interval). In every mode the look is fetched and judged for all rollouts at the
+boundary (`Manager.scheduler.run(end, Manager.due(end))`, as the manager does there); ticks read it.
+The same harness runs an older tree (`PYTHONPATH=<tree> python bench/controller/run.py`, see
+bench/controller/compare.py), which did this with `Analyzer.prepare` and a planner on the source.
 The stub's counts grow with the window (`--data growing`, as Prometheus' increase does), so every
 tick's evidence changes and every tick writes `.status`; `--data static` repeats the same counts.
 
@@ -150,8 +152,9 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
             analyzer = Analyzer(source)
             reconciler = Reconciler(kube, router_for, analyzer, clock)
             refs = [ResourceRef(SHADOW_POLICY, f"p{i:04d}", namespace) for i in range(n)]
-            manager = Manager(kube, reconciler, clock)  # its plan() gives the batching source the whole look
-            source.planner = manager.plan
+            manager = Manager(kube, reconciler, clock)
+            if hasattr(source, "planner"):  # the older tree: the planner gives the batching source the whole look
+                source.planner = manager.plan
             # The manager's own offsets (a hash of the key, uniform in [lead, spread) x the 10 s interval, the
             # lead left to the look's pass), scaled so that the last tick starts `spread_s` after the boundary.
             offsets = {ref.name: manager.offset(f"{namespace}/{ref.name}", 1.0) / manager.spread * spread_s for ref in refs}
@@ -177,7 +180,10 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
 
                 t0 = time.perf_counter()
                 # As the manager does at each boundary: fetch and judge the whole look in one pass.
-                prepare = asyncio.create_task(analyzer.prepare(clock.now()))
+                end = clock.now()
+                prepare = asyncio.create_task(
+                    manager.scheduler.run(end, manager.due(end)) if hasattr(manager, "scheduler")
+                    else analyzer.prepare(end))
                 durations = await asyncio.gather(*(timed(ref, start=offsets[ref.name] if spread_s else 0.0)
                                                    for ref in refs))
                 await prepare
@@ -202,19 +208,22 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
                 "metric_queries_per_round": queries_per_round,
                 "batches_per_round": source.batches / rounds,
                 "judge_passes_per_round": getattr(analyzer, "looks_judged", 0) / rounds,
-                "metric_results_from_the_pass": getattr(analyzer, "rows_used", 0),
+                "ticks_using_the_shared_look": getattr(analyzer, "shared_verdicts", getattr(analyzer, "rows_used", 0)),
+                "tree": str(Path(sys.modules["shadowctl"].__file__ or "").parent.parent),
                 "max_rss_mib": round(rss_mib, 1),
             }
         finally:
             await kube.close()
 
 
-async def main(sizes: list[int], rounds: int, spread_s: float, growing: bool) -> list[dict[str, Any]]:
+async def main(sizes: list[int], rounds: int, spread_s: float, growing: bool,
+               modes: Sequence[str] = ("boundary", "staggered")) -> list[dict[str, Any]]:
     cluster = LocalCluster(knative=False)
     await asyncio.to_thread(cluster.start)
     try:
         # A namespace per run: a namespace cannot be emptied by deleting it (no namespace controller runs).
-        runs = [(spread, n) for spread in (0.0, spread_s) for n in sizes]
+        spreads = [s for mode, s in (("boundary", 0.0), ("staggered", spread_s)) if mode in modes]
+        runs = [(spread, n) for spread in spreads for n in sizes]
         return [await bench(cluster, f"bench-{i}", n, rounds, spread, growing) for i, (spread, n) in enumerate(runs)]
     finally:
         await asyncio.to_thread(cluster.stop)
@@ -234,9 +243,10 @@ if __name__ == "__main__":
     parser.add_argument("--data", choices=["growing", "static"], default="growing",
                         help="growing: counts grow with the window as in Prometheus (every tick writes .status); "
                              "static: the same counts every look (no status writes after the first look)")
+    parser.add_argument("--modes", nargs="+", choices=["boundary", "staggered"], default=["boundary", "staggered"])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "controller.json")
     args = parser.parse_args()
-    results = asyncio.run(main(args.sizes, args.rounds, args.spread, args.data == "growing"))
+    results = asyncio.run(main(args.sizes, args.rounds, args.spread, args.data == "growing", args.modes))
     out = args.out
     out.write_text(json.dumps(results, indent=2) + "\n")
     for row in results:

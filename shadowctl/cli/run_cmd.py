@@ -136,7 +136,6 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
                             metrics=metrics)
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
                       min_interval=opts.min_interval)
-    source.planner = manager.plan  # the first tick of a look fetches it for every rollout
     listen_host, _, listen_port = opts.listen.rpartition(":")
     runner = await serve(make_app(metrics.registry, lambda: manager.ready.is_set() or not elector_leading()),
                          listen_host or "0.0.0.0", int(listen_port))

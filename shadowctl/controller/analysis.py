@@ -7,26 +7,22 @@ controller keeps no per-look memory of metrics; after a restart it re-queries
 agreement counts cannot be re-queried (MQTT is a stream), so the tally is
 written to ``.status`` at every tick and read back from there.
 
-The Prometheus source answers all policies of a look together: the
-:class:`BatchingSource` coalesces the requests that workers send within a few
-milliseconds of each other (workers tick on interval boundaries), so the query
-rate grows with the number of metric templates, not with the number of rollouts.
-
-The judge, too, runs once per look for all rollouts: the first tick of a look
-asks the manager which rollouts' looks end at the same boundary
-(:attr:`Analyzer.peers`), fetches them together and judges every metric of every
-rollout in one vectorized call per metric kind (:func:`~shadowctl.judge.core.batch_binned`,
-:func:`~shadowctl.judge.core.batch_counts`); each tick then reads its rows. A row
-is used only if the tick's own data, spec and error budget are exactly the ones
-that were judged; anything else is judged on its own, as before, so the verdict
-never depends on whether it came from the batch.
+How one look runs, for all rollouts at once: at each interval boundary the manager hands the
+rollouts whose look ends there to :class:`LookScheduler`, which plans their requests, fetches them
+with one ``fetch_many`` (the source answers each metric template with one query for every rollout),
+judges their sequential looks with one :func:`~shadowctl.judge.judge_many` call and posts each
+rollout's :class:`SharedLook` on the :class:`LookBoard`. Each policy's tick comes later in the
+interval (its fixed offset, see the manager) and takes its results, and its verdict where it judges
+exactly what was judged, from the board; a tick whose phase started anew, whose spec changed, or
+whose look also judges output agreement (whose counts move between the boundary and the tick)
+judges alone, on the same data. Bonferroni, the level check and the data checks are the judge's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -42,19 +38,16 @@ from shadowctl.judge import (
     Direction,
     Histogram,
     JudgeError,
-    JudgeInputError,
+    LookInput,
     Margin,
     MetricInput,
-    MetricResult,
     MetricSpec,
     NoData,
     Outcome,
     Verdict,
-    combine,
     judge_fixed,
-    judge_metric,
+    judge_many,
 )
-from shadowctl.judge.core import Batch, batch_binned, batch_counts, result_of
 from shadowctl.judge.fixed import FixedConfig
 from shadowctl.machine import Phase, RolloutState
 from shadowctl.policy.model import Method, Metric, ShadowPolicy
@@ -131,29 +124,6 @@ def look_end(now: float, since: float, interval: float) -> float:
     return boundary if boundary > since else now
 
 
-_PLANNED: dict[tuple[int, int, float, float], tuple[ShadowPolicy, Planned]] = {}
-_PLANNED_LIMIT = 20_000
-
-
-def plan_requests(source: MetricSource, policy: ShadowPolicy, since: float, end: float) -> Planned:
-    """The metric requests of one look: every metric over (phase start, end]. Do not modify the list.
-
-    Remembered per (source, policy object, since, end): the first tick of a look plans every rollout's
-    requests (:meth:`Manager.looks`), and each tick of the look then needs its own again. Policy objects
-    are frozen and cached by generation (:func:`~shadowctl.controller.status.parse_policy`), so an edited
-    spec is a new object and is planned anew.
-    """
-    key = (id(source), id(policy), since, end)
-    hit = _PLANNED.get(key)
-    if hit is not None and hit[0] is policy:
-        return hit[1]
-    built = source.plan(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
-    if len(_PLANNED) >= _PLANNED_LIMIT:
-        _PLANNED.clear()
-    _PLANNED[key] = (policy, built)
-    return built
-
-
 def metric_spec(metric: Metric) -> MetricSpec:
     return MetricSpec(
         name=metric.name,
@@ -208,59 +178,96 @@ def phase_limit(policy: ShadowPolicy, state: RolloutState) -> float | None:
     return None
 
 
-LookPeers = Callable[[float], Sequence[tuple[ShadowPolicy, Sequence[tuple[Metric, WindowRequest]]]]]
-"""For a look's end (epoch seconds): every rollout whose look ends there, with its metric requests."""
+def _final(policy: ShadowPolicy, state: RolloutState, since: float, now: float) -> bool:
+    """Whether a look at `now` is the phase's last (an undecided metric is then inconclusive)."""
+    limit = phase_limit(policy, state)
+    return limit is not None and now - since >= limit
 
 
 @dataclass(frozen=True)
-class _Row:
-    """One metric of one rollout, judged together with the rest of its look: row `index` of `batch`."""
+class SharedLook:
+    """One rollout's look as the scheduler fetched it at a boundary, and judged it where it could."""
 
-    spec: MetricSpec
-    alpha: float
-    beta: float
-    data: WindowResult
-    batch: Batch
-    index: int
+    policy: ShadowPolicy
+    since: float
+    end: float
+    results: Mapping[str, WindowResult | SourceConfigError]
+    """Per metric: what the source answered (or why the metric could not be asked)."""
+    final: bool
+    verdict: Verdict | None
+    """The sequential verdict of the metrics; None where the tick must judge (fixed method, output
+    agreement in the look, data the judge refused)."""
 
-    def matches(self, spec: MetricSpec, alpha: float, beta: float, data: WindowResult | SourceConfigError) -> bool:
-        """The tick judges exactly what was judged here (else it judges on its own)."""
-        return (self.alpha == alpha and self.beta == beta and self.spec == spec
-                and (self.data is data or self.data == data))
+
+class LookBoard:
+    """The looks of the last few boundaries, per policy key: what each tick reads instead of fetching.
+
+    A boundary's entry is opened (a future) before its look runs, so a tick that comes while it runs
+    waits for it instead of asking the source again.
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        self.keep = keep
+        self._looks: dict[float, asyncio.Future[dict[str, SharedLook]]] = {}
+
+    def open(self, end: float) -> tuple[asyncio.Future[dict[str, SharedLook]], bool]:
+        """The entry for `end`, and whether it is new (then the caller must fill it)."""
+        held = self._looks.get(end)
+        if held is not None:
+            return held, False
+        entry: asyncio.Future[dict[str, SharedLook]] = asyncio.get_running_loop().create_future()
+        self._looks[end] = entry
+        for old in sorted(self._looks)[:-self.keep]:
+            del self._looks[old]
+        return entry, True
+
+    def drop(self, end: float, entry: asyncio.Future[dict[str, SharedLook]]) -> None:
+        if self._looks.get(end) is entry:
+            del self._looks[end]
+
+    async def get(self, key: str, end: float) -> SharedLook | None:
+        entry = self._looks.get(end)
+        if entry is None:
+            return None
+        return (await asyncio.shield(entry)).get(key)
 
 
 class Analyzer:
-    """Runs one look for one policy: metric source + output tallies -> judge -> verdict."""
+    """Runs one look for one policy: metric source + output tallies -> judge -> verdict.
 
-    def __init__(self, source: MetricSource | None, outputs: OutputTallies | None = None, keep_looks: int = 3) -> None:
+    A tick whose look the scheduler already ran at the boundary (:class:`LookScheduler`) takes its
+    results from the :class:`LookBoard` instead of fetching, and its verdict too when it would judge
+    exactly what was judged (the same spec, window, final flag, and no output agreement).
+    """
+
+    def __init__(self, source: MetricSource | None, outputs: OutputTallies | None = None,
+                 board: LookBoard | None = None) -> None:
         self.source = source
         self.outputs = outputs
-        self.peers: LookPeers | None = None
-        """Set by the manager: then the first tick of a look judges the look of every rollout at once."""
-        self.keep_looks = keep_looks
-        self._looks: dict[float, asyncio.Future[dict[MetricKey, _Row]]] = {}
+        self.board = board or LookBoard()
         self.looks_judged = 0
-        """Looks judged in one vectorized pass (for tests and the benchmark)."""
-        self.rows_used = 0
-        """Metric results a tick took from such a pass instead of judging alone."""
+        """Boundary looks the scheduler ran (for tests and the benchmark)."""
+        self.shared_verdicts = 0
+        """Ticks that took the verdict of their boundary's look instead of judging alone."""
 
     async def look(self, policy: ShadowPolicy, state: RolloutState, now: float,
                    stored_tally: AgreementTally | None = None) -> Look:
         since = state.phase_started_at if state.phase_started_at is not None else now
-        limit = phase_limit(policy, state)
-        final = limit is not None and now - since >= limit
+        final = _final(policy, state, since, now)
         errors: list[str] = []
         metrics = policy.spec.analysis.metrics
         analysis = policy.spec.analysis
-        results: dict[str, WindowResult | SourceConfigError] = {}
-        rows: dict[MetricKey, _Row] = {}
+        results: Mapping[str, WindowResult | SourceConfigError] = {}
+        shared: SharedLook | None = None
         if metrics:
             if now - since < 1.0:
                 results = {m.name: base.NoData(m.name, None, "", "the phase has just started") for m in metrics}
             else:
-                if analysis.method is Method.sequential:
-                    rows = await self._look_rows(policy, since, now)
-                results = await self._fetch(policy, since, now)
+                end = look_end(now, since, analysis.interval.total_seconds())
+                shared = await self.board.get(policy.key, end)
+                if shared is not None and (shared.since != since or not _same_spec(shared.policy, policy)):
+                    shared = None
+                results = shared.results if shared is not None else await self._fetch(policy, since, end)
             for metric in metrics:
                 result = results[metric.name]
                 if isinstance(result, SourceUnavailable | SourceConfigError):
@@ -284,8 +291,14 @@ class Analyzer:
                 inputs = [metric_input(m, results[m.name]) for m in metrics] + extra
                 judged = judge_fixed(inputs, FixedConfig(pass_score=analysis.pass_score,
                                                          marginal_score=analysis.marginal_score))
+            elif shared is not None and shared.verdict is not None and not extra and shared.final == final:
+                judged = shared.verdict
+                self.shared_verdicts += 1
             else:
-                judged = self._judge(policy, results, extra, rows, final)
+                [one] = judge_many([look_input(policy, results, final, extra)])
+                if isinstance(one, JudgeError):
+                    raise one
+                judged = one
         except JudgeError as exc:
             verdict = Verdict(Outcome.nodata, (), f"the judge could not use the data: {exc}")
             return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
@@ -294,169 +307,96 @@ class Analyzer:
             verdict = _check_min_pairs(policy, verdict, tally)
         return Look(verdict, judged.to_dict(), tuple(errors), tally)
 
-    def _judge(self, policy: ShadowPolicy, results: dict[str, WindowResult | SourceConfigError],
-               extra: list[MetricInput], rows: dict[MetricKey, _Row], final: bool) -> Verdict:
-        """What ``judge(inputs, alpha, beta, final)`` returns, taking each metric's row from the look's
-        vectorized pass where it judged exactly this metric's data (row-wise the same computation)."""
-        analysis = policy.spec.analysis
-        alpha, beta = analysis.alpha, analysis.beta
-        if not (0 < alpha < 1 and 0 < beta < 1):
-            raise JudgeInputError(f"alpha and beta must be in (0, 1), got alpha={alpha}, beta={beta}")
-        metrics = analysis.metrics
-        alpha_k = alpha / max(len(metrics) + len(extra), 1)  # Bonferroni over all inputs, as judge() does
-        out: list[MetricResult] = []
-        for metric in metrics:
-            data = results[metric.name]
-            spec = metric_spec(metric)
-            row = rows.get(MetricKey(policy.key, metric.name))
-            if row is not None and row.matches(spec, alpha_k, beta, data):
-                out.append(result_of(spec, row.batch, row.index, alpha=alpha_k, beta=beta, final=final))
-                self.rows_used += 1
-                continue
-            mi = metric_input(metric, data)
-            out.append(judge_metric(mi.spec, mi.primary, mi.candidate, alpha=alpha_k, beta=beta, final=final))
-        for mi in extra:
-            out.append(judge_metric(mi.spec, mi.primary, mi.candidate, alpha=alpha_k, beta=beta, final=final))
-        return combine(out, final=final)
-
-    async def _look_rows(self, policy: ShadowPolicy, since: float, now: float) -> dict[MetricKey, _Row]:
-        """The vectorized pass of the look this tick belongs to (run by its first tick, shared by the rest)."""
-        if self.peers is None or self.source is None:
-            return {}
-        interval = policy.spec.analysis.interval.total_seconds()
-        end = look_end(now, since, interval)
-        if end != float(int(now // interval) * interval):
-            return {}  # early in a phase the window ends now: a look of its own
-        return await self.prepare(end)
-
-    async def prepare(self, end: float) -> dict[MetricKey, _Row]:
-        """Fetch and judge, in one pass, the look ending at `end` of every rollout due then (see `peers`).
-
-        The manager calls it at each interval boundary, before the first tick of the look; otherwise the
-        first tick of the look runs it and the other ticks wait for it. Runs at most once per look.
-        """
-        if self.peers is None or self.source is None:
-            return {}
-        pending = self._looks.get(end)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        mine: asyncio.Future[dict[MetricKey, _Row]] = asyncio.get_running_loop().create_future()
-        self._looks[end] = mine
-        for old in sorted(self._looks)[:-self.keep_looks]:
-            del self._looks[old]
-        rows: dict[MetricKey, _Row] = {}
-        try:
-            rows = await self._judge_look(end)
-            self.looks_judged += 1
-        except asyncio.CancelledError:
-            if self._looks.get(end) is mine:
-                del self._looks[end]  # the next tick of this look tries again
-            raise
-        except Exception:  # the shortcut must never cost a verdict: every tick then judges on its own
-            log.exception("analysis.look_batch_failed", end=end)
-        finally:
-            if not mine.done():
-                mine.set_result(rows)
-        return rows
-
-    async def _judge_look(self, end: float) -> dict[MetricKey, _Row]:
-        assert self.peers is not None and self.source is not None
-        todo: list[tuple[ShadowPolicy, Metric, WindowRequest]] = []
-        for policy, requests in self.peers(end):
-            if policy.spec.analysis.method is Method.sequential:
-                todo.extend((policy, metric, req) for metric, req in requests)
-        if not todo:
-            return {}
-        answers = await self.source.fetch_many([req for _, _, req in todo])
-        binned: dict[
-            tuple[MetricSpec, float, float, tuple[float, ...]],
-            list[tuple[MetricKey, VariantPair, HistogramWindow, HistogramWindow]],
-        ] = {}
-        counts: dict[tuple[MetricSpec, float, float], list[tuple[MetricKey, VariantPair, Counts, Counts]]] = {}
-        for policy, metric, req in todo:
-            data = answers.get(req.key)
-            if not isinstance(data, VariantPair):
-                continue  # no data or an outage: the tick reports it on its own
-            analysis = policy.spec.analysis
-            alpha_k = analysis.alpha / max(len(analysis.metrics), 1)  # with output agreement a tick's k differs
-            p, c = data.primary, data.candidate
-            if isinstance(p, HistogramWindow) and isinstance(c, HistogramWindow):
-                if (p.le is c.le or p.le == c.le) and len(p.counts) == len(p.le) == len(c.counts):
-                    group = (metric_spec(metric), alpha_k, analysis.beta, p.le)
-                    binned.setdefault(group, []).append((req.key, data, p, c))
-            elif isinstance(p, CountWindow) and isinstance(c, CountWindow):
-                try:
-                    mi = metric_input(metric, data)
-                except JudgeError:
-                    continue
-                if isinstance(mi.primary, Counts) and isinstance(mi.candidate, Counts) and not (
-                    mi.primary.has_nan or mi.candidate.has_nan
-                ):
-                    counts.setdefault((mi.spec, alpha_k, analysis.beta), []).append(
-                        (req.key, data, mi.primary, mi.candidate))
-            # raw samples and gauges: judged per tick
-        rows: dict[MetricKey, _Row] = {}
-        for (spec, alpha_k, beta, le_values), members in binned.items():
-            le = np.asarray(le_values, dtype=np.float64)
-            if le.size == 0 or not np.isposinf(le[-1]) or np.isnan(le).any() or (np.diff(le) <= 0).any():
-                continue  # not a histogram the judge takes: each tick reports why
-            cp = np.asarray([m[2].counts for m in members], dtype=np.float64)
-            cc = np.asarray([m[3].counts for m in members], dtype=np.float64)
-            # The rows a Histogram takes as they are (finite, >= 0, cumulative); others are judged per tick.
-            ok = np.ones(len(members), dtype=bool)
-            for cum in (cp, cc):
-                tolerance = -1e-9 * np.maximum(1.0, cum[:, -1])
-                ok &= np.isfinite(cum).all(axis=1) & (cum >= 0).all(axis=1)
-                ok &= (np.diff(cum, axis=1) >= tolerance[:, None]).all(axis=1)
-            keep = np.flatnonzero(ok)
-            if keep.size == 0:
-                continue
-            try:
-                batch = batch_binned(spec, cp[keep], cc[keep], le, alpha=alpha_k, beta=beta)
-            except JudgeError:
-                continue  # e.g. a statistic buckets cannot give: each tick reports it
-            for i, m in enumerate(keep):
-                key, data, _, _ = members[int(m)]
-                rows[key] = _Row(spec, alpha_k, beta, data, batch, i)
-        for (spec, alpha_k, beta), found in counts.items():
-            try:
-                batch = batch_counts(
-                    spec,
-                    np.array([f[2].failures for f in found]),
-                    np.array([f[2].total for f in found]),
-                    np.array([f[3].failures for f in found]),
-                    np.array([f[3].total for f in found]),
-                    alpha=alpha_k,
-                    beta=beta,
-                )
-            except JudgeError:
-                continue
-            for i, (key, data, _, _) in enumerate(found):
-                rows[key] = _Row(spec, alpha_k, beta, data, batch, i)
-        return rows
-
     async def idle(self, policy_key: str) -> None:
         """The policy is not in a phase that compares outputs."""
         if self.outputs is not None:
             await self.outputs.stop(policy_key)
 
-    async def _fetch(self, policy: ShadowPolicy, since: float, now: float) -> dict[str, WindowResult | SourceConfigError]:
+    async def _fetch(self, policy: ShadowPolicy, since: float, end: float) -> dict[str, WindowResult | SourceConfigError]:
         if self.source is None:
             return {m.name: base.NoData(m.name, None, "", "no metric source configured")
                     for m in policy.spec.analysis.metrics}
-        end = look_end(now, since, policy.spec.analysis.interval.total_seconds())
-        out: dict[str, WindowResult | SourceConfigError] = {}
-        requests: list[tuple[Metric, WindowRequest]] = []
-        for metric, req in plan_requests(self.source, policy, since, end):
-            if isinstance(req, SourceConfigError):
-                out[metric.name] = req
-            else:
-                requests.append((metric, req))
-        if requests:
-            answers = await self.source.fetch_many([r for _, r in requests])
-            for metric, req in requests:
-                out[metric.name] = answers[req.key]
-        return out
+        planned = self.source.plan(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
+        requests = [r for _, r in planned if isinstance(r, WindowRequest)]
+        answers = await self.source.fetch_many(requests) if requests else {}
+        return {m.name: r if isinstance(r, SourceConfigError) else answers[r.key] for m, r in planned}
+
+
+def _same_spec(a: ShadowPolicy, b: ShadowPolicy) -> bool:
+    return a is b or a == b
+
+
+def look_input(policy: ShadowPolicy, results: Mapping[str, WindowResult | SourceConfigError], final: bool,
+               extra: Sequence[MetricInput] = ()) -> LookInput:
+    """What the judge gets for one look: every metric's data, then the output agreement inputs.
+
+    Raises JudgeError for data the judge cannot take (a histogram that is not one)."""
+    analysis = policy.spec.analysis
+    inputs = [metric_input(m, results[m.name]) for m in analysis.metrics] + list(extra)
+    return LookInput(inputs, alpha=analysis.alpha, beta=analysis.beta, final=final)
+
+
+class LookScheduler:
+    """Runs the look of every rollout due at an interval boundary, once, for all of them.
+
+    The manager calls :meth:`run` at each boundary with the rollouts whose look ends there. It plans
+    their requests (:meth:`MetricSource.plan`), fetches them in one ``fetch_many`` (one query per
+    metric template), judges every sequential look without output agreement in one
+    :func:`~shadowctl.judge.judge_many` call, and posts each rollout's :class:`SharedLook` on the
+    analyzer's board for its tick, which runs later in the interval.
+    """
+
+    def __init__(self, analyzer: Analyzer) -> None:
+        self.analyzer = analyzer
+
+    async def run(self, end: float, due: Sequence[tuple[ShadowPolicy, RolloutState]]) -> None:
+        board = self.analyzer.board
+        entry, new = board.open(end)
+        if not new:
+            return
+        looks: dict[str, SharedLook] = {}
+        try:
+            looks = await self._look(end, due)
+            self.analyzer.looks_judged += 1
+        except asyncio.CancelledError:
+            board.drop(end, entry)  # its ticks fetch on their own
+            raise
+        except Exception:  # the shared look must never cost a verdict: every tick then runs its own
+            log.exception("analysis.look_failed", end=end)
+        finally:
+            if not entry.done():
+                entry.set_result(looks)
+
+    async def _look(self, end: float, due: Sequence[tuple[ShadowPolicy, RolloutState]]) -> dict[str, SharedLook]:
+        source = self.analyzer.source
+        if source is None or not due:
+            return {}
+        planned: list[tuple[ShadowPolicy, RolloutState, float, Planned]] = []
+        for policy, state in due:
+            since = state.phase_started_at
+            if since is None or end - since < 1.0 or not policy.spec.analysis.metrics:
+                continue
+            plan = source.plan(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
+            planned.append((policy, state, since, plan))
+        requests = [r for _, _, _, plan in planned for _, r in plan if isinstance(r, WindowRequest)]
+        answers = await source.fetch_many(requests) if requests else {}
+        looks: dict[str, SharedLook] = {}
+        judged: list[tuple[str, LookInput]] = []
+        for policy, state, since, plan in planned:
+            results = {m.name: r if isinstance(r, SourceConfigError) else answers[r.key] for m, r in plan}
+            final = _final(policy, state, since, end)
+            looks[policy.key] = SharedLook(policy, since, end, results, final, None)
+            analysis = policy.spec.analysis
+            agreement = analysis.outputs is not None and state.phase is Phase.shadowing
+            if analysis.method is Method.sequential and not agreement:
+                try:
+                    judged.append((policy.key, look_input(policy, results, final)))
+                except JudgeError:
+                    continue  # the tick judges it and says why
+        for (key, _), verdict in zip(judged, judge_many([li for _, li in judged]), strict=True):
+            if isinstance(verdict, Verdict):
+                looks[key] = dataclasses.replace(looks[key], verdict=verdict)
+        return looks
 
 
 def _merge(stored: AgreementTally | None, fresh: AgreementTally | None) -> AgreementTally | None:
@@ -498,8 +438,6 @@ class _Batch:
     first: float = 0.0
     last: float = 0.0
     task: asyncio.Task[None] | None = None
-    planned: bool = False
-    """The planner gave the whole look: send it at once instead of waiting for more requests."""
     asked: set[_Window] = field(default_factory=set)
     """Once sent: what it asks for (a tick that needs no more waits for it instead of asking again)."""
 
@@ -510,23 +448,17 @@ class BatchingSource:
     Workers of all policies tick at the same interval boundaries, so their requests carry the same
     window end. Requests with the same end meet here and go to the real source as one batch, which
     answers each metric template with one query for all rollouts. A batch is sent once no request
-    joined it for `idle` seconds, or `max_wait` seconds after it opened, whichever comes first; a
-    batch the planner filled with the whole look is sent at once. A request that a batch in flight
-    already asks for waits for that batch.
+    joined it for `idle` seconds, or `max_wait` seconds after it opened, whichever comes first. A
+    request that a batch in flight already asks for waits for that batch. (The boundary's look asks
+    for every rollout at once, see :class:`LookScheduler`; this coalesces the ticks that fetch alone.)
     """
 
-    def __init__(self, inner: MetricSource, idle: float = 0.05, max_wait: float = 1.0, keep_looks: int = 3) -> None:
+    def __init__(self, inner: MetricSource, idle: float = 0.05, max_wait: float = 1.0) -> None:
         self.inner = inner
         self.idle = idle
         self.max_wait = max_wait
-        self.keep_looks = keep_looks
-        self.planner: Callable[[datetime], Sequence[WindowRequest]] | None = None
-        """Every request due for the look ending at a given time (set by the manager): the first request
-        of a look then fetches all of them, and the later (staggered) ticks read the answers."""
         self._batches: dict[float, _Batch] = {}
         self._in_flight: dict[float, list[_Batch]] = {}
-        self._answers: dict[_Window, WindowResult] = {}
-        self._planned: list[datetime] = []
         self.batches = 0
 
     def plan(
@@ -540,38 +472,29 @@ class BatchingSource:
     async def fetch_many(self, requests: Sequence[WindowRequest]) -> dict[MetricKey, WindowResult]:
         if not requests:
             return {}
-        found = {r.key: self._answers[_window(r)] for r in requests if _window(r) in self._answers}
-        missing = [r for r in requests if _window(r) not in self._answers]
-        if not missing:
-            return found
+        missing = list(requests)
         end = max(r.end for r in missing)
         key = end.timestamp()
         for flying in self._in_flight.get(key, ()):
             if all(_window(r) in flying.asked for r in missing):
                 assert flying.done is not None
                 answers = await asyncio.shield(flying.done)
-                return {**found, **{r.key: answers[_window(r)] for r in missing}}
-        extra: Sequence[WindowRequest] = ()
-        if self.planner is not None and end not in self._planned:
-            self._planned = [*self._planned, end][-self.keep_looks:]
-            extra = self.planner(end)
+                return {r.key: answers[_window(r)] for r in missing}
         loop = asyncio.get_running_loop()
         batch = self._batches.get(key)
         if batch is None:
             batch = _Batch(done=loop.create_future(), first=loop.time())
             self._batches[key] = batch
             batch.task = loop.create_task(self._flush_when_quiet(key, batch))
-        batch.planned = batch.planned or bool(extra)
-        batch.requests.extend(extra)
         batch.requests.extend(missing)
         batch.last = loop.time()
         assert batch.done is not None
         answers = await asyncio.shield(batch.done)
-        return {**found, **{r.key: answers[_window(r)] for r in missing}}
+        return {r.key: answers[_window(r)] for r in missing}
 
     async def _flush_when_quiet(self, key: float, batch: _Batch) -> None:
         loop = asyncio.get_running_loop()
-        while not batch.planned:
+        while True:
             now = loop.time()
             wait = min(batch.last + self.idle, batch.first + self.max_wait) - now
             if wait <= 0:
@@ -595,12 +518,6 @@ class BatchingSource:
                 flying.remove(batch)
             if not flying:
                 self._in_flight.pop(key, None)
-        keep = set(self._planned) | {r.end for r in unique.values()}
-        cutoff = sorted(keep)[-self.keep_looks:][0]
-        self._answers = {k: v for k, v in self._answers.items() if k[2] >= cutoff}
-        for window, answer in result.items():
-            if not isinstance(answer, SourceUnavailable):  # an outage is asked again, not remembered
-                self._answers[window] = answer
         batch.done.set_result(result)
 
     async def _ask(self, requests: list[WindowRequest]) -> dict[_Window, WindowResult]:

@@ -1,8 +1,9 @@
 """The controller process: watch ShadowPolicies, run one worker task per policy, lead or stand by.
 
-Workers tick on interval boundaries (``ceil(now / interval) * interval``) so
-that the ticks of all policies with the same interval meet and their metric
-queries are batched (see :class:`~shadowctl.controller.analysis.BatchingSource`).
+Looks end on interval boundaries: at each one the manager has the
+:class:`~shadowctl.controller.analysis.LookScheduler` fetch and judge the look of
+every rollout due then, at once; each worker then ticks at its own fixed offset
+into the interval and reads its look from the board.
 A watch event for a policy (a spec edit, a `shadowctl promote` annotation)
 wakes its worker at once. The watch re-lists when its resourceVersion expires
 (410) and resumes after a dropped stream.
@@ -19,23 +20,21 @@ import asyncio
 import hashlib
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
 from shadowctl.aio import cancel_and_wait, cancel_requested
-from shadowctl.controller.analysis import look_end, plan_requests
+from shadowctl.controller.analysis import LookScheduler, look_end
 from shadowctl.controller.clock import Clock
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.controller.status import parse_policy, read_state
 from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, ResourceRef, WatchExpired
-from shadowctl.machine import ANALYSED, Phase
+from shadowctl.machine import ANALYSED, Phase, RolloutState
 from shadowctl.policy.duration import parse_duration
-from shadowctl.policy.model import Metric, ShadowPolicy
-from shadowctl.sources.base import WindowRequest
+from shadowctl.policy.model import ShadowPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -93,9 +92,9 @@ class Manager:
         """`spread`, `lead`: each policy ticks at a fixed offset in [lead, spread) x interval after the
         boundary, so that the ticks of many policies do not contend; their looks still end at the boundary.
 
-        The manager tells the reconciler's analyzer which rollouts share a look (:meth:`looks`), and at
-        each boundary has it fetch and judge all of them in one vectorized pass (``Analyzer.prepare``);
-        the `lead` leaves that pass the start of the interval, so that no tick waits for it."""
+        At each boundary the manager runs the look of every rollout due then (:meth:`due`) through its
+        :class:`LookScheduler`; the `lead` leaves that look the start of the interval, so that no tick
+        waits for it."""
         self.kube = kube
         self.reconciler = reconciler
         self.clock = clock
@@ -107,15 +106,13 @@ class Manager:
         self.workers: dict[str, _Worker] = {}
         self.ready = asyncio.Event()
         self.last_objects: dict[str, dict[str, Any]] = {}
-        self._looks: tuple[float, list[tuple[ShadowPolicy, list[tuple[Metric, WindowRequest]]]]] | None = None
-        if reconciler.analyzer.peers is None:
-            reconciler.analyzer.peers = self.looks
+        self.scheduler = LookScheduler(reconciler.analyzer)
 
     # ----------------------------------------------------------------- watch
 
     async def run(self) -> None:
         """Watch and run workers until cancelled (then every worker is cancelled too)."""
-        prepare = asyncio.create_task(self._prepare_looks(), name="prepare looks")
+        looks = asyncio.create_task(self._run_looks(), name="looks")
         try:
             backoff = 0.5
             while True:
@@ -134,12 +131,12 @@ class Manager:
                     await asyncio.sleep(backoff)
                     backoff = min(10.0, backoff * 2)
         finally:
-            await cancel_and_wait(prepare)
+            await cancel_and_wait(looks)
             self.ready.clear()
             await self.stop_workers()
 
-    async def _prepare_looks(self) -> None:
-        """At each interval boundary, have the analyzer fetch and judge the look of every rollout due then."""
+    async def _run_looks(self) -> None:
+        """At each interval boundary, run the look of every rollout due then (before their ticks)."""
         while True:
             intervals = {w.interval for w in self.workers.values()} or {DEFAULT_INTERVAL}
             now = self.clock.now()
@@ -147,10 +144,7 @@ class Manager:
             await self.clock.sleep(boundary - now)
             if self.clock.now() < boundary or not self.workers:
                 continue
-            try:
-                await self.reconciler.analyzer.prepare(boundary)
-            except Exception:  # the ticks then run the pass themselves
-                log.exception("manager.prepare_failed", end=boundary)
+            await self.scheduler.run(boundary, self.due(boundary))
 
     async def _relist(self) -> str:
         listed = await self.kube.list(SHADOW_POLICY, self.namespace, label_selector=self.label_selector)
@@ -250,42 +244,20 @@ class Manager:
         digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         return interval * (self.lead + (self.spread - self.lead) * int.from_bytes(digest, "big") / 2.0**64)
 
-    def looks(self, end: float) -> list[tuple[ShadowPolicy, list[tuple[Metric, WindowRequest]]]]:
-        """Every rollout this manager runs whose look ends at `end`, with the look's metric requests.
-
-        Computed once per look (at the boundary, see :meth:`_prepare_looks`, else by the look's first
-        tick) from the watch cache; a rollout whose phase moves on during the look asks for a different
-        window then and is fetched and judged on its own.
-        """
-        if self._looks is not None and self._looks[0] == end:
-            return self._looks[1]
-        out: list[tuple[ShadowPolicy, list[tuple[Metric, WindowRequest]]]] = []
-        source = self.reconciler.analyzer.source
-        if source is None:
-            return out
+    def due(self, end: float) -> list[tuple[ShadowPolicy, RolloutState]]:
+        """Every rollout this manager runs (as the watch cache has it) whose look ends at `end`."""
+        out: list[tuple[ShadowPolicy, RolloutState]] = []
         for obj in list(self.last_objects.values()):
             state = read_state(obj)
-            if state.phase not in ANALYSED or state.phase_started_at is None:
+            since = state.phase_started_at
+            if state.phase not in ANALYSED or since is None or end - since < 1.0:  # a phase that just began
                 continue
             policy = self._policy(obj)
             if policy is None:
                 continue
-            interval = policy.spec.analysis.interval.total_seconds()
-            if look_end(end, state.phase_started_at, interval) != end:
-                continue
-            out.append((policy, [(metric, req) for metric, req in plan_requests(source, policy, state.phase_started_at, end)
-                                 if isinstance(req, WindowRequest)]))
-        self._looks = (end, out)
+            if look_end(end, since, policy.spec.analysis.interval.total_seconds()) == end:
+                out.append((policy, state))
         return out
-
-    def plan(self, end: datetime) -> list[WindowRequest]:
-        """Every metric request of the look that ends at `end`, for all policies this manager runs.
-
-        Given to the batching source, so that the first tick after a boundary fetches the look of all
-        rollouts in one batch (one query per metric template) and the staggered ticks after it read
-        the answers.
-        """
-        return [req for _, requests in self.looks(end.timestamp()) for _, req in requests]
 
     @staticmethod
     def _policy(obj: dict[str, Any]) -> ShadowPolicy | None:
