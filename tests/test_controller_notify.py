@@ -22,6 +22,7 @@ from shadowctl.controller.server import bound_port, make_app, serve
 from shadowctl.kube import EVENT, SHADOW_POLICY, KubeClient
 from shadowctl.machine import Notify, Phase, RolloutState
 from shadowctl.policy import ShadowPolicy, parse_policies
+from shadowctl.webhooks import HttpWebhooks
 
 
 class Hooks:
@@ -75,7 +76,7 @@ async def test_gate_opens_only_on_2xx(hooks: tuple[Hooks, str]) -> None:
     h, url = hooks
     clock = NoWaitClock()
     async with httpx.AsyncClient() as http:
-        gate = WebhookGate(http, clock)
+        gate = WebhookGate(HttpWebhooks(clock.sleep, http), clock)
         policy = _policy(url, "confirm-promotion")
         assert await gate.check(policy, STATE) is True
         assert h.received[-1]["reason"] == "ConfirmPromotion"
@@ -91,7 +92,7 @@ async def test_gate_closed_when_unreachable_or_slow(hooks: tuple[Hooks, str]) ->
     h, url = hooks
     clock = NoWaitClock()
     async with httpx.AsyncClient() as http:
-        gate = WebhookGate(http, clock)
+        gate = WebhookGate(HttpWebhooks(clock.sleep, http), clock)
         assert await gate.check(_policy("http://127.0.0.1:1/hook", "confirm-promotion"), STATE) is False
         h.delay = 2.0
         assert await gate.check(_policy(url, "confirm-promotion", timeout="200ms"), STATE) is False
@@ -111,7 +112,7 @@ async def test_notifier_records_event_posts_webhook_and_publishes(hooks: tuple[H
 
     clock = NoWaitClock()
     async with httpx.AsyncClient() as http:
-        notifier = ClusterNotifier(kube_client, clock, http, publish)
+        notifier = ClusterNotifier(kube_client, clock, HttpWebhooks(clock.sleep, http), publish)
         note = Notify("RollingBack", "RollingBack: critical metric(s) failed: ttft-p95", warning=True)
         await notifier.notify(obj, policy, note, STATE)
     events = (await kube_client.list(EVENT, "llm")).items
@@ -132,7 +133,7 @@ async def test_notifier_never_raises(kube_env: KubeEnv, kube_client: KubeClient)
 
     clock = NoWaitClock()
     async with httpx.AsyncClient() as http:
-        notifier = ClusterNotifier(kube_client, clock, http, broken)
+        notifier = ClusterNotifier(kube_client, clock, HttpWebhooks(clock.sleep, http), broken)
         await notifier.notify({"metadata": {"name": "gone", "namespace": "nowhere-ns"}}, policy,
                               Notify("Progressing", "x"), STATE)
     assert notifier.failures >= 2

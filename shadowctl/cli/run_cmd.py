@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import httpx
 import structlog
 import typer
 
@@ -48,6 +47,7 @@ from shadowctl.sources.routing import RoutingSource, secret_connect
 from shadowctl.sources.secrets import parse_secret_ref, read_secret_value
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+from shadowctl.webhooks import HttpWebhooks
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
     log = structlog.get_logger("shadowctl.run")
     clock = SystemClock()
     kube = await KubeClient.connect(kubeconfig=opts.kubeconfig, context=opts.context)
-    http = httpx.AsyncClient()
+    webhooks = HttpWebhooks(clock.sleep)
     default = PrometheusMetricSource(opts.prometheus, **opts.prometheus_options) if opts.prometheus else None
     # A policy may name its own Prometheus (spec.analysis.prometheus); requests are routed by server.
     routed = RoutingSource(default, secret_connect(kube, opts.prometheus_options), clock=clock.now)
@@ -132,7 +132,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
         publish = _publish
     metrics = ControllerMetrics()
     reconciler = Reconciler(kube, router_for, Analyzer(source, hub), clock,
-                            notifier=ClusterNotifier(kube, clock, http, publish), gate=WebhookGate(http, clock),
+                            notifier=ClusterNotifier(kube, clock, webhooks, publish), gate=WebhookGate(webhooks, clock),
                             metrics=metrics)
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
                       min_interval=opts.min_interval)
@@ -178,7 +178,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
         await cancel_and_wait(*tasks)  # after the manager: the events of its last ticks are offered by then
         await hub.close()
         await runner.cleanup()
-        await http.aclose()
+        await webhooks.aclose()
         await source.aclose()
         await kube.close()
         log.info("controller.stopped")

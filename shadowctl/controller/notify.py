@@ -21,9 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
-import httpx
 import structlog
 
 from shadowctl.controller.clock import Clock, iso
@@ -62,31 +61,22 @@ def events_topic(policy: ShadowPolicy) -> str | None:
     return mqtt.topic.replace("{namespace}", policy.metadata.namespace).replace("{name}", policy.metadata.name)
 
 
-async def post_with_retries(client: httpx.AsyncClient, hook: Webhook, payload: dict[str, Any],
-                            sleep: Callable[[float], Awaitable[None]]) -> httpx.Response | None:
-    """POST `payload`; retry transport errors and 5xx `hook.retries` times; None if it never got an answer."""
-    for attempt in range(hook.retries + 1):
-        try:
-            response = await client.post(hook.url, json=payload, timeout=hook.timeout.total_seconds())
-        except httpx.HTTPError as exc:
-            log.warning("webhook.failed", webhook=hook.name, attempt=attempt + 1, error=str(exc) or type(exc).__name__)
-        else:
-            if response.status_code < 500:
-                return response
-            log.warning("webhook.failed", webhook=hook.name, attempt=attempt + 1, status=response.status_code)
-        if attempt < hook.retries:
-            await sleep(min(5.0, 0.5 * 2**attempt))
-    return None
+class WebhookPort(Protocol):
+    """POST a payload to a webhook (the adapter: :class:`shadowctl.webhooks.HttpWebhooks`)."""
+
+    async def post(self, hook: Webhook, payload: dict[str, Any]) -> int | None:
+        """The status code of the answer after the hook's retries (below 500), None if none came; never raises."""
+        ...
 
 
 class ClusterNotifier:
     """Kubernetes Events, MQTT events and event webhooks for every transition."""
 
-    def __init__(self, kube: KubeClient | None, clock: Clock, http: httpx.AsyncClient | None = None,
+    def __init__(self, kube: KubeClient | None, clock: Clock, webhooks: WebhookPort | None = None,
                  publish: Publish | None = None) -> None:
         self.kube = kube
         self.clock = clock
-        self.http = http
+        self.webhooks = webhooks
         self.publish = publish
         self.failures = 0
 
@@ -98,7 +88,7 @@ class ClusterNotifier:
         topic = events_topic(policy)
         if topic is not None and self.publish is not None:
             tasks.append(self.publish(topic, json.dumps(payload).encode()))
-        if self.http is not None:
+        if self.webhooks is not None:
             for hook in policy.spec.notifications.webhooks:
                 if hook.type is WebhookType.event:
                     tasks.append(self._hook(hook, payload))
@@ -118,16 +108,16 @@ class ClusterNotifier:
             log.warning("event.failed", reason=note.reason, error=str(exc))
 
     async def _hook(self, hook: Webhook, payload: dict[str, Any]) -> None:
-        assert self.http is not None
-        if await post_with_retries(self.http, hook, payload, self.clock.sleep) is None:
+        assert self.webhooks is not None
+        if await self.webhooks.post(hook, payload) is None:
             self.failures += 1
 
 
 class WebhookGate:
     """Confirm-promotion webhooks: every one must answer 2xx; any failure holds the promotion."""
 
-    def __init__(self, http: httpx.AsyncClient, clock: Clock) -> None:
-        self.http = http
+    def __init__(self, webhooks: WebhookPort, clock: Clock) -> None:
+        self.webhooks = webhooks
         self.clock = clock
 
     async def check(self, policy: ShadowPolicy, state: RolloutState) -> bool | None:
@@ -137,9 +127,8 @@ class WebhookGate:
         payload = event_payload(policy, Notify("ConfirmPromotion", "may the candidate be promoted?"), state,
                                 self.clock.now())
         for hook in hooks:
-            response = await post_with_retries(self.http, hook, payload, self.clock.sleep)
-            if response is None or not response.is_success:
-                log.info("gate.closed", policy=policy.key, webhook=hook.name,
-                         status=None if response is None else response.status_code)
+            status = await self.webhooks.post(hook, payload)
+            if status is None or not 200 <= status < 300:
+                log.info("gate.closed", policy=policy.key, webhook=hook.name, status=status)
                 return False
         return True
