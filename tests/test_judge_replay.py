@@ -99,7 +99,7 @@ def test_histograms_with_different_layouts_and_counts(tmp_path: Path) -> None:
         ('{"stream": "a", "t": 10, "primary": [1], "candidate": [1]}', "goes back in time"),
         ('{"stream": "a", "t": 60, "primary_counts": [5, 2], "candidate_counts": [0, 1]}', "failures <= total"),
         ('{"stream": "b", "t": 60, "primary_hist": {"le": [1, 2], "counts": [1, 2]}, '
-         '"candidate_hist": {"le": [1, "+Inf"], "counts": [1, 2]}}', "end with \"+Inf\""),
+         '"candidate_hist": {"le": [1, "+Inf"], "counts": [1, 2]}}', "the last 'le' bound must be +Inf"),
     ],
 )
 def test_malformed_line_is_reported_with_its_number(tmp_path: Path, line: str, message: str) -> None:

@@ -15,7 +15,6 @@ last look (``inconclusive``/``nodata``) when it never decided.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import sys
@@ -31,6 +30,7 @@ from shadowctl.errors import ShadowctlError
 from shadowctl.judge import (
     Direction,
     FixedConfig,
+    Histogram,
     JudgeInputError,
     Margin,
     MetricInput,
@@ -111,14 +111,11 @@ def _parse_arm(kind: str, value: Any, where: str) -> Any:
         raise ReplayInputError(f'{where}: expected {{"le": [...], "counts": [...]}}')
     le = _number_list(value["le"], f"{where}.le")
     counts = _number_list(value["counts"], f"{where}.counts")
-    if not le or len(le) != len(counts):
-        raise ReplayInputError(f"{where}: 'le' and 'counts' must have the same, non-zero length")
-    if not math.isinf(le[-1]) or any(b <= a for a, b in itertools.pairwise(le)):
-        raise ReplayInputError(f"{where}: 'le' must increase strictly and end with \"+Inf\"")
-    c = np.asarray(counts, dtype=np.float64)
-    if not np.isnan(c).any() and ((c < 0).any() or (np.diff(c) < 0).any()):
-        raise ReplayInputError(f"{where}: counts must be cumulative along 'le' (non-decreasing) and >= 0")
-    return (tuple(le), c)
+    try:  # the judge's own rules for a histogram (layout, cumulative counts), not a copy of them
+        histogram = Histogram(le, counts)
+    except JudgeInputError as exc:
+        raise ReplayInputError(f"{where}: {exc}") from exc
+    return (tuple(le), histogram.counts)
 
 
 def parse_replay(lines: list[str]) -> list[_Stream]:
