@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from shadowctl.sim.errors import SimError
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
+from shadowctl.sim.services import serve
 
 GPU_MODEL = "NVIDIA H100 80GB HBM3"
 DRIVER_VERSION = "570.124.06"
@@ -121,16 +122,7 @@ class SimDcgmExporter:
         """Serve ``/metrics`` on ``host:port`` (0: a free port); returns the URL."""
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise SimError(f"the DCGM exporter cannot listen on {host}:{port}: {exc}") from exc
-        self._runner = runner
-        self._url = f"http://{host}:{runner.addresses[0][1]}"
+        self._runner, self._url = await serve(app, host, port, "the DCGM exporter")
         return self._url
 
     async def stop(self) -> None:

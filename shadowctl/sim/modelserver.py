@@ -62,6 +62,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from shadowctl.sim.errors import KnobError, SimError
 from shadowctl.sim.logs import log_to_stderr
 from shadowctl.sim.prompts import count_prompt_tokens, drifted_answer, perturb, reference_answer, tokenize
+from shadowctl.sim.services import serve
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -348,16 +349,7 @@ class SimModelServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0: a free port); returns the URL. Raises SimError when it cannot bind."""
-        runner = web.AppRunner(self.app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise SimError(f"model server {self.model}/{self.variant}: cannot listen on {host}:{port}: {exc}") from exc
-        self._runner = runner
-        self._url = f"http://{host}:{runner.addresses[0][1]}"
+        self._runner, self._url = await serve(self.app(), host, port, f"model server {self.model}/{self.variant}")
         return self._url
 
     @property

@@ -20,8 +20,23 @@ from pathlib import Path
 
 import httpx
 import yaml
+from aiohttp import web
 
 from shadowctl.sim.errors import SimError
+
+
+async def serve(app: web.Application, host: str, port: int, what: str) -> tuple[web.AppRunner, str]:
+    """Serve an aiohttp app on ``host:port`` (0: a free port): its runner and URL. SimError naming `what`
+    when it cannot listen."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise SimError(f"{what}: cannot listen on {host}:{port}: {exc}") from exc
+    return runner, f"http://{host}:{runner.addresses[0][1]}"
 
 
 def free_port() -> int:
