@@ -37,25 +37,48 @@ Vectorized kernels for many streams at once (used by the replay command and the 
 in :mod:`shadowctl.judge.estimators` and :func:`shadowctl.judge.sequential.decide`.
 """
 
-from shadowctl.judge.core import LookInput, check_levels, combine, judge, judge_many, judge_metric, nodata_result
-from shadowctl.judge.fixed import Classification, FixedConfig, classify, judge_fixed, mann_whitney
-from shadowctl.judge.model import (
-    Aggregates,
-    ArmData,
-    Counts,
-    Direction,
-    Histogram,
-    JudgeError,
-    JudgeInputError,
-    Margin,
-    MetricInput,
-    MetricResult,
-    MetricSpec,
-    NoData,
-    Outcome,
-    Samples,
-    Verdict,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shadowctl.judge.core import LookInput, check_levels, combine, judge, judge_many, judge_metric, nodata_result
+    from shadowctl.judge.fixed import Classification, FixedConfig, classify, judge_fixed, mann_whitney
+    from shadowctl.judge.model import (
+        Aggregates,
+        ArmData,
+        Counts,
+        Direction,
+        Histogram,
+        JudgeError,
+        JudgeInputError,
+        Margin,
+        MetricInput,
+        MetricResult,
+        MetricSpec,
+        NoData,
+        Outcome,
+        Samples,
+        Verdict,
+    )
+
+_HOME = {
+    **dict.fromkeys(("LookInput", "check_levels", "combine", "judge", "judge_many", "judge_metric", "nodata_result"),
+                    "core"),
+    **dict.fromkeys(("Classification", "FixedConfig", "classify", "judge_fixed", "mann_whitney"), "fixed"),
+}
+"""Where each name lives; the rest are in :mod:`.model`. Loaded on first use: the model needs numpy
+only, the kernels scipy (1 s to import), and the machine and the CLI need the model alone."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'shadowctl.judge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"shadowctl.judge.{_HOME.get(name, 'model')}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Aggregates",
