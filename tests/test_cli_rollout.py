@@ -25,8 +25,9 @@ from conftest_kube import KubeEnv, eventually
 from controller_helpers import POLICY, Harness
 from typer.testing import CliRunner
 
-from shadowctl.cli import rollout_cmds
+from shadowctl.cli import rollout_cmds, view_cmds
 from shadowctl.cli.app import app
+from shadowctl.controller.clock import iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.kube import SHADOW_POLICY, KubeClient, ResourceRef
 
@@ -39,6 +40,7 @@ REF = ResourceRef(SHADOW_POLICY, "chat", "llm")
 @pytest.fixture(autouse=True)
 def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rollout_cmds, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(view_cmds, "POLL_SECONDS", 0.02)
 
 
 @pytest.fixture
@@ -247,6 +249,60 @@ async def test_apply_namespace_from_file_flag_or_context(
     assert kube_env.get_object(SHADOW_POLICY, "team-b", "chat") is None
 
 
+def test_apply_parses_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Validation, the document sent and the position of a clashing namespace come from one parse.
+
+    Spied, not mocked: every YAML parser PyYAML builds in Python starts with Reader.__init__, which is
+    wrapped to record the text it is given and then runs as it is.
+    """
+    from shadowctl.cli import apply_cmd
+
+    first = write_policy(tmp_path / "a.yaml", metadata={"name": "a", "namespace": "llm"})
+    second = write_policy(tmp_path / "b.yaml", metadata={"name": "b"})
+    parsed: list[Any] = []
+    reader_init = yaml.reader.Reader.__init__
+
+    def recording(self: yaml.reader.Reader, stream: Any) -> None:
+        parsed.append(stream)
+        reader_init(self, stream)
+
+    monkeypatch.setattr(yaml.reader.Reader, "__init__", recording)
+    items = apply_cmd.collect([tmp_path], None)
+    assert [(i.name, i.namespace, i.doc["metadata"]) for i in items] == [
+        ("a", "llm", {"name": "a", "namespace": "llm"}), ("b", "", {"name": "b"})]
+    assert sorted(parsed) == sorted([first.read_text(), second.read_text()])
+
+    parsed.clear()
+    with pytest.raises(apply_cmd.CliError, match="nothing was applied"):
+        apply_cmd.collect([first], "team-b")
+    assert parsed == [first.read_text()]
+    line = next(i for i, text in enumerate(first.read_text().splitlines(), 1) if "namespace: llm" in text)
+    assert f"{first}:{line}:" in capsys.readouterr().err
+
+
+def test_apply_refuses_what_the_loader_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A duplicate key is kept silently by plain YAML; apply refuses it with the loader's words, as validate does."""
+    from shadowctl.cli import apply_cmd
+    from shadowctl.policy import PolicyError, load_policies
+
+    text = write_policy(tmp_path / "ok.yaml").read_text()
+    duplicate = tmp_path / "dup.yaml"
+    duplicate.write_text(text.replace("spec:\n", "spec:\n  trigger: manual\n  trigger: auto\n", 1), encoding="utf-8")
+    not_a_mapping = tmp_path / "list.yaml"
+    not_a_mapping.write_text("- a\n- b\n", encoding="utf-8")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("", encoding="utf-8")
+    for file, says in ((duplicate, "duplicate key 'trigger'"), (not_a_mapping, "expected a mapping"),
+                       (empty, "no ShadowPolicy document")):
+        with pytest.raises(PolicyError) as loader:
+            load_policies(file)
+        with pytest.raises(apply_cmd.CliError, match=r"1 file\(s\) invalid; nothing was applied"):
+            apply_cmd.collect([file], None)
+        printed = capsys.readouterr().err.splitlines()
+        assert printed == [str(p) for p in loader.value.problems] and says in printed[0]
+
+
 # --------------------------------------------------------------------------- get, status, describe
 
 
@@ -299,7 +355,7 @@ async def test_describe_shows_history_outputs_command_and_own_events(cli: Cli, k
     out = result.stdout
     assert "Canary:       steps 10%, 50%, each 20s" in out
     assert "Pending -> Shadowing: rollout of chat-v2 started" in out
-    assert f"{rollout_cmds.iso(NOW - 300)}" in out  # transition time, absolute and relative
+    assert f"{iso(NOW - 300)}" in out  # transition time, absolute and relative
     assert "candidate p95 TTFT is 5% higher, within the 10% margin so far" in out
     assert "token-f1: candidate 170/200 agree (85.0%); baseline 171/180 (95.0%), relative 0.89" in out
     assert "skipped (the primary failed): 3" in out
@@ -498,15 +554,15 @@ async def test_watch_shows_each_change_and_ends_when_deleted(
         if sleeps == 4:
             await kube_client.delete(REF)
 
-    await rollout_cmds.watch_status(kube_client, "llm", "chat", lambda items: shown.append(items[0]["status"]["phase"]),
-                                    sleep=sleep, warn=warnings.append)
+    await view_cmds.watch_status(kube_client, "llm", "chat", lambda items: shown.append(items[0]["status"]["phase"]),
+                                 sleep=sleep, warn=warnings.append)
     assert shown == ["Progressing", "Paused"]  # a poll that saw no change printed nothing
     assert sleeps == 4
     assert warnings == ["shadowpolicy llm/chat was deleted"]
 
 
 def test_ages_and_effects_read_like_kubectl() -> None:
-    assert [rollout_cmds.human_age(s) for s in (5, 90, 600, 7200 + 180, 3 * 86400 + 3600, 30 * 86400)] == [
+    assert [view_cmds.human_age(s) for s in (5, 90, 600, 7200 + 180, 3 * 86400 + 3600, 30 * 86400)] == [
         "5s", "1m30s", "10m", "2h3m", "3d1h", "30d"]
-    assert rollout_cmds.effect_text({"effect": 0.9, "effectScale": "ratio", "interval": [None, 1.02]}) == \
+    assert view_cmds.effect_text({"effect": 0.9, "effectScale": "ratio", "interval": [None, 1.02]}) == \
         "-10.0% [-inf, +2.0%]"

@@ -46,6 +46,20 @@ def test_light_commands_load_nothing_heavy(argv: list[str]) -> None:
     assert _loaded_after(code) == []
 
 
+KUBE_COMMANDS = ("apply", "get", "status", "describe", "promote", "rollback", "pause", "resume", "retry")
+
+
+@pytest.mark.parametrize("command", KUBE_COMMANDS)
+def test_the_help_of_a_cluster_command_loads_nothing_heavy(command: str) -> None:
+    """Registering a command resolves its signature only: the kube client, the controller's and the
+    machine's vocabulary are imported when it runs (get and status are the ones people type most)."""
+    code = (
+        "from shadowctl.cli.app import app\n"
+        f"try:\n    app([{command!r}, '--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+    )
+    assert _loaded_after(code) == []
+
+
 @pytest.mark.parametrize("entry", COMMANDS, ids=[c.name for c in COMMANDS])
 def test_the_table_says_what_each_module_registers(entry: object) -> None:
     from shadowctl.cli.app import LazyCommand

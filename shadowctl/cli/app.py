@@ -45,14 +45,14 @@ COMMANDS: tuple[LazyCommand, ...] = (
                 "Run the controller: carry out every ShadowPolicy it selects, until stopped (SIGTERM/Ctrl-C)."),
     LazyCommand("demo", "shadowctl.cli.demo_cmd",
                 "Run a rollout end to end on this machine and say what the controller decided, and why."),
-    LazyCommand("apply", "shadowctl.cli.rollout_cmds",
+    LazyCommand("apply", "shadowctl.cli.apply_cmd",
                 "Create or update ShadowPolicies from files, like kubectl apply."),
-    LazyCommand("get", "shadowctl.cli.rollout_cmds",
+    LazyCommand("get", "shadowctl.cli.view_cmds",
                 "List ShadowPolicies, or show one, with their phase, step, weight, mirror and last verdict."),
-    LazyCommand("status", "shadowctl.cli.rollout_cmds",
+    LazyCommand("status", "shadowctl.cli.view_cmds",
                 "Show where rollouts stand: phase, step, weights, mirror, the last decision and each metric's "
                 "evidence."),
-    LazyCommand("describe", "shadowctl.cli.rollout_cmds",
+    LazyCommand("describe", "shadowctl.cli.view_cmds",
                 "Explain why a rollout is where it is: spec, verdict numbers, history, events."),
     LazyCommand("promote", "shadowctl.cli.rollout_cmds",
                 "Approve a promotion that waits for a person (phase WaitingPromotion), or with --full promote now."),
@@ -74,7 +74,8 @@ BY_NAME = {c.name: c for c in COMMANDS}
 def load_command(name: str) -> Any:
     """The click command ``name`` as its module registers it (imports the module)."""
     entry = BY_NAME[name]
-    holder = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False)
+    # No completion options: the root has none, and a module that registers one command would offer them.
+    holder = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
     importlib.import_module(entry.module).register(holder)
     built = typer.main.get_command(holder)
     if isinstance(built, TyperGroup):

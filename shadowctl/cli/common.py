@@ -50,9 +50,23 @@ def emit(data: Any, fmt: OutputFormat) -> None:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print an error a person can act on, and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """Print ``error: MESSAGE`` on stderr, each of its lines unwrapped, and return the Exit to raise.
+
+    ``message`` is rich markup: text the command did not write itself (a server's answer, a file's
+    content) goes through ``rich.markup.escape`` first, or a ``[...]`` in it is read as a style.
+    """
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code)
+
+
+def note(message: str) -> None:
+    """A warning a person should see on stderr, printed as written (no markup), unwrapped."""
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True, style="yellow")
+
+
+def out(line: str = "") -> None:
+    """One line of a command's result on stdout, as written."""
+    sys.stdout.write(line + "\n")
 
 
 class _CurrentStderr:

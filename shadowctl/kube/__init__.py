@@ -8,6 +8,9 @@ Public API::
     await client.replace(VIRTUAL_SERVICE, obj)   # PUT with its resourceVersion; Conflict if stale
     await client.patch_merge(ref, {...}, resource_version=rv)
     async for ev in client.watch(gvr, ns, rv): ...            # WatchExpired on 410 -> list again
+
+    client = await connect_as_kubectl(kubeconfig, context)   # as kubectl: a missing file named, the pod's SA
+    namespace = default_namespace(kubeconfig, context)       # the context's namespace, else "default"
 """
 
 from shadowctl.kube.client import JSON, KubeClient, ListResult, WatchEvent
@@ -25,6 +28,13 @@ from shadowctl.kube.errors import (
     Unavailable,
     UnsupportedMediaType,
     WatchExpired,
+)
+from shadowctl.kube.kubeconfig import (
+    KubeconfigContext,
+    connect_as_kubectl,
+    default_namespace,
+    kubeconfig_contexts,
+    require_kubeconfig,
 )
 from shadowctl.kube.leader import LeaderElector
 from shadowctl.kube.refs import (
@@ -69,6 +79,7 @@ __all__ = [
     "Invalid",
     "KubeClient",
     "KubeError",
+    "KubeconfigContext",
     "LeaderElector",
     "ListResult",
     "NotFound",
@@ -79,4 +90,8 @@ __all__ = [
     "UnsupportedMediaType",
     "WatchEvent",
     "WatchExpired",
+    "connect_as_kubectl",
+    "default_namespace",
+    "kubeconfig_contexts",
+    "require_kubeconfig",
 ]

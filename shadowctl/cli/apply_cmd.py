@@ -1,0 +1,305 @@
+"""`shadowctl apply`: create or update ShadowPolicies from files, as kubectl apply does.
+
+Each file is read and parsed once (:func:`read_file`): the YAML is composed into nodes, which keep
+every value's position, and each document's data is built from its node. That data is validated,
+sent as written, and its nodes point at the line of a ``metadata.namespace`` that clashes with
+``-n``. The policy loader's rules decide what a valid file is; where this pass finds a file invalid,
+the loader is asked to word the problems (its FILE:LINE:COL, did-you-mean and de-duplication live
+there), a second parse that happens only when nothing will be applied.
+
+Why ``apply`` sends the file's own document rather than the parsed model: the model fills in
+defaults; sending them would pin today's defaults into the cluster and make every later default
+change look like a user edit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+import yaml
+from rich.markup import escape
+
+from shadowctl.cli.common import ContextOpt, KubeconfigOpt, NamespaceOpt, err_console, fail, out
+from shadowctl.cli.connect import CliError, Conn, explain, one_line, run_async, with_client
+from shadowctl.cli.objects import CONFLICT_ATTEMPTS, JSON, KIND_LABEL, meta_of
+
+if TYPE_CHECKING:
+    from shadowctl.kube import KubeClient
+    from shadowctl.policy import PolicyError, Problem
+
+
+@dataclass
+class _Item:
+    """One policy document to apply: as written, its node (for positions), its name and where it goes."""
+
+    file: Path
+    doc: JSON
+    node: yaml.MappingNode
+    name: str
+    namespace: str  # the file's metadata.namespace; "" until decided (-n, else the context's)
+
+
+def _has_duplicate_key(node: yaml.Node) -> bool:
+    """A mapping anywhere below ``node`` repeats a key (the loader refuses that; plain YAML keeps the last)."""
+    if isinstance(node, yaml.MappingNode):
+        keys = [str(k.value) for k, _ in node.value]
+        return len(set(keys)) != len(keys) or any(_has_duplicate_key(v) for _, v in node.value)
+    if isinstance(node, yaml.SequenceNode):
+        return any(_has_duplicate_key(v) for v in node.value)
+    return False
+
+
+def _compose(text: str) -> list[tuple[yaml.MappingNode, JSON]] | None:
+    """Each non-empty document's node and data; None where the policy loader would refuse the YAML."""
+    documents: list[tuple[yaml.MappingNode, JSON]] = []
+    count = 0
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError:
+        return None
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            count += 1
+            if node is None or _has_duplicate_key(node):
+                return None
+            data = loader.construct_document(node)
+            if data is None:
+                continue  # an empty document
+            if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
+                return None
+            documents.append((node, data))
+    except yaml.YAMLError:
+        return None
+    finally:
+        loader.dispose()
+    return documents if count else None
+
+
+def _loader_problems(file: Path, text: str | None) -> PolicyError:
+    """The policy loader's own words for a file this module found invalid."""
+    from shadowctl.policy import PolicyError, Problem, load_policies, parse_policies
+
+    try:
+        if text is None:
+            load_policies(file)  # cannot be read: the loader says why
+        else:
+            parse_policies(text, str(file))
+    except PolicyError as exc:
+        return exc
+    return PolicyError([Problem(str(file), 1, 1, "", "could not match the documents to the validated policies")])  # pragma: no cover - the loader and this pass agree
+
+
+def read_file(file: Path) -> list[_Item]:
+    """The file's policies, parsed once and validated; raises PolicyError with every problem."""
+    from pydantic import ValidationError
+
+    from shadowctl.policy import ShadowPolicy
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise _loader_problems(file, None) from None
+    documents = _compose(text)
+    if documents is None:
+        raise _loader_problems(file, text)
+    items = []
+    for node, doc in documents:
+        try:
+            policy = ShadowPolicy.model_validate(doc)
+        except ValidationError:
+            raise _loader_problems(file, text) from None
+        meta = doc.get("metadata") or {}
+        written = meta.get("namespace") if isinstance(meta.get("namespace"), str) else None
+        items.append(_Item(file, doc, node, policy.metadata.name, written or ""))
+    return items
+
+
+def _namespace_mark(node: yaml.MappingNode) -> tuple[int, int]:
+    """Line and column (1-based) of ``metadata.namespace`` in a document's node."""
+    for key, value in node.value:
+        if key.value == "metadata" and isinstance(value, yaml.MappingNode):
+            for k, v in value.value:
+                if k.value == "namespace":
+                    return v.start_mark.line + 1, v.start_mark.column + 1
+    return 1, 1
+
+
+def _namespace_problem(item: _Item, flag: str | None) -> Problem | None:
+    """A metadata.namespace that differs from ``-n`` is an error, as in kubectl."""
+    from shadowctl.policy import Problem
+
+    if not (item.namespace and flag and item.namespace != flag):
+        return None
+    return Problem(
+        str(item.file), *_namespace_mark(item.node), "metadata.namespace",
+        f"the namespace in the file ({item.namespace!r}) does not match the namespace given with -n ({flag!r}); "
+        f"pass -n {item.namespace} or remove metadata.namespace from the file")
+
+
+def collect(paths: Sequence[Path], namespace_flag: str | None) -> list[_Item]:
+    """Validate every file; raise CliError after printing every problem, before anything is sent."""
+    from shadowctl.policy import PolicyError, policy_files
+
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise CliError("; ".join(f"{p}: no such file or directory" for p in missing), 1)
+    files = policy_files(paths)
+    if not files:
+        raise CliError("no *.yaml or *.yml files found in " + ", ".join(str(p) for p in paths))
+    problems: list[Problem] = []
+    items: list[_Item] = []
+    for file in files:
+        try:
+            found = read_file(file)
+        except PolicyError as exc:
+            problems.extend(exc.problems)
+            continue
+        for item in found:
+            clash = _namespace_problem(item, namespace_flag)
+            if clash is not None:
+                problems.append(clash)
+            # An empty namespace is decided after connecting (the context's namespace).
+            item.namespace = item.namespace or namespace_flag or ""
+            items.append(item)
+    if problems:
+        for problem in problems:
+            err_console.print(escape(str(problem)), highlight=False, soft_wrap=True)
+        bad = len({p.file for p in problems})
+        raise CliError(f"{bad} file(s) invalid; nothing was applied")
+    seen: dict[tuple[str, str], Path] = {}
+    for item in items:
+        if item.namespace and (item.namespace, item.name) in seen:
+            raise CliError(f"{KIND_LABEL} {item.namespace}/{item.name} is defined twice: in "
+                           f"{seen[(item.namespace, item.name)]} and in {item.file}; nothing was applied")
+        seen[(item.namespace, item.name)] = item.file
+    return items
+
+
+def desired_object(item: _Item, existing: JSON | None) -> JSON:
+    """What to send: the file's document; for an update, merged onto the live object's metadata and status.
+
+    Labels and annotations from the file win; others already on the object (the pending command,
+    other tools' annotations) are kept. ``shadowctl.dev/command`` is never taken from a file.
+    """
+    from shadowctl.controller.commands import COMMAND_ANNOTATION
+
+    body = copy.deepcopy(item.doc)
+    meta = dict(body.get("metadata") or {})
+    meta["namespace"] = item.namespace
+    labels = dict(meta.get("labels") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != COMMAND_ANNOTATION}
+    if existing is None:
+        if labels:
+            meta["labels"] = labels
+        meta.pop("annotations", None)
+        if annotations:
+            meta["annotations"] = annotations
+        body["metadata"] = meta
+        return body
+    live = copy.deepcopy(meta_of(existing))
+    live.pop("managedFields", None)
+    merged_labels = {**(live.get("labels") or {}), **labels}
+    merged_annotations = {**(live.get("annotations") or {}), **annotations}
+    live.pop("labels", None)
+    live.pop("annotations", None)
+    if merged_labels:
+        live["labels"] = merged_labels
+    if merged_annotations:
+        live["annotations"] = merged_annotations
+    body["metadata"] = live
+    if "status" in existing:
+        body["status"] = existing["status"]
+    return body
+
+
+def _same(existing: JSON, body: JSON) -> bool:
+    a, b = meta_of(existing), meta_of(body)
+    return (
+        existing.get("spec") == body.get("spec")
+        and (a.get("labels") or {}) == (b.get("labels") or {})
+        and (a.get("annotations") or {}) == (b.get("annotations") or {})
+    )
+
+
+async def apply_one(client: KubeClient, item: _Item) -> str:
+    """Create or update one policy; returns created, configured or unchanged. Retries on 409."""
+    from shadowctl.kube import SHADOW_POLICY, AlreadyExists, Conflict, NotFound, ResourceRef
+
+    ref = ResourceRef(SHADOW_POLICY, item.name, item.namespace)
+    for _ in range(CONFLICT_ATTEMPTS):
+        try:
+            existing = await client.get(ref)
+        except NotFound:
+            try:
+                await client.create(SHADOW_POLICY, desired_object(item, None), item.namespace)
+            except AlreadyExists:
+                continue  # created by someone else meanwhile: update it instead
+            return "created"
+        body = desired_object(item, existing)
+        if _same(existing, body):
+            return "unchanged"
+        try:
+            stored = await client.replace(SHADOW_POLICY, body)
+        except Conflict:
+            continue  # changed meanwhile: re-read and recompute
+        before = meta_of(existing).get("resourceVersion")
+        return "unchanged" if meta_of(stored).get("resourceVersion") == before else "configured"
+    raise CliError(f"{KIND_LABEL} {item.namespace}/{item.name}: it kept changing while being applied "
+                   f"({CONFLICT_ATTEMPTS} conflicts); try again")
+
+
+FileOpt = Annotated[
+    list[Path],
+    typer.Option("-f", "--filename", help="Policy file or directory (searched for *.yaml, *.yml); repeatable.",
+                 show_default=False),
+]
+
+
+def apply(
+    filename: FileOpt,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Create or update ShadowPolicies from files, like kubectl apply.
+
+    Every file is validated first; if any is invalid, each problem is printed as FILE:LINE:COL and
+    nothing is applied. The namespace is the file's metadata.namespace, else -n, else the context's.
+    An update keeps the object's status and the annotations others put on it.
+
+    Example: shadowctl apply -f policies/chat-istio.yaml
+    """
+    conn = Conn(kubeconfig, context, namespace)
+    try:
+        items = collect(filename, namespace)
+    except CliError as exc:
+        raise fail(one_line(exc.message), exc.code) from None
+
+    async def body(client: KubeClient, default_ns: str) -> int:
+        from shadowctl.kube import BadRequest, Invalid
+
+        failures = 0
+        for item in items:
+            item.namespace = item.namespace or default_ns
+            try:
+                result = await apply_one(client, item)
+            except (Invalid, BadRequest) as exc:
+                failures += 1
+                err_console.print(escape(f"error: {KIND_LABEL} {item.namespace}/{item.name} ({item.file}): "
+                                         f"{explain(exc)}"), highlight=False, soft_wrap=True)
+                continue
+            out(f"{KIND_LABEL} {item.namespace}/{item.name} {result}")
+        return failures
+
+    if run_async(lambda: with_client(conn, body)):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("apply")(apply)
