@@ -284,7 +284,8 @@ def test_apply_parses_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_apply_refuses_what_the_loader_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A duplicate key is kept silently by plain YAML; apply refuses it with the loader's words, as validate does."""
     from shadowctl.cli import apply_cmd
-    from shadowctl.policy import PolicyError, load_policies
+    from shadowctl.cli.policy_files import load_policies
+    from shadowctl.policy import PolicyError
 
     text = write_policy(tmp_path / "ok.yaml").read_text()
     duplicate = tmp_path / "dup.yaml"

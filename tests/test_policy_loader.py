@@ -10,7 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shadowctl.policy import PolicyError, load_policies, parse_policies
+from shadowctl.cli.policy_files import load_policies
+from shadowctl.policy import PolicyError, parse_policies
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = (REPO / "policies" / "chat-istio.yaml").read_text()

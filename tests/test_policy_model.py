@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from shadowctl.policy import PolicyError, load_policies, parse_policies
+from shadowctl.cli.policy_files import load_policies
+from shadowctl.policy import PolicyError, parse_policies
 from shadowctl.policy.duration import format_duration, parse_duration
 from shadowctl.policy.model import Margin, ShadowPolicy
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from shadowctl.cli.policy_files import load_policies
 from shadowctl.cli.query_cmd import describe_window
-from shadowctl.policy import PolicyError, load_policies, parse_policies
+from shadowctl.policy import PolicyError, parse_policies
 from shadowctl.policy.model import MetricKind, ShadowPolicy, check_preset
 from shadowctl.policy.templates import PLACEHOLDERS, check_template, placeholders, render
 from shadowctl.sources.base import HistogramWindow, SourceConfigError, Variant

@@ -83,7 +83,8 @@ def _compose(text: str) -> list[tuple[yaml.MappingNode, JSON]] | None:
 
 def _loader_problems(file: Path, text: str | None) -> PolicyError:
     """The policy loader's own words for a file this module found invalid."""
-    from shadowctl.policy import PolicyError, Problem, load_policies, parse_policies
+    from shadowctl.cli.policy_files import load_policies
+    from shadowctl.policy import PolicyError, Problem, parse_policies
 
     try:
         if text is None:
@@ -144,7 +145,8 @@ def _namespace_problem(item: _Item, flag: str | None) -> Problem | None:
 
 def collect(paths: Sequence[Path], namespace_flag: str | None) -> list[_Item]:
     """Validate every file; raise CliError after printing every problem, before anything is sent."""
-    from shadowctl.policy import PolicyError, policy_files
+    from shadowctl.cli.policy_files import policy_files
+    from shadowctl.policy import PolicyError
 
     missing = [p for p in paths if not p.exists()]
     if missing:

@@ -323,7 +323,8 @@ def _fixed_look(
 
 
 def _spec_from_policy(policy_file: Path, metric: str) -> tuple[MetricSpec, float, float, str]:
-    from shadowctl.policy import PolicyError, load_policy
+    from shadowctl.cli.policy_files import load_policy
+    from shadowctl.policy import PolicyError
 
     try:
         policy = load_policy(policy_file)

@@ -11,7 +11,8 @@ import typer
 import yaml
 
 from shadowctl.cli.common import OutputFormat, err_console
-from shadowctl.policy import PolicyError, load_policies, policy_files
+from shadowctl.cli.policy_files import load_policies, policy_files
+from shadowctl.policy import PolicyError
 from shadowctl.policy.crd import crd, json_schema
 
 

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from shadowctl.cli.common import OutputFormat, OutputOpt, console, emit, fail
+from shadowctl.cli.policy_files import load_policies
 from shadowctl.cli.prom_opts import (
     URL_ENV,
     BasicAuthFileOpt,
@@ -21,7 +22,7 @@ from shadowctl.cli.prom_opts import (
     TokenFileOpt,
     connection_options,
 )
-from shadowctl.policy import PolicyError, load_policies
+from shadowctl.policy import PolicyError
 from shadowctl.policy.duration import format_duration, parse_duration
 from shadowctl.policy.model import Metric, ShadowPolicy
 from shadowctl.sources.base import (

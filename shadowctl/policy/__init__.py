@@ -1,6 +1,6 @@
-"""The ShadowPolicy model, its YAML loader and the generated CRD (pure core)."""
+"""The ShadowPolicy model, its YAML parser and the generated CRD (pure core: files are read by the CLI, cli/policy_files.py)."""
 
-from shadowctl.policy.loader import PolicyError, Problem, load_policies, load_policy, parse_policies, policy_files
+from shadowctl.policy.loader import PolicyError, Problem, parse_policies
 from shadowctl.policy.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, ShadowPolicy
 
 __all__ = [
@@ -12,8 +12,5 @@ __all__ = [
     "PolicyError",
     "Problem",
     "ShadowPolicy",
-    "load_policies",
-    "load_policy",
     "parse_policies",
-    "policy_files",
 ]

@@ -14,7 +14,6 @@ import types
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -249,41 +248,3 @@ def parse_policies(text: str, file: str = "<string>") -> list[ShadowPolicy]:
     if not policies and not count:
         raise PolicyError([Problem(file, 1, 1, "", "no ShadowPolicy document in the file")])
     return policies
-
-
-def policy_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand files and directories (recursively: *.yaml, *.yml) in a stable order."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            out.extend(sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml") and x.is_file()))
-        else:
-            out.append(p)
-    return out
-
-
-def load_policies(path: str | Path) -> list[ShadowPolicy]:
-    """Load every ShadowPolicy in one file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise PolicyError([Problem(str(p), 1, 1, "", "no such file")]) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([Problem(str(p), 1, 1, "", f"cannot read the file: {exc}")]) from exc
-    return parse_policies(text, str(p))
-
-
-def load_policy(path: str | Path, name: str | None = None) -> ShadowPolicy:
-    """Load one ShadowPolicy from a file (by `name` when the file holds several)."""
-    policies = load_policies(path)
-    if name is not None:
-        for pol in policies:
-            if pol.metadata.name == name:
-                return pol
-        raise PolicyError([Problem(str(path), 1, 1, "", f"no ShadowPolicy named {name!r} in the file")])
-    if len(policies) > 1:
-        names = ", ".join(p.metadata.name for p in policies)
-        raise PolicyError([Problem(str(path), 1, 1, "", f"the file holds several policies ({names}); name one")])
-    return policies[0]
