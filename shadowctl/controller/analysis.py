@@ -288,9 +288,8 @@ class Analyzer:
             return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
         try:
             if analysis.method is Method.fixed:
-                inputs = [metric_input(m, results[m.name]) for m in metrics] + extra
-                judged = judge_fixed(inputs, FixedConfig(pass_score=analysis.pass_score,
-                                                         marginal_score=analysis.marginal_score))
+                config = FixedConfig(pass_score=analysis.pass_score, marginal_score=analysis.marginal_score)
+                judged = judge_fixed(look_input(policy, results, final, extra).inputs, config)
             elif shared is not None and shared.verdict is not None and not extra and shared.final == final:
                 judged = shared.verdict
                 self.shared_verdicts += 1
@@ -316,10 +315,23 @@ class Analyzer:
         if self.source is None:
             return {m.name: base.NoData(m.name, None, "", "no metric source configured")
                     for m in policy.spec.analysis.metrics}
-        planned = self.source.plan(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
-        requests = [r for _, r in planned if isinstance(r, WindowRequest)]
-        answers = await self.source.fetch_many(requests) if requests else {}
-        return {m.name: r if isinstance(r, SourceConfigError) else answers[r.key] for m, r in planned}
+        planned = _plan(self.source, policy, since, end)
+        requests = _asked(planned)
+        return _answered(planned, await self.source.fetch_many(requests) if requests else {})
+
+
+def _plan(source: MetricSource, policy: ShadowPolicy, since: float, end: float) -> Planned:
+    return source.plan(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
+
+
+def _asked(planned: Planned) -> list[WindowRequest]:
+    """The requests of a plan (a metric that cannot become a request is answered by its error)."""
+    return [r for _, r in planned if isinstance(r, WindowRequest)]
+
+
+def _answered(planned: Planned, answers: Mapping[MetricKey, WindowResult]) -> dict[str, WindowResult | SourceConfigError]:
+    """Per metric name: the source's answer, or why the metric could not be asked."""
+    return {m.name: r if isinstance(r, SourceConfigError) else answers[r.key] for m, r in planned}
 
 
 def _same_spec(a: ShadowPolicy, b: ShadowPolicy) -> bool:
@@ -376,14 +388,13 @@ class LookScheduler:
             since = state.phase_started_at
             if since is None or end - since < 1.0 or not policy.spec.analysis.metrics:
                 continue
-            plan = source.plan(policy, start=datetime.fromtimestamp(since, UTC), end=datetime.fromtimestamp(end, UTC))
-            planned.append((policy, state, since, plan))
-        requests = [r for _, _, _, plan in planned for _, r in plan if isinstance(r, WindowRequest)]
+            planned.append((policy, state, since, _plan(source, policy, since, end)))
+        requests = [r for _, _, _, plan in planned for r in _asked(plan)]
         answers = await source.fetch_many(requests) if requests else {}
         looks: dict[str, SharedLook] = {}
         judged: list[tuple[str, LookInput]] = []
         for policy, state, since, plan in planned:
-            results = {m.name: r if isinstance(r, SourceConfigError) else answers[r.key] for m, r in plan}
+            results = _answered(plan, answers)
             final = _final(policy, state, since, end)
             looks[policy.key] = SharedLook(policy, since, end, results, final, None)
             analysis = policy.spec.analysis
