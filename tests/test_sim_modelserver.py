@@ -357,3 +357,22 @@ def test_standalone_prints_its_url_and_rejects_bad_knobs(tmp_path: Any) -> None:
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_dcgm_exporter_names_the_gpus_pod_as_the_exporter_does() -> None:
+    from shadowctl.sim.dcgm import SimDcgmExporter
+
+    server = SimModelServer("m", pod="chat-v2-7b9c4d-r2n5t", namespace="llm", knobs=FAST.updated({"gpu_util_percent": 81}))
+    pod_labels = {"container", "namespace", "pod"}
+    old_labels = {"container_name", "pod_namespace", "pod_name"}
+    for options, names in (({}, pod_labels), ({"old_names": True}, old_labels), ({"kubernetes": False}, set())):
+        exporter = SimDcgmExporter("node-a", **options)
+        exporter.attach(server, gpus=2)
+        exporter.add_idle_gpus(1)
+        util = [(labels, value) for name, _, labels, value in exporter.series() if name == "DCGM_FI_DEV_GPU_UTIL"]
+        assert [v for _, v in util] == [81.0, 81.0, 0.0]
+        assert [set(labels) & (pod_labels | old_labels) for labels, _ in util] == [names, names, set()], options
+        if names:
+            pod = "pod" if "pod" in names else "pod_name"
+            assert {labels[pod] for labels, _ in util[:2]} == {"chat-v2-7b9c4d-r2n5t"}
+        assert len({labels["UUID"] for labels, _ in util}) == 3 and {labels["Hostname"] for labels, _ in util} == {"node-a"}
