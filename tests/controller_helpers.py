@@ -27,6 +27,7 @@ from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.reconciler import Reconciler, TickResult
 from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.kube.refs import GVR
+from shadowctl.policy.status import PolicyStatus
 from shadowctl.routers.factory import router_for
 from shadowctl.sources.base import (
     CountWindow,
@@ -177,25 +178,25 @@ class Harness:
         mirror = route.get("mirrorPercentage", {}).get("value") if "mirror" in route else None
         return w.get("v1", 0), w.get("v2", 0), mirror
 
-    async def status(self) -> dict[str, Any]:
-        return (await self.kube.get(REF)).get("status") or {}
+    async def status(self) -> PolicyStatus:
+        return PolicyStatus.of(await self.kube.get(REF))
 
     async def tick(self, advance: float = 10.0) -> TickResult:
         self.clock.advance(advance)
         result = await self.reconciler.tick(REF)
         primary, candidate, mirror = await self.weights()
         status = await self.status()
-        self.history.append({"phase": status.get("phase"), "primary": primary, "candidate": candidate,
-                             "mirror": mirror, "step": status.get("step"),
+        self.history.append({"phase": status.phase.value, "primary": primary, "candidate": candidate,
+                             "mirror": mirror, "step": status.step,
                              "decided": result.phase.value if result.phase else None})
         return result
 
     async def run_until(self, phases: set[str], max_ticks: int = 80, advance: float = 10.0) -> str:
         for _ in range(max_ticks):
             await self.tick(advance)
-            phase = (await self.status()).get("phase")
+            phase = (await self.status()).phase.value
             if phase in phases:
-                return str(phase)
+                return phase
         raise AssertionError(f"no phase in {phases} after {max_ticks} ticks: {self.history[-5:]}")
 
     def check_invariants(self, steps: Sequence[int]) -> None:

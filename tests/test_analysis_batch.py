@@ -17,7 +17,8 @@ from shadowctl.controller.manager import Manager
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.controller.status import parse_policy, read_state
 from shadowctl.kube import KubeClient
-from shadowctl.machine import Phase, RolloutState
+from shadowctl.machine import RolloutState
+from shadowctl.policy.status import Phase
 from shadowctl.routers.factory import router_for
 from shadowctl.sources.base import (
     CountWindow,
@@ -94,7 +95,7 @@ def _object(i: int, since: float, phase: Phase = Phase.shadowing) -> dict[str, A
         mirror_percent=20,
         phase_started_at=since,
     )
-    doc["status"] = {"rollout": state.to_dict()}
+    doc["status"] = {"rollout": state.to_record().to_json()}
     return doc
 
 
@@ -141,9 +142,9 @@ async def test_the_shared_look_gives_the_same_looks_as_judging_each_rollout_alon
     assert [g.evidence for g in got] == [e.evidence for e in expected]
     assert [g.source_errors for g in got] == [e.source_errors for e in expected]
     # The data cover every outcome, so the comparison above means something.
-    outcomes = {m["outcome"] for e in expected for m in e.evidence["metrics"]}
+    outcomes = {m.outcome for e in expected for m in e.evidence.metrics}
     assert {"pass", "fail", "continue", "nodata"} <= outcomes
-    assert any(e.evidence["outcome"] == "inconclusive" for e in expected)
+    assert any(e.evidence.outcome == "inconclusive" for e in expected)
     assert batched.looks_judged == 1  # one pass for the whole look
     # Every sequential look took the shared verdict: not the fixed-method rollout (3), and not the one
     # whose histogram is not cumulative (9), which the judge refuses (the tick says why, as alone).

@@ -30,6 +30,7 @@ from shadowctl.cli.app import app
 from shadowctl.controller.clock import iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.kube import SHADOW_POLICY, KubeClient, ResourceRef
+from shadowctl.policy.status import MetricEvidence, Phase, PolicyStatus
 
 Cli = Callable[..., Awaitable[Result]]
 runner = CliRunner()
@@ -72,7 +73,7 @@ def write_policy(path: Path, **changes: Any) -> Path:
 
 
 def metric(name: str, outcome: str, sentence: str, **extra: Any) -> dict[str, Any]:
-    """One metric's evidence, shaped as judge.model.MetricResult.to_dict writes it."""
+    """One metric's evidence as `.status` stores it (policy.status.MetricEvidence), written raw as another writer would."""
     return {
         "name": name, "outcome": outcome, "statistic": "p95", "direction": "increase", "margin": "10%",
         "critical": True, "method": "sequential", "samples": {"primary": 1200.0, "candidate": 1180.0},
@@ -161,7 +162,7 @@ async def test_apply_creates_then_unchanged_then_configured_keeping_status_and_a
     assert obj["metadata"]["generation"] == 2
     assert obj["metadata"]["uid"] == created["metadata"]["uid"]
     assert obj["metadata"]["annotations"]["team.example/owner"] == "ml-infra"
-    assert obj["status"]["phase"] == "Progressing"
+    assert PolicyStatus.of(obj).phase is Phase.progressing
 
 
 def statuses(env: KubeEnv, verb: str) -> list[int]:
@@ -448,10 +449,10 @@ async def test_promote_wait_with_the_real_controller(
     assert await h.run_until({"WaitingPromotion", "RolledBack"}) == "WaitingPromotion"
 
     shown = await cli("status", "chat", "-n", "llm")
-    verdict = (await h.status())["lastVerdict"]
+    verdict = (await h.status()).last_verdict
     assert "WaitingPromotion (step 2/2)" in shown.stdout and "primary 50% / candidate 50%" in shown.stdout
-    for m in verdict["metrics"]:
-        assert m["sentence"] in shown.stdout
+    for m in verdict.metrics:
+        assert m.sentence in shown.stdout
 
     invocation = asyncio.create_task(cli("promote", "chat", "-n", "llm", "--wait", "--timeout", "30s"))
     while not invocation.done():
@@ -465,7 +466,7 @@ async def test_promote_wait_with_the_real_controller(
         "promote requested for llm/chat (phase WaitingPromotion); the controller acts at its next tick",
         "promote carried out for llm/chat: phase Promoting",
     ]
-    assert (await h.status())["lastCommand"]["command"] == "promote"
+    assert (await h.status()).last_command.command == "promote"
 
 
 async def test_wait_times_out_without_a_controller(cli: Cli, kube_client: KubeClient) -> None:
@@ -555,7 +556,7 @@ async def test_watch_shows_each_change_and_ends_when_deleted(
         if sleeps == 4:
             await kube_client.delete(REF)
 
-    await view_cmds.watch_status(kube_client, "llm", "chat", lambda items: shown.append(items[0]["status"]["phase"]),
+    await view_cmds.watch_status(kube_client, "llm", "chat", lambda items: shown.append(PolicyStatus.of(items[0]).phase.value),
                                  sleep=sleep, warn=warnings.append)
     assert shown == ["Progressing", "Paused"]  # a poll that saw no change printed nothing
     assert sleeps == 4
@@ -565,5 +566,5 @@ async def test_watch_shows_each_change_and_ends_when_deleted(
 def test_ages_and_effects_read_like_kubectl() -> None:
     assert [view_cmds.human_age(s) for s in (5, 90, 600, 7200 + 180, 3 * 86400 + 3600, 30 * 86400)] == [
         "5s", "1m30s", "10m", "2h3m", "3d1h", "30d"]
-    assert view_cmds.effect_text({"effect": 0.9, "effectScale": "ratio", "interval": [None, 1.02]}) == \
-        "-10.0% [-inf, +2.0%]"
+    evidence = MetricEvidence.model_validate({"effect": 0.9, "effectScale": "ratio", "interval": [None, 1.02]})
+    assert view_cmds.effect_text(evidence) == "-10.0% [-inf, +2.0%]"

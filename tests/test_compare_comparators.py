@@ -19,6 +19,7 @@ from shadowctl.compare.comparators import (
 from shadowctl.compare.events import Endpoint, OutputEvent, ToolCall, Variant
 from shadowctl.compare.pairing import Pair
 from shadowctl.policy.model import Comparator, ComparatorName, Outputs
+from shadowctl.policy.status import ComparatorCounts, OutputTally
 
 
 def ev(variant: Variant, output: str, *, status: int = 200, tools: list[ToolCall] | None = None) -> OutputEvent:
@@ -172,8 +173,9 @@ def test_tally_accumulates_serialises_and_feeds_the_judge() -> None:
     t = tally.counts["exact"]
     assert (t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree) == (2, 1, 1, 1)
     assert tally.skipped_primary_failed == 1
-    text = json.dumps(tally.to_dict())
-    assert AgreementTally.from_dict(json.loads(text)) == tally
+    text = json.dumps(tally.to_record(12.0).to_json())
+    stored = OutputTally.model_validate(json.loads(text))
+    assert stored.phase_started_at == 12.0 and AgreementTally.from_record(stored) == tally
     assert tally.add(None).skipped_primary_failed == 2
 
     outputs = Outputs.model_validate({"mqtt": {"broker": "mqtt://b:1883"}, "comparators": [{"name": "exact"}],
@@ -245,7 +247,7 @@ def test_tally_builder_matches_add_many() -> None:
     frozen = builder.tally()
     assert frozen is builder.tally()  # cached until the next add
     assert frozen == AgreementTally().add_many(results)
-    assert frozen.counts["exact"] == c.ComparatorTally(candidate_pairs=3, candidate_agree=1, baseline_pairs=1,
+    assert frozen.counts["exact"] == ComparatorCounts(candidate_pairs=3, candidate_agree=1, baseline_pairs=1,
                                                        baseline_agree=0)
     assert frozen.skipped_primary_failed == 1
     resumed = c.TallyBuilder(frozen)

@@ -20,8 +20,9 @@ from shadowctl.controller.metrics import ControllerMetrics
 from shadowctl.controller.notify import ClusterNotifier, WebhookGate, event_payload, events_topic
 from shadowctl.controller.server import bound_port, make_app, serve
 from shadowctl.kube import EVENT, SHADOW_POLICY, KubeClient
-from shadowctl.machine import Notify, Phase, RolloutState
+from shadowctl.machine import Notify, RolloutState
 from shadowctl.policy import ShadowPolicy, parse_policies
+from shadowctl.policy.status import Phase
 from shadowctl.webhooks import HttpWebhooks
 
 

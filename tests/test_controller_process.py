@@ -49,6 +49,7 @@ from shadowctl.kube import (
     ResourceRef,
     RetryPolicy,
 )
+from shadowctl.policy.status import Phase, PolicyStatus
 from shadowctl.routers._io import DEFAULT_ATTEMPTS
 from shadowctl.routers.factory import router_for
 from shadowctl.sources.base import ServerRef
@@ -82,7 +83,7 @@ async def test_manager_runs_a_rollout_from_the_watch(h: Harness) -> None:
         await h.setup()
 
         async def done() -> bool:
-            return (await h.status()).get("phase") == "Succeeded"
+            return (await h.status()).phase == "Succeeded"
 
         await _drive(h.clock, done)
         assert await h.weights() == (0, 100, None)
@@ -101,7 +102,7 @@ async def test_policy_deleted_mid_rollout_restores_routes(h: Harness) -> None:
         await h.setup()
 
         async def canary() -> bool:
-            return (await h.status()).get("phase") == "Progressing"
+            return (await h.status()).phase == "Progressing"
 
         await _drive(h.clock, canary)
         assert (await h.weights())[1] == 10
@@ -127,12 +128,12 @@ async def test_crash_between_route_write_and_status_write_resumes_to_same_end(h:
     await h.setup()
     failed_transitions = 0
     for _ in range(120):
-        before = (await h.status()).get("rollout", {}).get("history", [])
+        before = (await h.status()).history
         h.reconciler = Reconciler(h.kube, router_for, Analyzer(h.source), h.clock)  # "restart"
         with second_writer(h.kube, "replace", lambda gvr, obj: gvr == VIRTUAL_SERVICE,
                            lambda: touch(h.env, SHADOW_POLICY, "llm", "chat"), times=1) as edits:
             result = await h.tick()
-        after = (await h.status()).get("rollout", {}).get("history", [])
+        after = (await h.status()).history
         if edits[0]:
             assert result.route_writes == 1 and result.conflict, result  # routes written, status refused
             failed_transitions += 1
@@ -141,12 +142,12 @@ async def test_crash_between_route_write_and_status_write_resumes_to_same_end(h:
             assert not result.conflict, result
         result = await h.tick(advance=0.5)  # the restarted process recomputes
         assert result.route_writes == 0, result  # the routes it finds are already right
-        if (await h.status()).get("phase") == "Succeeded":
+        if (await h.status()).phase == "Succeeded":
             break
-    assert (await h.status())["phase"] == "Succeeded"
+    assert (await h.status()).phase == "Succeeded"
     assert failed_transitions > 3
     h.check_invariants([10, 50])
-    history = [t["to"] for t in (await h.status())["rollout"]["history"]]
+    history = [t.to for t in (await h.status()).history]
     assert history == ["Shadowing", "Progressing", "Progressing", "Promoting", "Succeeded"]
 
 
@@ -165,12 +166,12 @@ async def test_two_controllers_that_both_think_they_lead_do_not_double_apply(h: 
             conflicts += int(a.conflict) + int(b.conflict)
             primary, candidate, mirror = await h.weights()
             status = await h.status()
-            h.history.append({"phase": status.get("phase"), "primary": primary, "candidate": candidate,
-                              "mirror": mirror, "step": status.get("step")})
-            if status.get("phase") == "Succeeded":
+            h.history.append({"phase": status.phase, "primary": primary, "candidate": candidate,
+                              "mirror": mirror, "step": status.step})
+            if status.phase == "Succeeded":
                 break
-        assert (await h.status())["phase"] == "Succeeded"
-        history = [t["to"] for t in (await h.status())["rollout"]["history"]]
+        assert (await h.status()).phase == "Succeeded"
+        history = [t.to for t in (await h.status()).history]
         assert history == ["Shadowing", "Progressing", "Progressing", "Promoting", "Succeeded"]
         assert conflicts > 0  # they did race; the loser's write was refused
         h.check_invariants([10, 50])
@@ -186,7 +187,7 @@ async def test_409_storm_on_routes_records_error_and_recovers(h: Harness) -> Non
     await h.tick()
     await h.run_until({"Progressing"})
     assert (await h.weights())[1] == 10
-    step = (await h.status())["step"]
+    step = (await h.status()).step
     h.env.reset_counts()
     with second_writer(h.kube, "get", lambda ref: ref == VS_REF, lambda: touch(h.env, VIRTUAL_SERVICE, "llm", "chat")):
         for _ in range(10):  # until the step's analysis passes and 10% -> 50% is due
@@ -198,10 +199,10 @@ async def test_409_storm_on_routes_records_error_and_recovers(h: Harness) -> Non
     writes = [r for r in h.env.request_log if r.verb == "update" and "/virtualservices/chat" in r.path]
     assert [r.status for r in writes] == [409] * DEFAULT_ATTEMPTS  # each attempt re-read, none succeeded
     status = await h.status()
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "False"
-    assert status["phase"] == "Progressing"  # nothing half-applied: the step did not advance
-    assert status["step"] == step
+    ready = status.condition("Ready")
+    assert ready.status == "False"
+    assert status.phase == "Progressing"  # nothing half-applied: the step did not advance
+    assert status.step == step
     assert (await h.weights())[1] == 10
     assert await h.run_until({"Succeeded"}) == "Succeeded"
     h.check_invariants([10, 50])
@@ -217,8 +218,8 @@ async def test_new_candidate_mid_rollout_restarts_analysis(h: Harness) -> None:
     await h.kube.replace(SHADOW_POLICY, doc)
     await h.tick(advance=1)
     status = await h.status()
-    assert status["phase"] == "Shadowing"
-    assert "mid-rollout" in status["message"]
+    assert status.phase == "Shadowing"
+    assert "mid-rollout" in status.message
     route = await h.vs_route()
     assert route["mirror"]["subset"] == "v3"
     weights = {d["destination"]["subset"]: d.get("weight", 0) for d in route["route"]}
@@ -239,7 +240,7 @@ async def test_leader_handover_mid_rollout(h: Harness, kube_env: KubeEnv, tmp_pa
     tasks = [asyncio.create_task(e.run(m.run)) for e, m in zip(electors, managers, strict=True)]
     try:
         async def canary() -> bool:
-            return (await h.status()).get("phase") == "Progressing"
+            return (await h.status()).phase == "Progressing"
 
         await _drive(h.clock, canary, step=5.0)
         leader = next(i for i, e in enumerate(electors) if e.is_leader)
@@ -248,11 +249,11 @@ async def test_leader_handover_mid_rollout(h: Harness, kube_env: KubeEnv, tmp_pa
         await cancel_and_wait(tasks[leader])  # the leader dies (releases the Lease on the way out)
 
         async def done() -> bool:
-            return (await h.status()).get("phase") == "Succeeded"
+            return (await h.status()).phase == "Succeeded"
 
         await _drive(h.clock, done, step=5.0)
         assert electors[follower].is_leader
-        history = [t["to"] for t in (await h.status())["rollout"]["history"]]
+        history = [t.to for t in (await h.status()).history]
         assert history == ["Shadowing", "Progressing", "Progressing", "Promoting", "Succeeded"]
     finally:
         await cancel_and_wait(*tasks)
@@ -507,7 +508,7 @@ async def test_a_missing_verb_is_a_clear_forbidden_and_nothing_else_is_written(k
                 clock.advance(10)
                 errors.append((await reconciler.tick(REF)).error)
             after = await setup.get(VS_REF)
-            status = (await setup.get(REF)).get("status") or {}
+            status = PolicyStatus.of(await setup.get(REF))
         finally:
             await kube.close()
             await setup.close()
@@ -517,10 +518,10 @@ async def test_a_missing_verb_is_a_clear_forbidden_and_nothing_else_is_written(k
 
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert after["spec"] == before["spec"]
-    assert status.get("phase") in (None, "Pending"), status
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "False" and ready["reason"] == "ReconcileError"
-    words = ready["message"]
+    assert status.phase is Phase.pending, status
+    ready = status.condition("Ready")
+    assert ready.status == "False" and ready.reason == "ReconcileError"
+    words = ready.message
     for part in ('"system:serviceaccount:shadowctl:shadowctl"', 'cannot update resource "virtualservices"',
                  'in API group "networking.istio.io"', 'in the namespace "llm"'):
         assert part in words, words

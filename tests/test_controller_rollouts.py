@@ -13,7 +13,7 @@ from controller_helpers import REF, VS_REF, Arm, FakeMetricSource, Harness
 
 from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.kube import VIRTUAL_SERVICE, KubeClient
-from shadowctl.machine import Command
+from shadowctl.policy.status import Command
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ async def command(h: Harness, cmd: Command) -> None:
 async def test_good_candidate_shadow_canary_promoted(h: Harness) -> None:
     await h.setup()
     await h.tick()
-    assert (await h.status())["phase"] == "Shadowing"
+    assert (await h.status()).phase == "Shadowing"
     assert await h.weights() == (100, 0, 20.0)
     assert await h.run_until({"Succeeded", "RolledBack"}) == "Succeeded"
     assert await h.weights() == (0, 100, None)
@@ -37,8 +37,8 @@ async def test_good_candidate_shadow_canary_promoted(h: Harness) -> None:
     assert {row["candidate"] for row in h.history if row["phase"] == "Progressing"} <= {10, 50}
     h.check_invariants([10, 50])
     status = await h.status()
-    assert status["lastVerdict"]["metrics"], "evidence recorded"
-    assert [t["to"] for t in status["rollout"]["history"]][-1] == "Succeeded"
+    assert status.last_verdict.metrics, "evidence recorded"
+    assert [t.to for t in status.history][-1] == "Succeeded"
 
 
 async def test_slow_candidate_rolled_back_during_shadow_with_mirror_removed(h: Harness) -> None:
@@ -52,7 +52,7 @@ async def test_slow_candidate_rolled_back_during_shadow_with_mirror_removed(h: H
     assert "mirrorPercentage" not in route
     assert [d["destination"]["subset"] for d in route["route"]] == ["v1"]  # candidate destination we added: gone
     status = await h.status()
-    assert "ttft-p95" in status["message"] or "ttft-p95" in str(status["lastVerdict"])
+    assert "ttft-p95" in status.message or "ttft-p95" in str(status.last_verdict)
     h.check_invariants([10, 50])
 
 
@@ -71,8 +71,8 @@ async def test_metric_source_down_never_passes(h: Harness) -> None:
     for _ in range(20):
         await h.tick()
     status = await h.status()
-    assert status["phase"] == "Shadowing"
-    assert status["sourceErrors"]
+    assert status.phase == "Shadowing"
+    assert status.source_errors
     # ... and at the shadow phase's maximum duration it is inconclusive: rolled back (the default).
     assert await h.run_until({"RolledBack", "Progressing"}, advance=30) == "RolledBack"
 
@@ -83,12 +83,12 @@ async def test_manual_gate_waits_for_promote(h: Harness) -> None:
     weights = await h.weights()
     for _ in range(3):
         await h.tick()
-    assert (await h.status())["phase"] == "WaitingPromotion"
+    assert (await h.status()).phase == "WaitingPromotion"
     assert await h.weights() == weights == (50, 50, None)
     await command(h, Command.promote)
     assert await h.run_until({"Succeeded"}) == "Succeeded"
     assert await h.weights() == (0, 100, None)
-    assert (await h.status())["lastCommand"]["command"] == "promote"
+    assert (await h.status()).last_command.command == "promote"
 
 
 async def test_promote_full_skips_analysis(h: Harness) -> None:
@@ -113,17 +113,17 @@ async def test_pause_and_resume(h: Harness) -> None:
     await h.run_until({"Progressing"})
     await command(h, Command.pause)
     await h.tick()
-    assert (await h.status())["phase"] == "Paused"
+    assert (await h.status()).phase == "Paused"
     paused_weights = await h.weights()
     h.source.candidate = Arm(median=5.0)  # analysis is ignored while paused
     for _ in range(3):
         await h.tick()
-    assert (await h.status())["phase"] == "Paused"
+    assert (await h.status()).phase == "Paused"
     assert await h.weights() == paused_weights
     h.source.candidate = Arm()
     await command(h, Command.resume)
     await h.tick()
-    assert (await h.status())["phase"] == "Progressing"
+    assert (await h.status()).phase == "Progressing"
     assert await h.run_until({"Succeeded"}) == "Succeeded"
 
 
@@ -134,10 +134,10 @@ async def test_command_is_carried_out_once(h: Harness) -> None:
     await h.tick()
     await command(h, Command.resume)
     await h.tick()
-    assert (await h.status())["phase"] == "Shadowing"
+    assert (await h.status()).phase == "Shadowing"
     for _ in range(3):  # the resume annotation stays on the object, but is not applied again
         await h.tick()
-    history = [t["to"] for t in (await h.status())["rollout"]["history"]]
+    history = [t.to for t in (await h.status()).history]
     assert history.count("Paused") == 1
 
 
@@ -146,9 +146,9 @@ async def test_progress_deadline_ends_in_rollback(h: Harness) -> None:
     await h.setup(progressDeadline="2m", shadow={"maxDuration": "10m"})
     assert await h.run_until({"RolledBack", "Succeeded"}, advance=30) == "RolledBack"
     status = await h.status()
-    assert "progress deadline" in status["message"]
+    assert "progress deadline" in status.message
     assert await h.weights() == (100, 0, None)
-    assert h.clock.now() - status["rollout"]["rolloutStartedAt"] < 200
+    assert h.clock.now() - status.rollout.rollout_started_at < 200
 
 
 async def _hand_edit_weights(h: Harness) -> None:
@@ -165,7 +165,7 @@ async def test_drift_is_reasserted(h: Harness) -> None:
     await _hand_edit_weights(h)
     assert (await h.weights())[1] == 0
     await h.tick(advance=1)
-    assert (await h.status())["phase"] == "Progressing"
+    assert (await h.status()).phase == "Progressing"
     assert (await h.weights())[1] == 10
 
 
@@ -174,7 +174,7 @@ async def test_drift_pauses_when_asked(h: Harness) -> None:
     await h.run_until({"Progressing"})
     await _hand_edit_weights(h)
     await h.tick(advance=1)
-    assert (await h.status())["phase"] == "Paused"
+    assert (await h.status()).phase == "Paused"
     assert (await h.weights())[1] == 0  # someone else's change is left alone while paused
 
 

@@ -15,7 +15,6 @@ import pytest
 
 from shadowctl.demo.report import (
     CHART_SIZE_PX,
-    MetricRecord,
     ReportError,
     build_figure,
     effect_text,
@@ -24,6 +23,7 @@ from shadowctl.demo.report import (
     render_markdown,
     write_report,
 )
+from shadowctl.policy.status import MetricEvidence
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_YAML = """apiVersion: shadowctl.io/v1alpha1
@@ -347,7 +347,7 @@ def test_final_message_and_controller_log_are_shown_when_recorded() -> None:
 )
 def test_effect_formatting(scale: str, statistic: str, effect: float | None, interval: list[float | None],
                            text: str) -> None:
-    metric = MetricRecord.model_validate(
+    metric = MetricEvidence.model_validate(
         {"name": "m", "statistic": statistic, "effectScale": scale, "effect": effect, "interval": interval})
     assert effect_text(metric) == text
 

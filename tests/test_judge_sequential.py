@@ -237,7 +237,7 @@ def test_candidate_tail_in_inf_bucket_can_fail_but_never_pass() -> None:
     same_open = Histogram(LE, [3000, 6000, 9000, 10000])  # p95 of both in +Inf
     r2 = judge_metric(_spec("p95"), same_open, same_open, alpha=A, beta=B, final=True)
     assert r2.outcome is Outcome.inconclusive and r2.interval[1] == math.inf
-    assert r2.to_dict()["interval"][1] is None  # JSON has no infinity
+    assert r2.to_record().interval[1] is None  # JSON has no infinity
 
 
 def test_coarse_buckets_cannot_certify_a_pass() -> None:
@@ -269,7 +269,7 @@ def test_decision_depends_only_on_cumulative_data() -> None:
     once_c = Histogram(est.SKETCH_LE, est.sketch_counts(np.concatenate(looks_c)))
     r1 = judge_metric(_spec("p95"), acc_p, acc_c, alpha=A, beta=B)
     r2 = judge_metric(_spec("p95"), once_p, once_c, alpha=A, beta=B)
-    assert r1.to_dict() == r2.to_dict()
+    assert r1.to_record() == r2.to_record()
 
 
 def test_bad_histograms_are_rejected_with_a_message() -> None:
@@ -365,7 +365,7 @@ def test_results_are_json_for_the_status() -> None:
         ],
         final=True,
     )
-    d = json.loads(json.dumps(v.to_dict(), allow_nan=False))
+    d = json.loads(json.dumps(v.to_record().to_json(), allow_nan=False))
     assert d["outcome"] == "nodata"
     m = d["metrics"][0]
     assert m["outcome"] == "fail" and m["samples"] == {"primary": 3000.0, "candidate": 3000.0}

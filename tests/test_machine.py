@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -13,11 +14,9 @@ from hypothesis import strategies as st
 from shadowctl.judge import Outcome, Verdict
 from shadowctl.machine import (
     ANALYSED,
-    Command,
     Finalize,
     Notify,
     Observed,
-    Phase,
     Promote,
     Refusal,
     RolloutState,
@@ -26,6 +25,7 @@ from shadowctl.machine import (
     step,
 )
 from shadowctl.policy import ShadowPolicy, parse_policies
+from shadowctl.policy.status import Command, Phase, PolicyStatus, RolloutRecord
 
 BASE = """
 apiVersion: shadowctl.dev/v1alpha1
@@ -178,7 +178,7 @@ def test_transition(
     assert routes(out.actions) == actions
     assert out.state.weight == weight
     if out.state.phase is not state.phase:
-        assert out.state.history[-1].to_phase == phase.value
+        assert out.state.history[-1].to == phase.value
         assert out.state.phase_started_at == now
         assert any(isinstance(a, Notify) for a in out.actions)
 
@@ -205,10 +205,11 @@ def test_inconclusive_never_promotes_from_any_phase() -> None:
 
 def test_status_round_trip() -> None:
     out = step(at(Phase.shadowing), PASS, None, 1060, P, CAND)
-    data = out.state.to_dict()
-    assert RolloutState.from_dict(data) == out.state
-    assert RolloutState.from_dict(None) == RolloutState()
-    assert RolloutState.from_dict({"phase": "Bogus"}) == RolloutState()
+    stored = PolicyStatus.read(json.loads(json.dumps({"rollout": out.state.to_record().to_json()})))
+    assert RolloutState.from_record(stored.rollout) == out.state
+    assert RolloutState.from_record(None) == RolloutState()
+    assert PolicyStatus.read({"rollout": {"phase": "Bogus"}}).rollout is None  # unreadable: a fresh rollout
+    assert PolicyStatus.read({"rollout": {"canaryWeight": 5}}).rollout is None
 
 
 STATES = [at(p) for p in Phase if p is not Phase.paused] + [
@@ -279,7 +280,7 @@ def test_invariants_over_random_runs(events: list[Any], pol: ShadowPolicy) -> No
         before = state
         out = step(state, verdict, command, now, pol, observed)
         state = out.state
-        assert RolloutState.from_dict(state.to_dict()) == state
+        assert RolloutState.from_record(RolloutRecord.model_validate(state.to_record().to_json())) == state
         if before.phase is Phase.shadowing and state.phase is Phase.progressing:
             shadow_passed_for = state.candidate
         for action in out.actions:

@@ -291,7 +291,7 @@ def replay(
                 final = k == n_looks[i] - 1
                 if code in (PASS, FAIL) or final:
                     res = result_of(spec, batch, j, alpha=alpha, beta=beta, final=final)
-                    _record(out, i, streams[i], k, res.outcome, res.to_dict())
+                    _record(out, i, streams[i], k, res.outcome, res.to_record().to_json())
         k += 1
     return [out[i] for i in range(len(streams))]
 
@@ -305,7 +305,7 @@ def _emit_nodata(
 ) -> None:
     from shadowctl.judge import nodata_result
 
-    _record(out, i, st, k, Outcome.nodata, nodata_result(spec, why, alpha=alpha, beta=beta).to_dict())
+    _record(out, i, st, k, Outcome.nodata, nodata_result(spec, why, alpha=alpha, beta=beta).to_record().to_json())
 
 
 def _fixed_look(
@@ -319,7 +319,7 @@ def _fixed_look(
     c = np.concatenate(acc.raw_c) if acc.raw_c else np.zeros(0)
     v = judge_fixed([MetricInput(spec, Samples(p), Samples(c))], FixedConfig(confidence=1.0 - alpha))
     if v.outcome is Outcome.failed or final:
-        _record(out, i, st, k, v.outcome, v.to_dict())
+        _record(out, i, st, k, v.outcome, v.to_record().to_json())
 
 
 def _spec_from_policy(policy_file: Path, metric: str) -> tuple[MetricSpec, float, float, str]:

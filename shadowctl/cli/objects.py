@@ -12,6 +12,7 @@ from shadowctl.cli.connect import CliError
 
 if TYPE_CHECKING:
     from shadowctl.kube import KubeClient
+    from shadowctl.policy.status import PolicyStatus
 
 JSON = dict[str, Any]
 
@@ -29,8 +30,11 @@ def meta_of(obj: JSON) -> JSON:
     return dict_of(obj.get("metadata"))
 
 
-def status_of(obj: JSON) -> JSON:
-    return dict_of(obj.get("status"))
+def status_of(obj: JSON) -> PolicyStatus:
+    """The typed ``.status`` (the one way the CLI reads it; lenient, see :mod:`shadowctl.policy.status`)."""
+    from shadowctl.policy.status import PolicyStatus
+
+    return PolicyStatus.of(obj)
 
 
 def key_of(obj: JSON) -> str:
@@ -41,9 +45,7 @@ def key_of(obj: JSON) -> str:
 
 def phase_of(obj: JSON) -> str:
     """``.status.phase``, ``Pending`` before the controller wrote one."""
-    from shadowctl.machine import Phase
-
-    return str(status_of(obj).get("phase") or Phase.pending.value)
+    return status_of(obj).phase.value
 
 
 async def read_policy(client: KubeClient, namespace: str, name: str) -> JSON:

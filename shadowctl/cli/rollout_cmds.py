@@ -32,7 +32,6 @@ from shadowctl.cli.objects import (
     CONFLICT_ATTEMPTS,
     JSON,
     KIND_LABEL,
-    dict_of,
     key_of,
     meta_of,
     phase_of,
@@ -42,7 +41,7 @@ from shadowctl.cli.objects import (
 
 if TYPE_CHECKING:
     from shadowctl.kube import KubeClient
-    from shadowctl.machine import Command
+    from shadowctl.policy.status import Command, CommandRecord
 
 #: Seconds between reads while `--wait` waits for the controller (tests lower it).
 POLL_SECONDS = 1.0
@@ -54,15 +53,12 @@ def refusal_text(command: Command, obj: JSON) -> str | None:
     Which commands a phase accepts is :func:`shadowctl.machine.refusal`, the rule ``step`` itself
     applies; this only words it for the command line, with what would work instead.
     """
-    from shadowctl.machine import Phase, Refusal, RolloutState, refusal
+    from shadowctl.machine import Refusal, RolloutState, refusal
 
-    phase_name = phase_of(obj)
-    try:
-        phase = Phase(phase_name)
-    except ValueError:
-        return None  # a phase this CLI does not know: let the controller decide
+    status = status_of(obj)
+    phase_name = status.phase.value
     # `.status.phase` is what `get` and `status` show; the rollout block adds where a pause came from.
-    state = replace(RolloutState.from_dict(dict_of(status_of(obj).get("rollout"))), phase=phase)
+    state = replace(RolloutState.from_record(status.rollout), phase=status.phase)
     why = refusal(command, state)
     if why is None:
         return None
@@ -116,15 +112,15 @@ async def send_command(client: KubeClient, namespace: str, name: str, command: C
 
 
 async def wait_for(client: KubeClient, namespace: str, name: str, sent_id: str, seconds: float,
-                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> JSON:
+                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> CommandRecord:
     """Poll until ``status.lastCommand.id`` is ``sent_id`` or ``seconds`` passed; returns that lastCommand."""
     from shadowctl.controller.commands import pending_command
 
     deadline = time.monotonic() + seconds
     while True:
         obj = await read_policy(client, namespace, name)
-        last = status_of(obj).get("lastCommand")
-        if isinstance(last, dict) and last.get("id") == sent_id:
+        last = status_of(obj).last_command
+        if last is not None and last.id == sent_id:
             return last
         pending = pending_command(obj)
         if pending is not None and pending.id != sent_id:
@@ -152,12 +148,12 @@ NameArg = Annotated[str, typer.Argument(help="The policy's name.", show_default=
 
 def _command(command: Command, conn: Conn, name: str, wait: bool, timeout: str) -> None:
     """Send ``command`` to the named policy, and with ``wait`` wait until the controller carried it out."""
-    from shadowctl.machine import Command
+    from shadowctl.policy.status import Command
 
     seconds = _timeout_seconds(timeout)
     verb = "promote --full" if command is Command.promote_full else command.value
 
-    async def body(client: KubeClient, ns: str) -> tuple[str, JSON | None]:
+    async def body(client: KubeClient, ns: str) -> tuple[str, CommandRecord | None]:
         sent = await send_command(client, ns, name, command)
         if sent.replaced:
             note(f"note: this replaces {sent.replaced}, which the controller had not carried out yet")
@@ -169,7 +165,7 @@ def _command(command: Command, conn: Conn, name: str, wait: bool, timeout: str) 
 
     ns, done = run_async(lambda: with_client(conn, body))
     if done is not None:
-        out(f"{verb} carried out for {ns}/{name}: phase {done.get('result') or '?'}")
+        out(f"{verb} carried out for {ns}/{name}: phase {done.result or '?'}")
 
 
 def promote(
@@ -186,7 +182,7 @@ def promote(
 
     Example: shadowctl promote chat -n llm --wait
     """
-    from shadowctl.machine import Command
+    from shadowctl.policy.status import Command
 
     _command(Command.promote_full if full else Command.promote, Conn(kubeconfig, context, namespace), name, wait,
              timeout)
@@ -204,7 +200,7 @@ def rollback(
 
     Example: shadowctl rollback chat -n llm
     """
-    from shadowctl.machine import Command
+    from shadowctl.policy.status import Command
 
     _command(Command.rollback, Conn(kubeconfig, context, namespace), name, wait, timeout)
 
@@ -223,7 +219,7 @@ def pause(
 
     Example: shadowctl pause chat -n llm
     """
-    from shadowctl.machine import Command
+    from shadowctl.policy.status import Command
 
     _command(Command.pause, Conn(kubeconfig, context, namespace), name, wait, timeout)
 
@@ -240,7 +236,7 @@ def resume(
 
     Example: shadowctl resume chat -n llm
     """
-    from shadowctl.machine import Command
+    from shadowctl.policy.status import Command
 
     _command(Command.resume, Conn(kubeconfig, context, namespace), name, wait, timeout)
 
@@ -257,7 +253,7 @@ def retry(
 
     Example: shadowctl retry chat -n llm
     """
-    from shadowctl.machine import Command
+    from shadowctl.policy.status import Command
 
     _command(Command.retry, Conn(kubeconfig, context, namespace), name, wait, timeout)
 

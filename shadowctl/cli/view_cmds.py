@@ -39,11 +39,9 @@ from shadowctl.cli.connect import CliError, Conn, run_async, with_client
 from shadowctl.cli.objects import (
     JSON,
     KIND_LABEL,
-    dict_of,
     key_of,
     list_policies,
     meta_of,
-    phase_of,
     read_policy,
     status_of,
 )
@@ -52,6 +50,7 @@ if TYPE_CHECKING:
     from datetime import timedelta
 
     from shadowctl.kube import KubeClient
+    from shadowctl.policy.status import HistoryEntry, MetricEvidence, PolicyStatus
 
 #: Seconds between reads while `status --watch` follows a policy (tests lower it).
 POLL_SECONDS = 1.0
@@ -133,21 +132,20 @@ def _effect_one(value: Any, scale: str) -> str:
     return f"{value:+.4g}"
 
 
-def effect_text(metric: JSON) -> str:
+def effect_text(metric: MetricEvidence) -> str:
     """The observed effect and its interval on the user's scale: `+12.0% [+3.1%, +20.4%]`."""
-    scale = str(metric.get("effectScale") or "difference")
-    effect = metric.get("effect")
-    interval = metric.get("interval")
+    scale = metric.effect_scale or "difference"
+    effect = metric.effect
+    interval = metric.interval
     text = _effect_one(effect, scale) if effect is not None else "-"
-    if isinstance(interval, list) and len(interval) == 2 and any(v is not None for v in interval):
+    if len(interval) == 2 and any(v is not None for v in interval):
         lo, hi = interval
         text += f" [{'-inf' if lo is None else _effect_one(lo, scale)}, {'+inf' if hi is None else _effect_one(hi, scale)}]"
     return text
 
 
-def samples_text(metric: JSON) -> str:
-    samples = metric.get("samples") or {}
-    return f"{num(samples.get('primary'))} / {num(samples.get('candidate'))}"
+def samples_text(metric: MetricEvidence) -> str:
+    return f"{num(metric.samples.primary)} / {num(metric.samples.candidate)}"
 
 
 def steps_of(obj: JSON) -> list[int]:
@@ -158,14 +156,13 @@ def steps_of(obj: JSON) -> list[int]:
 
 def step_text(obj: JSON) -> str:
     """`2/4` during the canary, `shadow` while mirroring, `-` otherwise."""
-    from shadowctl.machine import Phase
+    from shadowctl.policy.status import Phase
 
     status = status_of(obj)
-    step = status.get("step")
     total = len(steps_of(obj))
-    if isinstance(step, int) and total:
-        return f"{step}/{total}"
-    if status.get("phase") == Phase.shadowing.value:
+    if status.step is not None and total:
+        return f"{status.step}/{total}"
+    if status.phase is Phase.shadowing:
         return "shadow"
     return "-"
 
@@ -173,40 +170,34 @@ def step_text(obj: JSON) -> str:
 def weights_text(obj: JSON) -> str:
     """`primary 75% / candidate 25%` as read back from the routes, else as the rollout intends."""
     status = status_of(obj)
-    routes = status.get("routes")
-    if isinstance(routes, dict) and routes.get("candidateWeight") is not None:
-        return f"primary {pct(routes.get('primaryWeight'))} / candidate {pct(routes.get('candidateWeight'))}"
-    weight = status.get("canaryWeight")
-    if isinstance(weight, int | float) and not isinstance(weight, bool):
+    if status.routes is not None:
+        return f"primary {pct(status.routes.primary_weight)} / candidate {pct(status.routes.candidate_weight)}"
+    weight = status.canary_weight
+    if weight is not None:
         return f"primary {pct(100 - weight)} / candidate {pct(weight)}"
     return "primary 100% / candidate 0%"
 
 
 def mirror_text(obj: JSON) -> str:
     status = status_of(obj)
-    routes = status.get("routes")
-    value = routes.get("mirrorPercent") if isinstance(routes, dict) and "mirrorPercent" in routes else None
+    value = status.routes.mirror_percent if status.routes is not None else None
     if value is None:
-        value = status.get("mirrorPercent")
+        value = status.mirror_percent
     return pct(value) if value is not None else "off"
 
 
-def history_of(obj: JSON) -> list[JSON]:
-    rollout = status_of(obj).get("rollout")
-    hist = rollout.get("history") if isinstance(rollout, dict) else None
-    return [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
+def history_of(obj: JSON) -> list[HistoryEntry]:
+    return status_of(obj).history
 
 
 def decision_text(obj: JSON, now: float) -> str:
     """The last decision in a sentence: the status message and when its transition happened."""
-    status = status_of(obj)
-    message = str(status.get("message") or "")
+    message = status_of(obj).message
     hist = history_of(obj)
     if hist:
         last = hist[-1]
-        when = last.get("at")
-        text = message or str(last.get("reason") or "")
-        return f"{last.get('from')} -> {last.get('to')} {ago(when if isinstance(when, int | float) else None, now)}: {text}"
+        text = message or last.reason
+        return f"{last.from_} -> {last.to} {ago(last.at, now)}: {text}"
     return message or "no decision yet"
 
 
@@ -218,15 +209,14 @@ def table_rows(items: Iterable[JSON], now: float, all_namespaces: bool) -> list[
     rows = [(["NAMESPACE"] if all_namespaces else []) + head]
     for obj in items:
         meta, status = meta_of(obj), status_of(obj)
-        verdict = (status.get("lastVerdict") or {}).get("outcome") if isinstance(status.get("lastVerdict"), dict) \
-            else None
+        verdict = status.last_verdict.outcome if status.last_verdict is not None else None
         created = parse_time(meta.get("creationTimestamp"))
         row = [
             str(meta.get("name")),
-            phase_of(obj),
+            status.phase.value,
             step_text(obj),
-            pct(status.get("canaryWeight")) if "canaryWeight" in status else "-",
-            mirror_text(obj) if status else "-",
+            pct(status.canary_weight) if status.canary_weight is not None else "-",
+            mirror_text(obj) if status.written else "-",
             str(verdict or "-"),
             human_age(now - created) if created is not None else "-",
         ]
@@ -302,7 +292,7 @@ def render_status(obj: JSON, now: float) -> RenderableType:
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
-    phase = phase_of(obj)
+    phase = status.phase.value
     steps = steps_of(obj)
     facts.add_row("Phase", phase + (f" (step {step_text(obj)})" if "/" in step_text(obj) else ""))
     if steps:
@@ -310,36 +300,36 @@ def render_status(obj: JSON, now: float) -> RenderableType:
     facts.add_row("Weights", weights_text(obj))
     facts.add_row("Mirror", mirror_text(obj))
     facts.add_row("Decision", Text(decision_text(obj, now)))
-    verdict = status.get("lastVerdict") if isinstance(status.get("lastVerdict"), dict) else None
-    if verdict:
-        outcome = str(verdict.get("outcome") or "-")
+    verdict = status.last_verdict
+    if verdict is not None:
+        outcome = verdict.outcome or "-"
         line = Text(outcome, style=_OUTCOME_STYLE.get(outcome, ""))
-        line.append(f" ({ago(parse_time(verdict.get('at')), now)}): {verdict.get('reason') or ''}", style="")
+        line.append(f" ({ago(parse_time(verdict.at), now)}): {verdict.reason}", style="")
         facts.add_row("Verdict", line)
     pending = pending_command(obj)
     if pending is not None:
         facts.add_row("Pending", f"{pending.command.value} (id {pending.id}), waiting for the controller")
-    for err in status.get("sourceErrors") or []:
-        facts.add_row("Source error", Text(str(err), style="yellow"))
+    for err in status.source_errors or []:
+        facts.add_row("Source error", Text(err, style="yellow"))
     parts: list[RenderableType] = [Text(f"{KIND_LABEL} {key_of(obj)}", style="bold underline"), facts]
-    metrics = [m for m in (verdict or {}).get("metrics") or [] if isinstance(m, dict)]
+    metrics = verdict.metrics if verdict is not None else []
     if metrics:
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
         for col in ("METRIC", "OUTCOME", "PRIMARY", "CANDIDATE", "EFFECT [INTERVAL]", "SAMPLES P/C"):
             table.add_column(col, no_wrap=True)
         for m in metrics:
-            outcome = str(m.get("outcome") or "-")
-            table.add_row(str(m.get("name")), Text(outcome, style=_OUTCOME_STYLE.get(outcome, "")),
-                          num(m.get("primary")), num(m.get("candidate")), effect_text(m), samples_text(m))
+            outcome = m.outcome or "-"
+            table.add_row(m.name, Text(outcome, style=_OUTCOME_STYLE.get(outcome, "")),
+                          num(m.primary), num(m.candidate), effect_text(m), samples_text(m))
         parts.append(table)
         sentences = Table.grid(padding=(0, 1))
         sentences.add_column(no_wrap=True)
         sentences.add_column()
         for m in metrics:
-            if m.get("sentence"):
-                sentences.add_row(f"  {m.get('name')}:", Text(str(m.get("sentence"))))
+            if m.sentence:
+                sentences.add_row(f"  {m.name}:", Text(m.sentence))
         parts.append(sentences)
-    elif not status:
+    elif not status.written:
         parts.append(Text("no status yet: is the controller (shadowctl run) running?", style="yellow"))
     return Group(*parts, Text(""))
 
@@ -513,21 +503,19 @@ def _dur(value: timedelta) -> str:
     return format_duration(value)
 
 
-def _outputs_lines(status: JSON) -> list[str]:
-    outputs = status.get("outputs")
-    if not isinstance(outputs, dict):
+def _outputs_lines(status: PolicyStatus) -> list[str]:
+    outputs = status.outputs
+    if outputs is None:
         return []
     lines = []
-    for name, row in sorted((outputs.get("comparators") or {}).items()):
-        if not isinstance(row, dict):
-            continue
-        cp, ca = row.get("candidatePairs") or 0, row.get("candidateAgree") or 0
-        bp, ba = row.get("baselinePairs") or 0, row.get("baselineAgree") or 0
+    for name, row in sorted(outputs.comparators.items()):
+        cp, ca = row.candidate_pairs, row.candidate_agree
+        bp, ba = row.baseline_pairs, row.baseline_agree
         cand = f"{ca}/{cp} agree ({ca / cp:.1%})" if cp else "no pairs yet"
         base = f"{ba}/{bp} ({ba / bp:.1%})" if bp else "no baseline pairs yet"
         relative = f", relative {(ca / cp) / (ba / bp):.2f}" if cp and bp and ba else ""
         lines.append(f"  {name}: candidate {cand}; baseline {base}{relative}")
-    skipped = outputs.get("skippedPrimaryFailed")
+    skipped = outputs.skipped_primary_failed
     if skipped:
         lines.append(f"  skipped (the primary failed): {skipped}")
     return lines
@@ -544,34 +532,29 @@ def describe_text(obj: JSON, events: list[JSON], now: float) -> str:
         f"Namespace:    {meta.get('namespace')}",
         f"Created:      {stamp(created)} ({ago(created, now)})",
         f"Generation:   {meta.get('generation', '-')} (observed by the controller: "
-        f"{status.get('observedGeneration', '-')})",
+        f"{status.observed_generation if status.observed_generation is not None else '-'})",
         "Spec:",
         *("  " + line for line in _spec_lines(obj)),
         "Status:",
-        f"  Phase:      {phase_of(obj)}" + (f", step {step_text(obj)}" if "/" in step_text(obj) else ""),
+        f"  Phase:      {status.phase.value}" + (f", step {step_text(obj)}" if "/" in step_text(obj) else ""),
         f"  Weights:    {weights_text(obj)}",
         f"  Mirror:     {mirror_text(obj)}",
-        f"  Message:    {status.get('message') or '-'}",
-        f"  Last tick:  {status.get('lastTick') or '-'}",
+        f"  Message:    {status.message or '-'}",
+        f"  Last tick:  {status.last_tick or '-'}",
     ]
-    rollout = dict_of(status.get("rollout"))
-    if rollout.get("candidate"):
-        out.append(f"  Candidate:  {rollout.get('candidate')}")
-    for err in status.get("sourceErrors") or []:
+    if status.rollout is not None and status.rollout.candidate:
+        out.append(f"  Candidate:  {status.rollout.candidate}")
+    for err in status.source_errors or []:
         out.append(f"  Source error: {err}")
-    verdict = status.get("lastVerdict") if isinstance(status.get("lastVerdict"), dict) else None
-    if verdict:
-        out.append(f"Last verdict: {verdict.get('outcome')} ({verdict.get('method', '-')}, "
-                   f"{ago(parse_time(verdict.get('at')), now)})")
-        out.append(f"  {verdict.get('reason') or ''}")
-        for m in verdict.get("metrics") or []:
-            if not isinstance(m, dict):
-                continue
-            out.append(f"  {m.get('name')} [{m.get('outcome')}]: primary {num(m.get('primary'))}, candidate "
-                       f"{num(m.get('candidate'))}, effect {effect_text(m)}, threshold {num(m.get('threshold'))}, "
-                       f"samples {samples_text(m)}")
-            if m.get("sentence"):
-                out.append(f"    {m.get('sentence')}")
+    verdict = status.last_verdict
+    if verdict is not None:
+        out.append(f"Last verdict: {verdict.outcome} ({verdict.method or '-'}, {ago(parse_time(verdict.at), now)})")
+        out.append(f"  {verdict.reason}")
+        for m in verdict.metrics:
+            out.append(f"  {m.name} [{m.outcome}]: primary {num(m.primary)}, candidate {num(m.candidate)}, "
+                       f"effect {effect_text(m)}, threshold {num(m.threshold)}, samples {samples_text(m)}")
+            if m.sentence:
+                out.append(f"    {m.sentence}")
     else:
         out.append("Last verdict: none yet")
     outputs = _outputs_lines(status)
@@ -580,21 +563,19 @@ def describe_text(obj: JSON, events: list[JSON], now: float) -> str:
     hist = history_of(obj)
     out.append("History:" if hist else "History: none")
     for h in hist:
-        at = h.get("at") if isinstance(h.get("at"), int | float) else None
-        out.append(f"  {stamp(at)} ({ago(at, now)})  {h.get('from')} -> {h.get('to')}: {h.get('reason') or ''}")
-    conds = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
+        out.append(f"  {stamp(h.at)} ({ago(h.at, now)})  {h.from_} -> {h.to}: {h.reason}")
+    conds = status.conditions
     out.append("Conditions:" if conds else "Conditions: none")
     if conds:
         rows = [["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"]]
         for c in conds:
-            since = parse_time(c.get("lastTransitionTime"))
-            rows.append([str(c.get("type")), str(c.get("status")), str(c.get("reason") or ""),
-                         ago(since, now) if since is not None else "-", str(c.get("message") or "")])
+            since = parse_time(c.last_transition_time)
+            rows.append([c.type, c.status, c.reason, ago(since, now) if since is not None else "-", c.message])
         out.extend("  " + line for line in columns(rows).splitlines())
-    last = status.get("lastCommand") if isinstance(status.get("lastCommand"), dict) else None
-    if last:
-        out.append(f"Last command: {last.get('command')} (id {last.get('id')}) by {last.get('by') or '?'} at "
-                   f"{last.get('at') or '?'}, handled {last.get('handledAt') or '?'}, result {last.get('result')}")
+    last = status.last_command
+    if last is not None:
+        out.append(f"Last command: {last.command} (id {last.id}) by {last.by or '?'} at "
+                   f"{last.at or '?'}, handled {last.handled_at or '?'}, result {last.result}")
     else:
         out.append("Last command: none")
     pending = pending_command(obj)

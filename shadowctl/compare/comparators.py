@@ -38,6 +38,7 @@ from shadowctl.compare.events import OutputEvent, ToolCall, Variant
 from shadowctl.compare.pairing import Pair
 from shadowctl.errors import ShadowctlError
 from shadowctl.policy.model import BaselineMode, Comparator, ComparatorName, Outputs
+from shadowctl.policy.status import ComparatorCounts, OutputTally
 
 Embedder = Callable[[str], Sequence[float]]
 
@@ -414,20 +415,10 @@ def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResu
 
 
 @dataclass(frozen=True, slots=True)
-class ComparatorTally:
-    """Counts for one comparator: pairs and agreeing pairs, candidate-vs-primary and baseline-vs-primary."""
-
-    candidate_pairs: int = 0
-    candidate_agree: int = 0
-    baseline_pairs: int = 0
-    baseline_agree: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class AgreementTally:
     """Agreement counts per comparator; immutable, every update returns a new tally."""
 
-    counts: Mapping[str, ComparatorTally] = field(default_factory=dict)
+    counts: Mapping[str, ComparatorCounts] = field(default_factory=dict)
     skipped_primary_failed: int = 0
 
     def add(self, result: PairResult | None) -> AgreementTally:
@@ -443,34 +434,23 @@ class AgreementTally:
             builder.add(result)
         return builder.tally()
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data."""
-        return {
-            "comparators": {
-                name: {
-                    "candidatePairs": t.candidate_pairs,
-                    "candidateAgree": t.candidate_agree,
-                    "baselinePairs": t.baseline_pairs,
-                    "baselineAgree": t.baseline_agree,
-                }
-                for name, t in sorted(self.counts.items())
-            },
-            "skippedPrimaryFailed": self.skipped_primary_failed,
-        }
+    def to_record(self, phase_started_at: float | None = None) -> OutputTally:
+        """The tally as `.status.outputs` stores it, for the phase that started at `phase_started_at`."""
+        return OutputTally(
+            comparators=dict(sorted(self.counts.items())),
+            skipped_primary_failed=self.skipped_primary_failed,
+            phase_started_at=phase_started_at,
+        )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AgreementTally:
-        """Inverse of :meth:`to_dict` (for a tally kept in a policy's status across restarts)."""
-        counts = {
-            name: ComparatorTally(
-                candidate_pairs=int(row["candidatePairs"]),
-                candidate_agree=int(row["candidateAgree"]),
-                baseline_pairs=int(row["baselinePairs"]),
-                baseline_agree=int(row["baselineAgree"]),
-            )
-            for name, row in data.get("comparators", {}).items()
-        }
-        return cls(counts=counts, skipped_primary_failed=int(data.get("skippedPrimaryFailed", 0)))
+    def from_record(cls, record: OutputTally) -> AgreementTally:
+        """Inverse of :meth:`to_record` (a tally kept in a policy's status across restarts)."""
+        return cls(counts=dict(record.comparators), skipped_primary_failed=record.skipped_primary_failed)
+
+
+def _counts(row: list[int]) -> ComparatorCounts:
+    return ComparatorCounts(candidate_pairs=row[0], candidate_agree=row[1], baseline_pairs=row[2],
+                            baseline_agree=row[3])
 
 
 class TallyBuilder:
@@ -510,7 +490,7 @@ class TallyBuilder:
         """The counts so far, frozen."""
         if self._frozen is None:
             self._frozen = AgreementTally(
-                counts={name: ComparatorTally(*row) for name, row in self._rows.items()},
+                counts={name: _counts(row) for name, row in self._rows.items()},
                 skipped_primary_failed=self._skipped,
             )
         return self._frozen
@@ -540,7 +520,7 @@ def judge_inputs(tally: AgreementTally, outputs: Outputs) -> list[AgreementInput
     fixed = outputs.baseline.agreement if outputs.baseline.mode is BaselineMode.fixed else None
     out: list[AgreementInput] = []
     for spec in outputs.comparators:
-        t = tally.counts.get(spec.name.value, ComparatorTally())
+        t = tally.counts.get(spec.name.value, ComparatorCounts())
         out.append(
             AgreementInput(
                 comparator=spec.name.value,

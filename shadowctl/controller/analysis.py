@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -49,8 +49,9 @@ from shadowctl.judge import (
     judge_many,
 )
 from shadowctl.judge.fixed import FixedConfig
-from shadowctl.machine import Phase, RolloutState
+from shadowctl.machine import RolloutState
 from shadowctl.policy.model import Method, Metric, ShadowPolicy
+from shadowctl.policy.status import Evidence, Phase
 from shadowctl.sources import base
 from shadowctl.sources.base import (
     CounterWindow,
@@ -96,7 +97,7 @@ class Look:
     """The result of one look: the judge's verdict (what the machine steps on) and its evidence for `.status`."""
 
     verdict: Verdict
-    evidence: dict[str, Any]
+    evidence: Evidence
     source_errors: tuple[str, ...] = ()
     tally: AgreementTally | None = None
 
@@ -285,7 +286,7 @@ class Analyzer:
                 extra.append(agreement_input(item, outputs.min_pairs))
         if not metrics and not extra:
             verdict = Verdict(Outcome.nodata, (), "nothing to judge in this phase")
-            return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
+            return Look(verdict, verdict.to_record(), tuple(errors), tally)
         try:
             if analysis.method is Method.fixed:
                 config = FixedConfig(pass_score=analysis.pass_score, marginal_score=analysis.marginal_score)
@@ -300,11 +301,11 @@ class Analyzer:
                 judged = one
         except JudgeError as exc:
             verdict = Verdict(Outcome.nodata, (), f"the judge could not use the data: {exc}")
-            return Look(verdict, {"outcome": "nodata", "reason": verdict.reason, "metrics": []}, tuple(errors), tally)
+            return Look(verdict, verdict.to_record(), tuple(errors), tally)
         verdict = judged
         if verdict.outcome is Outcome.passed and state.phase is Phase.shadowing:
             verdict = _check_min_pairs(policy, verdict, tally)
-        return Look(verdict, judged.to_dict(), tuple(errors), tally)
+        return Look(verdict, judged.to_record(), tuple(errors), tally)
 
     async def idle(self, policy_key: str) -> None:
         """The policy is not in a phase that compares outputs."""

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from shadowctl.machine import Command
+from shadowctl.policy.status import Command, PolicyStatus
 
 COMMAND_ANNOTATION = "shadowctl.dev/command"
 
@@ -52,5 +52,5 @@ def pending_command(obj: dict[str, Any]) -> PendingCommand | None:
                              str(data.get("by", "")))
     except (ValueError, KeyError, TypeError):
         return None
-    done = ((obj.get("status") or {}).get("lastCommand") or {}).get("id")
-    return None if done == cmd.id else cmd
+    done = PolicyStatus.of(obj).last_command
+    return None if done is not None and done.id == cmd.id else cmd

@@ -32,9 +32,10 @@ from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.controller.status import parse_policy, read_state
 from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, ResourceRef, WatchExpired
-from shadowctl.machine import ANALYSED, Phase, RolloutState
+from shadowctl.machine import ANALYSED, RolloutState
 from shadowctl.policy.duration import parse_duration
 from shadowctl.policy.model import ShadowPolicy
+from shadowctl.policy.status import Phase
 
 log = structlog.get_logger(__name__)
 

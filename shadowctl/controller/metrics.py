@@ -7,7 +7,8 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shadowctl.controller.analysis import Look
-from shadowctl.machine import Phase, RolloutState
+from shadowctl.machine import RolloutState
+from shadowctl.policy.status import Phase
 
 
 class ControllerMetrics:
@@ -45,9 +46,9 @@ class ControllerMetrics:
             self.decisions.labels(policy, look.verdict.outcome.value).inc()
             if look.source_errors:
                 self.source_errors.labels(policy).inc(len(look.source_errors))
-            for m in look.evidence.get("metrics") or []:
-                if m.get("effect") is not None:
-                    self.evidence.labels(policy, m["name"]).set(float(m["effect"]))
+            for m in look.evidence.metrics:
+                if m.effect is not None:
+                    self.evidence.labels(policy, m.name).set(m.effect)
 
     def forget(self, policy: str) -> None:
         for gauge in (self.weight, self.mirror):

@@ -32,15 +32,13 @@ from shadowctl.compare.comparators import AgreementTally
 from shadowctl.controller.analysis import Analyzer, Look
 from shadowctl.controller.clock import Clock, iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION, pending_command
-from shadowctl.controller.status import build_status, comparable, parse_policy, read_state, read_tally
+from shadowctl.controller.status import build_status, parse_policy, read_state, read_tally, status_patch
 from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, Conflict, KubeClient, KubeError, NotFound, ResourceRef
 from shadowctl.machine import (
     ANALYSED,
-    Command,
     Finalize,
     Notify,
     Observed,
-    Phase,
     Promote,
     RolloutState,
     SetRoutes,
@@ -48,6 +46,7 @@ from shadowctl.machine import (
     step,
 )
 from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
+from shadowctl.policy.status import Command, CommandRecord, Phase, PolicyStatus
 from shadowctl.routers.base import ApplyResult, Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
@@ -161,7 +160,8 @@ class Reconciler:
         rv = str(meta.get("resourceVersion") or "")
         generation = int(meta.get("generation") or 1)
         ref = ResourceRef(SHADOW_POLICY, str(meta["name"]), str(meta.get("namespace") or "default"))
-        state = read_state(obj)
+        stored = PolicyStatus.of(obj)
+        state = RolloutState.from_record(stored.rollout)
         result.phase = state.phase
         result.state = state
 
@@ -196,7 +196,7 @@ class Reconciler:
         pending = pending_command(obj)
         command = pending.command if pending else None
         target_now = policy.spec.target.model_dump(mode="json", by_alias=True, exclude_none=True)
-        stored_target = (obj.get("status") or {}).get("rolloutTarget")
+        stored_target = stored.rollout_target
         # The routes were set for another target (the policy was edited mid-rollout): undo with that one.
         previous_router = None
         if stored_target and stored_target != target_now:
@@ -215,7 +215,7 @@ class Reconciler:
         look: Look | None = None
         verdict = None
         if state.phase in ANALYSED:
-            look = await self.analyzer.look(policy, state, now, read_tally(obj, state))
+            look = await self.analyzer.look(policy, state, now, read_tally(stored, state))
             verdict = look.verdict
         gate = None
         if state.phase is Phase.waiting_promotion and self.gate is not None:
@@ -245,16 +245,14 @@ class Reconciler:
         # 6. Then status.
         cmd_record = None
         if pending is not None:
-            cmd_record = {"id": pending.id, "command": pending.command.value, "at": pending.at, "by": pending.by,
-                          "handledAt": iso(now), "result": stepped.state.phase.value}
+            cmd_record = CommandRecord(id=pending.id, command=pending.command.value, at=pending.at, by=pending.by,
+                                       handled_at=iso(now), result=stepped.state.phase.value)
         tally = look.tally if look is not None else None
-        evidence = look.evidence if look is not None else None
         errors = look.source_errors if look is not None else ()
         acted = any(isinstance(a, SetRoutes | Promote | Finalize) for a in stepped.actions)
         target_for_status = target_now if acted or not stored_target else stored_target
         written = await self._write_status(ref, obj, rv, stepped.state, now, generation, look, routes_after, tally,
-                                           cmd_record, result, evidence=evidence, source_errors=errors,
-                                           target=target_for_status)
+                                           cmd_record, result, source_errors=errors, target=target_for_status)
         if stepped.state.phase is not Phase.shadowing and policy.spec.analysis.outputs is not None:
             await self.analyzer.idle(policy.key)
         # 7. Then tell people.
@@ -306,7 +304,7 @@ class Reconciler:
     async def _restore_routes(self, policy: ShadowPolicy, obj: dict[str, Any], state: RolloutState) -> ApplyResult:
         """All traffic back to the primary and our mirror removed, on the target the rollout was started
         on (``status.rolloutTarget``; the spec may have been edited since)."""
-        stored = (obj.get("status") or {}).get("rolloutTarget")
+        stored = PolicyStatus.of(obj).rollout_target
         router = (self._router_for_target(policy, stored) if stored else None) or self.router_for(policy, self.kube)
         applied = await router.finalize(policy.spec.rollback.keep_candidate_tag)
         log.warning("rollout.deleted", policy=policy.key, phase=state.phase.value,
@@ -378,23 +376,19 @@ class Reconciler:
 
     async def _write_status(
         self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, now: float, generation: int,
-        look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: dict[str, Any] | None,
-        result: TickResult, *, error: str | None = None, evidence: dict[str, Any] | None = None,
-        source_errors: tuple[str, ...] = (), target: dict[str, Any] | None = None,
+        look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: CommandRecord | None,
+        result: TickResult, *, error: str | None = None, source_errors: tuple[str, ...] = (),
+        target: dict[str, Any] | None = None,
     ) -> bool:
-        routes_dict = None
-        if routes is not None:
-            routes_dict = {"primaryWeight": routes.primary_weight, "candidateWeight": routes.candidate_weight,
-                           "mirrorPercent": routes.mirror_percent}
-        status = build_status(obj, state, now=now, generation=generation, evidence=evidence, routes=routes_dict,
-                              tally=tally, command=command, error=error, source_errors=source_errors)
-        if target is not None:
-            status["rolloutTarget"] = target
-        old = obj.get("status") or {}
-        if comparable(status) == comparable({k: old.get(k) for k in status}) and command is None:
+        old = PolicyStatus.of(obj)
+        status = build_status(old, state, now=now, generation=generation,
+                              evidence=look.evidence if look is not None else None, routes=routes,
+                              tally=tally, command=command, error=error, source_errors=source_errors, target=target)
+        if status.comparable() == old.comparable() and command is None:
             return True  # nothing changed: no write
         try:
-            await self.kube.patch_status(ref, {"status": status}, resource_version=rv)
+            await self.kube.patch_status(ref, {"status": status_patch(obj.get("status"), status)},
+                                         resource_version=rv)
         except Conflict:
             result.conflict = True
             log.info("tick.status_conflict", policy=f"{ref.namespace}/{ref.name}")

@@ -3,18 +3,21 @@
 `.status` is the controller's memory: the rollout state (phase, step, weights,
 mirror, when the phase started, the transition history), the evidence behind
 the last verdict, the output agreement tally, the last command carried out,
-and Kubernetes-style conditions. Everything here is plain JSON, so `kubectl
-get -o yaml` and `shadowctl describe` show the same numbers the controller used.
+and Kubernetes-style conditions: one :class:`~shadowctl.policy.status.PolicyStatus`, the model
+every reader uses too, so `kubectl get -o yaml` and `shadowctl describe` show the same numbers
+the controller used.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from shadowctl.compare.comparators import AgreementTally
 from shadowctl.controller.clock import iso
-from shadowctl.machine import Phase, RolloutState
+from shadowctl.machine import RolloutState
 from shadowctl.policy.model import ShadowPolicy
+from shadowctl.policy.status import CommandRecord, Condition, Evidence, Phase, PolicyStatus, RouteRecord, merge_patch
+from shadowctl.routers.base import RouteState
 
 _PARSED: dict[tuple[str, str, str, int], ShadowPolicy] = {}
 _PARSED_LIMIT = 10_000
@@ -43,29 +46,25 @@ def parse_policy(obj: dict[str, Any]) -> ShadowPolicy:
 
 
 def read_state(obj: dict[str, Any]) -> RolloutState:
-    return RolloutState.from_dict((obj.get("status") or {}).get("rollout"))
+    return RolloutState.from_record(PolicyStatus.of(obj).rollout)
 
 
-def read_tally(obj: dict[str, Any], state: RolloutState) -> AgreementTally | None:
+def read_tally(status: PolicyStatus, state: RolloutState) -> AgreementTally | None:
     """The stored output tally, if it belongs to the current phase."""
-    data = (obj.get("status") or {}).get("outputs")
-    if not data or data.get("phaseStartedAt") != state.phase_started_at:
+    outputs = status.outputs
+    if outputs is None or outputs.phase_started_at != state.phase_started_at:
         return None
-    try:
-        return AgreementTally.from_dict(data)
-    except (KeyError, TypeError, ValueError):
-        return None
+    return AgreementTally.from_record(outputs)
 
 
-def _condition(kind: str, ok: bool, reason: str, message: str, now: float, old: list[dict[str, Any]]) -> dict[str, Any]:
-    status = "True" if ok else "False"
-    previous = next((c for c in old if c.get("type") == kind), None)
-    since = previous.get("lastTransitionTime") if previous and previous.get("status") == status else iso(now)
-    return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
-            "lastTransitionTime": since}
+def _condition(kind: str, ok: bool, reason: str, message: str, now: float, old: PolicyStatus) -> Condition:
+    status: Literal["True", "False"] = "True" if ok else "False"
+    previous = old.condition(kind)
+    since = previous.last_transition_time if previous and previous.status == status else iso(now)
+    return Condition(type=kind, status=status, reason=reason, message=message[:1000], last_transition_time=since)
 
 
-def conditions(state: RolloutState, old: list[dict[str, Any]], now: float, error: str | None) -> list[dict[str, Any]]:
+def conditions(state: RolloutState, old: PolicyStatus, now: float, error: str | None) -> list[Condition]:
     phase = state.phase
     reason = phase.value
     ready = error is None
@@ -78,58 +77,44 @@ def conditions(state: RolloutState, old: list[dict[str, Any]], now: float, error
 
 
 def build_status(
-    obj: dict[str, Any],
+    old: PolicyStatus,
     state: RolloutState,
     *,
     now: float,
     generation: int,
-    evidence: dict[str, Any] | None,
-    routes: dict[str, Any] | None,
+    evidence: Evidence | None,
+    routes: RouteState | None,
     tally: AgreementTally | None,
-    command: dict[str, Any] | None,
+    command: CommandRecord | None,
     error: str | None,
     source_errors: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """The whole new `.status` (written as a merge patch; lists and the rollout block are replaced whole)."""
-    old = obj.get("status") or {}
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "phase": state.phase.value,
-        "canaryWeight": state.weight,
-        "mirrorPercent": state.mirror_percent,
-        "step": None if state.step is None else state.step + 1,
-        "message": state.message,
-        "rollout": state.to_dict(),
-        "lastTick": iso(now),
-        "conditions": conditions(state, old.get("conditions") or [], now, error),
-        "sourceErrors": list(source_errors) or None,
-    }
-    if evidence is not None:
-        status["lastVerdict"] = {**evidence, "at": iso(now)}
-    if routes is not None:
-        status["routes"] = routes
-    if tally is not None:
-        status["outputs"] = {**tally.to_dict(), "phaseStartedAt": state.phase_started_at}
-    if command is not None:
-        status["lastCommand"] = command
-    return status
+    target: dict[str, Any] | None = None,
+) -> PolicyStatus:
+    """The whole new `.status`. What this tick did not observe (no look, routes unread, no command,
+    no target) keeps its old value: the last verdict, the routes, the tally and the last command
+    stay readable until a later tick has new ones."""
+    return PolicyStatus(
+        observed_generation=generation,
+        phase=state.phase,
+        canary_weight=state.weight,
+        mirror_percent=state.mirror_percent,
+        step=None if state.step is None else state.step + 1,
+        message=state.message,
+        rollout=state.to_record(),
+        last_tick=iso(now),
+        conditions=conditions(state, old, now, error),
+        source_errors=list(source_errors) or None,
+        last_verdict=evidence.model_copy(update={"at": iso(now)}) if evidence is not None else old.last_verdict,
+        routes=(RouteRecord(primary_weight=routes.primary_weight, candidate_weight=routes.candidate_weight,
+                            mirror_percent=routes.mirror_percent) if routes is not None else old.routes),
+        outputs=tally.to_record(state.phase_started_at) if tally is not None else old.outputs,
+        last_command=command if command is not None else old.last_command,
+        rollout_target=target if target is not None else old.rollout_target,
+    )
 
 
-def _pruned(value: Any) -> Any:
-    """Drop None values (a merge patch deletes those keys, so the stored object has none)."""
-    if isinstance(value, dict):
-        return {k: _pruned(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_pruned(v) for v in value]
-    return value
-
-
-def comparable(status: dict[str, Any]) -> dict[str, Any]:
-    """The status without the fields that change every tick, to skip writes that change nothing."""
-    out: dict[str, Any] = _pruned({k: v for k, v in status.items() if k not in ("lastTick", "lastVerdict")})
-    out["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
-                         for c in out.get("conditions") or []]
-    verdict = status.get("lastVerdict")
-    if isinstance(verdict, dict):
-        out["lastVerdict"] = _pruned({k: v for k, v in verdict.items() if k != "at"})
-    return out
+def status_patch(stored: Any, new: PolicyStatus) -> dict[str, Any]:
+    """The merge patch from the stored `.status` (as the API returned it) to ``new``: the keys
+    ``new`` leaves out are deleted, so nothing another version wrote lingers beside it."""
+    patch: dict[str, Any] = merge_patch(stored if isinstance(stored, dict) else {}, new.to_json())
+    return patch

@@ -22,7 +22,7 @@ ignored by the writer but kept in ``data.json``)::
     samples       [{t, phase, primary_weight, candidate_weight, mirror,
                     ttft_p50: {primary, candidate}, ttft_p99: {...}, rps: {...}}]   values may be null
     transitions   [{t, from, to, reason}]
-    verdicts      [{t, at, phase, outcome, reason, metrics: [MetricResult.to_dict()]}]
+    verdicts      [{t, at, phase, outcome, reason, metrics: [status.lastVerdict.metrics[i]]}]
                          at (optional): status.lastVerdict.at, RFC 3339 text or epoch seconds
     route_changes [{t, resource_version, primary, candidate, mirror}]
     invariants    {checked: int, violations: [str | object]}
@@ -70,7 +70,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot state and no b
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from shadowctl.errors import ShadowctlError
-from shadowctl.machine import Phase
+from shadowctl.policy.status import MetricEvidence, Phase
 
 __all__ = [
     "ReportError",
@@ -150,31 +150,13 @@ class TransitionRecord(_Model):
     reason: Text = ""
 
 
-class MetricRecord(_Model):
-    name: str = "?"
-    outcome: str | None = None
-    statistic: str | None = None
-    direction: str | None = None
-    margin: str | float | None = None
-    critical: bool = False
-    samples: PerVariant = Field(default_factory=dict)
-    primary: Num = None
-    candidate: Num = None
-    effect: Num = None
-    effect_scale: str | None = Field(default=None, alias="effectScale")
-    interval: Annotated[list[Num], BeforeValidator(_none_to_empty_list)] = Field(default_factory=list)
-    threshold: Num = None
-    crossed: str | None = None
-    sentence: Text = ""
-
-
 class VerdictRecord(_Model):
     t: float
     at: str | float | None = None
     phase: str | None = None
     outcome: str | None = None
     reason: Text = ""
-    metrics: Annotated[list[MetricRecord], BeforeValidator(_none_to_empty_list)] = Field(default_factory=list)
+    metrics: Annotated[list[MetricEvidence], BeforeValidator(_none_to_empty_list)] = Field(default_factory=list)
 
 
 class RouteChange(_Model):
@@ -274,7 +256,7 @@ def _signed(x: float) -> str:
     return "+0" if text in ("+0", "-0") else text
 
 
-def _effect_unit(metric: MetricRecord) -> str:
+def _effect_unit(metric: MetricEvidence) -> str:
     """``ratio``, ``pp`` (a difference of fractions) or ``plain`` (a difference in the metric's unit)."""
     if metric.effect_scale == "ratio":
         return "ratio"
@@ -294,7 +276,7 @@ def _on_scale(x: float | None, unit: str) -> str:
     return f"{x:+.4g}"
 
 
-def effect_text(metric: MetricRecord) -> str:
+def effect_text(metric: MetricEvidence) -> str:
     """The effect and its interval: ``+31% [+24%, +38%]``, ``+0.4 pp [-0.1 pp, +0.9 pp]``."""
     unit = _effect_unit(metric)
     text = _on_scale(metric.effect, unit)
@@ -387,7 +369,7 @@ def _metrics_table(verdict: VerdictRecord) -> list[str]:
                 _value(m.primary, m.statistic),
                 _value(m.candidate, m.statistic),
                 effect_text(m),
-                f"{_count(m.samples.get('primary'))} / {_count(m.samples.get('candidate'))}",
+                f"{_count(m.samples.primary)} / {_count(m.samples.candidate)}",
                 _on_scale(m.threshold, _effect_unit(m)),
                 "yes" if m.critical else "no",
             )) + " |"

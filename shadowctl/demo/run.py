@@ -20,7 +20,7 @@ from rich.text import Text
 from shadowctl.aio import cancel_and_wait
 from shadowctl.demo.env import HOST, Environment
 from shadowctl.demo.scenarios import FULL, Scenario, Timing, policy_yaml
-from shadowctl.machine import Phase
+from shadowctl.policy.status import Phase, PolicyStatus
 from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
 from shadowctl.sim.prompts import PromptMix
 
@@ -76,13 +76,12 @@ async def _quantiles(client: httpx.AsyncClient, prom: str) -> dict[str, dict[str
     return out
 
 
-def _view(scenario: Scenario, rec: Recorder, obj: dict[str, Any], weights: tuple[int, int, float | None],
+def _view(scenario: Scenario, rec: Recorder, status: PolicyStatus, weights: tuple[int, int, float | None],
           load: dict[str, int]) -> Group:
-    status = obj.get("status") or {}
     head = Table.grid(padding=(0, 2))
     head.add_row(Text("scenario", style="bold"), scenario.name, Text("elapsed", style="bold"), f"{rec.t():.0f}s")
-    head.add_row(Text("phase", style="bold"), Text(str(status.get("phase", "Pending")), style="bold cyan"),
-                 Text("step", style="bold"), str(status.get("step") or "-"))
+    head.add_row(Text("phase", style="bold"), Text(status.phase.value, style="bold cyan"),
+                 Text("step", style="bold"), str(status.step or "-"))
     mirror = "-" if weights[2] is None else f"{weights[2]:g}%"
     head.add_row(Text("routes", style="bold"), f"primary {weights[0]}% / candidate {weights[1]}%",
                  Text("mirror", style="bold"), mirror)
@@ -90,17 +89,15 @@ def _view(scenario: Scenario, rec: Recorder, obj: dict[str, Any], weights: tuple
     table = Table(title="evidence (last verdict)", expand=True)
     for col in ("metric", "outcome", "primary", "candidate", "effect [interval]", "samples"):
         table.add_column(col)
-    verdict = status.get("lastVerdict") or {}
-    for m in verdict.get("metrics") or []:
-        effect = m.get("effect")
-        lo, hi = (m.get("interval") or [None, None])[:2]
+    for m in status.last_verdict.metrics if status.last_verdict is not None else []:
+        effect = m.effect
+        lo, hi = (m.interval or [None, None])[:2]
         text = "-" if effect is None else f"{effect:.3g}"
         if lo is not None or hi is not None:
             text += f" [{'-' if lo is None else f'{lo:.3g}'}, {'-' if hi is None else f'{hi:.3g}'}]"
-        samples = m.get("samples") or {}
-        table.add_row(str(m.get("name")), str(m.get("outcome")), _num(m.get("primary")), _num(m.get("candidate")),
-                      text, f"{_num(samples.get('primary'))} / {_num(samples.get('candidate'))}")
-    last = Text(f"last decision: {status.get('message') or 'waiting for the controller'}", style="italic")
+        table.add_row(m.name, str(m.outcome), _num(m.primary), _num(m.candidate),
+                      text, f"{_num(m.samples.primary)} / {_num(m.samples.candidate)}")
+    last = Text(f"last decision: {status.message or 'waiting for the controller'}", style="italic")
     return Group(head, table, last)
 
 
@@ -219,25 +216,24 @@ async def _run_started(
                 while time.time() - started < timing.deadline_s:
                     await asyncio.sleep(1.0)
                     tick += 1
-                    obj = await env.policy_object()
-                    status = obj.get("status") or {}
-                    phase = str(status.get("phase") or "Pending")
+                    status = PolicyStatus.of(await env.policy_object())
+                    phase = status.phase.value
                     weights = await env.route_weights()
                     sample: dict[str, Any] = {"t": rec.t(), "phase": phase, "primary_weight": weights[0],
                                               "candidate_weight": weights[1], "mirror": weights[2]}
                     if tick % 2 == 0:
                         sample.update(await _quantiles(client, env.prometheus.url))
                     rec.samples.append(sample)
-                    verdict = status.get("lastVerdict")
-                    if verdict and verdict.get("at") != rec._last_verdict_at:
-                        rec._last_verdict_at = verdict.get("at")
-                        rec.verdicts.append({"t": rec.t(), "at": verdict.get("at"), "phase": phase,
-                                             "outcome": verdict.get("outcome"),
-                                             "reason": verdict.get("reason"), "metrics": verdict.get("metrics") or []})
+                    verdict = status.last_verdict
+                    if verdict is not None and verdict.at != rec._last_verdict_at:
+                        rec._last_verdict_at = verdict.at
+                        rec.verdicts.append({"t": rec.t(), "at": verdict.at, "phase": phase,
+                                             "outcome": verdict.outcome, "reason": verdict.reason,
+                                             "metrics": [m.to_json() for m in verdict.metrics]})
                     if on_sample is not None:
                         on_sample(sample)
                     if view is not None:
-                        view.update(_view(scenario, rec, obj, weights, {"sent": load.result.sent}))
+                        view.update(_view(scenario, rec, status, weights, {"sent": load.result.sent}))
                     if _finished(phase):
                         outcome = phase
                         break
@@ -249,11 +245,9 @@ async def _run_started(
         await cancel_and_wait(*late)
         if not late and not load_task.cancelled() and load_task.exception() is None:
             load_result = load_task.result()
-        obj = await env.policy_object()
-        status = obj.get("status") or {}
-        history = (status.get("rollout") or {}).get("history") or []
-        transitions = [{"t": round(h["at"] - started, 2), "at": h["at"], "from": h["from"], "to": h["to"],
-                        "reason": h["reason"]} for h in history]
+        status = PolicyStatus.of(await env.policy_object())
+        transitions = [{"t": round(h.at - started, 2), "at": h.at, "from": h.from_, "to": h.to,
+                        "reason": h.reason} for h in status.history]
         changes = _route_changes(env, started)
         steps = timing.steps
         invariants = check_invariants(changes, transitions, steps, outcome)
@@ -280,7 +274,7 @@ async def _run_started(
                  "status_counts": {str(k): v for k, v in (load_result.status_counts if load_result else {}).items()}},
         "simulated": SIMULATED,
         "real": [kubernetes_line(api_versions), *REAL],
-        "final_message": status.get("message", ""),
+        "final_message": status.message,
     }
     if not _finished(outcome):
         data["controller_log_tail"] = controller_log

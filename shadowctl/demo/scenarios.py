@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shadowctl.machine import Phase
+from shadowctl.policy.status import Phase
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ Public API::
 
     Verdict.outcome / MetricResult.outcome: Outcome.passed | failed | cont | inconclusive | nodata
         ("pass", "fail", "continue", "inconclusive", "nodata");
-    .to_dict() -> JSON-ready dict for `.status`; MetricResult.sentence explains the numbers.
+    .to_record() -> the status model's Evidence / MetricEvidence; MetricResult.sentence explains the numbers.
 
 Vectorized kernels for many streams at once (used by the replay command and the benchmark) live
 in :mod:`shadowctl.judge.estimators` and :func:`shadowctl.judge.sequential.decide`.

@@ -1,7 +1,7 @@
 """Inputs and outputs of the judge: metric specs, per-arm data, results and verdicts.
 
-Everything here is frozen and plain. Results convert to JSON-ready dicts with
-``to_dict()`` because they are written into the policy's Kubernetes ``.status``.
+Everything here is frozen and plain. Results convert to the status model's evidence records
+(``to_record()``) because they are written into the policy's Kubernetes ``.status``.
 Data classes validate their numbers on construction and raise :class:`JudgeInputError`
 with a message that says which field is wrong, so bad input never reaches the
 statistics as a traceback from numpy.
@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shadowctl.errors import ShadowctlError
+from shadowctl.policy.status import Evidence, MetricEvidence, SampleCounts
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -303,28 +304,18 @@ class MetricResult:
     method: str = "sequential"
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "outcome": self.outcome.value,
-            "statistic": self.statistic,
-            "direction": self.direction.value,
-            "margin": str(self.margin),
-            "critical": self.critical,
-            "method": self.method,
-            "samples": {"primary": _num(self.n_primary), "candidate": _num(self.n_candidate)},
-            "primary": _num(self.primary_value),
-            "candidate": _num(self.candidate_value),
-            "effect": _num(self.effect),
-            "effectScale": "ratio" if self.margin.relative else "difference",
-            "interval": [_num(self.interval[0]), _num(self.interval[1])],
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "crossed": self.crossed,
-            "threshold": _num(self.threshold),
-            "sentence": self.sentence,
-            **({"extra": {k: _json_safe(v) for k, v in self.extra.items()}} if self.extra else {}),
-        }
+    def to_record(self) -> MetricEvidence:
+        """The evidence as `.status` stores it (numbers JSON cannot hold are None)."""
+        return MetricEvidence(
+            name=self.name, outcome=self.outcome.value, statistic=self.statistic,
+            direction=self.direction.value, margin=str(self.margin), critical=self.critical,
+            method=self.method, samples=SampleCounts(primary=_num(self.n_primary), candidate=_num(self.n_candidate)),
+            primary=_num(self.primary_value), candidate=_num(self.candidate_value), effect=_num(self.effect),
+            effect_scale="ratio" if self.margin.relative else "difference",
+            interval=[_num(self.interval[0]), _num(self.interval[1])], alpha=self.alpha, beta=self.beta,
+            crossed=self.crossed, threshold=_num(self.threshold), sentence=self.sentence,
+            extra={k: _json_safe(v) for k, v in self.extra.items()} if self.extra else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -337,13 +328,7 @@ class Verdict:
     method: str = "sequential"
     score: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "outcome": self.outcome.value,
-            "method": self.method,
-            "reason": self.reason,
-            "metrics": [r.to_dict() for r in self.results],
-        }
-        if self.score is not None:
-            d["score"] = self.score
-        return d
+    def to_record(self) -> Evidence:
+        """The verdict as `.status.lastVerdict` stores it (the controller adds the time)."""
+        return Evidence(outcome=self.outcome.value, method=self.method, reason=self.reason,
+                        metrics=[r.to_record() for r in self.results], score=self.score)

@@ -36,34 +36,14 @@ Safety rules encoded here (and tested transition by transition):
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shadowctl.judge import Outcome, Verdict
 from shadowctl.policy.model import OnDrift, OnInconclusive, Promotion, ShadowPolicy, Trigger, WebhookType
+from shadowctl.policy.status import Command, HistoryEntry, Phase, RolloutRecord
 
 HISTORY_LIMIT = 50
-
-
-class Phase(enum.StrEnum):
-    """Where a rollout is."""
-
-    pending = "Pending"
-    shadowing = "Shadowing"
-    progressing = "Progressing"
-    waiting_promotion = "WaitingPromotion"
-    promoting = "Promoting"
-    succeeded = "Succeeded"
-    rolling_back = "RollingBack"
-    rolled_back = "RolledBack"
-    paused = "Paused"
-    failed = "Failed"
-
-    @property
-    def terminal(self) -> bool:
-        """A finished rollout (the only place the terminal phases are listed)."""
-        return self in (Phase.succeeded, Phase.rolled_back, Phase.failed)
 
 
 ANALYSED = (Phase.shadowing, Phase.progressing, Phase.waiting_promotion)
@@ -71,17 +51,6 @@ ANALYSED = (Phase.shadowing, Phase.progressing, Phase.waiting_promotion)
 
 def _names(phases: tuple[Phase, ...]) -> str:
     return ", ".join(p.value for p in phases)
-
-
-class Command(enum.StrEnum):
-    """What a person asked for (`shadowctl promote|rollback|pause|resume|retry`)."""
-
-    promote = "promote"
-    promote_full = "promote-full"
-    rollback = "rollback"
-    pause = "pause"
-    resume = "resume"
-    retry = "retry"
 
 
 class Refusal(enum.StrEnum):
@@ -175,17 +144,6 @@ Action = SetRoutes | Promote | Finalize | Notify
 
 
 @dataclass(frozen=True)
-class Transition:
-    at: float
-    from_phase: str
-    to_phase: str
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"at": self.at, "from": self.from_phase, "to": self.to_phase, "reason": self.reason}
-
-
-@dataclass(frozen=True)
 class RolloutState:
     """Everything the controller must remember between ticks; stored in `.status` and read back."""
 
@@ -200,61 +158,31 @@ class RolloutState:
     paused_from: Phase | None = None
     paused_step: int | None = None
     message: str = ""
-    history: tuple[Transition, ...] = field(default_factory=tuple)
+    history: tuple[HistoryEntry, ...] = field(default_factory=tuple)
 
     # -- (de)serialisation for .status
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "phase": self.phase.value,
-            "step": self.step,
-            "canaryWeight": self.weight,
-            "mirrorPercent": self.mirror_percent,
-            "candidate": self.candidate,
-            "rolloutGeneration": self.generation,
-            "rolloutStartedAt": self.rollout_started_at,
-            "phaseStartedAt": self.phase_started_at,
-            "pausedFrom": self.paused_from.value if self.paused_from else None,
-            "pausedStep": self.paused_step,
-            "message": self.message,
-            "history": [t.to_dict() for t in self.history],
-        }
+    def to_record(self) -> RolloutRecord:
+        return RolloutRecord(
+            phase=self.phase, step=self.step, canary_weight=self.weight, mirror_percent=self.mirror_percent,
+            candidate=self.candidate, rollout_generation=self.generation,
+            rollout_started_at=self.rollout_started_at, phase_started_at=self.phase_started_at,
+            paused_from=self.paused_from, paused_step=self.paused_step, message=self.message,
+            history=list(self.history),
+        )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> RolloutState:
-        """Read `.status` back; anything missing or unreadable falls back to a fresh Pending state."""
-        if not data or "phase" not in data:
+    def from_record(cls, record: RolloutRecord | None) -> RolloutState:
+        """The state `.status` holds; None (nothing written, or unreadable) is a fresh Pending state."""
+        if record is None:
             return cls()
-        try:
-            history = tuple(
-                Transition(float(h["at"]), str(h["from"]), str(h["to"]), str(h.get("reason", "")))
-                for h in data.get("history") or []
-            )
-            paused_from = data.get("pausedFrom")
-            return cls(
-                phase=Phase(data["phase"]),
-                step=_opt_int(data.get("step")),
-                weight=int(data.get("canaryWeight") or 0),
-                mirror_percent=_opt_float(data.get("mirrorPercent")),
-                candidate=data.get("candidate"),
-                generation=int(data.get("rolloutGeneration") or 0),
-                rollout_started_at=_opt_float(data.get("rolloutStartedAt")),
-                phase_started_at=_opt_float(data.get("phaseStartedAt")),
-                paused_from=Phase(paused_from) if paused_from else None,
-                paused_step=_opt_int(data.get("pausedStep")),
-                message=str(data.get("message") or ""),
-                history=history,
-            )
-        except (KeyError, ValueError, TypeError):
-            return cls()
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
-
-
-def _opt_float(v: Any) -> float | None:
-    return None if v is None else float(v)
+        return cls(
+            phase=record.phase, step=record.step, weight=record.canary_weight,
+            mirror_percent=record.mirror_percent, candidate=record.candidate,
+            generation=record.rollout_generation, rollout_started_at=record.rollout_started_at,
+            phase_started_at=record.phase_started_at, paused_from=record.paused_from,
+            paused_step=record.paused_step, message=record.message, history=tuple(record.history),
+        )
 
 
 @dataclass(frozen=True)
@@ -289,7 +217,7 @@ def _move(
     warning: bool = False,
     **changes: Any,
 ) -> tuple[RolloutState, Notify]:
-    transition = Transition(now, state.phase.value, phase.value, reason)
+    transition = HistoryEntry(at=now, from_=state.phase.value, to=phase.value, reason=reason)
     history = (*state.history, transition)[-HISTORY_LIMIT:]
     new = replace(state, phase=phase, phase_started_at=now, message=reason, history=history, **changes)
     label = phase.value if phase is not Phase.progressing else f"Progressing step {(new.step or 0) + 1}"

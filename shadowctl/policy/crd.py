@@ -17,6 +17,7 @@ from typing import Any
 
 from shadowctl.policy.duration import DURATION_PATTERN, format_duration
 from shadowctl.policy.model import GROUP, KIND, PLURAL, VERSION, ShadowPolicy
+from shadowctl.policy.status import PolicyStatus
 
 _DROP = {"title", "examples", "discriminator"}
 _ISO = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
@@ -85,14 +86,22 @@ def _structural(node: Any, defs: dict[str, Any], keep_defaults: bool = False) ->
     return out
 
 
+def status_openapi_schema() -> dict[str, Any]:
+    """The structural schema of `.status`, from the model the controller writes it with."""
+    raw = PolicyStatus.model_json_schema(by_alias=True, mode="serialization")
+    schema: dict[str, Any] = _structural(raw, raw.get("$defs", {}))
+    schema.pop("required", None)  # the status subresource starts empty; the controller fills it
+    return schema
+
+
 def policy_openapi_schema() -> dict[str, Any]:
-    """The structural openAPIV3Schema of a ShadowPolicy (spec validated, status free-form)."""
+    """The structural openAPIV3Schema of a ShadowPolicy (spec and status, each from its model)."""
     raw = ShadowPolicy.model_json_schema(by_alias=True, mode="validation")
     defs = raw.get("$defs", {})
     schema = _structural(raw, defs)
     props = schema["properties"]
     props["metadata"] = {"type": "object"}
-    props["status"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    props["status"] = status_openapi_schema()
     schema.pop("description", None)
     schema["required"] = ["spec"]
     return dict(schema)
