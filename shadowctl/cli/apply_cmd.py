@@ -1,11 +1,9 @@
 """`shadowctl apply`: create or update ShadowPolicies from files, as kubectl apply does.
 
-Each file is read and parsed once (:func:`read_file`): the YAML is composed into nodes, which keep
-every value's position, and each document's data is built from its node. That data is validated,
-sent as written, and its nodes point at the line of a ``metadata.namespace`` that clashes with
-``-n``. The policy loader's rules decide what a valid file is; where this pass finds a file invalid,
-the loader is asked to word the problems (its FILE:LINE:COL, did-you-mean and de-duplication live
-there), a second parse that happens only when nothing will be applied.
+Each file is read and parsed once, by the policy loader (:func:`read_file`): it keeps each document's
+data as written and its YAML node, which points at the line of a ``metadata.namespace`` that clashes
+with ``-n``. What a valid file is, and how its problems are worded (FILE:LINE:COL, did-you-mean),
+is the loader's alone.
 
 Why ``apply`` sends the file's own document rather than the parsed model: the model fills in
 defaults; sending them would pin today's defaults into the cluster and make every later default
@@ -30,7 +28,7 @@ from shadowctl.cli.objects import CONFLICT_ATTEMPTS, JSON, KIND_LABEL, meta_of
 
 if TYPE_CHECKING:
     from shadowctl.kube import KubeClient
-    from shadowctl.policy import PolicyError, Problem
+    from shadowctl.policy import Problem
 
 
 @dataclass
@@ -44,80 +42,15 @@ class _Item:
     namespace: str  # the file's metadata.namespace; "" until decided (-n, else the context's)
 
 
-def _has_duplicate_key(node: yaml.Node) -> bool:
-    """A mapping anywhere below ``node`` repeats a key (the loader refuses that; plain YAML keeps the last)."""
-    if isinstance(node, yaml.MappingNode):
-        keys = [str(k.value) for k, _ in node.value]
-        return len(set(keys)) != len(keys) or any(_has_duplicate_key(v) for _, v in node.value)
-    if isinstance(node, yaml.SequenceNode):
-        return any(_has_duplicate_key(v) for v in node.value)
-    return False
-
-
-def _compose(text: str) -> list[tuple[yaml.MappingNode, JSON]] | None:
-    """Each non-empty document's node and data; None where the policy loader would refuse the YAML."""
-    documents: list[tuple[yaml.MappingNode, JSON]] = []
-    count = 0
-    try:
-        loader = yaml.SafeLoader(text)
-    except yaml.YAMLError:
-        return None
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            count += 1
-            if node is None or _has_duplicate_key(node):
-                return None
-            data = loader.construct_document(node)
-            if data is None:
-                continue  # an empty document
-            if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
-                return None
-            documents.append((node, data))
-    except yaml.YAMLError:
-        return None
-    finally:
-        loader.dispose()
-    return documents if count else None
-
-
-def _loader_problems(file: Path, text: str | None) -> PolicyError:
-    """The policy loader's own words for a file this module found invalid."""
-    from shadowctl.cli.policy_files import load_policies
-    from shadowctl.policy import PolicyError, Problem, parse_policies
-
-    try:
-        if text is None:
-            load_policies(file)  # cannot be read: the loader says why
-        else:
-            parse_policies(text, str(file))
-    except PolicyError as exc:
-        return exc
-    return PolicyError([Problem(str(file), 1, 1, "", "could not match the documents to the validated policies")])  # pragma: no cover - the loader and this pass agree
-
-
 def read_file(file: Path) -> list[_Item]:
-    """The file's policies, parsed once and validated; raises PolicyError with every problem."""
-    from pydantic import ValidationError
+    """The file's policies, parsed once and validated by the policy loader; raises PolicyError with every problem."""
+    from shadowctl.cli.policy_files import load_documents
 
-    from shadowctl.policy import ShadowPolicy
-
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise _loader_problems(file, None) from None
-    documents = _compose(text)
-    if documents is None:
-        raise _loader_problems(file, text)
     items = []
-    for node, doc in documents:
-        try:
-            policy = ShadowPolicy.model_validate(doc)
-        except ValidationError:
-            raise _loader_problems(file, text) from None
-        meta = doc.get("metadata") or {}
+    for parsed in load_documents(file):
+        meta = parsed.data.get("metadata") or {}
         written = meta.get("namespace") if isinstance(meta.get("namespace"), str) else None
-        items.append(_Item(file, doc, node, policy.metadata.name, written or ""))
+        items.append(_Item(file, parsed.data, parsed.node, parsed.policy.metadata.name, written or ""))
     return items
 
 

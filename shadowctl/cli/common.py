@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.text import Text
 
 
 class OutputFormat(str, enum.Enum):
@@ -52,10 +53,10 @@ def emit(data: Any, fmt: OutputFormat) -> None:
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print ``error: MESSAGE`` on stderr, each of its lines unwrapped, and return the Exit to raise.
 
-    ``message`` is rich markup: text the command did not write itself (a server's answer, a file's
-    content) goes through ``rich.markup.escape`` first, or a ``[...]`` in it is read as a style.
+    ``message`` is printed as written (no markup), so a server's answer, a file's content or a usage
+    such as ``HOST[/SUBSET]`` needs no escaping; only the ``error:`` prefix is styled.
     """
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from rich.markup import escape
 
 from shadowctl.cli.common import fail
 from shadowctl.errors import ShadowctlError
@@ -86,8 +85,8 @@ def explain(exc: KubeError) -> str:
 
 
 def one_line(text: str) -> str:
-    """``text`` (a server's words, as often as not) on one line, escaped for :func:`~shadowctl.cli.common.fail`."""
-    return escape(" ".join(text.split()))
+    """``text`` (a server's words, as often as not) on one line."""
+    return " ".join(text.split())
 
 
 def run_async(make: Callable[[], Coroutine[Any, Any, T]], *, interrupt_code: int = 130) -> T:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from shadowctl.policy import PolicyError, Problem, ShadowPolicy, parse_policies
+from shadowctl.policy import PolicyError, Problem, ShadowPolicy
+from shadowctl.policy.loader import ParsedPolicy, parse_documents
 
 
 def policy_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -20,16 +21,24 @@ def policy_files(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise PolicyError([Problem(str(path), 1, 1, "", "no such file")]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([Problem(str(path), 1, 1, "", f"cannot read the file: {exc}")]) from exc
+
+
+def load_documents(path: str | Path) -> list[ParsedPolicy]:
+    """Every ShadowPolicy in one file, each with its data as written and its YAML node."""
+    p = Path(path)
+    return parse_documents(_read(p), str(p))
+
+
 def load_policies(path: str | Path) -> list[ShadowPolicy]:
     """Load every ShadowPolicy in one file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise PolicyError([Problem(str(p), 1, 1, "", "no such file")]) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([Problem(str(p), 1, 1, "", f"cannot read the file: {exc}")]) from exc
-    return parse_policies(text, str(p))
+    return [d.policy for d in load_documents(path)]
 
 
 def load_policy(path: str | Path, name: str | None = None) -> ShadowPolicy:

@@ -14,9 +14,8 @@ from typing import Annotated, Any
 import typer
 import yaml
 from pydantic import ValidationError
-from rich.markup import escape
 
-from shadowctl.cli import common
+from shadowctl.cli.common import fail
 from shadowctl.policy.model import Destination, IstioTarget, KnativeTarget
 from shadowctl.routers import istio_build, knative_build
 from shadowctl.routers.base import RouterError, RouteState
@@ -38,11 +37,6 @@ FILE holds one VirtualService (networking.istio.io) or one Knative Service (serv
 
 Exit code 0 on success; 1 when the object lacks the named route, destination or revision (the message lists those it has); 2 on usage errors.
 """
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """``common.fail`` with the message escaped (ours contain brackets such as HOST[/SUBSET])."""
-    return common.fail(escape(message), code)
 
 
 def _destination(text: str, option: str) -> Destination:

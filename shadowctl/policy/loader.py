@@ -209,9 +209,19 @@ def _clean_loc(loc: tuple[Any, ...]) -> PathT:
     return tuple(p for p in loc if isinstance(p, int) or not (str(p).startswith("function-") or "[" in str(p)))
 
 
-def parse_policies(text: str, file: str = "<string>") -> list[ShadowPolicy]:
-    """Parse every ShadowPolicy document in `text`; raise PolicyError listing all problems."""
-    policies: list[ShadowPolicy] = []
+@dataclass(frozen=True)
+class ParsedPolicy:
+    """One validated policy document: the model, the data as written, and its YAML node (for positions)."""
+
+    policy: ShadowPolicy
+    data: dict[str, Any]
+    node: yaml.MappingNode
+
+
+def parse_documents(text: str, file: str = "<string>") -> list[ParsedPolicy]:
+    """Parse every ShadowPolicy document in `text`, keeping each one's data and node; raise
+    PolicyError listing all problems."""
+    parsed: list[ParsedPolicy] = []
     problems: list[Problem] = []
     count = 0
     for item in _documents(text, file):
@@ -222,12 +232,12 @@ def parse_policies(text: str, file: str = "<string>") -> list[ShadowPolicy]:
         doc = item
         if doc.data is None:
             continue
-        if not isinstance(doc.data, dict):
+        if not isinstance(doc.data, dict) or not isinstance(doc.root, yaml.MappingNode):
             m = doc.root.start_mark
             problems.append(Problem(file, m.line + 1, m.column + 1, "", "expected a mapping (a ShadowPolicy object)"))
             continue
         try:
-            policies.append(ShadowPolicy.model_validate(doc.data))
+            parsed.append(ParsedPolicy(ShadowPolicy.model_validate(doc.data), doc.data, doc.root))
         except ValidationError as exc:
             found: dict[tuple[PathT, str], None] = {}
             for err in exc.errors():
@@ -245,6 +255,11 @@ def parse_policies(text: str, file: str = "<string>") -> list[ShadowPolicy]:
                 problems.append(_problem(file, doc, path, message))
     if problems:
         raise PolicyError(sorted(problems, key=lambda p: (p.line, p.column)))
-    if not policies and not count:
+    if not parsed and not count:
         raise PolicyError([Problem(file, 1, 1, "", "no ShadowPolicy document in the file")])
-    return policies
+    return parsed
+
+
+def parse_policies(text: str, file: str = "<string>") -> list[ShadowPolicy]:
+    """Parse every ShadowPolicy document in `text`; raise PolicyError listing all problems."""
+    return [p.policy for p in parse_documents(text, file)]
