@@ -79,3 +79,13 @@ def test_every_registered_command_is_in_the_table() -> None:
         names += [g.name or g.typer_instance.info.name for g in holder.registered_groups]  # type: ignore[misc]
         for name in names:
             assert table.get(name) == module, f"{module} registers {name!r}: add it to COMMANDS in cli/app.py"
+
+
+def test_reading_a_status_loads_neither_the_policy_model_nor_numpy() -> None:
+    """`get`, `status` and `describe` read `.status` through its model; that must not build the policy
+    model's validators (shadowctl.policy loads its names on first use) or import the judge."""
+    code = "from shadowctl.policy.status import PolicyStatus\nPolicyStatus.read({'phase': 'Shadowing'})"
+    probe = code + "\nimport sys\nprint(sorted(m for m in sys.modules if m in ('shadowctl.policy.model', 'numpy')))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
