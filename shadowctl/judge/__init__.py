@@ -39,8 +39,9 @@ in :mod:`shadowctl.judge.estimators` and :func:`shadowctl.judge.sequential.decid
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from shadowctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from shadowctl.judge.core import LookInput, check_levels, combine, judge, judge_many, judge_metric, nodata_result
@@ -72,14 +73,6 @@ _HOME = {
 only, the kernels scipy (1 s to import), and the machine and the CLI need the model alone."""
 
 
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module 'shadowctl.judge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"shadowctl.judge.{_HOME.get(name, 'model')}"), name)
-    globals()[name] = value
-    return value
-
-
 __all__ = [
     "Aggregates",
     "ArmData",
@@ -109,3 +102,5 @@ __all__ = [
     "mann_whitney",
     "nodata_result",
 ]
+
+__getattr__ = lazy_exports(__name__, __all__, _HOME, "model")

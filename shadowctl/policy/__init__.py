@@ -6,8 +6,9 @@ light command's start, and a reader of `.status` (``shadowctl get``) needs ``pol
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from shadowctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from shadowctl.policy.loader import PolicyError, Problem, parse_policies
@@ -15,14 +16,6 @@ if TYPE_CHECKING:
 
 _HOME = dict.fromkeys(("PolicyError", "Problem", "parse_policies"), "loader")
 """Where each name lives; the rest are in :mod:`.model`."""
-
-
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module 'shadowctl.policy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"shadowctl.policy.{_HOME.get(name, 'model')}"), name)
-    globals()[name] = value
-    return value
 
 
 __all__ = [
@@ -36,3 +29,5 @@ __all__ = [
     "ShadowPolicy",
     "parse_policies",
 ]
+
+__getattr__ = lazy_exports(__name__, __all__, _HOME, "model")
