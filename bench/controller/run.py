@@ -245,8 +245,21 @@ if __name__ == "__main__":
                              "static: the same counts every look (no status writes after the first look)")
     parser.add_argument("--modes", nargs="+", choices=["boundary", "staggered"], default=["boundary", "staggered"])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "controller.json")
+    parser.add_argument("--status-schema", choices=["model", "free"], default="model",
+                        help="model: the CRD's status schema generated from PolicyStatus (what deploy/crd.yaml has); "
+                             "free: an unchecked status (preserve-unknown-fields), to measure what the API "
+                             "server's validation of each status write costs")
     args = parser.parse_args()
+    if args.status_schema == "free":
+        import shadowctl.policy.crd
+
+        def unchecked() -> dict[str, Any]:
+            return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+        shadowctl.policy.crd.status_openapi_schema = unchecked  # the CRD the local cluster installs
     results = asyncio.run(main(args.sizes, args.rounds, args.spread, args.data == "growing", args.modes))
+    for row in results:
+        row["status_schema"] = args.status_schema
     out = args.out
     out.write_text(json.dumps(results, indent=2) + "\n")
     for row in results:
