@@ -73,7 +73,7 @@ def test_what_the_controller_writes_reads_back_as_the_same_model() -> None:
     assert tally is not None and tally.counts["token-f1"].candidate_agree == 31
     assert read_tally(back, _state(phase_started_at=NOW)) is None  # a tally of another phase is not reused
     assert stored["lastVerdict"]["metrics"][0]["effectScale"] == "ratio"  # camelCase on the wire
-    assert "extra" not in stored["lastVerdict"]["metrics"][0] or stored["lastVerdict"]["metrics"][0]["extra"]
+    assert "crossed" not in stored["lastVerdict"]["metrics"][0]  # a None is left out, not stored as null
 
 
 def test_what_a_tick_did_not_observe_keeps_its_old_value() -> None:

@@ -202,7 +202,7 @@ class Reconciler:
         if stored_target and stored_target != target_now:
             previous_router = self._router_for_target(policy, stored_target)
         try:
-            candidate = await self._observe_candidate(policy, obj)
+            candidate = await self._observe_candidate(policy, state.phase)
             watched = state.phase in ANALYSED or state.phase is Phase.paused
             current = await router.read() if watched and previous_router is None else None
         except (RouterError, KubeError) as exc:
@@ -352,7 +352,7 @@ class Reconciler:
                 await router.finalize(policy.spec.rollback.keep_candidate_tag)
         await self._write_status(ref, obj, rv, state, now, generation, None, None, None, None, result, error=msg)
 
-    async def _observe_candidate(self, policy: ShadowPolicy, obj: dict[str, Any]) -> str | None:
+    async def _observe_candidate(self, policy: ShadowPolicy, phase: Phase) -> str | None:
         """Identity of the candidate to roll out; None when there is none (it already is the primary)."""
         target = policy.spec.target
         if target.istio is not None:
@@ -369,7 +369,6 @@ class Reconciler:
             for t in status.get("traffic") or []
         )
         primary = target.knative.primary_revision
-        phase = read_state(obj).phase
         if candidate == primary or (serving_all and (phase is Phase.pending or phase.terminal)):
             return None
         return str(candidate)
