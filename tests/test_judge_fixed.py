@@ -15,6 +15,7 @@ from shadowctl.judge import (
     Histogram,
     JudgeInputError,
     MetricInput,
+    MetricOptions,
     MetricSpec,
     NoData,
     Outcome,
@@ -31,24 +32,29 @@ SLOWER = np.array([1.51, 1.62, 1.4, 1.58, 1.45, 1.53, 1.49, 1.6, 1.56, 1.42])
 
 
 def test_hodges_lehmann_and_interval_match_brute_force_pairwise_differences() -> None:
+    """Estimate: the median of the pairwise differences; bounds: pairwise differences where the
+    corrected normal statistic crosses z (with no ties, the classical k-th difference rule up to the
+    continuity correction)."""
     x = np.array([3.1, 2.2, 5.0, 4.4, 3.9, 6.1, 2.8])
     y = np.array([1.0, 2.5, 2.0, 3.3, 1.7, 2.9])
     mw = mann_whitney(y, x, confidence=0.90)
     diffs = np.sort(np.subtract.outer(x, y).ravel())
-    assert mw.estimate == pytest.approx(np.median(diffs))
+    assert mw.estimate == np.median(diffs)
     nm = x.size * y.size
-    k = math.floor(nm / 2 - stats.norm.ppf(0.95) * math.sqrt(nm * (x.size + y.size + 1) / 12))
-    assert mw.lower == pytest.approx(diffs[k - 1])
-    assert mw.upper == pytest.approx(diffs[nm - k])
-    assert mw.p_value == pytest.approx(stats.mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    z = stats.norm.ppf(0.95)
+    sigma = math.sqrt(nm * (x.size + y.size + 1) / 12)
+    # lower: the largest k with (#differences >= d_k) - nm/2 - 1/2 > z sigma, i.e. nm - k + 1 > nm/2 + 1/2 + z sigma
+    k = nm - math.floor(nm / 2 + 0.5 + z * sigma)
+    assert mw.lower == diffs[k - 1] and mw.upper == diffs[nm - k]
+    assert mw.p_value == pytest.approx(stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic").pvalue)
     assert mw.cles == pytest.approx(np.mean(np.subtract.outer(x, y) > 0))
 
 
 def test_seven_of_ten_at_100x_passes_the_fixed_judge_like_the_kayenta_report() -> None:
-    """Parity: with the default 25% tolerance band the interval [0.03, 101] is not 'High'."""
+    """Parity: the interval reaches below 25% of the Hodges-Lehmann shift, so it is not 'High'."""
     fm = classify(PRIMARY, SEVEN_OF_TEN, Direction.increase)
     assert fm.classification is Classification.passed
-    assert fm.mw is not None and fm.mw.lower < 0.25 < fm.mw.upper
+    assert fm.mw is not None and fm.band is not None and fm.mw.lower < fm.band < fm.mw.upper
 
 
 def test_classification_high_low_pass_nodata() -> None:
@@ -61,25 +67,27 @@ def test_classification_high_low_pass_nodata() -> None:
 
 
 def test_tolerance_and_effect_size_thresholds() -> None:
-    assert classify(PRIMARY, SLOWER, "increase", FixedConfig(tolerance=0.6)).classification is Classification.passed
-    # Mean ratio ~1.52: an effect-size threshold of 1.6 blocks High, 1.4 allows it.
-    assert classify(PRIMARY, SLOWER, "increase", FixedConfig(effect_high=1.6)).classification is (
+    # shift ~0.52 with interval ~[0.45, 0.6]: High at tolerance 0.25 (band 0.13), Pass at 0.9 (band 0.47)
+    assert classify(PRIMARY, SLOWER, "increase", FixedConfig(tolerance=0.9)).classification is Classification.passed
+    # Mean ratio ~1.52: an allowed increase of 1.6 blocks High, 1.4 allows it.
+    assert classify(PRIMARY, SLOWER, "increase", options=MetricOptions(allowed_increase=1.6)).classification is (
         Classification.passed
     )
-    assert classify(PRIMARY, SLOWER, "increase", FixedConfig(effect_high=1.4)).classification is Classification.high
-    cles = FixedConfig(effect_measure="cles", effect_high=0.9)
-    fm = classify(PRIMARY, SLOWER, "increase", cles)
+    assert classify(PRIMARY, SLOWER, "increase", options=MetricOptions(allowed_increase=1.4)).classification is (
+        Classification.high
+    )
+    fm = classify(PRIMARY, SLOWER, "increase", options=MetricOptions(effect_measure="cles", allowed_increase=0.9))
     assert fm.effect_size == 1.0 and fm.classification is Classification.high
 
 
 def test_nan_strategy_and_outlier_removal() -> None:
     with_nan = np.array([1.0, math.nan, 1.1, 0.9, 1.0])
-    replaced = classify(np.ones(5), with_nan, "decrease", FixedConfig(nan_strategy="replace", tolerance=0.0))
-    removed = classify(np.ones(5), with_nan, "decrease", FixedConfig(nan_strategy="remove", tolerance=0.0))
+    replaced = classify(np.ones(5), with_nan, "decrease", options=MetricOptions(nan_strategy="replace"))
+    removed = classify(np.ones(5), with_nan, "decrease", options=MetricOptions(nan_strategy="remove"))
     assert replaced.n_candidate == 5 and removed.n_candidate == 4
     spiky = np.append(SLOWER[:9], 1000.0)
     kept = classify(PRIMARY, spiky, "increase")
-    cut = classify(PRIMARY, spiky, "increase", FixedConfig(outliers="remove"))
+    cut = classify(PRIMARY, spiky, "increase", options=MetricOptions(outliers="remove", outlier_factor=1.5))
     assert kept.n_candidate == 10 and cut.n_candidate == 9
     assert cut.candidate_mean is not None and cut.candidate_mean < 2
 
@@ -88,13 +96,14 @@ def test_group_weighted_score_and_thresholds() -> None:
     def mi(name: str, cand: np.ndarray, critical: bool = False) -> MetricInput:
         return MetricInput(MetricSpec(name, "mean", critical=critical), Samples(PRIMARY), Samples(cand))
 
-    groups = {"lat1": "latency", "lat2": "latency", "err": "errors"}
+    lat, err = MetricOptions(groups=("latency",)), MetricOptions(groups=("errors",))
+    metrics = {"lat1": lat, "lat2": lat, "err": err}
     inputs = [mi("lat1", PRIMARY * 1.01), mi("lat2", SLOWER), mi("err", PRIMARY)]
-    # latency group 50, errors group 100; weights 1:1 -> 75 (Marginal), 3:1 -> 62.5 (Fail)
-    v = judge_fixed(inputs, FixedConfig(metric_groups=groups))
-    assert v.score == pytest.approx(75.0) and v.outcome is Outcome.inconclusive and "Marginal" in v.reason
-    v2 = judge_fixed(inputs, FixedConfig(metric_groups=groups, group_weights={"latency": 3, "errors": 1}))
-    assert v2.score == pytest.approx(62.5) and v2.outcome is Outcome.failed
+    # latency group 50, errors group 100; equal shares -> 75 (Marginal), latency 75% -> 62.5 (Fail)
+    v = judge_fixed(inputs, FixedConfig(metrics=metrics))
+    assert v.score == 75.0 and v.outcome is Outcome.inconclusive and "Marginal" in v.reason
+    v2 = judge_fixed(inputs, FixedConfig(metrics=metrics, group_weights={"latency": 75, "errors": 25}))
+    assert v2.score == 62.5 and v2.outcome is Outcome.failed
     crit = judge_fixed([mi("lat1", PRIMARY * 1.01), mi("lat2", SLOWER, critical=True), mi("err", PRIMARY)])
     assert crit.outcome is Outcome.failed and crit.score == 0.0 and "lat2" in crit.reason
     ok = judge([mi("a", PRIMARY * 1.01), mi("b", PRIMARY)], method="fixed")
@@ -102,13 +111,14 @@ def test_group_weighted_score_and_thresholds() -> None:
     assert ok.results[0].extra["classification"] == "Pass"
 
 
-def test_nodata_metrics_are_left_out_of_the_score_and_all_nodata_is_nodata() -> None:
+def test_nodata_metrics_follow_kayentas_scorer_and_never_pass() -> None:
     spec = MetricSpec("a", "mean")
     only_missing = judge_fixed([MetricInput(spec, Samples(PRIMARY), NoData("gone"))])
-    assert only_missing.outcome is Outcome.nodata and only_missing.score is None
+    assert only_missing.outcome is Outcome.failed and only_missing.score == 0.0  # 100% Nodata
     mixed = judge_fixed([MetricInput(spec, Samples(PRIMARY), None), MetricInput(MetricSpec("b", "mean"),
-                                                                                 Samples(PRIMARY), Samples(PRIMARY))])
-    assert mixed.score == 100.0
+                                                                                 Samples(PRIMARY), Samples(PRIMARY)),
+                         MetricInput(MetricSpec("c", "mean"), Samples(PRIMARY), Samples(PRIMARY))])
+    assert mixed.score == 100.0 and mixed.outcome is Outcome.nodata
 
 
 def test_fixed_method_rejects_histograms_and_bad_config() -> None:

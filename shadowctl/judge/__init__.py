@@ -27,7 +27,8 @@ Public API::
     judge_many(looks: Sequence[LookInput(inputs, alpha, beta, final)]) -> [Verdict | JudgeInputError]
         the sequential judge of many rollouts' looks at once (vectorized per metric spec and layout)
     judge_metric(spec, primary, candidate, *, alpha, beta, final=False) -> MetricResult
-    judge_fixed(inputs, FixedConfig(...)) -> Verdict          Kayenta-parity fixed-horizon judge
+    judge_fixed(inputs, FixedConfig(...)) -> Verdict          NetflixACAJudge-parity fixed-horizon judge
+        (FixedConfig: confidence, tolerance, scores, group weights; MetricOptions per metric)
 
     Verdict.outcome / MetricResult.outcome: Outcome.passed | failed | cont | inconclusive | nodata
         ("pass", "fail", "continue", "inconclusive", "nodata");
@@ -45,7 +46,7 @@ from shadowctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from shadowctl.judge.core import LookInput, check_levels, combine, judge, judge_many, judge_metric, nodata_result
-    from shadowctl.judge.fixed import Classification, FixedConfig, classify, judge_fixed, mann_whitney
+    from shadowctl.judge.fixed import Classification, FixedConfig, MetricOptions, classify, judge_fixed, mann_whitney
     from shadowctl.judge.model import (
         Aggregates,
         ArmData,
@@ -67,7 +68,8 @@ if TYPE_CHECKING:
 _HOME = {
     **dict.fromkeys(("LookInput", "check_levels", "combine", "judge", "judge_many", "judge_metric", "nodata_result"),
                     "core"),
-    **dict.fromkeys(("Classification", "FixedConfig", "classify", "judge_fixed", "mann_whitney"), "fixed"),
+    **dict.fromkeys(("Classification", "FixedConfig", "MetricOptions", "classify", "judge_fixed", "mann_whitney"),
+                    "fixed"),
 }
 """Where each name lives; the rest are in :mod:`.model`. Loaded on first use: the model needs numpy
 only, the kernels scipy (1 s to import), and the machine and the CLI need the model alone."""
@@ -86,6 +88,7 @@ __all__ = [
     "LookInput",
     "Margin",
     "MetricInput",
+    "MetricOptions",
     "MetricResult",
     "MetricSpec",
     "NoData",

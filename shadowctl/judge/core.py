@@ -452,7 +452,8 @@ def judge(
 ) -> Verdict:
     """Judge all metrics of one look. ``final``: this is the last look (undecided -> inconclusive).
 
-    ``method="fixed"`` runs the Kayenta-parity judge with its default configuration; use
+    ``method="fixed"`` runs the Kayenta-parity judge with its default configuration (NetflixACAJudge's:
+    confidence 0.98, tolerance 0.25; ``alpha`` and ``beta`` are not used); use
     :func:`shadowctl.judge.fixed.judge_fixed` to configure it. The sequential judge is
     :func:`judge_many` of this one look.
     """
@@ -460,7 +461,7 @@ def judge(
     if method == "fixed":
         from shadowctl.judge.fixed import FixedConfig, judge_fixed
 
-        return judge_fixed(inputs, FixedConfig(confidence=1.0 - alpha))
+        return judge_fixed(inputs, FixedConfig())
     if method != "sequential":
         raise JudgeInputError(f"unknown method {method!r}: use 'sequential' or 'fixed'")
     [verdict] = judge_many([LookInput(inputs, alpha, beta, final)])
