@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest
 import typer
+import yaml
+from conftest_kube import KubeEnv
 
 from shadowctl.cli.app import COMMANDS, load_command
+from shadowctl.kube import SHADOW_POLICY
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("scipy", "numpy", "kubernetes", "shadowctl.judge", "shadowctl.controller", "shadowctl.kube")
+HEAVY = ("scipy", "numpy", "kubernetes", "aiohttp", "shadowctl.judge", "shadowctl.controller", "shadowctl.kube.client")
+"""What a light command must not import (``shadowctl.kube`` loads its names on first use: its errors, retry
+rules and standard-library reader are light; its client imports the kubernetes library and aiohttp)."""
 
 
 def _loaded_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
@@ -86,3 +91,29 @@ def test_reading_a_status_loads_neither_the_policy_model_nor_numpy() -> None:
     model's validators (shadowctl.policy loads its names on first use) or import the judge."""
     code = "from shadowctl.policy.status import PolicyStatus\nPolicyStatus.read({'phase': 'Shadowing'})"
     assert _loaded_after(code, ("shadowctl.policy.model", "numpy")) == []
+
+
+@pytest.mark.parametrize("argv", [["get", "-A"], ["status", "-A"], ["get", "chat", "-n", "default", "-o", "json"],
+                                  ["describe", "chat", "-n", "default"]])
+def test_reading_commands_read_without_the_kubernetes_library(argv: list[str], kube_env: KubeEnv,
+                                                              tmp_path: Path) -> None:
+    """With a kubeconfig that states its credentials (a client certificate here), the commands that only
+    read go through shadowctl.kube.rest: the kubernetes library, aiohttp and the log set-up stay unloaded,
+    and the command still answers from the real API server. Of the controller, only the annotation that
+    carries a person's command (controller.commands, a few lines over the status model) and the clock's
+    time format are read."""
+    policy = yaml.safe_load((REPO / "policies" / "chat-istio.yaml").read_text())
+    policy["metadata"] = {"name": "chat", "namespace": "default"}
+    kube_env.put_object(SHADOW_POLICY, policy)
+    config = kube_env.direct_kubeconfig(tmp_path / "kc")
+    code = (
+        "import contextlib, io\n"
+        "from shadowctl.cli.app import app\n"
+        "buffer = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buffer):\n"
+        f"    try:\n        app({[*argv, '--kubeconfig', str(config)]!r}, standalone_mode=False)\n"
+        "    except SystemExit:\n        pass\n"
+        "assert 'chat' in buffer.getvalue(), buffer.getvalue()\n"
+    )
+    light = {"shadowctl.controller", "shadowctl.controller.commands", "shadowctl.controller.clock"}
+    assert set(_loaded_after(code, (*HEAVY, "structlog"))) - light == set()

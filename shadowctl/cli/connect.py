@@ -1,11 +1,12 @@
-"""`--kubeconfig`, `--context` and `-n` to a KubeClient and a namespace, and a failure to one line.
+"""`--kubeconfig`, `--context` and `-n` to a KubeClient (or a reader) and a namespace, and a failure to one line.
 
 The kubeconfig itself (which file, which context, its namespace, the pod's service account) is
 :mod:`shadowctl.kube.kubeconfig`; this is the command line's side: the flags, how fast to give up,
 and what a person reads when connecting or a request fails (one line on stderr, exit 1, never a
 traceback).
 
-The kube client is imported inside the functions, not at the top: the command modules import this
+The kube client is imported inside the functions, not at the top (and commands that only read use
+the standard library's reader, :mod:`shadowctl.kube.rest`, where the kubeconfig allows): the command modules import this
 one to register their commands, and ``shadowctl get --help`` should not pay for the Kubernetes
 library (``tests/test_cli_startup.py``).
 """
@@ -19,13 +20,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
-from shadowctl.cli.common import fail
+from shadowctl.cli.common import configure_logging, fail
 from shadowctl.errors import ShadowctlError
+from shadowctl.kube.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from shadowctl.kube import KubeClient, KubeError
+    from shadowctl.kube import KubeClient, KubeError, KubeReader
 
 T = TypeVar("T")
+
+CLI_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0)
+"""A CLI should fail fast when the cluster is down: 3 tries within about a second."""
+USER_AGENT = "shadowctl-cli"
 
 
 class CliError(ShadowctlError):
@@ -48,11 +54,9 @@ class Conn:
 
 async def connect(conn: Conn) -> tuple[KubeClient, str]:
     """A client for the kubeconfig context, and the namespace to use (``-n``, else the context's)."""
-    from shadowctl.kube import RetryPolicy, connect_as_kubectl, default_namespace
+    from shadowctl.kube import connect_as_kubectl, default_namespace
 
-    # A CLI should fail fast when the cluster is down: 3 tries within about a second.
-    retry = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0)
-    client = await connect_as_kubectl(conn.kubeconfig, conn.context, retry=retry)
+    client = await connect_as_kubectl(conn.kubeconfig, conn.context, retry=CLI_RETRY)
     return client, conn.namespace or default_namespace(conn.kubeconfig, conn.context)
 
 
@@ -63,6 +67,26 @@ async def with_client(conn: Conn, body: Callable[[KubeClient, str], Awaitable[T]
         return await body(client, namespace)
     finally:
         await client.close()
+
+
+async def with_reader(conn: Conn, body: Callable[[KubeReader, str], Awaitable[T]]) -> T:
+    """Run ``body(reader, namespace)`` for a command that only reads, and close the reader.
+
+    The reader is :class:`~shadowctl.kube.rest.RestReader` (no kubernetes library to import: the
+    command starts in a fraction of the time) where the kubeconfig states its credentials outright,
+    else the full client (exec and auth-provider plugins, proxies).
+    """
+    from shadowctl.kube.kubeconfig import default_namespace
+    from shadowctl.kube.rest import RestReader
+
+    reader = RestReader.for_kubeconfig(conn.kubeconfig, conn.context, retry=CLI_RETRY, user_agent=USER_AGENT)
+    if reader is None:
+        configure_logging("console", "warning")  # the client logs its retries (see cli/app.py's ``logs``)
+        return await with_client(conn, body)
+    try:
+        return await body(reader, conn.namespace or default_namespace(conn.kubeconfig, conn.context))
+    finally:
+        await reader.close()
 
 
 def explain(exc: KubeError) -> str:

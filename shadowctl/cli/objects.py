@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from shadowctl.cli.connect import CliError
 
 if TYPE_CHECKING:
-    from shadowctl.kube import KubeClient
+    from shadowctl.kube import KubeReader
     from shadowctl.policy.status import PolicyStatus
 
 JSON = dict[str, Any]
@@ -48,7 +48,7 @@ def phase_of(obj: JSON) -> str:
     return status_of(obj).phase.value
 
 
-async def read_policy(client: KubeClient, namespace: str, name: str) -> JSON:
+async def read_policy(client: KubeReader, namespace: str, name: str) -> JSON:
     """GET one ShadowPolicy; a missing one is a CliError naming it."""
     from shadowctl.kube import SHADOW_POLICY, NotFound, ResourceRef
 
@@ -58,7 +58,7 @@ async def read_policy(client: KubeClient, namespace: str, name: str) -> JSON:
         raise CliError(f"{KIND_LABEL} {namespace}/{name} not found") from exc
 
 
-async def list_policies(client: KubeClient, namespace: str | None) -> list[JSON]:
+async def list_policies(client: KubeReader, namespace: str | None) -> list[JSON]:
     """List ShadowPolicies (``namespace=None``: all), by namespace and name; a missing CRD is explained."""
     from shadowctl.kube import SHADOW_POLICY, NotFound
 

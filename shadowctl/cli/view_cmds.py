@@ -35,7 +35,7 @@ from shadowctl.cli.common import (
     note,
     out,
 )
-from shadowctl.cli.connect import CliError, Conn, run_async, with_client
+from shadowctl.cli.connect import CliError, Conn, run_async, with_reader
 from shadowctl.cli.objects import (
     JSON,
     KIND_LABEL,
@@ -49,7 +49,7 @@ from shadowctl.cli.objects import (
 if TYPE_CHECKING:
     from datetime import timedelta
 
-    from shadowctl.kube import KubeClient
+    from shadowctl.kube import KubeReader
     from shadowctl.policy.status import HistoryEntry, MetricEvidence, PolicyStatus
 
 #: Seconds between reads while `status --watch` follows a policy (tests lower it).
@@ -259,13 +259,13 @@ def get(
         raise fail("a policy cannot be looked up by name across all namespaces; give -n instead of -A", 2)
     conn = Conn(kubeconfig, context, namespace)
 
-    async def body(client: KubeClient, ns: str) -> tuple[list[JSON], bool, str | None]:
+    async def body(client: KubeReader, ns: str) -> tuple[list[JSON], bool, str | None]:
         if name:
             return [await read_policy(client, ns, name)], True, ns
         scope = None if all_namespaces else ns
         return await list_policies(client, scope), False, scope
 
-    items, single, scope = run_async(lambda: with_client(conn, body))
+    items, single, scope = run_async(lambda: with_reader(conn, body))
     if output is OutputFormat.table:
         if not items:
             _no_policies(scope)
@@ -338,7 +338,7 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False)
 
 
-async def fetch_for_status(client: KubeClient, namespace: str | None, name: str | None) -> list[JSON]:
+async def fetch_for_status(client: KubeReader, namespace: str | None, name: str | None) -> list[JSON]:
     if name:
         assert namespace is not None
         return [await read_policy(client, namespace, name)]
@@ -350,7 +350,7 @@ def _signature(items: list[JSON]) -> tuple[tuple[str, str], ...]:
 
 
 async def watch_status(
-    client: KubeClient,
+    client: KubeReader,
     namespace: str | None,
     name: str | None,
     show: Callable[[list[JSON]], None],
@@ -422,17 +422,17 @@ def status(
         return Group(*(render_status(o, now) for o in items))
 
     if not watch:
-        async def once(client: KubeClient, ns: str) -> list[JSON]:
+        async def once(client: KubeReader, ns: str) -> list[JSON]:
             return await fetch_for_status(client, None if all_namespaces else ns, name)
 
-        items = run_async(lambda: with_client(conn, once))
+        items = run_async(lambda: with_reader(conn, once))
         if not items:
             _no_policies(None if all_namespaces else namespace)
             return
         console.print(show(items))
         return
 
-    async def follow(client: KubeClient, ns: str) -> None:
+    async def follow(client: KubeReader, ns: str) -> None:
         scope = None if all_namespaces else ns
         if console.is_terminal:
             from rich.live import Live
@@ -445,7 +445,7 @@ def status(
                 console.print(show(items))
             await watch_status(client, scope, name, printed)
 
-    run_async(lambda: with_client(conn, follow), interrupt_code=0)
+    run_async(lambda: with_reader(conn, follow), interrupt_code=0)
 
 
 # --------------------------------------------------------------------------- describe
@@ -615,7 +615,7 @@ def _rv_number(obj: JSON) -> int:
     return int(rv) if rv.isdigit() else 0
 
 
-async def events_for(client: KubeClient, obj: JSON) -> list[JSON]:
+async def events_for(client: KubeReader, obj: JSON) -> list[JSON]:
     """The object's recent core/v1 Events (oldest first, at most EVENT_LIMIT).
 
     Asks the server to filter by involvedObject; a server that cannot (400) gets a plain list of the
@@ -653,7 +653,7 @@ def describe(
     """
     conn = Conn(kubeconfig, context, namespace)
 
-    async def body(client: KubeClient, ns: str) -> tuple[JSON, list[JSON]]:
+    async def body(client: KubeReader, ns: str) -> tuple[JSON, list[JSON]]:
         from shadowctl.kube import Forbidden
 
         obj = await read_policy(client, ns, name)
@@ -664,7 +664,7 @@ def describe(
             events = []
         return obj, events
 
-    obj, events = run_async(lambda: with_client(conn, body))
+    obj, events = run_async(lambda: with_reader(conn, body))
     out(describe_text(obj, events, time.time()))
 
 

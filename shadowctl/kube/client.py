@@ -22,11 +22,10 @@ import os
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, Self
+from typing import Any, Literal, Self
 
 import aiohttp
 import structlog
@@ -34,13 +33,13 @@ from kubernetes.aio.client import ApiClient, Configuration
 from kubernetes.aio.client.exceptions import ApiException
 from kubernetes.aio.config import ConfigException, load_incluster_config, load_kube_config
 
-from shadowctl.kube.errors import ConfigError, Conflict, KubeError, Unavailable, WatchExpired, from_status
+from shadowctl.kube.errors import ConfigError, KubeError, Unavailable, WatchExpired, from_status
+from shadowctl.kube.objects import JSON, ListResult, WatchEvent, decode_object
 from shadowctl.kube.refs import EVENT, GVR, ResourceRef
 from shadowctl.kube.retry import RetryPolicy, parse_retry_after
 
 log = structlog.get_logger(__name__)
 
-JSON = dict[str, Any]
 Query = list[tuple[str, str]]
 Operations = list[JSON]
 Sleep = Callable[[float], Awaitable[None]]
@@ -48,26 +47,6 @@ Sleep = Callable[[float], Awaitable[None]]
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete"})
-
-
-class ListResult(NamedTuple):
-    """A list call's items and the list's ``metadata.resourceVersion`` (start a watch from it)."""
-
-    items: list[JSON]
-    resource_version: str
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """One watch event: ``type`` is ADDED, MODIFIED, DELETED or BOOKMARK; ``object`` the object."""
-
-    type: Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]
-    object: JSON
-
-    @property
-    def resource_version(self) -> str:
-        """The object's resourceVersion: resume a watch from the last one seen."""
-        return str((self.object.get("metadata") or {}).get("resourceVersion") or "")
 
 
 class KubeClient:
@@ -190,13 +169,7 @@ class KubeClient:
     ) -> ListResult:
         """List objects (``namespace=None``: all namespaces); returns items and the list's resourceVersion."""
         query = _query(labelSelector=label_selector, fieldSelector=field_selector)
-        body = await self._call("list", "GET", gvr.path(namespace), query=query)
-        items = body.get("items") or []
-        for item in items:  # list items carry no apiVersion/kind on a real server
-            item.setdefault("apiVersion", gvr.api_version)
-            if gvr.kind:
-                item.setdefault("kind", gvr.kind)
-        return ListResult(items, str((body.get("metadata") or {}).get("resourceVersion") or ""))
+        return ListResult.of(await self._call("list", "GET", gvr.path(namespace), query=query), gvr)
 
     # ----------------------------------------------------------------- writes
 
@@ -380,7 +353,7 @@ class KubeClient:
             except KubeError as err:
                 if isinstance(err, WatchExpired) or err.status == 410:
                     raise WatchExpired(err.message, status=410, reason=err.reason) from err.__cause__
-                if not self._should_retry(err, True, attempt):
+                if not self.retry.should_retry(err, True, attempt):
                     raise
                 await self._backoff(attempt, err, "watch", path)
 
@@ -413,9 +386,9 @@ class KubeClient:
                     response.response.release()
                 if not 200 <= response.status <= 299:
                     self._raise_for(response)
-                return _decode(response.data, method, path)
+                return decode_object(response.data, f"{method} {path}")
             except KubeError as err:
-                if not self._should_retry(err, idempotent, attempt):
+                if not self.retry.should_retry(err, idempotent, attempt):
                     raise
                 await self._backoff(attempt, err, verb, path)
 
@@ -462,15 +435,6 @@ class KubeClient:
             raise from_status(int(exc.status or 0), decoded, retry_after=retry_after) from exc
         raise KubeError(f"HTTP {response.status} without an error")  # pragma: no cover - guarded by caller
 
-    def _should_retry(self, err: KubeError, idempotent: bool, attempt: int) -> bool:
-        if attempt >= self.retry.attempts or isinstance(err, Conflict):
-            return False
-        if err.status in (429, 503):
-            return True
-        if err.status is None and isinstance(err, Unavailable):
-            return idempotent
-        return err.status is not None and err.status >= 500 and idempotent
-
     async def _backoff(self, attempt: int, err: KubeError, verb: str, path: str) -> None:
         delay = self.retry.delay(attempt, err.retry_after, self._rand)
         log.info(
@@ -483,18 +447,6 @@ class KubeClient:
             error=err.message,
         )
         await self._sleep(delay)
-
-
-def _decode(data: bytes | None, method: str, path: str) -> JSON:
-    if not data:
-        return {}
-    try:
-        decoded = json.loads(data)
-    except ValueError as exc:
-        raise KubeError(f"{method} {path}: the server sent no JSON: {data[:200]!r}") from exc
-    if not isinstance(decoded, dict):
-        raise KubeError(f"{method} {path}: expected a JSON object, got {type(decoded).__name__}")
-    return decoded
 
 
 def _query(**params: str | None) -> Query:

@@ -1,7 +1,11 @@
-"""Kubeconfig files as kubectl reads them: which files, their contexts, the namespace to use.
+"""Kubeconfig files as kubectl reads them: which files, how they merge, their contexts, the namespace to use.
 
-What this adds to the kubernetes library, which :meth:`KubeClient.connect` calls:
+What this adds to the kubernetes library, which :meth:`KubeClient.connect` calls to build a client:
 
+- The files are read and merged here, as kubectl merges them (for each cluster, user and context
+  name, and for ``current-context``, the first file that sets it wins; relative paths are relative
+  to the file that holds them), without importing the library: ``shadowctl get`` reads a plain
+  kubeconfig through :mod:`shadowctl.kube.rest` and must not pay for the library's import.
 - A kubeconfig that does not exist is named plainly ("no such file"); the library logs a warning
   and then reports a missing key, which sends a person looking in the wrong place.
 - In a pod with no kubeconfig at all (no ``--kubeconfig``, no ``$KUBECONFIG``, no
@@ -9,23 +13,23 @@ What this adds to the kubernetes library, which :meth:`KubeClient.connect` calls
 - The namespace of the context in use is ``default`` when the context names none, as kubectl's.
   It is also ``default`` when the kubeconfig cannot be read: connecting reports that problem, in
   one message, rather than the namespace lookup in another.
-- Every failure is a :class:`ConfigError` (the library's exception chained) whose message says
-  what to pass instead; ``kubeconfig`` values are path lists, as ``$KUBECONFIG`` is.
+- Every failure is a :class:`ConfigError` (the cause chained) whose message says what to pass
+  instead; ``kubeconfig`` values are path lists, as ``$KUBECONFIG`` is.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from kubernetes.aio.config.config_exception import ConfigException
-from kubernetes.aio.config.kube_config import list_kube_config_contexts
 
-from shadowctl.kube.client import KubeClient
 from shadowctl.kube.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shadowctl.kube.client import KubeClient
 
 DEFAULT_KUBECONFIG = "~/.kube/config"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -58,22 +62,88 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+PATH_KEYS = {"cluster": ("certificate-authority",), "user": ("client-certificate", "client-key", "tokenFile")}
+"""The fields that name files, by section: a relative path is relative to the kubeconfig that holds it."""
+
+MAX_KUBECONFIG_BYTES = 16 * 1024 * 1024
+"""A kubeconfig larger than this is refused rather than parsed (they are kilobytes)."""
+
+
+@dataclass(frozen=True)
+class Kubeconfig:
+    """A kubeconfig's files merged as kubectl merges them: each section's entries by name, in order."""
+
+    clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    contexts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    current: str | None = None
+
+
+def kubeconfig_paths(kubeconfig: str | None) -> list[Path]:
+    """The files a kubeconfig value names: ``kubeconfig``, else ``$KUBECONFIG``, else ``~/.kube/config``."""
+    value = kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+
+
+def _absolute(body: dict[str, Any], keys: tuple[str, ...], home: Path) -> dict[str, Any]:
+    out = dict(body)
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            out[key] = str(home / value)
+    return out
+
+
+def _merge_file(path: Path, merged: Kubeconfig) -> Kubeconfig:
+    if path.stat().st_size > MAX_KUBECONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_KUBECONFIG_BYTES // (1024 * 1024)} MiB")
+    loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    if loaded is None:
+        return merged
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a kubeconfig is a mapping, not a {type(loaded).__name__}")
+    sections = {"cluster": dict(merged.clusters), "user": dict(merged.users), "context": dict(merged.contexts)}
+    for key, entries in sections.items():
+        listed = loaded.get(f"{key}s") or []
+        if not isinstance(listed, list):
+            raise ConfigError(f"{path}: {key}s must be a list")
+        for entry in listed:
+            name = _text(entry.get("name")) if isinstance(entry, dict) else None
+            if name is None or name in entries:
+                continue  # kubectl: the first file to define a name wins
+            body = entry.get(key)
+            body = body if isinstance(body, dict) else {}
+            entries[name] = _absolute(body, PATH_KEYS.get(key, ()), path.parent)
+    current = merged.current or _text(loaded.get("current-context"))
+    return Kubeconfig(sections["cluster"], sections["user"], sections["context"], current)
+
+
+def read_kubeconfig(kubeconfig: str | None) -> Kubeconfig:
+    """The kubeconfig's files merged (files that do not exist are skipped, as kubectl skips them).
+
+    Raises ConfigError (the YAML or OS error chained) when a file cannot be read or parsed.
+    """
+    merged = Kubeconfig()
+    for path in kubeconfig_paths(kubeconfig):
+        if not path.is_file():
+            continue
+        try:
+            merged = _merge_file(path, merged)
+        except ConfigError as exc:
+            raise ConfigError(f"cannot load kubeconfig {kubeconfig or path}: {exc.message} ({HINT})") from exc
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot load kubeconfig {kubeconfig or path}: {exc} ({HINT})") from exc
+    return merged
+
+
 def kubeconfig_contexts(kubeconfig: str | None) -> tuple[list[KubeconfigContext], str | None]:
     """The kubeconfig's contexts (its files merged as kubectl merges them) and the current context's name."""
-    try:
-        raw, current = list_kube_config_contexts(kubeconfig)  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot load kubeconfig {kubeconfig or '(default)'}: {exc} ({HINT})") from exc
-    contexts = []
-    for entry in raw or []:
-        name = _text(entry.get("name")) if isinstance(entry, dict) else None
-        if name is None:
-            continue
-        body = entry.get("context")
-        body = body if isinstance(body, dict) else {}
-        contexts.append(KubeconfigContext(name, _text(body.get("cluster")), _text(body.get("user")),
-                                          _text(body.get("namespace"))))
-    return contexts, _text(current.get("name")) if isinstance(current, dict) else None
+    merged = read_kubeconfig(kubeconfig)
+    contexts = [
+        KubeconfigContext(name, _text(body.get("cluster")), _text(body.get("user")), _text(body.get("namespace")))
+        for name, body in merged.contexts.items()
+    ]
+    return contexts, merged.current
 
 
 def context_namespace(kubeconfig: str | None, context: str | None) -> str:
@@ -106,6 +176,8 @@ async def connect_as_kubectl(kubeconfig: str | None = None, context: str | None 
 
     ``options`` go to :meth:`KubeClient.connect`. Raises ConfigError with what to pass instead.
     """
+    from shadowctl.kube.client import KubeClient
+
     in_cluster = in_pod_without_kubeconfig(kubeconfig)
     if not in_cluster:
         require_kubeconfig(kubeconfig)

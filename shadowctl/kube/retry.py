@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from shadowctl.kube.errors import Conflict, KubeError, Unavailable
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -33,6 +35,16 @@ class RetryPolicy:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError("RetryPolicy.jitter must be within [0, 1]")
+
+    def should_retry(self, err: KubeError, idempotent: bool, attempt: int) -> bool:
+        """Whether failed try number ``attempt`` is tried again (the rules in this module's docstring)."""
+        if attempt >= self.attempts or isinstance(err, Conflict):
+            return False
+        if err.status in (429, 503):
+            return True
+        if err.status is None and isinstance(err, Unavailable):
+            return idempotent
+        return err.status is not None and err.status >= 500 and idempotent
 
     def delay(
         self, attempt: int, retry_after: float | None, rand: Callable[[], float] = random.random
