@@ -152,3 +152,59 @@ def test_nan_samples_make_the_stream_nodata(tmp_path: Path) -> None:
     rc, out, _ = _run(str(_write(tmp_path / "n.jsonl", rows)))
     assert rc == 0 and out[0]["decision"] == "nodata" and "NaN" in out[0]["evidence"]["sentence"]
     assert not math.isnan(out[0]["t"])
+
+
+def _kayenta_case(name: str) -> dict[str, Any]:
+    cases = json.loads((REPO / "tests" / "fixtures" / "kayenta_cases.json").read_text())
+    return dict(cases["ClassifierSuite"][name])
+
+
+def test_fixed_flags_reach_kayentas_options(tmp_path: Path) -> None:
+    """ClassifierSuite 'High Metric (Large Input)' (tolerance 0.10, confidence 0.95): High, so the
+    replay fails; Kayenta's 'Mean Ratio Effect Size: Pass (Large Input)' (allowedIncrease 5): Pass."""
+    case = _kayenta_case("Mann-Whitney Classifier Test: High Metric (Large Input)")
+    path = _write(tmp_path / "z.jsonl", [{"stream": "z", "t": 60, "primary": case["control"],
+                                          "candidate": case["experiment"]}])
+    args = [str(path), "--method", "fixed", "--statistic", "mean", "--direction", "either", "--tolerance", "0.1",
+            "--confidence", "0.95"]
+    rc, out, _ = _run(*args)
+    assert rc == 0 and out[0]["decision"] == "fail"
+    assert out[0]["evidence"]["metrics"][0]["extra"]["classification"] == "High" and out[0]["evidence"]["metrics"][0]["interval"] == [0.0, 0.0]
+    rc, out, _ = _run(*args, "--allowed-increase", "5")
+    assert rc == 0 and out[0]["decision"] == "pass" and out[0]["evidence"]["metrics"][0]["extra"]["classification"] == "Pass"
+
+
+def test_fixed_critical_metric_without_data_fails(tmp_path: Path) -> None:
+    """ClassifierSuite 'Missing Experiment Data: Critical Metric' + WeightedSumScorer: score 0, fail;
+    with --nan-strategy replace Kayenta calls it Pass (score 100), shadowctl says nodata."""
+    path = _write(tmp_path / "c.jsonl", [{"stream": "c", "t": 60, "primary": [1.0, 2.0, 3.0, 4.0, 5.0],
+                                          "candidate": []}])
+    rc, out, _ = _run(str(path), "--method", "fixed", "--statistic", "mean", "--critical")
+    assert rc == 0 and out[0]["decision"] == "fail" and out[0]["evidence"]["metrics"][0]["extra"]["criticalFailure"] is True
+    rc, out, _ = _run(str(path), "--method", "fixed", "--statistic", "mean", "--nan-strategy", "replace")
+    assert rc == 0 and out[0]["decision"] == "nodata" and out[0]["evidence"]["metrics"][0]["extra"]["classification"] == "Pass"
+
+
+def test_fixed_flags_need_the_fixed_method(tmp_path: Path) -> None:
+    path = _write(tmp_path / "f.jsonl", [{"stream": "f", "t": 30, "primary": [1.0], "candidate": [2.0]}])
+    rc, _, text = _run(str(path), "--tolerance", "0.1")
+    assert rc == 2 and "--tolerance: options of the fixed method" in text
+    rc, _, text = _run(str(path), "--method", "fixed", "--alpha", "0.02")
+    assert rc == 2 and "--confidence" in text
+    rc, _, text = _run(str(path), "--method", "fixed", "--effect-size", "median")
+    assert rc == 2 and "effect_measure" in text
+
+
+def test_fixed_options_from_a_policy(tmp_path: Path) -> None:
+    """policies/kayenta-fixed.yaml, metric gpu-power: CLES with allowedIncrease 0.8."""
+    rng = np.random.default_rng(5)
+    p, c = rng.normal(300, 10, 60), rng.normal(306, 10, 60)  # a small shift: CLES ~0.66 < 0.8
+    path = _write(tmp_path / "g.jsonl", [{"stream": "g", "t": 60, "primary": p.round(3).tolist(),
+                                          "candidate": c.round(3).tolist()}])
+    policy = str(REPO / "policies" / "kayenta-fixed.yaml")
+    rc, out, _ = _run(str(path), "--policy", policy, "--metric", "gpu-power")
+    ev = out[0]["evidence"]["metrics"][0]
+    assert rc == 0 and ev["extra"]["effectMeasure"] == "cles" and ev["extra"]["groups"] == ["gpu"]
+    assert out[0]["decision"] == "pass" and ev["extra"]["classification"] == "Pass"
+    rc, out, _ = _run(str(path), "--policy", policy, "--metric", "gpu-power", "--allowed-increase", "0.5")
+    assert rc == 0 and out[0]["evidence"]["metrics"][0]["extra"]["classification"] == "High" and out[0]["decision"] == "fail"

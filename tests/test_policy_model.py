@@ -163,3 +163,58 @@ def test_policy_is_frozen() -> None:
     policy = load_policies(EXAMPLES[0])[0]
     with pytest.raises(ValueError, match="frozen"):
         policy.metadata.name = "x"  # type: ignore[misc]
+
+
+def test_fixed_block_reaches_the_judge_config() -> None:
+    """policies/kayenta-fixed.yaml: every Kayenta option lands in the fixed judge's configuration."""
+    from shadowctl.judge.fixed import config_from_policy
+
+    policy = load_policies(REPO / "policies" / "kayenta-fixed.yaml")[0]
+    config = config_from_policy(policy.spec.analysis)
+    assert (config.confidence, config.tolerance, config.pass_score, config.marginal_score) == (0.98, 0.25, 95, 75)
+    assert dict(config.group_weights) == {"cost": 60}
+    cost, power, util = (config.options(n) for n in ("cost-per-1k-tokens", "gpu-power", "gpu-util"))
+    assert (cost.effect_measure, cost.allowed_increase, cost.critical_increase) == ("meanRatio", 1.1, 1.5)
+    assert cost.must_have_data and cost.groups == ("cost",) and cost.outliers == "remove"
+    assert (power.effect_measure, power.allowed_increase, power.must_have_data) == ("cles", 0.8, False)
+    assert util.muted and util.groups == ("gpu",) and util.outlier_factor == 3.0
+
+
+def test_fixed_defaults_follow_netflix_aca_judge() -> None:
+    from shadowctl.judge.fixed import config_from_policy
+
+    doc = _base()
+    doc["spec"]["analysis"]["method"] = "fixed"
+    config = config_from_policy(parse_policies(yaml.safe_dump(doc), "p.yaml")[0].spec.analysis)
+    assert (config.confidence, config.tolerance) == (0.98, 0.25)
+    assert config.options("errors").nan_strategy == "remove" and config.options("errors").groups == ("default",)
+
+
+def test_fixed_options_are_bounded_and_explained() -> None:
+    doc = _base()
+    analysis = doc["spec"]["analysis"]
+    analysis["passScore"] = 90
+    assert any("moved to spec.analysis.fixed.passScore" in e for e in _errors(doc))
+    del analysis["passScore"]
+    analysis["fixed"] = {"tolerance": 0.1}
+    assert any("set method: fixed" in e for e in _errors(doc))
+    analysis["method"] = "fixed"
+    analysis["fixed"] = {"confidence": 1.5, "groupWeights": {"nope": 10}}
+    errors = _errors(doc)
+    assert any("confidence" in e for e in errors)
+    analysis["fixed"] = {"groupWeights": {"nope": 10}}
+    assert any("no metric is in: nope" in e for e in _errors(doc))
+    analysis["metrics"][0]["group"] = "a"
+    analysis["metrics"][1]["group"] = "b"
+    analysis["fixed"] = {"groupWeights": {"a": 70, "b": 40}}
+    assert any("add up to 110" in e for e in _errors(doc))
+    analysis["fixed"] = {"marginalScore": 96}
+    assert any("marginalScore must not be above passScore" in e for e in _errors(doc))
+    analysis["fixed"] = {}
+    analysis["metrics"][0]["fixed"] = {"effectSize": {"measure": "cles", "allowedIncrease": 1.5}}
+    assert any("probability with measure cles" in e for e in _errors(doc))
+    analysis["metrics"][0]["fixed"] = {"outliers": {"strategy": "trim"}}
+    assert any("outliers.strategy" in e for e in _errors(doc))
+    analysis["metrics"][0]["fixed"] = {}
+    analysis["metrics"][0]["groups"] = ["x"]
+    assert any("'group' or 'groups'" in e for e in _errors(doc))

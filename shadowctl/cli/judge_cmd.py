@@ -15,6 +15,7 @@ last look (``inconclusive``/``nodata``) when it never decided.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -248,8 +249,11 @@ def replay(
     beta: float,
     method: str,
     max_looks: int | None,
+    fixed: FixedConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Judge every stream look by look; return one output record per stream, in input order."""
+    """Judge every stream look by look; return one output record per stream, in input order.
+
+    ``fixed``: the fixed method's configuration (default: NetflixACAJudge's)."""
     counts_stat = spec.statistic in ("rate", "agreement")
     for st in streams:
         if (st.kind == "counts") != counts_stat:
@@ -270,7 +274,7 @@ def replay(
             _add(streams[i], accs[i], streams[i].looks[k], keep_raw=method == "fixed")
         if method == "fixed":
             for i in active:
-                _fixed_look(streams[i], accs[i], spec, k, k == n_looks[i] - 1, alpha, out, i)
+                _fixed_look(streams[i], accs[i], spec, k, k == n_looks[i] - 1, fixed or FixedConfig(), out, i)
             k += 1
             continue
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -309,7 +313,8 @@ def _emit_nodata(
 
 
 def _fixed_look(
-    st: _Stream, acc: _Acc, spec: MetricSpec, k: int, final: bool, alpha: float, out: dict[int, dict[str, Any]], i: int
+    st: _Stream, acc: _Acc, spec: MetricSpec, k: int, final: bool, config: FixedConfig,
+    out: dict[int, dict[str, Any]], i: int,
 ) -> None:
     if st.kind != "samples":
         raise ReplayInputError(
@@ -317,13 +322,14 @@ def _fixed_look(
         )
     p = np.concatenate(acc.raw_p) if acc.raw_p else np.zeros(0)
     c = np.concatenate(acc.raw_c) if acc.raw_c else np.zeros(0)
-    v = judge_fixed([MetricInput(spec, Samples(p), Samples(c))], FixedConfig(confidence=1.0 - alpha))
+    v = judge_fixed([MetricInput(spec, Samples(p), Samples(c))], config)
     if v.outcome is Outcome.failed or final:
         _record(out, i, st, k, v.outcome, v.to_record().to_json())
 
 
-def _spec_from_policy(policy_file: Path, metric: str) -> tuple[MetricSpec, float, float, str]:
+def _spec_from_policy(policy_file: Path, metric: str) -> tuple[MetricSpec, float, float, str, FixedConfig]:
     from shadowctl.cli.policy_files import load_policy
+    from shadowctl.judge.fixed import config_from_policy
     from shadowctl.policy import PolicyError
 
     try:
@@ -339,8 +345,33 @@ def _spec_from_policy(policy_file: Path, metric: str) -> tuple[MetricSpec, float
                 margin=Margin(m.margin.value, relative=m.margin.relative), critical=m.critical,
                 min_samples=m.min_samples,
             )
-            return spec, analysis.alpha, analysis.beta, analysis.method.value
+            return spec, analysis.alpha, analysis.beta, analysis.method.value, config_from_policy(analysis)
     raise fail(f"{policy_file}: no metric named {metric!r} (metrics: {', '.join(names) or 'none'})")
+
+
+_FIXED_FLAGS = ("confidence", "tolerance", "effect_size", "allowed_increase", "allowed_decrease", "critical_increase",
+                "critical_decrease", "nan_strategy", "outliers", "outlier_factor", "must_have_data", "critical",
+                "pass_score", "marginal_score")
+"""The flags of the fixed method (Kayenta's single-metric options and score thresholds)."""
+
+
+def _fixed_config(base: FixedConfig, name: str, flags: dict[str, Any]) -> FixedConfig:
+    """``base`` with the fixed-method flags that were given applied to it and to metric ``name``.
+
+    Only the weights of the metric's own groups are kept: the replay scores this one metric, and in
+    Kayenta's scorer the weight of a group without results would be lost from the score."""
+    opts = base.options(name)
+    changes = {
+        "effect_measure": flags["effect_size"], "allowed_increase": flags["allowed_increase"],
+        "allowed_decrease": flags["allowed_decrease"], "critical_increase": flags["critical_increase"],
+        "critical_decrease": flags["critical_decrease"], "nan_strategy": flags["nan_strategy"],
+        "outliers": flags["outliers"], "outlier_factor": flags["outlier_factor"],
+        "must_have_data": flags["must_have_data"],
+    }
+    opts = dataclasses.replace(opts, **{k: v for k, v in changes.items() if v is not None})
+    top = {k: flags[k] for k in ("confidence", "tolerance", "pass_score", "marginal_score") if flags[k] is not None}
+    weights = {g: w for g, w in base.group_weights.items() if g in opts.groups}
+    return dataclasses.replace(base, metrics={**base.metrics, name: opts}, group_weights=weights, **top)
 
 
 @judge_app.command("replay")
@@ -356,6 +387,31 @@ def replay_cmd(
     min_samples: Annotated[int, typer.Option(min=1, help="Samples needed per arm before deciding.")] = 50,
     policy: Annotated[Path | None, typer.Option(help="Take the metric from this ShadowPolicy file.")] = None,
     metric: Annotated[str | None, typer.Option(help="With --policy: the metric's name.")] = None,
+    confidence: Annotated[float | None, typer.Option(
+        min=0.5, max=0.9999, help="Fixed: confidence of the Mann-Whitney interval [default: 0.98].")] = None,
+    tolerance: Annotated[float | None, typer.Option(
+        min=0, help="Fixed: High/Low need the interval beyond tolerance x |shift| [default: 0.25].")] = None,
+    effect_size: Annotated[str | None, typer.Option(
+        help="Fixed: effect-size measure, meanRatio or cles [default: meanRatio].")] = None,
+    allowed_increase: Annotated[float | None, typer.Option(min=0, help="Fixed: effect size High needs.")] = None,
+    allowed_decrease: Annotated[float | None, typer.Option(min=0, help="Fixed: effect size Low needs.")] = None,
+    critical_increase: Annotated[float | None, typer.Option(
+        min=0, help="Fixed: effect size a critical High needs to fail the canary.")] = None,
+    critical_decrease: Annotated[float | None, typer.Option(
+        min=0, help="Fixed: effect size a critical Low needs to fail the canary.")] = None,
+    nan_strategy: Annotated[str | None, typer.Option(help="Fixed: remove or replace (with 0) [default: remove].")] = None,
+    outliers: Annotated[str | None, typer.Option(help="Fixed: keep or remove [default: keep].")] = None,
+    outlier_factor: Annotated[float | None, typer.Option(min=0, help="Fixed: IQR factor [default: 3].")] = None,
+    must_have_data: Annotated[bool | None, typer.Option(
+        "--must-have-data/--may-lack-data", help="Fixed: no data scores as a failing metric.", show_default=False,
+    )] = None,
+    critical: Annotated[bool | None, typer.Option(
+        "--critical/--not-critical", help="Fixed: a critical metric that is not Pass fails the canary.",
+        show_default=False,
+    )] = None,
+    pass_score: Annotated[float | None, typer.Option(min=0, max=100, help="Fixed: score to pass [default: 95].")] = None,
+    marginal_score: Annotated[float | None, typer.Option(
+        min=0, max=100, help="Fixed: score below which it fails [default: 75].")] = None,
 ) -> None:
     """Replay recorded looks of many streams through the judge; print one JSON line per stream.
 
@@ -364,13 +420,19 @@ def replay_cmd(
     "candidate_hist" as {"le": [..., "+Inf"], "counts": [...]} (cumulative along le), or
     "primary_counts" / "candidate_counts" as [failures, total].
 
+    The fixed method (Kayenta's NetflixACAJudge) takes its options from the flags marked "Fixed",
+    and from --policy (spec.analysis.fixed and the metric's own fixed block; groups and weights
+    only from there); the flags win.
+
     Example: shadowctl judge replay looks.jsonl --statistic p99 --margin 10%
     """
+    flags = {name: value for name, value in locals().items() if name in _FIXED_FLAGS}
     if (policy is None) != (metric is None):
         raise fail("--policy and --metric go together", code=2)
+    fixed = FixedConfig()
     try:
         if policy is not None and metric is not None:
-            spec, p_alpha, p_beta, p_method = _spec_from_policy(policy, metric)
+            spec, p_alpha, p_beta, p_method, fixed = _spec_from_policy(policy, metric)
         else:
             spec = MetricSpec("replay", statistic, direction, Margin.parse(margin), min_samples=min_samples)
             p_alpha, p_beta, p_method = 0.05, 0.05, "sequential"
@@ -383,6 +445,17 @@ def replay_cmd(
         raise fail(f"--alpha and --beta must be between 0 and 1 (got {a:g}, {b:g})", code=2)
     if meth not in ("sequential", "fixed"):
         raise fail(f"--method must be 'sequential' or 'fixed', not {meth!r}", code=2)
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    if meth != "fixed" and given:
+        raise fail(f"{', '.join(given)}: options of the fixed method; add --method fixed", code=2)
+    if meth == "fixed" and alpha is not None:
+        raise fail("--alpha is the sequential method's; the fixed method takes --confidence", code=2)
+    if critical is not None:
+        spec = dataclasses.replace(spec, critical=critical)
+    try:
+        fixed = _fixed_config(fixed, spec.name, flags)
+    except JudgeInputError as exc:
+        raise fail(str(exc), code=2) from exc
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -391,7 +464,7 @@ def replay_cmd(
         raise fail(f"{file}: not UTF-8 text ({exc.reason})") from exc
     try:
         streams = parse_replay(lines)
-        records = replay(streams, spec, alpha=a, beta=b, method=meth, max_looks=max_looks)
+        records = replay(streams, spec, alpha=a, beta=b, method=meth, max_looks=max_looks, fixed=fixed)
     except ReplayInputError as exc:
         raise fail(f"{file}: {exc}") from exc
     write = sys.stdout.write

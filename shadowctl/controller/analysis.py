@@ -48,7 +48,7 @@ from shadowctl.judge import (
     judge_fixed,
     judge_many,
 )
-from shadowctl.judge.fixed import FixedConfig
+from shadowctl.judge.fixed import config_from_policy
 from shadowctl.machine import RolloutState
 from shadowctl.policy.model import Method, Metric, ShadowPolicy
 from shadowctl.policy.status import Evidence, Phase
@@ -289,8 +289,7 @@ class Analyzer:
             return Look(verdict, verdict.to_record(), tuple(errors), tally)
         try:
             if analysis.method is Method.fixed:
-                config = FixedConfig(pass_score=analysis.pass_score, marginal_score=analysis.marginal_score)
-                judged = judge_fixed(look_input(policy, results, final, extra).inputs, config)
+                judged = judge_fixed(look_input(policy, results, final, extra).inputs, config_from_policy(analysis))
             elif shared is not None and shared.verdict is not None and not extra and shared.final == final:
                 judged = shared.verdict
                 self.shared_verdicts += 1

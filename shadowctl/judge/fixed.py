@@ -56,6 +56,7 @@ from shadowctl.judge.model import (
     Samples,
     Verdict,
 )
+from shadowctl.policy.model import Analysis, EffectSize, Metric, MetricFixed, Outliers
 
 __all__ = [
     "Classification",
@@ -66,6 +67,7 @@ __all__ = [
     "ScoreEntry",
     "ScoreResult",
     "classify",
+    "config_from_policy",
     "judge_fixed",
     "mann_whitney",
     "outlier_fences",
@@ -162,6 +164,37 @@ class FixedConfig:
 
     def options(self, metric: str) -> MetricOptions:
         return self.metrics.get(metric, self.default)
+
+
+def _options(effect: EffectSize, nan: str, outliers: Outliers, must: bool, muted: bool,
+             groups: tuple[str, ...]) -> MetricOptions:
+    return MetricOptions(
+        effect_measure=effect.measure.value, allowed_increase=effect.allowed_increase,
+        allowed_decrease=effect.allowed_decrease, critical_increase=effect.critical_increase,
+        critical_decrease=effect.critical_decrease, nan_strategy=nan, outliers=outliers.strategy.value,
+        outlier_factor=outliers.outlier_factor, must_have_data=must, muted=muted, groups=groups,
+    )
+
+
+def metric_options(analysis: Analysis, metric: Metric) -> MetricOptions:
+    """One metric's options: its own ``fixed`` block, else ``spec.analysis.fixed``'s (block by block)."""
+    f, own = analysis.fixed, metric.fixed or MetricFixed()
+    return _options(
+        own.effect_size or f.effect_size, (own.nan_strategy or f.nan_strategy).value, own.outliers or f.outliers,
+        f.must_have_data if own.must_have_data is None else own.must_have_data, bool(own.muted),
+        metric.score_groups,
+    )
+
+
+def config_from_policy(analysis: Analysis) -> FixedConfig:
+    """The fixed judge's configuration from a policy's ``spec.analysis`` (``fixed`` and the metrics)."""
+    f = analysis.fixed
+    default = _options(f.effect_size, f.nan_strategy.value, f.outliers, f.must_have_data, False, ("default",))
+    return FixedConfig(
+        confidence=f.confidence, tolerance=f.tolerance, pass_score=f.pass_score, marginal_score=f.marginal_score,
+        group_weights=dict(f.group_weights), metrics={m.name: metric_options(analysis, m) for m in analysis.metrics},
+        default=default,
+    )
 
 
 # --------------------------------------------------------------------------- transforms
@@ -372,7 +405,7 @@ def _result(mi: MetricInput, fm: FixedMetric, options: MetricOptions, config: Fi
         direction=spec.direction, margin=Margin(config.tolerance, relative=True), critical=spec.critical,
         n_primary=fm.n_primary, n_candidate=fm.n_candidate, primary_value=fm.primary_mean,
         candidate_value=fm.candidate_mean, effect=None if mw is None else mw.estimate,
-        interval=(None, None) if mw is None else (mw.lower, mw.upper), alpha=1 - config.confidence,
+        interval=(None, None) if mw is None else (mw.lower, mw.upper), alpha=round(1 - config.confidence, 12),
         beta=0.0, crossed=None, threshold=fm.band, sentence=sentence, method="fixed",
         extra={
             "classification": fm.classification.value,

@@ -341,6 +341,64 @@ MarginField = Annotated[
 ]
 
 
+class EffectMeasure(str, enum.Enum):
+    """Kayenta's effect size measures: the ratio of means, or the common-language effect size."""
+
+    mean_ratio = "meanRatio"
+    cles = "cles"
+
+
+class NanStrategy(str, enum.Enum):
+    remove = "remove"
+    to_zero = "replace"  # NaN becomes 0 (the member is not named replace: str.replace)
+
+
+class OutlierStrategy(str, enum.Enum):
+    keep = "keep"
+    remove = "remove"
+
+
+class EffectSize(_Model):
+    """Kayenta's effectSize: thresholds for High/Low (allowed*) and critical failures (critical*)."""
+
+    # High needs the effect size >= allowedIncrease, Low <= allowedDecrease; a critical metric's
+    # High/Low fails the canary only at criticalIncrease/criticalDecrease. Unset: neutral, 1 or 0.5.
+
+    measure: EffectMeasure = EffectMeasure.mean_ratio
+    allowed_increase: float | None = Field(default=None, ge=0, le=1e6)
+    allowed_decrease: float | None = Field(default=None, ge=0, le=1e6)
+    critical_increase: float | None = Field(default=None, ge=0, le=1e6)
+    critical_decrease: float | None = Field(default=None, ge=0, le=1e6)
+
+    @model_validator(mode="after")
+    def _cles_is_a_probability(self) -> EffectSize:
+        if self.measure is EffectMeasure.cles:
+            for name in ("allowed_increase", "allowed_decrease", "critical_increase", "critical_decrease"):
+                v = getattr(self, name)
+                if v is not None and v > 1:
+                    raise ValueError(f"{to_camel(name)} is a probability with measure cles (0..1), not {v:g}")
+        return self
+
+
+class Outliers(_Model):
+    """Kayenta's outliers: remove values outside quartiles -+ outlierFactor x IQR, widened to the 1st/99th percentiles."""
+
+    strategy: OutlierStrategy = OutlierStrategy.keep
+    outlier_factor: float = Field(default=3.0, gt=0, le=100)
+
+
+class MetricFixed(_Model):
+    """This metric's Kayenta options for method fixed; a block left unset comes from spec.analysis.fixed."""
+
+    effect_size: EffectSize | None = None
+    nan_strategy: NanStrategy | None = None
+    outliers: Outliers | None = None
+    must_have_data: bool | None = Field(
+        default=None, description="No data scores as a failing metric (Kayenta's NodataFailMetric) unless critical."
+    )
+    muted: bool | None = Field(default=None, description="Classified and shown, left out of the score.")
+
+
 class Metric(_Model):
     """One metric compared between primary and candidate."""
 
@@ -355,6 +413,10 @@ class Metric(_Model):
     critical: bool = False
     min_samples: int = Field(default=50, ge=1)
     group: str | None = Field(default=None, description="Group for weighted scoring in the fixed method.")
+    groups: list[str] | None = Field(
+        default=None, min_length=1, description="Several groups for the fixed method's score (instead of group)."
+    )
+    fixed: MetricFixed | None = Field(default=None, description="Kayenta options of this metric (method fixed).")
 
     @field_validator("name")
     @classmethod
@@ -380,7 +442,16 @@ class Metric(_Model):
             raise ValueError(f"a ratio metric is judged by statistic 'rate', not {self.statistic.value!r}")
         if self.statistic is Statistic.rate and self.kind not in (MetricKind.ratio, MetricKind.counter):
             raise ValueError("statistic 'rate' needs kind 'ratio' or 'counter'")
+        if self.group is not None and self.groups is not None:
+            raise ValueError("set 'group' or 'groups', not both")
         return self
+
+    @property
+    def score_groups(self) -> tuple[str, ...]:
+        """The groups this metric scores in (method fixed); 'default' when none is named."""
+        if self.groups is not None:
+            return tuple(self.groups)
+        return (self.group,) if self.group is not None else ("default",)
 
 
 class ComparatorName(str, enum.Enum):
@@ -491,6 +562,47 @@ class Variants(_Model):
     candidate: VariantSelector = VariantSelector()
 
 
+class Fixed(_Model):
+    """Method fixed: the options of Kayenta's NetflixACAJudge (docs/judge.md, "Kayenta parity")."""
+
+    # effectSize, nanStrategy, outliers and mustHaveData are every metric's defaults; a metric's own
+    # fixed block replaces them block by block.
+
+    confidence: float = Field(
+        default=0.98, ge=0.5, le=0.9999,
+        description="Confidence level of the Mann-Whitney interval; NetflixACAJudge uses 0.98.",
+    )
+    tolerance: float = Field(
+        default=0.25, ge=0, le=100,
+        description="High/Low need the interval beyond tolerance x |Hodges-Lehmann shift| (Kayenta: 0.25).",
+    )
+    pass_score: float = Field(default=95, ge=0, le=100, description="Score needed to pass.")
+    marginal_score: float = Field(default=75, ge=0, le=100, description="Score below which it fails.")
+    group_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Percent per metric group; groups without a weight share what is left of 100.",
+    )
+    effect_size: EffectSize = EffectSize()
+    nan_strategy: NanStrategy = NanStrategy.remove
+    outliers: Outliers = Outliers()
+    must_have_data: bool = False
+
+    @model_validator(mode="after")
+    def _scores(self) -> Fixed:
+        if self.marginal_score > self.pass_score:
+            raise ValueError("marginalScore must not be above passScore")
+        for name, w in self.group_weights.items():
+            if not 0 <= w <= 100:
+                raise ValueError(f"groupWeights.{name} must be between 0 and 100 (percent), not {w:g}")
+        if sum(self.group_weights.values()) > 100:
+            raise ValueError(f"groupWeights add up to {sum(self.group_weights.values()):g}; at most 100 (percent)")
+        return self
+
+
+_MOVED = {"passScore": "passScore", "pass_score": "passScore", "marginalScore": "marginalScore",
+          "marginal_score": "marginalScore"}
+
+
 class Analysis(_Model):
     """How primary and candidate are compared, at every interval."""
 
@@ -503,8 +615,16 @@ class Analysis(_Model):
     gpu_price_per_hour: float | None = Field(default=None, gt=0, description="For the GPU cost presets.")
     metrics: list[Metric] = Field(default_factory=list)
     outputs: Outputs | None = None
-    pass_score: float = Field(default=95, ge=0, le=100, description="Fixed method: score needed to pass.")
-    marginal_score: float = Field(default=75, ge=0, le=100, description="Fixed method: score below which it fails.")
+    fixed: Fixed = Field(default_factory=Fixed, description="Method fixed: Kayenta's options.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, new in _MOVED.items():
+                if key in data:
+                    raise ValueError(f"'{key}' moved to spec.analysis.fixed.{new}; write it there")
+        return data
 
     @field_validator("interval")
     @classmethod
@@ -527,8 +647,17 @@ class Analysis(_Model):
     def _something(self) -> Analysis:
         if not self.metrics and self.outputs is None:
             raise ValueError("give at least one metric or an outputs comparison; nothing would be judged")
-        if self.marginal_score > self.pass_score:
-            raise ValueError("marginalScore must not be above passScore")
+        if self.method is not Method.fixed:
+            if "fixed" in self.model_fields_set:
+                raise ValueError("'fixed' sets the options of method fixed; set method: fixed, or remove it")
+            named = [m.name for m in self.metrics if m.fixed is not None]
+            if named:
+                raise ValueError(f"metric {named[0]!r} has a 'fixed' block, which only method fixed uses")
+        used = {g for m in self.metrics for g in m.score_groups}
+        unknown = sorted(set(self.fixed.group_weights) - used)
+        if unknown:
+            raise ValueError(f"fixed.groupWeights names group(s) no metric is in: {', '.join(unknown)} "
+                             f"(groups: {', '.join(sorted(used)) or 'none'})")
         return self
 
 
