@@ -246,12 +246,18 @@ def mean_ratio(primary: FloatArray, candidate: FloatArray) -> float:
     return math.nan if pm == 0.0 or cm == 0.0 else cm / pm
 
 
+def _same(bound: float, limit: float) -> bool:
+    """Equal up to the rounding of a difference of two floats (0.06000000000000005 is 1.16 - 1.10 = 0.06)."""
+    return math.isclose(bound, limit, rel_tol=1e-9)
+
+
 def _above(bound: float, is_open: bool, limit: float) -> bool:
-    return bound > limit or (bound == limit and is_open)
+    """The confidence set lies above ``limit``: its bound is above, or on it and the bound itself is rejected."""
+    return is_open if _same(bound, limit) else bound > limit
 
 
 def _below(bound: float, is_open: bool, limit: float) -> bool:
-    return bound < limit or (bound == limit and is_open)
+    return is_open if _same(bound, limit) else bound < limit
 
 
 def _meets(effect: float, threshold: float, high: bool) -> bool:
