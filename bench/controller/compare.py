@@ -5,7 +5,7 @@ the tree (both use this checkout's virtual environment and control-plane binarie
 bench/results/controller-looks.json: per tree and trial, tick p50/p99, metric queries per round,
 judge passes, API requests per tick and the process's peak RSS.
 
-Run: .venv/bin/python bench/controller/compare.py --base /tmp/base [--sizes 1000] [--trials 2] [--heap-plain]
+Run: .venv/bin/python bench/controller/compare.py --base /tmp/base [--sizes 1000] [--trials 2]
 (make the older tree with `git worktree add /tmp/base <commit>`).
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(tree: Path, args: argparse.Namespace, extra: list[str]) -> list[dict[str, object]]:
+def run(tree: Path, args: argparse.Namespace) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         argv = [sys.executable, str(REPO / "bench" / "controller" / "run.py"), "--sizes", *map(str, args.sizes),
-                "--rounds", str(args.rounds), "--modes", *args.modes, "--out", str(out), *extra]
+                "--rounds", str(args.rounds), "--modes", *args.modes, "--out", str(out)]
         env = {**os.environ, "PYTHONPATH": str(tree)}
         subprocess.run(argv, check=True, env=env, cwd=tree, timeout=3600)
         rows: list[dict[str, object]] = json.loads(out.read_text())
@@ -41,17 +41,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["staggered"])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "controller-looks.json")
-    parser.add_argument("--heap-plain", action="store_true",
-                        help="also run today's tree with --heap plain (no gc.freeze after the first list)")
     args = parser.parse_args()
-    trees: list[tuple[str, Path, list[str]]] = [("today", REPO, []), ("base", args.base.resolve(), [])]
-    if args.heap_plain:
-        trees.insert(1, ("today-plain", REPO, ["--heap", "plain"]))
+    trees = {"today": REPO, "base": args.base.resolve()}
     results = []
     for trial in range(args.trials):
-        order = trees if trial % 2 == 0 else list(reversed(trees))
-        for name, tree, extra in order:
-            for row in run(tree, args, extra):
+        order = list(trees.items()) if trial % 2 == 0 else list(reversed(trees.items()))
+        for name, tree in order:
+            for row in run(tree, args):
                 results.append({"tree": name, "trial": trial, **row})
                 print(json.dumps(results[-1]), flush=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

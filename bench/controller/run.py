@@ -130,7 +130,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spread_s: float,
-                growing: bool = True, settle: bool = True) -> dict[str, Any]:
+                growing: bool = True) -> dict[str, Any]:
     """Tick `n` policies (in `namespace`, created here) `rounds` times; ticks all at once at the boundary
     (`spread_s` 0) or staggered over `spread_s` seconds."""
     vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
@@ -164,7 +164,7 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
             requests_per_round: list[int] = []
             writes_per_round: list[int] = []
             queries_per_round: list[int] = []
-            pauses: list[float] = []  # gen-2 (full) collections during the measured rounds, seconds
+            pauses: list[float] = []  # full (generation 2) collections during the measured rounds, seconds
             started: list[float] = []
 
             def probe(phase: str, info: dict[str, int]) -> None:
@@ -185,8 +185,6 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
                 cache = {obj["metadata"]["name"]: obj for obj in listed.items}
                 manager.last_objects = {f"{namespace}/{name}": obj for name, obj in cache.items()}
                 listed_requests = kube.request_count - before_req
-                if r == 0 and settle and hasattr(manager, "settle"):  # as Manager.run after its first list
-                    manager.settle()
 
                 async def timed(ref: ResourceRef, cache: dict[str, Any] = cache, start: float = 0.0) -> float:
                     await asyncio.sleep(start)  # staggered: each policy at its own offset after the boundary
@@ -228,7 +226,6 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
                 "ticks_using_the_shared_look": getattr(analyzer, "shared_verdicts", getattr(analyzer, "rows_used", 0)),
                 "tree": str(Path(sys.modules["shadowctl"].__file__ or "").parent.parent),
                 "max_rss_mib": round(rss_mib, 1),
-                "heap": "settled" if settle and hasattr(manager, "settle") else "plain",
                 "full_collections": len(pauses),
                 "full_collection_max_s": round(max(pauses, default=0.0), 4),
             }
@@ -237,15 +234,14 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
 
 
 async def main(sizes: list[int], rounds: int, spread_s: float, growing: bool,
-               modes: Sequence[str] = ("boundary", "staggered"), settle: bool = True) -> list[dict[str, Any]]:
+               modes: Sequence[str] = ("boundary", "staggered")) -> list[dict[str, Any]]:
     cluster = LocalCluster(knative=False)
     await asyncio.to_thread(cluster.start)
     try:
         # A namespace per run: a namespace cannot be emptied by deleting it (no namespace controller runs).
         spreads = [s for mode, s in (("boundary", 0.0), ("staggered", spread_s)) if mode in modes]
         runs = [(spread, n) for spread in spreads for n in sizes]
-        return [await bench(cluster, f"bench-{i}", n, rounds, spread, growing, settle)
-                for i, (spread, n) in enumerate(runs)]
+        return [await bench(cluster, f"bench-{i}", n, rounds, spread, growing) for i, (spread, n) in enumerate(runs)]
     finally:
         await asyncio.to_thread(cluster.stop)
 
@@ -270,9 +266,6 @@ if __name__ == "__main__":
                         help="model: the CRD's status schema generated from PolicyStatus (what deploy/crd.yaml has); "
                              "free: an unchecked status (preserve-unknown-fields), to measure what the API "
                              "server's validation of each status write costs")
-    parser.add_argument("--heap", choices=["settled", "plain"], default="settled",
-                        help="settled: freeze the heap after the first list, as `shadowctl run` does (Manager.settle); "
-                             "plain: leave the garbage collector as it is, to measure what settling changes")
     args = parser.parse_args()
     if args.status_schema == "free":
         import shadowctl.policy.crd
@@ -281,8 +274,7 @@ if __name__ == "__main__":
             return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
         shadowctl.policy.crd.status_openapi_schema = unchecked  # the CRD the local cluster installs
-    results = asyncio.run(main(args.sizes, args.rounds, args.spread, args.data == "growing", args.modes,
-                               args.heap == "settled"))
+    results = asyncio.run(main(args.sizes, args.rounds, args.spread, args.data == "growing", args.modes))
     for row in results:
         row["status_schema"] = args.status_schema
     out = args.out

@@ -135,7 +135,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) ->
                             notifier=ClusterNotifier(kube, clock, webhooks, publish), gate=WebhookGate(webhooks, clock),
                             metrics=metrics)
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
-                      min_interval=opts.min_interval, settle_heap=True)
+                      min_interval=opts.min_interval)
     listen_host, _, listen_port = opts.listen.rpartition(":")
     runner = await serve(make_app(metrics.registry, lambda: manager.ready.is_set() or not elector_leading()),
                          listen_host or "0.0.0.0", int(listen_port))

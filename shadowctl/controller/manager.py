@@ -8,13 +8,6 @@ A watch event for a policy (a spec edit, a `shadowctl promote` annotation)
 wakes its worker at once. The watch re-lists when its resourceVersion expires
 (410) and resumes after a dropped stream.
 
-Once the first list has filled the watch cache, a manager built with ``settle_heap=True`` (what
-``shadowctl run`` does) moves everything alive then (modules, parsed policies, the cache) out of the
-garbage collector's reach with ``gc.freeze()``: the collector's full passes then walk only what
-changed since, and no longer pause every tick in flight for 0.1-0.25 s at 1,000 policies
-(docs/controller.md). It is off by default because a frozen object that later becomes cyclic
-garbage is never collected: right once per process, wrong for tests that run many managers in one.
-
 Only the leader runs workers. A replica that loses the Lease cancels them
 between two API calls at worst; every status write is conditional on the
 resourceVersion it was computed from, so a stale leader's write fails (409)
@@ -24,7 +17,6 @@ instead of double-applying a step.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -97,14 +89,13 @@ class Manager:
         min_interval: float = 0.0,
         spread: float = 0.9,
         lead: float = 0.1,
-        settle_heap: bool = False,
     ) -> None:
         """`spread`, `lead`: each policy ticks at a fixed offset in [lead, spread) x interval after the
         boundary, so that the ticks of many policies do not contend; their looks still end at the boundary.
 
         At each boundary the manager runs the look of every rollout due then (:meth:`due`) through its
         :class:`LookScheduler`; the `lead` leaves that look the start of the interval, so that no tick
-        waits for it. `settle_heap`: freeze the heap once the first list is in (see the module's docstring)."""
+        waits for it."""
         self.kube = kube
         self.reconciler = reconciler
         self.clock = clock
@@ -117,8 +108,6 @@ class Manager:
         self.ready = asyncio.Event()
         self.last_objects: dict[str, dict[str, Any]] = {}
         self.scheduler = LookScheduler(reconciler.analyzer)
-        self.settle_heap = settle_heap
-        self.heap_settled = False
 
     # ----------------------------------------------------------------- watch
 
@@ -130,8 +119,6 @@ class Manager:
             while True:
                 try:
                     rv = await self._relist()
-                    if self.settle_heap and not self.heap_settled:
-                        self.settle()
                     self.ready.set()
                     backoff = 0.5
                     while True:
@@ -148,13 +135,6 @@ class Manager:
             await cancel_and_wait(looks)
             self.ready.clear()
             await self.stop_workers()
-
-    def settle(self) -> None:
-        """Collect once, then freeze what is alive (the process's long-lived state) out of later collections."""
-        gc.collect()
-        gc.freeze()
-        self.heap_settled = True
-        log.info("heap.settled", frozen=gc.get_freeze_count())
 
     async def _run_looks(self) -> None:
         """At each interval boundary, run the look of every rollout due then (before their ticks)."""
