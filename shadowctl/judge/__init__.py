@@ -20,6 +20,11 @@ Public API::
         Counts(failures, total)            errors of requests / disagreements of compared outputs
         NoData(reason) or None             the source had nothing -> outcome `nodata`, never a pass
 
+    Paired metrics (statistic "paired-mean" | "paired-median", relative margin): the candidate and the
+    primary on the same requests, as per-pair log ratios, instead of two arms:
+        MetricInput.of_pairs(spec, Paired.of(primary_values, candidate_values, dropped=0, errored=0))
+        PairedSketch().add(p, c) ... .snapshot() -> Paired     bounded memory for a stream of pairs
+
     judge(inputs: Sequence[MetricInput], *, alpha=0.05, beta=0.05, method="sequential",
           final=False) -> Verdict
         MetricInput(spec, primary, candidate); alpha is the family-wise false-fail probability
@@ -61,6 +66,8 @@ if TYPE_CHECKING:
         MetricSpec,
         NoData,
         Outcome,
+        Paired,
+        PairedSketch,
         Samples,
         Verdict,
     )
@@ -93,6 +100,8 @@ __all__ = [
     "MetricSpec",
     "NoData",
     "Outcome",
+    "Paired",
+    "PairedSketch",
     "Samples",
     "Verdict",
     "check_levels",

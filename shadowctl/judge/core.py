@@ -26,9 +26,11 @@ from shadowctl.judge.model import (
     MetricSpec,
     NoData,
     Outcome,
+    Paired,
     Samples,
     Verdict,
 )
+from shadowctl.judge.paired import PairedBatch, batch_paired, paired_result
 from shadowctl.judge.sequential import FAIL, PASS, Bounds, IntArray, decide
 
 MIN_TAIL_COUNT = 10
@@ -98,12 +100,38 @@ class _Row:
     cum: tuple[FloatArray, FloatArray] | None = None
     sums: tuple[float | None, float | None] = (None, None)
     sums_sq: tuple[float | None, float | None] = (None, None)
+    paired: Paired | None = None
+    """Per-pair log ratios, for a paired metric."""
 
     def group(self) -> tuple[object, ...]:
         """What rows must share to go through one kernel call (besides the spec and the levels)."""
+        if self.paired is not None:
+            return ("paired",)
         if self.le is None:
             return ("counts",)
         return ("binned", self.le.tobytes(), tuple(x is None for x in (*self.sums, *self.sums_sq)))
+
+
+def _input_row(mi: MetricInput) -> _Row:
+    """:func:`_row` of a metric input, paired or not (raises as _row does)."""
+    spec = mi.spec
+    if not spec.paired:
+        if mi.pairs is not None:
+            raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} takes two arms, not pairs")
+        return _row(spec, mi.primary, mi.candidate)
+    if mi.primary is not None or mi.candidate is not None:
+        raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} takes pairs "
+                              "(MetricInput.of_pairs), not two arms")
+    data = mi.pairs
+    if data is None:
+        raise _NoDataError("no paired data")
+    if isinstance(data, NoData):
+        raise _NoDataError(data.reason)
+    if not isinstance(data, Paired):
+        raise JudgeInputError(f"metric {spec.name!r}: paired data must be Paired, not {type(data).__name__}")
+    if data.has_nan:
+        raise _NoDataError("paired data contain NaN")
+    return _Row(paired=data)
 
 
 def _row(spec: MetricSpec, p: ArmData, c: ArmData) -> _Row:
@@ -126,9 +154,11 @@ def _row(spec: MetricSpec, p: ArmData, c: ArmData) -> _Row:
     return _Row(le=le, cum=(cp, cc), sums=(sum_p, sum_c), sums_sq=(sq_p, sq_c))
 
 
-def _batch(spec: MetricSpec, rows: Sequence[_Row], *, alpha: float, beta: float) -> Batch:
+def _batch(spec: MetricSpec, rows: Sequence[_Row], *, alpha: float, beta: float) -> Batch | PairedBatch:
     """One kernel call for rows of the same :meth:`_Row.group`."""
     first = rows[0]
+    if first.paired is not None:
+        return batch_paired(spec, [r.paired for r in rows if r.paired is not None], alpha=alpha, beta=beta)
     if first.le is None:
         f = np.asarray([r.counts for r in rows], dtype=np.float64)
         return batch_counts(spec, f[:, 0], f[:, 1], f[:, 2], f[:, 3], alpha=alpha, beta=beta)
@@ -143,7 +173,7 @@ def _batch(spec: MetricSpec, rows: Sequence[_Row], *, alpha: float, beta: float)
     return batch_binned(spec, cum_p, cum_c, first.le, alpha=alpha, beta=beta, sums=sums, sums_sq=sums_sq)
 
 
-def _prepare(spec: MetricSpec, p: ArmData, c: ArmData, *, alpha: float, beta: float) -> Batch:
+def _prepare(spec: MetricSpec, p: ArmData, c: ArmData, *, alpha: float, beta: float) -> Batch | PairedBatch:
     return _batch(spec, [_row(spec, p, c)], alpha=alpha, beta=beta)
 
 
@@ -274,8 +304,12 @@ def judge_metric(
     return result_of(spec, batch, 0, alpha=alpha, beta=beta, final=final)
 
 
-def result_of(spec: MetricSpec, batch: Batch, i: int, *, alpha: float, beta: float, final: bool) -> MetricResult:
+def result_of(
+    spec: MetricSpec, batch: Batch | PairedBatch, i: int, *, alpha: float, beta: float, final: bool
+) -> MetricResult:
     """The :class:`MetricResult` of stream ``i`` of a batch."""
+    if isinstance(batch, PairedBatch):
+        return paired_result(spec, batch, i, alpha=alpha, beta=beta, final=final)
     ep, ec = batch.primary, batch.candidate
     n_p, n_c = float(ep.n[i]), float(ec.n[i])
     vp, vc = float(ep.value[i]), float(ec.value[i])
@@ -417,7 +451,7 @@ def judge_many(looks: Sequence[LookInput]) -> list[Verdict | JudgeInputError]:
             prepared: list[tuple[int, tuple[MetricSpec, float, float, tuple[object, ...]], _Row]] = []
             for j, mi in enumerate(look.inputs):
                 try:
-                    row = _row(mi.spec, mi.primary, mi.candidate)
+                    row = _input_row(mi)
                 except _NoDataError as exc:
                     results[i][j] = nodata_result(mi.spec, str(exc), alpha=alpha, beta=look.beta)
                     continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,8 @@ class Direction(str, enum.Enum):
 
 
 _STAT_ALIASES = {"error_rate": "rate", "agreement_rate": "agreement"}
+PAIRED_STATISTICS = ("paired-mean", "paired-median")
+"""Statistics of per-pair log ratios log(candidate/primary): their mean, or their median."""
 _QUANTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
 _MARGIN = re.compile(r"^\s*\+?\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|pp)?\s*$")
 
@@ -66,13 +69,13 @@ def normalize_statistic(statistic: str) -> str:
     """Canonical statistic name; raises :class:`JudgeInputError` for unknown ones."""
     s = _STAT_ALIASES.get(statistic.strip().lower(), statistic.strip().lower())
     q = quantile_of(s)
-    if s in ("mean", "rate", "agreement"):
+    if s in ("mean", "rate", "agreement", *PAIRED_STATISTICS):
         return s
     if q is not None and 0.0 < q < 1.0:
         return s
     raise JudgeInputError(
-        f"unknown statistic {statistic!r}: use p50, p90, p95, p99 (any pNN), mean, rate (error rate) "
-        "or agreement"
+        f"unknown statistic {statistic!r}: use p50, p90, p95, p99 (any pNN), mean, rate (error rate), "
+        "agreement, or paired-mean / paired-median (per-pair log ratios)"
     )
 
 
@@ -131,6 +134,11 @@ class MetricSpec:
     @property
     def quantile(self) -> float | None:
         return quantile_of(self.statistic)
+
+    @property
+    def paired(self) -> bool:
+        """Judged on per-pair log ratios (:class:`Paired` data), not on two independent arms."""
+        return self.statistic in PAIRED_STATISTICS
 
 
 # --------------------------------------------------------------------------- data per arm
@@ -252,13 +260,165 @@ class NoData:
 ArmData = Samples | Histogram | Counts | NoData | None
 
 
+# --------------------------------------------------------------------------- paired data
+
+LOG_RATIO_STEP = 0.005
+LOG_RATIO_LE: FloatArray = np.append(np.arange(-800, 801) * LOG_RATIO_STEP, np.inf)
+"""Upper bounds of the fixed layout per-pair log ratios are counted in: 0.5% wide from -4 to 4
+(ratios 0.018 to 55), 0 exactly a bound, then +Inf; a ratio beyond either end counts in the end bucket."""
+
+_LOG_RATIO_BOUNDS = tuple(float(x) for x in LOG_RATIO_LE)
+
+
+class PairedSketch:
+    """Accumulates pairs (primary, candidate) of one quantity into a :class:`Paired` summary.
+
+    Memory is bounded (one count per bucket of :data:`LOG_RATIO_LE` and five sums) however many pairs
+    arrive. A pair whose sides are not both finite and positive is counted in ``dropped``, not used.
+    """
+
+    __slots__ = ("_buckets", "_dropped", "_errored", "_frozen", "_sums")
+
+    def __init__(self) -> None:
+        self._buckets = np.zeros(LOG_RATIO_LE.size, dtype=np.float64)
+        self._sums = [0.0, 0.0, 0.0, 0.0]  # d, d^2, log primary, log candidate
+        self._dropped = 0
+        self._errored = 0
+        self._frozen: Paired | None = None
+
+    def add(self, primary: float | None, candidate: float | None) -> bool:
+        """Count one pair; False (and counted as dropped) when a side is missing, not finite or not positive."""
+        self._frozen = None
+        if primary is None or candidate is None or not (0 < primary < math.inf and 0 < candidate < math.inf):
+            self._dropped += 1
+            return False
+        lp, lc = math.log(primary), math.log(candidate)
+        d = lc - lp
+        self._buckets[bisect_left(_LOG_RATIO_BOUNDS, d)] += 1
+        s = self._sums
+        s[0] += d
+        s[1] += d * d
+        s[2] += lp
+        s[3] += lc
+        return True
+
+    def add_many(self, primary: Iterable[float], candidate: Iterable[float]) -> None:
+        """Count many pairs at once (arrays of equal length, element i of each is one pair)."""
+        p = _finite_array(primary, "paired primary")
+        c = _finite_array(candidate, "paired candidate")
+        if p.shape != c.shape:
+            raise JudgeInputError(f"paired data: {p.size} primary and {c.size} candidate values; they pair up one to one")
+        self._frozen = None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = (p > 0) & (c > 0) & np.isfinite(p) & np.isfinite(c)
+            lp, lc = np.log(p[ok]), np.log(c[ok])
+        d = lc - lp
+        self._dropped += int(p.size - ok.sum())
+        self._buckets += np.bincount(np.searchsorted(LOG_RATIO_LE, d, side="left"), minlength=LOG_RATIO_LE.size)
+        s = self._sums
+        s[0] += float(d.sum())
+        s[1] += float((d * d).sum())
+        s[2] += float(lp.sum())
+        s[3] += float(lc.sum())
+
+    def drop(self, n: int = 1) -> None:
+        """Count pairs where a side lacks the quantity (not counted as pairs)."""
+        self._frozen = None
+        self._dropped += n
+
+    def errored(self, n: int = 1) -> None:
+        """Count pairs where a side failed (an error is not a latency; not counted as pairs)."""
+        self._frozen = None
+        self._errored += n
+
+    def snapshot(self) -> Paired:
+        """The summary so far (frozen; cached until the next change)."""
+        if self._frozen is None:
+            s = self._sums
+            self._frozen = Paired(np.cumsum(self._buckets), s[0], s[1], s[2], s[3], self._dropped, self._errored)
+        return self._frozen
+
+
+@dataclass(frozen=True, eq=False)
+class Paired:
+    """Per-pair log ratios ``d = log(candidate/primary)`` of one metric, cumulative since the phase started.
+
+    The judge of a paired metric (statistic ``paired-mean`` or ``paired-median``) takes this instead of
+    two arms: both sides answered the same request, so the request's own share of the latency (prompt
+    and output length) cancels in ``d``. Held in bounded memory: ``counts`` are cumulative counts of
+    ``d`` per upper bound of :data:`LOG_RATIO_LE`, ``sum``/``sum_sq`` exact sums of ``d`` and ``d^2``,
+    ``sum_log_primary``/``sum_log_candidate`` the sums of each side's log (their geometric means, for
+    the evidence). ``dropped``: pairs where a side lacked the quantity (or it was not positive);
+    ``errored``: pairs with a failed side. Neither is in ``n``. Build with :meth:`of` or a
+    :class:`PairedSketch`.
+    """
+
+    counts: FloatArray
+    sum: float
+    sum_sq: float
+    sum_log_primary: float
+    sum_log_candidate: float
+    dropped: int = 0
+    errored: int = 0
+
+    def __post_init__(self) -> None:
+        cnt = np.asarray(self.counts, dtype=np.float64)
+        if cnt.shape != LOG_RATIO_LE.shape:
+            raise JudgeInputError(f"paired data: expected {LOG_RATIO_LE.size} cumulative counts, got {cnt.size}")
+        object.__setattr__(self, "counts", cnt)
+
+    @classmethod
+    def of(cls, primary: Iterable[float], candidate: Iterable[float], *, dropped: int = 0, errored: int = 0) -> Paired:
+        """From pairs given as two aligned sequences (element i of each is pair i); bad pairs are dropped."""
+        sketch = PairedSketch()
+        sketch.add_many(primary, candidate)
+        sketch.drop(dropped)
+        sketch.errored(errored)
+        return sketch.snapshot()
+
+    @property
+    def n(self) -> float:
+        """Pairs counted."""
+        return float(self.counts[-1])
+
+    @property
+    def has_nan(self) -> bool:
+        return bool(np.isnan(self.counts).any()) or math.isnan(self.sum) or math.isnan(self.sum_sq)
+
+    def above(self, x: float) -> float:
+        """How many ``d`` are above ``x``, counted at the nearest bound at or above ``x`` (never more)."""
+        j = int(np.searchsorted(LOG_RATIO_LE, x, side="left"))
+        return self.n - float(self.counts[min(j, LOG_RATIO_LE.size - 1)])
+
+    def below(self, x: float) -> float:
+        """How many ``d`` are below ``x``, counted at the nearest bound below ``x`` (never more)."""
+        j = int(np.searchsorted(LOG_RATIO_LE, x, side="left")) - 1
+        return float(self.counts[j]) if j >= 0 else 0.0
+
+    def __add__(self, other: Paired) -> Paired:
+        return Paired(self.counts + other.counts, self.sum + other.sum, self.sum_sq + other.sum_sq,
+                      self.sum_log_primary + other.sum_log_primary,
+                      self.sum_log_candidate + other.sum_log_candidate,
+                      self.dropped + other.dropped, self.errored + other.errored)
+
+
 @dataclass(frozen=True)
 class MetricInput:
-    """A metric spec with the cumulative data of both arms since the phase started."""
+    """A metric spec with the cumulative data of both arms since the phase started.
+
+    A paired metric (``spec.paired``) takes its data in ``pairs`` instead (:meth:`of_pairs`); its
+    ``primary``/``candidate`` are None.
+    """
 
     spec: MetricSpec
     primary: ArmData
     candidate: ArmData
+    pairs: Paired | NoData | None = None
+
+    @classmethod
+    def of_pairs(cls, spec: MetricSpec, pairs: Paired | NoData | None) -> MetricInput:
+        """A paired metric's input: the per-pair log ratios (or why there are none)."""
+        return cls(spec, None, None, pairs)
 
 
 # --------------------------------------------------------------------------- results
