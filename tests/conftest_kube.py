@@ -52,6 +52,7 @@ CLEANED = tuple(
         ("shadowctl.dev", "v1alpha1", "shadowpolicies"),
         ("networking.istio.io", "v1", "virtualservices"),
         ("networking.istio.io", "v1", "destinationrules"),
+        ("gateway.networking.k8s.io", "v1", "httproutes"),
         ("serving.knative.dev", "v1", "services"),
         ("serving.knative.dev", "v1", "revisions"),
         ("serving.knative.dev", "v1", "configurations"),

@@ -27,7 +27,7 @@ def assert_valid(obj: dict[str, Any]) -> None:
     cluster = conftest_kube.SESSION.get("cluster")
     assert cluster is not None, "assert_valid needs the local_cluster fixture"
     group, _, version = obj["apiVersion"].rpartition("/")
-    plural = {"VirtualService": "virtualservices", "Service": "services"}[obj["kind"]]
+    plural = {"VirtualService": "virtualservices", "Service": "services", "HTTPRoute": "httproutes"}[obj["kind"]]
     ns = obj["metadata"].get("namespace") or "default"
     body = {**obj, "metadata": {k: v for k, v in obj["metadata"].items()
                                  if k not in ("resourceVersion", "uid", "creationTimestamp", "generation")}}

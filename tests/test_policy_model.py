@@ -84,9 +84,26 @@ def test_margin_forms() -> None:
 def test_target_needs_exactly_one() -> None:
     doc = _base()
     doc["spec"]["target"]["knative"] = {"service": "chat"}
-    assert any("exactly one of 'istio' or 'knative'" in e for e in _errors(doc))
+    assert any("exactly one of 'istio', 'knative' or 'gatewayAPI'" in e for e in _errors(doc))
     doc["spec"]["target"] = {}
-    assert any("exactly one of 'istio' or 'knative'" in e for e in _errors(doc))
+    assert any("exactly one of 'istio', 'knative' or 'gatewayAPI'" in e for e in _errors(doc))
+
+
+def test_gateway_api_target() -> None:
+    doc = _base()
+    doc["spec"]["target"] = {"gatewayAPI": {"httpRoute": "chat", "rule": "chat-default",
+                                            "primary": {"name": "chat-v1", "port": 8000},
+                                            "candidate": {"name": "chat-v2", "namespace": "canary"}}}
+    target = ShadowPolicy.model_validate(doc).spec.target
+    assert target.gateway_api is not None and target.gateway_api.candidate.label() == "canary/chat-v2"
+    assert target.model_dump(by_alias=True, exclude_none=True)["gatewayAPI"]["httpRoute"] == "chat"
+    doc["spec"]["target"]["gatewayAPI"]["candidate"] = {"name": "chat-v1"}
+    assert any("the same backend" in e for e in _errors(doc))
+    doc["spec"]["target"]["gatewayAPI"]["candidate"] = {"name": "Chat_v2"}
+    assert any("not a valid Service" in e for e in _errors(doc))
+    doc["spec"]["target"]["gatewayAPI"]["candidate"] = {"name": "chat-v2"}
+    doc["spec"]["shadow"] = {"mirrorPercent": 5, "virtualService": {"name": "x", "candidate": {"host": "y"}}}
+    assert any("the HTTPRoute mirrors itself" in e for e in _errors(doc))
 
 
 def test_steps_must_increase_and_fit_max_weight() -> None:

@@ -136,16 +136,64 @@ class KnativeTarget(_Model):
         return v
 
 
+class BackendRef(_Model):
+    """A Gateway API backendRef to a Kubernetes Service: its name, and its namespace and port where they matter."""
+
+    name: str = Field(description="Name of the Service.")
+    namespace: str | None = Field(default=None, description="Namespace of the Service; default: the HTTPRoute's.")
+    port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        default=None,
+        description="Service port; matches only the backendRef with this port. Default: any port, and the "
+                    "primary's port where shadowctl writes a backendRef for the candidate.",
+    )
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _label(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 63 or not _LABEL.match(v)):
+            raise ValueError(f"{v!r} is not a valid Service or namespace name (lower-case letters, digits and '-')")
+        return v
+
+    def label(self) -> str:
+        """`namespace/name:port` as shown to people."""
+        text = (f"{self.namespace}/" if self.namespace else "") + self.name
+        return text + (f":{self.port}" if self.port else "")
+
+
+class GatewayAPITarget(_Model):
+    """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) whose rule shadowctl manages."""
+
+    http_route: str = Field(description="Name of the HTTPRoute, in the policy's namespace.")
+    rule: str | None = Field(
+        default=None, description="The rules[].name to manage; may be omitted when the HTTPRoute has one rule."
+    )
+    primary: BackendRef
+    candidate: BackendRef
+
+    @field_validator("http_route", "rule")
+    @classmethod
+    def _names(cls, v: str | None) -> str | None:
+        return v if v is None else _dns_name(v)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> GatewayAPITarget:
+        p, c = self.primary, self.candidate
+        if (p.name, p.namespace) == (c.name, c.namespace) and (p.port is None or c.port is None or p.port == c.port):
+            raise ValueError("primary and candidate are the same backend; name different Services (or ports)")
+        return self
+
+
 class Target(_Model):
-    """Exactly one of `istio` or `knative`."""
+    """Exactly one of `istio`, `knative` or `gatewayAPI`."""
 
     istio: IstioTarget | None = None
     knative: KnativeTarget | None = None
+    gateway_api: GatewayAPITarget | None = Field(default=None, alias="gatewayAPI")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        if (self.istio is None) == (self.knative is None):
-            raise ValueError("set exactly one of 'istio' or 'knative'")
+        if [self.istio, self.knative, self.gateway_api].count(None) != 2:
+            raise ValueError("set exactly one of 'istio', 'knative' or 'gatewayAPI'")
         return self
 
 
@@ -737,7 +785,14 @@ class Spec(_Model):
             "message": "shadow.virtualService is only for Knative targets; the Istio target mirrors itself",
             "fieldPath": ".shadow.virtualService",
         },
+        {
+            "rule": "!has(self.target.gatewayAPI) || !has(self.shadow) || !has(self.shadow.virtualService)",
+            "message": "shadow.virtualService is only for Knative targets; the HTTPRoute mirrors itself "
+                       "(a RequestMirror filter)",
+            "fieldPath": ".shadow.virtualService",
+        },
     ]})
+
 
     target: Target
     trigger: Trigger = Trigger.manual
@@ -767,6 +822,9 @@ class Spec(_Model):
             )
         if self.shadow is not None and self.target.istio is not None and self.shadow.virtual_service is not None:
             raise ValueError("shadow.virtualService is only for Knative targets; the Istio target mirrors itself")
+        if self.shadow is not None and self.target.gateway_api is not None and self.shadow.virtual_service is not None:
+            raise ValueError("shadow.virtualService is only for Knative targets; the HTTPRoute mirrors itself "
+                             "(a RequestMirror filter)")
         phases = (self.shadow.min_duration if self.shadow else timedelta(0)) + (
             self.canary.step_duration * len(self.canary.steps) if self.canary else timedelta(0)
         )

@@ -50,7 +50,7 @@ from shadowctl.sim.pki import CertFiles, LocalCA, signing_key_pair
 JSON = dict[str, Any]
 
 # The upstream CRDs the control plane installs besides shadowctl's own, by name, from any YAML file
-# of the CRD folder (hack/setup.sh copies Istio's and Knative's files there from their Go modules).
+# of the CRD folder (hack/setup.sh copies Istio's, Knative's and Gateway API's files there from their Go modules).
 UPSTREAM_CRDS = frozenset({
     "virtualservices.networking.istio.io",
     "destinationrules.networking.istio.io",
@@ -58,6 +58,7 @@ UPSTREAM_CRDS = frozenset({
     "configurations.serving.knative.dev",
     "revisions.serving.knative.dev",
     "routes.serving.knative.dev",
+    "httproutes.gateway.networking.k8s.io",
 })
 SERVICE_CIDR = "10.0.0.0/24"
 START_TIMEOUT = 90.0
