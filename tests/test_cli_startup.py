@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -117,3 +119,29 @@ def test_reading_commands_read_without_the_kubernetes_library(argv: list[str], k
     )
     light = {"shadowctl.controller", "shadowctl.controller.commands", "shadowctl.controller.clock"}
     assert set(_loaded_after(code, (*HEAVY, "structlog"))) - light == set()
+
+
+def _all_commands() -> list[tuple[str, Any]]:
+    """Every command and subcommand (``judge replay``, ``sim cluster``) as its module builds it."""
+    found: list[tuple[str, Any]] = []
+    for entry in COMMANDS:
+        stack = [(entry.name, load_command(entry.name))]
+        while stack:
+            path, command = stack.pop()
+            found.append((path, command))
+            stack.extend((f"{path} {name}", sub) for name, sub in getattr(command, "commands", {}).items())
+    return found
+
+
+RICH_TAG = re.compile(r"(?<!\\)\[([a-z#/@][^\[\]]*)\]")
+"""What rich (the help's markup mode) takes for a style tag and drops from the text: ``[default: 5]``."""
+STYLES = {"bold", "dim", "italic", "red", "green", "yellow", "/", "/bold", "/dim", "/italic"}
+
+
+@pytest.mark.parametrize(("path", "command"), _all_commands(), ids=[p for p, _ in _all_commands()])
+def test_no_help_text_is_eaten_by_markup(path: str, command: Any) -> None:
+    """Help is rendered with rich markup, which silently drops anything that looks like a tag: a help
+    that says ``[default: 0.05]`` or ``as [failures, total]`` reaches a newcomer as ``.``."""
+    texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+    eaten = [m.group(0) for text in texts for m in RICH_TAG.finditer(text) if m.group(1) not in STYLES]
+    assert eaten == [], f"shadowctl {path}: rich would drop {eaten}; write (default: ...) or reword"

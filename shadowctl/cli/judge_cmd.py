@@ -380,28 +380,28 @@ def replay_cmd(
     statistic: Annotated[str, typer.Option(help="p50, p90, p95, p99 (any pNN), mean, rate or agreement.")] = "p95",
     direction: Annotated[Direction, typer.Option(help="Which change is a regression.")] = Direction.increase,
     margin: Annotated[str, typer.Option(help="'10%' (relative), '0.5pp' or '+0.005' (absolute).")] = "10%",
-    alpha: Annotated[float | None, typer.Option(help="False-fail probability [default: 0.05].")] = None,
-    beta: Annotated[float | None, typer.Option(help="False-pass probability at the margin [default: 0.05].")] = None,
-    method: Annotated[str | None, typer.Option(help="sequential or fixed [default: sequential].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="False-fail probability (default: 0.05).")] = None,
+    beta: Annotated[float | None, typer.Option(help="False-pass probability at the margin (default: 0.05).")] = None,
+    method: Annotated[str | None, typer.Option(help="sequential or fixed (default: sequential).")] = None,
     max_looks: Annotated[int | None, typer.Option(min=1, help="The maximum duration, in looks.")] = None,
     min_samples: Annotated[int, typer.Option(min=1, help="Samples needed per arm before deciding.")] = 50,
     policy: Annotated[Path | None, typer.Option(help="Take the metric from this ShadowPolicy file.")] = None,
     metric: Annotated[str | None, typer.Option(help="With --policy: the metric's name.")] = None,
     confidence: Annotated[float | None, typer.Option(
-        min=0.5, max=0.9999, help="Fixed: confidence of the Mann-Whitney interval [default: 0.98].")] = None,
+        min=0.5, max=0.9999, help="Fixed: confidence of the Mann-Whitney interval (default: 0.98).")] = None,
     tolerance: Annotated[float | None, typer.Option(
-        min=0, help="Fixed: High/Low need the interval beyond tolerance x |shift| [default: 0.25].")] = None,
+        min=0, help="Fixed: High/Low need the interval beyond tolerance x |shift| (default: 0.25).")] = None,
     effect_size: Annotated[str | None, typer.Option(
-        help="Fixed: effect-size measure, meanRatio or cles [default: meanRatio].")] = None,
+        help="Fixed: effect-size measure, meanRatio or cles (default: meanRatio).")] = None,
     allowed_increase: Annotated[float | None, typer.Option(min=0, help="Fixed: effect size High needs.")] = None,
     allowed_decrease: Annotated[float | None, typer.Option(min=0, help="Fixed: effect size Low needs.")] = None,
     critical_increase: Annotated[float | None, typer.Option(
         min=0, help="Fixed: effect size a critical High needs to fail the canary.")] = None,
     critical_decrease: Annotated[float | None, typer.Option(
         min=0, help="Fixed: effect size a critical Low needs to fail the canary.")] = None,
-    nan_strategy: Annotated[str | None, typer.Option(help="Fixed: remove or replace (with 0) [default: remove].")] = None,
-    outliers: Annotated[str | None, typer.Option(help="Fixed: keep or remove [default: keep].")] = None,
-    outlier_factor: Annotated[float | None, typer.Option(min=0, help="Fixed: IQR factor [default: 3].")] = None,
+    nan_strategy: Annotated[str | None, typer.Option(help="Fixed: remove or replace (with 0) (default: remove).")] = None,
+    outliers: Annotated[str | None, typer.Option(help="Fixed: keep or remove (default: keep).")] = None,
+    outlier_factor: Annotated[float | None, typer.Option(min=0, help="Fixed: IQR factor (default: 3).")] = None,
     must_have_data: Annotated[bool | None, typer.Option(
         "--must-have-data/--may-lack-data", help="Fixed: no data scores as a failing metric.", show_default=False,
     )] = None,
@@ -409,16 +409,16 @@ def replay_cmd(
         "--critical/--not-critical", help="Fixed: a critical metric that is not Pass fails the canary.",
         show_default=False,
     )] = None,
-    pass_score: Annotated[float | None, typer.Option(min=0, max=100, help="Fixed: score to pass [default: 95].")] = None,
+    pass_score: Annotated[float | None, typer.Option(min=0, max=100, help="Fixed: score to pass (default: 95).")] = None,
     marginal_score: Annotated[float | None, typer.Option(
-        min=0, max=100, help="Fixed: score below which it fails [default: 75].")] = None,
+        min=0, max=100, help="Fixed: score below which it fails (default: 75).")] = None,
 ) -> None:
     """Replay recorded looks of many streams through the judge; print one JSON line per stream.
 
     Each line of FILE is one look of one stream with the data since its previous look:
     {"stream": ID, "t": SECONDS, "primary": [...], "candidate": [...]}, or "primary_hist" /
     "candidate_hist" as {"le": [..., "+Inf"], "counts": [...]} (cumulative along le), or
-    "primary_counts" / "candidate_counts" as [failures, total].
+    "primary_counts" / "candidate_counts" as a list of two numbers: failures, total.
 
     The fixed method (Kayenta's NetflixACAJudge) takes its options from the flags marked "Fixed",
     and from --policy (spec.analysis.fixed and the metric's own fixed block; groups and weights
