@@ -9,6 +9,7 @@ here, or is not under ``ShadowctlError``)::
 
     ShadowctlError
     ├── PolicyError                  shadowctl.policy: bad policy input, every problem as FILE:LINE:COL
+    ├── YamlTooLarge                 shadowctl.policy: YAML past its size, depth or node bounds (line, column)
     ├── JudgeError                   shadowctl.judge
     │   └── JudgeInputError          (also a ValueError) a spec or data object is malformed
     ├── MalformedEvent               shadowctl.compare (also a ValueError): not a valid output event

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from shadowctl.cli.policy_files import load_policies
 from shadowctl.policy import PolicyError, parse_policies
+from shadowctl.policy.yaml_bounds import YamlLimits
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = (REPO / "policies" / "chat-istio.yaml").read_text()
@@ -132,3 +133,76 @@ def test_fuzz_mutated_policy_never_raises_anything_else(where: str, value: objec
         parse_policies(yaml.safe_dump(doc), "fuzz.yaml")
     except PolicyError as exc:
         assert exc.problems
+
+
+def _alias_bomb(levels: int = 10, fanout: int = 9) -> str:
+    """Anchors each used ``fanout`` times by the next: a few hundred bytes standing for fanout**levels nodes."""
+    lines = ['a0: &a0 [' + ", ".join(['"x"'] * fanout) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fanout) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\napiVersion: shadowctl.dev/v1alpha1\nkind: ShadowPolicy\nspec: *a{levels - 1}\n"
+
+
+def test_an_alias_bomb_is_one_problem_at_its_line() -> None:
+    """Before the bound, validating this did not end within 20 s: each alias was walked expanded."""
+    text = _alias_bomb()
+    with pytest.raises(PolicyError) as info:
+        parse_policies(text, "bomb.yaml")
+    [problem] = info.value.problems
+    assert (problem.line, problem.message) == (6, "YAML stands for more than 200000 nodes (aliases expanded)")
+    assert str(problem).startswith("bomb.yaml:6:")
+
+
+def test_deep_nesting_is_one_problem_not_a_recursion_error() -> None:
+    for depth in (65, 5000):
+        with pytest.raises(PolicyError) as info:
+            parse_policies("[" * depth + "]" * depth, "deep.yaml")
+        assert [p.message for p in info.value.problems] == ["YAML nested more than 64 levels deep"]
+    with pytest.raises(PolicyError) as shallow:  # at the limit: read, then refused as not a policy
+        parse_policies("[" * 64 + "]" * 64, "deep.yaml")
+    assert "nested" not in str(shallow.value)
+
+
+def test_the_limits_can_be_raised_and_lowered() -> None:
+    text = "[" * 70 + "]" * 70
+    with pytest.raises(PolicyError) as raised:
+        parse_policies(text, "deep.yaml", YamlLimits(max_depth=100))
+    assert "nested" not in str(raised.value) and "expected a mapping" in str(raised.value)
+    small = YamlLimits(max_nodes=20)
+    with pytest.raises(PolicyError, match="more than 20 nodes"):
+        parse_policies(CHAT, "chat.yaml", small)
+    with pytest.raises(PolicyError, match=f"the file is {len(CHAT.encode())} bytes, more than the limit of 100"):
+        parse_policies(CHAT, "chat.yaml", YamlLimits(max_bytes=100))
+
+
+def test_validate_refuses_past_the_limits_with_flags_to_raise_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from shadowctl.cli.app import app
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    runner = CliRunner()
+    refused = runner.invoke(app, ["validate", str(bomb), str(REPO / "policies" / "chat-istio.yaml")])
+    assert refused.exit_code == 1, refused.output
+    assert f"{bomb}:6:" in refused.output and "aliases expanded" in refused.output
+    assert "1 of 2 file(s) valid" in refused.output
+    tight = runner.invoke(app, ["validate", "--max-nodes", "30", str(REPO / "policies" / "chat-istio.yaml")])
+    assert tight.exit_code == 1 and "more than 30 nodes" in tight.output
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 5000 + "\n" + CHAT)
+    assert runner.invoke(app, ["validate", "--max-bytes", "1000", str(big)]).exit_code == 1
+    assert runner.invoke(app, ["validate", str(big)]).exit_code == 0
+
+
+_yamlish = st.lists(st.sampled_from(["[", "]", "{", "}", ",", ": ", "- ", "&a ", "&b ", "*a", "*b", "x", "1",
+                                     "\n", "  ", "'", '"', "? ", "!!str ", "---\n", "#"]), max_size=200).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_yamlish)
+def test_fuzz_yaml_structure_never_raises_anything_else(text: str) -> None:
+    """Anchors, aliases, flow and block collections in any order: a PolicyError or policies, nothing else."""
+    try:
+        parse_policies(text, "fuzz.yaml", YamlLimits(max_nodes=500, max_depth=16))
+    except PolicyError as exc:
+        assert all(p.line >= 1 and p.column >= 1 for p in exc.problems)

@@ -22,13 +22,26 @@ import typer
 import yaml
 from rich.markup import escape
 
-from shadowctl.cli.common import ContextOpt, KubeconfigOpt, NamespaceOpt, err_console, fail, out
+from shadowctl.cli.common import (
+    YAML_LIMITS,
+    ContextOpt,
+    KubeconfigOpt,
+    MaxBytesOpt,
+    MaxDepthOpt,
+    MaxNodesOpt,
+    NamespaceOpt,
+    err_console,
+    fail,
+    out,
+    yaml_limits,
+)
 from shadowctl.cli.connect import CliError, Conn, explain, one_line, run_async, with_client
 from shadowctl.cli.objects import CONFLICT_ATTEMPTS, JSON, KIND_LABEL, meta_of
 
 if TYPE_CHECKING:
     from shadowctl.kube import KubeClient
     from shadowctl.policy import Problem
+    from shadowctl.policy.yaml_bounds import YamlLimits
 
 
 @dataclass
@@ -42,12 +55,12 @@ class _Item:
     namespace: str  # the file's metadata.namespace; "" until decided (-n, else the context's)
 
 
-def read_file(file: Path) -> list[_Item]:
+def read_file(file: Path, limits: YamlLimits) -> list[_Item]:
     """The file's policies, parsed once and validated by the policy loader; raises PolicyError with every problem."""
     from shadowctl.cli.policy_files import load_documents
 
     items = []
-    for parsed in load_documents(file):
+    for parsed in load_documents(file, limits):
         meta = parsed.data.get("metadata") or {}
         written = meta.get("namespace") if isinstance(meta.get("namespace"), str) else None
         items.append(_Item(file, parsed.data, parsed.node, parsed.policy.metadata.name, written or ""))
@@ -76,7 +89,7 @@ def _namespace_problem(item: _Item, flag: str | None) -> Problem | None:
         f"pass -n {item.namespace} or remove metadata.namespace from the file")
 
 
-def collect(paths: Sequence[Path], namespace_flag: str | None) -> list[_Item]:
+def collect(paths: Sequence[Path], namespace_flag: str | None, limits: YamlLimits = YAML_LIMITS) -> list[_Item]:
     """Validate every file; raise CliError after printing every problem, before anything is sent."""
     from shadowctl.cli.policy_files import policy_files
     from shadowctl.policy import PolicyError
@@ -91,7 +104,7 @@ def collect(paths: Sequence[Path], namespace_flag: str | None) -> list[_Item]:
     items: list[_Item] = []
     for file in files:
         try:
-            found = read_file(file)
+            found = read_file(file, limits)
         except PolicyError as exc:
             problems.extend(exc.problems)
             continue
@@ -201,6 +214,9 @@ def apply(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,
+    max_bytes: MaxBytesOpt = YAML_LIMITS.max_bytes,
+    max_depth: MaxDepthOpt = YAML_LIMITS.max_depth,
+    max_nodes: MaxNodesOpt = YAML_LIMITS.max_nodes,
 ) -> None:
     """Create or update ShadowPolicies from files, like kubectl apply.
 
@@ -212,7 +228,7 @@ def apply(
     """
     conn = Conn(kubeconfig, context, namespace)
     try:
-        items = collect(filename, namespace)
+        items = collect(filename, namespace, yaml_limits(max_bytes, max_depth, max_nodes))
     except CliError as exc:
         raise fail(one_line(exc.message), exc.code) from None
 

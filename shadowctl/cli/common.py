@@ -13,6 +13,8 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
+from shadowctl.policy.yaml_bounds import YamlLimits
+
 
 class OutputFormat(str, enum.Enum):
     """How a command prints its result: `-o table|json|yaml`."""
@@ -37,6 +39,20 @@ NamespaceOpt = Annotated[
 OutputOpt = Annotated[
     OutputFormat, typer.Option("-o", "--output", help="Output format: table, json or yaml.", case_sensitive=False)
 ]
+
+YAML_LIMITS = YamlLimits()
+MaxBytesOpt = Annotated[int, typer.Option("--max-bytes", min=1, help="Refuse a YAML file larger than this, in bytes.")]
+MaxDepthOpt = Annotated[int, typer.Option("--max-depth", min=1, help="Refuse YAML nested deeper than this.")]
+MaxNodesOpt = Annotated[
+    int, typer.Option("--max-nodes", min=1, help="Refuse YAML of more nodes than this, every alias expanded.")
+]
+
+
+def yaml_limits(max_bytes: int = YAML_LIMITS.max_bytes, max_depth: int = YAML_LIMITS.max_depth,
+                max_nodes: int = YAML_LIMITS.max_nodes) -> YamlLimits:
+    """The limits of --max-bytes, --max-depth and --max-nodes (a hostile file fails fast, with its line)."""
+    return YamlLimits(max_bytes=max_bytes, max_depth=max_depth, max_nodes=max_nodes)
+
 
 console = Console()
 err_console = Console(stderr=True)

@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 import yaml
 
-from shadowctl.cli.common import OutputFormat, err_console
+from shadowctl.cli.common import (
+    YAML_LIMITS,
+    MaxBytesOpt,
+    MaxDepthOpt,
+    MaxNodesOpt,
+    OutputFormat,
+    err_console,
+    yaml_limits,
+)
 from shadowctl.cli.policy_files import load_policies, policy_files
 from shadowctl.policy import PolicyError
 
@@ -22,6 +30,9 @@ def validate(
                        show_default=False),
     ],
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print problems only.")] = False,
+    max_bytes: MaxBytesOpt = YAML_LIMITS.max_bytes,
+    max_depth: MaxDepthOpt = YAML_LIMITS.max_depth,
+    max_nodes: MaxNodesOpt = YAML_LIMITS.max_nodes,
 ) -> None:
     """Check ShadowPolicy files and report every problem as FILE:LINE:COL: path: message.
 
@@ -39,9 +50,10 @@ def validate(
         err_console.print("error: no *.yaml or *.yml files found", highlight=False, markup=False)
         raise typer.Exit(2)
     bad = 0
+    limits = yaml_limits(max_bytes, max_depth, max_nodes)
     for file in files:
         try:
-            policies = load_policies(file)
+            policies = load_policies(file, limits)
         except PolicyError as exc:
             bad += 1
             for problem in exc.problems:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shadowctl.policy import PolicyError, Problem, ShadowPolicy
 from shadowctl.policy.loader import ParsedPolicy, parse_documents
+from shadowctl.policy.yaml_bounds import YamlLimits
 
 
 def policy_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -21,8 +22,13 @@ def policy_files(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, limits: YamlLimits) -> str:
+    """The file's text; a file larger than the limit is refused before it is read."""
     try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise PolicyError([Problem(str(path), 1, 1, "", f"the file is {size} bytes, more than the limit of "
+                                                           f"{limits.max_bytes}")])
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise PolicyError([Problem(str(path), 1, 1, "", "no such file")]) from exc
@@ -30,15 +36,15 @@ def _read(path: Path) -> str:
         raise PolicyError([Problem(str(path), 1, 1, "", f"cannot read the file: {exc}")]) from exc
 
 
-def load_documents(path: str | Path) -> list[ParsedPolicy]:
+def load_documents(path: str | Path, limits: YamlLimits = YamlLimits()) -> list[ParsedPolicy]:
     """Every ShadowPolicy in one file, each with its data as written and its YAML node."""
     p = Path(path)
-    return parse_documents(_read(p), str(p))
+    return parse_documents(_read(p, limits), str(p), limits)
 
 
-def load_policies(path: str | Path) -> list[ShadowPolicy]:
+def load_policies(path: str | Path, limits: YamlLimits = YamlLimits()) -> list[ShadowPolicy]:
     """Load every ShadowPolicy in one file."""
-    return [d.policy for d in load_documents(path)]
+    return [d.policy for d in load_documents(path, limits)]
 
 
 def load_policy(path: str | Path, name: str | None = None) -> ShadowPolicy:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from shadowctl.errors import ShadowctlError
 from shadowctl.policy.model import ShadowPolicy
+from shadowctl.policy.yaml_bounds import YamlLimits, YamlTooLarge, check_yaml_bounds
 
 PathT = tuple[str | int, ...]
 
@@ -94,7 +95,12 @@ class _Document:
     marks: dict[PathT, tuple[yaml.Node, yaml.Node | None]]
 
 
-def _documents(text: str, file: str) -> Iterator[_Document | Problem]:
+def _documents(text: str, file: str, limits: YamlLimits) -> Iterator[_Document | Problem]:
+    try:
+        check_yaml_bounds(text, limits)
+    except YamlTooLarge as exc:
+        yield Problem(file, exc.line, exc.column, "", exc.message)
+        return
     try:
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as exc:
@@ -218,13 +224,13 @@ class ParsedPolicy:
     node: yaml.MappingNode
 
 
-def parse_documents(text: str, file: str = "<string>") -> list[ParsedPolicy]:
+def parse_documents(text: str, file: str = "<string>", limits: YamlLimits = YamlLimits()) -> list[ParsedPolicy]:
     """Parse every ShadowPolicy document in `text`, keeping each one's data and node; raise
-    PolicyError listing all problems."""
+    PolicyError listing all problems. A text past `limits` is one problem, found before it is composed."""
     parsed: list[ParsedPolicy] = []
     problems: list[Problem] = []
     count = 0
-    for item in _documents(text, file):
+    for item in _documents(text, file, limits):
         if isinstance(item, Problem):
             problems.append(item)
             continue
@@ -260,6 +266,6 @@ def parse_documents(text: str, file: str = "<string>") -> list[ParsedPolicy]:
     return parsed
 
 
-def parse_policies(text: str, file: str = "<string>") -> list[ShadowPolicy]:
+def parse_policies(text: str, file: str = "<string>", limits: YamlLimits = YamlLimits()) -> list[ShadowPolicy]:
     """Parse every ShadowPolicy document in `text`; raise PolicyError listing all problems."""
-    return [p.policy for p in parse_documents(text, file)]
+    return [p.policy for p in parse_documents(text, file, limits)]
