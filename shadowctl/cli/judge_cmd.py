@@ -6,6 +6,12 @@ look::
     {"stream": "a", "t": 30, "primary": [0.8, 1.2], "candidate": [0.9, 1.4]}
     {"stream": "a", "t": 60, "primary_hist": {"le": [0.5, 1, "+Inf"], "counts": [3, 9, 10]}, ...}
     {"stream": "b", "t": 30, "primary_counts": [2, 1000], "candidate_counts": [5, 1000]}
+    {"stream": "c", "t": 30, "paired": [[0.81, 0.85], [2.4, 2.3], [1.1, null]]}
+
+A ``paired`` look holds the primary's and the candidate's value for the same requests, one
+``[primary, candidate]`` per request; it is judged with ``--statistic median`` or ``mean`` (the
+paired judge: per-pair log ratios). A pair with a side that is null, not a number or not positive is
+dropped and counted in the evidence.
 
 Streams are judged in lockstep, look by look, with all streams of the same data layout in one
 vectorized call, so a file with thousands of streams replays in seconds. The output is one JSON
@@ -21,7 +27,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
 import typer
@@ -36,12 +42,14 @@ from shadowctl.judge import (
     Margin,
     MetricInput,
     MetricSpec,
+    PairedSketch,
     Samples,
     judge_fixed,
 )
 from shadowctl.judge import estimators as est
 from shadowctl.judge.core import Batch, batch_binned, batch_counts, result_of
 from shadowctl.judge.model import FloatArray, Outcome
+from shadowctl.judge.paired import PairedBatch, batch_paired
 from shadowctl.judge.sequential import FAIL, PASS
 
 judge_app = typer.Typer(
@@ -55,6 +63,7 @@ _KINDS = {
     "hist": ("primary_hist", "candidate_hist"),
     "counts": ("primary_counts", "candidate_counts"),
 }
+_PAIRED = "paired"
 
 
 class ReplayInputError(ShadowctlError):
@@ -95,6 +104,20 @@ def _number_list(value: Any, where: str) -> list[float]:
         else:
             raise ReplayInputError(f"{where}[{i}]: {v!r} is not a number")
     return out
+
+
+_SIDE = frozenset({float, int, type(None)})
+
+
+def _parse_pairs(value: Any, where: str) -> FloatArray:
+    """``[[primary, candidate], ...]`` as an (n, 2) array; a side that is null becomes NaN (dropped later)."""
+    if not isinstance(value, list):
+        raise ReplayInputError(f"{where}: expected a list of [primary, candidate] pairs, got {type(value).__name__}")
+    side = _SIDE
+    for i, pair in enumerate(value):
+        if type(pair) is not list or len(pair) != 2 or type(pair[0]) not in side or type(pair[1]) not in side:
+            raise ReplayInputError(f"{where}[{i}]: expected [primary, candidate] (seconds, or null), got {pair!r}")
+    return np.asarray(value, dtype=np.float64).reshape(len(value), 2)
 
 
 def _parse_arm(kind: str, value: Any, where: str) -> Any:
@@ -139,21 +162,29 @@ def parse_replay(lines: list[str]) -> list[_Stream]:
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
             raise ReplayInputError(f"{where}: 't' (seconds, a number) is missing or not a number")
         kinds = [k for k, keys in _KINDS.items() if any(key in obj for key in keys)]
+        if _PAIRED in obj:
+            kinds.append(_PAIRED)
         if len(kinds) != 1:
             raise ReplayInputError(
                 f"{where}: give one pair of primary/candidate, primary_hist/candidate_hist or "
-                "primary_counts/candidate_counts"
+                "primary_counts/candidate_counts, or paired"
             )
         kind = kinds[0]
-        pk, ck = _KINDS[kind]
-        for key in (pk, ck):
-            if key not in obj:
-                raise ReplayInputError(f"{where}: '{key}' is missing")
-        unknown = set(obj) - {"stream", "t", pk, ck}
-        if unknown:
-            raise ReplayInputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        p = _parse_arm(kind, obj[pk], f"{where}: {pk}")
-        c = _parse_arm(kind, obj[ck], f"{where}: {ck}")
+        if kind == _PAIRED:
+            unknown = set(obj) - {"stream", "t", _PAIRED}
+            if unknown:
+                raise ReplayInputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+            p, c = _parse_pairs(obj[_PAIRED], f"{where}: paired"), cast(Any, None)
+        else:
+            pk, ck = _KINDS[kind]
+            for key in (pk, ck):
+                if key not in obj:
+                    raise ReplayInputError(f"{where}: '{key}' is missing")
+            unknown = set(obj) - {"stream", "t", pk, ck}
+            if unknown:
+                raise ReplayInputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+            p = _parse_arm(kind, obj[pk], f"{where}: {pk}")
+            c = _parse_arm(kind, obj[ck], f"{where}: {ck}")
         sid = obj["stream"]
         st = streams.get(sid)
         if st is None:
@@ -182,9 +213,12 @@ class _Acc:
     nan: bool = False
     raw_p: list[FloatArray] = field(default_factory=list)
     raw_c: list[FloatArray] = field(default_factory=list)
+    pairs: PairedSketch | None = None
 
 
 def _new_acc(st: _Stream) -> _Acc:
+    if st.kind == _PAIRED:
+        return _Acc(np.zeros(0), np.zeros(0), pairs=PairedSketch())
     if st.kind == "samples":
         z = np.zeros(est.SKETCH_LE.size)
         return _Acc(z, z.copy())
@@ -195,6 +229,9 @@ def _new_acc(st: _Stream) -> _Acc:
 
 
 def _add(st: _Stream, acc: _Acc, look: _Look, keep_raw: bool) -> None:
+    if acc.pairs is not None:
+        acc.pairs.add_many(look.primary[:, 0], look.primary[:, 1])
+        return
     if st.kind == "samples":
         for arm, values, k in (("p", look.primary, 0), ("c", look.candidate, 1)):
             if np.isnan(values).any():
@@ -218,8 +255,13 @@ def _add(st: _Stream, acc: _Acc, look: _Look, keep_raw: bool) -> None:
     acc.c += np.nan_to_num(c)
 
 
-def _evaluate(spec: MetricSpec, group: list[tuple[_Stream, _Acc]], *, alpha: float, beta: float) -> Batch:
+def _evaluate(
+    spec: MetricSpec, group: list[tuple[_Stream, _Acc]], *, alpha: float, beta: float
+) -> Batch | PairedBatch:
     kind = group[0][0].kind
+    if kind == _PAIRED:
+        return batch_paired(spec, [a.pairs.snapshot() for _, a in group if a.pairs is not None], alpha=alpha,
+                            beta=beta)
     if kind == "counts":
         p = np.array([a.p for _, a in group])
         c = np.array([a.c for _, a in group])
@@ -254,8 +296,17 @@ def replay(
     """Judge every stream look by look; return one output record per stream, in input order.
 
     ``fixed``: the fixed method's configuration (default: NetflixACAJudge's)."""
+    if spec.statistic == "mean" and streams and all(st.kind == _PAIRED for st in streams):
+        spec = dataclasses.replace(spec, statistic="paired-mean")  # the mean of paired data is the paired mean
     counts_stat = spec.statistic in ("rate", "agreement")
     for st in streams:
+        if (st.kind == _PAIRED) != spec.paired:
+            needs = ("paired looks ('paired': [[primary, candidate], ...])" if spec.paired
+                     else "two arms; paired looks need --statistic median or mean")
+            raise ReplayInputError(
+                f"line {st.looks[0].line}: stream {st.sid!r} has {st.kind} data, but statistic "
+                f"{spec.statistic!r} needs {needs}"
+            )
         if (st.kind == "counts") != counts_stat:
             needs = "counts (primary_counts/candidate_counts)" if counts_stat else "samples or histograms"
             raise ReplayInputError(
@@ -340,8 +391,11 @@ def _spec_from_policy(policy_file: Path, metric: str) -> tuple[MetricSpec, float
     names = [m.name for m in analysis.metrics]
     for m in analysis.metrics:
         if m.name == metric:
+            stat = m.statistic.value
+            if m.kind.value == "paired-latency":
+                stat = f"paired-{stat}"
             spec = MetricSpec(
-                name=m.name, statistic=m.statistic.value, direction=Direction(m.direction.value),
+                name=m.name, statistic=stat, direction=Direction(m.direction.value),
                 margin=Margin(m.margin.value, relative=m.margin.relative), critical=m.critical,
                 min_samples=m.min_samples,
             )
@@ -377,7 +431,8 @@ def _fixed_config(base: FixedConfig, name: str, flags: dict[str, Any]) -> FixedC
 @judge_app.command("replay")
 def replay_cmd(
     file: Annotated[Path, typer.Argument(help="JSON Lines: one look of one stream per line.", show_default=False)],
-    statistic: Annotated[str, typer.Option(help="p50, p90, p95, p99 (any pNN), mean, rate or agreement.")] = "p95",
+    statistic: Annotated[str, typer.Option(
+        help="p50, p90, p95, p99 (any pNN), mean, rate or agreement; paired looks: median or mean.")] = "p95",
     direction: Annotated[Direction, typer.Option(help="Which change is a regression.")] = Direction.increase,
     margin: Annotated[str, typer.Option(help="'10%' (relative), '0.5pp' or '+0.005' (absolute).")] = "10%",
     alpha: Annotated[float | None, typer.Option(help="False-fail probability (default: 0.05).")] = None,
@@ -416,7 +471,8 @@ def replay_cmd(
     """Replay recorded looks of many streams through the judge; print one JSON line per stream.
 
     Each line of FILE is one look of one stream with the data since its previous look:
-    {"stream": ID, "t": SECONDS, "primary": [...], "candidate": [...]}, or "primary_hist" /
+    {"stream": ID, "t": SECONDS, "primary": [...], "candidate": [...]}, or "paired" as a list
+    of two-number lists, primary then candidate, one per request (--statistic median or mean), or "primary_hist" /
     "candidate_hist" as {"le": [..., "+Inf"], "counts": [...]} (cumulative along le), or
     "primary_counts" / "candidate_counts" as a list of two numbers: failures, total.
 
@@ -434,7 +490,8 @@ def replay_cmd(
         if policy is not None and metric is not None:
             spec, p_alpha, p_beta, p_method, fixed = _spec_from_policy(policy, metric)
         else:
-            spec = MetricSpec("replay", statistic, direction, Margin.parse(margin), min_samples=min_samples)
+            stat = "paired-median" if statistic.strip().lower() == "median" else statistic
+            spec = MetricSpec("replay", stat, direction, Margin.parse(margin), min_samples=min_samples)
             p_alpha, p_beta, p_method = 0.05, 0.05, "sequential"
     except JudgeInputError as exc:
         raise fail(str(exc), code=2) from exc

@@ -44,13 +44,14 @@ from shadowctl.judge import (
     MetricSpec,
     NoData,
     Outcome,
+    Paired,
     Verdict,
     judge_fixed,
     judge_many,
 )
 from shadowctl.judge.fixed import config_from_policy
 from shadowctl.machine import RolloutState
-from shadowctl.policy.model import Method, Metric, ShadowPolicy
+from shadowctl.policy.model import Method, Metric, MetricKind, ShadowPolicy
 from shadowctl.policy.status import Evidence, Phase
 from shadowctl.sources import base
 from shadowctl.sources.base import (
@@ -85,6 +86,14 @@ class OutputTallies(Protocol):
 
     def tally(self, policy_key: str, since: float) -> AgreementTally | None:
         """Counts for pairs completed after `since` (None: no output source for this policy)."""
+        ...
+
+    def latency(self, policy_key: str, since: float) -> Mapping[str, Paired] | None:
+        """The candidate's paired latencies per quantity (ttft, tpot, e2e) since `since` (None: no source)."""
+        ...
+
+    def error(self, policy_key: str) -> str | None:
+        """Why `policy_key` has no output source, where it could not be built."""
         ...
 
     async def stop(self, policy_key: str) -> None:
@@ -126,9 +135,10 @@ def look_end(now: float, since: float, interval: float) -> float:
 
 
 def metric_spec(metric: Metric) -> MetricSpec:
+    paired = metric.kind is MetricKind.paired_latency
     return MetricSpec(
         name=metric.name,
-        statistic=metric.statistic.value,
+        statistic=f"paired-{metric.statistic.value}" if paired else metric.statistic.value,
         direction=Direction(metric.direction.value),
         margin=Margin(metric.margin.value, relative=metric.margin.relative),
         critical=metric.critical,
@@ -142,6 +152,16 @@ def metric_input(metric: Metric, result: WindowResult | SourceConfigError) -> Me
         return MetricInput(spec, _arm(result.primary), _arm(result.candidate))
     reason = str(result)
     return MetricInput(spec, NoData(reason), NoData(reason))
+
+
+def paired_input(metric: Metric, latency: Mapping[str, Paired] | None, why_none: str) -> MetricInput:
+    """A paired-latency metric's input: the candidate's pairs of its quantity since the phase started."""
+    spec = metric_spec(metric)
+    quantity = metric.quantity.value if metric.quantity is not None else "?"
+    data = latency.get(quantity) if latency is not None else None
+    if data is None:
+        return MetricInput.of_pairs(spec, NoData(why_none if latency is None else f"no {quantity} pairs collected"))
+    return MetricInput.of_pairs(spec, data)
 
 
 def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
@@ -256,7 +276,7 @@ class Analyzer:
         since = state.phase_started_at if state.phase_started_at is not None else now
         final = _final(policy, state, since, now)
         errors: list[str] = []
-        metrics = policy.spec.analysis.metrics
+        metrics = source_metrics(policy)
         analysis = policy.spec.analysis
         results: Mapping[str, WindowResult | SourceConfigError] = {}
         shared: SharedLook | None = None
@@ -278,12 +298,20 @@ class Analyzer:
         outputs = analysis.outputs
         if outputs is not None and state.phase is Phase.shadowing:
             fresh = None
+            latency: Mapping[str, Paired] | None = None
             if self.outputs is not None:
                 self.outputs.ensure(policy, since)
                 fresh = self.outputs.tally(policy.key, since)
+                latency = self.outputs.latency(policy.key, since)
             tally = _merge(stored_tally, fresh)
             for item in judge_inputs(tally or AgreementTally(), outputs):
                 extra.append(agreement_input(item, outputs.min_pairs))
+            # Paired latency: only the shadow phase has pairs (the canary's live requests have no twin).
+            why = "the controller has no output hub"
+            if self.outputs is not None:
+                failed = self.outputs.error(policy.key)
+                why = f"the output source could not start: {failed}" if failed else "no output source is running"
+            extra.extend(paired_input(m, latency, why) for m in paired_metrics(policy))
         if not metrics and not extra:
             verdict = Verdict(Outcome.nodata, (), "nothing to judge in this phase")
             return Look(verdict, verdict.to_record(), tuple(errors), tally)
@@ -314,7 +342,7 @@ class Analyzer:
     async def _fetch(self, policy: ShadowPolicy, since: float, end: float) -> dict[str, WindowResult | SourceConfigError]:
         if self.source is None:
             return {m.name: base.NoData(m.name, None, "", "no metric source configured")
-                    for m in policy.spec.analysis.metrics}
+                    for m in source_metrics(policy)}
         planned = _plan(self.source, policy, since, end)
         requests = _asked(planned)
         return _answered(planned, await self.source.fetch_many(requests) if requests else {})
@@ -344,8 +372,18 @@ def look_input(policy: ShadowPolicy, results: Mapping[str, WindowResult | Source
 
     Raises JudgeError for data the judge cannot take (a histogram that is not one)."""
     analysis = policy.spec.analysis
-    inputs = [metric_input(m, results[m.name]) for m in analysis.metrics] + list(extra)
+    inputs = [metric_input(m, results[m.name]) for m in source_metrics(policy)] + list(extra)
     return LookInput(inputs, alpha=analysis.alpha, beta=analysis.beta, final=final)
+
+
+def paired_metrics(policy: ShadowPolicy) -> list[Metric]:
+    """The paired-latency metrics, judged from the output events in the shadow phase."""
+    return [m for m in policy.spec.analysis.metrics if m.kind is MetricKind.paired_latency]
+
+
+def source_metrics(policy: ShadowPolicy) -> list[Metric]:
+    """The metrics the metric source answers (all but the paired-latency ones, which come from the outputs)."""
+    return [m for m in policy.spec.analysis.metrics if m.kind is not MetricKind.paired_latency]
 
 
 class LookScheduler:
@@ -386,7 +424,7 @@ class LookScheduler:
         planned: list[tuple[ShadowPolicy, RolloutState, float, Planned]] = []
         for policy, state in due:
             since = state.phase_started_at
-            if since is None or end - since < 1.0 or not policy.spec.analysis.metrics:
+            if since is None or end - since < 1.0 or not source_metrics(policy):
                 continue
             planned.append((policy, state, since, _plan(source, policy, since, end)))
         requests = [r for _, _, _, plan in planned for r in _asked(plan)]

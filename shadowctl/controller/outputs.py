@@ -3,13 +3,14 @@
 The hub starts a source (built by an injected factory: the MQTT adapter in
 production, a double in tests) when a policy's shadow phase needs it, resets
 its tally when a new phase starts, and stops it when the phase ends. It answers
-the analyzer's question "agreement counts since the phase started".
+the analyzer's questions "agreement counts since the phase started" and "the
+candidate's paired latencies since the phase started" (per quantity).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,7 @@ import structlog
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.comparators import AgreementTally
 from shadowctl.errors import ShadowctlError
+from shadowctl.judge.model import Paired
 from shadowctl.policy.model import ShadowPolicy
 
 log = structlog.get_logger(__name__)
@@ -26,6 +28,8 @@ log = structlog.get_logger(__name__)
 class Snapshot(Protocol):
     @property
     def tally(self) -> AgreementTally: ...
+    @property
+    def latency(self) -> Mapping[str, Paired]: ...
     @property
     def connected(self) -> bool: ...
 
@@ -76,6 +80,17 @@ class OutputHub:
         if entry is None or entry.since != since:
             return None
         return entry.source.snapshot().tally
+
+    def latency(self, policy_key: str, since: float) -> Mapping[str, Paired] | None:
+        """The candidate's paired latencies per quantity since the phase started (None: no source for it)."""
+        entry = self._entries.get(policy_key)
+        if entry is None or entry.since != since:
+            return None
+        return entry.source.snapshot().latency
+
+    def error(self, policy_key: str) -> str | None:
+        """Why the policy has no output source, if it could not be built."""
+        return self.errors.get(policy_key)
 
     async def stop(self, policy_key: str) -> None:
         entry = self._entries.pop(policy_key, None)

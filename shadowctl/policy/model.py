@@ -293,6 +293,15 @@ class MetricKind(str, enum.Enum):
     ratio = "ratio"  # failures / total from two counters
     counter = "counter"
     gauge = "gauge"
+    paired_latency = "paired-latency"  # per-pair latency ratios from the output events (needs analysis.outputs)
+
+
+class LatencyQuantity(str, enum.Enum):
+    """What a paired-latency metric compares, per request, from the taps' output events."""
+
+    ttft = "ttft"  # time to first token (streamed answers)
+    tpot = "tpot"  # time per output token after the first: (e2e - ttft) / (output tokens - 1)
+    e2e = "e2e"  # end-to-end time
 
 
 PRESET_KINDS: Mapping[str, MetricKind] = MappingProxyType({
@@ -332,6 +341,7 @@ class Statistic(str, enum.Enum):
     p99 = "p99"
     mean = "mean"
     rate = "rate"
+    median = "median"  # kind paired-latency only: the median per-pair ratio
 
 
 class Direction(str, enum.Enum):
@@ -456,6 +466,9 @@ class Metric(_Model):
     error_query: str | None = Field(default=None, description="For kind ratio with a custom query: the failures.")
     kind: MetricKind = MetricKind.latency_histogram
     statistic: Statistic = Statistic.p95
+    quantity: LatencyQuantity | None = Field(
+        default=None, description="Kind paired-latency: ttft, tpot or e2e of each request, candidate against primary."
+    )
     direction: Direction = Direction.increase
     margin: MarginField = Field(default_factory=lambda: Margin(value=0.10, relative=True))
     critical: bool = False
@@ -480,8 +493,23 @@ class Metric(_Model):
             check_template(v)
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paired_default(cls, data: Any) -> Any:
+        """A paired-latency metric is judged on the median ratio unless it says otherwise."""
+        if isinstance(data, dict) and data.get("kind") in ("paired-latency", MetricKind.paired_latency) \
+                and "statistic" not in data:
+            return {**data, "statistic": "median"}
+        return data
+
     @model_validator(mode="after")
     def _source(self) -> Metric:
+        if self.kind is MetricKind.paired_latency:
+            return self._paired()
+        if self.quantity is not None:
+            raise ValueError("'quantity' is for kind paired-latency (latency per request pair from the output events)")
+        if self.statistic is Statistic.median:
+            raise ValueError("statistic 'median' is for kind paired-latency; a latency histogram's median is 'p50'")
         if (self.preset is None) == (self.query is None):
             raise ValueError("set exactly one of 'preset' or 'query'")
         if self.preset is not None:
@@ -492,6 +520,22 @@ class Metric(_Model):
             raise ValueError("statistic 'rate' needs kind 'ratio' or 'counter'")
         if self.group is not None and self.groups is not None:
             raise ValueError("set 'group' or 'groups', not both")
+        return self
+
+    def _paired(self) -> Metric:
+        """The rules of kind paired-latency: per-pair ratios of the output events, no Prometheus query."""
+        given = [name for name in ("preset", "query", "error_query") if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"kind paired-latency takes its data from the output events (spec.analysis.outputs), "
+                             f"not from Prometheus: remove {', '.join(to_camel(g) for g in given)}")
+        if self.quantity is None:
+            raise ValueError("kind paired-latency needs 'quantity': ttft, tpot or e2e")
+        if self.statistic not in (Statistic.median, Statistic.mean):
+            raise ValueError(f"kind paired-latency is judged on the per-pair ratio's 'median' or 'mean' (of its log), "
+                             f"not {self.statistic.value!r}; p95/p99 of each side stay Prometheus latency metrics")
+        if not self.margin.relative or not 0 < self.margin.value < 1:
+            raise ValueError(f"kind paired-latency needs a relative margin below 100% ('10%': the candidate at most "
+                             f"10% slower), not {self.margin}")
         return self
 
     @property
@@ -701,6 +745,12 @@ class Analysis(_Model):
             named = [m.name for m in self.metrics if m.fixed is not None]
             if named:
                 raise ValueError(f"metric {named[0]!r} has a 'fixed' block, which only method fixed uses")
+        paired = [m.name for m in self.metrics if m.kind is MetricKind.paired_latency]
+        if paired and self.outputs is None:
+            raise ValueError(f"metric {paired[0]!r} (kind paired-latency) pairs the primary's and the candidate's "
+                             "answers to the same request: set spec.analysis.outputs (the taps' MQTT output events)")
+        if paired and self.method is Method.fixed:
+            raise ValueError(f"metric {paired[0]!r} (kind paired-latency) is judged by method sequential only")
         used = {g for m in self.metrics for g in m.score_groups}
         unknown = sorted(set(self.fixed.group_weights) - used)
         if unknown:

@@ -39,9 +39,11 @@ from shadowctl.compare.comparators import (
     build_comparators,
     compare_pair,
 )
-from shadowctl.compare.events import MalformedEvent, OutputEvent, parse_broker_url, parse_event
-from shadowctl.compare.pairing import Pairer
-from shadowctl.policy.model import BaselineMode, ShadowPolicy
+from shadowctl.compare.events import MalformedEvent, OutputEvent, Variant, parse_broker_url, parse_event
+from shadowctl.compare.latency import QUANTITIES, pair_latency
+from shadowctl.compare.pairing import Pair, Pairer
+from shadowctl.judge.model import Paired, PairedSketch
+from shadowctl.policy.model import BaselineMode, MetricKind, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
 
 log = structlog.get_logger(__name__)
@@ -71,6 +73,8 @@ class OutputSnapshot:
     """Where output comparison stands: counts for the judge plus health."""
 
     tally: AgreementTally
+    latency: dict[str, Paired]
+    """Per latency quantity the source collects (ttft, tpot, e2e): the candidate's pairs since the last reset."""
     pairing: dict[str, object]
     pending: int
     malformed: int
@@ -102,6 +106,7 @@ class MqttOutputSource:
         password_provider: Callable[[], Awaitable[str]] | None = None,
         tls_context: ssl.SSLContext | None = None,
         max_pending: int = 100_000,
+        latency: Sequence[str] = (),
         timeout_s: float = 10.0,
         backoff_max_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
@@ -123,6 +128,12 @@ class MqttOutputSource:
         self.clock = clock
         self.pairer = Pairer(pair_ttl_s, max_pending=max_pending, expect_baseline=expect_baseline)
         self._tally = TallyBuilder()
+        unknown = sorted(set(latency) - set(QUANTITIES))
+        if unknown:
+            raise SourceConfigError(f"unknown latency quantity {unknown[0]!r}; use one of {', '.join(QUANTITIES)}")
+        self.quantities = tuple(dict.fromkeys(latency))
+        """The latency quantities whose pairs are collected (those the policy's paired-latency metrics judge)."""
+        self._latency = {q: PairedSketch() for q in self.quantities}
         self.malformed = 0
         self.connected = False
         self.last_error: str | None = None
@@ -157,12 +168,15 @@ class MqttOutputSource:
                 "use {namespace}, {service} or {name}"
             ) from exc
         comparators = build_comparators(outputs.comparators, embedder=embedder)
+        quantities = [m.quantity.value for m in policy.spec.analysis.metrics
+                      if m.kind is MetricKind.paired_latency and m.quantity is not None]
         return cls(
             outputs.mqtt.broker,
             topic,
             comparators,
             pair_ttl_s=outputs.pair_ttl.total_seconds(),
             expect_baseline=outputs.baseline.mode is BaselineMode.primary_replica,
+            latency=quantities,
             username=outputs.mqtt.username,
             password=password,
             password_provider=password_provider,
@@ -236,8 +250,23 @@ class MqttOutputSource:
 
     def ingest(self, event: OutputEvent) -> None:
         """Pair one event at the current time and add the resulting comparisons to the tally."""
-        for pair in self.pairer.add(event, self.clock()):
+        pairs = self.pairer.add(event, self.clock())
+        if pairs and self._latency:
+            self._add_latency(pairs)
+        for pair in pairs:
             self._tally.add(compare_pair(pair, self.comparators))
+
+    def _add_latency(self, pairs: list[Pair]) -> None:
+        """Count the candidate's pairs per latency quantity (a failed side: not a latency pair)."""
+        for pair in pairs:
+            if pair.variant is not Variant.candidate:
+                continue
+            for quantity, sketch in self._latency.items():
+                values = pair_latency(pair, quantity)
+                if values is None:
+                    sketch.errored()
+                else:
+                    sketch.add(*values)
 
     async def ingest_async(self, event: OutputEvent) -> None:
         """:meth:`ingest`, with slow comparators (an embedding model) scored in a worker thread.
@@ -254,6 +283,8 @@ class MqttOutputSource:
         pairs = self.pairer.add(event, self.clock())
         if not pairs:
             return
+        if self._latency:
+            self._add_latency(pairs)
         tally = self._tally
         comparators = self.comparators
         results = await asyncio.to_thread(lambda: [compare_pair(pair, comparators) for pair in pairs])
@@ -303,6 +334,7 @@ class MqttOutputSource:
         """Counts and health so far (cheap; safe to call at every analysis interval)."""
         return OutputSnapshot(
             tally=self.tally,
+            latency={q: sketch.snapshot() for q, sketch in self._latency.items()},
             pairing=self.pairer.stats.as_dict(),
             pending=len(self.pairer),
             malformed=self.malformed,
@@ -311,8 +343,9 @@ class MqttOutputSource:
         )
 
     def reset(self) -> None:
-        """Start a new tally (pending pairs and health counters are kept)."""
+        """Start a new tally and new latency pairs (pending pairs and health counters are kept)."""
         self._tally = TallyBuilder()
+        self._latency = {q: PairedSketch() for q in self.quantities}
 
 
 def load_local_embedder(model_dir: str) -> Embedder:

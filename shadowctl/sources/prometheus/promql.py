@@ -364,10 +364,13 @@ def build_requests(
     policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: Sequence[str] | None = None
 ) -> Planned:
     """Every (or the named) metric of a policy, each rendered or with the reason it cannot be
-    (:meth:`shadowctl.sources.base.MetricSource.plan` of the Prometheus sources)."""
+    (:meth:`shadowctl.sources.base.MetricSource.plan` of the Prometheus sources); paired-latency
+    metrics are left out (their data are the output events)."""
     out: Planned = []
     for metric in policy.spec.analysis.metrics:
         if metrics is not None and metric.name not in metrics:
+            continue
+        if metric.kind is MetricKind.paired_latency:  # from the output events, not from Prometheus
             continue
         try:
             out.append((metric, build_request(policy, metric, start=start, end=end)))
