@@ -129,6 +129,18 @@ def test_the_server_refuses_a_knative_target_that_mirrors_without_a_virtualservi
     kubectl("apply", "-f", str(path))
 
 
+def test_the_server_refuses_a_gateway_api_target_with_a_mirror_virtualservice(kubectl: Any, tmp_path: Path) -> None:
+    doc = policy("policies/chat-gateway-api.yaml")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    kubectl("apply", "-f", str(REPO / "gateway-api" / "chat.yaml"), "-f", str(path))  # both as committed
+    doc["spec"]["shadow"]["virtualService"] = {"name": "chat", "candidate": {"host": "chat-v2"}}
+    path.write_text(yaml.safe_dump(doc))
+    done = kubectl("apply", "-f", str(path), check=False)
+    assert done.returncode != 0
+    assert "spec.shadow.virtualService" in done.stderr and "the HTTPRoute mirrors itself" in done.stderr, done.stderr
+
+
 def test_unknown_fields_are_refused_and_explain_works(kubectl: Any, tmp_path: Path) -> None:
     doc = policy()
     doc["spec"]["canary"]["stepz"] = [1]
@@ -144,6 +156,8 @@ def test_unknown_fields_are_refused_and_explain_works(kubectl: Any, tmp_path: Pa
     ("verb", "resource", "where", "allowed"),
     [
         ("update", "virtualservices.networking.istio.io", ["-n", "llm"], "yes"),
+        ("update", "httproutes.gateway.networking.k8s.io", ["-n", "llm"], "yes"),
+        ("delete", "httproutes.gateway.networking.k8s.io", ["-n", "llm"], "no"),
         ("patch", "shadowpolicies.shadowctl.dev/status", ["-n", "llm"], "yes"),
         ("create", "leases.coordination.k8s.io", ["-n", "shadowctl"], "yes"),
         ("delete", "virtualservices.networking.istio.io", ["-n", "llm"], "no"),
@@ -197,7 +211,7 @@ def _run_sim_cluster(proc: subprocess.Popen[str], config: Path, tmp_path: Path) 
         crds = subprocess.run([kubectl, f"--kubeconfig={config}", "get", "crd", "-o", "name"], capture_output=True,
                               text=True, timeout=60, check=True).stdout
         for name in ("shadowpolicies.shadowctl.dev", "virtualservices.networking.istio.io",
-                     "services.serving.knative.dev"):
+                     "services.serving.knative.dev", "httproutes.gateway.networking.k8s.io"):
             assert name in crds
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

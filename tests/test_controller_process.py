@@ -31,6 +31,8 @@ from controller_helpers import (
     touch,
 )
 from fake_clock import FakeClock
+from gateway_helpers import TARGET as GATEWAY_TARGET
+from gateway_helpers import load_route
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.controller.analysis import Analyzer
@@ -38,6 +40,7 @@ from shadowctl.controller.manager import Manager, next_tick
 from shadowctl.controller.notify import ClusterNotifier
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.kube import (
+    HTTP_ROUTE,
     KNATIVE_SERVICE,
     SECRET,
     SHADOW_POLICY,
@@ -383,8 +386,8 @@ def _allowed_for_sa(kube_env: KubeEnv, verb: str, group: str, resource: str, nam
 
 
 async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_path: Path) -> None:
-    """Apply deploy/rbac.yaml to the real API server and run the controller (leader election, Istio and
-    Knative rollouts, one rolled back, Events, a policy's own Prometheus token Secret) AS its
+    """Apply deploy/rbac.yaml to the real API server and run the controller (leader election, Istio,
+    Gateway API and Knative rollouts, one rolled back, Events, a policy's own Prometheus token Secret) AS its
     ServiceAccount, with a token from the TokenRequest API, through the fault proxy.
 
     The real RBAC authorizer refuses (403) any call the RBAC does not grant, so every rollout finishing
@@ -418,6 +421,11 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
     vs["metadata"]["name"] = "chat-bad"
     await setup.create(VIRTUAL_SERVICE, vs)
     await setup.create(SHADOW_POLICY, bad)
+    gateway = policy_doc()
+    gateway["metadata"]["name"] = "chat-gateway"
+    gateway["spec"]["target"] = {"gatewayAPI": GATEWAY_TARGET}
+    await setup.create(HTTP_ROUTE, load_route())
+    await setup.create(SHADOW_POLICY, gateway)
     await setup.create(SECRET, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "prom", "namespace": "llm"},
                                 "data": {"token": base64.b64encode(b"t0k3n").decode()}})
 
@@ -438,7 +446,7 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
     phases: dict[str, Any] = {}
     try:
         async def all_done() -> bool:
-            for name in ("chat", "summarize", "chat-bad"):
+            for name in ("chat", "summarize", "chat-bad", "chat-gateway"):
                 obj = await setup.get(ResourceRef(SHADOW_POLICY, name, "llm"))
                 phases[name] = (obj.get("status") or {}).get("phase")
             return set(phases.values()) <= {"Succeeded", "RolledBack"}
@@ -460,7 +468,8 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
         await cancel_and_wait(task)
         await kube.close()
         await setup.close()
-    assert phases == {"chat": "Succeeded", "summarize": "Succeeded", "chat-bad": "RolledBack"}
+    assert phases == {"chat": "Succeeded", "summarize": "Succeeded", "chat-bad": "RolledBack",
+                      "chat-gateway": "Succeeded"}
     records = list(kube_env.request_log)
     refused = [(r.verb, r.path, r.status) for r in records if r.status in (401, 403)]
     assert not refused, f"the API server refused the controller: {refused[:10]}"

@@ -358,6 +358,9 @@ class Reconciler:
         if target.istio is not None:
             c = target.istio.candidate
             return f"{c.host}/{c.subset or ''}:{c.port or ''}"
+        if target.gateway_api is not None:
+            b = target.gateway_api.candidate
+            return f"{b.namespace or policy.metadata.namespace}/{b.name}:{b.port or ''}"
         assert target.knative is not None
         ksvc = await self.kube.get(ResourceRef(KNATIVE_SERVICE, target.knative.service, policy.metadata.namespace))
         status = ksvc.get("status") or {}

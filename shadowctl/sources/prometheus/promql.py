@@ -255,6 +255,11 @@ def _variant_fields(policy: ShadowPolicy, variant: Variant) -> tuple[VariantSele
         host, service = dest.host, target.istio.primary.host
         if sel.subset is None and dest.subset is not None:
             sel = sel.model_copy(update={"subset": dest.subset})
+    elif target.gateway_api is not None:
+        # Each variant is a Service of its own (its backendRef), so host and service are the variant's.
+        ref = getattr(target.gateway_api, variant.value)
+        host = f"{ref.name}.{ref.namespace or policy.metadata.namespace}.svc.cluster.local"
+        service = ref.name
     elif target.knative is not None:
         service = target.knative.service
         rev = target.knative.primary_revision if variant is Variant.primary else target.knative.candidate_revision
