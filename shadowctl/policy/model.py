@@ -843,7 +843,6 @@ class Spec(_Model):
         },
     ]})
 
-
     target: Target
     trigger: Trigger = Trigger.manual
     shadow: Shadow | None = None
