@@ -113,3 +113,32 @@ def test_a_file_with_a_destination_rule_beside_the_virtual_service(tmp_path: Pat
                                  "--weight", "10"])
     assert result.exit_code == 1
     assert "found 2 among 4 documents" in " ".join(result.output.split())
+
+
+def test_hostile_or_mangled_files_are_one_line_errors(tmp_path: Path) -> None:
+    """An alias bomb, deep nesting, bytes that are not UTF-8, metadata or a weight of the wrong type:
+    exit 1 with the file and where, never a traceback (before: AttributeError/TypeError from the builder)."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a0: &a0 [x, x, x, x, x, x, x, x, x]\n"
+                    + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    vs = yaml.safe_load(Path(VS).read_text())
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(yaml.safe_dump({**vs, "metadata": ["chat"]}))
+    weight = tmp_path / "weight.yaml"
+    _chat(vs)["route"][0]["weight"] = "ten"
+    weight.write_text(yaml.safe_dump(vs))
+    expected = {
+        bomb: f"{bomb}:6:", deep: "nested more than 64 levels", binary: "not UTF-8 text",
+        meta: "metadata: expected a mapping, got list",
+        weight: "spec.http[1].route[0].weight: expected an integer, got 'ten'",
+    }
+    for path, words in expected.items():
+        result = runner.invoke(app, ["render", str(path), "--primary", f"{HOST}/v1", "--candidate", f"{HOST}/v2",
+                                     "--route", "chat", "--weight", "10"])
+        assert result.exit_code == 1, (path.name, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert words in _text(result), (path.name, result.output)

@@ -57,10 +57,21 @@ def _destination(text: str, option: str) -> Destination:
 
 
 def _load(file: Path) -> dict[str, Any]:
+    from shadowctl.policy.yaml_bounds import YamlLimits, YamlTooLarge, check_yaml_bounds
+
+    limits = YamlLimits()
     try:
-        docs = [d for d in yaml.safe_load_all(file.read_text(encoding="utf-8")) if d is not None]
+        if file.stat().st_size > limits.max_bytes:
+            raise fail(f"{file}: larger than {limits.max_bytes} bytes")
+        text = file.read_text(encoding="utf-8")
+        check_yaml_bounds(text, limits)
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except OSError as exc:
         raise fail(f"{file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise fail(f"{file}: not UTF-8 text: {exc.reason}") from None
+    except YamlTooLarge as exc:
+        raise fail(f"{file}:{exc.line}:{exc.column}: {exc.message}") from None
     except yaml.YAMLError as exc:
         raise fail(f"{file}: not valid YAML: {exc}") from None
     # A file may hold a DestinationRule (or anything else) beside the object: take the routing object.
@@ -111,7 +122,10 @@ def render(
     obj = _load(file)
     kind, api = obj.get("kind"), str(obj.get("apiVersion", ""))
     state = RouteState(100 - weight, weight, mirror or None)
-    name = str((obj.get("metadata") or {}).get("name") or "unnamed")
+    meta = obj.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise fail(f"{file}: metadata: expected a mapping, got {type(meta).__name__}")
+    name = str((meta or {}).get("name") or "unnamed")
     try:
         result: Build
         if kind == "VirtualService" and api.startswith("networking.istio.io/"):

@@ -28,6 +28,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from shadowctl.policy.model import Destination, IstioTarget, MirrorVirtualService
 from shadowctl.routers.base import (
     DestinationNotFound,
@@ -65,11 +67,95 @@ class IstioRouteSpec:
 Target = IstioTarget | MirrorVirtualService | IstioRouteSpec
 
 
+# --------------------------------------------------------------------------- the shape the builders read
+
+
+class _Shape(BaseModel):
+    """The parts of a VirtualService the builders read, with Istio's types; everything else passes unread."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Port(_Shape):
+    number: int | None = Field(default=None, ge=0, le=65535)
+
+
+class _Destination(_Shape):
+    host: str
+    subset: str | None = None
+    port: _Port | None = None
+
+
+class _RouteDestination(_Shape):
+    destination: _Destination
+    weight: int | None = Field(default=None, ge=0)
+
+
+class _Percent(_Shape):
+    value: float | None = None
+
+
+class _MirrorEntry(_Shape):
+    destination: _Destination
+    percentage: _Percent | None = None
+
+
+class _HttpRoute(_Shape):
+    name: str | None = None
+    route: list[_RouteDestination] | None = None
+    mirror: _Destination | None = None
+    mirrorPercentage: _Percent | None = None
+    mirrors: list[_MirrorEntry] | None = None
+
+
+class _Spec(_Shape):
+    http: list[_HttpRoute | None] | None = None
+
+
+class _Metadata(_Shape):
+    name: str | None = None
+    namespace: str | None = None
+    resourceVersion: str | None = None
+    annotations: dict[str, str] | None = None
+
+
+class _VirtualService(_Shape):
+    metadata: _Metadata = Field(default_factory=_Metadata)
+    spec: _Spec | None = None
+
+
+def check_shape(obj: Any) -> None:
+    """Raise WouldBeRejected naming the first field whose type is not Istio's (``spec.http[1].route[0].weight:
+    expected an integer, got 'text'``), so that a hand-edited or mangled object is refused in words, never
+    with a traceback from deep inside a builder."""
+    try:
+        _VirtualService.model_validate(obj)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]
+                        if not (isinstance(p, str) and p in ("int", "float", "str", "none"))).lstrip(".")
+        got = err.get("input")
+        shown = repr(got) if not isinstance(got, dict | list) else f"a {type(got).__name__}"
+        what = _EXPECTED.get(err["type"], str(err["msg"]).lower())
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        named = object_name(obj) if isinstance(meta, dict) else "VirtualService"
+        raise WouldBeRejected(f"{named}: {where or 'the object'}: {what}, got {shown}") from exc
+
+
+_EXPECTED = {
+    "model_type": "expected a mapping", "dict_type": "expected a mapping", "list_type": "expected a list",
+    "int_type": "expected an integer", "string_type": "expected a string", "float_type": "expected a number",
+    "missing": "required",
+}
+"""Pydantic's error types in Istio's words (its messages name our private model classes)."""
+
+
 # --------------------------------------------------------------------------- public builders
 
 
 def build(current: JSON, target: Target, state: RouteState) -> Build:
     """The VirtualService routing as ``state``; weights are ignored for a mirror-only spec."""
+    check_shape(current)
     spec = IstioRouteSpec.of(target)
     obj = copy.deepcopy(current)
     record = load_record(obj)
@@ -92,6 +178,7 @@ def build(current: JSON, target: Target, state: RouteState) -> Build:
 
 def finalize(current: JSON, target: Target, keep_candidate: bool = False) -> Build:
     """Undo shadowctl's changes to the route: 100% primary, its mirror gone, its candidate destination gone."""
+    check_shape(current)
     spec = IstioRouteSpec.of(target)
     record = load_record(current)
     _, key, _ = _select_route(copy.deepcopy(current), spec)
@@ -118,6 +205,7 @@ def finalize(current: JSON, target: Target, keep_candidate: bool = False) -> Bui
 
 def promote(current: JSON, target: Target) -> Build:
     """Candidate weight 100, no mirror of ours, and the ownership record for the route removed."""
+    check_shape(current)
     spec = IstioRouteSpec.of(target)
     obj, _ = build(current, spec, RouteState(0, 100, None))
     record = load_record(obj)
@@ -129,6 +217,7 @@ def promote(current: JSON, target: Target) -> Build:
 
 def read_state(obj: JSON, target: Target) -> RouteState:
     """The route's current weights and shadowctl's mirror (a mirror-only spec reports 100/0 and its mirror)."""
+    check_shape(obj)
     spec = IstioRouteSpec.of(target)
     _, key, route = _select_route(obj, spec)
     where = _where(obj, key)
@@ -177,6 +266,7 @@ def destination_object(dest: Destination) -> JSON:
 
 def route_names(obj: JSON) -> list[str]:
     """The http routes' names (``#<index>`` for unnamed ones), for messages and the CLI."""
+    check_shape(obj)
     http = (obj.get("spec") or {}).get("http") or []
     return [_route_key(r, i) for i, r in enumerate(http) if isinstance(r, dict)]
 
