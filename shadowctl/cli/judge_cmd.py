@@ -154,6 +154,8 @@ def parse_replay(lines: list[str]) -> list[_Stream]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ReplayInputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        except RecursionError as exc:  # the decoder recurses per nesting level; a look is 3 levels deep
+            raise ReplayInputError(f"{where}: JSON nested too deeply to be a look") from exc
         if not isinstance(obj, dict):
             raise ReplayInputError(f"{where}: expected a JSON object")
         if "stream" not in obj or not isinstance(obj["stream"], str | int) or isinstance(obj["stream"], bool):
