@@ -337,6 +337,62 @@ async def test_knative_canary_promoted(h: Harness) -> None:
     assert [(t.get("revisionName"), t.get("percent")) for t in final if t.get("percent")] == [("summarize-00002", 100)]
 
 
+async def _knative_three_revisions(kube: KubeClient, policy: dict[str, Any]) -> ResourceRef:
+    """Revisions 1, 2 and 3 of the Service; 2 serves 90% and a `previous` tag keeps 10% on 1; 3 is the candidate."""
+    await kube.create(KNATIVE_SERVICE, KSVC)
+    await eventually(lambda: _ready_revision(kube, "summarize-00001"))
+    ref = ResourceRef(KNATIVE_SERVICE, "summarize", "llm")
+    for version in (2, 3):
+        svc = await kube.get(ref)
+        svc["spec"]["template"]["metadata"]["annotations"]["v"] = str(version)
+        svc["spec"]["traffic"] = [{"revisionName": "summarize-00002" if version == 3 else "summarize-00001",
+                                   "percent": 90},
+                                  {"tag": "previous", "revisionName": "summarize-00001", "percent": 10}]
+        await kube.replace(KNATIVE_SERVICE, svc)
+        await eventually(lambda v=version: _ready_revision(kube, f"summarize-0000{v}"))
+    await kube.create(SHADOW_POLICY, policy)
+    return ref
+
+
+@pytest.mark.parametrize("outcome", ["Succeeded", "RolledBack"])
+async def test_knative_third_target_keeps_its_share(h: Harness, outcome: str) -> None:
+    """A `previous` tag holding 10% through a whole canary (issue #17 item 4): each step's percent comes from
+    the primary, checked after every tick on the Service the webhook accepted; promotion hands the primary's
+    90% to the candidate, a rollback gives the primary its 90% back."""
+    policy = yaml.safe_load(KNATIVE_POLICY)
+    policy["spec"]["analysis"]["variants"] = {"primary": {"revision": "summarize-00002"},
+                                              "candidate": {"revision": "summarize-00003"}}
+    ksvc = await _knative_three_revisions(h.kube, policy)
+    if outcome == "RolledBack":
+        h.source.candidate = Arm(error_rate=0.08)
+        policy_metrics = [{"name": "errors", "preset": "vllm-errors", "kind": "ratio", "statistic": "rate",
+                           "margin": "1pp", "minSamples": 50}]
+        await h.kube.patch_merge(ResourceRef(SHADOW_POLICY, "summarize", "llm"),
+                                 {"spec": {"analysis": {"metrics": policy_metrics}}})
+    ref = ResourceRef(SHADOW_POLICY, "summarize", "llm")
+    seen: set[int] = set()
+    phase = None
+    for _ in range(60):
+        h.clock.advance(10)
+        await h.reconciler.tick(ref)
+        traffic = (await h.kube.get(ksvc))["spec"]["traffic"]
+        assert sum(int(t.get("percent") or 0) for t in traffic) == 100
+        assert [t["percent"] for t in traffic if t.get("tag") == "previous"] == [10], traffic
+        candidate = sum(int(t.get("percent") or 0) for t in traffic if t.get("revisionName") == "summarize-00003")
+        seen.add(candidate)
+        phase = ((await h.kube.get(ref)).get("status") or {}).get("phase")
+        if phase in ("Succeeded", "RolledBack"):
+            break
+    assert phase == outcome
+    final = [(t.get("tag"), t.get("revisionName"), t.get("percent")) for t in (await h.kube.get(ksvc))["spec"]["traffic"]]
+    if outcome == "Succeeded":
+        assert seen <= {0, 20, 50, 90} and {20, 50, 90} <= seen
+        assert final == [(None, "summarize-00003", 90), ("previous", "summarize-00001", 10)]
+    else:
+        assert seen <= {0, 20}
+        assert final == [(None, "summarize-00002", 90), ("previous", "summarize-00001", 10)]
+
+
 def _rules() -> set[tuple[str, str, str]]:
     allowed: set[tuple[str, str, str]] = set()
     for doc in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()):

@@ -30,6 +30,7 @@ def _record(obj: dict[str, Any]) -> dict[str, Any]:
     return json.loads(obj["metadata"]["annotations"][MANAGED_ANNOTATION])
 
 
+@pytest.mark.usefixtures("local_cluster")  # assert_valid asks the real API server
 def test_defaults_pin_primary_and_tag_candidate_keeping_others_tags() -> None:
     svc = load("ksvc-llm.yaml")
     pristine = copy.deepcopy(svc)
@@ -73,6 +74,7 @@ def test_rollback_and_keep_candidate_tag() -> None:
     assert not knative_build.finalize(restored, TARGET).modified
 
 
+@pytest.mark.usefixtures("local_cluster")  # assert_valid asks the real API server
 def test_promote_pins_the_candidate() -> None:
     obj, _ = knative_build.build(load("ksvc-llm.yaml"), TARGET, RouteState(10, 90), KNOWN)
     promoted, _ = knative_build.promote(obj, TARGET, KNOWN)
@@ -138,12 +140,74 @@ def test_mirroring_is_unsupported() -> None:
         knative_build.build(load("ksvc-llm.yaml"), TARGET, RouteState(100, 0, 5.0))
 
 
-def test_traffic_to_a_third_revision_is_refused() -> None:
+def _with_previous(percent: int = 10) -> dict[str, Any]:
+    """The fixture with a `previous` tag pinned to llm-00000 holding ``percent`` (the primary the rest)."""
+    svc = load("ksvc-llm.yaml")
+    svc["spec"]["traffic"][0]["percent"] = 100 - percent
+    svc["spec"]["traffic"].append({"tag": "previous", "revisionName": "llm-00000", "percent": percent})
+    return svc
+
+
+@pytest.mark.usefixtures("local_cluster")  # assert_valid asks the real API server
+def test_a_third_target_keeps_its_share_through_a_whole_rollout() -> None:
+    """A `previous` tag holding 10%: each step's percent comes from the primary, rollback gives it back."""
+    svc = _with_previous()
+    known = KNOWN | {"llm-00000"}
+    assert knative_build.read_state(svc, TARGET, known) == RouteState(100, 0)
+    obj = svc
+    for step in (0, 10, 50, 90):
+        obj, _ = knative_build.build(obj, TARGET, RouteState(100 - step, step), known)
+        percents = {(t.get("tag"), t.get("revisionName")): t["percent"] for t in obj["spec"]["traffic"]}
+        assert percents == {(None, "llm-00001"): 90 - step, ("latest", None): 0, ("stable", "llm-00001"): 0,
+                            ("previous", "llm-00000"): 10, ("candidate", "llm-00002"): step}
+        assert knative_build.read_state(obj, TARGET, known) == RouteState(100 - step, step)
+        assert_valid(obj)
+    with pytest.raises(UnmanagedTraffic, match="hold 10% of the traffic, so the candidate cannot get 95%"):
+        knative_build.build(obj, TARGET, RouteState(5, 95), known)
+    assert knative_build.finalize(obj, TARGET, known_revisions=known).obj == svc
+    promoted, _ = knative_build.promote(obj, TARGET, known)
+    assert promoted["spec"]["traffic"] == [
+        {"revisionName": "llm-00002", "percent": 90},
+        {"tag": "latest", "latestRevision": True, "percent": 0},
+        {"tag": "stable", "revisionName": "llm-00001", "percent": 0},
+        {"tag": "previous", "revisionName": "llm-00000", "percent": 10},
+    ]
+    assert knative_build.promoted_revision(promoted, "candidate") == "llm-00002"
+    assert not knative_build.promote(promoted, TARGET, known).modified
+    assert_valid(promoted)
+
+
+def test_rendering_a_service_with_a_third_target_is_no_longer_refused() -> None:
+    """Before: "shadowctl will not guess how to rebalance them"; now the candidate's share comes from the
+    primary, as for Istio's third destinations."""
+    new, _ = knative_build.build(_with_previous(), TARGET, RouteState(80, 20))
+    assert [t["percent"] for t in new["spec"]["traffic"]] == [70, 0, 0, 10, 20]
+
+
+def test_a_latest_revision_target_that_follows_the_candidate_is_refused() -> None:
+    """A floating target with a share follows the latest ready revision, the candidate: it would get more
+    than its step (before the shadow phase passed, too)."""
     svc = load("ksvc-llm.yaml")
     svc["spec"]["traffic"][0]["percent"] = 80
     svc["spec"]["traffic"][1]["percent"] = 20
-    with pytest.raises(UnmanagedTraffic, match="latestRevision \\(tag latest\\) 20%"):
+    with pytest.raises(UnmanagedTraffic, match=r"sends latestRevision \(tag latest\) 20% to the candidate revision"):
         knative_build.build(svc, KnativeTarget(service="llm", primary_revision="llm-00001"), RouteState(90, 10))
+    assert knative_build.read_state(svc, KnativeTarget(service="llm", primary_revision="llm-00001")) == RouteState(
+        80, 20), "what reaches the candidate counts as the candidate's"
+
+
+def test_a_latest_revision_target_on_another_revision_keeps_its_share() -> None:
+    """Rolling out llm-00002 while llm-00003 is the latest ready: a floating `latest` tag with 10% follows
+    llm-00003, a third revision, so it keeps its 10%."""
+    svc = load("ksvc-llm.yaml")
+    svc["spec"]["traffic"][0]["percent"] = 90
+    svc["spec"]["traffic"][1]["percent"] = 10
+    svc["status"]["latestReadyRevisionName"] = svc["status"]["latestCreatedRevisionName"] = "llm-00003"
+    svc["status"]["traffic"][1]["revisionName"] = "llm-00003"
+    target = KnativeTarget(service="llm", candidate_revision="llm-00002")
+    new, _ = knative_build.build(svc, target, RouteState(70, 30))
+    assert [t["percent"] for t in new["spec"]["traffic"]] == [60, 10, 0, 30]
+    assert knative_build.finalize(new, target).obj == svc
 
 
 @pytest.mark.parametrize(
@@ -166,16 +230,20 @@ def test_check_traffic_refuses_what_knative_would(traffic: list[dict[str, Any]],
 
 @st.composite
 def services(draw: st.DrawFn) -> dict[str, Any]:
-    """A Service whose primary holds 100%, with other 0% targets (tags, latest) in any order."""
-    traffic: list[dict[str, Any]] = [{"revisionName": "p", "percent": 100}]
+    """A Service whose primary holds what other targets leave, with other targets (tags pinned to the
+    primary or an old revision with a share; tags on the candidate and latest at 0%) in any order."""
+    primary: dict[str, Any] = {"revisionName": "p", "percent": 100}
+    traffic: list[dict[str, Any]] = [primary]
     for i in range(draw(st.integers(0, 3))):
         entry: dict[str, Any] = {"tag": f"t{i}"}
         if draw(st.booleans()):
             entry["latestRevision"] = True
         else:
             entry["revisionName"] = draw(st.sampled_from(["p", "c", "old"]))
-        if draw(st.booleans()):
-            entry["percent"] = 0
+        share = draw(st.sampled_from([0, 5, 10, 30])) if entry.get("revisionName") in ("p", "old") else 0
+        if share or draw(st.booleans()):
+            entry["percent"] = share
+            primary["percent"] -= share
         traffic.insert(draw(st.integers(0, len(traffic))), entry)
     return {"apiVersion": "serving.knative.dev/v1", "kind": "Service",
             "metadata": {"name": "s", "namespace": "ns", "resourceVersion": "3"},
@@ -194,11 +262,17 @@ def test_knative_builds_keep_invariants(svc: dict[str, Any], steps: list[int]) -
     pristine = copy.deepcopy(svc)
     target = KnativeTarget(service="s")
     obj = svc
+    others = 100 - svc["spec"]["traffic"][[t.get("tag") for t in svc["spec"]["traffic"]].index(None)]["percent"]
     for cw in steps:
         state = RouteState(100 - cw, cw)
+        if others + cw > 100:
+            with pytest.raises(UnmanagedTraffic, match="cannot get"):
+                knative_build.build(obj, target, state, {"p", "c", "old"})
+            continue
         new, _ = knative_build.build(obj, target, state, {"p", "c", "old"})
         traffic = new["spec"]["traffic"]
         assert sum(t.get("percent", 0) for t in traffic) == 100
+        assert sum(t.get("percent", 0) for t in traffic if t.get("tag") == "candidate") == cw
         assert knative_build.read_state(new, target) == state
         assert _unmanaged(traffic) == _unmanaged(pristine["spec"]["traffic"])
         assert not knative_build.build(new, target, state, {"p", "c", "old"}).modified

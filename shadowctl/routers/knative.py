@@ -85,12 +85,12 @@ class KnativeRouter:
 
         def compute(obj: JSON) -> Build:
             result = knative_build.promote(obj, self.target, known)
-            candidates.append(knative_build.promoted_revision(result.obj) or "")
+            candidates.append(knative_build.promoted_revision(result.obj, self.target.candidate_tag) or "")
             return result
 
         def check(after: JSON) -> str | None:
-            held = knative_build.promoted_revision(after)
-            return None if held and held == candidates[-1] else f"{candidates[-1]} does not hold 100% pinned"
+            held = knative_build.promoted_revision(after, self.target.candidate_tag)
+            return None if held and held == candidates[-1] else f"{candidates[-1]} is not pinned in the main target"
 
         def state_of(obj: JSON) -> RouteState:
             return RouteState(0, 100, None, resource_version=(obj.get("metadata") or {}).get("resourceVersion"))

@@ -10,11 +10,17 @@ shadowctl manages two traffic targets and nothing else:
   pinned to the candidate revision. It is added even at 0%, because the tag
   gives the candidate its own URL, which the shadow phase mirrors to.
 
-Other targets (a 0% ``latest`` tag someone keeps, other tags) are left alone;
-one that carries traffic is refused rather than rebalanced. The primary and
-candidate revisions are resolved once, on first touch, and kept in the
-ownership record, so that later steps and a rollback after a restart use the
-same revisions even after ``latestReadyRevisionName`` has moved on.
+Other targets (a 0% ``latest`` tag someone keeps, a ``previous`` tag holding
+10%, other tags) keep their percent, as Istio's third destinations do: the
+candidate gets the step's percent and the primary gives up the difference
+(promotion hands the primary's percent to the candidate). A step the others
+leave no room for is refused, and so is another target that sends traffic to
+the candidate revision (e.g. a ``latestRevision: true`` target with a share,
+which follows the latest ready revision): the candidate would get more than
+its step. The primary and candidate revisions are resolved once, on first
+touch, and kept in the ownership record, so that later steps and a rollback
+after a restart use the same revisions even after ``latestReadyRevisionName``
+has moved on.
 
 Knative's controller writes ``status`` a moment after each spec write, so on
 first touch the revisions are resolved only from a status that is current
@@ -75,8 +81,14 @@ def build(
     p = _primary_index(obj, traffic, res, record)
     c = _candidate_index(traffic, res)
     assert c is not None
-    _refuse_others(obj, traffic, {p, c}, res)
-    traffic[p]["percent"] = state.primary_weight
+    others = _others(obj, traffic, {p, c}, res, refuse_candidate=True)
+    if others + state.candidate_weight > 100:
+        raise UnmanagedTraffic(
+            f"{object_name(obj)}: targets that are neither the primary {res.primary} nor the candidate "
+            f"{res.candidate} hold {others}% of the traffic, so the candidate cannot get {state.candidate_weight}%; "
+            "shadowctl will not take traffic from them"
+        )
+    traffic[p]["percent"] = 100 - others - state.candidate_weight
     traffic[c]["percent"] = state.candidate_weight
     check_traffic(obj, traffic, known_revisions)
     obj.setdefault("spec", {})["traffic"] = traffic
@@ -89,7 +101,8 @@ def build(
 def finalize(
     current: JSON, target: KnativeTarget, keep_candidate: bool = False, known_revisions: Collection[str] | None = None
 ) -> Build:
-    """Rollback: 100% to the primary (pinned); the candidate tag removed unless ``keep_candidate`` (then 0%).
+    """Rollback: the candidate's percent back to the primary (pinned), other targets keep theirs; the candidate
+    tag removed unless ``keep_candidate`` (then 0%).
 
     Without an ownership record shadowctl changed nothing (the record is written
     with every change), so there is nothing to undo and the Service is returned as is.
@@ -102,8 +115,7 @@ def finalize(
     traffic = _traffic(obj)
     p = _primary_index(obj, traffic, res, record)
     c = _candidate_index(traffic, res, add=False)
-    _refuse_others(obj, traffic, {p, c}, res)
-    traffic[p]["percent"] = 100
+    traffic[p]["percent"] = 100 - _others(obj, traffic, {p, c}, res)
     if c is not None:
         if keep_candidate:
             traffic[c]["percent"] = 0
@@ -117,15 +129,16 @@ def finalize(
 
 
 def promote(current: JSON, target: KnativeTarget, known_revisions: Collection[str] | None = None) -> Build:
-    """Promotion: the primary target re-pinned to the candidate revision at 100%, the candidate tag removed.
+    """Promotion: the primary target re-pinned to the candidate revision with the primary's and the candidate's
+    percent (other targets keep theirs), the candidate tag removed.
 
-    Idempotent: without an ownership record, a Service whose candidate revision
-    already holds 100% by ``revisionName`` is returned as is.
+    Idempotent: without an ownership record, a Service whose main target (see
+    :func:`promoted_revision`) already pins the candidate revision is returned as is.
     """
     obj = copy.deepcopy(current)
     record = load_record(obj)
     if not record.get("traffic"):
-        done = promoted_revision(obj)
+        done = promoted_revision(obj, target.candidate_tag)
         wanted = target.candidate_revision or (obj.get("status") or {}).get("latestReadyRevisionName")
         if done is not None and done == wanted:
             return Build(obj, False)
@@ -134,9 +147,8 @@ def promote(current: JSON, target: KnativeTarget, known_revisions: Collection[st
     traffic = _traffic(obj)
     p = _primary_index(obj, traffic, res, record)
     c = _candidate_index(traffic, res, add=False)
-    _refuse_others(obj, traffic, {p, c}, res)
     traffic[p]["revisionName"] = res.candidate
-    traffic[p]["percent"] = 100
+    traffic[p]["percent"] = 100 - _others(obj, traffic, {p, c}, res)
     if c is not None:
         del traffic[c]
     check_traffic(obj, traffic, known_revisions)
@@ -146,42 +158,50 @@ def promote(current: JSON, target: KnativeTarget, known_revisions: Collection[st
     return Build(obj, obj != current)
 
 
-def promoted_revision(obj: JSON) -> str | None:
-    """The revision that holds 100% pinned by ``revisionName`` (None when traffic is split or floating)."""
-    carrying = [t for t in _traffic(obj) if _percent(t) > 0]
-    if len(carrying) == 1 and _percent(carrying[0]) == 100 and not carrying[0].get("latestRevision"):
-        rev = carrying[0].get("revisionName")
-        return str(rev) if rev else None
-    return None
+def promoted_revision(obj: JSON, candidate_tag: str | None = None) -> str | None:
+    """The revision a finished promotion left serving: the one pinned by ``revisionName`` in the main target
+    (the first untagged target with traffic, else the first target with traffic), when no target carries
+    ``candidate_tag`` any more. None when the main target floats or the candidate tag is still there."""
+    traffic = _traffic(obj)
+    if candidate_tag and any(t.get("tag") == candidate_tag for t in traffic):
+        return None
+    carrying = [t for t in traffic if _percent(t) > 0]
+    if not carrying:
+        return None
+    main = next((t for t in carrying if not t.get("tag")), carrying[0])
+    rev = main.get("revisionName")
+    return str(rev) if rev and not main.get("latestRevision") else None
 
 
 def read_state(obj: JSON, target: KnativeTarget, known_revisions: Collection[str] | None = None) -> RouteState:
-    """Percents of the primary and the candidate revisions (Knative never mirrors: mirror is None)."""
+    """The candidate revision's percent, and everything else as the primary's (Knative never mirrors).
+
+    Other targets keep their percent through a rollout, so they are not part of the state:
+    ``primary_weight`` is 100 minus the candidate's percent. Traffic that reaches the candidate
+    revision by another target (a floating ``latestRevision`` one) counts as the candidate's.
+    """
     res = resolve(obj, target, known_revisions)
     traffic = _traffic(obj)
     record = load_record(obj)
     resolved = _resolved_latest(obj)
-    primary = candidate = other = 0
+    total = candidate = 0
     for entry in traffic:
         pct = _percent(entry)
+        total += pct
         rev = entry.get("revisionName") if not entry.get("latestRevision") else resolved.get(entry.get("tag"))
         if entry.get("tag") == res.tag or rev == res.candidate:
             candidate += pct
-        elif rev == res.primary:
-            primary += pct
-        else:
-            other += pct
-    if other:
-        _refuse_others(obj, traffic, set(), res)
+    if total != 100:
+        raise WouldBeRejected(f"{object_name(obj)}: spec.traffic percents sum to {total}, not 100")
     rv = (obj.get("metadata") or {}).get("resourceVersion")
-    return RouteState(primary, candidate, None, resource_version=rv, owned=record.get("traffic"))
+    return RouteState(100 - candidate, candidate, None, resource_version=rv, owned=record.get("traffic"))
 
 
 def resolve(obj: JSON, target: KnativeTarget, known_revisions: Collection[str] | None = None) -> Resolved:
     """The primary and candidate revisions: the ownership record, else the policy, else the defaults.
 
     Defaults: the candidate is ``status.latestReadyRevisionName``; the primary is
-    the revision that holds 100% now.
+    the revision the untagged traffic goes to now.
     """
     name = object_name(obj)
     if obj.get("kind") not in (None, "Service") or not str(obj.get("apiVersion", "serving.knative.dev/")).startswith(
@@ -196,7 +216,7 @@ def resolve(obj: JSON, target: KnativeTarget, known_revisions: Collection[str] |
             f"{name}: no candidate revision: the policy names none (candidateRevision) and the service "
             "has no status.latestReadyRevisionName yet"
         )
-    primary = rec.get("primaryRevision") or target.primary_revision or _full_holder(obj)
+    primary = rec.get("primaryRevision") or target.primary_revision or _serving_revision(obj)
     if primary == candidate:
         raise DestinationNotFound(
             f"{name}: the candidate revision {candidate} already receives 100% of the traffic; "
@@ -307,20 +327,21 @@ def _resolved_latest(obj: JSON) -> dict[Any, str]:
     return out
 
 
-def _full_holder(obj: JSON) -> str:
+def _serving_revision(obj: JSON) -> str:
+    """The revision serving today: the one every untagged target with traffic points at (pinned, or
+    floating and resolved), which holds the main route; tagged targets beside it (a `previous` tag with
+    a share) keep theirs. DestinationNotFound when untagged targets split between revisions."""
     name = object_name(obj)
     resolved = _resolved_latest(obj)
+    revisions: set[str | None] = set()
     for entry in _traffic(obj):
-        if _percent(entry) == 100:
-            if entry.get("latestRevision"):
-                rev = resolved.get(entry.get("tag"))
-                if rev:
-                    return rev
-                break
-            if entry.get("revisionName"):
-                return str(entry["revisionName"])
+        if _percent(entry) > 0 and not entry.get("tag"):
+            rev = resolved.get(None) if entry.get("latestRevision") else entry.get("revisionName")
+            revisions.add(str(rev) if rev else None)
+    if len(revisions) == 1 and None not in revisions:
+        return str(next(iter(revisions)))
     raise DestinationNotFound(
-        f"{name}: no single revision holds 100% of the traffic, so the primary is ambiguous; "
+        f"{name}: no single revision holds the untagged traffic, so the primary is ambiguous; "
         "name it with primaryRevision"
     )
 
@@ -371,17 +392,30 @@ def _candidate_index(traffic: list[JSON], res: Resolved, add: bool = True) -> in
     return len(traffic) - 1
 
 
-def _refuse_others(obj: JSON, traffic: list[JSON], mine: set[int | None], res: Resolved) -> None:
-    carrying = []
-    for i, t in enumerate(traffic):
-        if i in mine or _percent(t) == 0:
-            continue
-        what = t.get("revisionName") or "latestRevision"
-        carrying.append(f"{what}{' (tag ' + t['tag'] + ')' if t.get('tag') else ''} {_percent(t)}%")
-    if carrying:
-        raise UnmanagedTraffic(
-            f"{object_name(obj)}: spec.traffic also sends {', '.join(carrying)} to targets that are neither "
-            f"the primary {res.primary} nor the candidate {res.candidate} (tag {res.tag}); "
-            "shadowctl will not guess how to rebalance them: move that traffic first"
-        )
+def _others(obj: JSON, traffic: list[JSON], mine: set[int | None], res: Resolved, *,
+            refuse_candidate: bool = False) -> int:
+    """The percent held by targets that are neither the primary's nor the candidate's (they keep it).
 
+    With ``refuse_candidate``, one of them that sends traffic to the candidate revision (pinned to it
+    under another tag, or a ``latestRevision`` target that follows it) is refused: the candidate would
+    get more than the step.
+    """
+    resolved = _resolved_latest(obj)
+    held = 0
+    reaching = []
+    for i, t in enumerate(traffic):
+        if i in mine:
+            continue
+        pct = _percent(t)
+        held += pct
+        rev = resolved.get(t.get("tag")) if t.get("latestRevision") else t.get("revisionName")
+        if refuse_candidate and pct > 0 and rev == res.candidate:
+            what = "latestRevision" if t.get("latestRevision") else str(t.get("revisionName"))
+            reaching.append(f"{what}{' (tag ' + t['tag'] + ')' if t.get('tag') else ''} {pct}%")
+    if reaching:
+        raise UnmanagedTraffic(
+            f"{object_name(obj)}: spec.traffic also sends {', '.join(reaching)} to the candidate revision "
+            f"{res.candidate} outside shadowctl's steps (a latestRevision target follows the latest ready "
+            "revision); pin that target to a revision (revisionName) or move its traffic first"
+        )
+    return held
