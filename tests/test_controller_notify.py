@@ -158,3 +158,58 @@ async def test_metrics_health_and_readiness_endpoints() -> None:
         assert "shadowctl_reconcile_duration_seconds_count 1.0" in text
     finally:
         await runner.cleanup()
+
+
+async def test_a_receiver_that_streams_or_trickles_cannot_hold_the_controller() -> None:
+    """The answer's body is never read (an endless one costs nothing) and the whole attempt, headers
+    included, ends within the webhook's timeout, not per read; a redirect is the answer, not followed."""
+    sent: list[int] = []
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        try:
+            for _ in range(100_000):  # 6 GB if it were read
+                await response.write(b"x" * 65536)
+                sent.append(1)
+                await asyncio.sleep(0)
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        for ch in b"HTTP/1.1 200 OK\r\n":  # each byte within httpx's read timeout, the whole far past it
+            transport.write(bytes([ch]))
+            await asyncio.sleep(0.3)
+        return web.Response()
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/endless")
+
+    app = web.Application()
+    app.router.add_post("/endless", endless)
+    app.router.add_post("/trickle", trickle)
+    app.router.add_post("/moved", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    clock = NoWaitClock()
+    try:
+        async with httpx.AsyncClient() as http:
+            hooks = HttpWebhooks(clock.sleep, http)
+            endless_hook = _policy(f"{base}/endless", "event", timeout="5s").spec.notifications.webhooks[0]
+            assert await hooks.post(endless_hook, {"x": 1}) == 200
+            assert len(sent) < 1000  # the sender was cut off long before its 100,000 chunks
+            trickle_hook = _policy(f"{base}/trickle", "event", timeout="500ms").spec.notifications.webhooks[0]
+            started = asyncio.get_running_loop().time()
+            assert await hooks.post(trickle_hook, {"x": 1}) is None  # two attempts, each cut at 0.5 s
+            # A coarse bound, the behaviour under test: unbounded, each attempt takes 17 x 0.3 = 5.1 s.
+            assert asyncio.get_running_loop().time() - started < 4.0
+            moved_hook = _policy(f"{base}/moved", "event").spec.notifications.webhooks[0]
+            assert await hooks.post(moved_hook, {"x": 1}) == 302
+    finally:
+        await runner.cleanup()
