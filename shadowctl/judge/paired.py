@@ -196,10 +196,21 @@ def _median_bounds(counts: FloatArray, n: FloatArray, level: float) -> tuple[Flo
 
 def batch_paired(spec: MetricSpec, rows: Sequence[Paired], *, alpha: float, beta: float) -> PairedBatch:
     """Sequential decisions for S streams of a paired metric (``paired-mean`` or ``paired-median``)."""
+    counts, sums, left = _stack(rows)
+    return batch_paired_counts(spec, counts, sums, left, alpha=alpha, beta=beta)
+
+
+def batch_paired_counts(
+    spec: MetricSpec, counts: FloatArray, sums: FloatArray, left: FloatArray | None = None, *, alpha: float,
+    beta: float,
+) -> PairedBatch:
+    """:func:`batch_paired` on arrays: ``counts`` (S, B) cumulative per bound of :data:`LOG_RATIO_LE`;
+    ``sums`` (S, 4): sum of d, of d^2, of log primary, of log candidate; ``left`` (S, 2): dropped, errored."""
     if not spec.paired:
         raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} is not judged on pairs")
     m_up, m_down = _margins(spec)
-    counts, sums, left = _stack(rows)
+    if left is None:
+        left = np.zeros((counts.shape[0], 2))
     n = counts[:, -1]
     direction = spec.direction.value
     with np.errstate(invalid="ignore", divide="ignore"):
