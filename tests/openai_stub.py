@@ -104,7 +104,13 @@ class OpenAIStub:
                 "/v1/embeddings": "embeddings"}.get(path)
         if kind is None:
             return web.Response(status=404, text="no such path")
-        data = json.loads(body) if body else {}
+        try:
+            data = json.loads(body) if body else {}
+        except (ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict):  # as an OpenAI-compatible server answers a body it cannot read
+            return web.json_response({"error": {"message": "invalid JSON body", "type": "BadRequestError"}},
+                                     status=400)
         if data.get("stream") and kind != "embeddings":
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Stub": "sse"})
             await response.prepare(request)

@@ -568,3 +568,16 @@ def test_ages_and_effects_read_like_kubectl() -> None:
         "5s", "1m30s", "10m", "2h3m", "3d1h", "30d"]
     evidence = MetricEvidence.model_validate({"effect": 0.9, "effectScale": "ratio", "interval": [None, 1.02]})
     assert view_cmds.effect_text(evidence) == "-10.0% [-inf, +2.0%]"
+
+
+def test_an_unreadable_command_annotation_is_ignored() -> None:
+    """Anyone who may patch the policy may write the annotation: what is not a command is no command
+    (before: 100,000 nested brackets raised RecursionError out of the controller's tick and the CLI)."""
+    from shadowctl.controller.commands import pending_command
+
+    for raw in ("not json", "[" * 100_000 + "]" * 100_000, '{"command": "explode", "id": "1"}', "[]", '{"id": 1}'):
+        obj = {"metadata": {"annotations": {COMMAND_ANNOTATION: raw}}}
+        assert pending_command(obj) is None, raw
+    good = {"metadata": {"annotations": {COMMAND_ANNOTATION: '{"command": "pause", "id": "a1"}'}}}
+    found = pending_command(good)
+    assert found is not None and found.command.value == "pause"

@@ -207,3 +207,27 @@ def test_accumulator_handles_split_events_gzip_and_truncation() -> None:
     br = ResponseAccumulator(Endpoint.chat, event_stream=False, content_encoding="br", max_chars=5)
     br.feed(b"\x00")
     assert br.finish().error is not None
+
+
+async def test_deeply_nested_json_still_reaches_the_user_and_the_event(stub: OpenAIStub,
+                                                                       mosquitto: MosquittoBroker) -> None:
+    """A request body nested 100,000 levels deep (valid JSON the decoder cannot recurse through): the upstream
+    gets it and the user its answer, as for any body; the event hashes the raw bytes (before: RecursionError
+    inside the tap's parsing). The stub answers 400, as a server that cannot read the body does."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    async with (
+        running_tap(stub.url, broker=(mosquitto.host, mosquitto.port)) as tap,
+        collecting(mosquitto.host, mosquitto.port, "shadowctl/outputs/ns/chat/#") as got,
+        httpx.AsyncClient() as client,
+    ):
+        r = await client.post(tap.url + "/v1/chat/completions", content=deep,
+                              headers={"content-type": "application/json", "x-request-id": "deep-1"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "invalid JSON body"
+        assert stub.seen[-1].body == deep
+        await eventually(lambda: len(got.messages) >= 1, what="the event")
+        event = parse_event(got.messages[0])
+        assert event.request_id == "deep-1" and event.prompt is None and event.status == 400
+        assert event.prompt_hash == parse_request(Endpoint.chat, deep).prompt_hash
+    nested = ResponseAccumulator(Endpoint.chat, event_stream=True, content_encoding=None, max_chars=100)
+    nested.feed(b"data: " + deep + b"\n\n")
+    assert nested.finish().output == ""

@@ -50,7 +50,7 @@ def pending_command(obj: dict[str, Any]) -> PendingCommand | None:
         data = json.loads(raw)
         cmd = PendingCommand(Command(data["command"]), str(data["id"]), str(data.get("at", "")),
                              str(data.get("by", "")))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     done = PolicyStatus.of(obj).last_command
     return None if done is not None and done.id == cmd.id else cmd

@@ -80,7 +80,7 @@ def parse_request(endpoint: Endpoint, body: bytes) -> RequestInfo:
     """
     try:
         data = json.loads(body) if body else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: the decoder recurses per level
         data = None
     if not isinstance(data, dict):
         return RequestInfo(model=None, prompt_hash=hashlib.sha256(body).hexdigest(), prompt_text=None)
@@ -231,7 +231,7 @@ class ResponseAccumulator:
             return
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(obj, dict):
             self._chunk(obj)
@@ -296,7 +296,7 @@ class ResponseAccumulator:
             return
         try:
             obj = json.loads(bytes(self._body))
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(obj, dict):
             return

@@ -136,7 +136,7 @@ def rewrite_body(body: bytes, mirror: MirrorConfig) -> bytes:
         return body
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body
     if not isinstance(data, dict):
         return body
