@@ -88,6 +88,33 @@ def test_shadow_writes_mirror_percentage_never_the_deprecated_field() -> None:
     assert_valid(new)
 
 
+@pytest.mark.usefixtures("local_cluster")  # assert_valid asks the real API server
+def test_a_candidate_named_without_a_port_takes_the_primary_routes_port() -> None:
+    """The README's render example names both without a port; the route's primary says :8000, so the
+    candidate's share and the mirror go to :8000 too (the same host is the same Service). A candidate on
+    another host keeps what it was given."""
+    vs = load("vs-llm.yaml")
+    portless = IstioTarget(virtual_service="llm", route="chat", primary=Destination(host=HOST, subset="v1"),
+                           candidate=Destination(host=HOST, subset="v2"))
+    v2 = {"host": HOST, "subset": "v2", "port": {"number": 8000}}
+    shadow, _ = istio_build.build(vs, portless, RouteState(100, 0, 5.0))
+    assert _route(shadow, "chat")["mirror"] == v2
+    canary, _ = istio_build.build(shadow, portless, RouteState(90, 10, None))
+    assert [e["destination"] for e in _route(canary, "chat")["route"]][1] == v2
+    assert istio_build.read_state(canary, portless) == RouteState(90, 10, None)
+    assert istio_build.read_state(canary, TARGET) == RouteState(90, 10, None)  # the same destination as :8000
+    assert istio_build.finalize(canary, portless).obj == vs
+    assert_valid(canary)
+    listed, _ = istio_build.build(load("vs-mirrors.yaml"), IstioTarget(
+        virtual_service="llm", primary=Destination(host=HOST, subset="v1"), candidate=Destination(host=HOST, subset="v2")),
+        RouteState(100, 0, 20.0))
+    assert listed["spec"]["http"][0]["mirrors"][-1]["destination"] == {"host": HOST, "subset": "v2"}  # no port to take
+    other = portless.model_copy(update={"candidate": Destination(host="llm-v2.models.svc.cluster.local")})
+    elsewhere, _ = istio_build.build(vs, other, RouteState(90, 10, 5.0))
+    assert _route(elsewhere, "chat")["route"][1]["destination"] == {"host": "llm-v2.models.svc.cluster.local"}
+    assert _route(elsewhere, "chat")["mirror"] == {"host": "llm-v2.models.svc.cluster.local"}
+
+
 def test_unchanged_state_is_not_modified() -> None:
     vs = load("vs-llm.yaml")
     same, modified = istio_build.build(vs, TARGET, RouteState(100, 0, None))

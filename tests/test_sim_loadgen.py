@@ -25,7 +25,7 @@ async def server() -> AsyncIterator[SimModelServer]:
 async def test_stops_after_the_request_count_and_counts_statuses(server: SimModelServer) -> None:
     server.set_knobs(error_rate=0.2)
     result = await LoadGenerator(LoadConfig(url=server.url, rps=400, max_requests=120, duration_s=None,
-                                            concurrency=8, seed=1)).run()
+                                            concurrency=8, model="m", seed=1)).run()
     assert result.sent == result.completed == 120 == server.stats.requests
     assert result.status_counts["500"] == server.stats.errors > 0
     assert result.status_counts["200"] == server.stats.succeeded == result.ok
@@ -38,9 +38,17 @@ async def test_stops_after_the_request_count_and_counts_statuses(server: SimMode
 
 
 async def test_stops_after_its_duration(server: SimModelServer) -> None:
-    result = await LoadGenerator(LoadConfig(url=server.url, rps=100, duration_s=0.5, seed=2)).run()
+    result = await LoadGenerator(LoadConfig(url=server.url, rps=100, duration_s=0.5, model="m", seed=2)).run()
     assert 15 <= result.sent <= 100  # Poisson(50)
     assert result.completed == result.sent == server.stats.requests
+
+
+async def test_a_wrong_model_name_shows_as_404s(server: SimModelServer) -> None:
+    """The server answers only the names it serves, as vLLM does: a client's model-name mistake is counted."""
+    result = await LoadGenerator(LoadConfig(url=server.url, rps=400, max_requests=20, duration_s=None,
+                                            model="not-m", seed=4)).run()
+    assert result.status_counts == {"404": 20} and result.ok == 0
+    assert server.stats.unknown_model == 20 and server.stats.requests == 0
 
 
 async def test_transport_errors_are_counted_not_raised() -> None:

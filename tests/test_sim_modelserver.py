@@ -23,8 +23,9 @@ FAST = ModelKnobs(time_scale=0.01, ttft_median_s=0.1, tpot_median_s=0.01, output
 PROMPT = "What does time to first token measure?"
 
 
-def chat_body(prompt: str = PROMPT, **extra: Any) -> dict[str, Any]:
-    return {"model": "whatever", "messages": [{"role": "user", "content": prompt}], **extra}
+def chat_body(prompt: str = PROMPT, *, model: str = "chat-7b", **extra: Any) -> dict[str, Any]:
+    """A chat request for the model the ``server`` fixture serves (``model``: another server's name)."""
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], **extra}
 
 
 @pytest_asyncio.fixture
@@ -150,6 +151,39 @@ async def test_models_health_and_bad_requests(server: SimModelServer, session: a
     assert sum(v for k, v in samples.items() if k[0] == "vllm:request_success_total") == 0
 
 
+async def test_a_model_it_does_not_serve_is_404_as_vllm_answers_it(session: aiohttp.ClientSession) -> None:
+    """vLLM's _check_model: a name not among --served-model-name is 404 NotFoundError (after the body's own
+    400 checks, before the engine); an absent or empty name is the served model; aliases are served too."""
+    srv = SimModelServer("llama-chat", aliases=["llama-chat-lora"], knobs=FAST)
+    await srv.start()
+    try:
+        status, body = await post(session, srv.url + "/v1/chat/completions", chat_body(model="llama-chat-v2"))
+        assert status == 404
+        assert body == {"error": {"message": "The model `llama-chat-v2` does not exist.", "type": "NotFoundError",
+                                  "param": None, "code": 404}}
+        status, body = await post(session, srv.url + "/v1/completions", {"model": "gpt-4o", "prompt": PROMPT})
+        assert status == 404 and body["error"]["message"] == "The model `gpt-4o` does not exist."
+        status, body = await post(session, srv.url + "/v1/completions", {"model": "gpt-4o", "prompt": 3})
+        assert status == 400  # the body is checked first
+        status, body = await post(session, srv.url + "/v1/completions", {"model": 7, "prompt": PROMPT})
+        assert status == 400 and body["error"]["param"] == "model"
+        for name in ("llama-chat", "llama-chat-lora", ""):
+            status, body = await post(session, srv.url + "/v1/chat/completions", chat_body(model=name, max_tokens=2))
+            assert status == 200 and body["model"] == "llama-chat", name
+        status, body = await post(session, srv.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+        assert status == 200 and body["model"] == "llama-chat"
+        async with session.get(srv.url + "/v1/models") as resp:
+            assert [m["id"] for m in (await resp.json())["data"]] == ["llama-chat", "llama-chat-lora"]
+        assert srv.stats.unknown_model == 2 and srv.stats.requests == 4 and srv.stats.bad_requests == 2
+        async with session.get(srv.url + "/metrics") as resp:
+            samples = metrics(await resp.text())
+        assert http_value(samples, "/v1/chat/completions", "4xx") == 1 and http_value(samples, "/v1/completions", "4xx") == 3
+        e2e = ("vllm:e2e_request_latency_seconds_count", (("engine", "0"), ("model_name", "llama-chat")))
+        assert samples[e2e] == 4  # a 404 never reaches the engine
+    finally:
+        await srv.stop()
+
+
 async def test_metrics_have_vllm_names_and_counts_match_requests(
     server: SimModelServer, session: aiohttp.ClientSession
 ) -> None:
@@ -254,12 +288,13 @@ async def test_drift_and_noise_knobs(session: aiohttp.ClientSession) -> None:
         await s.start()
     try:
         async def answers(srv: SimModelServer) -> list[str]:
-            out = await asyncio.gather(*(post(session, srv.url + "/v1/chat/completions", chat_body(p)) for p in prompts))
+            out = await asyncio.gather(*(post(session, srv.url + "/v1/chat/completions", chat_body(p, model=srv.model))
+                                     for p in prompts))
             return [body["choices"][0]["message"]["content"] for _, body in out]
 
         a, r, c = await answers(primary), await answers(replica), await answers(candidate)
         reference = [reference_answer(p, median_words=20, sigma=FAST.output_words_sigma) for p in prompts]
-        assert a == reference  # no knob: the deterministic answer, whatever the model name or seed
+        assert a == reference  # no knob: the deterministic answer, whatever the model's name or the seed
         noisy = sum(x != y for x, y in zip(a, r, strict=True))
         assert noisy >= 30  # ~20 words at 10% each: nearly every answer has a perturbed word
         overlap = [len(set(x.split()) & set(y.split())) / len(set(x.split())) for x, y in zip(a, r, strict=True)]

@@ -6,7 +6,8 @@ packages, child processes), HTTP traffic, the taps, the controller (`shadowctl
 run`, a child process, as deploy/rbac.yaml's ServiceAccount) and the CLI.
 Simulated, because they cannot run here: Envoy (a mesh simulator that routes
 real requests by the VirtualService in the API server, mirroring with Istio's
-semantics), and GPU model servers (OpenAI-compatible, vLLM metric names,
+semantics; with ``target="gateway-api"`` by the HTTPRoute of gateway-api/chat.yaml,
+weights as proportions and RequestMirror filters), and GPU model servers (OpenAI-compatible, vLLM metric names,
 latency really spent). No kubelet runs: nothing here is a Pod.
 
 Topology::
@@ -37,11 +38,20 @@ import yaml
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
-from shadowctl.kube import NAMESPACE, SHADOW_POLICY, VIRTUAL_SERVICE, Forbidden, KubeClient, NotFound, ResourceRef
+from shadowctl.kube import (
+    HTTP_ROUTE,
+    NAMESPACE,
+    SHADOW_POLICY,
+    VIRTUAL_SERVICE,
+    Forbidden,
+    KubeClient,
+    NotFound,
+    ResourceRef,
+)
 from shadowctl.sim.cluster import LocalCluster
 from shadowctl.sim.dcgm import SimDcgmExporter
 from shadowctl.sim.errors import SimError
-from shadowctl.sim.mesh import IstioSource, MeshSimulator
+from shadowctl.sim.mesh import GatewaySource, IstioSource, MeshSimulator, mirror_percent
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
 from shadowctl.sim.services import MosquittoProcess, PrometheusProcess, ScrapeTarget, free_port
 from shadowctl.tap.metrics import TapMetrics
@@ -51,12 +61,19 @@ from shadowctl.tap.publisher import BrokerSettings, EventPublisher
 REPO = Path(__file__).resolve().parents[2]
 DEMO_NAMESPACE = "llm"
 HOST = "chat.llm.svc.cluster.local"
+MODEL = "llama-chat"
+"""The model name every model server serves (as a real candidate behind the same route would, with vLLM's
+``--served-model-name``: a mirrored copy carries the primary's name) and the load generator asks for."""
 POLICY_REF = ResourceRef(SHADOW_POLICY, "chat", DEMO_NAMESPACE)
 VS_REF = ResourceRef(VIRTUAL_SERVICE, "chat", DEMO_NAMESPACE)
+ROUTE_REF = ResourceRef(HTTP_ROUTE, "chat", DEMO_NAMESPACE)
+ROUTES = {"istio": REPO / "istio" / "chat.yaml", "gateway-api": REPO / "gateway-api" / "chat.yaml"}
+"""The routing objects each `--target` applies, and whose managed route (``chat-default``) the controller changes."""
+CRDS = {"istio": "virtualservices.networking.istio.io", "gateway-api": "httproutes.gateway.networking.k8s.io"}
 # deploy/rbac.yaml's ServiceAccount: the controller runs with exactly the RBAC that is deployed.
 CONTROLLER_SA = ("shadowctl", "shadowctl")
 # What kubectl applies, in order: the controller's namespace and RBAC, then the routing objects.
-MANIFESTS = (REPO / "deploy" / "namespace.yaml", REPO / "deploy" / "rbac.yaml", REPO / "istio" / "chat.yaml")
+MANIFESTS = (REPO / "deploy" / "namespace.yaml", REPO / "deploy" / "rbac.yaml")
 RBAC_WAIT_S = 15.0
 
 BASE_KNOBS = ModelKnobs(time_scale=1.0, ttft_median_s=0.12, ttft_sigma=0.3, tpot_median_s=0.01,
@@ -104,14 +121,19 @@ class Environment:
     controller_log: Path | None = None
     kubeconfig: Path | None = None  # the admin's (the demo's own reads and writes, the mesh simulator)
     controller_kubeconfig: Path | None = None  # deploy/rbac.yaml's ServiceAccount, with a bearer token
+    target: str = "istio"  # a key of ROUTES: what routes the traffic (an Istio VirtualService, an HTTPRoute)
 
     # ------------------------------------------------------------------ start
 
     @classmethod
     async def start(cls, candidate_knobs: dict[str, Any], policy_text_for: Any, *,
-                    workdir: Path | None = None, seed: int = 7) -> Environment:
-        """Start everything; `policy_text_for(broker_url)` gives the ShadowPolicy YAML to apply."""
-        env = cls(workdir or Path(tempfile.mkdtemp(prefix="shadowctl-demo-")), keep_workdir=workdir is not None)
+                    workdir: Path | None = None, seed: int = 7, target: str = "istio") -> Environment:
+        """Start everything; `policy_text_for(broker_url)` gives the ShadowPolicy YAML to apply; `target` says
+        whether an Istio VirtualService or a Gateway API HTTPRoute routes the traffic."""
+        if target not in ROUTES:
+            raise SimError(f"unknown target {target!r}; choose one of: {', '.join(ROUTES)}")
+        env = cls(workdir or Path(tempfile.mkdtemp(prefix="shadowctl-demo-")), keep_workdir=workdir is not None,
+                  target=target)
         try:
             await env._start(candidate_knobs, policy_text_for, seed)
         except BaseException:
@@ -132,15 +154,17 @@ class Environment:
                 await starting
             raise
         plane = self.cluster.plane
-        if "virtualservices.networking.istio.io" not in plane.installed_crds:
-            raise SimError(f"the Istio CRDs are not in {plane.crds_dir}: run hack/setup.sh, which copies them there")
+        if CRDS[self.target] not in plane.installed_crds:
+            raise SimError(f"the CRD {CRDS[self.target]} is not in {plane.crds_dir}: run hack/setup.sh, which copies "
+                           "it there")
         self.kubeconfig = plane.write_kubeconfig(self.workdir / "kubeconfig", namespace=DEMO_NAMESPACE)
         self.kube = await KubeClient.connect(kubeconfig=self.kubeconfig)
         # A real API server stores an object only in a Namespace that exists.
         await self.kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE}})
         # The controller's namespace, ServiceAccount and RBAC as deployed, the VirtualService and
         # DestinationRule: applied with kubectl, as a person would.
-        await self._kubectl("apply", *(arg for path in MANIFESTS for arg in ("-f", str(path))))
+        manifests = (*MANIFESTS, ROUTES[self.target])
+        await self._kubectl("apply", *(arg for path in manifests for arg in ("-f", str(path))))
         await self._controller_credentials()
 
         self.mosquitto = MosquittoProcess(self.workdir / "mosquitto")
@@ -151,7 +175,7 @@ class Environment:
                 "candidate": "chat-v2-7b9c4d-r2n5t"}
         for i, (variant, pod) in enumerate(pods.items()):
             knobs = BASE_KNOBS.updated(candidate_knobs) if variant == "candidate" else BASE_KNOBS
-            server = SimModelServer("llama-chat", variant=variant, knobs=knobs, seed=seed + i, pod=pod,
+            server = SimModelServer(MODEL, variant=variant, knobs=knobs, seed=seed + i, pod=pod,
                                     namespace=DEMO_NAMESPACE, fine_buckets=True)
             await server.start()
             self.servers[variant] = server
@@ -163,12 +187,21 @@ class Environment:
                 mirror = MirrorConfig(url=self.taps["baseline"].url, percent=30.0)
             await self._start_tap(variant, mirror)
 
-        # The mesh routes by that VirtualService to the taps.
-        self.mesh = MeshSimulator(
-            self.kube, [IstioSource(DEMO_NAMESPACE, "chat")],
-            upstreams={(HOST, "v1", 8000): self.taps["primary"].url, (HOST, "v2", 8000): self.taps["candidate"].url},
-            seed=seed,
-        )
+        # The mesh routes by that VirtualService (or HTTPRoute) to the taps.
+        if self.target == "gateway-api":
+            self.mesh = MeshSimulator(
+                self.kube, [GatewaySource(DEMO_NAMESPACE, "chat")],
+                upstreams={("chat-v1", None, 8000): self.taps["primary"].url,
+                           ("chat-v2", None, 8000): self.taps["candidate"].url},
+                seed=seed,
+            )
+        else:
+            self.mesh = MeshSimulator(
+                self.kube, [IstioSource(DEMO_NAMESPACE, "chat")],
+                upstreams={(HOST, "v1", 8000): self.taps["primary"].url,
+                           (HOST, "v2", 8000): self.taps["candidate"].url},
+                seed=seed,
+            )
         await self.mesh.start()
         await self.mesh.wait_ready(10.0)
 
@@ -280,7 +313,19 @@ class Environment:
         return await self._read(POLICY_REF)
 
     async def route_weights(self) -> tuple[int, int, float | None]:
-        """(primary, candidate, mirror %) of the managed route, read from the API server."""
+        """(primary, candidate, mirror %) of the managed route, read from the API server (for an HTTPRoute,
+        each backend's share of the rule's total weight, rounded to a whole percent)."""
+        if self.target == "gateway-api":
+            obj = await self._read(ROUTE_REF)
+            rule: dict[str, Any] = next(
+                (r for r in (obj.get("spec") or {}).get("rules", []) if r.get("name") == "chat-default"), {})
+            refs = rule.get("backendRefs") or []
+            total = sum(int(r.get("weight", 1)) for r in refs)
+            shares = {r.get("name"): round(100 * int(r.get("weight", 1)) / total) if total else 0 for r in refs}
+            mirrors = [mirror_percent(f["requestMirror"]) for f in rule.get("filters") or []
+                       if f.get("type") == "RequestMirror" and (f.get("requestMirror") or {}).get("backendRef", {})
+                       .get("name") == "chat-v2"]
+            return shares.get("chat-v1", 0), shares.get("chat-v2", 0), mirrors[0] if mirrors else None
         vs = await self._read(VS_REF)
         route: dict[str, Any] = next(
             (r for r in (vs.get("spec") or {}).get("http", []) if r.get("name") == "chat-default"), {})

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shadowctl.aio import cancel_and_wait
-from shadowctl.demo.env import HOST, Environment
+from shadowctl.demo.env import HOST, MODEL, Environment
 from shadowctl.demo.scenarios import FULL, Scenario, Timing, policy_yaml
 from shadowctl.policy.status import Phase, PolicyStatus
 from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
@@ -28,6 +28,9 @@ SIMULATED = [
     "Istio data plane: a mesh simulator that routes each real HTTP request by the VirtualService it watches in the "
     "API server (weights; mirrorPercentage with the -shadow Host suffix and the same x-request-id); Envoy cannot "
     "run here.",
+    "Gateway API data plane: a mesh simulator that routes each real HTTP request by the HTTPRoute it watches in "
+    "the API server (backendRef weights as proportions of the rule's total; RequestMirror filters at their percent "
+    "or fraction, with the -shadow Host suffix and the same x-request-id); Envoy cannot run here.",
     "GPU model servers: OpenAI-compatible simulators exposing vLLM's metric names, latency really spent; "
     "histograms use 5%-spaced buckets (vLLM's own are up to 2.5x apart, too coarse for a 15% margin).",
     "Kubernetes nodes: no kubelet, scheduler or controller manager; the model servers, taps and the controller "
@@ -111,7 +114,8 @@ def _num(x: Any) -> str:
 
 def kubernetes_line(versions: str) -> str:
     """The report's line for the API server, e.g. ``Kubernetes API (kube-apiserver v1.37.2, etcd 3.6.16): ...``."""
-    return (f"Kubernetes API ({versions}): a local control plane with shadowctl's and Istio's CRDs, RBAC on; "
+    return (f"Kubernetes API ({versions}): a local control plane with shadowctl's, Istio's and Gateway API's CRDs, "
+            "RBAC on; "
             "namespace, RBAC and routes applied with kubectl; the controller runs as deploy/rbac.yaml's "
             "ServiceAccount.")
 
@@ -142,17 +146,19 @@ def check_invariants(changes: list[dict[str, Any]], transitions: list[dict[str, 
 
 
 def _route_changes(env: Environment, started: float) -> list[dict[str, Any]]:
+    """Each version of the managed route the mesh routed by (an HTTPRoute's weights as percent shares)."""
     out = []
     assert env.mesh is not None
+    primary_key, candidate_key = ("chat-v1.", "chat-v2.") if env.target == "gateway-api" else ("/v1", "/v2")
     for change in env.mesh.changes:
         route = next((r for r in change.routes if r.get("name") == "chat-default"), None)
         if route is None:
             continue
         weights = route.get("weights") or {}
-        primary = sum(round(w) for k, w in weights.items() if "/v1" in k)
-        candidate = sum(round(w) for k, w in weights.items() if "/v2" in k)
+        primary = sum(round(w) for k, w in weights.items() if primary_key in k)
+        candidate = sum(round(w) for k, w in weights.items() if candidate_key in k)
         mirrors = route.get("mirrors") or {}
-        mirror = next((float(p) for k, p in mirrors.items() if "/v2" in k), None)
+        mirror = next((float(p) for k, p in mirrors.items() if candidate_key in k), None)
         out.append({"t": round(change.observed_at - started, 2), "at": change.observed_at,
                     "resource_version": change.resource_version, "primary": primary, "candidate": candidate,
                     "mirror": mirror})
@@ -167,18 +173,20 @@ async def run_scenario(
     live: bool = True,
     workdir: Path | None = None,
     on_sample: Callable[[dict[str, Any]], None] | None = None,
+    target: str = "istio",
 ) -> dict[str, Any]:
-    """Run `scenario` to its end (or `timing.deadline_s`); returns the report data."""
+    """Run `scenario` to its end (or `timing.deadline_s`), routed by an Istio VirtualService or (`target`
+    "gateway-api") a Gateway API HTTPRoute; returns the report data."""
     console = console or Console()
     started = time.time()
     rec = Recorder(started)
     policy_texts: list[str] = []
 
     def policy_for(broker: str) -> str:
-        policy_texts.append(policy_yaml(timing, broker))
+        policy_texts.append(policy_yaml(timing, broker, target))
         return policy_texts[-1]
 
-    console.print(f"[bold]shadowctl demo[/] scenario [cyan]{scenario.name}[/]: {scenario.description}")
+    console.print(f"[bold]shadowctl demo[/] scenario [cyan]{scenario.name}[/] ({target}): {scenario.description}")
     console.print("[dim]Real: the Kubernetes API (kube-apiserver, etcd), Prometheus, Mosquitto, HTTP traffic, taps, "
                   "the controller. Simulated: the Istio data plane, GPU model servers (see "
                   "docs/local-environment.md).[/]")
@@ -190,7 +198,7 @@ async def run_scenario(
     gc.freeze()
     try:
         return await _run_started(scenario, timing, console, live, workdir, on_sample, started, rec, policy_texts,
-                                  policy_for)
+                                  policy_for, target)
     finally:
         gc.unfreeze()
 
@@ -198,15 +206,15 @@ async def run_scenario(
 async def _run_started(
     scenario: Scenario, timing: Timing, console: Console, live: bool, workdir: Path | None,
     on_sample: Callable[[dict[str, Any]], None] | None, started: float, rec: Recorder, policy_texts: list[str],
-    policy_for: Callable[[str], str],
+    policy_for: Callable[[str], str], target: str,
 ) -> dict[str, Any]:
-    env = await Environment.start(scenario.candidate, policy_for, workdir=workdir)
+    env = await Environment.start(scenario.candidate, policy_for, workdir=workdir, target=target)
     load_result: LoadResult | None = None
     outcome = "timeout"
     try:
         assert env.mesh is not None and env.prometheus is not None
         load = LoadGenerator(LoadConfig(url=env.mesh.url, rps=timing.rps, duration_s=timing.deadline_s,
-                                        concurrency=256, model="llama-chat", seed=11, headers={"Host": HOST},
+                                        concurrency=256, model=MODEL, seed=11, headers={"Host": HOST},
                                         mix=PromptMix(stream_share=0.3, max_tokens_choices=(16, 32, 64))))
         load_task = asyncio.create_task(load.run())
         async with httpx.AsyncClient() as client:
@@ -258,6 +266,7 @@ async def _run_started(
     passed = outcome == scenario.expected and not invariants["violations"]
     data: dict[str, Any] = {
         "scenario": scenario.name,
+        "target": target,
         "description": scenario.description,
         "expected": scenario.expected,
         "outcome": outcome,
@@ -272,7 +281,9 @@ async def _run_started(
         "invariants": invariants,
         "load": {"sent": load_result.sent if load_result else 0,
                  "status_counts": {str(k): v for k, v in (load_result.status_counts if load_result else {}).items()}},
-        "simulated": SIMULATED,
+        # The data plane that routed this run: one of the first two lines.
+        "simulated": [line for line in SIMULATED
+                      if not line.startswith("Istio data plane" if target == "gateway-api" else "Gateway API")],
         "real": [kubernetes_line(api_versions), *REAL],
         "final_message": status.message,
     }

@@ -264,6 +264,28 @@ def destination_object(dest: Destination) -> JSON:
     return out
 
 
+def candidate_object(route: JSON, spec: IstioRouteSpec) -> JSON:
+    """The Istio ``Destination`` written for the candidate in ``route``.
+
+    A candidate on the primary's host named without a port takes the port of the primary's destination
+    in this route: the same Service, so the same port. Written without one, Istio picks the Service's
+    only port, or rejects the route when the Service has several, while the primary's share goes to the
+    port the route names (a candidate on another host is written as given).
+    """
+    out = destination_object(spec.candidate)
+    if spec.candidate.port is not None or spec.primary is None or spec.candidate.host != spec.primary.host:
+        return out
+    entries = route.get("route")
+    for entry in entries if isinstance(entries, list) else []:
+        dest = entry.get("destination") if isinstance(entry, dict) else None
+        if isinstance(dest, dict) and _matches(dest, spec.primary):
+            port = dest.get("port")
+            if isinstance(port, dict) and isinstance(port.get("number"), int):
+                out["port"] = {"number": port["number"]}
+            break
+    return out
+
+
 def route_names(obj: JSON) -> list[str]:
     """The http routes' names (``#<index>`` for unnamed ones), for messages and the CLI."""
     check_shape(obj)
@@ -396,7 +418,7 @@ def _set_weights(route: JSON, spec: IstioRouteSpec, state: RouteState, rec: JSON
     _refuse_others(entries, {p, c}, where)
     assert p is not None
     if c is None and state.candidate_weight > 0:
-        entries.append({"destination": destination_object(spec.candidate), "weight": state.candidate_weight})
+        entries.append({"destination": candidate_object(route, spec), "weight": state.candidate_weight})
         rec["addedCandidate"] = True
         c = len(entries) - 1
     if len(entries) == 1:
@@ -421,7 +443,7 @@ def _set_mirror(route: JSON, spec: IstioRouteSpec, percent: float | None, rec: J
         for k in _DEPRECATED_MIRROR_KEYS:
             route.pop(k, None)
         if not ours:
-            route["mirror"] = destination_object(spec.candidate)
+            route["mirror"] = candidate_object(route, spec)
         route["mirrorPercentage"] = {"value": float(percent)}
         return
     if ours:
@@ -451,7 +473,7 @@ def _set_mirror_list(
     if ours:
         mirrors[ours[0]]["percentage"] = {"value": float(percent)}
     else:
-        mirrors.append({"destination": destination_object(spec.candidate), "percentage": {"value": float(percent)}})
+        mirrors.append({"destination": candidate_object(route, spec), "percentage": {"value": float(percent)}})
 
 
 def _percentage(value: Any, deprecated: Any) -> float:

@@ -31,8 +31,15 @@ What it imitates, and the choices that are not obvious:
   (:mod:`shadowctl.sim.dcgm` reads this server's GPU knobs).
 * The answer is a pure function of the prompt (:mod:`shadowctl.sim.prompts`);
   ``noise_rate`` perturbs words (replica noise), ``drift_rate`` swaps the whole
-  answer (a changed model). The model name in the request is accepted whatever
-  it is, because an Istio mirror copy carries the primary's model name.
+  answer (a changed model).
+* The ``model`` of a request must be a name the server serves (``model`` and any
+  ``aliases``, as vLLM's ``--served-model-name A B``), or absent; any other name is
+  answered 404 with vLLM's body, ``{"error": {"message": "The model `X` does not
+  exist.", "type": "NotFoundError", "param": null, "code": 404}}``, after the body's
+  own checks (400) and before the engine (no ``vllm:`` series counts it), so a
+  client's model-name mistake shows. An Istio mirror copy carries the primary's
+  model name: a candidate serves that name too (or lists it as an alias), as a real
+  candidate behind the same route would.
 
 Knobs form a frozen dataclass; ``POST /admin/knobs`` (a partial JSON object)
 replaces them at run time, so a demo can inject a regression mid-run.
@@ -51,7 +58,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +181,8 @@ class ServerStats:
     errors: int = 0
     aborted: int = 0
     bad_requests: int = 0
+    unknown_model: int = 0
+    """Requests for a model this server does not serve (answered 404)."""
     drifted: int = 0
     tail: int = 0
     by_finish_reason: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -303,8 +312,11 @@ class SimModelServer:
         namespace: str = "default",
         history: int = 10_000,
         fine_buckets: bool = False,
+        aliases: Sequence[str] = (),
     ) -> None:
         self.model = model
+        self.served_names: tuple[str, ...] = (model, *(a for a in aliases if a != model))
+        """The names requests may ask for; the first is the one answers report (vLLM's ``--served-model-name``)."""
         self.variant = variant
         self.pod = pod or f"{model}-{variant}-0"
         self.namespace = namespace
@@ -370,8 +382,9 @@ class SimModelServer:
             {
                 "object": "list",
                 "data": [
-                    {"id": self.model, "object": "model", "created": self.created, "owned_by": "shadowctl-sim",
-                     "root": self.model, "parent": None, "max_model_len": 32768},
+                    {"id": name, "object": "model", "created": self.created, "owned_by": "shadowctl-sim",
+                     "root": self.model, "parent": None, "max_model_len": 32768}
+                    for name in self.served_names
                 ],
             }
         )
@@ -529,6 +542,13 @@ class SimModelServer:
         except _BadRequest as exc:
             self.stats.bad_requests += 1
             return _error_response(400, exc.message, "BadRequestError", exc.param)
+        asked = body.get("model")
+        if asked is not None and not isinstance(asked, str):
+            self.stats.bad_requests += 1
+            return _error_response(400, "'model' must be a string", "BadRequestError", "model")
+        if asked and asked not in self.served_names:  # vLLM: an absent or empty name is the served model
+            self.stats.unknown_model += 1
+            return _error_response(404, f"The model `{asked}` does not exist.", "NotFoundError")
         self.stats.requests += 1
         knobs = self._knobs
         scale = knobs.time_scale
@@ -669,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--model", default="sim-model", help="the served model name")
+    parser.add_argument("--alias", action="append", default=[], metavar="NAME",
+                        help="another name requests may ask for (repeatable); other names are answered 404")
     parser.add_argument("--variant", default="primary", help="reported in the x-sim-variant response header")
     parser.add_argument("--pod", default=None, help="the simulated pod's name (default: MODEL-VARIANT-0)")
     parser.add_argument("--namespace", default="default", help="the simulated pod's namespace")
@@ -683,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> None:
         server = SimModelServer(args.model, variant=args.variant, knobs=knobs, seed=args.seed, pod=args.pod,
-                                namespace=args.namespace)
+                                namespace=args.namespace, aliases=args.alias)
         url = await server.start(args.host, args.port)
         print(url, flush=True)
         try:
