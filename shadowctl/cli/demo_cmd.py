@@ -23,27 +23,32 @@ def demo(
     = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view while it runs.")] = True,
     short: Annotated[bool, typer.Option("--short", help="The test suite's shorter timings.")] = False,
+    target: Annotated[str, typer.Option(
+        "--target", help="What routes the traffic: istio (istio/chat.yaml's VirtualService) or gateway-api "
+                         "(gateway-api/chat.yaml's HTTPRoute).")] = "istio",
 ) -> None:
     """Run a rollout end to end on this machine and say what the controller decided, and why.
 
-    Starts, on free local ports: a real Kubernetes control plane (kube-apiserver and etcd from hack/setup.sh, with the CRDs and deploy/rbac.yaml), a mesh simulator routing by the VirtualService, simulated vLLM-like model servers with a shadowctl tap in front of each, a real Prometheus and Mosquitto, a load generator and the controller (`shadowctl run`, as deploy/rbac.yaml's ServiceAccount).
+    Starts, on free local ports: a real Kubernetes control plane (kube-apiserver and etcd from hack/setup.sh, with the CRDs and deploy/rbac.yaml), a mesh simulator routing by the VirtualService (or, with --target gateway-api, the HTTPRoute), simulated vLLM-like model servers with a shadowctl tap in front of each, a real Prometheus and Mosquitto, a load generator and the controller (`shadowctl run`, as deploy/rbac.yaml's ServiceAccount).
 
     The scenario sets how the candidate behaves. Exit code 0 when the outcome is the one the scenario expects, 1 otherwise.
 
-    Example: shadowctl demo --scenario bad-latency
+    Example: shadowctl demo --scenario bad-latency --target gateway-api
     """
     from shadowctl.demo.report import write_report
     from shadowctl.demo.run import run_scenario
-    from shadowctl.demo.scenarios import FULL, SCENARIOS, SHORT
+    from shadowctl.demo.scenarios import FULL, SCENARIOS, SHORT, TARGETS
 
     if scenario not in SCENARIOS:
         raise fail(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}", 2)
+    if target not in TARGETS:
+        raise fail(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}", 2)
     chosen = SCENARIOS[scenario]
     configure_logging("console", "warning")
     folder = report_dir or Path(f"demo-report-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{scenario}")
     try:
         data = asyncio.run(run_scenario(chosen, SHORT if short else FULL, console=console,
-                                        live=live and sys.stdout.isatty()))
+                                        live=live and sys.stdout.isatty(), target=target))
         paths = write_report(data, folder)
     except KeyboardInterrupt:
         raise fail("interrupted; everything was stopped", 130) from None

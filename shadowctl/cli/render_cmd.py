@@ -1,4 +1,4 @@
-"""`shadowctl render`: show what shadowctl would write to a VirtualService or Knative Service, offline.
+"""`shadowctl render`: show what shadowctl would write to a VirtualService, HTTPRoute or Knative Service, offline.
 
 It runs the routers' pure builders on an object from a file, so a person can
 review (or a CI job can diff) the exact change before any cluster is touched.
@@ -16,14 +16,14 @@ import yaml
 from pydantic import ValidationError
 
 from shadowctl.cli.common import fail
-from shadowctl.policy.model import Destination, IstioTarget, KnativeTarget
-from shadowctl.routers import istio_build, knative_build
+from shadowctl.policy.model import BackendRef, Destination, GatewayAPITarget, IstioTarget, KnativeTarget
+from shadowctl.routers import gateway_build, istio_build, knative_build
 from shadowctl.routers.base import RouterError, RouteState
 from shadowctl.routers.record import Build
 
 _HELP = """Print the object shadowctl would write for a traffic split, without a cluster.
 
-FILE holds one VirtualService (networking.istio.io) or one Knative Service (serving.knative.dev), e.g. the output of `kubectl get -o yaml`. The object's kind decides what --primary and --candidate mean.
+FILE holds one VirtualService (networking.istio.io), one HTTPRoute (gateway.networking.k8s.io) or one Knative Service (serving.knative.dev), e.g. the output of `kubectl get -o yaml`. The object's kind decides what --primary and --candidate mean.
 
 [bold]VirtualService[/]: destinations as HOST, HOST/SUBSET or HOST/SUBSET:PORT, exactly as in the route.
 
@@ -31,11 +31,15 @@ FILE holds one VirtualService (networking.istio.io) or one Knative Service (serv
 
   shadowctl render vs.yaml --primary llm/v1 --candidate llm/v2 --weight 0 --mirror 5 --diff
 
+[bold]HTTPRoute[/]: backendRefs to Services as NAME, NAMESPACE/NAME or NAMESPACE/NAME:PORT; --rule names the rule (needed when the route has several). --weight is the candidate's percent of the rule's total weight; --mirror adds a RequestMirror filter.
+
+  shadowctl render route.yaml --primary chat-v1 --candidate chat-v2:8000 --rule chat-default --weight 10
+
 [bold]Knative Service[/]: revision names (default primary: the revision holding 100%; default candidate: status.latestReadyRevisionName).
 
   shadowctl render ksvc.yaml --candidate llm-00002 --weight 20 --tag canary
 
-Exit code 0 on success; 1 when the object lacks the named route, destination or revision (the message lists those it has); 2 on usage errors.
+Exit code 0 on success; 1 when the object lacks the named route, rule, destination, backend or revision (the message lists those it has); 2 on usage errors.
 """
 
 
@@ -52,6 +56,17 @@ def _destination(text: str, option: str) -> Destination:
         port = int(port_text)
     try:
         return Destination(host=host, subset=subset or None, port=port)
+    except ValidationError as exc:
+        raise fail(f"{option} {text!r}: {exc.errors()[0]['msg']}", 2) from None
+
+
+def _backend(text: str, option: str) -> BackendRef:
+    namespace, _, rest = text.rpartition("/")
+    name, _, port_text = rest.partition(":")
+    if port_text and not port_text.isdigit():
+        raise fail(f"{option} {text!r}: the port after ':' must be a number", 2)
+    try:
+        return BackendRef(name=name, namespace=namespace or None, port=int(port_text) if port_text else None)
     except ValidationError as exc:
         raise fail(f"{option} {text!r}: {exc.errors()[0]['msg']}", 2) from None
 
@@ -75,13 +90,13 @@ def _load(file: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise fail(f"{file}: not valid YAML: {exc}") from None
     # A file may hold a DestinationRule (or anything else) beside the object: take the routing object.
-    routing = [d for d in docs if isinstance(d, dict) and d.get("kind") in ("VirtualService", "Service")]
+    routing = [d for d in docs if isinstance(d, dict) and d.get("kind") in ("VirtualService", "HTTPRoute", "Service")]
     if len(routing) == 1:
         return routing[0]
     if len(docs) == 1 and isinstance(docs[0], dict):
         return docs[0]
     kinds = ", ".join(str(d.get("kind")) if isinstance(d, dict) else type(d).__name__ for d in docs) or "none"
-    raise fail(f"{file}: expected one VirtualService or Knative Service, found {len(routing)} among "
+    raise fail(f"{file}: expected one VirtualService, HTTPRoute or Knative Service, found {len(routing)} among "
                f"{len(docs)} documents ({kinds}); put the one to render in a file of its own")
 
 
@@ -101,20 +116,25 @@ def _dump(obj: dict[str, Any]) -> str:
 
 
 def render(
-    file: Annotated[Path, typer.Argument(help="A VirtualService or Knative Service as YAML.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="A VirtualService, HTTPRoute or Knative Service as YAML.",
+                                         show_default=False)],
     weight: Annotated[int, typer.Option("--weight", min=0, max=100,
                                         help="Percent of live traffic for the candidate (0-100).")],
     primary: Annotated[str | None, typer.Option(
-        "--primary", help="VirtualService: HOST\\[/SUBSET]\\[:PORT] serving today (required). Knative: a revision.",
+        "--primary", help="VirtualService: HOST\\[/SUBSET]\\[:PORT] serving today (required). HTTPRoute: "
+        "\\[NAMESPACE/]NAME\\[:PORT] (required). Knative: a revision.",
         show_default=False)] = None,
     candidate: Annotated[str | None, typer.Option(
-        "--candidate", help="VirtualService: HOST\\[/SUBSET]\\[:PORT] to roll out (required). Knative: a revision.",
+        "--candidate", help="VirtualService: HOST\\[/SUBSET]\\[:PORT] to roll out (required). HTTPRoute: "
+        "\\[NAMESPACE/]NAME\\[:PORT] (required). Knative: a revision.",
         show_default=False)] = None,
     route: Annotated[str | None, typer.Option(
         "--route", help="VirtualService: the http route's name (needed when it has several).",
         show_default=False)] = None,
+    rule: Annotated[str | None, typer.Option(
+        "--rule", help="HTTPRoute: the rule's name (needed when it has several).", show_default=False)] = None,
     mirror: Annotated[float | None, typer.Option(
-        "--mirror", min=0, max=100, help="VirtualService: percent of requests mirrored to the candidate.",
+        "--mirror", min=0, max=100, help="VirtualService, HTTPRoute: percent of requests mirrored to the candidate.",
         show_default=False)] = None,
     tag: Annotated[str, typer.Option("--tag", help="Knative: the candidate's tag.")] = "candidate",
     diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the whole object.")] = False,
@@ -131,17 +151,31 @@ def render(
         if kind == "VirtualService" and api.startswith("networking.istio.io/"):
             if primary is None or candidate is None:
                 raise fail("a VirtualService needs --primary and --candidate (HOST[/SUBSET][:PORT])", 2)
+            if rule:
+                raise fail("--rule is for HTTPRoutes; name a VirtualService's http route with --route", 2)
             try:
                 target = IstioTarget(virtual_service=name, route=route, primary=_destination(primary, "--primary"),
                                      candidate=_destination(candidate, "--candidate"))
             except ValidationError as exc:
                 raise fail(exc.errors()[0]["msg"], 2) from None
             result = istio_build.build(obj, target, state)
+        elif kind == "HTTPRoute" and api.startswith("gateway.networking.k8s.io/"):
+            if primary is None or candidate is None:
+                raise fail("an HTTPRoute needs --primary and --candidate ([NAMESPACE/]NAME[:PORT])", 2)
+            if route:
+                raise fail("--route is for VirtualServices; name an HTTPRoute's rule with --rule", 2)
+            try:
+                gtarget = GatewayAPITarget(http_route=name, rule=rule, primary=_backend(primary, "--primary"),
+                                           candidate=_backend(candidate, "--candidate"))
+            except ValidationError as exc:
+                raise fail(exc.errors()[0]["msg"], 2) from None
+            result = gateway_build.build(obj, gtarget, state)
         elif kind == "Service" and api.startswith("serving.knative.dev/"):
             if mirror:
-                raise fail("a Knative Service cannot mirror; --mirror needs an Istio VirtualService", 2)
-            if route:
-                raise fail("--route is for VirtualServices; a Knative Service has no named routes", 2)
+                raise fail("a Knative Service cannot mirror; --mirror needs an Istio VirtualService or an HTTPRoute", 2)
+            if route or rule:
+                raise fail(f"{'--route' if route else '--rule'} is for VirtualServices and HTTPRoutes; a Knative "
+                           "Service has no named routes", 2)
             try:
                 ktarget = KnativeTarget(service=name, primary_revision=primary, candidate_revision=candidate,
                                         candidate_tag=tag)
@@ -149,8 +183,8 @@ def render(
                 raise fail(f"--tag {tag!r}: {exc.errors()[0]['msg']}", 2) from None
             result = knative_build.build(obj, ktarget, state, _revisions_in(obj))
         else:
-            raise fail(f"{file}: kind {kind!r} ({api or 'no apiVersion'}) is neither an Istio VirtualService "
-                       "nor a Knative Service")
+            raise fail(f"{file}: kind {kind!r} ({api or 'no apiVersion'}) is not an Istio VirtualService, a "
+                       "Gateway API HTTPRoute or a Knative Service")
     except RouterError as exc:
         raise fail(f"{file}: {exc}") from None
     if not diff:

@@ -62,11 +62,7 @@ metadata:
   namespace: llm
 spec:
   target:
-    istio:
-      virtualService: chat
-      route: chat-default
-      primary: {{host: chat.llm.svc.cluster.local, subset: v1, port: 8000}}
-      candidate: {{host: chat.llm.svc.cluster.local, subset: v2, port: 8000}}
+{target}
   trigger: manual
   shadow:
     mirrorPercent: 50
@@ -104,9 +100,28 @@ spec:
 """
 
 
-def policy_yaml(timing: Timing, broker: str) -> str:
+TARGETS: dict[str, str] = {
+    # istio/chat.yaml's VirtualService: subsets v1 and v2 of one host.
+    "istio": """\
+    istio:
+      virtualService: chat
+      route: chat-default
+      primary: {host: chat.llm.svc.cluster.local, subset: v1, port: 8000}
+      candidate: {host: chat.llm.svc.cluster.local, subset: v2, port: 8000}""",
+    # gateway-api/chat.yaml's HTTPRoute: two Services, chat-v1 and chat-v2.
+    "gateway-api": """\
+    gatewayAPI:
+      httpRoute: chat
+      rule: chat-default
+      primary: {name: chat-v1, port: 8000}
+      candidate: {name: chat-v2, port: 8000}""",
+}
+"""The policy's spec.target for each `shadowctl demo --target`."""
+
+
+def policy_yaml(timing: Timing, broker: str, target: str = "istio") -> str:
     return POLICY_TEMPLATE.format(
         shadow_min=timing.shadow_min, shadow_max=timing.shadow_max, step_duration=timing.step_duration,
         step_max=timing.step_max, interval=timing.interval, steps=", ".join(str(s) for s in timing.steps),
-        broker=broker,
+        broker=broker, target=TARGETS[target],
     )

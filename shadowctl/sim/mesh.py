@@ -1,4 +1,5 @@
-"""A mesh data-plane simulator: routes real HTTP requests by Istio VirtualServices or Knative Services.
+"""A mesh data-plane simulator: routes real HTTP requests by Istio VirtualServices, Gateway API HTTPRoutes
+or Knative Services.
 
 It stands in for Envoy (and Knative's activator) in the local environment. The
 routing objects are read from the Kubernetes API (the local control plane) through
@@ -26,6 +27,21 @@ Istio semantics implemented (``spec.http`` only):
   separate connection pool; its response is drained and discarded, and copies
   in flight are capped (beyond the cap they are dropped and counted).
 
+Gateway API HTTPRoute (``gateway.networking.k8s.io/v1``, ``spec.rules`` only):
+
+* the route serves the Hosts of its ``hostnames`` (exact, or ``*.`` wildcards; none: every Host);
+* among every rule's ``matches`` (absent: a ``PathPrefix /``) that match the request, the one with
+  the Gateway API's precedence wins: an ``Exact`` path, then the longest ``PathPrefix``, then a
+  ``method``, then the most ``headers``, then the most ``queryParams``, then the first rule (and
+  match) in order. Paths match ``Exact``, ``PathPrefix`` (by whole path elements) and
+  ``RegularExpression``; headers (names case-insensitive) and query parameters ``Exact`` or
+  ``RegularExpression``;
+* a backend by ``weight`` as a proportion of the rule's total (absent: 1); every weight 0, or a
+  backend with no upstream: 500, as the spec asks;
+* every rule-level ``RequestMirror`` filter, each at its own ``percent`` or ``fraction``
+  (neither: 100%), with Envoy's ``-shadow`` Host suffix like Istio's mirrors. Filters on a single
+  backendRef and the other filter types are not applied.
+
 Knative: ``status.traffic`` when the status reports the current generation,
 else ``spec.traffic`` with ``latestRevision`` resolved to
 ``status.latestReadyRevisionName``; Host ``<tag>-<service>.*`` (or the
@@ -47,14 +63,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from shadowctl.kube import KNATIVE_SERVICE, VIRTUAL_SERVICE, KubeClient, KubeError, WatchExpired
+from shadowctl.kube import HTTP_ROUTE, KNATIVE_SERVICE, VIRTUAL_SERVICE, KubeClient, KubeError, WatchExpired
 from shadowctl.sim.errors import SimError
 
 log = structlog.get_logger(__name__)
@@ -99,7 +115,16 @@ class KnativeSource:
     kind: Literal["KnativeService"] = "KnativeService"
 
 
-Source = IstioSource | KnativeSource
+@dataclass(frozen=True)
+class GatewaySource:
+    """Route by this Gateway API HTTPRoute."""
+
+    namespace: str
+    name: str
+    kind: Literal["HTTPRoute"] = "HTTPRoute"
+
+
+Source = IstioSource | KnativeSource | GatewaySource
 DestKey = tuple[str, str | None, int | None]  # host, subset, port
 
 
@@ -142,6 +167,20 @@ class HttpRoute:
 
 
 @dataclass(frozen=True)
+class GatewayRule:
+    """One HTTPRoute ``spec.rules[]`` entry, reduced to what routing needs (matches with defaults filled in)."""
+
+    name: str
+    matches: tuple[JSON, ...]
+    backends: tuple[tuple[Destination, float], ...]
+    mirrors: tuple[tuple[Destination, float], ...]
+
+    @property
+    def weight_total(self) -> float:
+        return sum(max(0.0, w) for _, w in self.backends)
+
+
+@dataclass(frozen=True)
 class KnativeTarget:
     revision: str
     percent: int
@@ -158,6 +197,7 @@ class RoutingTable:
     hosts: tuple[str, ...] = ()
     http: tuple[HttpRoute, ...] = ()
     traffic: tuple[KnativeTarget, ...] = ()
+    rules: tuple[GatewayRule, ...] = ()
 
 
 def _fqdn(host: str, namespace: str) -> str:
@@ -222,6 +262,63 @@ def parse_virtual_service(obj: JSON, source: IstioSource) -> RoutingTable:
     gen = meta.get("generation")
     return RoutingTable(source, str(meta.get("resourceVersion") or ""), gen if isinstance(gen, int) else None,
                         hosts=hosts, http=tuple(routes))
+
+
+def _backend(raw: Any, namespace: str) -> Destination | None:
+    """A Gateway API backendRef to a Service as a Destination (``name.namespace.svc.cluster.local:port``)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        return None
+    if (raw.get("group") or "") != "" or (raw.get("kind") or "Service") != "Service":
+        return None
+    ns = raw.get("namespace") if isinstance(raw.get("namespace"), str) else namespace
+    port = raw.get("port")
+    return Destination(f"{raw['name'].lower()}.{ns}.svc.cluster.local", None, port if isinstance(port, int) else None)
+
+
+def mirror_percent(mirror: JSON) -> float:
+    """A RequestMirror's share in percent: ``percent``, else ``fraction`` (denominator default 100), else 100."""
+    pct = mirror.get("percent")
+    if isinstance(pct, int | float) and not isinstance(pct, bool):
+        return float(pct)
+    frac = mirror.get("fraction")
+    if isinstance(frac, dict):
+        num, den = frac.get("numerator"), frac.get("denominator", 100)
+        if isinstance(num, int) and isinstance(den, int) and den > 0:
+            return num * 100 / den
+    return 100.0
+
+
+_DEFAULT_MATCH: JSON = {"path": {"type": "PathPrefix", "value": "/"}}
+
+
+def parse_http_route(obj: JSON, source: GatewaySource) -> RoutingTable:
+    """The routing table of an HTTPRoute (unparseable entries are skipped)."""
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace") or source.namespace
+    spec = obj.get("spec") or {}
+    rules: list[GatewayRule] = []
+    for i, rule in enumerate(spec.get("rules") or []):
+        if not isinstance(rule, dict):
+            continue
+        backends: list[tuple[Destination, float]] = []
+        for ref in rule.get("backendRefs") or []:
+            dest = _backend(ref, ns)
+            if dest is not None:
+                weight = ref.get("weight", 1)
+                backends.append((dest, float(weight) if isinstance(weight, int | float) else 0.0))
+        mirrors: list[tuple[Destination, float]] = []
+        for f in rule.get("filters") or []:
+            mirror = f.get("requestMirror") if isinstance(f, dict) and f.get("type") == "RequestMirror" else None
+            if isinstance(mirror, dict):
+                dest = _backend(mirror.get("backendRef"), ns)
+                if dest is not None:
+                    mirrors.append((dest, mirror_percent(mirror)))
+        matches = tuple(m for m in (rule.get("matches") or [_DEFAULT_MATCH]) if isinstance(m, dict))
+        rules.append(GatewayRule(str(rule.get("name") or f"rules[{i}]"), matches, tuple(backends), tuple(mirrors)))
+    hosts = tuple(h.lower() for h in spec.get("hostnames") or [] if isinstance(h, str))
+    gen = meta.get("generation")
+    return RoutingTable(source, str(meta.get("resourceVersion") or ""), gen if isinstance(gen, int) else None,
+                        hosts=hosts, rules=tuple(rules))
 
 
 def parse_knative_service(obj: JSON, source: KnativeSource) -> RoutingTable:
@@ -313,6 +410,69 @@ def select_route(routes: Sequence[HttpRoute], req: RequestView) -> HttpRoute | N
     return None
 
 
+def _value_match(spec: Any, value: str | None) -> bool:
+    """A Gateway API header or query parameter match (``type`` Exact by default, or RegularExpression)."""
+    if value is None or not isinstance(spec, dict):
+        return False
+    want = str(spec.get("value", ""))
+    if spec.get("type", "Exact") == "RegularExpression":
+        try:
+            return re.search(want, value) is not None
+        except re.error:
+            return False
+    return spec.get("type", "Exact") == "Exact" and value == want
+
+
+def _path_match(path_spec: Any, path: str) -> bool:
+    if not isinstance(path_spec, dict):
+        return False
+    kind, value = path_spec.get("type", "PathPrefix"), str(path_spec.get("value", "/"))
+    if kind == "Exact":
+        return path == value
+    if kind == "PathPrefix":
+        prefix = value.rstrip("/")
+        return not prefix or path == prefix or path.startswith(prefix + "/")
+    if kind == "RegularExpression":
+        try:
+            return re.fullmatch(value, path) is not None
+        except re.error:
+            return False
+    return False
+
+
+def match_gateway_request(match: JSON, req: RequestView) -> bool:
+    """Whether one ``HTTPRouteMatch`` matches (path, method, headers and query parameters all must)."""
+    if not _path_match(match.get("path", _DEFAULT_MATCH["path"]), req.path):
+        return False
+    if "method" in match and match["method"] != req.method:
+        return False
+    for h in match.get("headers") or []:
+        if not isinstance(h, dict) or not _value_match(h, req.headers.get(str(h.get("name", "")).lower())):
+            return False
+    return all(isinstance(q, dict) and _value_match(q, req.query.get(str(q.get("name", ""))))
+               for q in match.get("queryParams") or [])
+
+
+def _precedence(match: JSON) -> tuple[int, int, int, int, int]:
+    path = match.get("path", _DEFAULT_MATCH["path"]) or {}
+    kind = path.get("type", "PathPrefix") if isinstance(path, dict) else ""
+    prefix_len = len(str(path.get("value", ""))) if kind == "PathPrefix" and isinstance(path, dict) else 0
+    return (0 if kind == "Exact" else 1, -prefix_len, 0 if "method" in match else 1,
+            -len(match.get("headers") or []), -len(match.get("queryParams") or []))
+
+
+def select_rule(rules: Sequence[GatewayRule], req: RequestView) -> GatewayRule | None:
+    """The rule whose matching ``matches`` entry has the Gateway API's precedence (ties: list order), or None."""
+    best: tuple[tuple[int, ...], GatewayRule] | None = None
+    for i, rule in enumerate(rules):
+        for j, match in enumerate(rule.matches):
+            if match_gateway_request(match, req):
+                key = (*_precedence(match), i, j)
+                if best is None or key < best[0]:
+                    best = (key, rule)
+    return best[1] if best is not None else None
+
+
 def pick_weighted(choices: Sequence[tuple[Any, float]], u: float) -> Any | None:
     """The choice that ``u`` in [0, 1) falls on by relative weight; a single choice always wins."""
     if len(choices) == 1:
@@ -342,6 +502,12 @@ def split_port(authority: str) -> tuple[str, str]:
     return authority, ""
 
 
+def _gateway_host_matches(pattern: str, hostname: str) -> bool:
+    if pattern.startswith("*."):
+        return hostname.endswith(pattern[1:]) and hostname != pattern[2:]
+    return hostname == pattern
+
+
 def _host_matches(pattern: str, hostname: str) -> bool:
     if pattern == "*":
         return True
@@ -366,6 +532,8 @@ class RouteChange:
     generation: int | None
     routes: tuple[JSON, ...]
     """Per http route: name, weights {dest: w}, weight_sum, mirrors {dest: %}, deprecated_mirror_percent;
+    per HTTPRoute rule the same with weights as percent shares of the rule's total (weight_sum 100, or 0
+    when every weight is 0) and the raw total as total_weight;
     for Knative one entry with percents {revision: %}, percent_sum and tags {tag: revision}."""
 
     def to_dict(self) -> JSON:
@@ -375,6 +543,17 @@ class RouteChange:
 def _summarise(table: RoutingTable | None) -> tuple[JSON, ...]:
     if table is None:
         return ()
+    if isinstance(table.source, GatewaySource):
+        rules = []
+        for rule in table.rules:
+            total = rule.weight_total
+            shares: dict[str, float] = {}
+            for d, w in rule.backends:
+                shares[d.key] = shares.get(d.key, 0.0) + (100.0 * max(0.0, w) / total if total > 0 else 0.0)
+            rules.append({"name": rule.name, "weights": shares, "weight_sum": 100.0 if total > 0 else 0.0,
+                          "total_weight": total, "mirrors": {d.key: p for d, p in rule.mirrors},
+                          "deprecated_mirror_percent": False})
+        return tuple(rules)
     if isinstance(table.source, KnativeSource):
         percents: Counter[str] = Counter()
         for t in table.traffic:
@@ -397,6 +576,16 @@ def _summarise(table: RoutingTable | None) -> tuple[JSON, ...]:
             "deprecated_mirror_percent": route.deprecated_mirror_percent,
         })
     return tuple(out)
+
+
+class Routed(NamedTuple):
+    """Where the mesh sends a request: the destination's key and upstream, the mirror copies, and the
+    status when the destination has no upstream (Envoy's 503; 500 for an HTTPRoute, as its spec asks)."""
+
+    key: str
+    upstream: Upstream | None
+    mirrors: list[tuple[str, Upstream | None]]
+    missing_status: int = 503
 
 
 @dataclass
@@ -595,10 +784,12 @@ class MeshSimulator:
     def _apply(self, source: Source, obj: JSON | None, event: str) -> None:
         table: RoutingTable | None = None
         if obj is not None:
-            table = (
-                parse_virtual_service(obj, source) if isinstance(source, IstioSource)
-                else parse_knative_service(obj, source)
-            )
+            if isinstance(source, IstioSource):
+                table = parse_virtual_service(obj, source)
+            elif isinstance(source, GatewaySource):
+                table = parse_http_route(obj, source)
+            else:
+                table = parse_knative_service(obj, source)
         if source in self.tables:
             previous = self.tables[source]
             if (previous is None and table is None) or (
@@ -621,7 +812,8 @@ class MeshSimulator:
         event_flag.set()
 
     async def _follow(self, source: Source) -> None:
-        gvr = VIRTUAL_SERVICE if isinstance(source, IstioSource) else KNATIVE_SERVICE
+        gvr = (VIRTUAL_SERVICE if isinstance(source, IstioSource)
+               else HTTP_ROUTE if isinstance(source, GatewaySource) else KNATIVE_SERVICE)
         selector = f"metadata.name={source.name}"
         rv: str | None = None
         while True:
@@ -662,18 +854,34 @@ class MeshSimulator:
         for source, table in tables:
             if isinstance(source, IstioSource) and any(_host_matches(h, hostname) for h in table.hosts):
                 return table
+            if isinstance(source, GatewaySource) and (
+                    not table.hosts or any(_gateway_host_matches(h, hostname) for h in table.hosts)):
+                return table
             if isinstance(source, KnativeSource):
                 first = hostname.split(".")[0]
                 if first == source.name or first.endswith(f"-{source.name}"):
                     return table
-        return tables[0][1] if len(self.sources) == 1 and tables else None
+        # One VirtualService or Knative Service takes any Host (a test's 127.0.0.1:port); an HTTPRoute
+        # with hostnames serves those only, as a Gateway's listener does.
+        alone = len(self.sources) == 1 and tables and not isinstance(tables[0][0], GatewaySource)
+        return tables[0][1] if alone else None
 
-    def route(self, req: RequestView) -> tuple[str, Upstream | None, list[tuple[str, Upstream | None]]] | None:
+    def route(self, req: RequestView) -> Routed | None:
         """Pick the destination (key, upstream) and the mirror copies for a request; None: no route."""
         hostname = split_port(req.authority)[0]
         table = self._table_for(hostname.lower())
         if table is None:
             return None
+        if isinstance(table.source, GatewaySource):
+            rule = select_rule(table.rules, req)
+            if rule is None:
+                return None
+            mirrors = [(m.key, self._upstream_for(m)) for m, pct in rule.mirrors if self._rng.random() * 100.0 < pct]
+            if rule.weight_total <= 0:  # no backend may take it: the Gateway API's 500
+                return Routed(f"{rule.name} (every backend at weight 0)", None, mirrors, 500)
+            picked: Destination | None = pick_weighted(rule.backends, self._rng.random())
+            assert picked is not None  # a positive total always picks
+            return Routed(picked.key, self._upstream_for(picked), mirrors, 500)
         if isinstance(table.source, KnativeSource):
             first = hostname.split(".")[0]
             tag = req.headers.get(TAG_HEADER)
@@ -682,12 +890,12 @@ class MeshSimulator:
             if tag:
                 for t in table.traffic:
                     if t.tag == tag:
-                        return t.revision, self._revisions.get(t.revision), []
+                        return Routed(t.revision, self._revisions.get(t.revision), [])
                 return None
             revision = pick_weighted([(t.revision, float(t.percent)) for t in table.traffic], self._rng.random())
             if revision is None:
                 return None
-            return revision, self._revisions.get(revision), []
+            return Routed(revision, self._revisions.get(revision), [])
         route = select_route(table.http, req)
         if route is None or not route.destinations:
             return None
@@ -697,7 +905,7 @@ class MeshSimulator:
         mirrors = [
             (m.key, self._upstream_for(m)) for m, pct in route.mirrors if self._rng.random() * 100.0 < pct
         ]
-        return dest.key, self._upstream_for(dest), mirrors
+        return Routed(dest.key, self._upstream_for(dest), mirrors)
 
     # ----------------------------------------------------------------- HTTP
 
@@ -729,12 +937,12 @@ class MeshSimulator:
         if decision is None:
             self.stats.no_route += 1
             return web.Response(status=404, text="no route matched (simulated Envoy: NR)\n")
-        key, upstream, mirrors = decision
+        key, upstream, mirrors, missing = decision
         for mirror_key, mirror_upstream in mirrors:
             self._spawn_mirror(mirror_key, mirror_upstream, request, headers, body, authority)
         if upstream is None:
             self.stats.no_upstream += 1
-            return web.Response(status=503, text=f"no healthy upstream for {key} (simulated Envoy: UH)\n")
+            return web.Response(status=missing, text=f"no healthy upstream for {key} (simulated Envoy: UH)\n")
         self.stats.routed[key] += 1
         assert self._session is not None
         response: web.StreamResponse | None = None
