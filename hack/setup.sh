@@ -2,6 +2,7 @@
 # Set up everything shadowctl needs on a fresh Debian machine; safe to run twice.
 #   - Debian packages: prometheus (server + promtool) and mosquitto (MQTT broker),
 #     used by the tests and by `shadowctl demo` (started on free ports, never as services);
+#     lua5.1, for the Argo CD health check's tests;
 #   - a virtual environment in .venv with shadowctl and its dev/demo extras;
 #   - etcd, kube-apiserver and kubectl built from pinned Go modules into .venv/bin (hack/kube-build.sh).
 set -euo pipefail
@@ -11,6 +12,8 @@ need_apt=()
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need_apt+=(prometheus)
 command -v promtool >/dev/null 2>&1 || [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+# Lua 5.1 runs the Argo CD health check (deploy/argocd/health.lua) in its tests, as Argo CD's gopher-lua would.
+command -v lua5.1 >/dev/null 2>&1 || need_apt+=(lua5.1)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
