@@ -6,12 +6,15 @@ who typed it would: the offline ones (``--help``, ``validate``, ``render``) as t
 ones (``apply``, ``status --watch``, ``run``, ``promote``) against the real local control plane with
 ``KUBECONFIG`` pointing at it, as the README says ("against any cluster your kubeconfig reaches").
 The one change to what is written: ``run`` also gets ``--listen`` on a free port, since the default
-``:8080`` may be taken on a shared machine. A README example of a command this file does not know fails
-:func:`test_every_readme_command_is_covered`, so a new example cannot go untried.
+``:8080`` may be taken on a shared machine. The ``kubectl`` examples (the plugin, the Argo CD health
+check's install) run with the real kubectl of .venv/bin against the same control plane. A README
+example of a command this file does not know fails :func:`test_every_readme_command_is_covered`, so a
+new example cannot go untried.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from conftest_kube import KubeEnv
 
 from shadowctl.kube import SHADOW_POLICY
@@ -34,6 +38,9 @@ SHADOWCTL = str(Path(sys.executable).parent / "shadowctl")
 OFFLINE = {"--help", "validate", "render"}
 CLUSTER = {"apply", "status", "run", "promote"}
 LEASES = GVR("coordination.k8s.io", "v1", "leases", "")
+KUBECTL = str(Path(sys.executable).parent / "kubectl")
+ARGOCD_PATCH = ["kubectl", "-n", "argocd", "patch", "configmap", "argocd-cm", "--type", "merge", "--patch-file",
+                "deploy/argocd/argocd-cm-patch.yaml"]
 
 
 def readme_commands(text: str | None = None, program: str = "shadowctl") -> list[list[str]]:
@@ -67,6 +74,9 @@ def test_the_parser_reads_continuations_and_comments() -> None:
 def test_every_readme_command_is_covered() -> None:
     names = [argv[1] for argv in readme_commands()]
     assert set(names) == OFFLINE | CLUSTER, "a README example that no test runs: add it to tests/test_readme.py"
+    kubectl = readme_commands(program="kubectl")
+    assert [argv for argv in kubectl if argv[1] != "shadow"] == [ARGOCD_PATCH], kubectl
+    assert [argv[2] for argv in kubectl if argv[1] == "shadow"] == ["status"]
 
 
 def test_offline_examples_run_as_written() -> None:
@@ -150,3 +160,35 @@ def test_cluster_examples_run_as_written(kube_env: KubeEnv, tmp_path: Path) -> N
     obj = kube_env.get_object(SHADOW_POLICY, "llm", "chat-llama")
     assert obj is not None and '"promote"' in obj["metadata"]["annotations"]["shadowctl.dev/command"]
 
+
+
+def test_kubectl_examples_run_as_written(kube_env: KubeEnv, tmp_path: Path) -> None:
+    """The plugin through the real kubectl (kubectl-shadow found on PATH), and the argocd-cm patch."""
+    env = {**os.environ, "KUBECONFIG": str(kube_env.direct_kubeconfig(tmp_path / "kubeconfig")),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "COLUMNS": "200"}
+    policy = next(d for d in yaml.safe_load_all((REPO / "policies" / "chat-istio.yaml").read_text()) if d)
+    kube_env.put_object(SHADOW_POLICY, policy)
+    kubectl = readme_commands(program="kubectl")
+    shadow = next(argv for argv in kubectl if argv[1] == "shadow")
+    done = subprocess.run([KUBECTL, *shadow[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "shadowpolicy llm/chat-llama"
+
+    def kubectl_run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([KUBECTL, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                              check=check)
+
+    kubectl_run("create", "namespace", "argocd", check=False)  # kept across tests: namespaces never finish deleting
+    kubectl_run("-n", "argocd", "delete", "configmap", "argocd-cm", "--ignore-not-found")
+    kubectl_run("-n", "argocd", "create", "configmap", "argocd-cm", "--from-literal=url=https://argocd.example.com")
+    try:
+        patch = next(argv for argv in kubectl if argv[1] != "shadow")
+        done = kubectl_run(*patch[1:], check=False)
+        assert done.returncode == 0, done.stderr
+        data = json.loads(kubectl_run("-n", "argocd", "get", "configmap", "argocd-cm", "-o", "json").stdout)["data"]
+        assert data["url"] == "https://argocd.example.com"
+        script = (REPO / "deploy" / "argocd" / "health.lua").read_text(encoding="utf-8")
+        assert data["resource.customizations.health.shadowctl.dev_ShadowPolicy"] == script
+    finally:
+        kubectl_run("-n", "argocd", "delete", "configmap", "argocd-cm", "--ignore-not-found", check=False)
