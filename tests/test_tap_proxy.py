@@ -231,3 +231,28 @@ async def test_deeply_nested_json_still_reaches_the_user_and_the_event(stub: Ope
     nested = ResponseAccumulator(Endpoint.chat, event_stream=True, content_encoding=None, max_chars=100)
     nested.feed(b"data: " + deep + b"\n\n")
     assert nested.finish().output == ""
+
+
+def test_tool_calls_share_the_output_budget_and_odd_shapes_are_ignored() -> None:
+    """Streamed tool-call names and arguments count against max_chars like text (before: unbounded, the
+    tap held a 1 MB argument whole), at most MAX_TOOL_CALLS indices are kept, and a `tool_calls` that is
+    not a list is ignored (before: TypeError, the answer's event lost; found by bench/fuzz)."""
+    from shadowctl.tap.extract import MAX_TOOL_CALLS
+
+    def sse(delta: dict[str, object]) -> bytes:
+        return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]}).encode() + b"\n\n"
+
+    acc = ResponseAccumulator(Endpoint.chat, event_stream=True, content_encoding=None, max_chars=1000)
+    acc.feed(sse({"content": "x" * 400}))
+    for _ in range(100):
+        acc.feed(sse({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "a" * 10_000}}]}))
+    acc.feed(sse({"tool_calls": True}))
+    acc.feed(sse({"tool_calls": 1}))
+    info = acc.finish()
+    assert info.truncated and info.tool_calls is not None
+    assert len(info.output) + sum(len(c.name) + len(c.arguments) for c in info.tool_calls) == 1000
+    many = ResponseAccumulator(Endpoint.chat, event_stream=True, content_encoding=None, max_chars=100_000)
+    for i in range(1000):
+        many.feed(sse({"tool_calls": [{"index": i, "function": {"name": "f", "arguments": "{}"}}]}))
+    calls = many.finish().tool_calls
+    assert calls is not None and len(calls) == MAX_TOOL_CALLS

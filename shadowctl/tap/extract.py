@@ -131,6 +131,10 @@ def _usage(value: Any) -> Usage | None:
     )
 
 
+MAX_TOOL_CALLS = 128
+"""Tool calls kept per answer; a stream that names more indices is marked truncated."""
+
+
 @dataclass(slots=True)
 class _ToolDraft:
     name: str = ""
@@ -236,18 +240,18 @@ class ResponseAccumulator:
         if isinstance(obj, dict):
             self._chunk(obj)
 
-    def _append(self, text: str) -> None:
-        if not text:
-            return
+    def _take(self, text: str) -> str:
+        """The part of ``text`` within the ``max_chars`` budget that output and tool calls share."""
         room = self.max_chars - self._chars
-        if room <= 0:
-            self._truncated = True
-            return
         if len(text) > room:
-            text = text[:room]
+            text = text[:max(room, 0)]
             self._truncated = True
-        self._text.append(text)
         self._chars += len(text)
+        return text
+
+    def _append(self, text: str) -> None:
+        if text and (kept := self._take(text)):
+            self._text.append(kept)
 
     def _chunk(self, obj: dict[str, Any]) -> None:
         if "usage" in obj and obj["usage"] is not None:
@@ -265,7 +269,8 @@ class ResponseAccumulator:
                 if isinstance(content, str) and content:
                     self._append(content)
                     carried = True
-                for call in delta.get("tool_calls") or ():
+                calls = delta.get("tool_calls")
+                for call in calls if isinstance(calls, list) else ():
                     if isinstance(call, dict):
                         carried = self._tool_delta(call) or carried
             else:
@@ -280,14 +285,18 @@ class ResponseAccumulator:
 
     def _tool_delta(self, call: dict[str, Any]) -> bool:
         index = call.get("index", 0)
-        draft = self._tools.setdefault(index if isinstance(index, int) else 0, _ToolDraft())
+        index = index if isinstance(index, int) and not isinstance(index, bool) else 0
+        if index not in self._tools and len(self._tools) >= MAX_TOOL_CALLS:
+            self._truncated = True
+            return False
+        draft = self._tools.setdefault(index, _ToolDraft())
         fn = _dict(call.get("function"))
         name = _str(fn.get("name"))
         if name:
-            draft.name += name
+            draft.name += self._take(name)
         args = fn.get("arguments")
         if isinstance(args, str) and args:
-            draft.arguments.append(args)
+            draft.arguments.append(self._take(args))
             return True
         return False
 
