@@ -50,6 +50,7 @@ here, or is not under ``ShadowctlError``)::
     │   └── ControlPlaneError        the local control plane cannot start or answer
     ├── ReportError                  shadowctl.demo: recorded data unreadable, or the report unwritable
     ├── CliError                     shadowctl.cli: a failure the command explains in one line
+    ├── PluginUsage                  shadowctl.cli: a `kubectl shadow` command line the plugin cannot run
     └── ReplayInputError             shadowctl.cli: a malformed line of a `judge replay` file
 
 Deliberately not under ``ShadowctlError``: private control flow, raised and

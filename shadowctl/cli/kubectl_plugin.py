@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from shadowctl.errors import ShadowctlError
+
 COMMANDS = ("get", "status", "describe", "promote", "rollback", "pause", "resume", "retry")
 """The shadowctl commands the plugin offers: what a person runs against a cluster's rollouts."""
 ALL_NAMESPACES = ("get", "status")
@@ -33,7 +35,7 @@ _UNSUPPORTED = (
 """kubectl's global flags that shadowctl has no equivalent for (``--as`` would act as someone else)."""
 
 
-class PluginUsage(Exception):
+class PluginUsage(ShadowctlError):
     """A command line the plugin cannot run: printed as ``error: ...`` with exit code 2."""
 
 
