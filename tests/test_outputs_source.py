@@ -21,7 +21,7 @@ from shadowctl.compare.comparators import BoundComparator, build_comparators
 from shadowctl.compare.events import Endpoint, OutputEvent, Variant
 from shadowctl.policy.model import Comparator, ComparatorName, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
-from shadowctl.sources.outputs import BrokerUnavailable, MqttOutputSource, load_local_embedder
+from shadowctl.sources.outputs import MAX_EVENT_BYTES, BrokerUnavailable, MqttOutputSource, load_local_embedder
 from shadowctl.tap.proxy import MirrorConfig
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ async def test_pairs_tallies_and_counts_malformed(mosquitto: MosquittoBroker) ->
             await pub.publish(f"shadowctl/outputs/ns/chat/{variant}", event.to_json(), qos=1)
         await pub.publish("shadowctl/outputs/ns/chat/primary", b'{"schema": "nope"}', qos=1)
         await pub.publish("shadowctl/outputs/ns/chat/primary", b"\xff\xfe", qos=1)
-        await eventually(lambda: source.snapshot().malformed == 2 and
+        await pub.publish("shadowctl/outputs/ns/chat/primary", b"{" + b" " * MAX_EVENT_BYTES + b"}", qos=1)
+        await eventually(lambda: source.snapshot().malformed == 3 and
                          source.pairer.stats.duplicates[Variant.candidate] == 1, what="all messages")
     snap = source.snapshot()
     exact, f1 = snap.tally.counts["exact"], snap.tally.counts["token-f1"]

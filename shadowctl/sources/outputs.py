@@ -48,6 +48,10 @@ from shadowctl.sources.base import SourceConfigError, SourceError
 
 log = structlog.get_logger(__name__)
 
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+"""An event larger than this is counted as malformed and never parsed (the tap caps outputs; a long
+prompt is far smaller): the broker accepts up to 256 MB per message unless told otherwise."""
+
 #: MQTT v3.1.1 connect return codes and v5 reason codes that mean "bad credentials / not allowed".
 _AUTH_CODES = frozenset({4, 5, 134, 135})
 
@@ -232,7 +236,7 @@ class MqttOutputSource:
                     payload: Any = message.payload
                     if isinstance(payload, bytearray):
                         payload = bytes(payload)
-                    if not isinstance(payload, bytes | str):
+                    if not isinstance(payload, bytes | str) or len(payload) > MAX_EVENT_BYTES:
                         self.malformed += 1
                         continue
                     try:
