@@ -7,6 +7,7 @@ measured by bench/judge/paired.py).
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from shadowctl.judge import (
     JudgeInputError,
     Margin,
     MetricInput,
+    MetricResult,
     MetricSpec,
     NoData,
     Outcome,
@@ -29,8 +31,9 @@ from shadowctl.judge import (
 )
 from shadowctl.judge.core import LookInput
 from shadowctl.judge.model import LOG_RATIO_LE
-from shadowctl.judge.paired import batch_paired, critical_count, log_sign_evalue
+from shadowctl.judge.paired import batch_paired, critical_count, decision_bounds, log_sign_evalue
 from shadowctl.judge.sequential import FAIL
+from shadowctl.policy.status import PairedCounts
 
 STATS = ("paired-median", "paired-mean")
 PRIMARY = [0.2 * (1 + (i * 37) % 50) for i in range(200)]  # request-dominated: 0.2 s .. 10 s
@@ -182,3 +185,82 @@ def test_repeated_looks_at_aa_pairs_rarely_fail(stat: str) -> None:
         batch = batch_paired(spec, [s.snapshot() for s in sketches], alpha=0.05, beta=0.05)
         ever |= batch.code == FAIL
     assert ever.mean() <= 0.08
+
+
+# --------------------------------------------------------------------------- restored from .status
+
+
+def _look(spec: MetricSpec, data: Paired) -> MetricResult:
+    [verdict] = judge_many([LookInput([MetricInput.of_pairs(spec, data)], alpha=0.05, beta=0.1, final=False)])
+    assert not isinstance(verdict, Exception)
+    return verdict.results[0]
+
+
+def _through_json(record: PairedCounts) -> PairedCounts:
+    """What the API server keeps and a restarted controller reads back."""
+    return PairedCounts.model_validate(json.loads(json.dumps(record.to_json(), allow_nan=False)))
+
+
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("direction", list(Direction))
+@pytest.mark.parametrize("factor", [1.0, 1.06, 1.3])
+def test_pairs_restored_from_the_status_record_decide_as_if_never_restarted(stat: str, direction: Direction,
+                                                                            factor: float) -> None:
+    """Judging 150 pairs counted before a restart (kept in `.status` as n, sums and counts at some
+    bounds) plus 100 counted after gives the verdict, e-values, counts and mean's interval of judging
+    all 250 at once; the median's interval may only widen."""
+    rng = np.random.default_rng(int(factor * 100) + len(direction.value))
+    req = rng.lognormal(0, 1, 250)
+    primary, candidate = req * rng.lognormal(0, 0.15, 250), req * factor * rng.lognormal(0, 0.15, 250)
+    spec = _spec(stat, direction=direction, min_samples=20)
+    whole = Paired.of(primary, candidate, dropped=3, errored=2)
+    before = Paired.of(primary[:150], candidate[:150], dropped=3, errored=2)
+    after = Paired.of(primary[150:], candidate[150:])
+    record = before.to_record(decision_bounds(spec))
+    back = Paired.from_record(_through_json(record))
+    assert back is not None and back.restored == 150 and back.n == 150 and back.counts_max is not None
+    assert (back.sum, back.sum_sq, back.dropped, back.errored) == (before.sum, before.sum_sq, 3, 2)
+    for x in decision_bounds(spec):  # exact where the decision reads
+        j = int(np.searchsorted(LOG_RATIO_LE, x))
+        assert back.counts[j] == back.upper_counts[j] == before.counts[j]
+    assert np.all(back.counts <= before.counts) and np.all(before.counts <= back.upper_counts)  # brackets
+
+    want, got = _look(spec, whole), _look(spec, back + after)
+    assert got.outcome is want.outcome
+    assert got.n_candidate == want.n_candidate == 250
+    assert got.extra["pairsRestored"] == 150 and "pairsRestored" not in want.extra
+    assert got.extra["candidateSlower"] == want.extra["candidateSlower"]
+    assert (got.extra["pairsDropped"], got.extra["pairsErrored"]) == (3, 2)
+    if stat == "paired-median":
+        assert got.extra["logEValueFail"] == want.extra["logEValueFail"]
+        assert got.extra["logEValuePass"] == want.extra["logEValuePass"]
+        lo, hi = got.interval
+        assert lo is not None and hi is not None and want.interval[0] is not None and want.interval[1] is not None
+        assert lo <= want.interval[0] and hi >= want.interval[1]
+        assert got.effect is not None and want.effect is not None and abs(math.log(got.effect / want.effect)) < 0.05
+    else:
+        assert got.effect == pytest.approx(want.effect, rel=1e-12)
+        assert got.interval == pytest.approx(want.interval, rel=1e-9)
+    # A second restart: the restored pairs are written again only where their counts are known.
+    again = (back + after).to_record(decision_bounds(spec))
+    assert again.pairs == 250 and set(again.le) <= set(record.le)
+    twice = Paired.from_record(_through_json(again))
+    assert twice is not None and _look(spec, twice).outcome is want.outcome
+
+
+def test_the_status_record_is_bounded_and_refuses_bounds_off_the_layout() -> None:
+    rng = np.random.default_rng(5)
+    many = Paired.of(rng.lognormal(0, 1, 100_000), rng.lognormal(0, 1, 100_000))
+    spec = _spec("paired-median")
+    record = many.to_record(decision_bounds(spec))
+    assert record.pairs == 100_000 and len(record.le) == len(record.counts) <= 64
+    assert len(json.dumps(record.to_json())) < 1200  # bytes, however many pairs
+    assert {0.0, -0.005}.issubset(record.le)
+    assert record.counts == sorted(record.counts)
+    # Many margins on one quantity: the decision's bounds stay, the grid gives way.
+    needed = {round(x, 6) for m in range(1, 25) for x in decision_bounds(_spec("paired-median", f"{m}%"))}
+    crowded = many.to_record(sorted(needed))
+    assert len(needed) > 64 - len(record.le) and len(crowded.le) == 64 and needed <= set(crowded.le)
+    assert Paired.from_record(record.model_copy(update={"le": [*record.le[:-1], 0.0123]})) is None
+    assert Paired.from_record(PairedCounts()) is not None
+    assert Paired.of([], []).to_record().le == []

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shadowctl.errors import ShadowctlError
-from shadowctl.policy.status import Evidence, MetricEvidence, SampleCounts
+from shadowctl.policy.status import PAIRED_BOUNDS_MAX, Evidence, MetricEvidence, PairedCounts, SampleCounts
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -269,6 +269,25 @@ LOG_RATIO_LE: FloatArray = np.append(np.arange(-800, 801) * LOG_RATIO_STEP, np.i
 
 _LOG_RATIO_BOUNDS = tuple(float(x) for x in LOG_RATIO_LE)
 
+_ZERO = 800
+"""The index of the bound 0 in :data:`LOG_RATIO_LE`."""
+
+_GRID_STEPS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0)
+KEPT_GRID: tuple[float, ...] = (0.0, *(sign * x for x in _GRID_STEPS for sign in (-1.0, 1.0)))
+"""Log-ratio bounds whose counts `.status` keeps beside the decision bounds (:meth:`Paired.to_record`): 1%
+apart near a ratio of 1, wider further out. They give a restored median its estimate and interval;
+the decision itself needs only the counts at 0 and at the margins."""
+
+
+def _bound_index(x: float) -> int | None:
+    """The index of the bound ``x`` in :data:`LOG_RATIO_LE` (None: not one of its finite bounds)."""
+    if not math.isfinite(x):
+        return None
+    k = round(x / LOG_RATIO_STEP)
+    if abs(k * LOG_RATIO_STEP - x) > 1e-9 or not -_ZERO <= k <= _ZERO:
+        return None
+    return k + _ZERO
+
 
 class PairedSketch:
     """Accumulates pairs (primary, candidate) of one quantity into a :class:`Paired` summary.
@@ -351,6 +370,13 @@ class Paired:
     the evidence). ``dropped``: pairs where a side lacked the quantity (or it was not positive);
     ``errored``: pairs with a failed side. Neither is in ``n``. Build with :meth:`of` or a
     :class:`PairedSketch`.
+
+    Pairs restored from `.status` (:meth:`from_record`, after a controller restart) are known only at a
+    few bounds: between two of them a pair may lie anywhere. Then ``counts`` counts each such pair at
+    the upper end of its range and ``counts_max`` at the lower end, so the true cumulative counts lie
+    between the two (``counts_max`` None: exact). The judge takes the count that says less at every
+    step (see :mod:`shadowctl.judge.paired`); at the bounds the decision reads, both are exact.
+    ``restored``: how many of the ``n`` pairs came from `.status`.
     """
 
     counts: FloatArray
@@ -360,12 +386,62 @@ class Paired:
     sum_log_candidate: float
     dropped: int = 0
     errored: int = 0
+    counts_max: FloatArray | None = None
+    restored: int = 0
 
     def __post_init__(self) -> None:
-        cnt = np.asarray(self.counts, dtype=np.float64)
-        if cnt.shape != LOG_RATIO_LE.shape:
-            raise JudgeInputError(f"paired data: expected {LOG_RATIO_LE.size} cumulative counts, got {cnt.size}")
-        object.__setattr__(self, "counts", cnt)
+        for name in ("counts", "counts_max"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            cnt = np.asarray(value, dtype=np.float64)
+            if cnt.shape != LOG_RATIO_LE.shape:
+                raise JudgeInputError(f"paired data: expected {LOG_RATIO_LE.size} cumulative counts, got {cnt.size}")
+            object.__setattr__(self, name, cnt)
+
+    @property
+    def upper_counts(self) -> FloatArray:
+        """The cumulative counts with every pair placed as low as it may lie (``counts`` where exact)."""
+        return self.counts if self.counts_max is None else self.counts_max
+
+    def to_record(self, keep: Iterable[float] = ()) -> PairedCounts:
+        """What `.status` keeps of these pairs: n, the sums, the left-out counts, and the cumulative
+        counts at the bounds ``keep`` (those the decision reads, :func:`shadowctl.judge.paired.decision_bounds`)
+        and at :data:`KEPT_GRID`, bounded in size. A bound where the count is not known exactly (pairs
+        restored at other bounds) is left out rather than guessed."""
+        wanted: list[int] = []
+        for x in (*keep, *KEPT_GRID):  # the decision's bounds first: they stay if the limit bites
+            j = _bound_index(float(x))
+            if j is not None and j not in wanted:
+                wanted.append(j)
+        upper = self.upper_counts
+        exact = [j for j in wanted if self.counts[j] == upper[j]][:PAIRED_BOUNDS_MAX] if self.n > 0 else []
+        exact.sort()
+        return PairedCounts(
+            pairs=int(self.n), sum=float(self.sum), sum_sq=max(float(self.sum_sq), 0.0),
+            sum_log_primary=float(self.sum_log_primary), sum_log_candidate=float(self.sum_log_candidate),
+            dropped=int(self.dropped), errored=int(self.errored),
+            le=[round(float(LOG_RATIO_LE[j]), 6) for j in exact], counts=[int(self.counts[j]) for j in exact],
+        )
+
+    @classmethod
+    def from_record(cls, record: PairedCounts) -> Paired | None:
+        """Inverse of :meth:`to_record`, as far as it kept: exact n, sums and counts at the kept bounds;
+        between them each pair is only known to lie in its range (``counts``/``counts_max``). None for a
+        record whose bounds are not on :data:`LOG_RATIO_LE` (the caller then starts afresh)."""
+        n = float(record.pairs)
+        known = np.full(LOG_RATIO_LE.size, np.nan)
+        for x, c in zip(record.le, record.counts, strict=True):
+            j = _bound_index(x)
+            if j is None:
+                return None
+            known[j] = c
+        known[-1] = n
+        low = np.maximum.accumulate(np.where(np.isnan(known), 0.0, known))
+        high = np.minimum.accumulate(np.where(np.isnan(known), n, known)[::-1])[::-1]
+        return cls(low, record.sum, record.sum_sq, record.sum_log_primary, record.sum_log_candidate,
+                   record.dropped, record.errored, counts_max=None if np.array_equal(low, high) else high,
+                   restored=record.pairs)
 
     @classmethod
     def of(cls, primary: Iterable[float], candidate: Iterable[float], *, dropped: int = 0, errored: int = 0) -> Paired:
@@ -383,12 +459,13 @@ class Paired:
 
     @property
     def has_nan(self) -> bool:
-        return bool(np.isnan(self.counts).any()) or math.isnan(self.sum) or math.isnan(self.sum_sq)
+        return (bool(np.isnan(self.counts).any()) or bool(np.isnan(self.upper_counts).any())
+                or math.isnan(self.sum) or math.isnan(self.sum_sq))
 
     def above(self, x: float) -> float:
         """How many ``d`` are above ``x``, counted at the nearest bound at or above ``x`` (never more)."""
         j = int(np.searchsorted(LOG_RATIO_LE, x, side="left"))
-        return self.n - float(self.counts[min(j, LOG_RATIO_LE.size - 1)])
+        return self.n - float(self.upper_counts[min(j, LOG_RATIO_LE.size - 1)])
 
     def below(self, x: float) -> float:
         """How many ``d`` are below ``x``, counted at the nearest bound below ``x`` (never more)."""
@@ -396,10 +473,13 @@ class Paired:
         return float(self.counts[j]) if j >= 0 else 0.0
 
     def __add__(self, other: Paired) -> Paired:
+        exact = self.counts_max is None and other.counts_max is None
         return Paired(self.counts + other.counts, self.sum + other.sum, self.sum_sq + other.sum_sq,
                       self.sum_log_primary + other.sum_log_primary,
                       self.sum_log_candidate + other.sum_log_candidate,
-                      self.dropped + other.dropped, self.errored + other.errored)
+                      self.dropped + other.dropped, self.errored + other.errored,
+                      counts_max=None if exact else self.upper_counts + other.upper_counts,
+                      restored=self.restored + other.restored)
 
 
 @dataclass(frozen=True)

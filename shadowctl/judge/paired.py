@@ -45,6 +45,17 @@ at the nearest bound on the side that counts fewer (at most 0.5% of the ratio), 
 Both need pairs: a pair where a side lacks the quantity, or failed, is not counted (the evidence
 says how many were left out); no pairs is ``nodata``, never a pass.
 
+After a restart
+---------------
+The controller keeps in `.status` only what the decision needs (:meth:`Paired.to_record`): ``n``,
+the sums, and the cumulative counts at the bounds the sign test reads (:func:`decision_bounds`: 0,
+the bound below 0, and each margin's) and at a coarse grid. Restored, the pairs before the restart are
+known only between two kept bounds (:attr:`Paired.counts_max`). Both statistics are exchangeable in the
+pairs, so the e-values and the mean's sequence are exactly those of a controller that never
+restarted on the same pairs; only the median's estimate and interval in the evidence widen to the
+grid for the restored pairs, each count taken on the side that says less (never more evidence than
+the pairs hold).
+
 References
 ----------
 - S. R. Howard, A. Ramdas, J. McAuliffe, J. Sekhon (2021), "Time-uniform, nonparametric,
@@ -137,24 +148,38 @@ class PairedBatch:
     log_e_fail: FloatArray  # the sign test's log e-value towards fail (median only; NaN for the mean)
     log_e_pass: FloatArray
     need: int
+    restored: FloatArray | None = None  # pairs restored from `.status` (counted before a controller restart)
 
 
-def _stack(rows: Sequence[Paired]) -> tuple[FloatArray, FloatArray, FloatArray]:
+def decision_bounds(spec: MetricSpec) -> tuple[float, ...]:
+    """The bounds of :data:`LOG_RATIO_LE` at which the decision of ``spec`` reads the cumulative counts:
+    0 (slower on the candidate), the bound below 0 (faster), and each margin's (below ``log(1+m)``,
+    above ``log(1-m)``). `.status` keeps the counts there, so a restored test decides exactly."""
+    m_up, m_down = _margins(spec)
+    last = LOG_RATIO_LE.size - 1
+    at = {int(np.searchsorted(LOG_RATIO_LE, 0.0, side="left")), int(np.searchsorted(LOG_RATIO_LE, 0.0)) - 1,
+          int(np.searchsorted(LOG_RATIO_LE, m_up, side="left")) - 1,
+          min(int(np.searchsorted(LOG_RATIO_LE, m_down, side="left")), last)}
+    return tuple(float(LOG_RATIO_LE[j]) for j in sorted(at) if 0 <= j < last)
+
+
+def _stack(rows: Sequence[Paired]) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray | None]:
     counts = np.stack([r.counts for r in rows])
+    upper = np.stack([r.upper_counts for r in rows]) if any(r.counts_max is not None for r in rows) else None
     sums = np.asarray([[r.sum, r.sum_sq, r.sum_log_primary, r.sum_log_candidate] for r in rows], dtype=np.float64)
-    left = np.asarray([[r.dropped, r.errored] for r in rows], dtype=np.float64)
-    return counts, sums, left
+    left = np.asarray([[r.dropped, r.errored, r.restored] for r in rows], dtype=np.float64)
+    return counts, sums, left, upper
 
 
 def _count_above(counts: FloatArray, x: float) -> FloatArray:
-    """Per row, #d above x (taken at the nearest bound >= x)."""
+    """Per row, #d above x (taken at the nearest bound >= x; give the upper counts: never more)."""
     j = min(int(np.searchsorted(LOG_RATIO_LE, x, side="left")), LOG_RATIO_LE.size - 1)
     out: FloatArray = counts[:, -1] - counts[:, j]
     return out
 
 
 def _count_below(counts: FloatArray, x: float) -> FloatArray:
-    """Per row, #d below x (taken at the nearest bound < x)."""
+    """Per row, #d below x (taken at the nearest bound < x; give the lower counts: never more)."""
     j = int(np.searchsorted(LOG_RATIO_LE, x, side="left")) - 1
     out: FloatArray = counts[:, j] if j >= 0 else np.zeros(counts.shape[0])
     return out
@@ -176,17 +201,20 @@ def _at_rank(counts: FloatArray, rank: FloatArray) -> FloatArray:
     return out
 
 
-def _median_bounds(counts: FloatArray, n: FloatArray, level: float) -> tuple[FloatArray, FloatArray]:
+def _median_bounds(counts: FloatArray, upper_counts: FloatArray, n: FloatArray,
+                   level: float) -> tuple[FloatArray, FloatArray]:
     """The sign test inverted at ``level``: (lower, upper) bounds of the median of ``d`` per row.
 
     The test of "median <= x" rejects when #(d > x) >= k*, that is for every x below the
     (n - k* + 1)-th smallest d; the lower bound is that order statistic's bucket's lower edge (the
     median lies above it). The upper bound is the upper edge of the bucket of the k*-th smallest.
+    Where pairs are known only between bounds, the lower bound places them as low as they may lie
+    (``upper_counts``) and the upper bound as high (``counts``): the interval only widens.
     """
     k = critical_count(n, level)
     never = k > n
     r_low = n - k + 1.0
-    j_low = (counts < r_low[:, None]).sum(axis=1)  # bucket holding the r_low-th smallest
+    j_low = (upper_counts < r_low[:, None]).sum(axis=1)  # bucket holding the r_low-th smallest
     lower = np.where((j_low > 0) & ~never, LOG_RATIO_LE[np.maximum(j_low - 1, 0)], -np.inf)
     j_up = (counts < k[:, None]).sum(axis=1)
     upper = np.where(never | (j_up >= counts.shape[1]), np.inf,
@@ -196,27 +224,32 @@ def _median_bounds(counts: FloatArray, n: FloatArray, level: float) -> tuple[Flo
 
 def batch_paired(spec: MetricSpec, rows: Sequence[Paired], *, alpha: float, beta: float) -> PairedBatch:
     """Sequential decisions for S streams of a paired metric (``paired-mean`` or ``paired-median``)."""
-    counts, sums, left = _stack(rows)
-    return batch_paired_counts(spec, counts, sums, left, alpha=alpha, beta=beta)
+    counts, sums, left, upper = _stack(rows)
+    return batch_paired_counts(spec, counts, sums, left, alpha=alpha, beta=beta, upper_counts=upper)
 
 
 def batch_paired_counts(
     spec: MetricSpec, counts: FloatArray, sums: FloatArray, left: FloatArray | None = None, *, alpha: float,
-    beta: float,
+    beta: float, upper_counts: FloatArray | None = None,
 ) -> PairedBatch:
     """:func:`batch_paired` on arrays: ``counts`` (S, B) cumulative per bound of :data:`LOG_RATIO_LE`;
-    ``sums`` (S, 4): sum of d, of d^2, of log primary, of log candidate; ``left`` (S, 2): dropped, errored."""
+    ``sums`` (S, 4): sum of d, of d^2, of log primary, of log candidate; ``left`` (S, 2 or 3): dropped,
+    errored (and restored from `.status`); ``upper_counts``: where pairs are known only between bounds,
+    the cumulative counts with them placed as low as they may lie (``counts`` places them as high;
+    None: exact)."""
     if not spec.paired:
         raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} is not judged on pairs")
     m_up, m_down = _margins(spec)
     if left is None:
-        left = np.zeros((counts.shape[0], 2))
+        left = np.zeros((counts.shape[0], 3))
+    restored = left[:, 2] if left.shape[1] > 2 else np.zeros(counts.shape[0])
+    hi = counts if upper_counts is None else upper_counts
     n = counts[:, -1]
     direction = spec.direction.value
     with np.errstate(invalid="ignore", divide="ignore"):
         gp = np.exp(sums[:, 2] / n)
         gc = np.exp(sums[:, 3] / n)
-    slower = _count_above(counts, 0.0)
+    slower = _count_above(hi, 0.0)
     nan = np.full(n.shape, np.nan)
     need = spec.min_samples
     if spec.statistic == "paired-mean":
@@ -227,16 +260,16 @@ def batch_paired_counts(
         b = decide(theta, var, direction=direction, margin_up=m_up, margin_down=m_down, tau=m_up,
                    alpha=alpha, beta=beta)
         code = np.where((n >= need) & (n >= 2), b.code, NODATA).astype(np.int64)
-        return PairedBatch(b, code, n, left[:, 0], left[:, 1], gp, gc, slower, nan, nan, need)
+        return PairedBatch(b, code, n, left[:, 0], left[:, 1], gp, gc, slower, nan, nan, need, restored)
     a_fail = alpha / 2.0 if direction == "either" else alpha
-    lf, uf = _median_bounds(counts, n, a_fail)
-    lp, up = _median_bounds(counts, n, beta)
-    theta = _at_rank(counts, (n + 1.0) / 2.0)
+    lf, uf = _median_bounds(counts, hi, n, a_fail)
+    lp, up = _median_bounds(counts, hi, n, beta)
+    theta = _at_rank(counts if upper_counts is None else (counts + hi) / 2.0, (n + 1.0) / 2.0)
     fail_target, pass_target = -math.log(a_fail), -math.log(beta)
     e_fail_up = log_sign_evalue(slower, n)
     e_fail_down = log_sign_evalue(_count_below(counts, 0.0), n)
     e_pass_up = log_sign_evalue(_count_below(counts, m_up), n)
-    e_pass_down = log_sign_evalue(_count_above(counts, m_down), n)
+    e_pass_down = log_sign_evalue(_count_above(hi, m_down), n)
     if direction == "increase":
         e_fail, e_pass = e_fail_up, e_pass_up
         fail, ok = e_fail >= fail_target, e_pass >= pass_target
@@ -250,7 +283,7 @@ def batch_paired_counts(
     kernel = np.where(ok, PASS, np.where(fail, FAIL, CONTINUE)).astype(np.int64)
     code = np.where(n >= need, kernel, NODATA).astype(np.int64)
     bounds = Bounds(theta, lf, uf, lp, up, kernel)
-    return PairedBatch(bounds, code, n, left[:, 0], left[:, 1], gp, gc, slower, e_fail, e_pass, need)
+    return PairedBatch(bounds, code, n, left[:, 0], left[:, 1], gp, gc, slower, e_fail, e_pass, need, restored)
 
 
 def _fmt(x: float) -> str:
@@ -273,7 +306,12 @@ def paired_result(spec: MetricSpec, batch: PairedBatch, i: int, *, alpha: float,
     if errored:
         left.append(f"{errored} with a failed side")
     left_out = f"; left out: {', '.join(left)}" if left else ""
+    restored = int(batch.restored[i]) if batch.restored is not None else 0
+    if restored:
+        left_out += f"; {restored} of the pairs counted before a controller restart, restored from .status"
     extra = {"pairs": int(n), "pairsDropped": dropped, "pairsErrored": errored, "candidateSlower": int(batch.slower[i])}
+    if restored:
+        extra["pairsRestored"] = restored
     code = int(batch.code[i])
     if code == NODATA:
         from shadowctl.judge.core import nodata_result

@@ -4,7 +4,8 @@ The controller writes `.status` through :class:`PolicyStatus` (``controller/stat
 the demo and the tests read it back through the same model; the CRD's status schema is generated
 from it (``policy/crd.py``), so the API server refuses a status of another shape. The domain types
 convert to and from their part: :class:`shadowctl.machine.RolloutState` to :class:`RolloutRecord`,
-the judge's ``Verdict`` to :class:`Evidence`, ``AgreementTally`` to :class:`OutputTally`.
+the judge's ``Verdict`` to :class:`Evidence`, ``AgreementTally`` to :class:`OutputTally`, the judge's
+``Paired`` (one latency quantity's pairs) to :class:`PairedCounts` in :class:`PairedLatencyRecord`.
 
 Why reading is lenient: the object comes from a cluster, where an older controller, a CRD without
 this schema or a person with kubectl may have written it. A field that does not validate reads as
@@ -29,6 +30,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -41,6 +43,8 @@ __all__ = [
     "HistoryEntry",
     "MetricEvidence",
     "OutputTally",
+    "PairedCounts",
+    "PairedLatencyRecord",
     "Phase",
     "PolicyStatus",
     "RolloutRecord",
@@ -84,6 +88,10 @@ class Command(enum.StrEnum):
 Count = Annotated[int, Field(ge=0)]
 Percent = Annotated[int, Field(ge=0, le=100)]
 Share = Annotated[float, Field(ge=0, le=100)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+PAIRED_BOUNDS_MAX = 64
+"""At most this many bounds per latency quantity in ``.status.pairedLatency`` (see :class:`PairedCounts`)."""
 
 
 class _Part(BaseModel):
@@ -199,6 +207,52 @@ class OutputTally(_Part):
     phase_started_at: float | None = None
 
 
+class PairedCounts(_Part):
+    """One latency quantity's pairs, reduced to what the paired judge needs (``Paired`` on the wire).
+
+    Per pair ``d = log(candidate/primary)``: ``pairs`` counted, exact ``sum`` and ``sumSq`` of ``d`` (the
+    mean's test), ``sumLogPrimary``/``sumLogCandidate`` (geometric means), ``dropped``/``errored`` pairs
+    left out, and ``counts[i]``: pairs with ``d <= le[i]``, at 0, at -0.005, at each margin (the median's
+    sign test) and at a coarse grid (its estimate and interval). At most 64 bounds; no per-pair data.
+    """
+
+    pairs: Count = 0
+    sum: Finite = 0.0
+    sum_sq: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    sum_log_primary: Finite = 0.0
+    sum_log_candidate: Finite = 0.0
+    dropped: Count = 0
+    errored: Count = 0
+    le: list[Finite] = Field(default_factory=list, max_length=PAIRED_BOUNDS_MAX)
+    counts: list[Count] = Field(default_factory=list, max_length=PAIRED_BOUNDS_MAX)
+
+    @model_validator(mode="after")
+    def _cumulative(self) -> Self:
+        if len(self.le) != len(self.counts):
+            raise ValueError(f"{len(self.le)} bounds but {len(self.counts)} counts")
+        if any(b <= a for a, b in zip(self.le, self.le[1:], strict=False)):
+            raise ValueError("le must be strictly ascending")
+        if any(b < a for a, b in zip(self.counts, self.counts[1:], strict=False)) or any(
+            c > self.pairs for c in self.counts
+        ):
+            raise ValueError("counts must be cumulative (never decreasing, at most pairs)")
+        return self
+
+
+class PairedLatencyRecord(_Part):
+    """The candidate's paired latencies collected since ``phaseStartedAt`` (shadow phase), per quantity:
+    what a restarted controller, or a new leader, continues the paired-latency tests from."""
+
+    ttft: PairedCounts | None = None
+    tpot: PairedCounts | None = None
+    e2e: PairedCounts | None = None
+    phase_started_at: float | None = None
+
+    def quantities(self) -> dict[str, PairedCounts]:
+        """The quantities recorded, by name (ttft, tpot, e2e)."""
+        return {q: c for q in ("ttft", "tpot", "e2e") if (c := getattr(self, q)) is not None}
+
+
 class CommandRecord(_Part):
     """The last command carried out: the annotation's id, what, when and by whom, and the phase it led to."""
 
@@ -245,6 +299,7 @@ class PolicyStatus(_Part):
     last_verdict: Evidence | None = None
     routes: RouteRecord | None = None
     outputs: OutputTally | None = None
+    paired_latency: PairedLatencyRecord | None = None
     last_command: CommandRecord | None = None
     rollout_target: dict[str, Any] | None = Field(
         default=None,
