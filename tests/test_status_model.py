@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shadowctl.compare.comparators import AgreementTally
-from shadowctl.controller.status import build_status, read_tally, status_patch
-from shadowctl.judge import Direction, Margin, MetricInput, MetricSpec, Samples, judge_fixed
+from shadowctl.controller.status import build_status, read_latency, read_tally, status_patch
+from shadowctl.judge import Direction, Margin, MetricInput, MetricSpec, Paired, Samples, judge_fixed
 from shadowctl.judge.fixed import FixedConfig
 from shadowctl.kube import SHADOW_POLICY, Invalid, KubeClient, ResourceRef
 from shadowctl.machine import RolloutState
@@ -25,6 +25,7 @@ from shadowctl.policy.status import (
     CommandRecord,
     ComparatorCounts,
     HistoryEntry,
+    PairedLatencyRecord,
     Phase,
     PolicyStatus,
     merge_patch,
@@ -52,6 +53,11 @@ def _evidence() -> Any:
     return judge_fixed([MetricInput(spec, Samples(primary), Samples(candidate))], FixedConfig()).to_record()
 
 
+def _paired() -> PairedLatencyRecord:
+    ttft = Paired.of([0.2, 0.4, 0.8, 1.6], [0.22, 0.4, 0.9, 1.5], dropped=1, errored=2)
+    return PairedLatencyRecord(ttft=ttft.to_record([0.095, -0.105]), phase_started_at=NOW - 60)
+
+
 def _full() -> PolicyStatus:
     tally = AgreementTally(counts={"token-f1": ComparatorCounts(candidate_pairs=40, candidate_agree=31,
                                                                 baseline_pairs=38, baseline_agree=33)},
@@ -60,7 +66,7 @@ def _full() -> PolicyStatus:
                         routes=RouteState(75, 25, None), tally=tally,
                         command=CommandRecord(id="abc", command="resume", at="t0", by="ana", handled_at="t1",
                                               result="Progressing"),
-                        error=None, target={"istio": {"virtualService": "chat"}})
+                        error=None, target={"istio": {"virtualService": "chat"}}, paired=_paired())
 
 
 def test_what_the_controller_writes_reads_back_as_the_same_model() -> None:
@@ -72,6 +78,12 @@ def test_what_the_controller_writes_reads_back_as_the_same_model() -> None:
     tally = read_tally(back, _state())
     assert tally is not None and tally.counts["token-f1"].candidate_agree == 31
     assert read_tally(back, _state(phase_started_at=NOW)) is None  # a tally of another phase is not reused
+    latency = read_latency(back, _state())
+    assert latency is not None and set(latency) == {"ttft"}
+    ttft = latency["ttft"]
+    assert (ttft.n, ttft.restored, ttft.dropped, ttft.errored) == (4, 4, 1, 2) and ttft.above(0.0) == 2
+    assert read_latency(back, _state(phase_started_at=NOW)) is None  # nor are the pairs of another phase
+    assert stored["pairedLatency"]["ttft"]["sumSq"] > 0 and 0.095 in stored["pairedLatency"]["ttft"]["le"]
     assert stored["lastVerdict"]["metrics"][0]["effectScale"] == "ratio"  # camelCase on the wire
     assert "crossed" not in stored["lastVerdict"]["metrics"][0]  # a None is left out, not stored as null
 
@@ -82,6 +94,7 @@ def test_what_a_tick_did_not_observe_keeps_its_old_value() -> None:
                          command=None, error="cannot read the routes: boom")
     assert later.last_verdict == old.last_verdict and later.routes == old.routes
     assert later.outputs == old.outputs and later.last_command == old.last_command
+    assert later.paired_latency == old.paired_latency and later.paired_latency is not None
     assert later.rollout_target == old.rollout_target
     ready = later.condition("Ready")
     assert ready is not None and ready.status == "False" and "boom" in ready.message
@@ -115,6 +128,10 @@ def test_what_a_tick_did_not_observe_keeps_its_old_value() -> None:
         ({"canaryWeight": 140, "routes": {"primaryWeight": 90, "candidateWeight": 10, "mirrorPercent": -1}},
          lambda s: s.canary_weight is None and s.routes is not None and s.routes.mirror_percent is None),
         ({"unknownField": 1, "phase": "Succeeded"}, lambda s: s.phase is Phase.succeeded),
+        ({"pairedLatency": {"ttft": {"pairs": 3, "le": [0.0, 0.005], "counts": [2, 1]},
+                            "tpot": {"pairs": 3, "le": [0.0], "counts": [4]},
+                            "e2e": {"pairs": 3, "le": [0.0], "counts": [1, 2]}, "phaseStartedAt": 5}},
+         lambda s: s.paired_latency == PairedLatencyRecord(phase_started_at=5)),  # not cumulative: not used
     ],
 )
 def test_reading_another_writers_status_never_fails(raw: Any, check: Any) -> None:
@@ -170,6 +187,18 @@ def test_the_merge_patch_turns_the_old_object_into_the_new_one(old: dict[str, An
     assert merge_patch(new, new) == {}
 
 
+def test_a_tick_that_leaves_its_phase_tags_the_counts_with_the_phase_they_belong_to() -> None:
+    """A look of the old phase, written by the tick that starts a new one (a new candidate mid-shadow):
+    the agreement tally and the pairs keep the old phase's tag, so the new phase does not take them."""
+    tally = AgreementTally(counts={"exact": ComparatorCounts(candidate_pairs=9, candidate_agree=9)})
+    new_phase = _state(phase=Phase.shadowing, step=None, weight=0, phase_started_at=NOW)
+    written = build_status(_full(), new_phase, now=NOW, generation=4, evidence=None, routes=None, tally=tally,
+                           command=None, error=None, paired=_paired(), since=NOW - 60)
+    assert written.outputs is not None and written.outputs.phase_started_at == NOW - 60
+    assert read_tally(written, new_phase) is None and read_latency(written, new_phase) is None
+    assert read_tally(written, _state()) is not None  # (the old phase's, as written)
+
+
 def test_a_target_that_changed_kind_leaves_nothing_of_the_old_one() -> None:
     """A plain merge of the new status would keep `rolloutTarget.istio` beside the new `knative`."""
     old = _full().to_json()
@@ -203,7 +232,9 @@ async def test_the_api_server_keeps_the_model_and_refuses_another_shape(kube_cli
     assert PolicyStatus.of(stored) == written
     for bad in ({"phase": "Bogus"}, {"canaryWeight": "half"}, {"rollout": {"phase": None}},
                 {"conditions": [{"type": "Ready", "status": "Maybe"}]}, {"canaryWeight": 101},
-                {"outputs": {"comparators": {"exact": {"candidatePairs": -1}}}}):
+                {"outputs": {"comparators": {"exact": {"candidatePairs": -1}}}},
+                {"pairedLatency": {"ttft": {"pairs": 1, "le": [0.0] * 65, "counts": [0] * 65}}},
+                {"pairedLatency": {"tpot": {"pairs": -1}}}):
         with pytest.raises(Invalid):
             await kube_client.patch_status(ref, {"status": bad})
     assert PolicyStatus.of(await kube_client.get(ref)) == written

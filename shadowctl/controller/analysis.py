@@ -4,8 +4,10 @@ Why "since the phase started" and not "since the last look": the sequential
 judge is a function of cumulative data (see :mod:`shadowctl.judge`), so the
 controller keeps no per-look memory of metrics; after a restart it re-queries
 ``increase(...[now - phaseStartedAt])`` and reaches the same decision. Output
-agreement counts cannot be re-queried (MQTT is a stream), so the tally is
-written to ``.status`` at every tick and read back from there.
+agreement counts and paired latencies cannot be re-queried (MQTT is a stream), so
+they are written to ``.status`` at every tick and read back from there: the
+agreement tally whole, the paired latencies as what their tests need (n, the sums,
+the counts at 0, at the margins and at a coarse grid; :meth:`Paired.to_record`).
 
 How one look runs, for all rollouts at once: at each interval boundary the manager hands the
 rollouts whose look ends there to :class:`LookScheduler`, which plans their requests, fetches them
@@ -50,9 +52,10 @@ from shadowctl.judge import (
     judge_many,
 )
 from shadowctl.judge.fixed import config_from_policy
+from shadowctl.judge.paired import decision_bounds
 from shadowctl.machine import RolloutState
 from shadowctl.policy.model import Method, Metric, MetricKind, ShadowPolicy
-from shadowctl.policy.status import Evidence, Phase
+from shadowctl.policy.status import Evidence, PairedLatencyRecord, Phase
 from shadowctl.sources import base
 from shadowctl.sources.base import (
     CounterWindow,
@@ -80,8 +83,9 @@ uncertainty is negligible and the comparison is effectively against a known cons
 class OutputTallies(Protocol):
     """Agreement counts of paired outputs per policy, since a given time (see controller.outputs.OutputHub)."""
 
-    def ensure(self, policy: ShadowPolicy, since: float) -> None:
-        """Have a source running for `policy`, counting from the phase that started at `since`."""
+    def ensure(self, policy: ShadowPolicy, since: float, carried: Mapping[str, Paired] | None = None) -> None:
+        """Have a source running for `policy`, counting from the phase that started at `since`; a source it
+        starts counts its paired latencies on top of `carried` (that phase's, restored from `.status`)."""
         ...
 
     def tally(self, policy_key: str, since: float) -> AgreementTally | None:
@@ -89,7 +93,8 @@ class OutputTallies(Protocol):
         ...
 
     def latency(self, policy_key: str, since: float) -> Mapping[str, Paired] | None:
-        """The candidate's paired latencies per quantity (ttft, tpot, e2e) since `since` (None: no source)."""
+        """The candidate's paired latencies per quantity (ttft, tpot, e2e) since `since`, the carried ones
+        included (None: no source)."""
         ...
 
     def error(self, policy_key: str) -> str | None:
@@ -109,6 +114,10 @@ class Look:
     evidence: Evidence
     source_errors: tuple[str, ...] = ()
     tally: AgreementTally | None = None
+    since: float | None = None
+    """When the phase this look judged started (what `.status` tags the tally and the pairs with)."""
+    paired: PairedLatencyRecord | None = None
+    """The paired latencies this look judged, as `.status` keeps them (None: the look had none)."""
 
 
 def _arm(window: Window) -> ArmData:
@@ -272,7 +281,10 @@ class Analyzer:
         """Ticks that took the verdict of their boundary's look instead of judging alone."""
 
     async def look(self, policy: ShadowPolicy, state: RolloutState, now: float,
-                   stored_tally: AgreementTally | None = None) -> Look:
+                   stored_tally: AgreementTally | None = None,
+                   stored_latency: Mapping[str, Paired] | None = None) -> Look:
+        """One look at the phase `state` is in. ``stored_tally`` and ``stored_latency``: this phase's
+        agreement counts and paired latencies as `.status` holds them (what an earlier process counted)."""
         since = state.phase_started_at if state.phase_started_at is not None else now
         final = _final(policy, state, since, now)
         errors: list[str] = []
@@ -294,15 +306,19 @@ class Analyzer:
                 if isinstance(result, SourceUnavailable | SourceConfigError):
                     errors.append(str(result))
         tally: AgreementTally | None = None
+        paired: PairedLatencyRecord | None = None
         extra: list[MetricInput] = []
         outputs = analysis.outputs
         if outputs is not None and state.phase is Phase.shadowing:
             fresh = None
             latency: Mapping[str, Paired] | None = None
             if self.outputs is not None:
-                self.outputs.ensure(policy, since)
+                self.outputs.ensure(policy, since, stored_latency)
                 fresh = self.outputs.tally(policy.key, since)
                 latency = self.outputs.latency(policy.key, since)
+            if latency is None:
+                latency = stored_latency  # no source now: what was counted still stands
+            paired = paired_record(policy, latency, since)
             tally = _merge(stored_tally, fresh)
             for item in judge_inputs(tally or AgreementTally(), outputs):
                 extra.append(agreement_input(item, outputs.min_pairs))
@@ -314,7 +330,7 @@ class Analyzer:
             extra.extend(paired_input(m, latency, why) for m in paired_metrics(policy))
         if not metrics and not extra:
             verdict = Verdict(Outcome.nodata, (), "nothing to judge in this phase")
-            return Look(verdict, verdict.to_record(), tuple(errors), tally)
+            return Look(verdict, verdict.to_record(), tuple(errors), tally, since, paired)
         try:
             if analysis.method is Method.fixed:
                 judged = judge_fixed(look_input(policy, results, final, extra).inputs, config_from_policy(analysis))
@@ -328,11 +344,11 @@ class Analyzer:
                 judged = one
         except JudgeError as exc:
             verdict = Verdict(Outcome.nodata, (), f"the judge could not use the data: {exc}")
-            return Look(verdict, verdict.to_record(), tuple(errors), tally)
+            return Look(verdict, verdict.to_record(), tuple(errors), tally, since, paired)
         verdict = judged
         if verdict.outcome is Outcome.passed and state.phase is Phase.shadowing:
             verdict = _check_min_pairs(policy, verdict, tally)
-        return Look(verdict, judged.to_record(), tuple(errors), tally)
+        return Look(verdict, judged.to_record(), tuple(errors), tally, since, paired)
 
     async def idle(self, policy_key: str) -> None:
         """The policy is not in a phase that compares outputs."""
@@ -374,6 +390,22 @@ def look_input(policy: ShadowPolicy, results: Mapping[str, WindowResult | Source
     analysis = policy.spec.analysis
     inputs = [metric_input(m, results[m.name]) for m in source_metrics(policy)] + list(extra)
     return LookInput(inputs, alpha=analysis.alpha, beta=analysis.beta, final=final)
+
+
+def paired_record(policy: ShadowPolicy, latency: Mapping[str, Paired] | None,
+                  since: float) -> PairedLatencyRecord | None:
+    """The paired latencies of the phase that started at `since` as `.status` keeps them: per quantity
+    a paired metric judges, n, the sums and the counts at the bounds its metrics' decisions read."""
+    metrics = paired_metrics(policy)
+    if latency is None or not metrics:
+        return None
+    keep: dict[str, list[float]] = {}
+    for m in metrics:
+        if m.quantity is not None:
+            keep.setdefault(m.quantity.value, []).extend(decision_bounds(metric_spec(m)))
+    kept = {q: data.to_record(keep[q]) for q, data in latency.items() if q in keep}
+    return PairedLatencyRecord(ttft=kept.get("ttft"), tpot=kept.get("tpot"), e2e=kept.get("e2e"),
+                               phase_started_at=since)
 
 
 def paired_metrics(policy: ShadowPolicy) -> list[Metric]:

@@ -5,6 +5,12 @@ production, a double in tests) when a policy's shadow phase needs it, resets
 its tally when a new phase starts, and stops it when the phase ends. It answers
 the analyzer's questions "agreement counts since the phase started" and "the
 candidate's paired latencies since the phase started" (per quantity).
+
+Paired latencies survive a restart: a source starts from zero, so when the hub
+starts one for a phase that already has pairs in `.status` (a restarted
+controller, a new leader, a source that died) it keeps those as the base and
+answers base + the new source's pairs. The base was written before the source
+subscribed, so no pair is counted twice.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class _Entry:
     source: OutputSourcePort
     since: float
     task: asyncio.Task[None]
+    carried: Mapping[str, Paired]
+    """Paired latencies of this phase counted before the source started (restored from `.status`)."""
 
 
 class OutputHub:
@@ -57,13 +65,16 @@ class OutputHub:
         self._entries: dict[str, _Entry] = {}
         self.errors: dict[str, str] = {}
 
-    def ensure(self, policy: ShadowPolicy, since: float) -> None:
-        """A source for `policy` counting from the phase that started at `since`."""
+    def ensure(self, policy: ShadowPolicy, since: float, carried: Mapping[str, Paired] | None = None) -> None:
+        """A source for `policy` counting from the phase that started at `since`; `carried`: that phase's
+        paired latencies as `.status` holds them, counted on top of a source this call starts (a running
+        source already counts them)."""
         entry = self._entries.get(policy.key)
         if entry is not None and not entry.task.done():
             if entry.since != since:
                 entry.source.reset()
                 entry.since = since
+                entry.carried = dict(carried or {})
             return
         try:
             source = self.factory(policy)
@@ -73,7 +84,7 @@ class OutputHub:
             return
         self.errors.pop(policy.key, None)
         task = asyncio.create_task(source.run(), name=f"outputs {policy.key}")
-        self._entries[policy.key] = _Entry(source, since, task)
+        self._entries[policy.key] = _Entry(source, since, task, dict(carried or {}))
 
     def tally(self, policy_key: str, since: float) -> AgreementTally | None:
         entry = self._entries.get(policy_key)
@@ -82,11 +93,19 @@ class OutputHub:
         return entry.source.snapshot().tally
 
     def latency(self, policy_key: str, since: float) -> Mapping[str, Paired] | None:
-        """The candidate's paired latencies per quantity since the phase started (None: no source for it)."""
+        """The candidate's paired latencies per quantity since the phase started, those restored from
+        `.status` included (None: no source for it)."""
         entry = self._entries.get(policy_key)
         if entry is None or entry.since != since:
             return None
-        return entry.source.snapshot().latency
+        fresh = entry.source.snapshot().latency
+        if not entry.carried:
+            return fresh
+        out = dict(fresh)
+        for quantity, before in entry.carried.items():
+            now = out.get(quantity)
+            out[quantity] = before if now is None else before + now
+        return out
 
     def error(self, policy_key: str) -> str | None:
         """Why the policy has no output source, if it could not be built."""

@@ -32,7 +32,14 @@ from shadowctl.compare.comparators import AgreementTally
 from shadowctl.controller.analysis import Analyzer, Look
 from shadowctl.controller.clock import Clock, iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION, pending_command
-from shadowctl.controller.status import build_status, parse_policy, read_state, read_tally, status_patch
+from shadowctl.controller.status import (
+    build_status,
+    parse_policy,
+    read_latency,
+    read_state,
+    read_tally,
+    status_patch,
+)
 from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, Conflict, KubeClient, KubeError, NotFound, ResourceRef
 from shadowctl.machine import (
     ANALYSED,
@@ -73,9 +80,6 @@ class Metrics(Protocol):
     """The controller's own /metrics (see controller.metrics)."""
 
     def observe_tick(self, policy: str, state: RolloutState, look: Look | None, seconds: float, error: bool) -> None: ...
-
-    def forget(self, policy: str) -> None:
-        """Remove the series of a policy this controller no longer carries out (deleted, or out of its selector)."""
 
 
 @dataclass
@@ -143,8 +147,6 @@ class Reconciler:
         except NotFound:
             result.gone = True
             result.error = "the policy is gone"
-            if self.metrics is not None:
-                self.metrics.forget(key)
             return result
         except KubeError as exc:
             result.error = f"cannot read the policy: {exc}"
@@ -220,7 +222,7 @@ class Reconciler:
         look: Look | None = None
         verdict = None
         if state.phase in ANALYSED:
-            look = await self.analyzer.look(policy, state, now, read_tally(stored, state))
+            look = await self.analyzer.look(policy, state, now, read_tally(stored, state), read_latency(stored, state))
             verdict = look.verdict
         gate = None
         if state.phase is Phase.waiting_promotion and self.gate is not None:
@@ -297,12 +299,10 @@ class Reconciler:
 
     async def abandon(self, obj: dict[str, Any]) -> None:
         """The policy was deleted: a rollout in flight must not leave live traffic or a mirror behind."""
-        meta = obj.get("metadata") or {}
-        if self.metrics is not None:
-            self.metrics.forget(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
         state = read_state(obj)
         if state.phase.terminal or state.phase is Phase.pending:
             return
+        meta = obj.get("metadata") or {}
         try:
             await self._restore_routes(parse_policy(obj), obj, state)
         except (ValidationError, KeyError, RouterError, KubeError) as exc:
@@ -392,7 +392,9 @@ class Reconciler:
         old = PolicyStatus.of(obj)
         status = build_status(old, state, now=now, generation=generation,
                               evidence=look.evidence if look is not None else None, routes=routes,
-                              tally=tally, command=command, error=error, source_errors=source_errors, target=target)
+                              tally=tally, command=command, error=error, source_errors=source_errors, target=target,
+                              paired=look.paired if look is not None else None,
+                              since=look.since if look is not None else None)
         if status.comparable() == old.comparable() and command is None:
             return True  # nothing changed: no write
         try:

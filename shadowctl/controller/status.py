@@ -2,7 +2,8 @@
 
 `.status` is the controller's memory: the rollout state (phase, step, weights,
 mirror, when the phase started, the transition history), the evidence behind
-the last verdict, the output agreement tally, the last command carried out,
+the last verdict, the output agreement tally and the paired latencies of the
+shadow phase (what an MQTT stream cannot give again), the last command carried out,
 and Kubernetes-style conditions: one :class:`~shadowctl.policy.status.PolicyStatus`, the model
 every reader uses too, so `kubectl get -o yaml` and `shadowctl describe` show the same numbers
 the controller used.
@@ -14,9 +15,19 @@ from typing import Any, Literal
 
 from shadowctl.compare.comparators import AgreementTally
 from shadowctl.controller.clock import iso
+from shadowctl.judge.model import Paired
 from shadowctl.machine import RolloutState
 from shadowctl.policy.model import ShadowPolicy
-from shadowctl.policy.status import CommandRecord, Condition, Evidence, Phase, PolicyStatus, RouteRecord, merge_patch
+from shadowctl.policy.status import (
+    CommandRecord,
+    Condition,
+    Evidence,
+    PairedLatencyRecord,
+    Phase,
+    PolicyStatus,
+    RouteRecord,
+    merge_patch,
+)
 from shadowctl.routers.base import RouteState
 
 _PARSED: dict[tuple[str, str, str, int], ShadowPolicy] = {}
@@ -57,6 +68,16 @@ def read_tally(status: PolicyStatus, state: RolloutState) -> AgreementTally | No
     return AgreementTally.from_record(outputs)
 
 
+def read_latency(status: PolicyStatus, state: RolloutState) -> dict[str, Paired] | None:
+    """The stored paired latencies per quantity, if they belong to the current phase (a quantity whose
+    record cannot be used is left out: its test starts afresh, which is valid on its own)."""
+    record = status.paired_latency
+    if record is None or record.phase_started_at != state.phase_started_at or state.phase_started_at is None:
+        return None
+    out = {q: p for q, counts in record.quantities().items() if (p := Paired.from_record(counts)) is not None}
+    return out or None
+
+
 def _condition(kind: str, ok: bool, reason: str, message: str, now: float, old: PolicyStatus) -> Condition:
     status: Literal["True", "False"] = "True" if ok else "False"
     previous = old.condition(kind)
@@ -89,10 +110,15 @@ def build_status(
     error: str | None,
     source_errors: tuple[str, ...] = (),
     target: dict[str, Any] | None = None,
+    paired: PairedLatencyRecord | None = None,
+    since: float | None = None,
 ) -> PolicyStatus:
     """The whole new `.status`. What this tick did not observe (no look, routes unread, no command,
-    no target) keeps its old value: the last verdict, the routes, the tally and the last command
-    stay readable until a later tick has new ones."""
+    no target) keeps its old value: the last verdict, the routes, the tally, the paired latencies
+    and the last command stay readable until a later tick has new ones. ``since``: when the phase
+    the look judged started, the tally's tag (default the state's: a tick that moves to a new phase
+    must not hand the old phase's counts to the new one)."""
+    tag = since if since is not None else state.phase_started_at
     return PolicyStatus(
         observed_generation=generation,
         phase=state.phase,
@@ -107,7 +133,8 @@ def build_status(
         last_verdict=evidence.model_copy(update={"at": iso(now)}) if evidence is not None else old.last_verdict,
         routes=(RouteRecord(primary_weight=routes.primary_weight, candidate_weight=routes.candidate_weight,
                             mirror_percent=routes.mirror_percent) if routes is not None else old.routes),
-        outputs=tally.to_record(state.phase_started_at) if tally is not None else old.outputs,
+        outputs=tally.to_record(tag) if tally is not None else old.outputs,
+        paired_latency=paired if paired is not None else old.paired_latency,
         last_command=command if command is not None else old.last_command,
         rollout_target=target if target is not None else old.rollout_target,
     )
