@@ -81,6 +81,9 @@ class Metrics(Protocol):
 
     def observe_tick(self, policy: str, state: RolloutState, look: Look | None, seconds: float, error: bool) -> None: ...
 
+    def forget(self, policy: str) -> None:
+        """Remove the series of a policy this controller no longer carries out (deleted, or out of its selector)."""
+
 
 @dataclass
 class TickResult:
@@ -147,6 +150,8 @@ class Reconciler:
         except NotFound:
             result.gone = True
             result.error = "the policy is gone"
+            if self.metrics is not None:
+                self.metrics.forget(key)
             return result
         except KubeError as exc:
             result.error = f"cannot read the policy: {exc}"
@@ -299,10 +304,12 @@ class Reconciler:
 
     async def abandon(self, obj: dict[str, Any]) -> None:
         """The policy was deleted: a rollout in flight must not leave live traffic or a mirror behind."""
+        meta = obj.get("metadata") or {}
+        if self.metrics is not None:
+            self.metrics.forget(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
         state = read_state(obj)
         if state.phase.terminal or state.phase is Phase.pending:
             return
-        meta = obj.get("metadata") or {}
         try:
             await self._restore_routes(parse_policy(obj), obj, state)
         except (ValidationError, KeyError, RouterError, KubeError) as exc:
