@@ -113,6 +113,9 @@ def progressing_status(**overrides: Any) -> dict[str, Any]:
                         "message": "the controller can act", "lastTransitionTime": "2027-01-15T07:50:00Z"}],
         "lastCommand": {"id": "abc123def456", "command": "resume", "at": "2027-01-15T07:55:00Z", "by": "ana",
                         "handledAt": "2027-01-15T07:55:10Z", "result": "Progressing"},
+        "pairedLatency": {"phaseStartedAt": NOW - 600,
+                          "ttft": {"pairs": 4, "sum": 0.4, "sumSq": 0.1, "sumLogPrimary": -2.0,
+                                   "sumLogCandidate": -1.6, "errored": 2, "le": [-0.005, 0.0], "counts": [1, 1]}},
     }
     status.update(overrides)
     return status
@@ -361,6 +364,9 @@ async def test_describe_shows_history_outputs_command_and_own_events(cli: Cli, k
     assert "candidate p95 TTFT is 5% higher, within the 10% margin so far" in out
     assert "token-f1: candidate 170/200 agree (85.0%); baseline 171/180 (95.0%), relative 0.89" in out
     assert "skipped (the primary failed): 3" in out
+    assert f"Paired latency (shadow phase from {iso(NOW - 600)}):" in out
+    assert ("ttft: 4 pairs, geometric-mean ratio candidate/primary 1.105 (geometric means 0.6703 vs 0.6065), "
+            "3 slower on the candidate; left out: 2 with a failed side") in out
     assert "Last command: resume (id abc123def456) by ana" in out
     assert "Progressing step 1: shadow analysis passed" in out
     assert "Unrelated" not in out

@@ -521,6 +521,30 @@ def _outputs_lines(status: PolicyStatus) -> list[str]:
     return lines
 
 
+def _paired_lines(status: PolicyStatus) -> list[str]:
+    """The shadow phase's paired latencies as `.status` keeps them (what a restarted controller continues)."""
+    record = status.paired_latency
+    if record is None or not record.quantities():
+        return []
+    lines = [f"Paired latency (shadow phase from {stamp(record.phase_started_at)}):"]
+    for quantity, c in record.quantities().items():
+        n = c.pairs
+        left = []
+        if c.dropped:
+            left.append(f"{c.dropped} without the quantity")
+        if c.errored:
+            left.append(f"{c.errored} with a failed side")
+        left_out = f"; left out: {', '.join(left)}" if left else ""
+        if not n:
+            lines.append(f"  {quantity}: no pairs yet{left_out}")
+            continue
+        slower = f", {n - c.counts[c.le.index(0.0)]} slower on the candidate" if 0.0 in c.le else ""
+        lines.append(f"  {quantity}: {n} pairs, geometric-mean ratio candidate/primary {math.exp(c.sum / n):.3f} "
+                     f"(geometric means {num(math.exp(c.sum_log_candidate / n))} vs "
+                     f"{num(math.exp(c.sum_log_primary / n))}){slower}{left_out}")
+    return lines
+
+
 def describe_text(obj: JSON, events: list[JSON], now: float) -> str:
     """Everything about why a policy is where it is, as plain text (kubectl describe style)."""
     from shadowctl.controller.commands import pending_command
@@ -560,6 +584,7 @@ def describe_text(obj: JSON, events: list[JSON], now: float) -> str:
     outputs = _outputs_lines(status)
     out.append("Output agreement:" if outputs else "Output agreement: none recorded")
     out.extend(outputs)
+    out.extend(_paired_lines(status))
     hist = history_of(obj)
     out.append("History:" if hist else "History: none")
     for h in hist:
