@@ -80,6 +80,9 @@ def test_a_verdict_sets_values_interval_margin_and_agreement() -> None:
     assert _get(s, "shadowctl_output_pairs", **p, comparator="semantic", variant="candidate") == 0
     assert _get(s, "shadowctl_output_agreement_ratio", **p, comparator="semantic", variant="candidate") is None
     assert _get(s, "shadowctl_decisions_total", **p, outcome="continue") == 2
+    # Counters exist at 0 before anything counts (a rate over them is 0, not missing).
+    assert _get(s, "shadowctl_decisions_total", **p, outcome="fail") == 0
+    assert _get(s, "shadowctl_source_errors_total", **p) == 0
 
 
 def test_a_number_the_verdict_lacks_removes_its_series() -> None:

@@ -89,6 +89,11 @@ class ControllerMetrics:
         self.weight.labels(policy).set(state.weight)
         self.mirror.labels(policy).set(state.mirror_percent or 0.0)
         self.tick_seconds.observe(seconds)
+        # Counters start at 0 for every label value, so that their rates are 0, not missing, until one counts.
+        for outcome in Outcome:
+            self.decisions.labels(policy, outcome.value)
+        for counter in (self.tick_errors, self.source_errors):
+            counter.labels(policy)
         if error:
             self.tick_errors.labels(policy).inc()
         if look is not None:

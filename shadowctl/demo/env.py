@@ -16,7 +16,7 @@ Topology::
                             │ mirror x% (Host -shadow)      └─ app-level mirror ─▶ tap(baseline) ─▶ chat-baseline
                             └──────────────────────────▶ tap(candidate) ──▶ model server chat-v2
     taps ── output events ──▶ Mosquitto ──▶ controller's output source
-    model servers ◀── scrape every 1s ── Prometheus ◀── controller's queries
+    model servers, taps, controller ◀── scrape every 1s ── Prometheus ◀── controller's queries
     controller ◀──▶ kube-apiserver + etcd (ShadowPolicy, VirtualService, Events, status)
     mesh simulator ◀── watch ── kube-apiserver (the VirtualService the controller writes)
 """
@@ -119,6 +119,7 @@ class Environment:
     mosquitto: MosquittoProcess | None = None
     controller: subprocess.Popen[bytes] | None = None
     controller_log: Path | None = None
+    controller_metrics_url: str | None = None  # the controller's /metrics (Prometheus scrapes it too)
     kubeconfig: Path | None = None  # the admin's (the demo's own reads and writes, the mesh simulator)
     controller_kubeconfig: Path | None = None  # deploy/rbac.yaml's ServiceAccount, with a bearer token
     target: str = "istio"  # a key of ROUTES: what routes the traffic (an Istio VirtualService, an HTTPRoute)
@@ -224,6 +225,13 @@ class Environment:
         targets.append(ScrapeTarget("dcgm-exporter", _address(self.dcgm.url), {
             "namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-7xk2p", "container": "nvidia-dcgm-exporter",
             "service": "nvidia-dcgm-exporter", "endpoint": "gpu-metrics"}))
+        # The controller's own /metrics, as a PodMonitor on deploy/deployment.yaml's port gives them (it starts
+        # below; until then the target is down). deploy/grafana/shadowctl.json reads these series.
+        controller_port = free_port()
+        self.controller_metrics_url = f"http://127.0.0.1:{controller_port}"
+        targets.append(ScrapeTarget("shadowctl", f"127.0.0.1:{controller_port}", {
+            "namespace": CONTROLLER_SA[0], "pod": "shadowctl-6d4f8b9c7-h2x9q", "container": "controller",
+            "endpoint": "http-metrics"}))
         self.prometheus = PrometheusProcess(self.workdir / "prometheus", targets)
         await self.prometheus.start()
 
@@ -236,7 +244,7 @@ class Environment:
         self.controller = subprocess.Popen(  # noqa: ASYNC220 - a child process that outlives this call
             [sys.executable, "-m", "shadowctl", "run", "--kubeconfig", str(self.controller_kubeconfig),
              "--prometheus", self.prometheus.url, "--events-mqtt", self.mosquitto.url, "--no-leader-elect",
-             "--listen", f"127.0.0.1:{free_port()}", "--log-format", "json"],
+             "--listen", f"127.0.0.1:{controller_port}", "--log-format", "json"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()

@@ -20,6 +20,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from shadowctl.tap.workers import MULTIPROC_ENV, worker_index
 
 MAX_MODELS = 20
+DROP_REASONS = ("invalid", "queue_full", "publish_failed", "shutdown")
+"""The ``reason`` values of ``shadowctl_tap_events_dropped_total``."""
+MIRROR_OUTCOMES = ("sent", "failed", "dropped_in_flight_cap")
+"""The ``outcome`` values of ``shadowctl_tap_mirror_requests_total``."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -62,6 +66,12 @@ class TapMetrics:
         self.mirrored = Counter(
             "shadowctl_tap_mirror_requests", "Application-level mirror copies, by outcome.", ("outcome",),
             registry=self.registry)
+        # Every reason and outcome exists from the start at 0, so that a rate over them is 0 rather than no
+        # series at all (a dashboard cannot tell "none dropped" from "not scraped" otherwise).
+        for reason in DROP_REASONS:
+            self.events_dropped.labels(reason)
+        for outcome in MIRROR_OUTCOMES:
+            self.mirrored.labels(outcome)
         self._models: set[str] = set()
 
     def model_label(self, model: str | None) -> str:
