@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from dashboard_queries import Checker, dashboard
 from rich.console import Console
 
+from shadowctl.demo.env import DEMO_NAMESPACE, POLICY_REF, Environment
 from shadowctl.demo.report import write_report
 from shadowctl.demo.run import check_invariants, run_scenario
 from shadowctl.demo.scenarios import SCENARIOS, SHORT
@@ -34,7 +38,21 @@ pytestmark = [
 @pytest.mark.parametrize("name", list(SCENARIOS))
 async def test_scenario(name: str, tmp_path: Path) -> None:
     scenario = SCENARIOS[name]
-    data = await run_scenario(scenario, SHORT, console=Console(quiet=True), live=False)
+    dashboard_problems: list[str] = []
+
+    async def run_dashboard(env: Environment, started: float) -> None:
+        """deploy/grafana/shadowctl.json against this rollout's Prometheus, which scraped the controller, the
+        taps and the model servers: every query must be valid and return series over the rollout."""
+        assert env.prometheus is not None
+        async with httpx.AsyncClient() as client:
+            checker = Checker(client, env.prometheus.url, started, time.time())
+            await checker.check(dashboard(), {"policy": f"{POLICY_REF.namespace}/{POLICY_REF.name}",
+                                              "namespace": DEMO_NAMESPACE})
+        dashboard_problems.extend(checker.problems or ([] if checker.ran else ["no query ran"]))
+
+    # One scenario (a whole rollout: shadow, a canary step, promotion) also runs the Grafana dashboard.
+    data = await run_scenario(scenario, SHORT, console=Console(quiet=True), live=False,
+                              inspect=run_dashboard if name == "good" else None)
     (tmp_path / "data.json").write_text(json.dumps(data, default=str))  # evidence when it fails
     assert data["outcome"] == scenario.expected, (
         data["outcome"], data.get("final_message"), data.get("duration_s"), data.get("transitions"),
@@ -64,6 +82,7 @@ async def test_scenario(name: str, tmp_path: Path) -> None:
         assert data["route_changes"][-1]["candidate"] == 100
     if name == "bad-latency":
         assert "Progressing" not in phases  # caught in the shadow phase: users never saw it
+    assert not dashboard_problems, dashboard_problems
     paths = write_report(data, tmp_path / "report")
     markdown = paths.markdown.read_text()
     assert markdown.count("|") > 10

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,9 +174,11 @@ async def run_scenario(
     workdir: Path | None = None,
     on_sample: Callable[[dict[str, Any]], None] | None = None,
     target: str = "istio",
+    inspect: Callable[[Environment, float], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Run `scenario` to its end (or `timing.deadline_s`), routed by an Istio VirtualService or (`target`
-    "gateway-api") a Gateway API HTTPRoute; returns the report data."""
+    "gateway-api") a Gateway API HTTPRoute; returns the report data. `inspect(env, started)`, if given, runs
+    once the rollout has ended, while the environment (its Prometheus, the controller) is still up."""
     console = console or Console()
     started = time.time()
     rec = Recorder(started)
@@ -198,7 +200,7 @@ async def run_scenario(
     gc.freeze()
     try:
         return await _run_started(scenario, timing, console, live, workdir, on_sample, started, rec, policy_texts,
-                                  policy_for, target)
+                                  policy_for, target, inspect)
     finally:
         gc.unfreeze()
 
@@ -207,6 +209,7 @@ async def _run_started(
     scenario: Scenario, timing: Timing, console: Console, live: bool, workdir: Path | None,
     on_sample: Callable[[dict[str, Any]], None] | None, started: float, rec: Recorder, policy_texts: list[str],
     policy_for: Callable[[str], str], target: str,
+    inspect: Callable[[Environment, float], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     env = await Environment.start(scenario.candidate, policy_for, workdir=workdir, target=target)
     load_result: LoadResult | None = None
@@ -261,6 +264,8 @@ async def _run_started(
         invariants = check_invariants(changes, transitions, steps, outcome)
         controller_log = env.controller_log.read_text(errors="replace")[-4000:] if env.controller_log else ""
         api_versions = env.api_versions
+        if inspect is not None:
+            await inspect(env, started)
     finally:
         await env.close()
     passed = outcome == scenario.expected and not invariants["violations"]
