@@ -6,7 +6,8 @@ in words. Anything else that escapes is a finding (a traceback a user would see,
 Each target drives the real code: the policy loader, `shadowctl render` and `shadowctl judge replay`
 through the typer app, the output-event parser and the pairer, the Prometheus source against a local
 HTTP server that answers with the input, the controller's reading of objects from the API server, and
-the tap's parsing of requests and answers. The webhook path reads only a status line (shadowctl/webhooks.py)
+the tap's parsing of requests and answers. `render` takes an Istio VirtualService and a Knative Service
+(the Gateway API's HTTPRoute is not yet among them). The webhook path reads only a status line (shadowctl/webhooks.py)
 and has nothing to fuzz.
 """
 
@@ -145,6 +146,13 @@ def _render(data: bytes) -> None:
     _cli()(data, ["render"], ["--primary", "chat.llm.svc.cluster.local/v1:8000", "--candidate",
                               "chat.llm.svc.cluster.local/v2:8000", "--route", "chat-default", "--weight", "10",
                               "--mirror", "5"])
+
+
+def _render_knative(data: bytes) -> None:
+    _cli()(data, ["render"], ["--candidate", "llm-00002", "--weight", "20", "--tag", "canary"])
+
+
+KSVC = yaml.safe_load((REPO / "tests" / "fixtures" / "routers" / "ksvc-llm.yaml").read_text())
 
 
 def _replay(data: bytes) -> None:
@@ -331,6 +339,7 @@ def targets() -> dict[str, Target]:
     return {t.name: t for t in (
         Target("policy", _policy, _yaml_bytes(mutated(yaml.safe_load(CHAT_POLICY))), _policy_expected()),
         Target("render", _render, _yaml_bytes(mutated(CHAT_VS))),
+        Target("render-knative", _render_knative, _yaml_bytes(mutated(KSVC))),
         Target("replay", _replay, _REPLAY, (ReplayInputError,)),
         Target("event", _event, _json_bytes(mutated(_EVENT_BASE))),
         Target("prometheus", _prometheus, _json_bytes(mutated(_PROM_BASE, max_changes=4))),

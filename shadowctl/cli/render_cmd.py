@@ -181,6 +181,7 @@ def render(
                                         candidate_tag=tag)
             except ValidationError as exc:
                 raise fail(f"--tag {tag!r}: {exc.errors()[0]['msg']}", 2) from None
+            knative_build.check_shape(obj)  # before _revisions_in reads its status
             result = knative_build.build(obj, ktarget, state, _revisions_in(obj))
         else:
             raise fail(f"{file}: kind {kind!r} ({api or 'no apiVersion'}) is not an Istio VirtualService, a "

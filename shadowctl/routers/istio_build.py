@@ -28,9 +28,10 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from shadowctl.policy.model import Destination, IstioTarget, MirrorVirtualService
+from shadowctl.routers import shape
 from shadowctl.routers.base import (
     DestinationNotFound,
     RouteNotFound,
@@ -70,84 +71,46 @@ Target = IstioTarget | MirrorVirtualService | IstioRouteSpec
 # --------------------------------------------------------------------------- the shape the builders read
 
 
-class _Shape(BaseModel):
-    """The parts of a VirtualService the builders read, with Istio's types; everything else passes unread."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class _Port(_Shape):
+class _Port(shape.Shape):
     number: int | None = Field(default=None, ge=0, le=65535)
 
 
-class _Destination(_Shape):
+class _Destination(shape.Shape):
     host: str
     subset: str | None = None
     port: _Port | None = None
 
 
-class _RouteDestination(_Shape):
+class _RouteDestination(shape.Shape):
     destination: _Destination
     weight: int | None = Field(default=None, ge=0)
 
 
-class _Percent(_Shape):
-    value: float | None = None
-
-
-class _MirrorEntry(_Shape):
+class _MirrorEntry(shape.Shape):
     destination: _Destination
-    percentage: _Percent | None = None
+    percentage: shape.Percent | None = None
 
 
-class _HttpRoute(_Shape):
+class _HttpRoute(shape.Shape):
     name: str | None = None
     route: list[_RouteDestination] | None = None
     mirror: _Destination | None = None
-    mirrorPercentage: _Percent | None = None
+    mirrorPercentage: shape.Percent | None = None
     mirrors: list[_MirrorEntry] | None = None
 
 
-class _Spec(_Shape):
+class _Spec(shape.Shape):
     http: list[_HttpRoute | None] | None = None
 
 
-class _Metadata(_Shape):
-    name: str | None = None
-    namespace: str | None = None
-    resourceVersion: str | None = None
-    annotations: dict[str, str] | None = None
-
-
-class _VirtualService(_Shape):
-    metadata: _Metadata = Field(default_factory=_Metadata)
-    spec: _Spec | None = None
+class _VirtualService(shape.Shape):
+    metadata: shape.Metadata = Field(default_factory=shape.Metadata)
+    spec: _Spec = Field(default_factory=_Spec)
 
 
 def check_shape(obj: Any) -> None:
-    """Raise WouldBeRejected naming the first field whose type is not Istio's (``spec.http[1].route[0].weight:
-    expected an integer, got 'text'``), so that a hand-edited or mangled object is refused in words, never
-    with a traceback from deep inside a builder."""
-    try:
-        _VirtualService.model_validate(obj)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]
-                        if not (isinstance(p, str) and p in ("int", "float", "str", "none"))).lstrip(".")
-        got = err.get("input")
-        shown = repr(got) if not isinstance(got, dict | list) else f"a {type(got).__name__}"
-        what = _EXPECTED.get(err["type"], str(err["msg"]).lower())
-        meta = obj.get("metadata") if isinstance(obj, dict) else None
-        named = object_name(obj) if isinstance(meta, dict) else "VirtualService"
-        raise WouldBeRejected(f"{named}: {where or 'the object'}: {what}, got {shown}") from exc
-
-
-_EXPECTED = {
-    "model_type": "expected a mapping", "dict_type": "expected a mapping", "list_type": "expected a list",
-    "int_type": "expected an integer", "string_type": "expected a string", "float_type": "expected a number",
-    "missing": "required",
-}
-"""Pydantic's error types in Istio's words (its messages name our private model classes)."""
+    """Raise WouldBeRejected naming the first field whose type is not Istio's (see :mod:`.shape`)."""
+    shape.check_shape(_VirtualService, obj, "VirtualService")
 
 
 # --------------------------------------------------------------------------- public builders

@@ -39,7 +39,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field
+
 from shadowctl.policy.model import KnativeTarget
+from shadowctl.routers import shape
 from shadowctl.routers.base import (
     DestinationNotFound,
     RouteNotFound,
@@ -60,6 +63,44 @@ class Resolved:
     tag: str
 
 
+# --------------------------------------------------------------------------- the shape the builders read
+
+
+class _TrafficTarget(shape.Shape):
+    revisionName: str | None = None
+    configurationName: str | None = None
+    latestRevision: bool | None = None
+    percent: int | None = Field(default=None, ge=0, le=100)
+    tag: str | None = None
+
+
+class _Template(shape.Shape):
+    metadata: shape.Metadata | None = None
+
+
+class _Spec(shape.Shape):
+    traffic: list[_TrafficTarget] | None = None
+    template: _Template | None = None
+
+
+class _Status(shape.Shape):
+    traffic: list[_TrafficTarget] | None = None
+    latestReadyRevisionName: str | None = None
+    latestCreatedRevisionName: str | None = None
+    observedGeneration: int | None = None
+
+
+class _KnativeService(shape.Shape):
+    metadata: shape.Metadata = Field(default_factory=shape.Metadata)
+    spec: _Spec = Field(default_factory=_Spec)
+    status: _Status | None = None
+
+
+def check_shape(obj: Any) -> None:
+    """Raise WouldBeRejected naming the first field whose type is not Knative's (see :mod:`.shape`)."""
+    shape.check_shape(_KnativeService, obj, "Service")
+
+
 # --------------------------------------------------------------------------- public builders
 
 
@@ -67,6 +108,7 @@ def build(
     current: JSON, target: KnativeTarget, state: RouteState, known_revisions: Collection[str] | None = None
 ) -> Build:
     """The Service with primary/candidate percents as ``state`` (which must not mirror)."""
+    check_shape(current)
     if state.mirror_percent is not None:
         raise Unsupported(
             f"{object_name(current)}: Knative cannot mirror requests; set shadow.virtualService "
@@ -107,6 +149,7 @@ def finalize(
     Without an ownership record shadowctl changed nothing (the record is written
     with every change), so there is nothing to undo and the Service is returned as is.
     """
+    check_shape(current)
     obj = copy.deepcopy(current)
     record = load_record(obj)
     if not record.get("traffic"):
@@ -135,6 +178,7 @@ def promote(current: JSON, target: KnativeTarget, known_revisions: Collection[st
     Idempotent: without an ownership record, a Service whose main target (see
     :func:`promoted_revision`) already pins the candidate revision is returned as is.
     """
+    check_shape(current)
     obj = copy.deepcopy(current)
     record = load_record(obj)
     if not record.get("traffic"):
@@ -162,6 +206,7 @@ def promoted_revision(obj: JSON, candidate_tag: str | None = None) -> str | None
     """The revision a finished promotion left serving: the one pinned by ``revisionName`` in the main target
     (the first untagged target with traffic, else the first target with traffic), when no target carries
     ``candidate_tag`` any more. None when the main target floats or the candidate tag is still there."""
+    check_shape(obj)
     traffic = _traffic(obj)
     if candidate_tag and any(t.get("tag") == candidate_tag for t in traffic):
         return None
@@ -180,6 +225,7 @@ def read_state(obj: JSON, target: KnativeTarget, known_revisions: Collection[str
     ``primary_weight`` is 100 minus the candidate's percent. Traffic that reaches the candidate
     revision by another target (a floating ``latestRevision`` one) counts as the candidate's.
     """
+    check_shape(obj)
     res = resolve(obj, target, known_revisions)
     traffic = _traffic(obj)
     record = load_record(obj)
@@ -203,6 +249,7 @@ def resolve(obj: JSON, target: KnativeTarget, known_revisions: Collection[str] |
     Defaults: the candidate is ``status.latestReadyRevisionName``; the primary is
     the revision the untagged traffic goes to now.
     """
+    check_shape(obj)
     name = object_name(obj)
     if obj.get("kind") not in (None, "Service") or not str(obj.get("apiVersion", "serving.knative.dev/")).startswith(
         "serving.knative.dev/"
@@ -245,6 +292,7 @@ def check_status_current(obj: JSON, target: KnativeTarget) -> None:
     the first touch only, and not when the policy names both revisions. A status
     without ``observedGeneration`` (a file, a status written by hand) is taken as is.
     """
+    check_shape(obj)
     if target.candidate_revision and target.primary_revision:
         return
     name = object_name(obj)
