@@ -41,6 +41,7 @@ from shadowctl.errors import ShadowctlError
 from shadowctl.kube import KubeClient, LeaderElector
 from shadowctl.policy.model import ShadowPolicy
 from shadowctl.routers.factory import router_for
+from shadowctl.sources.base import MetricSource
 from shadowctl.sources.outputs import EmbedderUnavailable, MqttOutputSource, load_local_embedder
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.routing import RoutingSource, secret_connect
@@ -99,16 +100,21 @@ def cached_embedder(embed: Embedder, size: int = 4096) -> Embedder:
     return one
 
 
-async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None) -> None:
-    """Wire the adapters and run until `stop` is set (or the task is cancelled)."""
+async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
+                         metric_source: MetricSource | None = None) -> None:
+    """Wire the adapters and run until `stop` is set (or the task is cancelled).
+
+    `metric_source` replaces the Prometheus wiring (the fault campaign, bench/faults, runs this whole
+    process with a stub source at the port); everything else is as `shadowctl run` wires it."""
     log = structlog.get_logger("shadowctl.run")
     clock = SystemClock()
     kube = await KubeClient.connect(kubeconfig=opts.kubeconfig, context=opts.context)
     webhooks = HttpWebhooks(clock.sleep)
-    default = PrometheusMetricSource(opts.prometheus, **opts.prometheus_options) if opts.prometheus else None
-    # A policy may name its own Prometheus (spec.analysis.prometheus); requests are routed by server.
-    routed = RoutingSource(default, secret_connect(kube, opts.prometheus_options), clock=clock.now)
-    source = BatchingSource(routed)
+    if metric_source is None:
+        default = PrometheusMetricSource(opts.prometheus, **opts.prometheus_options) if opts.prometheus else None
+        # A policy may name its own Prometheus (spec.analysis.prometheus); requests are routed by server.
+        metric_source = RoutingSource(default, secret_connect(kube, opts.prometheus_options), clock=clock.now)
+    source = BatchingSource(metric_source)
 
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
         return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"),

@@ -61,6 +61,25 @@ UPSTREAM_CRDS = frozenset({
     "httproutes.gateway.networking.k8s.io",
 })
 SERVICE_CIDR = "10.0.0.0/24"
+
+# What the API server's audit log records when it is on (``audit_log=``): every write to a route object or a
+# ShadowPolicy (and its status) with the object sent and the object stored (who wrote what, from which
+# resourceVersion, and the resourceVersion it got), Leases' writes as metadata (who held the lease when),
+# everything else as metadata. Fault campaigns replay it (bench/faults); RequestReceived is left out (each
+# request appears once, when its answer is complete).
+AUDIT_POLICY: dict[str, Any] = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "RequestResponse", "verbs": ["create", "update", "patch", "delete"],
+         "resources": [{"group": "networking.istio.io", "resources": ["virtualservices"]},
+                       {"group": "gateway.networking.k8s.io", "resources": ["httproutes"]},
+                       {"group": "serving.knative.dev", "resources": ["services"]},
+                       {"group": "shadowctl.dev", "resources": ["shadowpolicies", "shadowpolicies/status"]}]},
+        {"level": "Metadata"},
+    ],
+}
 START_TIMEOUT = 90.0
 
 
@@ -138,13 +157,18 @@ class ControlPlane:
 
     ``crds`` names the upstream CRD folder (default :func:`default_crds_dir`);
     the CRDs of :data:`UPSTREAM_CRDS` it holds are installed, with those in
-    ``extra_crds`` files. shadowctl's own
+    ``extra_crds`` files. With ``audit_log`` (a path outside the data folder, kept after :meth:`stop`) the
+    API server writes its audit log there, one JSON event a line, by ``audit_policy`` (default
+    :data:`AUDIT_POLICY`). shadowctl's own
     CRD comes from the model (:func:`shadowctl.policy.crd.crd`), so it is always
     the one the code expects.
     """
 
-    def __init__(self, *, crds: Path | None = None, workdir: Path | None = None, extra_crds: Sequence[Path] = ()) -> None:
+    def __init__(self, *, crds: Path | None = None, workdir: Path | None = None, extra_crds: Sequence[Path] = (),
+                 audit_log: Path | None = None, audit_policy: dict[str, Any] | None = None) -> None:
         self.binaries = find_binaries()
+        self.audit_log = audit_log
+        self.audit_policy = audit_policy if audit_policy is not None else AUDIT_POLICY
         self.crds_dir = crds if crds is not None else default_crds_dir()
         self.extra_crds = tuple(extra_crds)
         self._own_workdir = workdir is None
@@ -320,8 +344,21 @@ class ControlPlane:
             "--allow-privileged=true",
             # No controller manager runs: nothing else would clean up expired tokens or events.
             "--event-ttl=1h",
+            *self._audit_flags(),
             "--v=0",
         ])
+
+    def _audit_flags(self) -> list[str]:
+        if self.audit_log is None:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(self.audit_policy, sort_keys=False))
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        # The log backend in blocking mode: each event is written as its request completes, not batched (a
+        # client may have its answer a moment before the event is in the file); no rotation: a campaign
+        # reads the whole file.
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-mode=blocking",
+                "--audit-log-format=json", "--audit-log-maxsize=0"]
 
     def _check_alive(self, name: str) -> None:
         ended = self.alive()
@@ -434,8 +471,9 @@ class LocalCluster:
       certificate, such as those behind the fault proxy.
     """
 
-    def __init__(self, *, crds: Path | None = None, knative: bool = True) -> None:
-        self.plane = ControlPlane(crds=crds)
+    def __init__(self, *, crds: Path | None = None, knative: bool = True, audit_log: Path | None = None,
+                 audit_policy: dict[str, Any] | None = None) -> None:
+        self.plane = ControlPlane(crds=crds, audit_log=audit_log, audit_policy=audit_policy)
         self.knative = knative
         self.admin_token = ""
         self._thread: threading.Thread | None = None
