@@ -1,0 +1,494 @@
+"""Fault campaign (#16 item 2): whole rollouts on the real control plane, many at once, each with a random
+schedule of faults; the invariants are checked afterwards from the API server's audit log.
+
+One :class:`~shadowctl.sim.cluster.LocalCluster` (etcd + kube-apiserver with RBAC, audit log on) behind a
+:class:`~shadowctl.sim.faultproxy.FaultProxy`; two controller processes (bench/faults/controller.py:
+`shadowctl run`'s wiring, Lease election, a stub metric source) each with its own ServiceAccount, so the
+audit log says which replica wrote what. Up to ``--concurrency`` rollouts run at once, each on its own
+VirtualService; each draws 1-3 faults (seeded) from :data:`FAULTS`, at random times in its first seconds.
+The campaign's own writes (setup, GitOps drift, edits, commands, deletes, the concurrent writer) go
+straight to the API server as the admin, never through the proxy.
+
+When every rollout is terminal (or past ``--rollout-timeout``) the audit log is replayed
+(bench/faults/audit.py) and the final objects checked. Written: bench/results/faults-<seed>.json.
+
+Run: .venv/bin/python bench/faults/run.py --rollouts 100 --seed 1 [--concurrency 40] [--faults api-429,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import random
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import audit  # noqa: E402  (bench/faults/audit.py: the checker)
+
+from shadowctl.sim.cluster import LocalCluster, free_port  # noqa: E402
+from shadowctl.sim.faultproxy import FaultProxy  # noqa: E402
+
+NS = "faults"
+SA_NS = "shadowctl"
+CONTROLLERS = ("ctl-a", "ctl-b")
+LEASE_DURATION = 4.0
+VS_API = f"/apis/networking.istio.io/v1/namespaces/{NS}/virtualservices"
+POLICY_API = f"/apis/shadowctl.dev/v1alpha1/namespaces/{NS}/shadowpolicies"
+LEASE_API = f"/apis/coordination.k8s.io/v1/namespaces/{SA_NS}/leases/shadowctl-faults"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+
+# Each kind, what it does (docs/reliability.md has the same table).
+FAULTS: dict[str, str] = {
+    "api-429": "the API server answers 429 (Retry-After: 1) to the next 1-5 requests for this rollout's objects",
+    "api-500": "the API server answers 500 to the next 1-5 requests for this rollout's objects",
+    "api-reset": "the connection of the next 1-3 requests for this rollout's objects is reset",
+    "api-slow": "every API answer delayed 0.3-1.5 s for 3-6 s (all rollouts)",
+    "watch-cut": "every open watch stream is cut (all rollouts)",
+    "watch-expire": "watches from before now answer 410 Expired, as after an etcd compaction (all rollouts)",
+    "conflict-409": "a concurrent writer edits the policy and the VirtualService every 0.1 s for 3 s (real 409s)",
+    "gitops-drift": "another client rewrites the VirtualService to the manifest in git (100% primary, no mirror)",
+    "new-candidate": "the policy's candidate changes to a new revision (subset v3) mid-analysis",
+    "policy-edit": "the policy's spec is edited (stepDuration) mid-rollout",
+    "policy-pause": "the pause command, then resume 2-5 s later",
+    "policy-delete": "the policy is deleted mid-rollout",
+    "progress-deadline": "progressDeadline 10s (the least the phases need is 9s), shorter than a rollout with looks",
+    "controller-kill": "a controller process is SIGKILLed and restarted",
+    "leader-pause": "the leading controller is SIGSTOPped past its lease (4 s + 2 s), then resumed",
+    "prom-down": "Prometheus unreachable for this rollout for 2-6 s",
+    "prom-slow": "Prometheus answers 3 s late for 2-6 s",
+    "prom-nan": "Prometheus answers NaN for 2-6 s",
+    "prom-empty": "Prometheus answers nothing for 2-6 s",
+    "prom-reset": "a counter reset inside the window for 2-6 s",
+}
+PROM = {"prom-down", "prom-slow", "prom-nan", "prom-empty", "prom-reset"}
+
+POLICY = """
+apiVersion: shadowctl.dev/v1alpha1
+kind: ShadowPolicy
+metadata: {name: NAME, namespace: faults}
+spec:
+  target:
+    istio:
+      virtualService: NAME
+      route: chat-default
+      primary: {host: chat.llm.svc.cluster.local, subset: v1, port: 8000}
+      candidate: {host: chat.llm.svc.cluster.local, subset: v2, port: 8000}
+  shadow: {mirrorPercent: 20, minDuration: 3s, maxDuration: 60s, minPairs: 0}
+  canary: {steps: [10, 50], stepDuration: 3s, maxStepDuration: 60s}
+  analysis:
+    interval: 1s
+    variants:
+      primary: {workload: chat-v1, subset: v1}
+      candidate: {workload: chat-v2, subset: v2}
+    metrics:
+      - {name: ttft-p95, preset: vllm-ttft, statistic: p95, margin: 10%, critical: true, minSamples: 50}
+      - {name: errors, preset: vllm-errors, kind: ratio, statistic: rate, margin: 1pp, minSamples: 50}
+  progressDeadline: 5m
+"""
+
+
+def original_vs(name: str) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()))
+    vs = copy.deepcopy(next(d for d in docs if d["kind"] == "VirtualService"))
+    vs["metadata"] = {"name": name, "namespace": NS}
+    return dict(vs)
+
+
+def policy_doc(name: str, faults: Sequence[str]) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(POLICY)
+    doc["metadata"]["name"] = name
+    doc["spec"]["target"]["istio"]["virtualService"] = name
+    if "progress-deadline" in faults:
+        doc["spec"]["progressDeadline"] = "10s"
+    return doc
+
+
+@dataclass
+class Plan:
+    """One rollout's draw: its faults with their offsets (seconds after creation), and a bad candidate or not."""
+
+    name: str
+    faults: list[tuple[str, float]]
+    bad: bool
+
+
+@dataclass
+class Outcome:
+    name: str
+    faults: list[str]
+    applied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bad: bool = False
+    outcome: str = "?"
+    seconds: float = 0.0
+    final_vs: dict[str, Any] | None = None
+
+
+def draw(rng: random.Random, index: int, kinds: Sequence[str]) -> Plan:
+    count = rng.choice((1, 1, 2, 2, 3))
+    chosen = rng.sample(list(kinds), min(count, len(kinds)))
+    return Plan(f"r-{index:05d}", [(kind, round(rng.uniform(0.5, 10.0), 2)) for kind in chosen], rng.random() < 0.3)
+
+
+class Controllers:
+    """The two controller processes: start, SIGKILL + restart, SIGSTOP + SIGCONT; logs in the work folder."""
+
+    def __init__(self, workdir: Path, kubeconfigs: dict[str, Path], schedule: Path) -> None:
+        self.workdir = workdir
+        self.kubeconfigs = kubeconfigs
+        self.schedule = schedule
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
+        self.lock = asyncio.Lock()
+        self.kills = 0
+        self.pauses = 0
+
+    def start(self, name: str) -> None:
+        port = free_port()
+        self.ports[name] = port
+        log = (self.workdir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "faults" / "controller.py"), "--kubeconfig",
+             str(self.kubeconfigs[name]), "--schedule", str(self.schedule), "--listen", f"127.0.0.1:{port}",
+             "--namespace", NS, "--lease-namespace", SA_NS, "--lease-duration", str(LEASE_DURATION),
+             "--renew-deadline", str(LEASE_DURATION * 0.75), "--retry-period", "0.5"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+        log.close()
+
+    async def leader(self) -> str | None:
+        async with httpx.AsyncClient(timeout=2) as client:
+            for name, port in self.ports.items():
+                with contextlib.suppress(httpx.HTTPError):
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                    if "\nshadowctl_leader 1.0" in text:
+                        return name
+        return None
+
+    async def kill(self, rng: random.Random) -> bool:
+        if self.lock.locked():
+            return False
+        async with self.lock:
+            name = await self.leader() if rng.random() < 0.7 else None
+            name = name or rng.choice(CONTROLLERS)
+            proc = self.procs[name]
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait)
+            self.start(name)
+            self.kills += 1
+            await asyncio.sleep(1.0)
+            return True
+
+    async def pause_leader(self) -> bool:
+        if self.lock.locked():
+            return False
+        async with self.lock:
+            name = await self.leader()
+            if name is None:
+                return False
+            proc = self.procs[name]
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(LEASE_DURATION + 2.0)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            self.pauses += 1
+            await asyncio.sleep(1.0)
+            return True
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+class Campaign:
+    def __init__(self, cluster: LocalCluster, proxy: FaultProxy, controllers: Controllers, schedule: Path,
+                 rng: random.Random, rollout_timeout: float) -> None:
+        self.cluster = cluster
+        self.proxy = proxy
+        self.controllers = controllers
+        self.schedule_path = schedule
+        self.schedule: dict[str, Any] = {"policies": {}}
+        self.rng = rng
+        self.rollout_timeout = rollout_timeout
+        plane = cluster.plane
+        assert plane.ca is not None and plane.admin_cert is not None
+        context = ssl.create_default_context(cafile=str(plane.ca.cert_file))
+        context.load_cert_chain(str(plane.admin_cert.cert), str(plane.admin_cert.key))
+        self.admin = httpx.AsyncClient(base_url=plane.url, verify=context, timeout=30,
+                                       limits=httpx.Limits(max_connections=20))
+        self.touches = 0
+
+    def _write_schedule(self) -> None:
+        tmp = self.schedule_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.schedule))
+        os.replace(tmp, self.schedule_path)
+
+    async def _ok(self, answer: httpx.Response, what: str, *also: int) -> httpx.Response:
+        if answer.status_code >= 300 and answer.status_code not in also:
+            raise RuntimeError(f"{what}: {answer.status_code} {answer.text[:300]}")
+        return answer
+
+    async def phase(self, name: str) -> str | None:
+        answer = await self.admin.get(f"{POLICY_API}/{name}")
+        if answer.status_code == 404:
+            return None
+        return str(((answer.json().get("status") or {}).get("phase")) or "Pending")
+
+    async def fault(self, plan: Plan, kind: str, out: Outcome) -> None:
+        name, proxy, rng = plan.name, self.proxy, self.rng
+        path = rf"/{NS}/(virtualservices|shadowpolicies)/{name}(/status)?$"
+        applied = True
+        if kind == "api-429":
+            proxy.fail_next(rng.randint(1, 5), 429, path=path, retry_after=1)
+        elif kind == "api-500":
+            proxy.fail_next(rng.randint(1, 5), 500, path=path)
+        elif kind == "api-reset":
+            proxy.reset_next(rng.randint(1, 3), path=path)
+        elif kind == "api-slow":
+            proxy.set_latency(rng.uniform(0.3, 1.5))
+            await asyncio.sleep(rng.uniform(3, 6))
+            proxy.set_latency(0)
+        elif kind == "watch-cut":
+            proxy.cut_watches()
+        elif kind == "watch-expire":
+            listing = (await self.admin.get("/api/v1/namespaces", params={"limit": "1"})).json()
+            proxy.expire_watches(int(listing["metadata"]["resourceVersion"]))
+        elif kind == "conflict-409":
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:
+                self.touches += 1
+                note = {"metadata": {"annotations": {"example.com/touched": str(self.touches)}}}
+                await self.admin.patch(f"{POLICY_API}/{name}", json=note, headers=MERGE)
+                await self.admin.patch(f"{VS_API}/{name}", json=note, headers=MERGE)
+                await asyncio.sleep(0.1)
+        elif kind == "gitops-drift":
+            for _ in range(5):
+                current = (await self.admin.get(f"{VS_API}/{name}")).json()
+                body = original_vs(name)
+                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                if (await self.admin.put(f"{VS_API}/{name}", json=body)).status_code != 409:
+                    break
+        elif kind == "new-candidate":
+            patch = {"spec": {"target": {"istio": {"candidate": {"subset": "v3"}}},
+                              "analysis": {"variants": {"candidate": {"subset": "v3", "workload": "chat-v3"}}}}}
+            await self._ok(await self.admin.patch(f"{POLICY_API}/{name}", json=patch, headers=MERGE), kind, 404)
+        elif kind == "policy-edit":
+            patch = {"spec": {"canary": {"stepDuration": "4s"}}}
+            await self._ok(await self.admin.patch(f"{POLICY_API}/{name}", json=patch, headers=MERGE), kind, 404)
+        elif kind == "policy-pause":
+            await self._command(name, "pause")
+            await asyncio.sleep(rng.uniform(2, 5))
+            await self._command(name, "resume")
+        elif kind == "policy-delete":
+            await self._ok(await self.admin.delete(f"{POLICY_API}/{name}"), kind, 404)
+        elif kind == "controller-kill":
+            applied = await self.controllers.kill(rng)
+        elif kind == "leader-pause":
+            applied = await self.controllers.pause_leader()
+        elif kind in ("progress-deadline", *PROM):
+            pass  # set in the policy at creation / in the stub's schedule
+        (out.applied if applied else out.skipped).append(kind)
+
+    async def _command(self, name: str, command: str) -> None:
+        value = json.dumps({"command": command, "id": uuid.uuid4().hex[:12], "at": "", "by": "fault-campaign"})
+        patch = {"metadata": {"annotations": {"shadowctl.dev/command": value}}}
+        await self._ok(await self.admin.patch(f"{POLICY_API}/{name}", json=patch, headers=MERGE), command, 404)
+
+    async def rollout(self, plan: Plan) -> Outcome:
+        kinds = [k for k, _ in plan.faults]
+        out = Outcome(plan.name, kinds, bad=plan.bad)
+        started = time.time()
+        entry = {"bad": plan.bad, "faults": [
+            {"kind": k, "from": started + at, "to": started + at + self.rng.uniform(2, 6)}
+            for k, at in plan.faults if k in PROM]}
+        self.schedule["policies"][f"{NS}/{plan.name}"] = entry
+        self._write_schedule()
+        await self._ok(await self.admin.post(VS_API, json=original_vs(plan.name)), "create vs")
+        await self._ok(await self.admin.post(POLICY_API, json=policy_doc(plan.name, kinds)), "create policy")
+        tasks = []
+        for kind, at in plan.faults:
+            async def later(kind: str = kind, at: float = at) -> None:
+                await asyncio.sleep(at)
+                await self.fault(plan, kind, out)
+
+            tasks.append(asyncio.create_task(later()))
+        deadline = time.monotonic() + self.rollout_timeout
+        deleted = False
+        while True:
+            await asyncio.sleep(0.5)
+            phase = await self.phase(plan.name)
+            if phase is None:
+                out.outcome = "Deleted"
+                deleted = True
+            elif phase in ("Succeeded", "RolledBack", "Failed"):
+                out.outcome = phase
+            if (deleted or out.outcome != "?") and all(t.done() for t in tasks):
+                break
+            if deleted:
+                continue
+            if time.monotonic() > deadline:
+                out.outcome = f"Stuck:{phase}"
+                break
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        out.seconds = round(time.time() - started, 1)
+        out.final_vs = (await self.admin.get(f"{VS_API}/{plan.name}")).json()
+        return out
+
+    async def run(self, plans: Sequence[Plan], concurrency: int, progress: bool) -> list[Outcome]:
+        gate = asyncio.Semaphore(concurrency)
+        done: list[Outcome] = []
+
+        async def one(plan: Plan) -> None:
+            async with gate:
+                done.append(await self.rollout(plan))
+                if progress and len(done) % 10 == 0:
+                    print(f"  {len(done)}/{len(plans)} rollouts done", flush=True)
+
+        await asyncio.gather(*(one(p) for p in plans))
+        return sorted(done, key=lambda o: o.name)
+
+
+def setup_cluster(workdir: Path) -> tuple[LocalCluster, FaultProxy, dict[str, Path]]:
+    cluster = LocalCluster(knative=False, audit_log=workdir / "audit.log")
+    cluster.start()
+    try:
+        with cluster.plane.admin_client() as client:
+            for ns in (NS, SA_NS):
+                answer = client.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace",
+                                                                  "metadata": {"name": ns}})
+                assert answer.status_code in (201, 409), answer.text
+            tokens = {name: cluster.service_account_token(client, SA_NS, name, cluster_role="cluster-admin")
+                      for name in CONTROLLERS}
+        assert cluster.plane.ca is not None
+        proxy = FaultProxy(cluster.url, str(cluster.plane.ca.cert_file))
+        proxy.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    kubeconfigs = {name: cluster.plane.write_kubeconfig(workdir / f"{name}.kubeconfig", token=token,
+                                                        server=proxy.url, namespace=NS)
+                   for name, token in tokens.items()}
+    return cluster, proxy, kubeconfigs
+
+
+def summarize(outcomes: Sequence[Outcome], report: audit.Report) -> dict[str, Any]:
+    per_kind: dict[str, dict[str, Any]] = {}
+    for kind in FAULTS:
+        rows = [o for o in outcomes if kind in o.applied]
+        bad = {v["rollout"] for v in report.violations}
+        per_kind[kind] = {"rollouts": len(rows), "skipped": sum(kind in o.skipped for o in outcomes),
+                          "outcomes": dict(Counter(o.outcome for o in rows)),
+                          "violations": sum(1 for o in rows if o.name in bad)}
+    return per_kind
+
+
+async def campaign(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    kinds = [k for k in (args.faults.split(",") if args.faults else FAULTS) if k]
+    unknown = set(kinds) - set(FAULTS)
+    if unknown:
+        raise SystemExit(f"unknown fault kinds: {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    rng = random.Random(args.seed)
+    plans = [draw(rng, i, kinds) for i in range(args.rollouts)]
+    cluster, proxy, kubeconfigs = await asyncio.to_thread(setup_cluster, workdir)
+    schedule = workdir / "schedule.json"
+    schedule.write_text(json.dumps({"policies": {}}))
+    controllers = Controllers(workdir, kubeconfigs, schedule)
+    started = time.time()
+    camp = None
+    try:
+        for name in CONTROLLERS:
+            controllers.start(name)
+        camp = Campaign(cluster, proxy, controllers, schedule, rng, args.rollout_timeout)
+        outcomes = await camp.run(plans, args.concurrency, args.progress)
+        wall = time.time() - started
+    finally:
+        if camp is not None:
+            await camp.admin.aclose()
+        controllers.stop()
+        proxy.stop()
+        await asyncio.sleep(0.5)  # the last audit events reach the file a moment after their answers
+        cluster.stop()
+    finals = {o.name: o.final_vs for o in outcomes}
+    report = audit.check(audit.read_log(workdir / "audit.log"), namespace=NS,
+                         writers=tuple(f"system:serviceaccount:{SA_NS}:{c}" for c in CONTROLLERS),
+                         outcomes={o.name: o.outcome for o in outcomes}, finals=finals)
+    result = {
+        "command": " ".join(["bench/faults/run.py", *sys.argv[1:]]) if args.record_argv else None,
+        "seed": args.seed, "rollouts": args.rollouts, "concurrency": args.concurrency, "kinds": kinds,
+        "wall_s": round(wall, 1), "kube": str(cluster.plane.versions),
+        "outcomes": dict(Counter(o.outcome for o in outcomes)),
+        "violations": len(report.violations), "checked": report.counts,
+        "per_kind": summarize(outcomes, report),
+        "controller_kills": controllers.kills, "leader_pauses": controllers.pauses,
+        "violation_list": report.violations[:50],
+        "rollout_list": [{k: v for k, v in o.__dict__.items() if k != "final_vs"} for o in outcomes],
+    }
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rollouts", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=40)
+    parser.add_argument("--faults", default="", help="comma-separated kinds to draw from (default: all)")
+    parser.add_argument("--rollout-timeout", type=float, default=180.0)
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/faults-<seed>.json")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (audit log, controller logs)")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--no-record-argv", dest="record_argv", action="store_false")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="shadowctl-faults-"))
+    try:
+        result = asyncio.run(campaign(args, workdir))
+    finally:
+        if args.keep:
+            print(f"work folder kept: {workdir}")
+        else:
+            import shutil
+            shutil.rmtree(workdir, ignore_errors=True)
+    out = args.out or REPO / "bench" / "results" / f"faults-{args.seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{result['rollouts']} rollouts, seed {result['seed']}, {result['wall_s']} s: outcomes {result['outcomes']}; "
+          f"{result['violations']} invariant violations; checked {result['checked']}")
+    for kind, row in result["per_kind"].items():
+        if row["rollouts"] or row["skipped"]:
+            print(f"  {kind:18} rollouts {row['rollouts']:4}  skipped {row['skipped']:3}  "
+                  f"violations {row['violations']}  {row['outcomes']}")
+    print(f"written {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
