@@ -51,6 +51,7 @@ from shadowctl.sim.faultproxy import FaultProxy  # noqa: E402
 NS = "faults"
 SA_NS = "shadowctl"
 CONTROLLERS = ("ctl-a", "ctl-b")
+WRITERS = tuple(f"system:serviceaccount:shadowctl:{c}" for c in CONTROLLERS)  # the controllers' user names
 LEASE_DURATION = 4.0
 VS_API = f"/apis/networking.istio.io/v1/namespaces/{NS}/virtualservices"
 POLICY_API = f"/apis/shadowctl.dev/v1alpha1/namespaces/{NS}/shadowpolicies"
@@ -412,7 +413,8 @@ def summarize(outcomes: Sequence[Outcome], report: audit.Report) -> dict[str, An
     return per_kind
 
 
-async def campaign(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], list[Outcome]]:
+    """Run the campaign in ``workdir`` (the audit log stays there as audit.log); the result and each rollout."""
     kinds = [k for k in (args.faults.split(",") if args.faults else FAULTS) if k]
     unknown = set(kinds) - set(FAULTS)
     if unknown:
@@ -439,8 +441,7 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await asyncio.sleep(0.5)  # the last audit events reach the file a moment after their answers
         cluster.stop()
     finals = {o.name: o.final_vs for o in outcomes}
-    report = audit.check(audit.read_log(workdir / "audit.log"), namespace=NS,
-                         writers=tuple(f"system:serviceaccount:{SA_NS}:{c}" for c in CONTROLLERS),
+    report = audit.check(audit.read_log(workdir / "audit.log"), namespace=NS, writers=WRITERS,
                          outcomes={o.name: o.outcome for o in outcomes}, finals=finals)
     result = {
         "command": " ".join(["bench/faults/run.py", *sys.argv[1:]]) if args.record_argv else None,
@@ -453,24 +454,28 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "violation_list": report.violations[:50],
         "rollout_list": [{k: v for k, v in o.__dict__.items() if k != "final_vs"} for o in outcomes],
     }
-    return result
+    return result, outcomes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rollouts", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=40)
+    p.add_argument("--faults", default="", help="comma-separated kinds to draw from (default: all)")
+    p.add_argument("--rollout-timeout", type=float, default=180.0)
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/faults-<seed>.json")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (audit log, controller logs)")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--no-record-argv", dest="record_argv", action="store_false")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rollouts", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=40)
-    parser.add_argument("--faults", default="", help="comma-separated kinds to draw from (default: all)")
-    parser.add_argument("--rollout-timeout", type=float, default=180.0)
-    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/faults-<seed>.json")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (audit log, controller logs)")
-    parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--no-record-argv", dest="record_argv", action="store_false")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="shadowctl-faults-"))
     try:
-        result = asyncio.run(campaign(args, workdir))
+        result, _ = asyncio.run(campaign(args, workdir))
     finally:
         if args.keep:
             print(f"work folder kept: {workdir}")

@@ -1,0 +1,126 @@
+"""The fault campaign (bench/faults) stays runnable, finds no violation in a tiny run, and its checker can fail.
+
+A tiny campaign: 5 rollouts drawing from two fault kinds (API 500s through the fault proxy, GitOps drift by
+a concurrent writer), on its own audited control plane, two controller processes (`shadowctl run`'s wiring,
+Lease election; the metric source is a stub at the port, as the campaign's docstring says). Then writes
+that break each rule are planted, by hand, among the real audit events: a checker that cannot fail is
+worthless. The big runs are by hand (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "faults"))
+
+import audit
+import run
+
+JSON = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[run.Outcome], list[JSON]]:
+    workdir = tmp_path_factory.mktemp("faults")
+    args = run.parser().parse_args(["--rollouts", "5", "--seed", "7", "--concurrency", "5",
+                                    "--faults", "api-500,gitops-drift", "--rollout-timeout", "120"])
+    result, outcomes = asyncio.run(run.campaign(args, workdir))
+    return result, outcomes, audit.read_log(workdir / "audit.log")
+
+
+def _check(events: list[JSON], outcomes: list[run.Outcome], finals: dict[str, Any] | None = None) -> audit.Report:
+    return audit.check(events, namespace=run.NS, writers=run.WRITERS,
+                       outcomes={o.name: o.outcome for o in outcomes},
+                       finals=finals if finals is not None else {o.name: o.final_vs for o in outcomes})
+
+
+def _controller_route_writes(events: list[JSON]) -> list[int]:
+    return [i for i, e in enumerate(events)
+            if (e.get("objectRef") or {}).get("resource") == "virtualservices" and e.get("verb") == "update"
+            and (e.get("user") or {}).get("username") in run.WRITERS
+            and int((e.get("responseStatus") or {}).get("code") or 0) < 300]
+
+
+def _route(event: JSON) -> JSON:
+    route = audit.route_of(event["responseObject"])
+    assert route is not None
+    return route
+
+
+def _plant(events: list[JSON], index: int, change: Any) -> list[JSON]:
+    """The events with a changed copy of events[index] right after it (as if the controller had written it)."""
+    forged = copy.deepcopy(events[index])
+    forged["auditID"] = "planted"
+    change(forged)
+    return [*events[: index + 1], forged, *events[index + 1:]]
+
+
+def test_tiny_campaign_finishes_every_rollout_without_a_violation(tiny: Any) -> None:
+    result, outcomes, _ = tiny
+    assert result["violations"] == 0, result["violation_list"]
+    assert {o.outcome for o in outcomes} <= {"Succeeded", "RolledBack"}, [(o.name, o.outcome) for o in outcomes]
+    applied = {k for o in outcomes for k in o.applied}
+    assert applied == {"api-500", "gitops-drift"}
+    checked = result["checked"]
+    assert checked["controller route writes"] >= 5 and checked["controller status writes"] >= 5, checked
+    assert checked["final objects checked"] == 5
+
+
+def test_the_audit_log_records_who_wrote_a_route_and_from_which_version(tiny: Any) -> None:
+    _, _, events = tiny
+    writes = _controller_route_writes(events)
+    assert writes
+    event = events[writes[0]]
+    assert event["level"] == "RequestResponse" and event["stage"] == "ResponseComplete"
+    assert event["requestObject"]["metadata"]["resourceVersion"]  # the version it was computed from
+    assert int(event["responseObject"]["metadata"]["resourceVersion"]) > int(
+        event["requestObject"]["metadata"]["resourceVersion"])
+    assert _route(event)  # the route as stored
+
+
+def test_the_checker_catches_planted_violations(tiny: Any) -> None:
+    _, outcomes, events = tiny
+    assert _check(events, outcomes).violations == []
+    first = _controller_route_writes(events)[0]  # the shadow phase's mirror write: status says Shadowing
+
+    def sum_90(e: JSON) -> None:
+        for r in e["responseObject"]["spec"]["http"]:
+            if r.get("name") == audit.ROUTE:
+                r["route"] = [{**r["route"][0], "weight": 90}]
+
+    def early_canary(e: JSON) -> None:
+        for r in e["responseObject"]["spec"]["http"]:
+            if r.get("name") == audit.ROUTE:
+                primary = r["route"][0]
+                candidate = copy.deepcopy(primary)
+                candidate["destination"]["subset"] = "v2"
+                r["route"] = [{**primary, "weight": 90}, {**candidate, "weight": 10}]
+
+    def other_route(e: JSON) -> None:
+        other = next(r for r in e["responseObject"]["spec"]["http"] if r.get("name") != audit.ROUTE)
+        other["timeout"] = "1s"
+
+    def unconditional(e: JSON) -> None:
+        del e["requestObject"]["metadata"]["resourceVersion"]
+
+    for change, rule in ((sum_90, "weights-sum"), (early_canary, "step-bound"), (other_route, "other-routes"),
+                         (unconditional, "unconditional-write")):
+        report = _check(_plant(events, first, change), outcomes)
+        assert [v["rule"] for v in report.violations] == [rule], (rule, report.violations)
+        assert report.violations[0]["auditID"] == "planted"
+
+    # Invariant 3: a rollout recorded as rolled back (or deleted) whose final route still mirrors.
+    name = outcomes[0].name
+    final = copy.deepcopy(outcomes[0].final_vs)
+    for r in final["spec"]["http"]:
+        if r.get("name") == audit.ROUTE:
+            r["mirror"] = {"host": "chat.llm.svc.cluster.local", "subset": "v2"}
+    report = audit.check(events, namespace=run.NS, writers=run.WRITERS, outcomes={name: "RolledBack"},
+                         finals={name: final})
+    assert [v["rule"] for v in report.violations] == ["final-restored"], report.violations
