@@ -93,6 +93,8 @@ def test_histograms_with_different_layouts_and_counts(tmp_path: Path) -> None:
     [
         ("{not json", "line 2: not valid JSON"),
         ("[" * 100_000 + "]" * 100_000, "line 2: JSON nested too deeply to be a look"),
+        ('{"stream": "a", "t": 60, "primary": [1e200], "candidate": [1]}',
+         "line 2: primary[0]: 1e+200 is beyond the judge's range"),  # its square overflows (found by bench/fuzz)
         ('{"stream": "a", "t": 60}', "line 2: give one pair"),
         ('{"stream": "a", "t": "soon", "primary": [1], "candidate": [1]}', "line 2: 't'"),
         ('{"stream": "a", "t": 60, "primary": [1, "x"], "candidate": [1]}', "line 2: primary[1]: 'x' is not a number"),

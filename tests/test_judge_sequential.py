@@ -105,6 +105,9 @@ def test_seven_of_ten_at_100x_fails_sequentially() -> None:
         (Samples([1.0] * 99 + [math.nan]), Samples([1.0] * 100), "NaN"),
         (Samples([]), Samples([1.0] * 100), "0 primary"),
         (Samples([1.0] * 20), Samples([1.0] * 20), "50 needed"),
+        # a value whose square overflows (a broken exporter): no data, not an overflow warning (bench/fuzz)
+        (Samples([1.0] * 99 + [1e200]), Samples([1.0] * 100), "beyond ±1e+150"),
+        (Samples([1.0] * 100), Samples([1.0] * 99 + [math.inf]), "beyond ±1e+150"),
     ],
 )
 def test_missing_nan_or_too_few_samples_is_nodata(primary: object, candidate: object, reason: str) -> None:

@@ -6,8 +6,8 @@ in words. Anything else that escapes is a finding (a traceback a user would see,
 Each target drives the real code: the policy loader, `shadowctl render` and `shadowctl judge replay`
 through the typer app, the output-event parser and the pairer, the Prometheus source against a local
 HTTP server that answers with the input, the controller's reading of objects from the API server, and
-the tap's parsing of requests and answers. `render` takes an Istio VirtualService and a Knative Service
-(the Gateway API's HTTPRoute is not yet among them). The webhook path reads only a status line (shadowctl/webhooks.py)
+the tap's parsing of requests and answers. `render` takes an Istio VirtualService, a Knative Service and a
+Gateway API HTTPRoute. The webhook path reads only a status line (shadowctl/webhooks.py)
 and has nothing to fuzz.
 """
 
@@ -153,6 +153,14 @@ def _render_knative(data: bytes) -> None:
 
 
 KSVC = yaml.safe_load((REPO / "tests" / "fixtures" / "routers" / "ksvc-llm.yaml").read_text())
+
+
+def _render_gateway(data: bytes) -> None:
+    _cli()(data, ["render"], ["--primary", "chat-v1:8000", "--candidate", "chat-v2:8000", "--rule", "chat-default",
+                              "--weight", "10", "--mirror", "2.5"])
+
+
+ROUTE = yaml.safe_load((REPO / "gateway-api" / "chat.yaml").read_text())
 
 
 def _replay(data: bytes) -> None:
@@ -340,6 +348,7 @@ def targets() -> dict[str, Target]:
         Target("policy", _policy, _yaml_bytes(mutated(yaml.safe_load(CHAT_POLICY))), _policy_expected()),
         Target("render", _render, _yaml_bytes(mutated(CHAT_VS))),
         Target("render-knative", _render_knative, _yaml_bytes(mutated(KSVC))),
+        Target("render-gateway", _render_gateway, _yaml_bytes(mutated(ROUTE))),
         Target("replay", _replay, _REPLAY, (ReplayInputError,)),
         Target("event", _event, _json_bytes(mutated(_EVENT_BASE))),
         Target("prometheus", _prometheus, _json_bytes(mutated(_PROM_BASE, max_changes=4))),

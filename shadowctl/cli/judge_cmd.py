@@ -48,7 +48,7 @@ from shadowctl.judge import (
 )
 from shadowctl.judge import estimators as est
 from shadowctl.judge.core import Batch, batch_binned, batch_counts, result_of
-from shadowctl.judge.model import FloatArray, Outcome
+from shadowctl.judge.model import MAX_MAGNITUDE, FloatArray, Outcome
 from shadowctl.judge.paired import PairedBatch, batch_paired
 from shadowctl.judge.sequential import FAIL, PASS
 
@@ -122,7 +122,12 @@ def _parse_pairs(value: Any, where: str) -> FloatArray:
 
 def _parse_arm(kind: str, value: Any, where: str) -> Any:
     if kind == "samples":
-        return np.asarray(_number_list(value, where), dtype=np.float64)
+        arr = np.asarray(_number_list(value, where), dtype=np.float64)
+        beyond = np.abs(arr) > MAX_MAGNITUDE
+        if beyond.any():
+            i = int(np.argmax(beyond))
+            raise ReplayInputError(f"{where}[{i}]: {arr[i]:g} is beyond the judge's range (±{MAX_MAGNITUDE:g})")
+        return arr
     if kind == "counts":
         nums = _number_list(value, where)
         if len(nums) != 2:

@@ -15,6 +15,7 @@ import numpy as np
 
 from shadowctl.judge import estimators as est
 from shadowctl.judge.model import (
+    MAX_MAGNITUDE,
     ArmData,
     Counts,
     Direction,
@@ -63,6 +64,8 @@ def _arm_missing(name: str, data: ArmData) -> str | None:
         return f"{name}: {data.reason}"
     if isinstance(data, Samples | Histogram | Counts) and data.has_nan:
         return f"{name} data contain NaN"
+    if isinstance(data, Samples) and data.out_of_range:
+        return f"{name} data hold a value beyond ±{MAX_MAGNITUDE:g}"
     return None
 
 

@@ -144,6 +144,11 @@ class MetricSpec:
 # --------------------------------------------------------------------------- data per arm
 
 
+MAX_MAGNITUDE = 1e150
+"""The largest |value| the judge takes as an observation: the squares of such values still sum to a finite
+number (a latency of 1e150 s is a broken exporter, not a slow candidate). Beyond it an arm is no data."""
+
+
 def _finite_array(values: Iterable[float], what: str) -> FloatArray:
     try:
         arr = np.asarray(list(values), dtype=np.float64)
@@ -166,6 +171,11 @@ class Samples:
     @property
     def has_nan(self) -> bool:
         return bool(np.isnan(self.values).any())
+
+    @property
+    def out_of_range(self) -> bool:
+        """Some value is infinite or beyond :data:`MAX_MAGNITUDE` (NaN, a missing value, is not)."""
+        return bool((np.abs(self.values) > MAX_MAGNITUDE).any())
 
 
 @dataclass(frozen=True, eq=False)

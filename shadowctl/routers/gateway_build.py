@@ -37,7 +37,10 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from pydantic import Field
+
 from shadowctl.policy.model import BackendRef, GatewayAPITarget
+from shadowctl.routers import shape
 from shadowctl.routers.base import (
     DestinationNotFound,
     RouteNotFound,
@@ -59,8 +62,54 @@ MIRROR_DECIMALS = 7
 # --------------------------------------------------------------------------- public builders
 
 
+class _BackendRef(shape.Shape):
+    name: str | None = None
+    namespace: str | None = None
+    group: str | None = None
+    kind: str | None = None
+    port: int | None = Field(default=None, ge=0, le=65535)
+    weight: int | None = Field(default=None, ge=0, le=1_000_000)
+
+
+class _Fraction(shape.Shape):
+    numerator: int | None = None
+    denominator: int | None = None
+
+
+class _RequestMirror(shape.Shape):
+    backendRef: _BackendRef | None = None
+    percent: int | None = Field(default=None, ge=0, le=100)
+    fraction: _Fraction | None = None
+
+
+class _Filter(shape.Shape):
+    type: str | None = None
+    requestMirror: _RequestMirror | None = None
+
+
+class _Rule(shape.Shape):
+    name: str | None = None
+    backendRefs: list[_BackendRef] | None = None
+    filters: list[_Filter] | None = None
+
+
+class _Spec(shape.Shape):
+    rules: list[_Rule] | None = None
+
+
+class _HTTPRoute(shape.Shape):
+    metadata: shape.Metadata = Field(default_factory=shape.Metadata)
+    spec: _Spec = Field(default_factory=_Spec)
+
+
+def check_shape(obj: Any) -> None:
+    """Raise WouldBeRejected naming the first field whose type is not the Gateway API's (see :mod:`.shape`)."""
+    shape.check_shape(_HTTPRoute, obj, "HTTPRoute")
+
+
 def build(current: JSON, target: GatewayAPITarget, state: RouteState) -> Build:
     """The HTTPRoute with the candidate at ``state.candidate_weight`` percent of the rule and its mirror."""
+    check_shape(current)
     obj = copy.deepcopy(current)
     record = load_record(obj)
     key, rule = _select_rule(obj, target)
@@ -80,6 +129,7 @@ def build(current: JSON, target: GatewayAPITarget, state: RouteState) -> Build:
 def finalize(current: JSON, target: GatewayAPITarget, keep_candidate: bool = False) -> Build:
     """Undo shadowctl's changes to the rule: the candidate at 0 (removed if shadowctl added it), its mirror gone,
     the weights as they were written before (when the others' shares are unchanged)."""
+    check_shape(current)
     record = load_record(current)
     key, _ = _select_rule(copy.deepcopy(current), target)
     rec = (record.get("rules") or {}).get(key) or {}
@@ -104,6 +154,7 @@ def finalize(current: JSON, target: GatewayAPITarget, keep_candidate: bool = Fal
 def promote(current: JSON, target: GatewayAPITarget) -> Build:
     """The candidate takes the primary's weight (the primary stays at 0), others keep theirs; no mirror of ours,
     and the rule's ownership record removed. Idempotent."""
+    check_shape(current)
     obj = copy.deepcopy(current)
     record = load_record(obj)
     key, rule = _select_rule(obj, target)
@@ -135,6 +186,7 @@ def read_state(obj: JSON, target: GatewayAPITarget) -> RouteState:
     backends of others are not part of the state. A share that is not a whole percent (only a
     hand edit makes one) is rounded up, so that the candidate never looks smaller than it is.
     """
+    check_shape(obj)
     key, rule = _select_rule(obj, target)
     where = _where(obj, key)
     ns = _namespace(obj)
@@ -191,6 +243,7 @@ def mirror_share(percent: float) -> JSON:
 
 def rule_names(obj: JSON) -> list[str]:
     """The rules' names (``#<index>`` for unnamed ones), for messages and the CLI."""
+    check_shape(obj)
     rules = (obj.get("spec") or {}).get("rules") or []
     return [_rule_key(r, i) for i, r in enumerate(rules)]
 
