@@ -584,6 +584,8 @@ def test_an_unreadable_command_annotation_is_ignored() -> None:
     for raw in ("not json", "[" * 100_000 + "]" * 100_000, '{"command": "explode", "id": "1"}', "[]", '{"id": 1}'):
         obj = {"metadata": {"annotations": {COMMAND_ANNOTATION: raw}}}
         assert pending_command(obj) is None, raw
+    for meta in (["x"], "text", {"annotations": ["x"]}, {"annotations": {COMMAND_ANNOTATION: 7}}):
+        assert pending_command({"metadata": meta}) is None, meta  # other shapes (found by bench/fuzz)
     good = {"metadata": {"annotations": {COMMAND_ANNOTATION: '{"command": "pause", "id": "a1"}'}}}
     found = pending_command(good)
     assert found is not None and found.command.value == "pause"

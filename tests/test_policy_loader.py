@@ -206,3 +206,14 @@ def test_fuzz_yaml_structure_never_raises_anything_else(text: str) -> None:
         parse_policies(text, "fuzz.yaml", YamlLimits(max_nodes=500, max_depth=16))
     except PolicyError as exc:
         assert all(p.line >= 1 and p.column >= 1 for p in exc.problems)
+
+
+@pytest.mark.parametrize("interval", ["1" + "0" * 30 + "s", 10**400, 1e308, "100000000d"])
+def test_a_duration_too_long_is_a_problem_not_an_overflow(interval: object) -> None:
+    """A duration past 100 years is a typo; beyond it timedelta overflows (an OverflowError traceback before,
+    found by bench/fuzz)."""
+    doc = yaml.safe_load(CHAT)
+    doc["spec"]["analysis"]["interval"] = interval
+    with pytest.raises(PolicyError) as info:
+        parse_policies(yaml.safe_dump(doc), "chat.yaml")
+    assert any("at most 100 years" in p.message for p in info.value.problems), info.value

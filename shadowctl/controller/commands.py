@@ -43,7 +43,9 @@ def command_patch(cmd: PendingCommand) -> dict[str, Any]:
 
 def pending_command(obj: dict[str, Any]) -> PendingCommand | None:
     """The command waiting on ``obj``, if its id was not carried out yet (unreadable ones are ignored)."""
-    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(COMMAND_ANNOTATION)
+    meta = obj.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    raw = annotations.get(COMMAND_ANNOTATION) if isinstance(annotations, dict) else None
     if not raw:
         return None
     try:

@@ -11,6 +11,14 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
+MAX_SECONDS = 100 * 365 * 86400.0
+"""Longer is a typo (and beyond it timedelta overflows): no rollout step lasts a century."""
+
+
+def _seconds(value: float) -> timedelta:
+    if not value <= MAX_SECONDS:  # also NaN and infinity
+        raise ValueError(f"a duration of at most 100 years, got {value:g} s")
+    return timedelta(seconds=value)
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -22,7 +30,10 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=float(value))
+        try:
+            return _seconds(float(value))
+        except OverflowError:  # an int too large for a float
+            raise ValueError("a duration of at most 100 years, got a number too large for one") from None
     if not isinstance(value, str):
         raise ValueError("expected a duration such as '30s', '10m' or '1h30m'")
     text = value.strip()
@@ -35,7 +46,7 @@ def parse_duration(value: Any) -> timedelta:
         pos = match.end()
     if not text or pos != len(text):
         raise ValueError(f"{value!r} is not a duration; write it like '30s', '10m' or '1h30m' (units ms, s, m, h, d)")
-    return timedelta(seconds=total)
+    return _seconds(total)
 
 
 def format_duration(value: timedelta) -> str:
