@@ -12,6 +12,8 @@ from shadowctl.compare.events import (
     event_json_schema,
     parse_broker_url,
     parse_event,
+    parse_traceparent,
+    trace_id,
 )
 from shadowctl.compare.pairing import Pairer
 
@@ -128,6 +130,23 @@ def test_event_parsing_is_strict() -> None:
     assert schema["$id"] == "shadowctl.dev/output-event/v1" and "request_id" in schema["required"]
 
 
+def test_traceparent_parsing_and_the_field_on_the_wire() -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert parse_traceparent(tp) == tp and parse_traceparent(tp.encode() + b" ") == tp
+    assert trace_id(tp) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    future = "cc" + tp[2:]
+    assert parse_traceparent(future + "-what-comes-later") == future  # a later version may add fields
+    for bad in (None, "", tp.upper(), tp + "-x", "ff" + tp[2:], tp[:-1], tp.replace("-", "_"),
+                "00-" + "0" * 32 + "-00f067aa0ba902b7-01", tp[:36] + "0" * 16 + "-01", future + "x"):
+        assert parse_traceparent(bad) is None, bad
+    event = ev("r", C).model_copy(update={"traceparent": tp})
+    assert parse_event(event.to_json()).traceparent == tp
+    assert b"traceparent" not in ev("r", C).to_json()  # absent: the bytes a tap before the field wrote
+    with pytest.raises(MalformedEvent, match="traceparent"):
+        parse_event(event.to_json().replace(tp.encode(), b"not-a-traceparent"))
+    assert "traceparent" in event_json_schema()["properties"]
+
+
 def test_broker_urls() -> None:
     assert parse_broker_url("mqtt://broker") == ("broker", 1883, False)
     assert parse_broker_url("mqtts://broker:8884/") == ("broker", 8884, True)
@@ -135,3 +154,13 @@ def test_broker_urls() -> None:
     for bad in ("http://x", "mqtt://", "mqtt://h:99999", "mqtt://u:p@h", "mqtt://h/topic"):
         with pytest.raises(ValueError, match="mqtt"):
             parse_broker_url(bad)
+
+
+def test_the_documented_event_schema_is_the_code_s() -> None:
+    """docs/outputs.md quotes event_json_schema() whole: a field added to the event must appear there."""
+    import json
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "outputs.md").read_text()
+    block = doc.split("The full JSON schema (`event_json_schema()`):", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == event_json_schema()

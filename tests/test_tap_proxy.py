@@ -145,6 +145,36 @@ async def test_redacted_prompts(stub: OpenAIStub, mosquitto: MosquittoBroker) ->
         assert event.prompt is None and len(event.prompt_hash) == 64 and event.output == stub.answer
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_traceparent_is_copied_into_the_event(stub: OpenAIStub, mosquitto: MosquittoBroker) -> None:
+    """A valid W3C traceparent reaches the event (and the upstream, unchanged); an invalid one is ignored
+    and then the event has no `traceparent` key at all, as a tap before the field wrote it."""
+    async with (
+        running_tap(stub.url, broker=(mosquitto.host, mosquitto.port)) as tap,
+        collecting(mosquitto.host, mosquitto.port, tap.topic) as got,
+        httpx.AsyncClient() as client,
+    ):
+        await client.post(tap.url + "/v1/chat/completions", json=CHAT,
+                          headers={"x-request-id": "traced", "traceparent": TRACEPARENT})
+        assert stub.seen[-1].headers["traceparent"] == TRACEPARENT
+        bad = {"zeros": "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+               "upper": TRACEPARENT.upper(), "short": "00-4bf92f35-00f067aa0ba902b7-01",
+               "ff": "ff" + TRACEPARENT[2:], "tail": TRACEPARENT + "-x"}
+        for rid, value in bad.items():
+            await client.post(tap.url + "/v1/chat/completions", json=CHAT,
+                              headers={"x-request-id": rid, "traceparent": value})
+        await client.post(tap.url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "untraced"})
+        await eventually(lambda: len(got.messages) >= 2 + len(bad), what="the events")
+        raw = {json.loads(m)["request_id"]: m for m in got.messages}
+        assert parse_event(raw["traced"]).traceparent == TRACEPARENT
+        assert json.loads(raw["traced"])["traceparent"] == TRACEPARENT
+        for rid in [*bad, "untraced"]:
+            assert parse_event(raw[rid]).traceparent is None
+            assert "traceparent" not in json.loads(raw[rid]), rid
+
+
 async def test_application_level_mirror(stub: OpenAIStub) -> None:
     candidate = OpenAIStub(answer="Paris.")
     await candidate.start()

@@ -10,6 +10,7 @@ and emitted by :func:`event_json_schema`.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +34,40 @@ class Endpoint(str, enum.Enum):
     chat = "chat"  # /v1/chat/completions
     completions = "completions"  # /v1/completions
     embeddings = "embeddings"  # /v1/embeddings
+
+
+TRACEPARENT_PATTERN: Final = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+"""A W3C Trace Context ``traceparent``: version-trace_id-parent_id-flags, lower-case hex."""
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def parse_traceparent(value: str | bytes | None) -> str | None:
+    """The W3C ``traceparent`` header as an event keeps it, or None where it is absent or invalid.
+
+    As the Trace Context recommendation says: version ``ff``, an all-zero trace id or parent id, upper
+    case, or a version-00 header with anything after its 55 characters are invalid (the header is then
+    ignored, as a tracer would); a later version may append fields after a ``-``, which are dropped
+    (the first four fields are the same in every version)."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip(" \t")
+    match = _TRACEPARENT.match(text)
+    if match is None:
+        return None
+    version, trace, parent, _flags = match.groups()
+    if version == "ff" or trace == "0" * 32 or parent == "0" * 16:
+        return None
+    rest = text[match.end():]
+    if rest and (version == "00" or not rest.startswith("-")):
+        return None
+    return match.group(0)
+
+
+def trace_id(traceparent: str) -> str:
+    """The trace id (32 hex digits) of a valid ``traceparent``: what a tracing UI searches by."""
+    return traceparent.split("-", 2)[1]
 
 
 class _Strict(BaseModel):
@@ -82,6 +117,11 @@ class OutputEvent(_Strict):
     started_at: float = Field(description="Unix time (s) the tap received the request.")
     ttft_s: float | None = Field(default=None, ge=0, description="Time to first token (streaming only).")
     e2e_s: float = Field(ge=0, description="Time from request received to last byte sent.")
+    traceparent: str | None = Field(
+        default=None, pattern=TRACEPARENT_PATTERN,
+        description="The request's W3C traceparent header, where it had a valid one (the user's trace). "
+                    "Absent from the wire when the request had none.",
+    )
 
     @property
     def ok(self) -> bool:
@@ -89,8 +129,10 @@ class OutputEvent(_Strict):
         return 200 <= self.status < 300 and self.error is None
 
     def to_json(self) -> bytes:
-        """The wire form (compact JSON, keys by alias)."""
-        return self.model_dump_json(by_alias=True, exclude_none=False).encode()
+        """The wire form (compact JSON, keys by alias). ``traceparent`` is left out when there is none, so
+        such an event is what a tap before the field wrote (docs/outputs.md, "Trace context")."""
+        exclude = {"traceparent"} if self.traceparent is None else None
+        return self.model_dump_json(by_alias=True, exclude_none=False, exclude=exclude).encode()
 
 
 class MalformedEvent(ShadowctlError, ValueError):

@@ -19,7 +19,9 @@ What the proxy guarantees, and why it is built this way:
 - User traffic never waits for MQTT: events are offered to a bounded queue
   after the response is done (see :mod:`shadowctl.tap.publisher`).
 - ``x-request-id`` is kept, or generated and sent upstream, so that Istio's
-  mirror copy (same id) can be paired with the original.
+  mirror copy (same id) can be paired with the original. A valid W3C
+  ``traceparent`` is copied into the event (an invalid one is ignored), so a
+  disagreeing pair points to the user's trace; headers go upstream unchanged.
 - Application-level mirroring (for Knative, which cannot mirror) sends a copy
   of the *request* to the candidate concurrently with the primary request;
   it is fire-and-forget with a cap on copies in flight, and a request is
@@ -42,7 +44,7 @@ import httpx
 import structlog
 
 from shadowctl.aio import cancel_and_wait
-from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant
+from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant, parse_traceparent
 from shadowctl.errors import ShadowctlError
 from shadowctl.tap.extract import ResponseAccumulator, classify, parse_request
 from shadowctl.tap.http1 import (
@@ -63,6 +65,7 @@ log = structlog.get_logger(__name__)
 
 SHADOW_HEADER = b"x-shadowctl-shadow"
 REQUEST_ID_HEADER = b"x-request-id"
+TRACEPARENT_HEADER = b"traceparent"
 _REQUEST_ID = frozenset({REQUEST_ID_HEADER})
 
 
@@ -152,10 +155,11 @@ def rewrite_body(body: bytes, mirror: MirrorConfig) -> bytes:
 class Trace:
     """The recorder of one request: time to first token, the answer, then metrics and the event."""
 
-    __slots__ = ("acc", "body", "endpoint", "proxy", "request_id", "shadow", "started_at", "status", "t0", "ttft")
+    __slots__ = ("acc", "body", "endpoint", "proxy", "request_id", "shadow", "started_at", "status", "t0",
+                 "traceparent", "ttft")
 
     def __init__(self, proxy: TapProxy, endpoint: Endpoint, body: bytes, request_id: str, shadow: bool,
-                 t0: float, started_at: float) -> None:
+                 t0: float, started_at: float, traceparent: bytes | None = None) -> None:
         self.proxy = proxy
         self.endpoint = endpoint
         self.body = body
@@ -163,6 +167,8 @@ class Trace:
         self.shadow = shadow
         self.t0 = t0
         self.started_at = started_at
+        self.traceparent = traceparent
+        """The raw W3C traceparent header (validated when the event is built, off the user's path)."""
         self.status = 0
         self.ttft: float | None = None
         self.acc: ResponseAccumulator | None = None
@@ -253,7 +259,8 @@ class TapProxy:
             shadow = is_shadow_request(host.decode("latin-1") if host is not None else None,
                                        marker.decode("latin-1") if marker is not None else None)
             rid = request_id.decode("latin-1")
-            trace = Trace(self, endpoint, request.body, rid, shadow, t0, started_at)
+            trace = Trace(self, endpoint, request.body, rid, shadow, t0, started_at,
+                          request.header(TRACEPARENT_HEADER))
             mirror = self.config.mirror
             if mirror is not None and not shadow and mirror_selected(rid, mirror.percent):
                 self._send_mirror(request.target.decode("latin-1"), _str_headers(headers), request.body, mirror)
@@ -300,6 +307,7 @@ class TapProxy:
                 started_at=trace.started_at,
                 ttft_s=trace.ttft,
                 e2e_s=e2e,
+                traceparent=parse_traceparent(trace.traceparent),
             )
         except ValueError as exc:  # pydantic's ValidationError; a bug here must never fail the request
             log.error("cannot build output event", error=str(exc))
