@@ -23,7 +23,8 @@ from shadowctl.cli.app import COMMANDS, load_command
 from shadowctl.kube import SHADOW_POLICY
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("scipy", "numpy", "kubernetes", "aiohttp", "shadowctl.judge", "shadowctl.controller", "shadowctl.kube.client")
+HEAVY = ("scipy", "numpy", "kubernetes", "aiohttp", "shadowctl.judge", "shadowctl.controller", "shadowctl.kube.client",
+         "opentelemetry", "shadowctl.otel")
 """What a light command must not import (``shadowctl.kube`` loads its names on first use: its errors, retry
 rules and standard-library reader are light; its client imports the kubernetes library and aiohttp)."""
 
@@ -65,6 +66,16 @@ def test_the_help_of_a_cluster_command_loads_nothing_heavy(command: str) -> None
         f"try:\n    app([{command!r}, '--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
     )
     assert _loaded_after(code) == []
+
+
+def test_the_controller_loads_opentelemetry_only_with_an_otlp_endpoint() -> None:
+    """`shadowctl run` without --otlp-endpoint (the default) never imports the OpenTelemetry SDK."""
+    code = (
+        "from shadowctl.cli.app import app\n"
+        "try:\n    app(['run', '--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "import shadowctl.cli.run_cmd, shadowctl.controller.reconciler\n"
+    )
+    assert _loaded_after(code, ("opentelemetry", "shadowctl.otel")) == []
 
 
 @pytest.mark.parametrize("entry", COMMANDS, ids=[c.name for c in COMMANDS])

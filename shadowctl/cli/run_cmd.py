@@ -37,6 +37,7 @@ from shadowctl.controller.notify import ClusterNotifier, Publish, WebhookGate
 from shadowctl.controller.outputs import OutputHub, OutputSourcePort
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.controller.server import make_app, serve
+from shadowctl.controller.tracing import NO_TRACER, Tracer
 from shadowctl.errors import ShadowctlError
 from shadowctl.kube import KubeClient, LeaderElector
 from shadowctl.policy.model import ShadowPolicy
@@ -71,6 +72,8 @@ class RunOptions:
     """Keyword arguments for PrometheusMetricSource: credentials, TLS, timeout, max_batch."""
     embedder: Embedder | None = None
     """The `semantic` comparator's local embedding model (--embedding-model), if any."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP base URL for the spans of looks and decisions (--otlp-endpoint); None: no tracing."""
 
 
 def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[], Awaitable[str]] | None:
@@ -107,6 +110,14 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
     `metric_source` replaces the Prometheus wiring (the fault campaign, bench/faults, runs this whole
     process with a stub source at the port); everything else is as `shadowctl run` wires it."""
     log = structlog.get_logger("shadowctl.run")
+    tracer: Tracer = NO_TRACER
+    shutdown_tracing: Callable[[], None] | None = None
+    if opts.otlp_endpoint:
+        from shadowctl import __version__
+        from shadowctl.otel import OtelTracer  # the OpenTelemetry SDK loads only when tracing is on
+
+        otel = OtelTracer(opts.otlp_endpoint, __version__)
+        tracer, shutdown_tracing = otel, otel.shutdown
     clock = SystemClock()
     kube = await KubeClient.connect(kubeconfig=opts.kubeconfig, context=opts.context)
     webhooks = HttpWebhooks(clock.sleep)
@@ -137,7 +148,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
 
         publish = _publish
     metrics = ControllerMetrics()
-    reconciler = Reconciler(kube, router_for, Analyzer(source, hub), clock,
+    reconciler = Reconciler(kube, router_for, Analyzer(source, hub, tracer=tracer), clock,
                             notifier=ClusterNotifier(kube, clock, webhooks, publish), gate=WebhookGate(webhooks, clock),
                             metrics=metrics)
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
@@ -187,6 +198,8 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
         await webhooks.aclose()
         await source.aclose()
         await kube.close()
+        if shutdown_tracing is not None:
+            await asyncio.to_thread(shutdown_tracing)  # exports the last spans; the SDK's flush blocks
         log.info("controller.stopped")
 
 
@@ -215,6 +228,10 @@ def run(
     events_mqtt: Annotated[str | None, typer.Option("--events-mqtt", envvar="SHADOWCTL_EVENTS_MQTT",
                                                      help="Broker for the rollout events topic, mqtt://host:port.")]
     = None,
+    otlp_endpoint: Annotated[str | None, typer.Option(
+        "--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", show_default=False,
+        help="Export a trace span per look and per decision over OTLP/HTTP to this base URL "
+             "(e.g. http://otel-collector:4318; /v1/traces is added). Off by default.")] = None,
     listen: Annotated[str, typer.Option("--listen", help="Address of /metrics, /healthz and /readyz.")]
     = "0.0.0.0:8080",
     leader_elect: Annotated[bool, typer.Option("--leader-elect/--no-leader-elect",
@@ -246,9 +263,16 @@ def run(
             embedder = cached_embedder(load_local_embedder(embedding_model))
         except EmbedderUnavailable as exc:
             raise fail(f"--embedding-model: {exc}", 2) from None
+    if otlp_endpoint:
+        from shadowctl.otel import TracingConfigError, traces_url
+
+        try:
+            traces_url(otlp_endpoint)
+        except TracingConfigError as exc:
+            raise fail(str(exc), 2) from None
     opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
                       lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom,
-                      embedder)
+                      embedder, otlp_endpoint or None)
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -33,6 +33,7 @@ import numpy as np
 import structlog
 
 from shadowctl.compare.comparators import AgreementInput, AgreementTally, judge_inputs
+from shadowctl.controller.tracing import LOOK_SPAN, NO_TRACER, Tracer, look_attributes, policy_attributes
 from shadowctl.judge import (
     Aggregates,
     ArmData,
@@ -271,10 +272,12 @@ class Analyzer:
     """
 
     def __init__(self, source: MetricSource | None, outputs: OutputTallies | None = None,
-                 board: LookBoard | None = None) -> None:
+                 board: LookBoard | None = None, tracer: Tracer = NO_TRACER) -> None:
         self.source = source
         self.outputs = outputs
         self.board = board or LookBoard()
+        self.tracer = tracer
+        """Where each look's span goes (controller.tracing; none by default)."""
         self.looks_judged = 0
         """Boundary looks the scheduler ran (for tests and the benchmark)."""
         self.shared_verdicts = 0
@@ -284,7 +287,20 @@ class Analyzer:
                    stored_tally: AgreementTally | None = None,
                    stored_latency: Mapping[str, Paired] | None = None) -> Look:
         """One look at the phase `state` is in. ``stored_tally`` and ``stored_latency``: this phase's
-        agreement counts and paired latencies as `.status` holds them (what an earlier process counted)."""
+        agreement counts and paired latencies as `.status` holds them (what an earlier process counted).
+        Traced as a ``shadowctl.look`` span with the verdict and its numbers (controller.tracing)."""
+        attributes = {**policy_attributes(policy.metadata.namespace, policy.metadata.name),
+                      "shadowctl.phase": state.phase.value}
+        if state.step is not None:
+            attributes["shadowctl.step"] = state.step
+        with self.tracer.span(LOOK_SPAN, attributes) as span:
+            look = await self._look(policy, state, now, stored_tally, stored_latency)
+            if span.recording:
+                span.set(look_attributes(look))
+        return look
+
+    async def _look(self, policy: ShadowPolicy, state: RolloutState, now: float,
+                    stored_tally: AgreementTally | None, stored_latency: Mapping[str, Paired] | None) -> Look:
         since = state.phase_started_at if state.phase_started_at is not None else now
         final = _final(policy, state, since, now)
         errors: list[str] = []

@@ -40,6 +40,7 @@ from shadowctl.controller.status import (
     read_tally,
     status_patch,
 )
+from shadowctl.controller.tracing import DECISION_SPAN, decision_attributes, policy_attributes
 from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, Conflict, KubeClient, KubeError, NotFound, ResourceRef
 from shadowctl.machine import (
     ANALYSED,
@@ -158,8 +159,11 @@ class Reconciler:
             log.warning("tick.read_failed", policy=key, error=str(exc))
             return result
         look: Look | None = None
-        try:
-            look = await self._tick(obj, result)
+        try:  # the decision's span (the look's is its child); the tracer is the analyzer's (controller.tracing)
+            with self.analyzer.tracer.span(DECISION_SPAN, policy_attributes(ref.namespace or "", ref.name)) as span:
+                look = await self._tick(obj, result)
+                if span.recording:
+                    span.set(decision_attributes(read_state(obj), result.state, look, result.actions, result.error))
         finally:
             if self.metrics is not None and result.state is not None:
                 self.metrics.observe_tick(key, result.state, look, self.clock.now() - started,
