@@ -108,7 +108,10 @@ def progressing_status(**overrides: Any) -> dict[str, Any]:
         "routes": {"primaryWeight": 90, "candidateWeight": 10, "mirrorPercent": None},
         "outputs": {"comparators": {"token-f1": {"candidatePairs": 200, "candidateAgree": 170,
                                                  "baselinePairs": 180, "baselineAgree": 171}},
-                    "skippedPrimaryFailed": 3},
+                    "skippedPrimaryFailed": 3,
+                    "disagreements": [{"requestId": "req-41", "comparators": ["token-f1"],
+                                       "traceId": "4bf92f3577b34da6a3ce929d0e0e4736"},
+                                      {"requestId": "req-42", "comparators": ["token-f1"]}]},
         "conditions": [{"type": "Ready", "status": "True", "reason": "Reconciled",
                         "message": "the controller can act", "lastTransitionTime": "2027-01-15T07:50:00Z"}],
         "lastCommand": {"id": "abc123def456", "command": "resume", "at": "2027-01-15T07:55:00Z", "by": "ana",
@@ -364,6 +367,8 @@ async def test_describe_shows_history_outputs_command_and_own_events(cli: Cli, k
     assert "candidate p95 TTFT is 5% higher, within the 10% margin so far" in out
     assert "token-f1: candidate 170/200 agree (85.0%); baseline 171/180 (95.0%), relative 0.89" in out
     assert "skipped (the primary failed): 3" in out
+    assert "request req-41: token-f1; trace 4bf92f3577b34da6a3ce929d0e0e4736" in out  # to the user's trace
+    assert "request req-42: token-f1; no trace (the request had no traceparent)" in out
     assert f"Paired latency (shadow phase from {iso(NOW - 600)}):" in out
     assert ("ttft: 4 pairs, geometric-mean ratio candidate/primary 1.105 (geometric means 0.6703 vs 0.6065), "
             "3 slower on the candidate; left out: 2 with a failed side") in out

@@ -158,6 +158,28 @@ def test_compare_pair_failed_sides() -> None:
     assert compare_pair(Pair(ev(Variant.primary, "", status=503), ev(Variant.candidate, "x")), comps) is None
 
 
+def test_tally_keeps_the_last_disagreeing_candidate_pairs_with_their_trace() -> None:
+    comps = build_comparators([Comparator(name=ComparatorName.exact, threshold=1.0)])
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    def pair(rid: str, variant: Variant, output: str, traced: bool) -> Pair:
+        primary = ev(Variant.primary, "yes").model_copy(update={"request_id": rid,
+                                                                "traceparent": tp if traced else None})
+        return Pair(primary, ev(variant, output).model_copy(update={"request_id": rid}))
+
+    results = [compare_pair(pair(f"r{i}", Variant.candidate, "no", i % 2 == 0), comps) for i in range(7)]
+    results += [compare_pair(pair("agrees", Variant.candidate, "yes", True), comps),
+                compare_pair(pair("noise", Variant.baseline, "no", True), comps)]
+    tally = AgreementTally().add_many(results)
+    assert [d.request_id for d in tally.disagreements] == ["r2", "r3", "r4", "r5", "r6"]  # the last 5, candidate only
+    assert tally.disagreements[0].trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert tally.disagreements[1].trace_id is None and tally.disagreements[1].comparators == ["exact"]
+    stored = OutputTally.model_validate(json.loads(json.dumps(tally.to_record(1.0).to_json())))
+    assert AgreementTally.from_record(stored) == tally
+    more = AgreementTally.from_record(stored).add(compare_pair(pair("r7", Variant.candidate, "no", False), comps))
+    assert [d.request_id for d in more.disagreements] == ["r3", "r4", "r5", "r6", "r7"]
+
+
 def test_tally_accumulates_serialises_and_feeds_the_judge() -> None:
     comps = build_comparators([Comparator(name=ComparatorName.exact, threshold=1.0)])
     p = ev(Variant.primary, "yes")

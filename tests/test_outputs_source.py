@@ -52,6 +52,20 @@ def make_source(broker: MosquittoBroker, *, baseline: bool = True) -> MqttOutput
     return MqttOutputSource(broker.url, TOPIC, comps, pair_ttl_s=30, expect_baseline=baseline)
 
 
+async def test_a_disagreeing_pair_keeps_the_user_s_trace_id(mosquitto: MosquittoBroker) -> None:
+    """The traceparent a tap copied into the primary's event reaches the tally's last disagreements."""
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    source = make_source(mosquitto, baseline=False)
+    async with running(source), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        primary = ev("t1", Variant.primary, "yes").model_copy(update={"traceparent": tp})
+        for variant, event in [("primary", primary), ("candidate", ev("t1", Variant.candidate, "no"))]:
+            await pub.publish(f"shadowctl/outputs/ns/chat/{variant}", event.to_json(), qos=1)
+        await eventually(lambda: bool(source.snapshot().tally.disagreements), what="the disagreement")
+    [d] = source.snapshot().tally.disagreements
+    assert (d.request_id, d.trace_id) == ("t1", "4bf92f3577b34da6a3ce929d0e0e4736")
+    assert sorted(d.comparators) == ["exact", "token-f1"]
+
+
 async def test_pairs_tallies_and_counts_malformed(mosquitto: MosquittoBroker) -> None:
     source = make_source(mosquitto)
     async with running(source), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:

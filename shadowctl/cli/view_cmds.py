@@ -518,6 +518,11 @@ def _outputs_lines(status: PolicyStatus) -> list[str]:
     skipped = outputs.skipped_primary_failed
     if skipped:
         lines.append(f"  skipped (the primary failed): {skipped}")
+    if outputs.disagreements:
+        lines.append("  last disagreeing pairs (oldest first):")
+        for d in outputs.disagreements:
+            trace = f"trace {d.trace_id}" if d.trace_id else "no trace (the request had no traceparent)"
+            lines.append(f"    request {d.request_id}: {', '.join(d.comparators)}; {trace}")
     return lines
 
 

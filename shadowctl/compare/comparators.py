@@ -29,16 +29,19 @@ import json
 import math
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shadowctl.compare.events import OutputEvent, ToolCall, Variant
+from shadowctl.compare.events import OutputEvent, ToolCall, Variant, trace_id
 from shadowctl.compare.pairing import Pair
 from shadowctl.errors import ShadowctlError
 from shadowctl.policy.model import BaselineMode, Comparator, ComparatorName, Outputs
-from shadowctl.policy.status import ComparatorCounts, OutputTally
+from shadowctl.policy.status import ComparatorCounts, DisagreementRecord, OutputTally
+
+MAX_DISAGREEMENTS = 5
+"""Disagreeing candidate pairs a tally remembers (the last ones), for `shadowctl describe`."""
 
 Embedder = Callable[[str], Sequence[float]]
 
@@ -390,6 +393,8 @@ class PairResult:
     variant: Variant
     scores: Mapping[ComparatorName, float]
     agrees: Mapping[ComparatorName, bool]
+    trace_id: str | None = None
+    """The user's trace: from the primary's traceparent, else the other answer's (the mirror copy's)."""
 
 
 def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResult | None:
@@ -408,7 +413,9 @@ def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResu
         value = min(1.0, max(0.0, comp.score(primary, other))) if other_ok else 0.0
         scores[comp.name] = value
         agrees[comp.name] = value >= comp.threshold
-    return PairResult(request_id=pair.request_id, variant=pair.variant, scores=scores, agrees=agrees)
+    traceparent = primary.traceparent or other.traceparent
+    return PairResult(request_id=pair.request_id, variant=pair.variant, scores=scores, agrees=agrees,
+                      trace_id=trace_id(traceparent) if traceparent else None)
 
 
 # --------------------------------------------------------------------------- tally
@@ -420,6 +427,8 @@ class AgreementTally:
 
     counts: Mapping[str, ComparatorCounts] = field(default_factory=dict)
     skipped_primary_failed: int = 0
+    disagreements: tuple[DisagreementRecord, ...] = ()
+    """The last :data:`MAX_DISAGREEMENTS` candidate pairs that disagreed under some comparator, oldest first."""
 
     def add(self, result: PairResult | None) -> AgreementTally:
         """The tally with one more pair result (None: a pair whose primary failed)."""
@@ -440,12 +449,14 @@ class AgreementTally:
             comparators=dict(sorted(self.counts.items())),
             skipped_primary_failed=self.skipped_primary_failed,
             phase_started_at=phase_started_at,
+            disagreements=list(self.disagreements),
         )
 
     @classmethod
     def from_record(cls, record: OutputTally) -> AgreementTally:
         """Inverse of :meth:`to_record` (a tally kept in a policy's status across restarts)."""
-        return cls(counts=dict(record.comparators), skipped_primary_failed=record.skipped_primary_failed)
+        return cls(counts=dict(record.comparators), skipped_primary_failed=record.skipped_primary_failed,
+                   disagreements=tuple(record.disagreements[-MAX_DISAGREEMENTS:]))
 
 
 def _counts(row: list[int]) -> ComparatorCounts:
@@ -459,7 +470,7 @@ class TallyBuilder:
     :meth:`tally` returns the frozen tally, cached until the next :meth:`add`.
     """
 
-    __slots__ = ("_frozen", "_rows", "_skipped")
+    __slots__ = ("_frozen", "_last", "_rows", "_skipped")
 
     def __init__(self, start: AgreementTally | None = None) -> None:
         start = start if start is not None else AgreementTally()
@@ -468,6 +479,7 @@ class TallyBuilder:
             for name, t in start.counts.items()
         }
         self._skipped = start.skipped_primary_failed
+        self._last: deque[DisagreementRecord] = deque(start.disagreements, maxlen=MAX_DISAGREEMENTS)
         self._frozen: AgreementTally | None = start
 
     def add(self, result: PairResult | None) -> None:
@@ -485,6 +497,10 @@ class TallyBuilder:
             row[offset] += 1
             if agrees:
                 row[offset + 1] += 1
+        if offset == 0 and not all(result.agrees.values()):
+            self._last.append(DisagreementRecord(
+                request_id=result.request_id, trace_id=result.trace_id,
+                comparators=[name.value for name, agrees in result.agrees.items() if not agrees]))
 
     def tally(self) -> AgreementTally:
         """The counts so far, frozen."""
@@ -492,6 +508,7 @@ class TallyBuilder:
             self._frozen = AgreementTally(
                 counts={name: _counts(row) for name, row in self._rows.items()},
                 skipped_primary_failed=self._skipped,
+                disagreements=tuple(self._last),
             )
         return self._frozen
 

@@ -199,12 +199,23 @@ class ComparatorCounts(_Part):
     baseline_agree: Count = 0
 
 
+class DisagreementRecord(_Part):
+    """One of the last candidate answers that disagreed with the primary's: where to look for it."""
+
+    request_id: str
+    comparators: list[str] = Field(default_factory=list, description="The comparators under which it disagreed.")
+    trace_id: str | None = Field(default=None, description="The user's trace (W3C trace id from the request's "
+                                                            "traceparent, as the tap recorded it).")
+
+
 class OutputTally(_Part):
     """Output agreement counted since ``phaseStartedAt`` (``AgreementTally`` on the wire)."""
 
     comparators: dict[str, ComparatorCounts] = Field(default_factory=dict)
     skipped_primary_failed: Count = 0
     phase_started_at: float | None = None
+    disagreements: list[DisagreementRecord] = Field(
+        default_factory=list, description="The last few disagreeing candidate pairs, oldest first (at most 5).")
 
 
 class PairedCounts(_Part):
