@@ -41,6 +41,9 @@ LEASES = GVR("coordination.k8s.io", "v1", "leases", "")
 KUBECTL = str(Path(sys.executable).parent / "kubectl")
 ARGOCD_PATCH = ["kubectl", "-n", "argocd", "patch", "configmap", "argocd-cm", "--type", "merge", "--patch-file",
                 "deploy/argocd/argocd-cm-patch.yaml"]
+GRAFANA = [["kubectl", "-n", "monitoring", "create", "configmap", "shadowctl-dashboard",
+            "--from-file=deploy/grafana/shadowctl.json"],
+           ["kubectl", "-n", "monitoring", "label", "configmap", "shadowctl-dashboard", "grafana_dashboard=1"]]
 
 
 def readme_commands(text: str | None = None, program: str = "shadowctl") -> list[list[str]]:
@@ -75,7 +78,7 @@ def test_every_readme_command_is_covered() -> None:
     names = [argv[1] for argv in readme_commands()]
     assert set(names) == OFFLINE | CLUSTER, "a README example that no test runs: add it to tests/test_readme.py"
     kubectl = readme_commands(program="kubectl")
-    assert [argv for argv in kubectl if argv[1] != "shadow"] == [ARGOCD_PATCH], kubectl
+    assert [argv for argv in kubectl if argv[1] != "shadow"] == [ARGOCD_PATCH, *GRAFANA], kubectl
     assert [argv[2] for argv in kubectl if argv[1] == "shadow"] == ["status"]
 
 
@@ -163,7 +166,8 @@ def test_cluster_examples_run_as_written(kube_env: KubeEnv, tmp_path: Path) -> N
 
 
 def test_kubectl_examples_run_as_written(kube_env: KubeEnv, tmp_path: Path) -> None:
-    """The plugin through the real kubectl (kubectl-shadow found on PATH), and the argocd-cm patch."""
+    """The plugin through the real kubectl (kubectl-shadow found on PATH), the argocd-cm patch, and the
+    Grafana dashboard's ConfigMap."""
     env = {**os.environ, "KUBECONFIG": str(kube_env.direct_kubeconfig(tmp_path / "kubeconfig")),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "COLUMNS": "200"}
     policy = next(d for d in yaml.safe_load_all((REPO / "policies" / "chat-istio.yaml").read_text()) if d)
@@ -183,7 +187,7 @@ def test_kubectl_examples_run_as_written(kube_env: KubeEnv, tmp_path: Path) -> N
     kubectl_run("-n", "argocd", "delete", "configmap", "argocd-cm", "--ignore-not-found")
     kubectl_run("-n", "argocd", "create", "configmap", "argocd-cm", "--from-literal=url=https://argocd.example.com")
     try:
-        patch = next(argv for argv in kubectl if argv[1] != "shadow")
+        patch = next(argv for argv in kubectl if argv[1] != "shadow" and "argocd" in argv)
         done = kubectl_run(*patch[1:], check=False)
         assert done.returncode == 0, done.stderr
         data = json.loads(kubectl_run("-n", "argocd", "get", "configmap", "argocd-cm", "-o", "json").stdout)["data"]
@@ -192,3 +196,18 @@ def test_kubectl_examples_run_as_written(kube_env: KubeEnv, tmp_path: Path) -> N
         assert data["resource.customizations.health.shadowctl.dev_ShadowPolicy"] == script
     finally:
         kubectl_run("-n", "argocd", "delete", "configmap", "argocd-cm", "--ignore-not-found", check=False)
+
+    # The Grafana dashboard as a ConfigMap the Grafana sidecar picks up.
+    kubectl_run("create", "namespace", "monitoring", check=False)
+    kubectl_run("-n", "monitoring", "delete", "configmap", "shadowctl-dashboard", "--ignore-not-found")
+    try:
+        for argv in (a for a in kubectl if "monitoring" in a):
+            done = kubectl_run(*argv[1:], check=False)
+            assert done.returncode == 0, (argv, done.stderr)
+        made = json.loads(kubectl_run("-n", "monitoring", "get", "configmap", "shadowctl-dashboard", "-o",
+                                      "json").stdout)
+        assert made["metadata"]["labels"] == {"grafana_dashboard": "1"}
+        assert made["data"]["shadowctl.json"] == (REPO / "deploy" / "grafana" / "shadowctl.json").read_text()
+    finally:
+        kubectl_run("-n", "monitoring", "delete", "configmap", "shadowctl-dashboard", "--ignore-not-found",
+                    check=False)
