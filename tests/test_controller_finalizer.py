@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from conftest_kube import KubeEnv
-from controller_helpers import REF, Harness
+from controller_helpers import REF, VS_REF, Harness
 
 from shadowctl.controller.reconciler import FINALIZER
 from shadowctl.kube import KubeClient, NotFound
@@ -72,5 +72,47 @@ async def test_finished_and_pending_policies_are_deleted_at_once(h: Harness) -> 
     await h.tick()  # a terminal phase lets the finalizer go
     assert await _finalizers(h) == []
     await h.kube.delete(REF)
+    with pytest.raises(NotFound):
+        await h.kube.get(REF)
+
+
+async def test_deleted_before_its_first_status_restores_the_mirror(h: Harness) -> None:
+    """The first tick writes the mirror, but its status (Shadowing) never lands (the API answers the status
+    write 503, the first try and each retry); the policy is then deleted. The recorded phase is still
+    Pending, but the VirtualService's ownership record says shadowctl added the mirror: the deletion
+    restores the route before it lets the finalizer go (the fault campaign's r-00072 kept the mirror)."""
+    await h.setup()
+    h.env.fail_next(h.kube.retry.attempts, 503, verb="patch", path="/status$")
+    h.clock.advance(10)
+    first = await h.reconciler.tick(REF)
+    assert first.route_writes == 1 and first.error is not None and "cannot write the status" in first.error
+    assert (await h.status()).phase == "Pending"
+    assert (await h.weights())[2] == 20.0  # our mirror is live
+    await h.kube.delete(REF)
+    h.clock.advance(10)
+    result = await h.reconciler.tick(REF)
+    assert "Finalize" in result.actions, result
+    assert await h.weights() == (100, 0, None)
+    assert "shadowctl.dev/managed" not in ((await h.kube.get(VS_REF))["metadata"].get("annotations") or {})
+    with pytest.raises(NotFound):
+        await h.kube.get(REF)
+
+
+async def test_pending_policy_whose_route_holds_nothing_of_ours_is_let_go_without_a_route_write(h: Harness) -> None:
+    """The other side of the ownership check: the first tick could not write the route (503s), so the
+    policy is Pending with its finalizer and nothing of ours in the VirtualService; deleting it restores
+    nothing and lets it go at once."""
+    await h.setup()
+    h.env.fail_next(h.kube.retry.attempts, 503, verb="update", path="virtualservices")
+    h.clock.advance(10)
+    first = await h.reconciler.tick(REF)
+    assert first.route_writes == 0 and first.error is not None, first
+    assert await _finalizers(h) == [FINALIZER] and (await h.status()).phase == "Pending"
+    await h.kube.delete(REF)
+    before = (await h.kube.get(VS_REF))["metadata"]["resourceVersion"]
+    h.clock.advance(10)
+    result = await h.reconciler.tick(REF)
+    assert result.route_writes == 0 and "Finalize" not in result.actions, result
+    assert (await h.kube.get(VS_REF))["metadata"]["resourceVersion"] == before
     with pytest.raises(NotFound):
         await h.kube.get(REF)

@@ -16,6 +16,11 @@ Order inside a tick, which is what makes a crash at any point safe:
    writer or controller got there first; the next tick recomputes);
 7. only then notify (Events, MQTT, webhooks), so that a tick that could not
    record its result does not announce it.
+
+Deleting a policy restores the routes whenever the route's ownership record (the
+router's annotation on the object) says shadowctl changed something, whatever the
+recorded phase: the record is written in the same write as the change, so it is
+never behind.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from shadowctl.machine import (
 )
 from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
 from shadowctl.policy.status import Command, CommandRecord, Phase, PolicyStatus
-from shadowctl.routers.base import ApplyResult, Router, RouterError, RouteState
+from shadowctl.routers.base import ApplyResult, ClusterError, RouteNotFound, Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +113,17 @@ def desired_routes(router: Router, policy: ShadowPolicy, weight: int, mirror: fl
     if mirror is not None and (not router.capabilities.can_mirror or (shadow and shadow.mode is ShadowMode.tap)):
         mirror = None  # application-level mirroring by the tap (shadow.mode: tap)
     return RouteState(100 - weight, weight, mirror)
+
+
+def owns(owned: Any) -> bool:
+    """Whether a router's ownership record (``RouteState.owned``) says shadowctl changed something; a
+    composite record (Knative + its VirtualService: ``{"service": ..., "virtualService": ...}``) owns
+    something when one of its parts does."""
+    if not owned:
+        return False
+    if isinstance(owned, dict) and all(v is None or isinstance(v, dict) for v in owned.values()):
+        return any(owns(v) for v in owned.values())
+    return True
 
 
 def expected_routes(router: Router, policy: ShadowPolicy, state: RolloutState) -> RouteState | None:
@@ -287,15 +303,17 @@ class Reconciler:
         """The policy is being deleted: restore the routes (a rollout in flight), then let it go.
 
         Routes first, as in a rollback; if they cannot be restored the finalizer stays and the next
-        tick tries again, so no mirror or candidate weight is left behind by a deletion.
+        tick tries again, so no mirror or candidate weight is left behind by a deletion. In a phase
+        that should hold nothing (Pending, or terminal) the route's ownership record decides: a first
+        tick whose status never landed, or a late write, leaves the record beside what it changed.
         """
-        if state.phase is not Phase.pending:
-            try:
-                applied = await self._restore_routes(policy, obj, state)
-            except RouterError as exc:
-                result.error = f"deleted mid-rollout; cannot restore the routes yet: {exc}"
-                log.warning("rollout.delete_blocked", policy=policy.key, phase=state.phase.value, error=str(exc))
-                return
+        try:
+            applied = await self._restore_if_ours(policy, obj, state)
+        except RouterError as exc:
+            result.error = f"deleted mid-rollout; cannot restore the routes yet: {exc}"
+            log.warning("rollout.delete_blocked", policy=policy.key, phase=state.phase.value, error=str(exc))
+            return
+        if applied is not None:
             result.actions.append("Finalize")
             result.route_writes += int(applied.wrote)
         keep = [f for f in finalizers if f != FINALIZER]
@@ -312,22 +330,44 @@ class Reconciler:
         if self.metrics is not None:
             self.metrics.forget(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
         state = read_state(obj)
-        if state.phase.terminal or state.phase is Phase.pending:
-            return
         try:
-            await self._restore_routes(parse_policy(obj), obj, state)
+            await self._restore_if_ours(parse_policy(obj), obj, state)
         except (ValidationError, KeyError, RouterError, KubeError) as exc:
             log.error("rollout.abandon_failed", policy=f"{meta.get('namespace')}/{meta.get('name')}", error=str(exc))
 
-    async def _restore_routes(self, policy: ShadowPolicy, obj: dict[str, Any], state: RolloutState) -> ApplyResult:
+    async def _restore_if_ours(self, policy: ShadowPolicy, obj: dict[str, Any],
+                               state: RolloutState) -> ApplyResult | None:
         """All traffic back to the primary and our mirror removed, on the target the rollout was started
-        on (``status.rolloutTarget``; the spec may have been edited since)."""
-        stored = PolicyStatus.of(obj).rollout_target
-        router = (self._router_for_target(policy, stored) if stored else None) or self.router_for(policy, self.kube)
-        applied = await router.finalize(policy.spec.rollback.keep_candidate_tag)
+        on (``status.rolloutTarget``; the spec may have been edited since), when a rollout is in flight
+        or the route's ownership record says shadowctl changed something (None: nothing to restore).
+
+        A route object that is gone holds nothing of ours; one that cannot be read as the policy
+        describes it (another writer's destinations) cannot be restored by us and is left as it is."""
+        router = self._recorded_router(policy, PolicyStatus.of(obj))
+        if state.phase.terminal or state.phase is Phase.pending:
+            try:
+                current = await router.read()
+            except ClusterError:
+                raise  # the API failed: try again next tick
+            except RouteNotFound:
+                return None
+            except RouterError as exc:
+                log.warning("rollout.delete_unreadable_routes", policy=policy.key, error=str(exc))
+                return None
+            if not owns(current.owned):
+                return None
+        try:
+            applied = await router.finalize(policy.spec.rollback.keep_candidate_tag)
+        except RouteNotFound:
+            return None
         log.warning("rollout.deleted", policy=policy.key, phase=state.phase.value,
-                    message="policy deleted mid-rollout; routes restored to the primary")
+                    message="policy deleted; routes restored to the primary")
         return applied
+
+    def _recorded_router(self, policy: ShadowPolicy, status: PolicyStatus) -> Router:
+        """The router of the target the recorded rollout runs on (the spec's when none is recorded)."""
+        stored = status.rollout_target
+        return (self._router_for_target(policy, stored) if stored else None) or self.router_for(policy, self.kube)
 
     def _router_for_target(self, policy: ShadowPolicy, target: dict[str, Any]) -> Router | None:
         try:
