@@ -150,7 +150,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
     metrics = ControllerMetrics()
     reconciler = Reconciler(kube, router_for, Analyzer(source, hub, tracer=tracer), clock,
                             notifier=ClusterNotifier(kube, clock, webhooks, publish), gate=WebhookGate(webhooks, clock),
-                            metrics=metrics)
+                            metrics=metrics, leading=lambda: elector is None or elector.holds())
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
                       min_interval=opts.min_interval)
     listen_host, _, listen_port = opts.listen.rpartition(":")

@@ -11,7 +11,11 @@ Order inside a tick, which is what makes a crash at any point safe:
 2. observe the candidate and the current routes; detect drift;
 3. judge the current phase (only in analysed phases);
 4. ``machine.step`` -> (next state, actions);
-5. carry out route actions (each idempotent, verified by read-back);
+5. carry out route actions (each idempotent, verified by read-back), each write
+   *fenced*: right before it, this replica must still hold the leader Lease and what
+   the decision was computed from in the policy (spec generation, recorded rollout,
+   pending command, deletion) must be unchanged (else nothing is written and the next
+   tick decides again from a fresh read);
 6. write `.status` conditional on the resourceVersion read in 1 (409: another
    writer or controller got there first; the next tick recomputes);
 7. only then notify (Events, MQTT, webhooks), so that a tick that could not
@@ -26,6 +30,7 @@ never behind.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -60,6 +65,7 @@ from shadowctl.machine import (
 )
 from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
 from shadowctl.policy.status import Command, CommandRecord, Phase, PolicyStatus
+from shadowctl.routers import _io
 from shadowctl.routers.base import ApplyResult, ClusterError, RouteNotFound, Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
@@ -126,6 +132,47 @@ def owns(owned: Any) -> bool:
     return True
 
 
+def decision_inputs(obj: dict[str, Any]) -> tuple[Any, ...]:
+    """What a tick's decision depends on in the policy object: its identity, the spec's generation, the
+    recorded rollout, the pending command and whether it is being deleted. A change to anything else (a
+    label, another tool's annotation, the finalizer list) does not make a decision stale."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status")
+    rollout = status.get("rollout") if isinstance(status, dict) else None
+    return (meta.get("uid"), meta.get("generation"), bool(meta.get("deletionTimestamp")),
+            (meta.get("annotations") or {}).get(COMMAND_ANNOTATION), json.dumps(rollout, sort_keys=True))
+
+
+@dataclass
+class _Fence:
+    """What a route write must still hold right before it is sent (see :func:`shadowctl.routers._io.fenced`).
+
+    ``ref``/``inputs``: the policy and its :func:`decision_inputs` as the tick decided from them (``ref``
+    None: the policy is gone, only leadership is checked); ``leading``: this replica may still act as the
+    leader (None: no election)."""
+
+    kube: KubeClient
+    ref: ResourceRef | None
+    inputs: tuple[Any, ...] = ()
+    leading: Callable[[], bool] | None = None
+
+    async def __call__(self, what: str) -> None:
+        if self.ref is not None:
+            try:
+                fresh = await self.kube.get(self.ref)
+            except NotFound as exc:
+                raise _io.Superseded(f"not writing {what}: the policy is gone") from exc
+            except KubeError as exc:
+                raise ClusterError(f"cannot check the policy before writing {what}: {exc}") from exc
+            if decision_inputs(fresh) != self.inputs:
+                rv = (fresh.get("metadata") or {}).get("resourceVersion")
+                raise _io.Superseded(f"not writing {what}: the policy changed since this tick read it (its spec, "
+                                     f"recorded rollout, command or deletion; now at resourceVersion {rv}); "
+                                     "deciding again")
+        if self.leading is not None and not self.leading():  # last: no await between it and the write
+            raise _io.Superseded(f"not writing {what}: this replica no longer holds the leader Lease")
+
+
 def expected_routes(router: Router, policy: ShadowPolicy, state: RolloutState) -> RouteState | None:
     """What the routes must look like in `state` (None where the controller does not hold them)."""
     if state.phase in ANALYSED:
@@ -146,7 +193,10 @@ class Reconciler:
         gate: Gate | None = None,
         metrics: Metrics | None = None,
         identity: str = "shadowctl",
+        leading: Callable[[], bool] | None = None,
     ) -> None:
+        """`leading`: whether this replica may act as the leader right now (``LeaderElector.holds``);
+        checked right before every route write, with the policy's decision inputs. None: no election."""
         self.kube = kube
         self.router_for = router_for
         self.analyzer = analyzer
@@ -155,6 +205,7 @@ class Reconciler:
         self.gate = gate
         self.metrics = metrics
         self.identity = identity
+        self.leading = leading
 
     async def tick(self, ref: ResourceRef, cached: dict[str, Any] | None = None) -> TickResult:
         """One tick. `cached`: the policy as the watch last delivered it (saves a GET); a stale copy only
@@ -175,9 +226,11 @@ class Reconciler:
             log.warning("tick.read_failed", policy=key, error=str(exc))
             return result
         look: Look | None = None
+        fence = _Fence(self.kube, ref, leading=self.leading)
         try:  # the decision's span (the look's is its child); the tracer is the analyzer's (controller.tracing)
-            with self.analyzer.tracer.span(DECISION_SPAN, policy_attributes(ref.namespace or "", ref.name)) as span:
-                look = await self._tick(obj, result)
+            with self.analyzer.tracer.span(DECISION_SPAN, policy_attributes(ref.namespace or "", ref.name)) as span, \
+                    _io.fenced(fence):
+                look = await self._tick(obj, result, fence)
                 if span.recording:
                     span.set(decision_attributes(read_state(obj), result.state, look, result.actions, result.error))
         finally:
@@ -186,10 +239,11 @@ class Reconciler:
                                           result.error is not None)
         return result
 
-    async def _tick(self, obj: dict[str, Any], result: TickResult) -> Look | None:
+    async def _tick(self, obj: dict[str, Any], result: TickResult, fence: _Fence) -> Look | None:
         now = self.clock.now()
         meta = obj.get("metadata") or {}
         rv = str(meta.get("resourceVersion") or "")
+        fence.inputs = decision_inputs(obj)
         generation = int(meta.get("generation") or 1)
         ref = ResourceRef(SHADOW_POLICY, str(meta["name"]), str(meta.get("namespace") or "default"))
         stored = PolicyStatus.of(obj)
@@ -263,6 +317,13 @@ class Reconciler:
         routes_after: RouteState | None = current
         try:
             routes_after = await self._act(router, policy, stepped, result, previous_router) or current
+        except _io.Superseded as exc:
+            # The decision's inputs changed (or this replica lost the Lease) before a route write: nothing
+            # more is written, not even the status; the worker reads the policy again and decides anew.
+            result.conflict = True
+            result.error = str(exc)
+            log.info("tick.superseded", policy=policy.key, reason=str(exc))
+            return look
         except RouterError as exc:
             msg = f"cannot set the routes: {exc}"
             if any(isinstance(a, Finalize) for a in stepped.actions):
@@ -310,6 +371,7 @@ class Reconciler:
         try:
             applied = await self._restore_if_ours(policy, obj, state)
         except RouterError as exc:
+            result.conflict = isinstance(exc, _io.Superseded)
             result.error = f"deleted mid-rollout; cannot restore the routes yet: {exc}"
             log.warning("rollout.delete_blocked", policy=policy.key, phase=state.phase.value, error=str(exc))
             return
@@ -331,7 +393,8 @@ class Reconciler:
             self.metrics.forget(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
         state = read_state(obj)
         try:
-            await self._restore_if_ours(parse_policy(obj), obj, state)
+            with _io.fenced(_Fence(self.kube, None, leading=self.leading)):  # the policy is gone: the Lease alone
+                await self._restore_if_ours(parse_policy(obj), obj, state)
         except (ValidationError, KeyError, RouterError, KubeError) as exc:
             log.error("rollout.abandon_failed", policy=f"{meta.get('namespace')}/{meta.get('name')}", error=str(exc))
 

@@ -80,7 +80,20 @@ class LeaderElector:
         self._observed_spec: dict[str, Any] | None = None
         self._observed_at = 0.0
         self._lease: dict[str, Any] | None = None
+        self._renew_started: float | None = None
         self.is_leader = False
+
+    def holds(self) -> bool:
+        """Whether this replica may still act as the leader *now*: it leads, and its last successful
+        renewal was sent less than ``renew_deadline`` ago on its own monotonic clock.
+
+        ``is_leader`` alone is not enough after the process was paused (SIGSTOP, a long GC, a frozen
+        VM): it is only cleared once the renew loop runs again, while another replica may have taken
+        the Lease ``lease_duration`` after it last saw it change. Writers check this right before a
+        write (the controller's route fence); no I/O, so there is no await between it and the write.
+        """
+        started = self._renew_started
+        return self.is_leader and started is not None and self._clock() < started + self.renew_deadline
 
     @property
     def observed_holder(self) -> str | None:
@@ -132,10 +145,11 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         """One round: read the Lease, then create, take over or renew it. True when this candidate leads."""
         now = _micro_time(self._wall())
+        started = self._clock()  # before the read: others measure the lease from no earlier than this
         try:
             lease = await self._client.get(self.ref)
         except NotFound:
-            return await self._create(now)
+            return await self._create(now, started)
         except KubeError as exc:
             log.info("leader.read_failed", lease=str(self.ref), error=str(exc))
             return False
@@ -164,7 +178,7 @@ class LeaderElector:
         except KubeError as exc:
             log.info("leader.write_failed", lease=str(self.ref), error=str(exc))
             return False
-        self._remember(written)
+        self._remember(written, started)
         return True
 
     async def release(self) -> None:
@@ -187,7 +201,7 @@ class LeaderElector:
         finally:
             self.is_leader = False
 
-    async def _create(self, now: str) -> bool:
+    async def _create(self, now: str, started: float) -> bool:
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -207,10 +221,11 @@ class LeaderElector:
         except KubeError as exc:
             log.info("leader.create_failed", lease=str(self.ref), error=str(exc))
             return False
-        self._remember(written)
+        self._remember(written, started)
         return True
 
-    def _remember(self, lease: dict[str, Any]) -> None:
+    def _remember(self, lease: dict[str, Any], started: float) -> None:
+        self._renew_started = started
         self._lease = lease
         self._observed_spec = dict(lease.get("spec") or {})
         self._observed_at = self._clock()

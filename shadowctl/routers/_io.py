@@ -9,7 +9,9 @@ from the new version; it never retries the same body.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 
 import structlog
 
@@ -21,6 +23,7 @@ from shadowctl.routers.base import (
     ClusterError,
     ConflictRetriesExhausted,
     RouteNotFound,
+    RouterError,
     RouteState,
     VerifyFailed,
     WouldBeRejected,
@@ -34,6 +37,25 @@ DEFAULT_ATTEMPTS = 5
 Compute = Callable[[JSON], Build]
 Check = Callable[[JSON], str | None]
 StateOf = Callable[[JSON], RouteState]
+Fence = Callable[[str], Awaitable[None]]
+"""Called with ``Kind namespace/name`` right before a write; raises :class:`Superseded` to stop it."""
+
+_FENCE: ContextVar[Fence | None] = ContextVar("shadowctl_route_fence", default=None)
+
+
+class Superseded(RouterError):
+    """A fence refused the write: what the caller decided from changed (or it lost the Lease); nothing was
+    written by this attempt. Not a failure of the object: re-read and decide again."""
+
+
+@contextlib.contextmanager
+def fenced(fence: Fence | None) -> Iterator[None]:
+    """Run every :func:`converge` write inside the block only after ``fence(what)`` passes."""
+    token = _FENCE.set(fence)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
 
 
 def _what(ref: ResourceRef) -> str:
@@ -71,6 +93,9 @@ async def converge(
         new, modified = compute(current)
         if not modified:
             return ApplyResult(False, state_of(current), None, attempt, ())
+        fence = _FENCE.get()
+        if fence is not None:
+            await fence(what)  # the last await before the write: as close to it as the client allows
         try:
             written = await kube.replace(ref.gvr, new)
         except Conflict as exc:
