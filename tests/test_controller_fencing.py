@@ -8,18 +8,21 @@ edit, a person's command, a second reconciler), so every 409 is the API server's
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest_kube import KubeEnv
-from controller_helpers import REF, VS_REF, Harness
+from controller_helpers import REF, VS_REF, Harness, second_writer, touch
 
 from shadowctl.controller.analysis import Analyzer
+from shadowctl.controller.clock import iso
+from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.controller.reconciler import Reconciler
-from shadowctl.kube import SHADOW_POLICY, KubeClient, LeaderElector, ResourceRef
-from shadowctl.policy.status import Phase
+from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, LeaderElector, ResourceRef
+from shadowctl.policy.status import Command, Phase
 from shadowctl.routers.factory import router_for
 
 
@@ -126,3 +129,54 @@ async def test_replica_that_lost_the_lease_writes_no_route(h: Harness, kube_env:
     after = await h.tick(advance=0)
     assert after.route_writes == 1 and after.phase is Phase.progressing, after
     assert (await h.weights())[1] == 10
+
+
+async def test_pause_between_route_write_and_status_write_is_recorded_from_the_new_state(h: Harness) -> None:
+    """A tick moves 10% live to the candidate; a person's pause command lands between its route write and
+    its status write (a real 409). Before: the next tick paused from the recorded Shadowing state while 10%
+    stayed live (bench/faults r-00155: Paused from Shadowing with live candidate traffic for 7.7 s). Now
+    the tick re-reads the policy, finds no other decision recorded, and records its own on the fresh
+    version; the pause is then carried out from Progressing, and status and routes agree."""
+    await h.setup()
+    await _to_the_end_of_shadowing(h)
+
+    def pause() -> None:
+        h.env.patch(SHADOW_POLICY, "llm", "chat", command_patch(new_command(Command.pause, iso(time.time()), "a person")))
+
+    with second_writer(h.kube, "replace", lambda gvr, obj: gvr == VIRTUAL_SERVICE, pause, times=1) as edits:
+        moved = await h.tick(advance=0)
+    assert edits[0] == 1
+    assert moved.route_writes == 1 and moved.status_written and not moved.conflict, moved
+    status = await h.status()
+    assert status.phase == "Progressing" and status.canary_weight == 10
+    assert status.last_command is None  # the pause came after this tick read the policy: still pending
+    paused = await h.tick(advance=0.5)
+    assert paused.phase is Phase.paused, paused
+    status = await h.status()
+    assert status.rollout is not None and status.rollout.paused_from == Phase.progressing
+    assert status.canary_weight == 10 == (await h.weights())[1]
+
+
+async def test_routes_put_back_when_the_decision_cannot_be_recorded(h: Harness) -> None:
+    """The same, but the policy changes again after every read of it (another writer in a loop): the tick
+    cannot record its decision in its attempts, so it puts the routes back to what the recorded status
+    (Shadowing) holds them at; nothing runs ahead of `.status`, and a later tick decides again."""
+    await h.setup()
+    await _to_the_end_of_shadowing(h)
+    armed = [False]  # from the route write on, every read of the policy is followed by another edit
+
+    def edit_after_route_write() -> None:
+        armed[0] = True
+        touch(h.env, SHADOW_POLICY, "llm", "chat")
+
+    with second_writer(h.kube, "get", lambda ref, *a: ref == REF and armed[0],
+                       lambda: touch(h.env, SHADOW_POLICY, "llm", "chat")), \
+            second_writer(h.kube, "replace", lambda gvr, obj: gvr == VIRTUAL_SERVICE, edit_after_route_write,
+                          times=1):
+        result = await h.tick(advance=0)
+    assert result.conflict and "Undo" in result.actions, result
+    status = await h.status()
+    assert status.phase == "Shadowing"
+    assert await h.weights() == (100, 0, 20.0)  # the 10% was taken back
+    assert await h.run_until({"Succeeded"}) == "Succeeded"
+    h.check_invariants([10, 50])

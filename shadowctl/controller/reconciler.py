@@ -16,8 +16,12 @@ Order inside a tick, which is what makes a crash at any point safe:
    the decision was computed from in the policy (spec generation, recorded rollout,
    pending command, deletion) must be unchanged (else nothing is written and the next
    tick decides again from a fresh read);
-6. write `.status` conditional on the resourceVersion read in 1 (409: another
-   writer or controller got there first; the next tick recomputes);
+6. write `.status` conditional on the resourceVersion read in 1. A 409 after the
+   routes moved is not left for the next tick (which would decide from the older
+   status while the routes show the newer decision): the tick re-reads the policy and,
+   if nobody recorded another decision meanwhile, records its own on the fresh version;
+   otherwise (or if that keeps failing) it puts the routes back to what the recorded
+   status says, so routes never run ahead of `.status`;
 7. only then notify (Events, MQTT, webhooks), so that a tick that could not
    record its result does not announce it.
 
@@ -69,6 +73,9 @@ from shadowctl.routers import _io
 from shadowctl.routers.base import ApplyResult, ClusterError, RouteNotFound, Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
+
+STATUS_RETRIES = 3
+"""Attempts to record a decision whose routes were already written, after its first status write met a 409."""
 
 FINALIZER = "shadowctl.dev/restore-routes"
 """Held while a rollout may have live traffic or a mirror on the candidate: deleting the policy then
@@ -346,6 +353,10 @@ class Reconciler:
         target_for_status = target_now if acted or not stored_target else stored_target
         written = await self._write_status(ref, obj, rv, stepped.state, now, generation, look, routes_after, tally,
                                            cmd_record, result, source_errors=errors, target=target_for_status)
+        if not written and result.conflict and result.route_writes:
+            written = await self._record_after_conflict(
+                ref, stored, stepped.state, now, generation, look, routes_after, tally, cmd_record, result,
+                errors, target_for_status, policy, fence)
         if stepped.state.phase is not Phase.shadowing and policy.spec.analysis.outputs is not None:
             await self.analyzer.idle(policy.key)
         # 7. Then tell people.
@@ -456,6 +467,64 @@ class Reconciler:
             result.route_writes += int(applied.wrote)
             after = applied.state
         return after
+
+    async def _record_after_conflict(
+        self, ref: ResourceRef, stored: PolicyStatus, state: RolloutState, now: float, generation: int,
+        look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: CommandRecord | None,
+        result: TickResult, errors: tuple[str, ...], target: dict[str, Any], policy: ShadowPolicy, fence: _Fence,
+    ) -> bool:
+        """The routes moved this tick, but the status write met a newer version (409): a person's command or
+        edit, or another writer, came in between. Left alone, the next tick would decide from the older status
+        while the routes show this tick's decision (Paused from Shadowing with live traffic on the candidate).
+
+        Re-read: if the recorded rollout is still the one this tick decided from, record the decision on the
+        fresh version (what came in, a command or a spec edit, is acted on by the next tick, from the state
+        the routes are in). If another decision was recorded meanwhile, or recording keeps failing, put the
+        routes back to what the recorded status says; either way routes and status agree again."""
+        key = f"{ref.namespace}/{ref.name}"
+        fresh: dict[str, Any] | None = None
+        for _ in range(STATUS_RETRIES):
+            try:
+                fresh = await self.kube.get(ref)
+            except NotFound:
+                return False  # deleted and gone: the manager's abandon restores the routes
+            except KubeError as exc:
+                result.error = f"routes set, status refused, and the policy cannot be read again: {exc}"
+                return False
+            if PolicyStatus.of(fresh).rollout != stored.rollout:
+                break  # another decision was recorded: this one is superseded
+            result.conflict = False
+            fresh_rv = str((fresh.get("metadata") or {}).get("resourceVersion") or "")
+            if await self._write_status(ref, fresh, fresh_rv, state, now, generation, look, routes, tally, command,
+                                        result, source_errors=errors, target=target):
+                log.info("tick.status_recorded_after_conflict", policy=key, phase=state.phase.value)
+                return True
+            if not result.conflict:
+                break  # not a 409: the error is in result
+        if fresh is None:  # pragma: no cover - the loop runs at least once
+            return False
+        recorded = PolicyStatus.of(fresh)
+        back = RolloutState.from_record(recorded.rollout)
+        fence.inputs = decision_inputs(fresh)  # putting back what the fresh status records
+        try:
+            applied = await self._settle(self._recorded_router(policy, recorded), policy, back)
+        except RouterError as exc:
+            result.error = f"routes set but the status could not be recorded, nor the routes put back: {exc}"
+            log.warning("tick.unrecorded_routes", policy=key, error=str(exc))
+        else:
+            result.route_writes += int(applied.wrote)
+            result.actions.append("Undo")
+            log.info("tick.routes_put_back", policy=key, phase=back.phase.value, routes=applied.state.describe())
+        result.conflict = True
+        return False
+
+    async def _settle(self, router: Router, policy: ShadowPolicy, state: RolloutState) -> ApplyResult:
+        """Make the routes what a recorded `state` holds them at."""
+        if state.phase in ANALYSED or state.phase is Phase.paused:
+            return await router.apply(desired_routes(router, policy, state.weight, state.mirror_percent))
+        if state.phase in (Phase.promoting, Phase.succeeded) and state.weight == 100:
+            return await router.promote()
+        return await router.finalize(policy.spec.rollback.keep_candidate_tag)
 
     async def _fail_safe(
         self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, policy: ShadowPolicy,
