@@ -82,12 +82,17 @@ async def test_scenario(name: str, tmp_path: Path) -> None:
         assert data["route_changes"][-1]["candidate"] == 100
     if name == "bad-latency":
         assert "Progressing" not in phases  # caught in the shadow phase: users never saw it
+    if name == "bad-output":  # the drifting answers, each with the trace of the request the load generator sent
+        assert data["disagreements"] and all(re.fullmatch(r"[0-9a-f]{32}", d["traceId"] or "")
+                                             for d in data["disagreements"]), data["disagreements"]
     assert not dashboard_problems, dashboard_problems
     paths = write_report(data, tmp_path / "report")
     markdown = paths.markdown.read_text()
     assert markdown.count("|") > 10
     assert "- real: Kubernetes API (kube-apiserver v" in markdown
     assert paths.chart.stat().st_size > 10_000
+    if name == "bad-output":
+        assert "## Answers that disagreed" in markdown
 
 
 def test_invariant_checker_catches_violations() -> None:

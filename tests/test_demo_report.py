@@ -331,6 +331,18 @@ def test_final_message_and_controller_log_are_shown_when_recorded() -> None:
     assert "## Controller log" not in _md(rolled_back_run())
 
 
+def test_disagreeing_answers_are_listed_with_their_traces() -> None:
+    data = rolled_back_run()
+    data["disagreements"] = [
+        {"requestId": "r-7", "comparators": ["token-f1", "rouge-l"], "traceId": "4bf92f3577b34da6a3ce929d0e0e4736"},
+        {"requestId": "r-9", "comparators": ["exact"]},
+    ]
+    section = _section(_md(data), "## Answers that disagreed")
+    assert "| r-7 | token-f1, rouge-l | 4bf92f3577b34da6a3ce929d0e0e4736 |" in section
+    assert "| r-9 | exact | - |" in section
+    assert "## Answers that disagreed" not in _md(rolled_back_run())
+
+
 @pytest.mark.parametrize(
     ("scale", "statistic", "effect", "interval", "text"),
     [

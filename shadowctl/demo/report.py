@@ -70,7 +70,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot state and no b
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from shadowctl.errors import ShadowctlError
-from shadowctl.policy.status import MetricEvidence, Phase
+from shadowctl.policy.status import DisagreementRecord, MetricEvidence, Phase
 
 __all__ = [
     "ReportError",
@@ -203,6 +203,9 @@ class RunRecord(_Model):
     real: Annotated[list[str], BeforeValidator(_none_to_empty_list)] = Field(default_factory=list)
     final_message: Text = ""
     controller_log_tail: Text = ""
+    disagreements: Annotated[list[DisagreementRecord], BeforeValidator(_none_to_empty_list)] = Field(
+        default_factory=list)
+    """Candidate answers that disagreed with the primary's, as the status listed them during the run."""
 
     @property
     def ok(self) -> bool:
@@ -459,6 +462,15 @@ def render_markdown(record: RunRecord, chart_name: str = "chart.png") -> str:
     if last is not None and id(last) not in shown:
         out += ["### The last verdict (no transition followed it)", "",
                 *_verdict_block(record, last, with_phase=True), ""]
+
+    if record.disagreements:
+        out += ["## Answers that disagreed", "",
+                "The last candidate answers that disagreed with the primary's, with the user's trace where the "
+                "request carried a `traceparent` (look the trace id up in your tracing backend):", "",
+                "| request | comparators | trace |", "|---|---|---|"]
+        out += [f"| {_cell(d.request_id)} | {_cell(', '.join(d.comparators))} | {_cell(d.trace_id or '-')} |"
+                for d in record.disagreements]
+        out.append("")
 
     out += ["## Routes", ""]
     changes = sorted(record.route_changes, key=lambda c: c.t)

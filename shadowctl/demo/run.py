@@ -20,7 +20,7 @@ from rich.text import Text
 from shadowctl.aio import cancel_and_wait
 from shadowctl.demo.env import HOST, MODEL, Environment
 from shadowctl.demo.scenarios import FULL, Scenario, Timing, policy_yaml
-from shadowctl.policy.status import Phase, PolicyStatus
+from shadowctl.policy.status import DisagreementRecord, Phase, PolicyStatus
 from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
 from shadowctl.sim.prompts import PromptMix
 
@@ -213,6 +213,7 @@ async def _run_started(
 ) -> dict[str, Any]:
     env = await Environment.start(scenario.candidate, policy_for, workdir=workdir, target=target)
     load_result: LoadResult | None = None
+    disagreements: dict[str, DisagreementRecord] = {}  # every pair the status listed while the run lasted
     outcome = "timeout"
     try:
         assert env.mesh is not None and env.prometheus is not None
@@ -235,6 +236,8 @@ async def _run_started(
                     if tick % 2 == 0:
                         sample.update(await _quantiles(client, env.prometheus.url))
                     rec.samples.append(sample)
+                    for pair in status.outputs.disagreements if status.outputs else []:
+                        disagreements.setdefault(pair.request_id, pair)
                     verdict = status.last_verdict
                     if verdict is not None and verdict.at != rec._last_verdict_at:
                         rec._last_verdict_at = verdict.at
@@ -291,6 +294,7 @@ async def _run_started(
                       if not line.startswith("Istio data plane" if target == "gateway-api" else "Gateway API")],
         "real": [kubernetes_line(api_versions), *REAL],
         "final_message": status.message,
+        "disagreements": [d.model_dump(mode="json", by_alias=True) for d in list(disagreements.values())[-20:]],
     }
     if not _finished(outcome):
         data["controller_log_tail"] = controller_log

@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import random
+import secrets
 import sys
 import time
 from collections import Counter
@@ -42,6 +43,9 @@ class LoadConfig:
     seed: int | None = None
     mix: PromptMix = field(default_factory=PromptMix)
     headers: Mapping[str, str] = field(default_factory=dict)
+    traced: bool = True
+    """Send a fresh W3C ``traceparent`` with each request, as an instrumented client does (unless ``headers``
+    has one), so that a pair's output event points at a trace."""
     request_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0
 
@@ -222,7 +226,10 @@ class LoadGenerator:
         tokens: int | None = None
         error: str | None = None
         try:
-            async with session.post(url, json=spec.body, headers=dict(self.config.headers)) as resp:
+            headers = dict(self.config.headers)
+            if self.config.traced and not any(k.lower() == "traceparent" for k in headers):
+                headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+            async with session.post(url, json=spec.body, headers=headers) as resp:
                 status = resp.status
                 if spec.stream and resp.status == 200:
                     ttft, tokens = await _read_stream(resp, start)
