@@ -14,7 +14,8 @@ class Scenario:
     description: str
     expected: Phase  # the phase the rollout must end in
     candidate: dict[str, Any] = field(default_factory=dict)  # model-server knobs of the candidate
-    expect_failed_metric: str | None = None  # the metric whose failure should cause a rollback
+    expect_failed: tuple[str, ...] = ()
+    """The metrics one of which must name the rollback (more than one where the fault fails several)."""
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -23,13 +24,16 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("good", "The candidate answers like the primary and is a little faster: it is promoted.",
                  Phase.succeeded, {"ttft_median_s": 0.115}),
         Scenario("bad-latency", "The candidate's time to first token is 30% longer: rolled back during shadow.",
-                 Phase.rolled_back, {"latency_factor": 1.3}, "ttft-p50"),
+                 Phase.rolled_back, {"latency_factor": 1.3}, ("ttft-p50",)),
         Scenario("bad-output", "Half of the candidate's answers drift from what the primary says: rolled back on "
-                 "output agreement.", Phase.rolled_back, {"drift_rate": 0.5}, "agreement/token-f1"),
+                 "output agreement.", Phase.rolled_back, {"drift_rate": 0.5}, ("agreement/token-f1",)),
+        # A failed answer also disagrees with the primary's (compare_pair), so the same fault fails output
+        # agreement: whichever bound is crossed first names the rollback, and either is right.
         Scenario("errors", "7% of the candidate's requests fail with HTTP 500 inside the engine: rolled back on "
-                 "the error rate (vllm-errors).", Phase.rolled_back, {"error_rate": 0.07}, "errors"),
+                 "the error rate (vllm-errors), or on output agreement if that is crossed first (a failed answer "
+                 "disagrees).", Phase.rolled_back, {"error_rate": 0.07}, ("errors", "agreement/")),
         Scenario("tail", "3% of the candidate's requests are 4x slower (p99 moves, the median does not): "
-                 "rolled back.", Phase.rolled_back, {"tail_probability": 0.03, "tail_factor": 4.0}, "ttft-p99"),
+                 "rolled back.", Phase.rolled_back, {"tail_probability": 0.03, "tail_factor": 4.0}, ("ttft-p99",)),
     )
 }
 
