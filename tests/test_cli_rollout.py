@@ -594,3 +594,21 @@ def test_an_unreadable_command_annotation_is_ignored() -> None:
     good = {"metadata": {"annotations": {COMMAND_ANNOTATION: '{"command": "pause", "id": "a1"}'}}}
     found = pending_command(good)
     assert found is not None and found.command.value == "pause"
+
+
+def test_a_policy_object_of_another_shape_is_a_validation_error() -> None:
+    """What the controller reads from the API server goes through the model: a metadata that is not a
+    mapping, or a generation that is not a number, is the model's ValidationError (the reconciler reports
+    it on the object), not an AttributeError or ValueError from the cache key (found by bench/fuzz)."""
+    from pydantic import ValidationError
+
+    from shadowctl.controller.status import parse_policy
+
+    doc = next(d for d in yaml.safe_load_all((Path(__file__).resolve().parent.parent / "policies" /
+                                              "chat-istio.yaml").read_text()) if d)
+    for meta in (["x"], "text", {"name": "p", "generation": "x", "uid": "u"}):
+        if isinstance(meta, dict):
+            assert parse_policy({**doc, "metadata": meta}).metadata.name == "p"
+        else:
+            with pytest.raises(ValidationError):
+                parse_policy({**doc, "metadata": meta})

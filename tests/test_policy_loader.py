@@ -217,3 +217,13 @@ def test_a_duration_too_long_is_a_problem_not_an_overflow(interval: object) -> N
     with pytest.raises(PolicyError) as info:
         parse_policies(yaml.safe_dump(doc), "chat.yaml")
     assert any("at most 100 years" in p.message for p in info.value.problems), info.value
+
+
+@pytest.mark.parametrize("escape", ["\\U00110000", "\\U99999999", "\\UFFFFFFFF"])
+def test_an_escape_out_of_unicode_is_a_problem_not_a_traceback(escape: str) -> None:
+    """PyYAML's scanner raises ValueError or OverflowError, not a YAML error, on a \\U escape beyond
+    Unicode (found by bench/fuzz's atheris census)."""
+    with pytest.raises(PolicyError) as info:
+        parse_policies(f'a: "{escape}"\n', "escape.yaml")
+    [problem] = info.value.problems
+    assert (problem.line, problem.column) == (1, 7) and "escape out of range" in problem.message

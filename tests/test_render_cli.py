@@ -142,3 +142,10 @@ def test_hostile_or_mangled_files_are_one_line_errors(tmp_path: Path) -> None:
         assert result.exit_code == 1, (path.name, result.output)
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
         assert words in _text(result), (path.name, result.output)
+
+
+def test_an_escape_out_of_unicode_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "escape.yaml"
+    bad.write_text('apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: "\\U00110000"}\n')
+    result = runner.invoke(app, ["render", str(bad), "--weight", "10"])
+    assert result.exit_code == 1 and "escape out of range" in _text(result), result.output

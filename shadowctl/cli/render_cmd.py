@@ -89,6 +89,8 @@ def _load(file: Path) -> dict[str, Any]:
         raise fail(f"{file}:{exc.line}:{exc.column}: {exc.message}") from None
     except yaml.YAMLError as exc:
         raise fail(f"{file}: not valid YAML: {exc}") from None
+    except (ValueError, OverflowError) as exc:  # PyYAML's scanner on an escape such as "\U99999999"
+        raise fail(f"{file}: not valid YAML: an escape out of range ({exc})") from None
     # A file may hold a DestinationRule (or anything else) beside the object: take the routing object.
     routing = [d for d in docs if isinstance(d, dict) and d.get("kind") in ("VirtualService", "HTTPRoute", "Service")]
     if len(routing) == 1:

@@ -40,9 +40,11 @@ def parse_policy(obj: dict[str, Any]) -> ShadowPolicy:
     Cached by (namespace, name, uid, generation): the API server bumps the generation on every spec
     change, and the model is frozen, so a tick does not validate an unchanged spec again.
     """
-    meta = obj.get("metadata") or {}
-    generation = meta.get("generation")
-    key = (str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid")), int(generation or 0))
+    found = obj.get("metadata")
+    meta: dict[str, Any] = found if isinstance(found, dict) else {}  # another shape: the model says what is missing
+    raw = meta.get("generation")
+    generation = raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
+    key = (str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid")), generation)
     if generation and meta.get("uid") and key in _PARSED:
         return _PARSED[key]
     policy = ShadowPolicy.model_validate(

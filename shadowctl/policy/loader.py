@@ -126,6 +126,9 @@ def _documents(text: str, file: str, limits: YamlLimits) -> Iterator[_Document |
         yield Problem(file, line, col, "", f"invalid YAML: {exc.problem or exc.context}")
     except yaml.YAMLError as exc:
         yield Problem(file, 1, 1, "", f"invalid YAML: {exc}")
+    except (ValueError, OverflowError) as exc:  # PyYAML's scanner on an escape such as "\U99999999"
+        mark = loader.get_mark()
+        yield Problem(file, mark.line + 1, mark.column + 1, "", f"invalid YAML: an escape out of range ({exc})")
     finally:
         loader.dispose()
 
