@@ -187,6 +187,11 @@ def main() -> None:
         results.append(record)
         print(json.dumps(record), flush=True)
     out = args.out or REPO / "bench" / "results" / f"fuzz-{args.engine}.json"
+    if args.target and out.exists():  # a rerun of some targets replaces their records, keeps the others
+        ran = {r["target"] for r in results}
+        kept = [r for r in json.loads(out.read_text()) if r.get("target") not in ran]
+        order = list(targets.targets())
+        results = sorted(kept + results, key=lambda r: order.index(r["target"]) if r["target"] in order else 99)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
