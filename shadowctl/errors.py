@@ -35,7 +35,8 @@ here, or is not under ``ShadowctlError``)::
     │   ├── Unsupported              e.g. mirroring on Knative alone
     │   ├── ConflictRetriesExhausted every write met a newer resourceVersion
     │   ├── VerifyFailed             the read-back shows other routes than were written
-    │   └── ClusterError             the Kubernetes API failed (the KubeError is chained)
+    │   ├── ClusterError             the Kubernetes API failed (the KubeError is chained)
+    │   └── Superseded               a fence refused a route write: the policy or the Lease changed; decide again
     ├── SourceError                  shadowctl.sources
     │   ├── SourceConfigError        a metric cannot be turned into a query
     │   ├── QueryFailed              a raw Prometheus query failed
@@ -45,6 +46,7 @@ here, or is not under ``ShadowctlError``)::
     │       └── EmbedderUnavailable  the semantic comparator's local model cannot be loaded
     ├── TapError                     shadowctl.tap: the tap cannot start
     ├── UpstreamUnavailable          shadowctl.tap: no connection to the upstream model server
+    ├── TracingConfigError           shadowctl.otel (also a ValueError): an --otlp-endpoint that is not a URL
     ├── SimError                     shadowctl.sim: a simulator cannot do what it was asked
     │   ├── KnobError                (also a ValueError) a bad model-server knob
     │   └── ControlPlaneError        the local control plane cannot start or answer
