@@ -227,3 +227,12 @@ def test_an_escape_out_of_unicode_is_a_problem_not_a_traceback(escape: str) -> N
         parse_policies(f'a: "{escape}"\n', "escape.yaml")
     [problem] = info.value.problems
     assert (problem.line, problem.column) == (1, 7) and "escape out of range" in problem.message
+
+
+def test_an_unknown_key_holding_a_bracket_is_named() -> None:
+    """A key such as ``x[0]`` is a key, not one of pydantic's validator tags (those were dropped from the
+    path by a "[" test, which left an empty path and an IndexError; found by bench/fuzz's atheris census)."""
+    with pytest.raises(PolicyError) as info:
+        parse_policies(CHAT + "weights[0]: 5\n", "chat.yaml")
+    [problem] = info.value.problems
+    assert problem.path == "weights[0]" and problem.message.startswith("unknown field")

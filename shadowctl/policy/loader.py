@@ -170,6 +170,8 @@ def _model_at(path: PathT) -> type[BaseModel] | None:
 
 
 def _suggest(path: PathT) -> str:
+    if not path:
+        return ""
     model = _model_at(path[:-1])
     if model is None or not isinstance(path[-1], str):
         return ""
@@ -213,9 +215,21 @@ def _problem(file: str, doc: _Document, path: PathT, message: str) -> Problem:
     return Problem(file, mark.line + 1, mark.column + 1, format_path(path), message)
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> PathT:
-    # Pydantic puts function-validator and union tags into loc; keep only real keys and indices.
-    return tuple(p for p in loc if isinstance(p, int) or not (str(p).startswith("function-") or "[" in str(p)))
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> PathT:
+    """The path of keys and indices in ``data`` that pydantic's ``loc`` names. Pydantic also puts its
+    validator and union tags into ``loc`` (``function-after[...]``, ``list[str]``); those are dropped unless
+    the data hold such a key: a key may contain "[" too."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            node = node[part]
+        elif isinstance(part, str) and (part.startswith("function-") or "[" in part):
+            continue
+        else:
+            node = None  # a missing field: its name is the path's end
+        out.append(part)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -250,7 +264,7 @@ def parse_documents(text: str, file: str = "<string>", limits: YamlLimits = Yaml
         except ValidationError as exc:
             found: dict[tuple[PathT, str], None] = {}
             for err in exc.errors():
-                path = _clean_loc(err["loc"])
+                path = _clean_loc(err["loc"], doc.data)
                 found[(path, _message(err, path))] = None
             # A misspelt key also shows up as its correct name "missing": say it once.
             suggested = {
