@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything shadowctl needs on a fresh Debian machine; safe to run twice.
-#   - Debian packages: prometheus (server + promtool) and mosquitto (MQTT broker),
-#     used by the tests and by `shadowctl demo` (started on free ports, never as services);
+#   - Debian packages: prometheus (server + promtool), victoria-metrics (the Prometheus source's tests
+#     run against both) and mosquitto (MQTT broker), used by the tests and by `shadowctl demo` (started
+#     on free ports, never as services);
 #     lua5.1, for the Argo CD health check's tests;
 #   - a virtual environment in .venv with shadowctl and its dev/demo extras;
 #   - etcd, kube-apiserver and kubectl built from pinned Go modules into .venv/bin (hack/kube-build.sh).
@@ -12,6 +13,7 @@ need_apt=()
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need_apt+=(prometheus)
 command -v promtool >/dev/null 2>&1 || [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+command -v victoria-metrics >/dev/null 2>&1 || need_apt+=(victoria-metrics)
 # Lua 5.1 runs the Argo CD health check (deploy/argocd/health.lua) in its tests, as Argo CD's gopher-lua would.
 command -v lua5.1 >/dev/null 2>&1 || need_apt+=(lua5.1)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -23,7 +25,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # The Debian packages enable system services; shadowctl starts its own instances on free ports.
-for svc in prometheus mosquitto; do
+for svc in prometheus mosquitto victoria-metrics; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
     systemctl stop "$svc" >/dev/null 2>&1 || true
   fi
