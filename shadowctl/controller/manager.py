@@ -8,6 +8,10 @@ A watch event for a policy (a spec edit, a `shadowctl promote` annotation)
 wakes its worker at once. The watch re-lists when its resourceVersion expires
 (410) and resumes after a dropped stream.
 
+With ``shard`` (``shadowctl run --shard I/N``) the manager runs only the policies of its shard
+(:mod:`shadowctl.controller.shard`); it still watches every policy the namespace and label selector
+select, and ignores the others' events.
+
 Only the leader runs workers. A replica that loses the Lease cancels them
 between two API calls at worst; every status write is conditional on the
 resourceVersion it was computed from, so a stale leader's write fails (409)
@@ -30,6 +34,7 @@ from shadowctl.controller.analysis import LookScheduler, look_end
 from shadowctl.controller.clock import Clock
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.controller.reconciler import Reconciler
+from shadowctl.controller.shard import ALL, Shard
 from shadowctl.controller.status import parse_policy, read_state
 from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, ResourceRef, WatchExpired
 from shadowctl.machine import ANALYSED, RolloutState
@@ -76,7 +81,7 @@ class _Worker:
 
 
 class Manager:
-    """Runs workers for the policies one namespace (or all) and one label selector select."""
+    """Runs workers for the policies one namespace (or all), one label selector and one shard select."""
 
     def __init__(
         self,
@@ -89,6 +94,7 @@ class Manager:
         min_interval: float = 0.0,
         spread: float = 0.9,
         lead: float = 0.1,
+        shard: Shard = ALL,
     ) -> None:
         """`spread`, `lead`: each policy ticks at a fixed offset in [lead, spread) x interval after the
         boundary, so that the ticks of many policies do not contend; their looks still end at the boundary.
@@ -101,6 +107,7 @@ class Manager:
         self.clock = clock
         self.namespace = namespace
         self.label_selector = label_selector
+        self.shard = shard
         self.min_interval = min_interval
         self.spread = spread
         self.lead = min(lead, spread)
@@ -151,7 +158,8 @@ class Manager:
         listed = await self.kube.list(SHADOW_POLICY, self.namespace, label_selector=self.label_selector)
         seen = set()
         for obj in listed.items:
-            seen.add(self._upsert(obj))
+            if self._owns(obj):
+                seen.add(self._upsert(obj))
         for key in list(self.workers):
             if key not in seen:
                 await self._remove(key)
@@ -161,6 +169,8 @@ class Manager:
         async for event in self.kube.watch(SHADOW_POLICY, self.namespace, rv, label_selector=self.label_selector,
                                            timeout_seconds=300):
             rv = event.resource_version or rv
+            if not self._owns(event.object):
+                continue
             if event.type in ("ADDED", "MODIFIED"):
                 self._upsert(event.object)
             elif event.type == "DELETED":
@@ -172,6 +182,11 @@ class Manager:
     def _key(obj: dict[str, Any]) -> str:
         meta = obj.get("metadata") or {}
         return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+
+    def _owns(self, obj: dict[str, Any]) -> bool:
+        """Whether this manager's shard runs the policy `obj` (a namespace and name never change)."""
+        meta = obj.get("metadata") or {}
+        return self.shard.owns(str(meta.get("namespace", "default")), str(meta.get("name")))
 
     def _upsert(self, obj: dict[str, Any]) -> str:
         key = self._key(obj)
