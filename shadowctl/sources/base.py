@@ -141,6 +141,8 @@ class Unavailability(str, enum.Enum):
     timeout = "timeout"
     query_error = "query-error"
     bad_response = "bad-response"
+    unauthorized = "unauthorized"
+    """The server refused the credentials (HTTP 401 or 403): a rotated Secret is read again at once."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,14 @@ class ServerRef:
 
     url: str
     token_secret: tuple[str, str] | None = None
-    """(namespace, name) of a Secret whose key ``token`` holds a bearer token for this server."""
+    """(namespace, name) of a Secret whose key :attr:`token_key` holds a bearer token for this server."""
+    token_key: str = "token"
+    namespace: str | None = None
+    """The policy's namespace, where the TLS Secrets are."""
+    ca_secret: str | None = None
+    """``name/key`` of the Secret holding the CA bundle that signed the server's certificate."""
+    cert_secret: str | None = None
+    """Name of a ``kubernetes.io/tls`` Secret: the client certificate for mutual TLS."""
 
 
 @dataclass(frozen=True)

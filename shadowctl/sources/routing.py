@@ -1,12 +1,15 @@
 """Send each request to the Prometheus its policy names, or to the controller's.
 
 A policy may name its own server (``spec.analysis.prometheus``: a tenant's Thanos or
-Mimir), with a bearer token in a Secret of its namespace. :class:`RoutingSource` keeps
-one source per server, made by an injected ``connect`` (the controller's reads the
-Secret), and makes it again after ``refresh`` seconds so that a rotated token is
-picked up. A server that cannot be connected to (no such Secret, no ``token`` key)
-answers its requests with :class:`SourceUnavailable`, like an unreachable one: the
-judge then sees "no data", never a number.
+Mimir, or a Prometheus behind an auth proxy), with a bearer token and TLS material in
+Secrets of its namespace. :class:`RoutingSource` keeps one source per server, made by an
+injected ``connect`` (the controller's, :class:`SecretConnect`, reads the Secrets), and
+makes it again after ``refresh`` seconds so that a rotated token is picked up, and at
+once when the server refuses the credentials (HTTP 401/403): then the Secrets are read
+again and the requests are sent once more with what they hold now. A server that cannot
+be connected to (no such Secret, no ``token`` key, a CA that is not PEM) answers its
+requests with :class:`SourceUnavailable`, like an unreachable one: the judge then sees
+"no data", never a number.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from shadowctl.sources.base import (
     WindowResult,
 )
 from shadowctl.sources.prometheus import PrometheusMetricSource, build_requests
-from shadowctl.sources.secrets import read_secret_value
+from shadowctl.sources.secrets import DEFAULT_TTL_S, SecretReader
 
 Connect = Callable[[ServerRef], Awaitable[MetricSource]]
 
@@ -44,24 +47,27 @@ class RoutingSource:
         connect: Connect,
         *,
         clock: Callable[[], float],
-        refresh: float = 300.0,
+        refresh: float = 60.0,
+        on_refused: Callable[[ServerRef], None] | None = None,
     ) -> None:
         self.default = default
         self._connect = connect
         self._clock = clock
         self.refresh = refresh
+        self._on_refused = on_refused
+        """Told when a server refused the credentials, before the source is made again (forget cached Secrets)."""
         self._sources: dict[ServerRef, tuple[MetricSource, float]] = {}
 
-    async def _source_for(self, ref: ServerRef) -> MetricSource:
+    async def _source_for(self, ref: ServerRef, *, again: bool = False) -> MetricSource:
         held = self._sources.get(ref)
         now = self._clock()
-        if held is not None and now - held[1] < self.refresh:
+        if held is not None and now - held[1] < self.refresh and not again:
             return held[0]
-        fresh = await self._connect(ref)
-        self._sources[ref] = (fresh, now)
+        made = await self._connect(ref)
+        self._sources[ref] = (made, now)
         if held is not None:
             await held[0].aclose()
-        return fresh
+        return made
 
     def plan(
         self, policy: ShadowPolicy, *, start: datetime, end: datetime, metrics: Sequence[str] | None = None
@@ -88,7 +94,16 @@ class RoutingSource:
                 out.update(_unavailable(reqs, Unavailability.unreachable,
                                         "no Prometheus: the controller has none (--prometheus) and the policy names none"))
                 continue
-            out.update(await source.fetch_many(reqs))
+            answers = await source.fetch_many(reqs)
+            if ref is not None and _refused(answers):
+                # The credentials may have been rotated since the source was made: read them again, send again.
+                if self._on_refused is not None:
+                    self._on_refused(ref)
+                try:
+                    answers = await (await self._source_for(ref, again=True)).fetch_many(reqs)
+                except SourceError as exc:
+                    answers = _unavailable(reqs, Unavailability.unreachable, str(exc))
+            out.update(answers)
         return {r.key: out[r.key] for r in requests}
 
     async def check(self) -> SourceUnavailable | None:
@@ -103,23 +118,45 @@ class RoutingSource:
             await s.aclose()
 
 
-TOKEN_KEY = "token"
+class SecretConnect:
+    """Connects to a policy's Prometheus with the controller's options (timeout, max_batch) and the policy's
+    credentials from its Secrets (read through a :class:`SecretReader`) instead of the controller's."""
 
+    def __init__(self, secrets: SecretReader, options: Mapping[str, Any]) -> None:
+        self.secrets = secrets
+        self.options = {k: v for k, v in options.items()
+                        if k not in ("bearer_token", "basic_auth", "ca_file", "insecure_skip_verify")}
 
-def secret_connect(kube: KubeClient, options: Mapping[str, Any]) -> Connect:
-    """Connect to a policy's Prometheus with the controller's options (TLS, timeout, max_batch) and the
-    bearer token from the policy's Secret (key ``token``) instead of the controller's credentials."""
-
-    async def connect(ref: ServerRef) -> MetricSource:
-        opts = {k: v for k, v in options.items() if k not in ("bearer_token", "basic_auth")}
+    async def __call__(self, ref: ServerRef) -> MetricSource:
+        opts = dict(self.options)
         if ref.token_secret is not None:
             ns, name = ref.token_secret
-            opts["bearer_token"] = await read_secret_value(
-                kube, ns, name, TOKEN_KEY, field=f"spec.analysis.prometheus.bearerTokenSecret, the token for {ref.url}"
+            opts["bearer_token"] = await self.secrets.text(
+                ns, name, ref.token_key, field=f"spec.analysis.prometheus.bearerTokenSecret, the token for {ref.url}"
             )
+        if ref.namespace is not None and (ref.ca_secret is not None or ref.cert_secret is not None):
+            material = await self.secrets.tls(ref.namespace, ref.ca_secret, ref.cert_secret,
+                                              field="spec.analysis.prometheus.tls")
+            opts["ssl_context"] = material.context()
         return PrometheusMetricSource(ref.url, **opts)
 
-    return connect
+    def invalidate(self, ref: ServerRef) -> None:
+        """Forget the Secrets of ``ref``: the server refused what they held."""
+        if ref.token_secret is not None:
+            self.secrets.invalidate(*ref.token_secret)
+        if ref.namespace is not None:
+            for name in (ref.ca_secret, ref.cert_secret):
+                if name is not None:
+                    self.secrets.invalidate(ref.namespace, name.partition("/")[0])
+
+
+def secret_connect(kube: KubeClient, options: Mapping[str, Any], *, ttl: float = DEFAULT_TTL_S) -> SecretConnect:
+    """:class:`SecretConnect` with a reader of its own (Secrets reused for ``ttl`` seconds)."""
+    return SecretConnect(SecretReader(kube, ttl=ttl), options)
+
+
+def _refused(answers: Mapping[MetricKey, WindowResult]) -> bool:
+    return any(isinstance(a, SourceUnavailable) and a.cause is Unavailability.unauthorized for a in answers.values())
 
 
 def _unavailable(reqs: Sequence[WindowRequest], cause: Unavailability, reason: str) -> dict[MetricKey, WindowResult]:

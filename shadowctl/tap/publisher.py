@@ -9,6 +9,13 @@ connection but never answers is caught by the connect and publish timeouts.
 An event whose publish failed is retried after the reconnect, up to
 :data:`MAX_ATTEMPTS` times, so one poisoned message (say, larger than the
 broker allows) cannot wedge the queue.
+
+A broker that refuses the credentials (wrong password, unknown user, a client
+certificate it does not trust) is logged once, at error level, and counted at
+every attempt on ``shadowctl_tap_broker_refused_total``; the tap keeps serving
+(events queue, then are dropped as ``queue_full``) and keeps retrying at the
+longest backoff, so that fixed credentials (a restarted broker, a rotated
+password file) apply without restarting the tap.
 """
 
 from __future__ import annotations
@@ -28,6 +35,15 @@ from shadowctl.tap.metrics import TapMetrics
 log = structlog.get_logger(__name__)
 
 MAX_ATTEMPTS = 3
+REFUSED_CODES = frozenset({4, 5, 134, 135})
+"""MQTT v3.1.1 CONNACK codes and v5 reason codes that mean "bad user name or password" / "not authorized"."""
+
+
+def refused(exc: aiomqtt.MqttError) -> bool:
+    """Whether the broker refused the connection for its credentials (not a network fault)."""
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return isinstance(value, int) and value in REFUSED_CODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +81,7 @@ class EventPublisher:
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=queue_size)
         self._client_id = broker.client_id or f"shadowctl-tap-{uuid.uuid4().hex[:12]}"
         self.connected = asyncio.Event()
+        self._refusal_logged = False
 
     def offer(self, topic: str, payload: bytes) -> bool:
         """Queue an event without waiting; False (and counted) when the queue is full."""
@@ -114,7 +131,17 @@ class EventPublisher:
                         if cancel_requested():  # aiomqtt's wait_for returned instead of raising
                             raise asyncio.CancelledError
             except aiomqtt.MqttError as exc:
-                log.warning("mqtt unavailable; retrying", error=str(exc), retry_in_s=round(backoff, 3))
+                if refused(exc):
+                    self.metrics.broker_refused.inc()
+                    if not self._refusal_logged:
+                        self._refusal_logged = True
+                        log.error("mqtt broker refused the credentials; requests are served, events are dropped "
+                                  "until it accepts them (shadowctl_tap_broker_refused_total counts retries)",
+                                  host=self.broker.host, port=self.broker.port, user=self.broker.username,
+                                  error=str(exc))
+                    backoff = self.backoff_max_s
+                else:
+                    log.warning("mqtt unavailable; retrying", error=str(exc), retry_in_s=round(backoff, 3))
             except OSError as exc:  # TLS and socket errors paho does not wrap
                 log.warning("mqtt connection failed; retrying", error=str(exc), retry_in_s=round(backoff, 3))
             self.metrics.broker_connected.set(0)

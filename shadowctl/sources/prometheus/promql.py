@@ -351,8 +351,11 @@ def _server(policy: ShadowPolicy) -> ServerRef | None:
     own = policy.spec.analysis.prometheus
     if own is None:
         return None
-    secret = (policy.metadata.namespace, own.bearer_token_secret) if own.bearer_token_secret else None
-    return ServerRef(own.url, secret)
+    ns = policy.metadata.namespace
+    name, _, key = (own.bearer_token_secret or "").partition("/")
+    tls = own.tls
+    return ServerRef(own.url, (ns, name) if name else None, key or "token", ns,
+                     tls.ca_secret if tls else None, tls.cert_secret if tls else None)
 
 
 def _grouped_form(policy: ShadowPolicy, preset: Preset) -> GroupedForm | None:

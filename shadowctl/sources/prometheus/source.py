@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import math
 import re
+import ssl
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,7 @@ import requests
 import urllib3.exceptions
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
+from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
@@ -158,6 +160,11 @@ def _classify(exc: BaseException, timeout: float) -> QueryFailed:
         return exc
     if isinstance(exc, TimeoutError | requests.Timeout) or _timed_out(exc):
         return QueryFailed(Unavailability.timeout, f"no answer within {timeout:g}s")
+    if isinstance(exc, requests.exceptions.SSLError):
+        why = "the server's certificate is not trusted" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else (
+            "the handshake failed")
+        return QueryFailed(Unavailability.unreachable,
+                           f"TLS: {why} (check the CA: tls.caSecret or --prometheus-ca-file; a client certificate)")
     if isinstance(exc, requests.ConnectionError):
         return QueryFailed(Unavailability.unreachable, f"cannot connect: {type(exc).__name__}")
     if isinstance(exc, PrometheusApiClientException):
@@ -168,6 +175,10 @@ def _classify(exc: BaseException, timeout: float) -> QueryFailed:
         detail = error.group(1) if error else text[:300]
         if code in (400, 422):
             return QueryFailed(Unavailability.query_error, f"the query was rejected: {detail}")
+        if code in (401, 403):
+            # The body of an auth proxy's refusal says nothing useful and may echo headers: not kept.
+            return QueryFailed(Unavailability.unauthorized,
+                               f"HTTP {code}: the server refused the credentials (bearer token or client certificate)")
         if code in (502, 503, 504):
             return QueryFailed(Unavailability.unreachable, f"HTTP {code}: {detail}")
         return QueryFailed(Unavailability.bad_response, f"HTTP {code}: {detail}")
@@ -178,6 +189,28 @@ def _classify(exc: BaseException, timeout: float) -> QueryFailed:
     if isinstance(exc, ValueError | KeyError | TypeError | IndexError):
         return QueryFailed(Unavailability.bad_response, f"not a Prometheus API answer ({type(exc).__name__})")
     return QueryFailed(Unavailability.bad_response, f"{type(exc).__name__}: {exc}")
+
+
+class _ContextAdapter(HTTPAdapter):
+    """Verifies the server with one SSLContext (a CA and a client certificate from Secrets, held in memory).
+
+    requests takes a CA only as a file path; with a context in the pool manager's settings and
+    ``verify=True`` it only asks for a verified certificate, and :meth:`cert_verify` is kept from
+    adding its default bundle, so the context alone decides which CAs are trusted.
+    """
+
+    def __init__(self, context: ssl.SSLContext, **kwargs: Any) -> None:
+        self._context = context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
 
 class PrometheusMetricSource:
@@ -191,6 +224,7 @@ class PrometheusMetricSource:
         basic_auth: tuple[str, str] | None = None,
         ca_file: str | None = None,
         insecure_skip_verify: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
         timeout: float = 10.0,
         max_concurrency: int = 4,
         max_batch: int = 20,
@@ -218,6 +252,8 @@ class PrometheusMetricSource:
         self._client = PrometheusConnect(
             url=self.url, headers=headers, auth=basic_auth, retry=retry, session=session, method="POST",
         )
+        if ssl_context is not None and not insecure_skip_verify:  # replaces the adapter the client mounted
+            session.mount(self.url, _ContextAdapter(ssl_context, max_retries=retry))
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="shadowctl-prom")
         self._sem = asyncio.Semaphore(max_concurrency)
         self._closed = False
