@@ -11,12 +11,19 @@ Order inside a tick, which is what makes a crash at any point safe:
 2. observe the candidate and the current routes; detect drift;
 3. judge the current phase (only in analysed phases);
 4. ``machine.step`` -> (next state, actions);
-5. carry out route actions (each idempotent, verified by read-back), each write
+5. if the actions raise the candidate's live share above what the recorded state allows (a step up,
+   a promotion, a canary-only start), record that intent first (``status.pendingRoute``: the routes
+   and the state they lead to), conditional on the resourceVersion read in 1; a tick that finds an
+   intent outstanding settles it before deciding anything (the routes hold it: adopted as reached;
+   they do not: dropped, see :meth:`Reconciler._settle_intent`). So a controller killed between a
+   raising route write and its status write never leaves live traffic the status does not allow.
+   Lowering the share (rollback, restart) and the mirror stay routes-first;
+   then carry out route actions (each idempotent, verified by read-back), each write
    *fenced*: right before it, this replica must still hold the leader Lease and what
    the decision was computed from in the policy (spec generation, recorded rollout,
    pending command, deletion) must be unchanged (else nothing is written and the next
    tick decides again from a fresh read);
-6. write `.status` conditional on the resourceVersion read in 1. A 409 after the
+6. write `.status` (dropping the intent) conditional on the resourceVersion read in 1 (or the intent's write). A 409 after the
    routes moved is not left for the next tick (which would decide from the older
    status while the routes show the newer decision): the tick re-reads the policy and,
    if nobody recorded another decision meanwhile, records its own on the fresh version;
@@ -48,6 +55,7 @@ from shadowctl.controller.clock import Clock, iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION, pending_command
 from shadowctl.controller.status import (
     build_status,
+    intended_routes,
     parse_policy,
     read_latency,
     read_state,
@@ -55,7 +63,16 @@ from shadowctl.controller.status import (
     status_patch,
 )
 from shadowctl.controller.tracing import DECISION_SPAN, decision_attributes, policy_attributes
-from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, Conflict, KubeClient, KubeError, NotFound, ResourceRef
+from shadowctl.kube import (
+    INFERENCE_SERVICE,
+    KNATIVE_SERVICE,
+    SHADOW_POLICY,
+    Conflict,
+    KubeClient,
+    KubeError,
+    NotFound,
+    ResourceRef,
+)
 from shadowctl.machine import (
     ANALYSED,
     Finalize,
@@ -68,8 +85,8 @@ from shadowctl.machine import (
     step,
 )
 from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
-from shadowctl.policy.status import Command, CommandRecord, Phase, PolicyStatus
-from shadowctl.routers import _io
+from shadowctl.policy.status import Command, CommandRecord, PendingRoute, Phase, PolicyStatus
+from shadowctl.routers import _io, kserve_build
 from shadowctl.routers.base import ApplyResult, ClusterError, RouteNotFound, Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
@@ -141,13 +158,15 @@ def owns(owned: Any) -> bool:
 
 def decision_inputs(obj: dict[str, Any]) -> tuple[Any, ...]:
     """What a tick's decision depends on in the policy object: its identity, the spec's generation, the
-    recorded rollout, the pending command and whether it is being deleted. A change to anything else (a
+    recorded rollout and route intent, the pending command and whether it is being deleted. A change to anything else (a
     label, another tool's annotation, the finalizer list) does not make a decision stale."""
     meta = obj.get("metadata") or {}
     status = obj.get("status")
     rollout = status.get("rollout") if isinstance(status, dict) else None
+    intent = status.get("pendingRoute") if isinstance(status, dict) else None
     return (meta.get("uid"), meta.get("generation"), bool(meta.get("deletionTimestamp")),
-            (meta.get("annotations") or {}).get(COMMAND_ANNOTATION), json.dumps(rollout, sort_keys=True))
+            (meta.get("annotations") or {}).get(COMMAND_ANNOTATION), json.dumps(rollout, sort_keys=True),
+            json.dumps(intent, sort_keys=True))
 
 
 @dataclass
@@ -178,6 +197,23 @@ class _Fence:
                                      "deciding again")
         if self.leading is not None and not self.leading():  # last: no await between it and the write
             raise _io.Superseded(f"not writing {what}: this replica no longer holds the leader Lease")
+
+
+def raised_routes(router: Router, policy: ShadowPolicy, state: RolloutState, stepped: StepResult) -> RouteState | None:
+    """The routes a step's route actions end at when they give the candidate more live traffic than the
+    recorded `state` allows (its weight); None when they do not (no route action, the same share or less:
+    those are written routes-first, since the recorded state already allows what they set)."""
+    final: RouteState | None = None
+    for action in stepped.actions:
+        if isinstance(action, SetRoutes):
+            final = desired_routes(router, policy, action.weight, action.mirror_percent)
+        elif isinstance(action, Promote):
+            final = RouteState(0, 100, None)
+        elif isinstance(action, Finalize):
+            final = RouteState.primary_only()
+    if final is None or final.candidate_weight <= state.weight:
+        return None
+    return final
 
 
 def expected_routes(router: Router, policy: ShadowPolicy, state: RolloutState) -> RouteState | None:
@@ -285,6 +321,18 @@ class Reconciler:
             meta = obj.get("metadata") or {}
             rv = str(meta.get("resourceVersion") or "")
 
+        # A raise of the candidate's share recorded before its route write is settled before anything else;
+        # the tick then goes on from the settled status.
+        if stored.pending_route is not None:
+            fresh = await self._settle_intent(ref, obj, rv, state, stored.pending_route, policy, now, generation,
+                                              result)
+            if fresh is None:
+                return None
+            obj, stored = fresh, PolicyStatus.of(fresh)
+            rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            state = RolloutState.from_record(stored.rollout)
+            fence.inputs = decision_inputs(obj)
+
         router = self.router_for(policy, self.kube)
         pending = pending_command(obj)
         command = pending.command if pending else None
@@ -320,7 +368,28 @@ class Reconciler:
         result.phase = stepped.state.phase
         result.state = stepped.state
 
-        # 5. Routes first.
+        tally = look.tally if look is not None else None
+        errors = look.source_errors if look is not None else ()
+        acted = any(isinstance(a, SetRoutes | Promote | Finalize) for a in stepped.actions)
+        target_for_status = target_now if acted or not stored_target else stored_target
+
+        # 5a. A raise of the candidate's live share is recorded (the intent) before its route write.
+        raised = raised_routes(router, policy, state, stepped)
+        if raised is not None:
+            intent = PendingRoute(rollout=stepped.state.to_record(), primary_weight=raised.primary_weight,
+                                  candidate_weight=raised.candidate_weight, mirror_percent=raised.mirror_percent,
+                                  generation=generation, target=target_now, at=iso(now))
+            recorded = await self._patch_status(ref, obj, rv, state, now, generation, look, current, tally, None,
+                                                result, source_errors=errors, intent=intent)
+            if recorded is None:  # a 409 or an API error: nothing was written; the next tick decides again
+                return look
+            obj = recorded
+            rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            stored = PolicyStatus.of(obj)
+            fence.inputs = decision_inputs(obj)
+            result.actions.append("Intent")
+
+        # 5b. Routes first.
         routes_after: RouteState | None = current
         try:
             routes_after = await self._act(router, policy, stepped, result, previous_router) or current
@@ -347,12 +416,9 @@ class Reconciler:
         if pending is not None:
             cmd_record = CommandRecord(id=pending.id, command=pending.command.value, at=pending.at, by=pending.by,
                                        handled_at=iso(now), result=stepped.state.phase.value)
-        tally = look.tally if look is not None else None
-        errors = look.source_errors if look is not None else ()
-        acted = any(isinstance(a, SetRoutes | Promote | Finalize) for a in stepped.actions)
-        target_for_status = target_now if acted or not stored_target else stored_target
         written = await self._write_status(ref, obj, rv, stepped.state, now, generation, look, routes_after, tally,
-                                           cmd_record, result, source_errors=errors, target=target_for_status)
+                                           cmd_record, result, source_errors=errors, target=target_for_status,
+                                           settled=True)
         if not written and result.conflict and result.route_writes:
             written = await self._record_after_conflict(
                 ref, stored, stepped.state, now, generation, look, routes_after, tally, cmd_record, result,
@@ -369,6 +435,52 @@ class Reconciler:
                      to=stepped.state.phase.value, step=stepped.state.step, weight=stepped.state.weight,
                      reason=stepped.state.message)
         return look
+
+    async def _settle_intent(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
+                             intent: PendingRoute, policy: ShadowPolicy, now: float, generation: int,
+                             result: TickResult) -> dict[str, Any] | None:
+        """A recorded raise of the candidate's share is outstanding: the tick that recorded it stopped (killed,
+        superseded, its route or status write failed) before recording how it ended. The routes say how.
+
+        They hold the intent: it was applied, and the state it leads to is adopted as reached (recorded, the
+        intent dropped). They do not: it was never applied, and it is dropped; the recorded state stands. If
+        they hold neither the intent nor the recorded state, someone else changed them (GitOps drift): this
+        tick sees that against the recorded state, as any drift. Routes that cannot be read (the API failed)
+        settle nothing: the intent stays and the tick ends (None). Otherwise the answer is the policy as
+        stored with the intent settled, which the tick goes on from: every decision is made from a status
+        with no intent outstanding. The transition adopted is not announced (the tick that made it did not
+        record it; Events say what was recorded)."""
+        key = policy.key
+        router = (self._router_for_target(policy, intent.target) if intent.target else None) \
+            or self.router_for(policy, self.kube)
+        try:
+            current: RouteState | None = await router.read()
+        except ClusterError as exc:
+            result.error = f"cannot read the routes to settle the recorded route intent: {exc}"
+            log.warning("tick.intent_unsettled", policy=key, error=str(exc))
+            await self._write_status(ref, obj, rv, state, now, generation, None, None, None, None, result,
+                                     error=result.error)
+            return None
+        except RouterError as exc:  # gone, or no longer routes as the policy describes: it does not hold the intent
+            log.info("tick.intent_routes_unreadable", policy=key, error=str(exc))
+            current = None
+        wanted = intended_routes(intent)
+        if current == wanted:
+            settled, target, what = RolloutState.from_record(intent.rollout), intent.target, "AdoptIntent"
+        else:
+            settled, target, what = state, None, "DropIntent"
+        expected = expected_routes(router, policy, state)
+        result.actions.append(what)
+        result.state, result.phase = settled, settled.phase
+        result.transitioned = settled.phase is not state.phase or settled.step != state.step
+        fresh = await self._patch_status(ref, obj, rv, settled, now, generation, None, current, None, None, result,
+                                         target=target, settled=True)
+        if fresh is not None:
+            log.info("tick.intent_settled", policy=key, outcome=what, phase=settled.phase.value,
+                     intended=wanted.describe(), routes=current.describe() if current is not None else None,
+                     drift=what == "DropIntent" and current is not None and expected is not None
+                     and current != expected)
+        return fresh
 
     async def _release(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
                        policy: ShadowPolicy, finalizers: list[str], result: TickResult) -> None:
@@ -496,7 +608,7 @@ class Reconciler:
             result.conflict = False
             fresh_rv = str((fresh.get("metadata") or {}).get("resourceVersion") or "")
             if await self._write_status(ref, fresh, fresh_rv, state, now, generation, look, routes, tally, command,
-                                        result, source_errors=errors, target=target):
+                                        result, source_errors=errors, target=target, settled=True):
                 log.info("tick.status_recorded_after_conflict", policy=key, phase=state.phase.value)
                 return True
             if not result.conflict:
@@ -551,6 +663,10 @@ class Reconciler:
         if target.gateway_api is not None:
             b = target.gateway_api.candidate
             return f"{b.namespace or policy.metadata.namespace}/{b.name}:{b.port or ''}"
+        if target.kserve is not None:
+            isvc = await self.kube.get(ResourceRef(INFERENCE_SERVICE, target.kserve.inference_service,
+                                                   policy.metadata.namespace))
+            return kserve_build.candidate_of(isvc, settled=phase is Phase.pending or phase.terminal)
         assert target.knative is not None
         ksvc = await self.kube.get(ResourceRef(KNATIVE_SERVICE, target.knative.service, policy.metadata.namespace))
         status = ksvc.get("status") or {}
@@ -570,29 +686,41 @@ class Reconciler:
         self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, now: float, generation: int,
         look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: CommandRecord | None,
         result: TickResult, *, error: str | None = None, source_errors: tuple[str, ...] = (),
-        target: dict[str, Any] | None = None,
+        target: dict[str, Any] | None = None, settled: bool = False,
     ) -> bool:
+        """Record `state` (see :func:`build_status`); False when the write failed (``result`` says why)."""
+        return await self._patch_status(ref, obj, rv, state, now, generation, look, routes, tally, command, result,
+                                        error=error, source_errors=source_errors, target=target,
+                                        settled=settled) is not None
+
+    async def _patch_status(
+        self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, now: float, generation: int,
+        look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: CommandRecord | None,
+        result: TickResult, *, error: str | None = None, source_errors: tuple[str, ...] = (),
+        target: dict[str, Any] | None = None, intent: PendingRoute | None = None, settled: bool = False,
+    ) -> dict[str, Any] | None:
+        """:meth:`_write_status`, answering with the object as stored (``obj`` itself when nothing changed)."""
         old = PolicyStatus.of(obj)
         status = build_status(old, state, now=now, generation=generation,
                               evidence=look.evidence if look is not None else None, routes=routes,
                               tally=tally, command=command, error=error, source_errors=source_errors, target=target,
                               paired=look.paired if look is not None else None,
-                              since=look.since if look is not None else None)
+                              since=look.since if look is not None else None, intent=intent, settled=settled)
         if status.comparable() == old.comparable() and command is None:
-            return True  # nothing changed: no write
+            return obj  # nothing changed: no write
         try:
-            await self.kube.patch_status(ref, {"status": status_patch(obj.get("status"), status)},
-                                         resource_version=rv)
+            stored = await self.kube.patch_status(ref, {"status": status_patch(obj.get("status"), status)},
+                                                  resource_version=rv)
         except Conflict:
             result.conflict = True
             log.info("tick.status_conflict", policy=f"{ref.namespace}/{ref.name}")
-            return False
+            return None
         except KubeError as exc:
             result.error = f"cannot write the status: {exc}"
             log.warning("tick.status_failed", policy=f"{ref.namespace}/{ref.name}", error=str(exc))
-            return False
+            return None
         result.status_written = True
-        return True
+        return stored
 
 
 __all__ = ["COMMAND_ANNOTATION", "Gate", "Notifier", "Reconciler", "TickResult", "desired_routes"]

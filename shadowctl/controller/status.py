@@ -23,6 +23,7 @@ from shadowctl.policy.status import (
     Condition,
     Evidence,
     PairedLatencyRecord,
+    PendingRoute,
     Phase,
     PolicyStatus,
     RouteRecord,
@@ -56,6 +57,11 @@ def parse_policy(obj: dict[str, Any]) -> ShadowPolicy:
             _PARSED.clear()
         _PARSED[key] = policy
     return policy
+
+
+def intended_routes(intent: PendingRoute) -> RouteState:
+    """The routes a recorded intent is to set."""
+    return RouteState(intent.primary_weight, intent.candidate_weight, intent.mirror_percent)
 
 
 def read_state(obj: dict[str, Any]) -> RolloutState:
@@ -114,12 +120,16 @@ def build_status(
     target: dict[str, Any] | None = None,
     paired: PairedLatencyRecord | None = None,
     since: float | None = None,
+    intent: PendingRoute | None = None,
+    settled: bool = False,
 ) -> PolicyStatus:
     """The whole new `.status`. What this tick did not observe (no look, routes unread, no command,
     no target) keeps its old value: the last verdict, the routes, the tally, the paired latencies
     and the last command stay readable until a later tick has new ones. ``since``: when the phase
     the look judged started, the tally's tag (default the state's: a tick that moves to a new phase
-    must not hand the old phase's counts to the new one)."""
+    must not hand the old phase's counts to the new one). ``intent``: a raise of the candidate's share
+    about to be written (``pendingRoute``); ``settled``: the outstanding one is done with (applied and
+    recorded, adopted, or dropped); neither: it stays as it was."""
     tag = since if since is not None else state.phase_started_at
     return PolicyStatus(
         observed_generation=generation,
@@ -139,6 +149,7 @@ def build_status(
         paired_latency=paired if paired is not None else old.paired_latency,
         last_command=command if command is not None else old.last_command,
         rollout_target=target if target is not None else old.rollout_target,
+        pending_route=intent if intent is not None else None if settled else old.pending_route,
     )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "OutputTally",
     "PairedCounts",
     "PairedLatencyRecord",
+    "PendingRoute",
     "Phase",
     "PolicyStatus",
     "RolloutRecord",
@@ -197,6 +198,8 @@ class ComparatorCounts(_Part):
     candidate_agree: Count = 0
     baseline_pairs: Count = 0
     baseline_agree: Count = 0
+    redacted_pairs: Count = Field(
+        default=0, description="Candidate pairs this comparator could not score: redaction removed what it reads.")
 
 
 class DisagreementRecord(_Part):
@@ -283,6 +286,30 @@ class RouteRecord(_Part):
     mirror_percent: Share | None = None
 
 
+class PendingRoute(_Part):
+    """A route change that raises the candidate's live share, recorded before it is written
+    (``status.pendingRoute``): the intent.
+
+    Routes are written before the status that records them, so a controller killed between the two
+    leaves routes the status does not know of. For a change that *lowers* the candidate's share (a
+    rollback, a restart) that is safe: the recorded state allows more than is live. For a change that
+    *raises* it, it is not: the next leader would decide from a status that never allowed the live
+    share. So a raise is recorded here first (with the rollout state it leads to), then the routes are
+    written, then the status records the new state and drops this record. A tick that finds it
+    outstanding settles it before anything else: the routes hold it (``primaryWeight``,
+    ``candidateWeight``, ``mirrorPercent``), so it was applied and ``rollout`` is adopted as reached;
+    or they do not, so it was never applied (or someone else has changed the routes since, which the
+    next tick treats as drift from the recorded state) and it is dropped."""
+
+    rollout: RolloutRecord
+    primary_weight: Percent
+    candidate_weight: Percent
+    mirror_percent: Share | None = None
+    generation: int = Field(default=0, description="the policy's metadata.generation the decision was made from")
+    target: dict[str, Any] | None = Field(default=None, description="spec.target the routes are written on")
+    at: str | None = Field(default=None, description="when the intent was recorded")
+
+
 class Condition(_Part):
     """A Kubernetes-style condition (Ready, Progressing, Promoted)."""
 
@@ -316,6 +343,8 @@ class PolicyStatus(_Part):
         default=None,
         description="spec.target as it was when the routes were last set (read with the spec's model when used)",
     )
+    pending_route: PendingRoute | None = Field(
+        default=None, description="a raise of the candidate's live share recorded before its route write")
 
     @classmethod
     def read(cls, value: Any) -> Self:

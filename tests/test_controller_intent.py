@@ -1,0 +1,155 @@
+"""A raise of the candidate's live share is recorded before its route write (``status.pendingRoute``), and a
+controller killed anywhere between the two writes leaves nothing live that the status does not allow (the
+last violation class of bench/faults: r-00096, a leader SIGKILLed between its 10% route write and its status
+write, after which the next leader decided from Shadowing while 10% was live and unrecorded).
+
+Against the real local API server. The kill is a :class:`Killed` (a BaseException, which no handler in the
+controller catches, as nothing runs after a SIGKILL) raised at an exact point of a tick by wrapping the
+controller's client; then a fresh reconciler on its own client (the next leader, or the restarted process)
+goes on. Every 409 or drift here is the API server's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest_kube import KubeEnv
+from controller_helpers import REF, Harness, load_vs
+
+from shadowctl.controller.analysis import Analyzer
+from shadowctl.controller.reconciler import Reconciler
+from shadowctl.kube import VIRTUAL_SERVICE, KubeClient
+from shadowctl.policy.status import Phase
+from shadowctl.routers.factory import router_for
+
+
+class Killed(BaseException):
+    """The controller process died here: nothing after this point of the tick runs."""
+
+
+@pytest.fixture
+async def h(kube_env: KubeEnv, kube_client: KubeClient) -> Harness:
+    return Harness(kube_env, kube_client)
+
+
+@pytest.fixture
+async def next_leader(h: Harness, kube_env: KubeEnv, tmp_path: Path) -> AsyncIterator[Reconciler]:
+    """A second reconciler on its own client: the replica that takes over (or the restarted process)."""
+    kube = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "kc-next"))
+    try:
+        yield Reconciler(kube, router_for, Analyzer(h.source), h.clock)
+    finally:
+        await kube.close()
+
+
+@contextlib.contextmanager
+def killed_at(kube: KubeClient, method: str, when: Callable[..., bool], *, after: bool) -> Iterator[list[int]]:
+    """Raise :class:`Killed` at the first call of ``kube.<method>(...)`` for which ``when(*args)`` holds:
+    before the call is sent (``after`` False) or once it has landed (``after`` True)."""
+    original = getattr(kube, method)
+    kills = [0]
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        hit = not kills[0] and when(*args)
+        if hit and not after:
+            kills[0] += 1
+            raise Killed
+        answer = await original(*args, **kwargs)
+        if hit:
+            kills[0] += 1
+            raise Killed
+        return answer
+
+    setattr(kube, method, wrapped)
+    try:
+        yield kills
+    finally:
+        delattr(kube, method)
+
+
+def _is_vs(gvr: Any, *_: Any) -> bool:
+    return bool(gvr == VIRTUAL_SERVICE)
+
+
+async def _at_the_end_of_shadowing(h: Harness, **spec: Any) -> None:
+    await h.setup(**spec)
+    await h.run_until({"Shadowing"})
+    h.clock.advance(50.5)  # the next tick passes the shadow phase and moves 10% live to v2
+
+
+async def test_killed_after_the_raising_route_write_the_next_leader_adopts_it(h: Harness,
+                                                                              next_leader: Reconciler) -> None:
+    """Killed right after the 10% route write landed, before the status write: the status already allows
+    the live 10% (the intent), and the next leader adopts it as reached instead of deciding from Shadowing."""
+    await _at_the_end_of_shadowing(h)
+    with killed_at(h.kube, "replace", _is_vs, after=True) as kills, contextlib.suppress(Killed):
+        await h.reconciler.tick(REF)
+    assert kills[0] == 1
+    assert await h.weights() == (90, 10, None)  # live, not yet recorded as reached
+    status = await h.status()
+    assert status.phase == "Shadowing"  # the state decided from ...
+    intent = status.pending_route  # ... and the raise recorded before the route write
+    assert intent is not None and intent.candidate_weight == 10 and intent.primary_weight == 90
+    assert intent.rollout.phase is Phase.progressing and intent.rollout.canary_weight == 10
+    assert status.last_verdict is not None and status.last_verdict.outcome == "pass"  # what the raise rests on
+
+    settled = await next_leader.tick(REF)  # settles first, then decides from the adopted step (just started)
+    assert settled.actions == ["AdoptIntent"] and settled.route_writes == 0, settled
+    status = await h.status()
+    assert status.phase == "Progressing" and status.canary_weight == 10 and status.step == 1
+    assert status.pending_route is None
+    assert await h.weights() == (90, 10, None)
+    # The rollout goes on from the adopted step (no second write of the same step, no rollback to Shadowing).
+    h.reconciler = next_leader
+    assert await h.run_until({"Succeeded"}) == "Succeeded"
+    h.check_invariants([10, 50])
+
+
+async def test_killed_before_the_raising_route_write_the_intent_is_dropped(h: Harness,
+                                                                          next_leader: Reconciler) -> None:
+    """Killed after the intent was recorded but before the route write was sent: the routes do not hold
+    it, so it was never applied; the next leader drops it and decides again from Shadowing."""
+    await _at_the_end_of_shadowing(h)
+    with killed_at(h.kube, "replace", _is_vs, after=False) as kills, contextlib.suppress(Killed):
+        await h.reconciler.tick(REF)
+    assert kills[0] == 1
+    assert await h.weights() == (100, 0, 20.0)
+    assert (await h.status()).pending_route is not None
+
+    settled = await next_leader.tick(REF)  # settles first, then decides again from Shadowing: it passes again
+    assert settled.actions == ["DropIntent", "Intent", "SetRoutes"] and settled.route_writes == 1, settled
+    status = await h.status()
+    assert status.phase == "Progressing" and status.canary_weight == 10 and status.pending_route is None
+    assert await h.weights() == (90, 10, None)
+    h.reconciler = next_leader
+    assert await h.run_until({"Succeeded"}) == "Succeeded"
+    h.check_invariants([10, 50])
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied-then-reverted", "never-applied"])
+async def test_an_outstanding_intent_is_told_from_gitops_drift(h: Harness, next_leader: Reconciler,
+                                                               applied: bool) -> None:
+    """Killed around the raising route write, then GitOps puts the manifest in git back (100% primary, no
+    mirror) before anyone ticks. The routes hold neither the intent nor the recorded Shadowing state: the
+    intent is dropped (nothing of it is live), and the next tick treats the routes as drift from the
+    recorded state: with ``onDrift: pause`` it pauses from Shadowing and writes nothing (it neither
+    re-applies the dropped 10% nor takes the drift for the intent's outcome)."""
+    await _at_the_end_of_shadowing(h, onDrift="pause")
+    with killed_at(h.kube, "replace", _is_vs, after=applied), contextlib.suppress(Killed):
+        await h.reconciler.tick(REF)
+    assert (await h.weights())[1] == (10 if applied else 0)
+    h.env.put_object(VIRTUAL_SERVICE, load_vs())  # the manifest in git, as an admin (not the controller)
+    assert await h.weights() == (100, 0, None)
+
+    drift = await next_leader.tick(REF)  # settles, then sees the routes against the recorded Shadowing
+    assert drift.actions == ["DropIntent"] and drift.route_writes == 0 and drift.phase is Phase.paused, drift
+    status = await h.status()
+    assert status.pending_route is None
+    assert status.rollout is not None and status.rollout.paused_from is Phase.shadowing
+    assert "someone else changed the managed routes" in status.message
+    assert await h.weights() == (100, 0, None)
+
