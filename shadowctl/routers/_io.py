@@ -58,6 +58,13 @@ def fenced(fence: Fence | None) -> Iterator[None]:
         _FENCE.reset(token)
 
 
+async def check_fence(what: str) -> None:
+    """Run the active fence (if any) for a write that is not a :func:`converge` (the tap router's publish)."""
+    fence = _FENCE.get()
+    if fence is not None:
+        await fence(what)
+
+
 def _what(ref: ResourceRef) -> str:
     return f"{ref.gvr.kind or ref.gvr.plural} {ref.namespace}/{ref.name}"
 

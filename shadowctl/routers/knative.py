@@ -56,6 +56,14 @@ class KnativeRouter:
             raise ClusterError(f"listing the Revisions of {self.ref}: {exc.message}") from exc
         return {str((r.get("metadata") or {}).get("name")) for r in listed.items}
 
+    async def candidate_url(self) -> str | None:
+        """The URL Knative gives the candidate's tag (``status.traffic[].url``), for a tap that mirrors to it."""
+        status = (await _io.get(self.kube, self.ref)).get("status") or {}
+        for target in status.get("traffic") or []:
+            if isinstance(target, dict) and target.get("tag") == self.target.candidate_tag and target.get("url"):
+                return str(target["url"])
+        return None
+
     async def read(self) -> RouteState:
         known = await self.known_revisions()
         return knative_build.read_state(await _io.get(self.kube, self.ref), self.target, known)

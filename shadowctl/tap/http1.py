@@ -132,6 +132,8 @@ class Forward:
     headers: Headers
     body: bytes
     recorder: Recorder | None
+    upstream: str | None = None
+    """Another upstream for this request (the candidate, when the tap routes a share to it); None: the tap's."""
 
 
 class Handler(Protocol):
@@ -650,7 +652,7 @@ class _ClientConn(asyncio.Protocol):
         if isinstance(routed, LocalResponse):
             self._answer_locally(request, routed)
             return
-        pool = self.server.pool
+        pool = self.server.pool if routed.upstream is None else self.server.pool_for(routed.upstream)
         exchange = _Exchange(self, request, routed, pool)
         data = _request_bytes(routed, pool)
         self.exchange = exchange
@@ -741,9 +743,18 @@ class TapServer:
     closing: bool = False
     _server: asyncio.Server | None = None
     pool: _Pool = field(init=False)
+    other_pools: dict[str, _Pool] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pool = _Pool(self.upstream, connect_timeout_s=self.connect_timeout_s, idle_s=self.upstream_idle_s)
+
+    def pool_for(self, url: str) -> _Pool:
+        """The connection pool of another upstream (made on first use; a handful at most: the candidate)."""
+        pool = self.other_pools.get(url)
+        if pool is None:
+            pool = self.other_pools[url] = _Pool(url, connect_timeout_s=self.connect_timeout_s,
+                                                 idle_s=self.upstream_idle_s)
+        return pool
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         """Bind and listen; raises OSError as the socket call did."""
@@ -776,3 +787,5 @@ class TapServer:
         if busy:
             await asyncio.wait(busy, timeout=1.0)
         self.pool.close()
+        for pool in self.other_pools.values():
+            pool.close()

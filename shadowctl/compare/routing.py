@@ -1,0 +1,286 @@
+"""The tap-router channel's wire format and its pure rules (schema version 1).
+
+The controller tells the taps in front of a primary how to route through one retained MQTT message
+per policy (a :class:`RouteSetting` on :func:`route_topic`); each tap (each worker process of it)
+answers with a retained :class:`AppliedReport` on :func:`applied_topic`. Both ends import this
+module, so the topics, the payloads, which requests fall in a share (:func:`bucket`), when a tap
+falls back to primary-only (:func:`effective`) and when the controller counts a setting as applied
+by the taps (:func:`verify`) are stated once. Everything here is pure: time comes in as an argument
+(Unix seconds, wall clock, since both ends compare against ``issuedAt`` / ``reportedAt``).
+
+Parsed strictly, like the output events (:mod:`shadowctl.compare.events`): the channel crosses a
+broker that anyone with credentials can write to, and a setting a tap does not fully understand
+(a newer schema, a field it does not know) must make it fall back to primary-only, never be
+half-applied.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from datetime import UTC, datetime
+from typing import Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shadowctl.errors import ShadowctlError
+
+ROUTE_SCHEMA: Final = "shadowctl.dev/route/v1"
+APPLIED_SCHEMA: Final = "shadowctl.dev/route-applied/v1"
+STALE_INTERVALS: Final = 3
+"""A setting older than this many of its ``intervalSeconds`` is stale (the tap falls back); a tap not
+heard from for as long no longer counts for verification."""
+BUCKETS: Final = 1_000_000
+"""Request ids hash into this many buckets: shares have a resolution of 0.0001%."""
+
+
+def route_topic(namespace: str, policy: str) -> str:
+    """``shadowctl/route/<namespace>/<policy>``: the retained setting of one policy."""
+    return f"shadowctl/route/{namespace}/{policy}"
+
+
+def applied_topic(namespace: str, policy: str, tap: str) -> str:
+    """``shadowctl/route-applied/<namespace>/<policy>/<tap>``: one tap's retained report."""
+    return f"shadowctl/route-applied/{namespace}/{policy}/{tap}"
+
+
+def applied_filter(namespace: str, policy: str) -> str:
+    """The subscription that receives every tap's report for a policy."""
+    return applied_topic(namespace, policy, "+")
+
+
+def valid_topic_level(value: str) -> bool:
+    """Whether `value` can be one MQTT topic level (no separators, wildcards or NUL; not empty)."""
+    return bool(value) and not any(c in value for c in "/+#\x00") and len(value.encode()) <= 200
+
+
+# --------------------------------------------------------------------------- which requests
+
+
+def bucket(request_id: str) -> int:
+    """The request id's bucket in ``[0, BUCKETS)``: the same on every tap replica and worker, and for
+    a retried request (same ``x-request-id``). Mirroring, the candidate's share and sampling all
+    choose requests by this one hash."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big") % BUCKETS
+
+
+def in_share(request_id: str, percent: float | None) -> bool:
+    """Whether a request falls in the first `percent` % of buckets (None or 0: none; 100: all)."""
+    if percent is None or percent <= 0:
+        return False
+    if percent >= 100:
+        return True
+    return bucket(request_id) < percent * (BUCKETS // 100)
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+
+def _rfc3339(value: str, field: str) -> float:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"{field} {value!r} is not an RFC 3339 time") from exc
+    if parsed.tzinfo is None:
+        raise ValueError(f"{field} {value!r} has no time zone")
+    return parsed.timestamp()
+
+
+def rfc3339(unix: float) -> str:
+    """Unix seconds as RFC 3339 in UTC with milliseconds (``2025-01-02T03:04:05.678Z``)."""
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class RouteSetting(_Strict):
+    """What the controller wants the taps in front of the primary to do, for one policy."""
+
+    schema_: Literal["shadowctl.dev/route/v1"] = Field(default=ROUTE_SCHEMA, alias="schema")
+    policy: str = Field(description="namespace/name of the ShadowPolicy.")
+    generation: int = Field(ge=1, description="Grows with every change of the setting; same on a heartbeat.")
+    mirror_percent: float | None = Field(
+        default=None, gt=0, le=100, alias="mirrorPercent",
+        description="Share of requests copied to the candidate (answers discarded); null: no mirror.")
+    candidate_percent: int = Field(
+        default=0, ge=0, le=100, alias="candidatePercent",
+        description="Share of live requests answered by the candidate.")
+    candidate_url: str | None = Field(
+        default=None, alias="candidateURL", pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="Where the candidate's requests go (a tap's --mirror-to, when given, overrides it); a tap "
+                    "with neither cannot apply a setting that routes to the candidate and falls back (invalid).")
+    issued_at: str = Field(alias="issuedAt", description="RFC 3339: when the controller last (re)published it.")
+    interval_seconds: float = Field(gt=0, alias="intervalSeconds", description="The policy's analysis interval.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RouteSetting:
+        _rfc3339(self.issued_at, "issuedAt")
+        if self.mirror_percent is not None and math.isnan(self.mirror_percent):
+            raise ValueError("mirrorPercent is NaN")
+        return self
+
+    @property
+    def routes_to_candidate(self) -> bool:
+        """Whether it mirrors or sends live requests to the candidate (then a tap needs the candidate's URL)."""
+        return self.mirror_percent is not None or self.candidate_percent > 0
+
+    @property
+    def issued(self) -> float:
+        """``issuedAt`` as Unix seconds."""
+        return _rfc3339(self.issued_at, "issuedAt")
+
+    def same_routes(self, other: RouteSetting | None) -> bool:
+        """Whether `other` routes the same way (generation and issue time aside)."""
+        return other is not None and (self.mirror_percent, self.candidate_percent, self.candidate_url) == (
+            other.mirror_percent, other.candidate_percent, other.candidate_url)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class AppliedState(str, enum.Enum):
+    """What a tap does now."""
+
+    applied = "applied"  # it routes by the setting of `generation`
+    fallback = "fallback"  # primary-only: no setting, a stale one, or one it could not read (`reason`)
+    gone = "gone"  # it stopped (its last words, or the broker's will message for it)
+
+
+class FallbackReason(str, enum.Enum):
+    """Why a tap routes primary-only (the ``reason`` label of ``shadowctl_tap_route_fallback``)."""
+
+    none = "none"  # no setting received (yet)
+    stale = "stale"  # issuedAt older than 3 x intervalSeconds: the controller stopped renewing it
+    invalid = "invalid"  # the payload is not a setting this tap understands, or it has no candidate URL to use
+
+
+class AppliedReport(_Strict):
+    """What one tap (one worker process) applies for one policy."""
+
+    schema_: Literal["shadowctl.dev/route-applied/v1"] = Field(default=APPLIED_SCHEMA, alias="schema")
+    tap: str = Field(description="The tap's id (--tap-id; one per worker process).")
+    state: AppliedState
+    generation: int | None = Field(default=None, ge=1, description="The setting applied; null in fallback.")
+    mirror_percent: float | None = Field(default=None, alias="mirrorPercent")
+    candidate_percent: int = Field(default=0, ge=0, le=100, alias="candidatePercent")
+    reason: FallbackReason | None = Field(default=None, description="Why it falls back (state fallback).")
+    applied_at: str | None = Field(default=None, alias="appliedAt", description="RFC 3339: when it took effect.")
+    reported_at: str = Field(alias="reportedAt", description="RFC 3339: when this report was sent.")
+
+    @property
+    def reported(self) -> float:
+        return _rfc3339(self.reported_at, "reportedAt")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class MalformedRouteMessage(ShadowctlError, ValueError):
+    """An MQTT payload on the tap-router channel that is not a valid version-1 setting or report."""
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _parse(model: type[_M], payload: bytes | str) -> _M:
+    try:
+        return model.model_validate_json(payload, strict=True, by_alias=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<message>"
+        raise MalformedRouteMessage(f"{where}: {first['msg']}") from exc
+
+
+def parse_setting(payload: bytes | str) -> RouteSetting:
+    """Parse a route setting strictly; :class:`MalformedRouteMessage` saying what is wrong."""
+    return _parse(RouteSetting, payload)
+
+
+def parse_report(payload: bytes | str) -> AppliedReport:
+    """Parse an applied report strictly; :class:`MalformedRouteMessage` saying what is wrong."""
+    return _parse(AppliedReport, payload)
+
+
+# --------------------------------------------------------------------------- the tap's rule
+
+
+class Effective(BaseModel):
+    """What a tap routes by right now: the setting, or primary-only and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: AppliedState
+    generation: int | None = None
+    mirror_percent: float | None = None
+    candidate_percent: int = 0
+    candidate_url: str | None = None
+    reason: FallbackReason | None = None
+
+    @property
+    def routes_to_candidate(self) -> bool:
+        return self.mirror_percent is not None or self.candidate_percent > 0
+
+
+PRIMARY_ONLY_NONE = Effective(state=AppliedState.fallback, reason=FallbackReason.none)
+
+
+def effective(setting: RouteSetting | None, now: float, *, invalid: bool = False) -> Effective:
+    """Apply the setting, unless there is none, it is stale, or the last payload was not understood
+    (`invalid`): then primary-only, no mirror, with the reason."""
+    if invalid:
+        return Effective(state=AppliedState.fallback, reason=FallbackReason.invalid)
+    if setting is None:
+        return PRIMARY_ONLY_NONE
+    if now - setting.issued > STALE_INTERVALS * setting.interval_seconds:
+        return Effective(state=AppliedState.fallback, reason=FallbackReason.stale)
+    return Effective(state=AppliedState.applied, generation=setting.generation, mirror_percent=setting.mirror_percent,
+                     candidate_percent=setting.candidate_percent, candidate_url=setting.candidate_url)
+
+
+# --------------------------------------------------------------------------- the controller's rule
+
+
+class Verification(BaseModel):
+    """Whether the taps apply a setting: ``ok``, or ``problem`` saying which tap does what."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ok: bool
+    problem: str | None = None
+    counted: tuple[str, ...] = ()
+    """The taps whose reports counted (alive within 3 intervals, not gone)."""
+
+
+def counted_taps(reports: dict[str, AppliedReport], now: float, interval_seconds: float) -> dict[str, AppliedReport]:
+    """The taps that count: not gone, and reported within the last 3 intervals."""
+    window = STALE_INTERVALS * interval_seconds
+    return {tap: r for tap, r in reports.items()
+            if r.state is not AppliedState.gone and now - r.reported <= window}
+
+
+def verify(setting: RouteSetting, reports: dict[str, AppliedReport], now: float) -> Verification:
+    """The setting counts as applied when at least one tap counts and every counted tap reports it
+    (``state: applied`` and the setting's generation). A tap in fallback, on an older or a newer
+    generation, or none at all, holds the rollout."""
+    counted = counted_taps(reports, now, setting.interval_seconds)
+    names = tuple(sorted(counted))
+    if not counted:
+        heard = ", ".join(sorted(reports)) or "none"
+        return Verification(ok=False, problem=(
+            f"no tap has reported for {setting.policy} in the last {STALE_INTERVALS} intervals "
+            f"({STALE_INTERVALS * setting.interval_seconds:g}s; taps ever heard: {heard})"))
+    behind = []
+    for tap in names:
+        r = counted[tap]
+        if r.state is AppliedState.fallback:
+            behind.append(f"{tap} is in fallback ({r.reason.value if r.reason else 'unknown'})")
+        elif r.generation != setting.generation:
+            behind.append(f"{tap} applies generation {r.generation}")
+    if behind:
+        return Verification(ok=False, counted=names, problem=(
+            f"generation {setting.generation} of {setting.policy} is not applied by every tap: "
+            + "; ".join(behind)))
+    return Verification(ok=True, counted=names)
