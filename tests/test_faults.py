@@ -124,3 +124,68 @@ def test_the_checker_catches_planted_violations(tiny: Any) -> None:
     report = audit.check(events, namespace=run.NS, writers=run.WRITERS, outcomes={name: "RolledBack"},
                          finals={name: final})
     assert [v["rule"] for v in report.violations] == ["final-restored"], report.violations
+
+
+def _raising_route_writes(events: list[JSON]) -> list[tuple[int, int]]:
+    """(index of a controller route write giving the candidate live traffic, index of the status write
+    that recorded its intent just before it, for the same rollout)."""
+    out = []
+    for i in _controller_route_writes(events):
+        if not audit.candidate_weight(_route(events[i])):
+            continue
+        name = events[i]["objectRef"]["name"]
+        for j in range(i - 1, -1, -1):
+            e = events[j]
+            if (e.get("objectRef") or {}).get("resource") == "shadowpolicies" and e["objectRef"].get("name") == name \
+                    and int((e.get("responseStatus") or {}).get("code") or 0) < 300 \
+                    and isinstance(e.get("responseObject"), dict):
+                if (e["responseObject"].get("status") or {}).get("pendingRoute"):
+                    out.append((i, j))
+                break
+    return out
+
+
+def test_a_raise_is_allowed_by_the_intent_recorded_before_it_and_only_then(tiny: Any) -> None:
+    """Every raise of the candidate's share in the real log was recorded as an intent right before it; a
+    raise whose intent is taken out (routes first, the status after: what a kill between the two writes
+    left) is a step-bound violation, although the status written after it allows the weight."""
+    _, outcomes, events = tiny
+    raises = _raising_route_writes(events)
+    assert raises, "no raise of the candidate's share recorded as an intent in the tiny campaign"
+    route_write, intent_write = raises[0]
+    forged = copy.deepcopy(events)
+    del forged[intent_write]["responseObject"]["status"]["pendingRoute"]
+    report = _check(forged, outcomes)
+    assert [v["rule"] for v in report.violations] == ["step-bound"], report.violations
+    assert report.violations[0]["auditID"] == events[route_write]["auditID"]
+    assert report.violations[0]["write"]["resource"] == "virtualservices"
+    assert report.violations[0]["invariant"].startswith("the candidate's live share never exceeds")
+
+
+def test_the_checker_catches_a_promotion_without_a_passing_verdict(tiny: Any) -> None:
+    _, outcomes, events = tiny
+    promotions = [(i, j) for i, j in _raising_route_writes(events) if audit.candidate_weight(_route(events[i])) == 100]
+    if not promotions:
+        pytest.skip("no rollout of the tiny campaign was promoted")  # pragma: no cover - seed 7 promotes
+    route_write, intent_write = promotions[0]
+    assert events[intent_write]["responseObject"]["status"]["lastVerdict"]["outcome"] == "pass"
+    forged = copy.deepcopy(events)
+    forged[intent_write]["responseObject"]["status"]["lastVerdict"]["outcome"] = "continue"
+    report = _check(forged, outcomes)
+    assert [v["rule"] for v in report.violations] == ["promotion-verdict"], report.violations
+    assert report.violations[0]["auditID"] == events[route_write]["auditID"]
+
+
+def test_the_checker_catches_a_rollout_that_never_ended(tiny: Any) -> None:
+    """A rollout left in Shadowing is a deadline violation; one whose spec was refused (nothing started) or
+    that is Paused is a documented hold."""
+    _, outcomes, events = tiny
+    name = outcomes[0].name
+    finals = {name: outcomes[0].final_vs}
+    shadowing = {"status": {"phase": "Shadowing", "conditions": [{"type": "Ready", "status": "True"}]}}
+    refused = {"status": {"phase": "Pending", "conditions": [
+        {"type": "Ready", "status": "False", "message": "invalid spec: spec: progressDeadline too short"}]}}
+    for final, rules in ((shadowing, ["deadline"]), (refused, []), ({"status": {"phase": "Paused"}}, [])):
+        report = audit.check(events, namespace=run.NS, writers=run.WRITERS, outcomes={name: "Stuck:Shadowing"},
+                             finals=finals, final_policies={name: final})
+        assert [v["rule"] for v in report.violations] == rules, (final, report.violations)

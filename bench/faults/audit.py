@@ -11,11 +11,20 @@ when broken:
 * ``other-routes`` (invariant 1): the routes shadowctl does not manage (all but ``chat-default``) are
   exactly as created;
 * ``step-bound`` (invariant 2): a controller's route write gives the candidate (every destination that is
-  not the primary subset) no more than the step the policy has reached. Routes are written before the
-  status that records the step (a crash between the two is allowed, DESIGN.md), so a write is judged
-  against the status before it and the first status a controller records after it: the weight is
-  allowed by either. The weight a status allows: 0 in Pending and Shadowing (the shadow phase has not
-  passed), 100 in Promoting and Succeeded, else ``rollout.canaryWeight``;
+  not the primary subset) no more than the status before it allows. A write that raises the candidate's
+  share is recorded first as an intent (``status.pendingRoute``, docs/controller.md), so the status before
+  it allows it, and only that status: a write allowed only by a status recorded after it (routes first,
+  then a crash) is a violation. The weight a status allows: 0 in Pending and Shadowing (the shadow phase
+  has not passed), 100 in Promoting and Succeeded, else ``rollout.canaryWeight``; or more, up to
+  ``pendingRoute.candidateWeight``, while an intent is outstanding;
+* ``promotion-verdict`` (no promotion without a persisted passing verdict): a controller's route write
+  that gives the candidate 100% comes after a status whose ``lastVerdict`` passed (or with a person's
+  promote command on the policy);
+* ``deadline`` (every rollout ends in a terminal phase or a documented safe hold before its deadline): the
+  first status that records a terminal phase is no later than ``rolloutStartedAt + progressDeadline`` +
+  :data:`DEADLINE_GRACE`; a rollout that never ended (``Stuck:<phase>``) is a violation unless it is in a
+  documented hold: Paused (a person's or ``onInconclusive: hold``), or its spec refused (Ready=False,
+  ``invalid spec``: nothing was started, nothing is routed);
 Order: by the stored resourceVersion; a landed write that made no new revision (a no-op update, or the
 patch that releases a deleted object's last finalizer, which answers with the object as last stored) is
 placed after every write the log holds before it (the log backend writes events as requests complete).
@@ -36,13 +45,35 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from shadowctl.policy.duration import parse_duration
 
 JSON = dict[str, Any]
 ROUTE = "chat-default"
 PRIMARY_SUBSET = "v1"
 FINALIZER_PREFIX = "shadowctl.dev/"
+DEADLINE_GRACE = 15.0
+"""Seconds past the progress deadline a rollout may take to record its end: the deadline is checked once a
+tick (interval 1 s), and a rollback takes two ticks (RollingBack, then RolledBack), each of which may meet
+an API fault, a 409 or a lease handover first."""
+PROMOTE_COMMANDS = ("promote", "promote-full")
+
+
+INVARIANTS = {
+    "weights-sum": "weights and percents sum to 100",
+    "other-routes": "routes shadowctl does not manage are left as they are",
+    "step-bound": "the candidate's live share never exceeds the step reached, and is 0 before the shadow phase passed",
+    "promotion-verdict": "no promotion without a persisted passing verdict",
+    "rollback-restored": "after rollback (or deletion): 100% primary and no mirror of ours",
+    "restored": "after rollback (or deletion): 100% primary and no mirror of ours",
+    "unconditional-write": "every write names the resourceVersion it was computed from (a stale writer's write fails)",
+    "deadline": "every rollout ends in a terminal phase or a documented safe hold before its deadline",
+    "missing": "the route object survives the rollout",
+}
+"""Each rule's invariant, in DESIGN.md's and issue #16's words (``final-<rule>``: the same, on the final object)."""
 
 
 def read_log(path: Path) -> list[JSON]:
@@ -63,11 +94,17 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, rule: str, rollout: str, detail: str, event: JSON | None = None) -> None:
-        row: JSON = {"rule": rule, "rollout": rollout, "detail": detail}
+        row: JSON = {"rule": rule, "invariant": INVARIANTS.get(rule.removeprefix("final-"), rule),
+                     "rollout": rollout, "detail": detail}
         if event is not None:
+            ref = event.get("objectRef") or {}
             row["rv"] = _rv(event.get("responseObject"))
             row["user"] = (event.get("user") or {}).get("username")
             row["auditID"] = event.get("auditID")
+            row["write"] = {"verb": event.get("verb"), "resource": ref.get("resource"),
+                            "subresource": ref.get("subresource"), "name": ref.get("name"),
+                            "user": row["user"], "auditID": row["auditID"], "resourceVersion": row["rv"],
+                            "stageTimestamp": event.get("stageTimestamp")}
         self.violations.append(row)
 
     def count(self, what: str, n: int = 1) -> None:
@@ -119,13 +156,51 @@ def allowed(status: JSON | None) -> int:
     """The most candidate weight a recorded status allows (see the module docstring)."""
     if not status:
         return 0
+    intent = status.get("pendingRoute") or {}
+    raised = int(intent.get("candidateWeight") or 0)
     rollout = status.get("rollout") or {}
     phase = rollout.get("phase") or status.get("phase") or "Pending"
     if phase in ("Pending", "Shadowing"):
-        return 0
+        return raised
     if phase in ("Promoting", "Succeeded"):
         return 100
-    return int(rollout.get("canaryWeight") or 0)
+    return max(raised, int(rollout.get("canaryWeight") or 0))
+
+
+def _seconds(value: Any) -> float | None:
+    """A Go-style duration (``10s``, ``5m``, ``1h30m``) in seconds; None when it is not one."""
+    try:
+        return parse_duration(value).total_seconds()
+    except ValueError:
+        return None
+
+
+def _epoch(value: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def promote_commanded(obj: JSON) -> bool:
+    """Whether the policy object carries a person's promote command (the annotation, as data)."""
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get("shadowctl.dev/command")
+    try:
+        return isinstance(raw, str) and json.loads(raw).get("command") in PROMOTE_COMMANDS
+    except (ValueError, AttributeError):
+        return False
+
+
+def documented_hold(obj: JSON | None) -> str | None:
+    """Why a rollout that never ended is in a documented safe hold (None: it is not)."""
+    status = (obj or {}).get("status") or {}
+    if _phase(status) == "Paused":
+        return "Paused"
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Ready" and cond.get("status") == "False" \
+                and str(cond.get("message") or "").startswith("invalid spec"):
+            return "spec refused"
+    return None
 
 
 def _phase(status: JSON | None) -> str:
@@ -137,13 +212,15 @@ class _Rollout:
     created: JSON | None = None
     vs: JSON | None = None
     status: JSON | None = None
-    waiting: list[tuple[JSON, int, int]] = field(default_factory=list)
-    """Controller route writes waiting for the next status: (event, candidate weight, allowed before)."""
+    policy: JSON | None = None
+    ended: bool = False
 
 
 def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
-          outcomes: Mapping[str, str] | None = None, finals: Mapping[str, JSON | None] | None = None) -> Report:
-    """Replay the audit log's writes in ``namespace``; ``writers``: the controllers' user names."""
+          outcomes: Mapping[str, str] | None = None, finals: Mapping[str, JSON | None] | None = None,
+          final_policies: Mapping[str, JSON | None] | None = None) -> Report:
+    """Replay the audit log's writes in ``namespace``; ``writers``: the controllers' user names;
+    ``final_policies``: each rollout's policy object at the end (None: deleted), for the deadline rule."""
     report = Report()
     writes: list[tuple[int, int, JSON]] = []
     newest = 0  # the highest revision a landed write has got so far, in the log's order
@@ -199,20 +276,30 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
                 report.add("other-routes", name, "a route shadowctl does not manage was changed", event)
             route = route_of(obj)
             weight = candidate_weight(route) if route else 0
-            if weight > 0:
-                r.waiting.append((event, weight, allowed(r.status)))
+            if weight > allowed(r.status):
+                intent = (r.status or {}).get("pendingRoute")
+                report.add("step-bound", name, f"candidate weight {weight} with the status before allowing "
+                           f"{allowed(r.status)} ({_phase(r.status)}, "
+                           f"{'intent ' + str(intent.get('candidateWeight')) if intent else 'no intent'})", event)
+            if weight == 100:
+                report.count("promotions checked")
+                verdict = ((r.status or {}).get("lastVerdict") or {}).get("outcome")
+                if verdict != "pass" and not promote_commanded(r.policy or {}):
+                    report.add("promotion-verdict", name, f"candidate 100% with the persisted verdict {verdict!r} "
+                               "and no promote command", event)
             continue
         # a ShadowPolicy write (the object or its status): it carries the status as stored
         status = obj.get("status") or {}
         before = r.status
         r.status = status
+        r.policy = obj
+        if status.get("pendingRoute"):
+            report.count("intents recorded" if not (before or {}).get("pendingRoute") else "intent status writes")
         if mine and ref.get("subresource") == "status":
             report.count("controller status writes")
-            for waiting, weight, prior in r.waiting:
-                if weight > max(prior, allowed(status)):
-                    report.add("step-bound", name, f"candidate weight {weight} with status allowing {prior} "
-                               f"before and {allowed(status)} after ({_phase(status)})", waiting)
-            r.waiting.clear()
+        if not r.ended and _phase(status) in TERMINAL:
+            r.ended = True
+            _deadline(report, name, obj, event)
         if _phase(status) == "RolledBack" and _phase(before) != "RolledBack":
             report.count("rollbacks checked")
             _restored(report, name, r.vs, event, "RolledBack recorded")
@@ -221,11 +308,14 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
                 str(f).startswith(FINALIZER_PREFIX) for f in meta.get("finalizers") or []):
             report.count("deletions checked")
             _restored(report, name, r.vs, event, "finalizer released")
-    for name, r in rollouts.items():  # route writes no status followed: judged by the status before them
-        for waiting, weight, prior in r.waiting:
-            if weight > prior:
-                report.add("step-bound", name, f"candidate weight {weight}, status before allowed {prior}, "
-                           "and no status after", waiting)
+    for name, outcome in (outcomes or {}).items():
+        if outcome.startswith("Stuck"):
+            hold = documented_hold((final_policies or {}).get(name))
+            report.count("unfinished rollouts")
+            if hold is None:
+                report.add("deadline", name, f"never ended ({outcome}) and not in a documented hold")
+            else:
+                report.count(f"documented holds: {hold}")
 
     for name, vs in (finals or {}).items():
         report.count("final objects checked")
@@ -244,6 +334,23 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
                 report.add("final-restored", name, f"after {outcome}: candidate {candidate_weight(route)}%, "
                            f"mirror {'mirror' in route}")
     return report
+
+
+TERMINAL = ("Succeeded", "RolledBack", "Failed")
+
+
+def _deadline(report: Report, name: str, obj: JSON, event: JSON) -> None:
+    """The first status that records a terminal phase: no later than the progress deadline + grace."""
+    status = obj.get("status") or {}
+    started = (status.get("rollout") or {}).get("rolloutStartedAt")
+    deadline = _seconds((obj.get("spec") or {}).get("progressDeadline", "2h"))
+    ended = _epoch(status.get("lastTick"))
+    report.count("ends checked")
+    if not isinstance(started, int | float) or deadline is None or ended is None:
+        return
+    if ended - started > deadline + DEADLINE_GRACE:
+        report.add("deadline", name, f"{_phase(status)} recorded {ended - started:.1f} s after the rollout started, "
+                   f"past its progress deadline ({deadline:g} s) + {DEADLINE_GRACE:g} s", event)
 
 
 def _restored(report: Report, name: str, vs: JSON | None, event: JSON, when: str) -> None:

@@ -143,6 +143,7 @@ class Outcome:
     outcome: str = "?"
     seconds: float = 0.0
     final_vs: dict[str, Any] | None = None
+    final_policy: dict[str, Any] | None = None
 
 
 def draw(rng: random.Random, index: int, kinds: Sequence[str]) -> Plan:
@@ -363,6 +364,8 @@ class Campaign:
         await asyncio.gather(*tasks, return_exceptions=True)
         out.seconds = round(time.time() - started, 1)
         out.final_vs = (await self.admin.get(f"{VS_API}/{plan.name}")).json()
+        policy = await self.admin.get(f"{POLICY_API}/{plan.name}")
+        out.final_policy = policy.json() if policy.status_code == 200 else None
         return out
 
     async def run(self, plans: Sequence[Plan], concurrency: int, progress: bool) -> list[Outcome]:
@@ -442,7 +445,8 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
         cluster.stop()
     finals = {o.name: o.final_vs for o in outcomes}
     report = audit.check(audit.read_log(workdir / "audit.log"), namespace=NS, writers=WRITERS,
-                         outcomes={o.name: o.outcome for o in outcomes}, finals=finals)
+                         outcomes={o.name: o.outcome for o in outcomes}, finals=finals,
+                         final_policies={o.name: o.final_policy for o in outcomes})
     result = {
         "command": " ".join(["bench/faults/run.py", *sys.argv[1:]]) if args.record_argv else None,
         "seed": args.seed, "rollouts": args.rollouts, "concurrency": args.concurrency, "kinds": kinds,
@@ -452,22 +456,48 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
         "per_kind": summarize(outcomes, report),
         "controller_kills": controllers.kills, "leader_pauses": controllers.pauses,
         "violation_list": report.violations[:50],
-        "rollout_list": [{k: v for k, v in o.__dict__.items() if k != "final_vs"} for o in outcomes],
+        "rollout_list": [{k: v for k, v in o.__dict__.items() if k not in ("final_vs", "final_policy")}
+                         for o in outcomes],
+        "violations_all": report.violations,
     }
     return result, outcomes
 
 
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's output (#16 item 2): rollouts run, faults per kind, every violation with the write and
+    the invariant it broke, and the phases the rollouts ended in."""
+    faults = {kind: row["rollouts"] for kind, row in result["per_kind"].items() if row["rollouts"] or row["skipped"]}
+    return {
+        "command": result["command"], "seed": result["seed"], "rollouts": result["rollouts"],
+        "wall_s": result["wall_s"], "kube": result["kube"],
+        "faults": faults,
+        "faults_skipped": {k: row["skipped"] for k, row in result["per_kind"].items() if row["skipped"]},
+        "controller_kills": result["controller_kills"], "leader_pauses": result["leader_pauses"],
+        "violations": result["violations_all"],
+        "end_phases": result["outcomes"],
+        "checked": result["checked"],
+    }
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rollouts", type=int, default=20)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--concurrency", type=int, default=40)
+    p.add_argument("--rollouts", type=int, default=20, help="how many rollouts to run (each with 1-3 faults)")
+    p.add_argument("--seed", type=int, default=1, help="seeds the draw of faults, their times and bad candidates")
+    p.add_argument("--concurrency", type=int, default=40,
+                   help="rollouts at once (size it to the machine: a starved rollout times out as Stuck)")
     p.add_argument("--faults", default="", help="comma-separated kinds to draw from (default: all)")
-    p.add_argument("--rollout-timeout", type=float, default=180.0)
-    p.add_argument("--out", type=Path, default=None, help="default: bench/results/faults-<seed>.json")
+    p.add_argument("--rollout-timeout", type=float, default=180.0,
+                   help="seconds after which an unfinished rollout is reported as Stuck:<phase>")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the detailed result (per kind, every rollout's draw and outcome); "
+                        "default: bench/results/faults-<seed>.json")
+    p.add_argument("--summary", type=Path, default=REPO / "bench" / "results" / "faults.json",
+                   help="the issue's summary: rollouts, faults per kind, violations (each with the write and the "
+                        "invariant it broke), end phases; default: bench/results/faults.json")
     p.add_argument("--keep", action="store_true", help="keep the work folder (audit log, controller logs)")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--no-record-argv", dest="record_argv", action="store_false")
+    p.add_argument("--progress", action="store_true", help="print a line every 10 rollouts")
+    p.add_argument("--no-record-argv", dest="record_argv", action="store_false",
+                   help="leave the command line out of the results")
     return p
 
 
@@ -484,14 +514,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     out = args.out or REPO / "bench" / "results" / f"faults-{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps({k: v for k, v in result.items() if k != "violations_all"}, indent=1) + "\n")
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps(summary(result), indent=1) + "\n")
     print(f"{result['rollouts']} rollouts, seed {result['seed']}, {result['wall_s']} s: outcomes {result['outcomes']}; "
           f"{result['violations']} invariant violations; checked {result['checked']}")
     for kind, row in result["per_kind"].items():
         if row["rollouts"] or row["skipped"]:
             print(f"  {kind:18} rollouts {row['rollouts']:4}  skipped {row['skipped']:3}  "
                   f"violations {row['violations']}  {row['outcomes']}")
-    print(f"written {out}")
+    print(f"written {out} and {args.summary}")
     return result
 
 
