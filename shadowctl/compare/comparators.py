@@ -25,6 +25,7 @@ Notes on the less obvious choices:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -37,7 +38,7 @@ from typing import Any
 from shadowctl.compare.events import OutputEvent, ToolCall, Variant, trace_id
 from shadowctl.compare.pairing import Pair
 from shadowctl.errors import ShadowctlError
-from shadowctl.policy.model import BaselineMode, Comparator, ComparatorName, Outputs
+from shadowctl.policy.model import BaselineMode, Comparator, ComparatorName, Outputs, RedactionMode
 from shadowctl.policy.status import ComparatorCounts, DisagreementRecord, OutputTally
 
 MAX_DISAGREEMENTS = 5
@@ -283,12 +284,29 @@ def refusal(a: str, b: str) -> float:
 # --------------------------------------------------------------------------- tool calls
 
 
-def _canonical_call(call: ToolCall) -> tuple[str, str]:
+def sha256_text(text: str) -> str:
+    """SHA-256 (hex) of a text's UTF-8 bytes (lone surrogates, which JSON can carry, kept as they are)."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def canonical_arguments(arguments: str) -> str:
+    """Tool-call arguments as canonical JSON (sorted keys, no spaces), or as they are when not JSON."""
     try:
-        args = json.dumps(json.loads(call.arguments or "{}"), sort_keys=True, separators=(",", ":"))
+        return json.dumps(json.loads(arguments or "{}"), sort_keys=True, separators=(",", ":"))
     except (ValueError, RecursionError):
-        args = call.arguments
-    return call.name, args
+        return arguments
+
+
+def arguments_key(call: ToolCall) -> str:
+    """What two tool calls' arguments are compared by: the hash of their canonical JSON (equal exactly
+    when the arguments are JSON-equal), taken from the event where a redacting tap already hashed them."""
+    if call.arguments_hash is not None:
+        return call.arguments_hash
+    return sha256_text(canonical_arguments(call.arguments))
+
+
+def _canonical_call(call: ToolCall) -> tuple[str, str]:
+    return call.name, arguments_key(call)
 
 
 def tool_calls(a: Sequence[ToolCall] | None, b: Sequence[ToolCall] | None) -> float:
@@ -322,6 +340,98 @@ SEMANTIC_HELP = (
 )
 
 
+# --------------------------------------------------------------------------- redacted events
+
+REFUSAL_CHARS = 2000
+"""Characters of an answer :func:`is_refusal` reads: a redacted prefix at least this long decides it alike."""
+
+_WHOLE_TEXT = frozenset({ComparatorName.normalized_exact, ComparatorName.json_valid, ComparatorName.json_structure})
+_PREFIX_TEXT = frozenset({ComparatorName.token_f1, ComparatorName.rouge_l, ComparatorName.semantic})
+
+RUNS_UNDER: Mapping[RedactionMode, Mapping[ComparatorName, str]] = {
+    RedactionMode.none: {name: "on the whole texts" for name in ComparatorName},
+    RedactionMode.truncate: {
+        ComparatorName.exact: "on the answers' hashes",
+        ComparatorName.normalized_exact: "only on answers no longer than maxChars",
+        ComparatorName.token_f1: "on the first maxChars characters of each answer",
+        ComparatorName.rouge_l: "on the first maxChars characters of each answer",
+        ComparatorName.semantic: "on the first maxChars characters of each answer",
+        ComparatorName.length_ratio: "on the word counts the taps recorded",
+        ComparatorName.json_valid: "only on answers no longer than maxChars",
+        ComparatorName.json_structure: "only on answers no longer than maxChars",
+        ComparatorName.refusal: f"where maxChars is at least {REFUSAL_CHARS}, or on answers no longer than maxChars",
+        ComparatorName.tool_calls: "on the arguments' hashes",
+    },
+    RedactionMode.hash: {
+        ComparatorName.exact: "on the answers' hashes",
+        ComparatorName.length_ratio: "on the word counts the taps recorded",
+        ComparatorName.tool_calls: "on the arguments' hashes",
+    },
+    RedactionMode.drop: {ComparatorName.length_ratio: "on the word counts the taps recorded"},
+}
+"""Which comparators can run on events redacted by each mode, and on what (docs/outputs.md, "Redaction").
+A comparator missing from a mode's entry cannot score any pair: its agreement is no data, never a pass."""
+
+
+def cannot_run(name: ComparatorName, mode: RedactionMode) -> str | None:
+    """Why comparator ``name`` cannot run on events redacted by ``mode`` (None: it can, at least on some pairs)."""
+    if name in RUNS_UNDER[mode]:
+        return None
+    needs = "the answers' texts" if name is not ComparatorName.exact else "the answers' texts or hashes"
+    return (f"comparator {name.value!r} needs {needs}, which redaction mode {mode.value!r} removes from the "
+            f"output events (spec.analysis.outputs.redaction)")
+
+
+def _whole(event: OutputEvent) -> bool:
+    """Whether the event holds its whole answer (unredacted, or truncated where the answer was shorter)."""
+    return event.redaction is None or (
+        event.redaction == "truncate" and event.output_chars is not None and len(event.output) >= event.output_chars)
+
+
+def _prefix(event: OutputEvent) -> float:
+    """How many characters of the answer the event holds (infinite when whole, 0 without text)."""
+    if _whole(event):
+        return math.inf
+    return len(event.output) if event.redaction == "truncate" else 0.0
+
+
+def scorable(name: ComparatorName, a: OutputEvent, b: OutputEvent) -> bool:
+    """Whether comparator ``name`` can score this pair, given what redaction left in the two events."""
+    if a.redaction is None and b.redaction is None:
+        return True
+    if name is ComparatorName.exact:
+        return a.redaction != "drop" and b.redaction != "drop"
+    if name in _WHOLE_TEXT:
+        return _whole(a) and _whole(b)
+    if name in _PREFIX_TEXT:
+        return min(_prefix(a), _prefix(b)) > 0
+    if name is ComparatorName.refusal:
+        return min(_prefix(a), _prefix(b)) >= REFUSAL_CHARS
+    if name is ComparatorName.length_ratio:
+        return (a.redaction is None or a.output_words is not None) and (b.redaction is None or b.output_words is not None)
+    if name is ComparatorName.tool_calls:
+        return a.redaction != "drop" and b.redaction != "drop"
+    return False
+
+
+def _output_hash(event: OutputEvent) -> str:
+    return event.output_hash if event.output_hash is not None else sha256_text(event.output)
+
+
+def _words(event: OutputEvent) -> int:
+    return event.output_words if event.redaction is not None and event.output_words is not None \
+        else len(tokens(event.output))
+
+
+def _texts(a: OutputEvent, b: OutputEvent) -> tuple[str, str]:
+    """The two answers cut to the shorter of the prefixes the events hold (both whole: as they are)."""
+    n = min(_prefix(a), _prefix(b))
+    if n == math.inf:
+        return a.output, b.output
+    cut = int(n)
+    return a.output[:cut], b.output[:cut]
+
+
 # --------------------------------------------------------------------------- binding to a policy
 
 _TEXT_SCORERS: dict[ComparatorName, Callable[[str, str], float]] = {
@@ -347,10 +457,27 @@ class BoundComparator:
     slow: bool = False
     """Runs a model (milliseconds per pair, not microseconds): callers score it off their event loop."""
 
+    def can_score(self, primary: OutputEvent, other: OutputEvent) -> bool:
+        """Whether this comparator can score the pair (see :func:`scorable`: redacted events)."""
+        return scorable(self.name, primary, other)
 
-def _text_scorer(fn: Callable[[str, str], float]) -> Callable[[OutputEvent, OutputEvent], float]:
-    def score(primary: OutputEvent, other: OutputEvent) -> float:
-        return fn(primary.output, other.output)
+
+def _text_scorer(name: ComparatorName) -> Callable[[OutputEvent, OutputEvent], float]:
+    fn = _TEXT_SCORERS[name]
+    if name is ComparatorName.exact:
+        def score(primary: OutputEvent, other: OutputEvent) -> float:
+            if primary.redaction is None and other.redaction is None:
+                return fn(primary.output, other.output)
+            return 1.0 if _output_hash(primary) == _output_hash(other) else 0.0
+    elif name is ComparatorName.length_ratio:
+        def score(primary: OutputEvent, other: OutputEvent) -> float:
+            la, lb = _words(primary), _words(other)
+            return 1.0 if la == lb else min(la, lb) / max(la, lb)
+    else:
+        def score(primary: OutputEvent, other: OutputEvent) -> float:
+            if primary.redaction is None and other.redaction is None:
+                return fn(primary.output, other.output)
+            return fn(*_texts(primary, other))
 
     return score
 
@@ -361,9 +488,10 @@ def _tool_scorer(primary: OutputEvent, other: OutputEvent) -> float:
 
 def _semantic_scorer(embed: Embedder) -> Callable[[OutputEvent, OutputEvent], float]:
     def score(primary: OutputEvent, other: OutputEvent) -> float:
-        if primary.output == other.output:
+        a, b = _texts(primary, other)
+        if a == b:
             return 1.0
-        return cosine01(embed(primary.output), embed(other.output))
+        return cosine01(embed(a), embed(b))
 
     return score
 
@@ -379,7 +507,7 @@ def build_comparators(specs: Iterable[Comparator], *, embedder: Embedder | None 
         elif spec.name is ComparatorName.tool_calls:
             fn = _tool_scorer
         else:
-            fn = _text_scorer(_TEXT_SCORERS[spec.name])
+            fn = _text_scorer(spec.name)
         out.append(BoundComparator(name=spec.name, threshold=spec.threshold, critical=spec.critical, score=fn,
                                    slow=spec.name is ComparatorName.semantic))
     return out
@@ -395,13 +523,17 @@ class PairResult:
     agrees: Mapping[ComparatorName, bool]
     trace_id: str | None = None
     """The user's trace: from the primary's traceparent, else the other answer's (the mirror copy's)."""
+    redacted: tuple[ComparatorName, ...] = ()
+    """Comparators that could not score this pair: redaction removed what they read."""
 
 
 def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResult | None:
     """Score a pair. None when the primary itself failed (nothing to agree with).
 
     A failed candidate or baseline answer (non-2xx, or cut off) disagrees under every comparator:
-    an error is not an answer that agrees with the primary's.
+    an error is not an answer that agrees with the primary's. A comparator that cannot score the pair
+    because redaction removed what it reads (:func:`scorable`) is left out of the result and named in
+    ``redacted``: the pair counts neither for nor against it.
     """
     primary, other = pair.primary, pair.other
     if not primary.ok:
@@ -409,13 +541,17 @@ def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResu
     other_ok = other.ok
     scores: dict[ComparatorName, float] = {}
     agrees: dict[ComparatorName, bool] = {}
+    redacted: list[ComparatorName] = []
     for comp in comparators:
+        if not comp.can_score(primary, other):
+            redacted.append(comp.name)
+            continue
         value = min(1.0, max(0.0, comp.score(primary, other))) if other_ok else 0.0
         scores[comp.name] = value
         agrees[comp.name] = value >= comp.threshold
     traceparent = primary.traceparent or other.traceparent
     return PairResult(request_id=pair.request_id, variant=pair.variant, scores=scores, agrees=agrees,
-                      trace_id=trace_id(traceparent) if traceparent else None)
+                      trace_id=trace_id(traceparent) if traceparent else None, redacted=tuple(redacted))
 
 
 # --------------------------------------------------------------------------- tally
@@ -461,7 +597,7 @@ class AgreementTally:
 
 def _counts(row: list[int]) -> ComparatorCounts:
     return ComparatorCounts(candidate_pairs=row[0], candidate_agree=row[1], baseline_pairs=row[2],
-                            baseline_agree=row[3])
+                            baseline_agree=row[3], redacted_pairs=row[4])
 
 
 class TallyBuilder:
@@ -475,7 +611,7 @@ class TallyBuilder:
     def __init__(self, start: AgreementTally | None = None) -> None:
         start = start if start is not None else AgreementTally()
         self._rows: dict[str, list[int]] = {
-            name: [t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree]
+            name: [t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree, t.redacted_pairs]
             for name, t in start.counts.items()
         }
         self._skipped = start.skipped_primary_failed
@@ -490,10 +626,16 @@ class TallyBuilder:
             return
         offset = 0 if result.variant is Variant.candidate else 2
         rows = self._rows
+        if offset == 0:
+            for name in result.redacted:
+                row = rows.get(name.value)
+                if row is None:
+                    row = rows[name.value] = [0, 0, 0, 0, 0]
+                row[4] += 1
         for name, agrees in result.agrees.items():
             row = rows.get(name.value)
             if row is None:
-                row = rows[name.value] = [0, 0, 0, 0]
+                row = rows[name.value] = [0, 0, 0, 0, 0]
             row[offset] += 1
             if agrees:
                 row[offset + 1] += 1
@@ -530,6 +672,19 @@ class AgreementInput:
     baseline_pairs: int
     fixed_baseline: float | None
     min_relative_agreement: float
+    redacted_pairs: int = 0
+    """Candidate pairs this comparator could not score because their events were redacted."""
+    unavailable: str | None = None
+    """Why this comparator cannot run at all under the policy's redaction (its agreement is then no data)."""
+
+    def no_data_reason(self) -> str | None:
+        """Why the candidate's agreement is no data, where redaction is the reason (else None)."""
+        if self.unavailable is not None:
+            return self.unavailable
+        if self.candidate_pairs == 0 and self.redacted_pairs:
+            return (f"comparator {self.comparator!r} could not score any of {self.redacted_pairs} candidate pairs: "
+                    f"their output events are redacted (the taps' --redact) and lack what it reads")
+        return None
 
 
 def judge_inputs(tally: AgreementTally, outputs: Outputs) -> list[AgreementInput]:
@@ -548,6 +703,8 @@ def judge_inputs(tally: AgreementTally, outputs: Outputs) -> list[AgreementInput
                 baseline_pairs=0 if fixed is not None else t.baseline_pairs,
                 fixed_baseline=fixed,
                 min_relative_agreement=outputs.min_relative_agreement,
+                redacted_pairs=t.redacted_pairs,
+                unavailable=cannot_run(spec.name, outputs.redaction.mode),
             )
         )
     return out

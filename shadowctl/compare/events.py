@@ -82,11 +82,22 @@ class Usage(_Strict):
     total_tokens: int | None = Field(default=None, ge=0)
 
 
+SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+
+Redacted = Literal["truncate", "hash", "drop"]
+"""What a tap removed from an event's texts (the values of ``spec.analysis.outputs.redaction.mode`` other
+than none; :mod:`shadowctl.compare.redaction`)."""
+
+
 class ToolCall(_Strict):
     """One OpenAI tool call: the function name and its arguments (a JSON text, as the server sent it)."""
 
     name: str
     arguments: str = ""
+    arguments_hash: str | None = Field(
+        default=None, pattern=SHA256_PATTERN,
+        description="Redacted events: SHA-256 (hex) of the arguments' canonical JSON, and arguments is empty. "
+                    "Absent from the wire when not redacted.")
 
 
 class OutputEvent(_Strict):
@@ -122,6 +133,16 @@ class OutputEvent(_Strict):
         description="The request's W3C traceparent header, where it had a valid one (the user's trace). "
                     "Absent from the wire when the request had none.",
     )
+    redaction: Redacted | None = Field(
+        default=None,
+        description="What the tap removed from the texts (truncate, hash, drop); absent when it kept them whole.")
+    prompt_chars: int | None = Field(default=None, ge=0, description="Redacted events: the prompt's length.")
+    output_chars: int | None = Field(default=None, ge=0, description="Redacted events: the answer's length.")
+    output_words: int | None = Field(
+        default=None, ge=0, description="Redacted events: the answer's word tokens as the comparators count them.")
+    output_hash: str | None = Field(
+        default=None, pattern=SHA256_PATTERN,
+        description="Redaction truncate or hash: SHA-256 (hex) of the whole answer's UTF-8 text.")
 
     @property
     def ok(self) -> bool:
@@ -129,10 +150,19 @@ class OutputEvent(_Strict):
         return 200 <= self.status < 300 and self.error is None
 
     def to_json(self) -> bytes:
-        """The wire form (compact JSON, keys by alias). ``traceparent`` is left out when there is none, so
-        such an event is what a tap before the field wrote (docs/outputs.md, "Trace context")."""
-        exclude = {"traceparent"} if self.traceparent is None else None
-        return self.model_dump_json(by_alias=True, exclude_none=False, exclude=exclude).encode()
+        """The wire form (compact JSON, keys by alias). ``traceparent`` and the redaction fields are left out
+        when they are None, so such an event is what a tap before those fields wrote (docs/outputs.md,
+        "Trace context", "Redaction")."""
+        exclude: dict[str, Any] = {name: True for name in _OPTIONAL_ON_WIRE if getattr(self, name) is None}
+        if self.tool_calls and any(c.arguments_hash is None for c in self.tool_calls):
+            exclude["tool_calls"] = {i: {"arguments_hash"} for i, c in enumerate(self.tool_calls)
+                                     if c.arguments_hash is None}
+        return self.model_dump_json(by_alias=True, exclude_none=False, exclude=exclude or None).encode()
+
+
+_OPTIONAL_ON_WIRE = ("traceparent", "redaction", "prompt_chars", "output_chars", "output_words", "output_hash")
+"""Fields left out of the wire form when they are None: an event without them is what a tap before them
+wrote, so a controller of that time still reads it (``extra="forbid"``)."""
 
 
 class MalformedEvent(ShadowctlError, ValueError):

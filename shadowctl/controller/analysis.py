@@ -184,9 +184,10 @@ def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
         critical=item.critical,
         min_samples=min_pairs,
     )
+    redacted = item.no_data_reason()
     candidate: ArmData = (
-        Counts(item.candidate_pairs - item.candidate_agree, item.candidate_pairs)
-        if item.candidate_pairs
+        NoData(redacted) if redacted is not None
+        else Counts(item.candidate_pairs - item.candidate_agree, item.candidate_pairs) if item.candidate_pairs
         else NoData("no paired candidate answers yet")
     )
     if item.fixed_baseline is not None:
