@@ -53,6 +53,7 @@ CLEANED = tuple(
         ("networking.istio.io", "v1", "virtualservices"),
         ("networking.istio.io", "v1", "destinationrules"),
         ("gateway.networking.k8s.io", "v1", "httproutes"),
+        ("serving.kserve.io", "v1beta1", "inferenceservices"),
         ("serving.knative.dev", "v1", "services"),
         ("serving.knative.dev", "v1", "revisions"),
         ("serving.knative.dev", "v1", "configurations"),

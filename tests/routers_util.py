@@ -20,14 +20,15 @@ def load(name: str) -> dict[str, Any]:
 def assert_valid(obj: dict[str, Any]) -> None:
     """The real API server accepts ``obj`` (a server-side dry run with strict field validation).
 
-    The test must request the ``local_cluster`` fixture. For a Knative Service the
+    The test must request the ``local_cluster`` fixture (``kserve`` for an InferenceService). For a Knative Service the
     Revisions its traffic names are created first (the webhook checks they exist)
     and removed after.
     """
     cluster = conftest_kube.SESSION.get("cluster")
     assert cluster is not None, "assert_valid needs the local_cluster fixture"
     group, _, version = obj["apiVersion"].rpartition("/")
-    plural = {"VirtualService": "virtualservices", "Service": "services", "HTTPRoute": "httproutes"}[obj["kind"]]
+    plural = {"VirtualService": "virtualservices", "Service": "services", "HTTPRoute": "httproutes",
+              "InferenceService": "inferenceservices"}[obj["kind"]]
     ns = obj["metadata"].get("namespace") or "default"
     body = {**obj, "metadata": {k: v for k, v in obj["metadata"].items()
                                  if k not in ("resourceVersion", "uid", "creationTimestamp", "generation")}}

@@ -59,6 +59,12 @@ class VerifyFailed(RouterError):
     """The write succeeded but reading back shows other routes (a webhook or another writer changed them)."""
 
 
+class RevisionsChanged(RouterError):
+    """The revisions the target splits between are no longer those the rollout started with (KServe: a new
+    revision became the latest ready one mid-rollout); refused rather than giving an unanalysed revision live
+    traffic. The controller restarts the analysis for the new candidate."""
+
+
 class ClusterError(RouterError):
     """The Kubernetes API failed (unreachable, 429/5xx after retries, forbidden); the KubeError is chained."""
 

@@ -45,6 +45,7 @@ from shadowctl.kube import KubeClient
 from shadowctl.policy.crd import crd
 from shadowctl.sim.errors import SimError
 from shadowctl.sim.knative import KnativeStandIn
+from shadowctl.sim.kserve import KServeStandIn
 from shadowctl.sim.pki import CertFiles, LocalCA, signing_key_pair
 
 JSON = dict[str, Any]
@@ -60,6 +61,12 @@ UPSTREAM_CRDS = frozenset({
     "routes.serving.knative.dev",
     "httproutes.gateway.networking.k8s.io",
 })
+KSERVE_CRD = "inferenceservices.serving.kserve.io"
+KSERVE_CRD_FILE = "kserve-inferenceservices.yaml"
+SHARED_CRDS = Path(__file__).resolve().parents[2].parent / "shared" / "crds"
+"""The checkout's ``../shared/crds``: where KServe's CRD comes from when the CRD folder lacks it (KServe is not
+on the Go module proxy, so hack/setup.sh cannot pin and copy it). Installed only on request
+(:meth:`LocalCluster.enable_kserve`): its 2 MB schema adds 5 to 25 s to the API server's start on two cores."""
 SERVICE_CIDR = "10.0.0.0/24"
 
 # What the API server's audit log records when it is on (``audit_log=``): every write to a route object or a
@@ -122,8 +129,7 @@ def default_crds_dir() -> Path:
     if override:
         return Path(override)
     installed = Path(sys.prefix) / "share" / "shadowctl" / "crds"
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "crds"
-    return shared if not installed.is_dir() and shared.is_dir() else installed
+    return SHARED_CRDS if not installed.is_dir() and SHARED_CRDS.is_dir() else installed
 
 
 def free_port() -> int:
@@ -402,10 +408,26 @@ class ControlPlane:
                     seen.add(name)
                     yield doc
 
-    def _install_crds(self, client: httpx.Client) -> None:
+    def kserve_crd_file(self) -> Path | None:
+        """KServe's InferenceService CRD: in the CRD folder, else in the checkout's ``../shared/crds`` (None: neither)."""
+        for folder in (self.crds_dir, SHARED_CRDS):
+            if (folder / KSERVE_CRD_FILE).is_file():
+                return folder / KSERVE_CRD_FILE
+        return None
+
+    def install_crd_file(self, path: Path) -> None:
+        """Install the CRDs of one YAML file into the running API server and wait until they are served."""
+        docs = [d for d in yaml.safe_load_all(path.read_text())
+                if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
+        with self.admin_client() as client:
+            installed = self.installed_crds
+            self._install_crds(client, docs)
+            self.installed_crds = [*installed, *(n for n in self.installed_crds if n not in installed)]
+
+    def _install_crds(self, client: httpx.Client, docs: Sequence[JSON] | None = None) -> None:
         path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
         names = []
-        for doc in self._crd_documents():
+        for doc in (docs if docs is not None else self._crd_documents()):
             answer = client.post(path, json=doc)
             if answer.status_code not in (201, 409):
                 raise ControlPlaneError(f"CRD {doc['metadata']['name']} refused: {answer.status_code} {answer.text[:500]}")
@@ -466,15 +488,22 @@ class LocalCluster:
     * the Knative stand-in (:mod:`shadowctl.sim.knative`): its webhook
       registered with the API server, its controller watching Services, both on
       a background thread with their own event loop;
+    * with ``kserve`` (or after :meth:`enable_kserve`), KServe's CRD and its stand-in
+      (:mod:`shadowctl.sim.kserve`): a controller writing InferenceServices' status, on its own
+      background thread and event loop;
     * an admin bearer token (a ServiceAccount bound to ``cluster-admin``, from
       the TokenRequest API) for clients that cannot present the admin
       certificate, such as those behind the fault proxy.
     """
 
-    def __init__(self, *, crds: Path | None = None, knative: bool = True, audit_log: Path | None = None,
-                 audit_policy: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, crds: Path | None = None, knative: bool = True, kserve: bool = False,
+                 audit_log: Path | None = None, audit_policy: dict[str, Any] | None = None) -> None:
         self.plane = ControlPlane(crds=crds, audit_log=audit_log, audit_policy=audit_policy)
         self.knative = knative
+        self.kserve = kserve
+        self._kserve_thread: threading.Thread | None = None
+        self._kserve_loop: asyncio.AbstractEventLoop | None = None
+        self._kserve_stand_in: KServeStandIn | None = None
         self.admin_token = ""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -492,12 +521,29 @@ class LocalCluster:
                 self.admin_token = self.service_account_token(client, *ADMIN_SA, cluster_role="cluster-admin")
                 if self.knative and "services.serving.knative.dev" in self.plane.installed_crds:
                     self._start_knative(client)
+            if self.kserve:
+                self.enable_kserve()
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
         """Stop the stand-ins, then the control plane."""
+        if self._kserve_loop is not None:
+            stand_in = self._kserve_stand_in
+
+            async def stop_kserve() -> None:
+                if stand_in is not None:
+                    await stand_in.stop()
+                    await stand_in.kube.close()
+                    await asyncio.sleep(0.25)  # TLS connections finish closing a few iterations later
+
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(stop_kserve(), self._kserve_loop).result(15)
+            self._kserve_loop.call_soon_threadsafe(self._kserve_loop.stop)
+            if self._kserve_thread is not None:
+                self._kserve_thread.join(15)
+            self._kserve_loop = None
         if self._loop is not None:
 
             async def stop_all() -> None:
@@ -546,6 +592,50 @@ class LocalCluster:
         answer = client.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", json=request)
         _ok(answer, f"token for {namespace}/{name}")
         return str(answer.json()["status"]["token"])
+
+    def enable_kserve(self) -> None:
+        """Install KServe's CRD (see :data:`SHARED_CRDS`) and start the KServe stand-in; once (later calls return).
+        ControlPlaneError when the CRD is in neither folder."""
+        if self._kserve_stand_in is not None:
+            return
+        if KSERVE_CRD not in self.plane.installed_crds:
+            found = self.plane.kserve_crd_file()
+            if found is None:
+                raise ControlPlaneError(f"KServe's CRD ({KSERVE_CRD_FILE}) is neither in {self.plane.crds_dir} nor in "
+                                        f"{SHARED_CRDS}")
+            self.plane.install_crd_file(found)
+        self._start_kserve()
+
+    def _start_kserve(self) -> None:
+        plane = self.plane
+        kubeconfig = plane.write_kubeconfig(plane.workdir / "kserve-stand-in.kubeconfig")
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._kserve_loop = loop
+
+            async def begin() -> None:
+                kube = await KubeClient.connect(kubeconfig=kubeconfig, component="kserve-stand-in")
+                self._kserve_stand_in = KServeStandIn(kube)
+                await self._kserve_stand_in.start()
+
+            try:
+                loop.run_until_complete(begin())
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.close()
+
+        self._kserve_thread = threading.Thread(target=run, name="kserve-stand-in", daemon=True)
+        self._kserve_thread.start()
+        started.wait(30)
+        if failure or self._kserve_stand_in is None:
+            raise ControlPlaneError(f"KServe stand-in did not start: {failure[0] if failure else 'timeout'}")
 
     def _start_knative(self, client: httpx.Client) -> None:
         plane = self.plane

@@ -1,5 +1,5 @@
-"""A mesh data-plane simulator: routes real HTTP requests by Istio VirtualServices, Gateway API HTTPRoutes
-or Knative Services.
+"""A mesh data-plane simulator: routes real HTTP requests by Istio VirtualServices, Gateway API HTTPRoutes,
+Knative Services or KServe InferenceServices.
 
 It stands in for Envoy (and Knative's activator) in the local environment. The
 routing objects are read from the Kubernetes API (the local control plane) through
@@ -48,6 +48,12 @@ else ``spec.traffic`` with ``latestRevision`` resolved to
 ``Knative-Serving-Tag`` header) goes to the tagged revision. Knative cannot
 mirror.
 
+KServe InferenceService (serverless): by ``status.components.predictor.traffic``, the Knative traffic
+KServe programmed (percents per revision; its ``latestRevision`` target already resolved to the latest
+ready revision), since that, not the spec, is what the data plane follows; Host
+``<tag>-<name>-predictor.*`` (e.g. ``prev-``) goes to the tagged revision. No status yet: 404, as
+before KServe has programmed a route. KServe cannot mirror.
+
 ``x-request-id`` is generated when absent, as Envoy does. Hop-by-hop headers
 are dropped; bodies stream through chunk by chunk, undecoded.
 """
@@ -70,7 +76,15 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from shadowctl.kube import HTTP_ROUTE, KNATIVE_SERVICE, VIRTUAL_SERVICE, KubeClient, KubeError, WatchExpired
+from shadowctl.kube import (
+    HTTP_ROUTE,
+    INFERENCE_SERVICE,
+    KNATIVE_SERVICE,
+    VIRTUAL_SERVICE,
+    KubeClient,
+    KubeError,
+    WatchExpired,
+)
 from shadowctl.sim.errors import SimError
 
 log = structlog.get_logger(__name__)
@@ -124,7 +138,16 @@ class GatewaySource:
     kind: Literal["HTTPRoute"] = "HTTPRoute"
 
 
-Source = IstioSource | KnativeSource | GatewaySource
+@dataclass(frozen=True)
+class KServeSource:
+    """Route by this KServe InferenceService's predictor traffic."""
+
+    namespace: str
+    name: str
+    kind: Literal["InferenceService"] = "InferenceService"
+
+
+Source = IstioSource | KnativeSource | GatewaySource | KServeSource
 DestKey = tuple[str, str | None, int | None]  # host, subset, port
 
 
@@ -347,6 +370,24 @@ def parse_knative_service(obj: JSON, source: KnativeSource) -> RoutingTable:
                         traffic=tuple(targets))
 
 
+def parse_inference_service(obj: JSON, source: KServeSource) -> RoutingTable:
+    """The routing table of an InferenceService: the predictor traffic KServe reports in its status."""
+    meta = obj.get("metadata") or {}
+    gen = meta.get("generation")
+    components = (obj.get("status") or {}).get("components") or {}
+    predictor = components.get("predictor") if isinstance(components, dict) else None
+    raw = predictor.get("traffic") if isinstance(predictor, dict) else None
+    targets: list[KnativeTarget] = []
+    for t in raw if isinstance(raw, list) else []:
+        if not isinstance(t, dict) or not isinstance(t.get("revisionName"), str):
+            continue
+        percent, tag = t.get("percent"), t.get("tag")
+        targets.append(KnativeTarget(t["revisionName"], percent if isinstance(percent, int) else 0,
+                                     tag if isinstance(tag, str) and tag else None))
+    return RoutingTable(source, str(meta.get("resourceVersion") or ""), gen if isinstance(gen, int) else None,
+                        traffic=tuple(targets))
+
+
 @dataclass(frozen=True)
 class RequestView:
     """What route matching looks at."""
@@ -554,7 +595,7 @@ def _summarise(table: RoutingTable | None) -> tuple[JSON, ...]:
                           "total_weight": total, "mirrors": {d.key: p for d, p in rule.mirrors},
                           "deprecated_mirror_percent": False})
         return tuple(rules)
-    if isinstance(table.source, KnativeSource):
+    if isinstance(table.source, KnativeSource | KServeSource):
         percents: Counter[str] = Counter()
         for t in table.traffic:
             percents[t.revision] += t.percent
@@ -640,7 +681,7 @@ class MeshSimulator:
 
     ``upstreams`` keys are ``(host, subset)`` or ``(host, subset, port)``; a
     short host (``chat``) matches the FQDN of any namespace. ``revisions`` maps
-    Knative revision names to URLs. ``seed`` fixes the weighted and mirror draws.
+    Knative (and KServe) revision names to URLs. ``seed`` fixes the weighted and mirror draws.
     """
 
     def __init__(
@@ -788,6 +829,8 @@ class MeshSimulator:
                 table = parse_virtual_service(obj, source)
             elif isinstance(source, GatewaySource):
                 table = parse_http_route(obj, source)
+            elif isinstance(source, KServeSource):
+                table = parse_inference_service(obj, source)
             else:
                 table = parse_knative_service(obj, source)
         if source in self.tables:
@@ -813,7 +856,8 @@ class MeshSimulator:
 
     async def _follow(self, source: Source) -> None:
         gvr = (VIRTUAL_SERVICE if isinstance(source, IstioSource)
-               else HTTP_ROUTE if isinstance(source, GatewaySource) else KNATIVE_SERVICE)
+               else HTTP_ROUTE if isinstance(source, GatewaySource)
+               else INFERENCE_SERVICE if isinstance(source, KServeSource) else KNATIVE_SERVICE)
         selector = f"metadata.name={source.name}"
         rv: str | None = None
         while True:
@@ -861,6 +905,10 @@ class MeshSimulator:
                 first = hostname.split(".")[0]
                 if first == source.name or first.endswith(f"-{source.name}"):
                     return table
+            if isinstance(source, KServeSource):
+                first = hostname.split(".")[0]
+                if first in (source.name, f"{source.name}-predictor") or first.endswith(f"-{source.name}-predictor"):
+                    return table
         # One VirtualService or Knative Service takes any Host (a test's 127.0.0.1:port); an HTTPRoute
         # with hostnames serves those only, as a Gateway's listener does.
         alone = len(self.sources) == 1 and tables and not isinstance(tables[0][0], GatewaySource)
@@ -882,11 +930,12 @@ class MeshSimulator:
             picked: Destination | None = pick_weighted(rule.backends, self._rng.random())
             assert picked is not None  # a positive total always picks
             return Routed(picked.key, self._upstream_for(picked), mirrors, 500)
-        if isinstance(table.source, KnativeSource):
+        if isinstance(table.source, KnativeSource | KServeSource):
             first = hostname.split(".")[0]
             tag = req.headers.get(TAG_HEADER)
-            if first.endswith(f"-{table.source.name}") and first != table.source.name:
-                tag = first[: -len(table.source.name) - 1]
+            service = table.source.name + ("-predictor" if isinstance(table.source, KServeSource) else "")
+            if first.endswith(f"-{service}") and first != service:
+                tag = first[: -len(service) - 1]
             if tag:
                 for t in table.traffic:
                     if t.tag == tag:
