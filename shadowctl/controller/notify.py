@@ -64,8 +64,10 @@ def events_topic(policy: ShadowPolicy) -> str | None:
 class WebhookPort(Protocol):
     """POST a payload to a webhook (the adapter: :class:`shadowctl.webhooks.HttpWebhooks`)."""
 
-    async def post(self, hook: Webhook, payload: dict[str, Any]) -> int | None:
-        """The status code of the answer after the hook's retries (below 500), None if none came; never raises."""
+    async def post(self, hook: Webhook, payload: dict[str, Any], *, namespace: str | None = None) -> int | None:
+        """The status code of the answer after the hook's retries (below 500), None if none came; never raises.
+
+        ``namespace``: the policy's, where the hook's ``signingSecret`` is read."""
         ...
 
 
@@ -91,7 +93,7 @@ class ClusterNotifier:
         if self.webhooks is not None:
             for hook in policy.spec.notifications.webhooks:
                 if hook.type is WebhookType.event:
-                    tasks.append(self._hook(hook, payload))
+                    tasks.append(self._hook(hook, payload, policy.metadata.namespace))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
@@ -107,9 +109,9 @@ class ClusterNotifier:
             self.failures += 1
             log.warning("event.failed", reason=note.reason, error=str(exc))
 
-    async def _hook(self, hook: Webhook, payload: dict[str, Any]) -> None:
+    async def _hook(self, hook: Webhook, payload: dict[str, Any], namespace: str) -> None:
         assert self.webhooks is not None
-        if await self.webhooks.post(hook, payload) is None:
+        if await self.webhooks.post(hook, payload, namespace=namespace) is None:
             self.failures += 1
 
 
@@ -127,7 +129,7 @@ class WebhookGate:
         payload = event_payload(policy, Notify("ConfirmPromotion", "may the candidate be promoted?"), state,
                                 self.clock.now())
         for hook in hooks:
-            status = await self.webhooks.post(hook, payload)
+            status = await self.webhooks.post(hook, payload, namespace=policy.metadata.namespace)
             if status is None or not 200 <= status < 300:
                 log.info("gate.closed", policy=policy.key, webhook=hook.name, status=status)
                 return False
