@@ -73,7 +73,7 @@ async def test_requests_go_to_the_server_their_policy_names() -> None:
 
     router = RoutingSource(default, connect, clock=Clock())
     plain, own = _request("a"), _request("b", {"url": "http://thanos.tenant:9090", "bearerTokenSecret": "prom"})
-    assert own.server == ServerRef("http://thanos.tenant:9090", ("llm", "prom"))
+    assert own.server == ServerRef("http://thanos.tenant:9090", ("llm", "prom"), namespace="llm")
     results = await router.fetch_many([plain, own])
     assert all(isinstance(r, VariantPair) for r in results.values())
     assert [r.key for r in default.requests] == [plain.key]
