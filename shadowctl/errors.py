@@ -13,6 +13,7 @@ here, or is not under ``ShadowctlError``)::
     ├── JudgeError                   shadowctl.judge
     │   └── JudgeInputError          (also a ValueError) a spec or data object is malformed
     ├── MalformedEvent               shadowctl.compare (also a ValueError): not a valid output event
+    ├── MalformedRouteMessage        shadowctl.compare (also a ValueError): not a valid route setting or report
     ├── ComparatorUnavailable        shadowctl.compare: a comparator cannot run here (semantic without its extra)
     ├── KubeError                    shadowctl.kube: an API call failed (``status``: the HTTP status)
     │   ├── ConfigError              no usable kubeconfig or in-cluster configuration
@@ -35,11 +36,15 @@ here, or is not under ``ShadowctlError``)::
     │   ├── Unsupported              e.g. mirroring on Knative alone
     │   ├── ConflictRetriesExhausted every write met a newer resourceVersion
     │   ├── VerifyFailed             the read-back shows other routes than were written
+    │   ├── RevisionsChanged         KServe: a new revision became the latest ready one mid-rollout
     │   ├── ClusterError             the Kubernetes API failed (the KubeError is chained)
-    │   └── Superseded               a fence refused a route write: the policy or the Lease changed; decide again
+    │   ├── Superseded               a fence refused a route write: the policy or the Lease changed; decide again
+    │   ├── NotConfirmed             routers.tap: the taps did not all report the route setting applied; hold
+    │   └── ChannelUnavailable       routers.tap: the tap-router channel's MQTT broker cannot be used
     ├── SourceError                  shadowctl.sources
     │   ├── SourceConfigError        a metric cannot be turned into a query
     │   ├── QueryFailed              a raw Prometheus query failed
+    │   ├── SecretUnavailable        a Secret a policy names cannot be read or lacks what it should hold
     │   └── OutputSourceError        the MQTT output source cannot deliver events
     │       ├── BrokerUnavailable    the broker cannot be reached, or the connection was lost
     │       ├── BrokerRejected       the broker refused the credentials or the subscription
@@ -47,6 +52,7 @@ here, or is not under ``ShadowctlError``)::
     ├── TapError                     shadowctl.tap: the tap cannot start
     ├── UpstreamUnavailable          shadowctl.tap: no connection to the upstream model server
     ├── TracingConfigError           shadowctl.otel (also a ValueError): an --otlp-endpoint that is not a URL
+    ├── WebhookRefused               shadowctl.webhooks: a call not made (address not allowed, signing key unreadable)
     ├── SimError                     shadowctl.sim: a simulator cannot do what it was asked
     │   ├── KnobError                (also a ValueError) a bad model-server knob
     │   └── ControlPlaneError        the local control plane cannot start or answer

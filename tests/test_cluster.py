@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import yaml
 from conftest_kube import KubeEnv
+from kserve_helpers import kserve  # noqa: F401 - the fixture
 
 from shadowctl.kube import SHADOW_POLICY, KubeClient
-from shadowctl.sim.cluster import LocalCluster, find_binaries
+from shadowctl.sim.cluster import KSERVE_CRD_FILE, SHARED_CRDS, LocalCluster, find_binaries
 from shadowctl.sim.faultproxy import verb_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,6 +159,9 @@ def test_unknown_fields_are_refused_and_explain_works(kubectl: Any, tmp_path: Pa
         ("update", "virtualservices.networking.istio.io", ["-n", "llm"], "yes"),
         ("update", "httproutes.gateway.networking.k8s.io", ["-n", "llm"], "yes"),
         ("delete", "httproutes.gateway.networking.k8s.io", ["-n", "llm"], "no"),
+        ("update", "inferenceservices.serving.kserve.io", ["-n", "llm"], "yes"),
+        ("delete", "inferenceservices.serving.kserve.io", ["-n", "llm"], "no"),
+        ("patch", "inferenceservices.serving.kserve.io", ["-n", "llm"], "no"),
         ("patch", "shadowpolicies.shadowctl.dev/status", ["-n", "llm"], "yes"),
         ("create", "leases.coordination.k8s.io", ["-n", "shadowctl"], "yes"),
         ("delete", "virtualservices.networking.istio.io", ["-n", "llm"], "no"),
@@ -170,8 +174,10 @@ def test_unknown_fields_are_refused_and_explain_works(kubectl: Any, tmp_path: Pa
     ],
 )
 def test_the_controller_has_least_privilege(
-    kubectl: Any, verb: str, resource: str, where: list[str], allowed: str
+    kubectl: Any, verb: str, resource: str, where: list[str], allowed: str, request: pytest.FixtureRequest
 ) -> None:
+    if "kserve" in resource:
+        request.getfixturevalue("kserve")  # kubectl resolves the resource only once its CRD is installed
     kubectl("apply", "-k", str(REPO / "deploy"))
     done = kubectl("auth", "can-i", verb, resource, *where, f"--as={SA}", check=False)
     assert done.stdout.strip() == allowed, (verb, resource, where, done.stdout, done.stderr)
@@ -210,8 +216,9 @@ def _run_sim_cluster(proc: subprocess.Popen[str], config: Path, tmp_path: Path) 
         kubectl = str(find_binaries().kubectl)
         crds = subprocess.run([kubectl, f"--kubeconfig={config}", "get", "crd", "-o", "name"], capture_output=True,
                               text=True, timeout=60, check=True).stdout
+        kserve = ("inferenceservices.serving.kserve.io",) if (SHARED_CRDS / KSERVE_CRD_FILE).is_file() else ()
         for name in ("shadowpolicies.shadowctl.dev", "virtualservices.networking.istio.io",
-                     "services.serving.knative.dev", "httproutes.gateway.networking.k8s.io"):
+                     "services.serving.knative.dev", "httproutes.gateway.networking.k8s.io", *kserve):
             assert name in crds
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

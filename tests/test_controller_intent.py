@@ -11,6 +11,7 @@ goes on. Every 409 or drift here is the API server's own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from conftest_kube import KubeEnv
 from controller_helpers import REF, Harness, load_vs
+from fake_clock import FakeClock
 
 from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.reconciler import Reconciler
@@ -153,3 +155,43 @@ async def test_an_outstanding_intent_is_told_from_gitops_drift(h: Harness, next_
     assert "someone else changed the managed routes" in status.message
     assert await h.weights() == (100, 0, None)
 
+
+
+async def test_a_route_write_in_flight_cannot_land_after_another_replica_dropped_its_intent(
+        h: Harness, kube_env: KubeEnv, tmp_path: Path) -> None:
+    """Replica A records its intent (10% live), passes its fence and sends its route write, which is held
+    (a paused process, a slow API) while replica B takes over: B finds the routes without the intent and
+    drops it. Without more, A's write (conditional only on the VirtualService's version, which B did not
+    change) lands afterwards: 10% live with no intent in the status (bench/faults r-00001, r-00103: a
+    leadership handover under load). B marks the route object before dropping, so A's write meets a 409
+    and, read again, is refused; nothing goes live."""
+    await _at_the_end_of_shadowing(h)
+    kube_b = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "kc-b"))
+    held, resume = asyncio.Event(), asyncio.Event()
+    original = h.kube.replace
+
+    async def replace(gvr: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if gvr == VIRTUAL_SERVICE and not held.is_set():
+            held.set()
+            await resume.wait()
+        return await original(gvr, obj, *args, **kwargs)
+
+    h.kube.replace = replace  # type: ignore[method-assign]
+    try:
+        # B's clock is 40 s behind: its shadow phase has not passed, so B itself writes no route.
+        replica_b = Reconciler(kube_b, router_for, Analyzer(h.source), FakeClock(h.clock.now() - 40))
+        stale = asyncio.create_task(h.reconciler.tick(REF))
+        await asyncio.wait_for(held.wait(), 30)
+        assert (await h.status()).pending_route is not None
+        dropped = await replica_b.tick(REF)
+        assert dropped.actions == ["DropIntent"] and dropped.route_writes == 0, dropped
+        resume.set()
+        a = await stale
+    finally:
+        resume.set()
+        del h.kube.replace
+        await kube_b.close()
+    assert a.route_writes == 0 and a.conflict, a
+    assert await h.weights() == (100, 0, 20.0)
+    status = await h.status()
+    assert status.phase == "Shadowing" and status.pending_route is None

@@ -39,6 +39,7 @@ from shadowctl.routers import (
 from shadowctl.routers.factory import router_for
 from shadowctl.routers.istio import IstioRouter
 from shadowctl.routers.knative import KnativeRouter, KnativeWithIstioMirror
+from shadowctl.routers.tap import SplitWithTapMirror
 
 HOST = "llm.models.svc.cluster.local"
 TARGET = IstioTarget(
@@ -330,7 +331,8 @@ def test_router_for_picks_by_target(kube_client: KubeClient) -> None:
     istio = _policy({"istio": TARGET.model_dump(by_alias=True, exclude_none=True)}, None)
     assert type(router_for(istio, kube_client)) is IstioRouter
     knative = _policy({"knative": {"service": "llm"}}, {"mirrorPercent": 5, "mode": "tap"})
-    assert type(router_for(knative, kube_client)) is KnativeRouter
+    tapped = router_for(knative, kube_client)  # shadow.mode: tap: Knative for the shares, the tap for the mirror
+    assert type(tapped) is SplitWithTapMirror and type(tapped.split) is KnativeRouter and tapped.capabilities.can_mirror
     mirrored = _policy({"knative": {"service": "llm"}}, {"mirrorPercent": 5, "virtualService": {
         "name": "llm", "candidate": {"host": "candidate-llm.models"}}})
     router = router_for(mirrored, kube_client)

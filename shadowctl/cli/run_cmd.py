@@ -8,6 +8,7 @@ import functools
 import os
 import signal
 import socket
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,19 +38,22 @@ from shadowctl.controller.notify import ClusterNotifier, Publish, WebhookGate
 from shadowctl.controller.outputs import OutputHub, OutputSourcePort
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.controller.server import make_app, serve
+from shadowctl.controller.shard import ALL, Shard
 from shadowctl.controller.tracing import NO_TRACER, Tracer
 from shadowctl.errors import ShadowctlError
 from shadowctl.kube import KubeClient, LeaderElector
 from shadowctl.policy.model import ShadowPolicy
+from shadowctl.routers.base import Unsupported
 from shadowctl.routers.factory import router_for
+from shadowctl.routers.tap import ChannelSettings, TapChannel
 from shadowctl.sources.base import MetricSource
 from shadowctl.sources.outputs import EmbedderUnavailable, MqttOutputSource, load_local_embedder
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.routing import RoutingSource, secret_connect
-from shadowctl.sources.secrets import parse_secret_ref, read_secret_value
+from shadowctl.sources.secrets import parse_secret_ref, read_secret_value, tls_provider
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
-from shadowctl.webhooks import HttpWebhooks
+from shadowctl.webhooks import HttpWebhooks, SigningKey
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class RunOptions:
     """The `semantic` comparator's local embedding model (--embedding-model), if any."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP base URL for the spans of looks and decisions (--otlp-endpoint); None: no tracing."""
+    shard: Shard = ALL
+    """Run only this shard's policies (--shard I/N), electing a leader on the shard's own Lease."""
 
 
 def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[], Awaitable[str]] | None:
@@ -88,6 +94,17 @@ def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[
 
     async def read() -> str:
         return await read_secret_value(kube, namespace, name, key, field="spec.analysis.outputs.mqtt.passwordSecret")
+
+    return read
+
+
+def webhook_signing_key(kube: KubeClient) -> SigningKey:
+    """A webhook's signing key from its Secret in the policy's namespace, read at every call (a rotated
+    Secret signs the next request); surrounding whitespace is dropped, as for every Secret value."""
+
+    async def read(namespace: str, name: str, key: str) -> bytes:
+        text = await read_secret_value(kube, namespace, name, key, field="spec.notifications.webhooks[].signingSecret")
+        return text.encode()
 
     return read
 
@@ -120,19 +137,40 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
         tracer, shutdown_tracing = otel, otel.shutdown
     clock = SystemClock()
     kube = await KubeClient.connect(kubeconfig=opts.kubeconfig, context=opts.context)
-    webhooks = HttpWebhooks(clock.sleep)
+    webhooks = HttpWebhooks(clock.sleep, signing_key=webhook_signing_key(kube))
     if metric_source is None:
         default = PrometheusMetricSource(opts.prometheus, **opts.prometheus_options) if opts.prometheus else None
         # A policy may name its own Prometheus (spec.analysis.prometheus); requests are routed by server.
-        metric_source = RoutingSource(default, secret_connect(kube, opts.prometheus_options), clock=clock.now)
+        connect = secret_connect(kube, opts.prometheus_options)
+        metric_source = RoutingSource(default, connect, clock=clock.now, on_refused=connect.invalidate)
     source = BatchingSource(metric_source)
 
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
+        outputs = policy.spec.analysis.outputs
         return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"),
                                             password_provider=mqtt_password_provider(kube, policy),
+                                            tls_provider=tls_provider(
+                                                kube, policy.metadata.namespace,
+                                                outputs.mqtt.tls if outputs is not None else None,
+                                                field="spec.analysis.outputs.mqtt.tls"),
                                             embedder=opts.embedder)
 
     hub = OutputHub(make_output_source)
+
+    def make_tap_channel(policy: ShadowPolicy) -> TapChannel:
+        """The channel to a policy's taps (shadow.mode: tap): the outputs broker, with the same credentials."""
+        outputs = policy.spec.analysis.outputs
+        if outputs is None:
+            raise Unsupported(f"{policy.key}: shadow.mode: tap needs spec.analysis.outputs.mqtt: the controller "
+                              "sends the taps their route setting over that broker")
+        host, port, tls = parse_broker_url(outputs.mqtt.broker)
+        return TapChannel(ChannelSettings(
+            host, port, username=outputs.mqtt.username, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"),
+            password_provider=mqtt_password_provider(kube, policy),
+            tls=ssl.create_default_context() if tls else None,
+            tls_provider=tls_provider(kube, policy.metadata.namespace, outputs.mqtt.tls,
+                                      field="spec.analysis.outputs.mqtt.tls"),
+        ), policy.metadata.namespace, policy.metadata.name)
     publisher: EventPublisher | None = None
     publish: Publish | None = None
     tasks: list[asyncio.Task[None]] = []
@@ -148,17 +186,17 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
 
         publish = _publish
     metrics = ControllerMetrics()
-    reconciler = Reconciler(kube, router_for, Analyzer(source, hub, tracer=tracer), clock,
+    reconciler = Reconciler(kube, functools.partial(router_for, tap_channel=make_tap_channel), Analyzer(source, hub, tracer=tracer), clock,
                             notifier=ClusterNotifier(kube, clock, webhooks, publish), gate=WebhookGate(webhooks, clock),
                             metrics=metrics, leading=lambda: elector is None or elector.holds())
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
-                      min_interval=opts.min_interval)
+                      min_interval=opts.min_interval, shard=opts.shard)
     listen_host, _, listen_port = opts.listen.rpartition(":")
     runner = await serve(make_app(metrics.registry, lambda: manager.ready.is_set() or not elector_leading()),
                          listen_host or "0.0.0.0", int(listen_port))
     identity = f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    elector = LeaderElector(kube, name=opts.lease_name, namespace=opts.lease_namespace, identity=identity,
-                            lease_duration=opts.lease_duration, renew_deadline=opts.renew_deadline,
+    elector = LeaderElector(kube, name=opts.shard.lease_name(opts.lease_name), namespace=opts.lease_namespace,
+                            identity=identity, lease_duration=opts.lease_duration, renew_deadline=opts.renew_deadline,
                             retry_period=opts.retry_period) if opts.leader_elect else None
 
     def elector_leading() -> bool:
@@ -179,6 +217,7 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
             await elector.run(lead)
 
     log.info("controller.start", identity=identity, namespace=opts.namespace or "(all)", selector=opts.selector,
+             shard=str(opts.shard), lease=opts.shard.lease_name(opts.lease_name) if opts.leader_elect else None,
              prometheus=opts.prometheus, leader_election=opts.leader_elect)
     main_task = asyncio.create_task(main())
     stopper: asyncio.Task[bool] | None = None
@@ -211,8 +250,15 @@ def run(
     selector: Annotated[str | None, typer.Option("-l", "--selector",
                                                   help="Only policies with these labels (shard across controllers).")]
     = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="I/N", envvar="SHADOWCTL_SHARD", show_default=False,
+        help="Run only shard I of N (counted from 0: 0/2 and 1/2 for two shards). A policy's shard is a "
+             "stable hash of its namespace/name (docs/scaling.md); each shard elects its own leader on the "
+             "Lease <lease-name>-I-of-N, so run every shard with the same N, two replicas each for a "
+             "standby. Combines with -n and -l, which apply first.")] = None,
     prometheus: Annotated[str | None, typer.Option("--prometheus", envvar=URL_ENV,
-                                                    help="Prometheus (or Thanos/Mimir) base URL.")] = None,
+                                                    help="Prometheus (or Thanos/Mimir/VictoriaMetrics) base URL.")]
+    = None,
     prometheus_token_file: TokenFileOpt = None,
     prometheus_basic_auth_file: BasicAuthFileOpt = None,
     prometheus_ca_file: CaFileOpt = None,
@@ -236,7 +282,9 @@ def run(
     = "0.0.0.0:8080",
     leader_elect: Annotated[bool, typer.Option("--leader-elect/--no-leader-elect",
                                                help="Take part in Lease-based leader election.")] = True,
-    lease_name: Annotated[str, typer.Option("--lease-name")] = "shadowctl-controller",
+    lease_name: Annotated[str, typer.Option(
+        "--lease-name", help="The Lease for leader election (with --shard I/N: <lease-name>-I-of-N).")]
+    = "shadowctl-controller",
     lease_namespace: Annotated[str, typer.Option("--lease-namespace", envvar="POD_NAMESPACE")] = "shadowctl",
     lease_duration: Annotated[float, typer.Option("--lease-duration", help="Seconds.")] = 15.0,
     renew_deadline: Annotated[float, typer.Option("--renew-deadline", help="Seconds.")] = 10.0,
@@ -253,6 +301,10 @@ def run(
     """
     if log_format not in ("json", "console"):
         raise fail("--log-format must be json or console", 2)
+    try:
+        chosen = Shard.parse(shard) if shard is not None else ALL
+    except ValueError as exc:
+        raise fail(f"--shard: {exc}", 2) from None
     configure_logging(log_format)
     prom = connection_options(prometheus_token_file, prometheus_basic_auth_file, prometheus_ca_file,
                               prometheus_insecure, prometheus_timeout)
@@ -272,7 +324,7 @@ def run(
             raise fail(str(exc), 2) from None
     opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
                       lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom,
-                      embedder, otlp_endpoint or None)
+                      embedder, otlp_endpoint or None, chosen)
 
     async def _main() -> None:
         stop = asyncio.Event()

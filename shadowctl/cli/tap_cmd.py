@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
 from shadowctl.cli.common import fail
-from shadowctl.compare.events import Variant, parse_broker_url
+from shadowctl.compare.events import Redacted, Variant, parse_broker_url
+from shadowctl.compare.routing import valid_topic_level
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapError, TapProxy, default_topic, parse_listen, serve
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
-from shadowctl.tap.workers import Supervisor
+from shadowctl.tap.routes import RouteFollower
+from shadowctl.tap.workers import Supervisor, worker_index
+
+REDACTION_MODES = ("none", *get_args(Redacted))
+"""The values of --redact: spec.analysis.outputs.redaction.mode's (without loading the policy model here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,10 @@ class TapSettings:
     broker: BrokerOptions | None
     queue_size: int
     reuse_port: bool = False
+    route_policy: tuple[str, str] | None = None
+    """NAMESPACE, NAME of the ShadowPolicy whose route setting this tap follows (--route-policy)."""
+    tap_id: str = "tap"
+    """This tap's id on the route-applied topic; a worker process appends ``-w<index>``."""
 
 
 def run_tap(settings: TapSettings, on_ready: Callable[[], None] | None = None) -> int:
@@ -56,12 +67,21 @@ def run_tap(settings: TapSettings, on_ready: Callable[[], None] | None = None) -
     if settings.broker is not None:
         publisher = EventPublisher(settings.broker.settings(), metrics, queue_size=settings.queue_size)
 
+    routes = None
+    if settings.route_policy is not None and settings.broker is not None:
+        index = worker_index()
+        tap_id = settings.tap_id if index is None else f"{settings.tap_id}-w{index}"
+        broker = settings.broker.settings()
+        routes = RouteFollower(BrokerSettings(broker.host, broker.port, broker.username, broker.password, broker.tls,
+                                              keepalive_s=10), *settings.route_policy, tap_id, metrics,
+                               own_candidate_url=settings.config.mirror is not None)
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        proxy = TapProxy(settings.config, publisher, metrics)
+        proxy = TapProxy(settings.config, publisher, metrics, routes)
         await serve(proxy, publisher, settings.host, settings.port, stop, reuse_port=settings.reuse_port,
                     on_ready=on_ready)
 
@@ -72,11 +92,26 @@ def run_tap(settings: TapSettings, on_ready: Callable[[], None] | None = None) -
     return 0
 
 
-def _service(value: str) -> tuple[str, str]:
+def _service(value: str, option: str = "--service") -> tuple[str, str]:
     namespace, sep, name = value.partition("/")
-    if not sep or not namespace or not name or "/" in name:
-        raise fail(f"--service {value!r}: expected NAMESPACE/NAME, e.g. llm/chat", code=2)
+    if not sep or not valid_topic_level(namespace) or not valid_topic_level(name):
+        raise fail(f"{option} {value!r}: expected NAMESPACE/NAME, e.g. llm/chat", code=2)
     return namespace, name
+
+
+def default_tap_id() -> str:
+    """The pod's name ($HOSTNAME in Kubernetes), else this machine's host name."""
+    return os.environ.get("HOSTNAME") or socket.gethostname() or "tap"
+
+
+def _check_sample(value: float) -> float:
+    """--sample is a fraction in (0, 1]."""
+    from shadowctl.tap.sampling import check_fraction
+
+    try:
+        return check_fraction(value, "")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix(": ")) from None
 
 
 def tap(
@@ -101,6 +136,26 @@ def tap(
     redact_prompts: Annotated[
         bool, typer.Option("--redact-prompts", help="Publish only the prompt's hash, not its text.")
     ] = False,
+    redact: Annotated[
+        str, typer.Option(
+            "--redact", envvar="SHADOWCTL_TAP_REDACT", metavar="[none|truncate|hash|drop]",
+            help="What events keep of prompts and answers: none (the texts), truncate (the first "
+                 "--redact-max-chars characters and the answer's hash), hash (only hashes) or drop (only lengths "
+                 "and token counts). Use the policy's spec.analysis.outputs.redaction.mode; see docs/outputs.md "
+                 "for which comparators each mode leaves.")
+    ] = "none",
+    redact_max_chars: Annotated[
+        int, typer.Option("--redact-max-chars", min=1, help="With --redact truncate: characters kept of each text "
+                                                            "(the policy's redaction.maxChars).")
+    ] = 500,
+    sample: Annotated[
+        float, typer.Option("--sample", metavar="F", callback=_check_sample,
+                            help="Publish the output events of this fraction of requests only (0.1: one in ten), "
+                                 "chosen by a hash of x-request-id so that the primary's, the candidate's and the "
+                                 "baseline's taps keep the same requests and no pair is broken; give every tap of "
+                                 "a policy the same F (spec.analysis.outputs.sampling). Every request is still "
+                                 "forwarded and measured. /metrics: shadowctl_tap_sampled_requests_total.")
+    ] = 1.0,
     max_output_chars: Annotated[int, typer.Option("--max-output-chars", min=1)] = 200_000,
     max_request_bytes: Annotated[
         int, typer.Option("--max-request-bytes", min=1, help="Larger request bodies are refused with 413.")
@@ -113,13 +168,30 @@ def tap(
         str, typer.Option("--metrics-path", help="Path of the tap's metrics (other paths pass through).")
     ] = "/metrics",
     mirror_to: Annotated[
-        str | None, typer.Option("--mirror-to", help="Candidate URL for application-level mirroring.")
+        str | None, typer.Option("--mirror-to", help="Candidate URL for application-level mirroring (with "
+                                 "--route-policy: where the candidate's requests go, instead of the setting's URL).")
     ] = None,
-    mirror_percent: Annotated[float, typer.Option("--mirror-percent", min=0, max=100)] = 100.0,
+    mirror_percent: Annotated[float, typer.Option(
+        "--mirror-percent", min=0, max=100,
+        help="Share of requests copied to --mirror-to (ignored with --route-policy: the setting says).")] = 100.0,
     mirror_host: Annotated[str | None, typer.Option("--mirror-host", help="Host header of mirror copies.")] = None,
     mirror_model: Annotated[str | None, typer.Option("--mirror-model", help="Set `model` in copies.")] = None,
     mirror_temperature: Annotated[float | None, typer.Option("--mirror-temperature", min=0)] = None,
     mirror_seed: Annotated[int | None, typer.Option("--mirror-seed")] = None,
+    route_policy: Annotated[
+        str | None,
+        typer.Option("--route-policy", metavar="NAMESPACE/NAME",
+                     help="Route as the controller says for this ShadowPolicy (shadow.mode: tap): follow its "
+                          "setting on the MQTT topic shadowctl/route/NAMESPACE/NAME (needs --mqtt), mirror and "
+                          "send to the candidate the shares it gives, report what is applied, and route "
+                          "primary-only while there is no setting or it is older than 3 analysis intervals."),
+    ] = None,
+    tap_id: Annotated[
+        str | None,
+        typer.Option("--tap-id", envvar="SHADOWCTL_TAP_ID",
+                     help="This tap's name in its route-applied reports (default: $HOSTNAME, the pod's name; "
+                          "each worker process adds -w<index>). Unique per tap."),
+    ] = None,
     workers: Annotated[
         int,
         typer.Option("--workers", min=1, max=64, envvar="SHADOWCTL_TAP_WORKERS",
@@ -129,6 +201,8 @@ def tap(
 ) -> None:
     """Proxy an OpenAI-compatible model server and publish each answer to MQTT for comparison."""
     namespace, name = _service(service)
+    if redact not in REDACTION_MODES:
+        raise fail(f"--redact {redact!r}: expected one of {', '.join(REDACTION_MODES)}", code=2)
     try:
         host, port = parse_listen(listen)
     except TapError as exc:
@@ -137,6 +211,12 @@ def tap(
         raise fail(f"--upstream {upstream!r}: expected an http(s) URL, e.g. http://127.0.0.1:8000", code=2)
     if mirror_to is not None and not mirror_to.startswith(("http://", "https://")):
         raise fail(f"--mirror-to {mirror_to!r}: expected an http(s) URL", code=2)
+    followed = _service(route_policy, "--route-policy") if route_policy is not None else None
+    if followed is not None and mqtt is None:
+        raise fail("--route-policy needs --mqtt: the route setting comes from the broker", code=2)
+    the_tap_id = tap_id or default_tap_id()
+    if not valid_topic_level(the_tap_id):
+        raise fail(f"--tap-id {the_tap_id!r}: one MQTT topic level, without '/', '+' or '#'", code=2)
     mirror = None
     if mirror_to is not None:
         mirror = MirrorConfig(url=mirror_to, percent=mirror_percent, host=mirror_host, model=mirror_model,
@@ -144,8 +224,9 @@ def tap(
     config = TapConfig(
         upstream=upstream, variant=variant, namespace=namespace, service=name,
         topic=topic or default_topic(namespace, name, variant), redact_prompts=redact_prompts,
+        redaction=redact, redact_max_chars=redact_max_chars, sample=sample,
         max_output_chars=max_output_chars, metrics_path=metrics_path, mirror=mirror,
-        max_request_bytes=max_request_bytes, drain_s=drain_seconds,
+        max_request_bytes=max_request_bytes, drain_s=drain_seconds, routed=followed is not None,
     )
     broker = None
     if mqtt is not None:
@@ -162,7 +243,7 @@ def tap(
         raise fail(f"--listen {listen!r}: --workers needs a fixed port (each worker would get its own with 0)",
                    code=2)
     settings = TapSettings(config=config, host=host, port=port, broker=broker, queue_size=queue_size,
-                           reuse_port=workers > 1)
+                           reuse_port=workers > 1, route_policy=followed, tap_id=the_tap_id)
     code = (run_tap(settings) if workers == 1
             else Supervisor(run_tap, settings, workers, stop_grace_s=drain_seconds + 5.0).run())
     if code:

@@ -64,9 +64,11 @@ from shadowctl.controller.status import (
 )
 from shadowctl.controller.tracing import DECISION_SPAN, decision_attributes, policy_attributes
 from shadowctl.kube import (
+    HTTP_ROUTE,
     INFERENCE_SERVICE,
     KNATIVE_SERVICE,
     SHADOW_POLICY,
+    VIRTUAL_SERVICE,
     Conflict,
     KubeClient,
     KubeError,
@@ -84,7 +86,7 @@ from shadowctl.machine import (
     StepResult,
     step,
 )
-from shadowctl.policy.model import ShadowMode, ShadowPolicy, Target
+from shadowctl.policy.model import ShadowPolicy, Target
 from shadowctl.policy.status import Command, CommandRecord, PendingRoute, Phase, PolicyStatus
 from shadowctl.routers import _io, kserve_build
 from shadowctl.routers.base import ApplyResult, ClusterError, RouteNotFound, Router, RouterError, RouteState
@@ -138,10 +140,10 @@ class TickResult:
 
 
 def desired_routes(router: Router, policy: ShadowPolicy, weight: int, mirror: float | None) -> RouteState:
-    """The RouteState for (weight, mirror), leaving mirroring to the tap where the router cannot mirror."""
-    shadow = policy.spec.shadow
-    if mirror is not None and (not router.capabilities.can_mirror or (shadow and shadow.mode is ShadowMode.tap)):
-        mirror = None  # application-level mirroring by the tap (shadow.mode: tap)
+    """The RouteState for (weight, mirror); no mirror where the router cannot mirror (``shadow.mode: tap`` gives a
+    router that can: the target's own for the live share, the tap router for the mirror)."""
+    if mirror is not None and not router.capabilities.can_mirror:
+        mirror = None
     return RouteState(100 - weight, weight, mirror)
 
 
@@ -181,8 +183,13 @@ class _Fence:
     ref: ResourceRef | None
     inputs: tuple[Any, ...] = ()
     leading: Callable[[], bool] | None = None
+    intent: str | None = None
+    """The id of the intent this tick recorded: its write is refused on an object marked as having dropped it."""
 
-    async def __call__(self, what: str) -> None:
+    async def __call__(self, what: str, current: dict[str, Any] | None = None) -> None:
+        if self.intent is not None and current is not None and _dropped_intent(current) == self.intent:  # atomic with the write (its rv)
+            raise _io.Superseded(f"not writing {what}: another replica found this tick's route intent unapplied "
+                                 "and dropped it (the route object is marked so)")
         if self.ref is not None:
             try:
                 fresh = await self.kube.get(self.ref)
@@ -214,6 +221,40 @@ def raised_routes(router: Router, policy: ShadowPolicy, state: RolloutState, ste
     if final is None or final.candidate_weight <= state.weight:
         return None
     return final
+
+
+DROPPED_INTENT_ANNOTATION = "shadowctl.dev/dropped-intent"
+"""Set on the route object by a replica that drops another's route intent as unapplied (the intent's id):
+the intent's own route write, still in flight or retried, is then refused (see :class:`_Fence`)."""
+
+
+def intent_id(intent: PendingRoute) -> str:
+    """An intent's identity: when it was recorded, and what it raises the candidate to."""
+    return f"{intent.at}/{intent.candidate_weight}/{intent.rollout.phase.value}/{intent.rollout.step}"
+
+
+def _dropped_intent(obj: dict[str, Any]) -> str | None:
+    meta = obj.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    value = annotations.get(DROPPED_INTENT_ANNOTATION) if isinstance(annotations, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def route_object(policy: ShadowPolicy, target: dict[str, Any] | None) -> ResourceRef | None:
+    """The object that carries the candidate's live share for the target (`target`: as recorded, else the
+    spec's); None for a target this does not know (then an intent is dropped without marking it)."""
+    try:
+        spec = Target.model_validate(target) if target else policy.spec.target
+    except ValidationError:
+        return None
+    ns = policy.metadata.namespace
+    if spec.istio is not None:
+        return ResourceRef(VIRTUAL_SERVICE, spec.istio.virtual_service, ns)
+    if spec.gateway_api is not None:
+        return ResourceRef(HTTP_ROUTE, spec.gateway_api.http_route, ns)
+    if spec.knative is not None:
+        return ResourceRef(KNATIVE_SERVICE, spec.knative.service, ns)
+    return None
 
 
 def expected_routes(router: Router, policy: ShadowPolicy, state: RolloutState) -> RouteState | None:
@@ -387,6 +428,7 @@ class Reconciler:
             rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
             stored = PolicyStatus.of(obj)
             fence.inputs = decision_inputs(obj)
+            fence.intent = intent_id(intent)
             result.actions.append("Intent")
 
         # 5b. Routes first.
@@ -465,6 +507,15 @@ class Reconciler:
             log.info("tick.intent_routes_unreadable", policy=key, error=str(exc))
             current = None
         wanted = intended_routes(intent)
+        if current is not None and current != wanted:
+            # Mark the route object before dropping: a write of this intent still in flight (its replica paused
+            # or slowed after its fence) is conditional on the version read, so it either landed before the
+            # mark (which then meets a 409, and the routes are read again: they hold it) or is refused after.
+            marked = await self._mark_dropped(policy, intent, current)
+            if marked is None:
+                result.error = "cannot mark the route object before dropping an unapplied route intent"
+                return None
+            current = marked
         if current == wanted:
             settled, target, what = RolloutState.from_record(intent.rollout), intent.target, "AdoptIntent"
         else:
@@ -481,6 +532,35 @@ class Reconciler:
                      drift=what == "DropIntent" and current is not None and expected is not None
                      and current != expected)
         return fresh
+
+    async def _mark_dropped(self, policy: ShadowPolicy, intent: PendingRoute,
+                            current: RouteState) -> RouteState | None:
+        """Mark the route object with the intent's id, conditional on the version the routes were read at;
+        the routes as they are then (None: the mark could not be written, try again next tick)."""
+        ref = route_object(policy, intent.target)
+        if ref is None or current.resource_version is None:
+            log.warning("tick.intent_unmarked", policy=policy.key, reason="no route object known for the target")
+            return current
+        router = (self._router_for_target(policy, intent.target) if intent.target else None) \
+            or self.router_for(policy, self.kube)
+        version: str | None = current.resource_version
+        for _ in range(STATUS_RETRIES):
+            try:
+                await self.kube.patch_merge(ref, {"metadata": {"annotations": {
+                    DROPPED_INTENT_ANNOTATION: intent_id(intent)}}}, resource_version=version)
+                return current
+            except Conflict:  # the routes changed since they were read: perhaps the intent's write landed
+                try:
+                    current = await router.read()
+                except RouterError:
+                    return None
+                if current == intended_routes(intent):
+                    return current
+                version = current.resource_version
+            except KubeError as exc:
+                log.warning("tick.intent_mark_failed", policy=policy.key, error=str(exc))
+                return None
+        return None
 
     async def _release(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
                        policy: ShadowPolicy, finalizers: list[str], result: TickResult) -> None:

@@ -8,11 +8,13 @@ here, so that the CLI, the CRD and the controller agree on one definition.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from collections.abc import Mapping
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_serializer, model_validator
 from pydantic.alias_generators import to_camel
@@ -128,6 +130,11 @@ class KnativeTarget(_Model):
     )
     candidate_tag: str = Field(default="candidate", description="Tag given to the candidate's traffic target.")
 
+    @field_validator("service", "primary_revision", "candidate_revision")
+    @classmethod
+    def _names(cls, v: str | None) -> str | None:
+        return v if v is None else _dns_name(v)
+
     @field_validator("candidate_tag")
     @classmethod
     def _tag(cls, v: str) -> str:
@@ -183,17 +190,39 @@ class GatewayAPITarget(_Model):
         return self
 
 
+class KServeComponent(str, enum.Enum):
+    """The InferenceService component whose canary shadowctl steps."""
+
+    predictor = "predictor"
+
+
+class KServeTarget(_Model):
+    """A KServe InferenceService (serving.kserve.io/v1beta1) whose spec.predictor.canaryTrafficPercent shadowctl steps."""
+
+    inference_service: str = Field(description="Name of the InferenceService, in the policy's namespace.")
+    component: KServeComponent = Field(
+        default=KServeComponent.predictor,
+        description="The component whose canaryTrafficPercent is stepped (only predictor for now).",
+    )
+
+    @field_validator("inference_service")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_name(v, "InferenceService name")
+
+
 class Target(_Model):
-    """Exactly one of `istio`, `knative` or `gatewayAPI`."""
+    """Exactly one of `istio`, `knative`, `gatewayAPI` or `kserve`."""
 
     istio: IstioTarget | None = None
     knative: KnativeTarget | None = None
     gateway_api: GatewayAPITarget | None = Field(default=None, alias="gatewayAPI")
+    kserve: KServeTarget | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        if [self.istio, self.knative, self.gateway_api].count(None) != 2:
-            raise ValueError("set exactly one of 'istio', 'knative' or 'gatewayAPI'")
+        if [self.istio, self.knative, self.gateway_api, self.kserve].count(None) != 3:
+            raise ValueError("set exactly one of 'istio', 'knative', 'gatewayAPI' or 'kserve'")
         return self
 
 
@@ -587,6 +616,38 @@ class Baseline(_Model):
         return self
 
 
+class TlsSecrets(_Model):
+    """TLS to a server (MQTT broker, Prometheus) with material from Secrets in the policy's namespace."""
+
+    ca_secret: str | None = Field(
+        default=None,
+        description="Secret name/key holding the CA bundle (PEM) that signed the server's certificate; key ca.crt "
+                    "if omitted. Without it the system's CAs are trusted.")
+    cert_secret: str | None = Field(
+        default=None,
+        description="Name of a kubernetes.io/tls Secret (keys tls.crt, tls.key): the client certificate for "
+                    "mutual TLS.")
+
+    @field_validator("ca_secret")
+    @classmethod
+    def _ca(cls, v: str | None) -> str | None:
+        return _secret_ref(v)
+
+    @field_validator("cert_secret")
+    @classmethod
+    def _cert(cls, v: str | None) -> str | None:
+        return None if v is None else _dns_name(v, "Secret name")
+
+
+def _secret_ref(v: str | None) -> str | None:
+    if v is not None:
+        name, _, key = v.partition("/")
+        _dns_name(name, "Secret name")
+        if "/" in key:
+            raise ValueError(f"{v!r}: write NAME or NAME/KEY")
+    return v
+
+
 class Mqtt(_Model):
     """Where output events are published."""
 
@@ -594,6 +655,7 @@ class Mqtt(_Model):
     topic: str = "shadowctl/outputs/{namespace}/{service}/+"
     username: str | None = None
     password_secret: str | None = Field(default=None, description="Secret name/key holding the password.")
+    tls: TlsSecrets | None = Field(default=None, description="CA and client certificate for mqtts:// (Secrets).")
 
     @field_validator("broker")
     @classmethod
@@ -601,6 +663,40 @@ class Mqtt(_Model):
         if not re.match(r"^mqtts?://[^/:\s]+(:\d{1,5})?/?$", v):
             raise ValueError(f"{v!r} is not a broker URL; write mqtt://host:1883 or mqtts://host:8883")
         return v
+
+    @field_validator("password_secret")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        return _secret_ref(v)
+
+    @model_validator(mode="after")
+    def _tls_needs_mqtts(self) -> Mqtt:
+        if self.tls is not None and not self.broker.startswith("mqtts://"):
+            raise ValueError(f"tls is set but broker {self.broker!r} is not mqtts://")
+        return self
+
+
+class RedactionMode(str, enum.Enum):
+    """What the taps keep of the texts (prompt, answer, tool-call arguments) in an output event.
+
+    Ordered from the least to the most private; lengths and token counts are kept in every mode.
+    Which comparators can still run under each: :data:`shadowctl.compare.redaction.RUNS_UNDER`.
+    """
+
+    none = "none"  # the texts as they are
+    truncate = "truncate"  # the first maxChars characters; the answer's hash; tool-call arguments hashed
+    hash = "hash"  # no text: the answer's SHA-256, tool-call arguments hashed
+    drop = "drop"  # no text and no hash: lengths and token counts only
+
+
+class Redaction(_Model):
+    """spec.analysis.outputs.redaction: what of the texts the output events may carry (docs/outputs.md)."""
+
+    mode: RedactionMode = Field(
+        default=RedactionMode.none,
+        description="none, truncate, hash or drop; comparators that need what a mode removes report no data.")
+    max_chars: int = Field(default=500, ge=1, le=1_000_000,
+                           description="Mode truncate: characters kept of each text.")
 
 
 class Outputs(_Model):
@@ -614,6 +710,9 @@ class Outputs(_Model):
     )
     pair_ttl: Duration = Field(default=timedelta(seconds=60), alias="pairTTL")
     min_pairs: int = Field(default=100, ge=1)
+    redaction: Redaction = Field(
+        default_factory=Redaction,
+        description="What of the prompts and answers the events carry (start the taps with the same --redact).")
 
     @field_validator("comparators")
     @classmethod
@@ -630,7 +729,9 @@ class PrometheusSource(_Model):
     """Override the controller's Prometheus for this policy."""
 
     url: str
-    bearer_token_secret: str | None = None
+    bearer_token_secret: str | None = Field(
+        default=None, description="Secret name/key holding a bearer token for this server; key token if omitted.")
+    tls: TlsSecrets | None = Field(default=None, description="CA and client certificate for https:// (Secrets).")
 
     @field_validator("url")
     @classmethod
@@ -638,6 +739,17 @@ class PrometheusSource(_Model):
         if not re.match(r"^https?://\S+$", v):
             raise ValueError(f"{v!r} is not an http(s) URL")
         return v
+
+    @field_validator("bearer_token_secret")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        return _secret_ref(v)
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> PrometheusSource:
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError(f"tls is set but url {self.url!r} is not https://")
+        return self
 
 
 class VariantSelector(_Model):
@@ -647,6 +759,17 @@ class VariantSelector(_Model):
     revision: str | None = None
     pod: str | None = Field(default=None, description="A regular expression over pod names.")
     subset: str | None = None
+
+    @field_validator("workload", "revision", "pod", "subset")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        # Escaped into PromQL string literals (sources.prometheus.promql), sent as UTF-8: a lone surrogate
+        # (YAML's "\ud800") has no UTF-8 form, and Prometheus's parser refuses it escaped.
+        if v is not None and any(0xD800 <= ord(ch) <= 0xDFFF for ch in v):
+            raise ValueError(f"{v!r} holds a lone surrogate (not a Unicode character); use the name as it is")
+        if v == "":
+            raise ValueError("an empty name selects nothing; leave the field out")
+        return v
 
 
 class Variants(_Model):
@@ -789,18 +912,89 @@ class WebhookType(str, enum.Enum):
     event = "event"
 
 
+METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.azure.internal",
+                            "instance-data", "instance-data.ec2.internal"})
+"""Names of cloud instance-metadata services (which hold the node's credentials): never a webhook."""
+_METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254")})  # AWS IMDS over IPv6 (not link-local)
+
+
+def forbidden_address(address: str) -> str | None:
+    """Why the controller must not send to this IP address (link-local, metadata, unspecified), or None.
+
+    Link-local holds 169.254.169.254, the instance-metadata address of AWS, GCP and Azure, and the
+    node-local addresses no webhook lives on. Private and loopback addresses are allowed: webhooks
+    usually are Services in the cluster. Also applied by the adapter to every address a name resolves to.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in _METADATA_ADDRESSES:
+        return "an instance-metadata address"
+    if ip.is_link_local:
+        return "a link-local address (169.254.0.0/16, fe80::/10: instance metadata lives there)"
+    if ip.is_unspecified or ip.is_multicast:
+        return "not a unicast address"
+    return None
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """What is wrong with a webhook URL, or None: http(s) only, a host, no credentials, no metadata or
+    link-local address (docs/controller.md, "Webhooks")."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        return "it contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"it is not a URL ({exc})"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "only http:// and https:// URLs are allowed"
+    if "@" in parts.netloc:
+        return "credentials in the URL are not allowed (they would be logged and stored in the policy); " \
+               "the controller signs each request instead (signingSecret)"
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        return "the host is missing"
+    if port == 0:
+        return "port 0 is not a port"
+    if host in METADATA_HOSTS:
+        return f"{host!r} is an instance-metadata service"
+    why = forbidden_address(host)
+    return f"{host} is {why}" if why else None
+
+
 class Webhook(_Model):
+    """A webhook the controller POSTs to: event notifications, or a confirm-promotion gate."""
+
     name: str
     url: str
     type: WebhookType = WebhookType.event
     timeout: Duration = timedelta(seconds=10)
     retries: int = Field(default=2, ge=0, le=10)
+    signing_secret: str | None = Field(
+        default=None,
+        description="Secret name/key (key 'key' if omitted) whose value signs every request: header "
+                    "X-Shadowctl-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.<body>'>.")
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://\S+$", v):
-            raise ValueError(f"{v!r} is not an http(s) URL")
+        problem = webhook_url_problem(v)
+        if problem is not None:
+            raise ValueError(f"{v!r} is not an allowed webhook URL: {problem}")
+        return v
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        if v is not None:
+            name, _, key = v.partition("/")
+            _dns_name(name, "Secret name")
+            if "/" in key:
+                raise ValueError(f"{v!r}: write NAME or NAME/KEY")
         return v
 
 
@@ -820,6 +1014,10 @@ class RollbackOptions(_Model):
     )
 
 
+KSERVE_SHADOW_MESSAGE = ("a KServe target cannot mirror (KServe has no mirroring, kserve#2978): its shadow phase "
+                         "goes through the tap: set shadow.mode: tap (and no shadow.virtualService)")
+
+
 class Spec(_Model):
     # What _cross checks across fields, said again in CEL so that the API server refuses it too.
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
@@ -834,6 +1032,12 @@ class Spec(_Model):
             "rule": "!has(self.target.istio) || !has(self.shadow) || !has(self.shadow.virtualService)",
             "message": "shadow.virtualService is only for Knative targets; the Istio target mirrors itself",
             "fieldPath": ".shadow.virtualService",
+        },
+        {
+            "rule": "!has(self.target.kserve) || !has(self.shadow) || (has(self.shadow.mode) && self.shadow.mode == 'tap'"
+                    " && !has(self.shadow.virtualService))",
+            "message": KSERVE_SHADOW_MESSAGE,
+            "fieldPath": ".shadow",
         },
         {
             "rule": "!has(self.target.gatewayAPI) || !has(self.shadow) || !has(self.shadow.virtualService)",
@@ -874,6 +1078,10 @@ class Spec(_Model):
         if self.shadow is not None and self.target.gateway_api is not None and self.shadow.virtual_service is not None:
             raise ValueError("shadow.virtualService is only for Knative targets; the HTTPRoute mirrors itself "
                              "(a RequestMirror filter)")
+        if self.shadow is not None and self.target.kserve is not None and (
+            self.shadow.mode is not ShadowMode.tap or self.shadow.virtual_service is not None
+        ):
+            raise ValueError(KSERVE_SHADOW_MESSAGE)
         phases = (self.shadow.min_duration if self.shadow else timedelta(0)) + (
             self.canary.step_duration * len(self.canary.steps) if self.canary else timedelta(0)
         )

@@ -28,6 +28,36 @@ PLACEHOLDERS: dict[str, str] = {
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
+QUOTED = frozenset({"namespace", "service", "workload", "revision", "pod", "subset", "host"})
+"""Placeholders whose values are names from the policy or the cluster: the metric source escapes them for a
+double-quoted PromQL string, so a template must put them inside one (``version="{{ subset }}"``); anywhere
+else a value could end the expression and append its own. ``variant`` (primary or candidate), ``window`` (a
+duration) and the selectors (label matchers the source writes, values escaped) go anywhere."""
+
+
+def placement(template: str) -> list[tuple[str, str | None]]:
+    """Each placeholder of a template, in order, with the PromQL string it sits in: ``'"'``, ``"'"`` or
+    ``"`"`` (the quote that opened it), or None outside strings (a ``#`` comment counts as outside)."""
+    out: list[tuple[str, str | None]] = []
+    quote: str | None = None
+    i, n = 0, len(template)
+    while i < n:
+        match = _PLACEHOLDER.match(template, i)
+        if match is not None:
+            out.append((match.group(1), quote))
+            i = match.end()
+            continue
+        ch = template[i]
+        if quote is None:
+            if ch in "\"'`":
+                quote = ch
+        elif ch == "\\" and quote != "`":  # an escape: the next character cannot close the string
+            i += 1
+        elif ch == quote:
+            quote = None
+        i += 1
+    return out
+
 
 def placeholders(template: str) -> list[str]:
     """The placeholder names a template uses, in order of appearance."""
@@ -47,6 +77,12 @@ def check_template(template: str) -> None:
     rest = _PLACEHOLDER.sub("", template)
     if "{{" in rest or "}}" in rest:
         raise ValueError("a '{{' or '}}' in the query does not form a placeholder such as {{ namespace }}")
+    for name, context in placement(template):
+        if name in QUOTED and context != '"':
+            where = "outside a string" if context is None else f"inside a {context}-quoted string"
+            raise ValueError(
+                f"{{{{ {name} }}}} stands {where}: a name is text, so write it inside double quotes, "
+                f'e.g. version="{{{{ {name} }}}}" (its value is escaped for a double-quoted PromQL string)')
 
 
 def render(template: str, values: Mapping[str, str]) -> str:

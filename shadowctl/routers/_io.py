@@ -37,8 +37,10 @@ DEFAULT_ATTEMPTS = 5
 Compute = Callable[[JSON], Build]
 Check = Callable[[JSON], str | None]
 StateOf = Callable[[JSON], RouteState]
-Fence = Callable[[str], Awaitable[None]]
-"""Called with ``Kind namespace/name`` right before a write; raises :class:`Superseded` to stop it."""
+Fence = Callable[[str, JSON | None], Awaitable[None]]
+"""Called with ``Kind namespace/name`` and the object as read (the write is conditional on its
+resourceVersion, so a check of the object here is atomic with the write; None for a write that is not
+of an API object) right before a write; raises :class:`Superseded` to stop it."""
 
 _FENCE: ContextVar[Fence | None] = ContextVar("shadowctl_route_fence", default=None)
 
@@ -50,7 +52,7 @@ class Superseded(RouterError):
 
 @contextlib.contextmanager
 def fenced(fence: Fence | None) -> Iterator[None]:
-    """Run every :func:`converge` write inside the block only after ``fence(what)`` passes."""
+    """Run every :func:`converge` write inside the block only after ``fence(what, current)`` passes."""
     token = _FENCE.set(fence)
     try:
         yield
@@ -62,7 +64,7 @@ async def check_fence(what: str) -> None:
     """Run the active fence (if any) for a write that is not a :func:`converge` (the tap router's publish)."""
     fence = _FENCE.get()
     if fence is not None:
-        await fence(what)
+        await fence(what, None)
 
 
 def _what(ref: ResourceRef) -> str:
@@ -102,7 +104,7 @@ async def converge(
             return ApplyResult(False, state_of(current), None, attempt, ())
         fence = _FENCE.get()
         if fence is not None:
-            await fence(what)  # the last await before the write: as close to it as the client allows
+            await fence(what, current)  # the last await before the write: as close to it as the client allows
         try:
             written = await kube.replace(ref.gvr, new)
         except Conflict as exc:

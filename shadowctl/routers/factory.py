@@ -2,24 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shadowctl.kube.client import KubeClient
 from shadowctl.policy.model import ShadowMode, ShadowPolicy
-from shadowctl.routers.base import Router
+from shadowctl.routers.base import Router, RouterError
 from shadowctl.routers.gateway import GatewayAPIRouter
 from shadowctl.routers.istio import IstioRouter
 from shadowctl.routers.knative import KnativeRouter, KnativeWithIstioMirror
+from shadowctl.routers.kserve import KServeRouter
+from shadowctl.routers.tap import CandidateAddress, SplitWithTapMirror, TapChannel, TapRouter
+
+TapChannelFactory = Callable[[ShadowPolicy], TapChannel]
+"""Builds the controller's MQTT channel to a policy's taps (the policy's outputs broker and credentials);
+raises RouterError saying why it cannot."""
 
 
-def router_for(policy: ShadowPolicy, kube: KubeClient) -> Router:
-    """The Istio router, the Gateway API router, the Knative router, or Knative plus an Istio mirror when the
-    shadow phase mirrors."""
+def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, split: Router | None = None) -> TapRouter:
+    """The tap router of a policy (``shadow.mode: tap``); the candidate's URL from the split router when it knows
+    one (Knative's candidate tag)."""
+    namespace, name = policy.metadata.namespace, policy.metadata.name
+    channel, missing = None, ""
+    if tap_channel is None:
+        missing = f"{policy.key}: shadow.mode: tap needs the controller's MQTT channel to the taps"
+    else:
+        try:
+            channel = tap_channel(policy)
+        except RouterError as exc:
+            missing = str(exc)
+    url = split.candidate_url if isinstance(split, CandidateAddress) else None
+    return TapRouter(channel, namespace, name, policy.spec.analysis.interval.total_seconds(), url, missing=missing)
+
+
+def router_for(policy: ShadowPolicy, kube: KubeClient, *, tap_channel: TapChannelFactory | None = None) -> Router:
+    """The target's router: Istio, Gateway API, KServe or Knative; Knative plus an Istio mirror when the shadow
+    phase mirrors through a VirtualService; and with ``shadow.mode: tap``, the target's router for the live
+    shares composed with the tap router for the mirror (:class:`SplitWithTapMirror`)."""
+    split = _split_router(policy, kube)
+    shadow = policy.spec.shadow
+    if shadow is not None and shadow.mode is ShadowMode.tap:
+        return SplitWithTapMirror(split, tap_router(policy, tap_channel, split))
+    return split
+
+
+def _split_router(policy: ShadowPolicy, kube: KubeClient) -> Router:
     namespace = policy.metadata.namespace
     target = policy.spec.target
     if target.istio is not None:
         return IstioRouter(kube, namespace, target.istio)
     if target.gateway_api is not None:
         return GatewayAPIRouter(kube, namespace, target.gateway_api)
-    assert target.knative is not None  # Target's validator: exactly one of istio/knative/gatewayAPI
+    if target.kserve is not None:  # cannot mirror: the shadow phase goes through the tap (shadow.mode: tap)
+        return KServeRouter(kube, namespace, target.kserve)
+    assert target.knative is not None  # Target's validator: exactly one of istio/knative/gatewayAPI/kserve
     knative = KnativeRouter(kube, namespace, target.knative)
     shadow = policy.spec.shadow
     if shadow is not None and shadow.mode is ShadowMode.istio and shadow.virtual_service is not None:

@@ -42,8 +42,9 @@ from shadowctl.compare.comparators import (
 from shadowctl.compare.events import MalformedEvent, OutputEvent, Variant, parse_broker_url, parse_event
 from shadowctl.compare.latency import QUANTITIES, pair_latency
 from shadowctl.compare.pairing import Pair, Pairer
+from shadowctl.compare.redaction import redact
 from shadowctl.judge.model import Paired, PairedSketch
-from shadowctl.policy.model import BaselineMode, MetricKind, ShadowPolicy
+from shadowctl.policy.model import BaselineMode, MetricKind, Redaction, RedactionMode, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
 
 log = structlog.get_logger(__name__)
@@ -109,11 +110,13 @@ class MqttOutputSource:
         password: str | None = None,
         password_provider: Callable[[], Awaitable[str]] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        tls_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
         max_pending: int = 100_000,
         latency: Sequence[str] = (),
         timeout_s: float = 10.0,
         backoff_max_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        redaction: Redaction | None = None,
     ) -> None:
         try:
             self.host, self.port, tls = parse_broker_url(broker_url)
@@ -121,12 +124,16 @@ class MqttOutputSource:
             raise SourceConfigError(f"outputs.mqtt.broker: {exc}") from exc
         self.topic = topic
         self.comparators = list(comparators)
+        self.redaction = redaction if redaction is not None and redaction.mode is not RedactionMode.none else None
+        """The policy's redaction, applied to every event as it arrives, whatever the tap that sent it did."""
         self._slow = any(c.slow for c in self.comparators)
         self.username = username
         self.password = password
         self.password_provider = password_provider
         """Read at every (re)connect, so a rotated Secret applies; overrides ``password``."""
         self.tls_context = tls_context if tls_context is not None else (ssl.create_default_context() if tls else None)
+        self.tls_provider = tls_provider
+        """Read at every (re)connect (a CA and client certificate from Secrets); overrides ``tls_context``."""
         self.timeout_s = timeout_s
         self.backoff_max_s = backoff_max_s
         self.clock = clock
@@ -153,6 +160,7 @@ class MqttOutputSource:
         password_provider: Callable[[], Awaitable[str]] | None = None,
         embedder: Embedder | None = None,
         tls_context: ssl.SSLContext | None = None,
+        tls_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
     ) -> MqttOutputSource:
         """Build the source a policy's ``analysis.outputs`` describes (topic placeholders filled in)."""
         outputs = policy.spec.analysis.outputs
@@ -185,6 +193,8 @@ class MqttOutputSource:
             password=password,
             password_provider=password_provider,
             tls_context=tls_context,
+            tls_provider=tls_provider,
+            redaction=outputs.redaction,
         )
 
     # ------------------------------------------------------------------ raw stream
@@ -220,6 +230,11 @@ class MqttOutputSource:
             except SourceError as exc:
                 # Retried with backoff like an unreachable broker: the Secret may appear (or be fixed) later.
                 raise BrokerUnavailable(f"mqtt broker {self.host}:{self.port}: no password: {exc}") from exc
+        if self.tls_provider is not None:
+            try:
+                self.tls_context = await self.tls_provider()
+            except SourceError as exc:
+                raise BrokerUnavailable(f"mqtt broker {self.host}:{self.port}: no TLS material: {exc}") from exc
         try:
             async with self._client() as client:
                 doing = f"subscribing to {self.topic!r}"
@@ -254,6 +269,8 @@ class MqttOutputSource:
 
     def ingest(self, event: OutputEvent) -> None:
         """Pair one event at the current time and add the resulting comparisons to the tally."""
+        if self.redaction is not None:
+            event = redact(event, self.redaction.mode, self.redaction.max_chars)
         pairs = self.pairer.add(event, self.clock())
         if pairs and self._latency:
             self._add_latency(pairs)
@@ -284,6 +301,8 @@ class MqttOutputSource:
         if not self._slow:
             self.ingest(event)
             return
+        if self.redaction is not None:
+            event = redact(event, self.redaction.mode, self.redaction.max_chars)
         pairs = self.pairer.add(event, self.clock())
         if not pairs:
             return

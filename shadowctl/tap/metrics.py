@@ -24,6 +24,8 @@ DROP_REASONS = ("invalid", "queue_full", "publish_failed", "shutdown")
 """The ``reason`` values of ``shadowctl_tap_events_dropped_total``."""
 MIRROR_OUTCOMES = ("sent", "failed", "dropped_in_flight_cap")
 """The ``outcome`` values of ``shadowctl_tap_mirror_requests_total``."""
+ROUTE_FALLBACK_REASONS = ("none", "stale", "invalid")
+"""The ``reason`` values of ``shadowctl_tap_route_fallback`` (shadowctl.compare.routing.FallbackReason)."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -63,8 +65,33 @@ class TapMetrics:
         self.broker_connected = Gauge(
             "shadowctl_tap_broker_connected", "1 while connected to the MQTT broker (with workers: 1 while all are).",
             registry=self.registry, multiprocess_mode="livemin")
+        self.broker_refused = Counter(
+            "shadowctl_tap_broker_refused", "Connections the MQTT broker refused for their credentials (bad user "
+            "name, password or client certificate; not authorized).", registry=self.registry)
         self.mirrored = Counter(
             "shadowctl_tap_mirror_requests", "Application-level mirror copies, by outcome.", ("outcome",),
+            registry=self.registry)
+        # The tap-router channel (`--route-policy`; shadowctl.tap.routes). With workers: the generation is the
+        # lowest any worker applies, the shares the highest, a fallback reason 1 while any worker falls back.
+        self.route_generation = Gauge(
+            "shadowctl_tap_route_generation", "Generation of the route setting applied (0: none, primary-only).",
+            registry=self.registry, multiprocess_mode="livemin")
+        self.route_mirror_percent = Gauge(
+            "shadowctl_tap_route_mirror_percent", "Share of requests mirrored to the candidate by the route setting.",
+            registry=self.registry, multiprocess_mode="livemax")
+        self.route_candidate_percent = Gauge(
+            "shadowctl_tap_route_candidate_percent", "Share of live requests the candidate answers.",
+            registry=self.registry, multiprocess_mode="livemax")
+        self.route_fallback = Gauge(
+            "shadowctl_tap_route_fallback", "1 while the tap routes primary-only instead of by a setting, by reason "
+            "(none: no setting; stale: issuedAt older than 3 intervals; invalid: not understood).", ("reason",),
+            registry=self.registry, multiprocess_mode="livemax")
+        self.route_broker_connected = Gauge(
+            "shadowctl_tap_route_broker_connected", "1 while subscribed to the route setting (with workers: all are).",
+            registry=self.registry, multiprocess_mode="livemin")
+        self.route_fallback_reasons = ROUTE_FALLBACK_REASONS
+        self.routed = Counter(
+            "shadowctl_tap_routed_requests", "Live requests the candidate answered (the setting's candidatePercent).",
             registry=self.registry)
         # Every reason and outcome exists from the start at 0, so that a rate over them is 0 rather than no
         # series at all (a dashboard cannot tell "none dropped" from "not scraped" otherwise).
@@ -85,16 +112,18 @@ class TapMetrics:
         return "other"
 
     def observe(
-        self, *, model: str | None, status: int, ttft_s: float | None, e2e_s: float, output_tokens: int | None
+        self, *, model: str | None, status: int, ttft_s: float | None, e2e_s: float, output_tokens: int | None,
+        variant: str | None = None,
     ) -> None:
-        """Record one finished API request."""
+        """Record one finished API request (`variant`: who answered, when not this tap's own variant)."""
         label = self.model_label(model)
+        v = variant or self.variant
         if ttft_s is not None:
-            self.ttft.labels(self.variant, label).observe(ttft_s)
-        self.e2e.labels(self.variant, label).observe(e2e_s)
+            self.ttft.labels(v, label).observe(ttft_s)
+        self.e2e.labels(v, label).observe(e2e_s)
         if output_tokens is not None:
-            self.output_tokens.labels(self.variant, label).observe(output_tokens)
-        self.requests.labels(self.variant, label, str(status)).inc()
+            self.output_tokens.labels(v, label).observe(output_tokens)
+        self.requests.labels(v, label, str(status)).inc()
 
     def render(self) -> bytes:
         """The text exposition format (of all workers, when there are several)."""

@@ -26,13 +26,21 @@ What the proxy guarantees, and why it is built this way:
   of the *request* to the candidate concurrently with the primary request;
   it is fire-and-forget with a cap on copies in flight, and a request is
   chosen by a hash of its id, so a retried request is mirrored consistently.
+- As a router (``--route-policy``, :mod:`shadowctl.tap.routes`), the shares come from the
+  controller's route setting instead of flags: ``mirrorPercent`` of requests are copied as
+  above, and ``candidatePercent`` of live requests are forwarded to the candidate instead of
+  the upstream (the user gets the candidate's answer; its event and metrics say variant
+  ``candidate``). Both are chosen by :func:`shadowctl.compare.routing.in_share` on the
+  request id, so every tap replica and worker picks the same requests; a request routed to
+  the candidate is not also mirrored there. Without a setting, or with a stale one, the tap
+  is primary-only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
-import hashlib
 import json
 import time
 import uuid
@@ -42,9 +50,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
+from pydantic import ValidationError
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant, parse_traceparent
+from shadowctl.compare.routing import Effective, in_share
 from shadowctl.errors import ShadowctlError
 from shadowctl.tap.extract import ResponseAccumulator, classify, parse_request
 from shadowctl.tap.http1 import (
@@ -59,6 +69,8 @@ from shadowctl.tap.http1 import (
 )
 from shadowctl.tap.metrics import CONTENT_TYPE, TapMetrics
 from shadowctl.tap.publisher import EventPublisher
+from shadowctl.tap.routes import RouteFollower
+from shadowctl.tap.sampling import Sampler
 from shadowctl.tap.workers import worker_index
 
 log = structlog.get_logger(__name__)
@@ -96,10 +108,19 @@ class TapConfig:
     service: str
     topic: str
     redact_prompts: bool = False
+    redaction: str = "none"
+    """What the events keep of the texts: none, truncate, hash or drop (:mod:`shadowctl.compare.redaction`)."""
+    redact_max_chars: int = 500
+    """Redaction truncate: characters kept of each text."""
     max_output_chars: int = 200_000
     max_request_bytes: int = 64 * 1024 * 1024
     metrics_path: str = "/metrics"
     mirror: MirrorConfig | None = None
+    """Fixed mirroring (--mirror-to); with ``routed``, only where copies go and how they are rewritten."""
+    routed: bool = False
+    """The shares come from a route setting (--route-policy): see :mod:`shadowctl.tap.routes`."""
+    sample: float = 1.0
+    """Fraction of requests whose events are published (--sample), chosen by x-request-id: :mod:`shadowctl.tap.sampling`."""
     upstream_connect_timeout_s: float = 10.0
     drain_s: float = 10.0
     client_idle_s: float = 75.0
@@ -124,13 +145,9 @@ def is_shadow_request(host: str | None, marker: str | None) -> bool:
 
 
 def mirror_selected(request_id: str, percent: float) -> bool:
-    """Whether a request id falls in the mirrored share (stable for a given id)."""
-    if percent >= 100:
-        return True
-    if percent <= 0:
-        return False
-    bucket = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big") % 1_000_000
-    return bucket < percent * 10_000
+    """Whether a request id falls in the mirrored share (stable for a given id; the one hash of
+    :func:`shadowctl.compare.routing.in_share`)."""
+    return in_share(request_id, percent)
 
 
 def rewrite_body(body: bytes, mirror: MirrorConfig) -> bytes:
@@ -156,10 +173,10 @@ class Trace:
     """The recorder of one request: time to first token, the answer, then metrics and the event."""
 
     __slots__ = ("acc", "body", "endpoint", "proxy", "request_id", "shadow", "started_at", "status", "t0",
-                 "traceparent", "ttft")
+                 "traceparent", "ttft", "variant")
 
     def __init__(self, proxy: TapProxy, endpoint: Endpoint, body: bytes, request_id: str, shadow: bool,
-                 t0: float, started_at: float, traceparent: bytes | None = None) -> None:
+                 t0: float, started_at: float, traceparent: bytes | None = None, variant: Variant | None = None) -> None:
         self.proxy = proxy
         self.endpoint = endpoint
         self.body = body
@@ -169,6 +186,8 @@ class Trace:
         self.started_at = started_at
         self.traceparent = traceparent
         """The raw W3C traceparent header (validated when the event is built, off the user's path)."""
+        self.variant = variant or proxy.config.variant
+        """Who answers: the tap's own variant, or the candidate for a request the route setting sends there."""
         self.status = 0
         self.ttft: float | None = None
         self.acc: ResponseAccumulator | None = None
@@ -212,20 +231,33 @@ def _str_headers(headers: Headers) -> list[tuple[str, str]]:
 class TapProxy:
     """What the tap does with a request (the :class:`~shadowctl.tap.http1.Handler`), and the mirror."""
 
-    def __init__(self, config: TapConfig, publisher: EventPublisher | None, metrics: TapMetrics) -> None:
+    def __init__(self, config: TapConfig, publisher: EventPublisher | None, metrics: TapMetrics,
+                 routes: RouteFollower | None = None) -> None:
+        """`routes`: the route setting to follow (``config.routed``); its ``current`` is read per request."""
         self.config = config
         self.publisher = publisher
         self.metrics = metrics
+        self.routes = routes
         self.upstream = config.upstream.rstrip("/")
         self._metrics_path = config.metrics_path.encode()
+        self._routed_by: tuple[Effective, MirrorConfig | None, str | None] | None = None
         self.mirror_client: httpx.AsyncClient | None = None
-        if config.mirror is not None:
+        if config.mirror is not None or config.routed:
+            in_flight = config.mirror.max_in_flight if config.mirror is not None else MirrorConfig("", 0).max_in_flight
             self.mirror_client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=config.mirror.max_in_flight),
+                limits=httpx.Limits(max_connections=in_flight),
                 timeout=httpx.Timeout(connect=5.0, read=600.0, write=30.0, pool=1.0),
                 trust_env=False,
             )
         self._mirror_tasks: set[asyncio.Task[None]] = set()
+        self.sampler = Sampler(config.sample, metrics.registry)
+        self._redact: Callable[[OutputEvent], OutputEvent] | None = None
+        if config.redaction != "none":  # loaded only where used: the comparators' tokenizer and the policy model
+            from shadowctl.compare.redaction import redact
+            from shadowctl.policy.model import RedactionMode
+
+            mode, limit = RedactionMode(config.redaction), config.redact_max_chars
+            self._redact = lambda event: redact(event, mode, limit)
 
     async def aclose(self) -> None:
         """Cancel mirror copies in flight and close the mirror's client."""
@@ -235,6 +267,28 @@ class TapProxy:
             await asyncio.gather(*self._mirror_tasks, return_exceptions=True)
         if self.mirror_client is not None:
             await self.mirror_client.aclose()
+
+    def _by_setting(self, current: Effective) -> tuple[MirrorConfig | None, str | None]:
+        """The mirror and the candidate's URL under a route setting (computed once per setting applied)."""
+        cached = self._routed_by
+        if cached is not None and cached[0] is current:
+            return cached[1], cached[2]
+        fixed = self.config.mirror
+        url = fixed.url if fixed is not None else current.candidate_url  # --mirror-to overrides the setting's URL
+        mirror = None
+        if url is not None and current.mirror_percent is not None:
+            mirror = (dataclasses.replace(fixed, percent=current.mirror_percent) if fixed is not None
+                      else MirrorConfig(url=url, percent=current.mirror_percent))
+        candidate = url if url is not None and current.candidate_percent > 0 else None
+        self._routed_by = (current, mirror, candidate)
+        return mirror, candidate
+
+    def candidate_topic(self) -> str:
+        """Where events of requests the candidate answered go: the candidate's default topic (or --topic as given)."""
+        c = self.config
+        if c.topic == default_topic(c.namespace, c.service, c.variant):
+            return default_topic(c.namespace, c.service, Variant.candidate)
+        return c.topic
 
     # ------------------------------------------------------------------ Handler
 
@@ -259,9 +313,19 @@ class TapProxy:
             shadow = is_shadow_request(host.decode("latin-1") if host is not None else None,
                                        marker.decode("latin-1") if marker is not None else None)
             rid = request_id.decode("latin-1")
-            trace = Trace(self, endpoint, request.body, rid, shadow, t0, started_at,
-                          request.header(TRACEPARENT_HEADER))
             mirror = self.config.mirror
+            candidate = None
+            if self.routes is not None:
+                mirror, candidate_url = self._by_setting(self.routes.current)
+                if candidate_url is not None and not shadow and in_share(rid, self.routes.current.candidate_percent):
+                    candidate = candidate_url
+            trace = Trace(self, endpoint, request.body, rid, shadow, t0, started_at,
+                          request.header(TRACEPARENT_HEADER), Variant.candidate if candidate else None)
+            if candidate is not None:
+                self.metrics.routed.inc()
+                netloc = (mirror.host if mirror is not None and mirror.host else None) or urlsplit(candidate).netloc
+                headers = [(k, v) for k, v in headers if k.lower() != b"host"] + [(b"host", netloc.encode("idna"))]
+                return Forward(request.method, request.target, headers, request.body, trace, upstream=candidate)
             if mirror is not None and not shadow and mirror_selected(rid, mirror.percent):
                 self._send_mirror(request.target.decode("latin-1"), _str_headers(headers), request.body, mirror)
         return Forward(request.method, request.target, headers, request.body, trace)
@@ -281,14 +345,16 @@ class TapProxy:
         out = trace.acc.finish() if trace.acc is not None else None
         tokens = out.output_tokens if out is not None else None
         status = trace.status
-        self.metrics.observe(model=info.model, status=status, ttft_s=trace.ttft, e2e_s=e2e, output_tokens=tokens)
-        if self.publisher is None:
+        routed = trace.variant is not self.config.variant
+        self.metrics.observe(model=info.model, status=status, ttft_s=trace.ttft, e2e_s=e2e, output_tokens=tokens,
+                             variant=trace.variant.value if routed else None)
+        if self.publisher is None or not self.sampler.keep(trace.request_id):
             return
         try:
             event = OutputEvent(
                 schema=SCHEMA_VERSION,
                 request_id=trace.request_id[:256],
-                variant=self.config.variant,
+                variant=trace.variant,
                 shadow=trace.shadow,
                 service=f"{self.config.namespace}/{self.config.service}",
                 endpoint=trace.endpoint,
@@ -310,10 +376,15 @@ class TapProxy:
                 traceparent=parse_traceparent(trace.traceparent),
             )
         except ValueError as exc:  # pydantic's ValidationError; a bug here must never fail the request
-            log.error("cannot build output event", error=str(exc))
+            # Only where and what: pydantic's message would quote the input, which may be the user's text.
+            errors = exc.errors() if isinstance(exc, ValidationError) else []
+            log.error("cannot build output event", fields=[".".join(map(str, e["loc"])) for e in errors],
+                      error_type=type(exc).__name__)
             self.metrics.events_dropped.labels("invalid").inc()
             return
-        self.publisher.offer(self.config.topic, event.to_json())
+        if self._redact is not None:
+            event = self._redact(event)
+        self.publisher.offer(self.candidate_topic() if routed else self.config.topic, event.to_json())
 
     # ------------------------------------------------------------------ mirror
 
@@ -388,6 +459,7 @@ async def serve(proxy: TapProxy, publisher: EventPublisher | None, host: str, po
     """Run the proxy and the publisher until ``stop`` is set; `on_ready()` once listening."""
     running = await start_server(proxy, host, port, reuse_port=reuse_port)
     publisher_task = asyncio.create_task(publisher.run()) if publisher is not None else None
+    routes_task = asyncio.create_task(proxy.routes.run()) if proxy.routes is not None else None
     index = worker_index()
     worker = {"worker": index} if index is not None else {}
     log.info("tap listening", host=host, port=bound_port(running), upstream=proxy.upstream, **worker)
@@ -402,6 +474,9 @@ async def serve(proxy: TapProxy, publisher: EventPublisher | None, host: str, po
     try:
         await stop.wait()
     finally:
+        if proxy.routes is not None:
+            await proxy.routes.say_gone()  # before the drain: the controller stops counting this tap at once
+        await cancel_and_wait(routes_task)
         await running.cleanup()
         if publisher_task is not None:
             await cancel_and_wait(publisher_task)
