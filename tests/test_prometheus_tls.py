@@ -18,11 +18,13 @@ import structlog
 from conftest_kube import KubeEnv
 from conftest_prometheus import PrometheusFactory, PrometheusServer
 
+from shadowctl.cli.prom_opts import connection_options
 from shadowctl.kube import SECRET, KubeClient, ResourceRef
 from shadowctl.policy.model import ShadowPolicy
 from shadowctl.sim.authproxy import BearerProxy
 from shadowctl.sim.pki import LocalCA
 from shadowctl.sources.base import SourceUnavailable, Unavailability
+from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.prometheus.promql import build_request
 from shadowctl.sources.routing import RoutingSource, SecretConnect, secret_connect
 
@@ -114,5 +116,40 @@ async def test_the_token_and_ca_come_from_secrets_and_a_rotated_token_applies_at
             await router.aclose()
         finally:
             await kube.close()
+    text = repr(logs)
+    assert OLD not in text and NEW not in text
+
+
+async def test_the_controllers_token_file_is_read_again_when_the_server_refuses_it(
+    tmp_path: Path, proxy: tuple[BearerProxy, LocalCA]
+) -> None:
+    """`shadowctl run --prometheus-token-file F --prometheus-ca-file CA`, as the command builds its source: the
+    kubelet rotates the projected token in F; the server refuses the old one once, F is read again and the same
+    query passes. A refusal while F still holds the refused token is answered as such, with no second try."""
+    server, ca = proxy
+    token_file = tmp_path / "token"
+    token_file.write_text(OLD + "\n")
+    options = connection_options(token_file, None, ca.cert_file, False, 5.0)
+    with structlog.testing.capture_logs() as logs:
+        source = PrometheusMetricSource(server.url, **options)
+        try:
+            assert await source.check() is None
+            assert (server.forwarded, server.refused, source.token_rereads) == (1, 0, 0)
+
+            server.tokens = {NEW}  # the server takes only the new token ...
+            token_file.write_text(NEW + "\n")  # ... and the kubelet wrote it (after the source was made)
+            assert await source.check() is None
+            assert (server.forwarded, server.refused, source.token_rereads) == (2, 1, 1)
+            assert await source.check() is None  # the new token is kept: no refusal, no read
+            assert (server.forwarded, server.refused, source.token_rereads) == (3, 1, 1)
+
+            server.tokens = {"a-token-nobody-has"}  # the file is not rotated: refused, said so, sent once only
+            refused = await source.check()
+            assert refused is not None and refused.cause is Unavailability.unauthorized, refused
+            assert "refused the credentials" in refused.reason
+            assert (server.forwarded, server.refused, source.token_rereads) == (3, 2, 2)
+        finally:
+            await source.aclose()
+    assert any(e["event"] == "prometheus.token_reread" and e["file"] == str(token_file) for e in logs)
     text = repr(logs)
     assert OLD not in text and NEW not in text

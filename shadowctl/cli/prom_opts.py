@@ -15,7 +15,9 @@ URL_ENV = "SHADOWCTL_PROMETHEUS_URL"
 TokenFileOpt = Annotated[
     Path | None,
     typer.Option("--prometheus-token-file", "--token-file", envvar="SHADOWCTL_PROMETHEUS_TOKEN_FILE",
-                 show_default=False, help="File holding a bearer token for Prometheus."),
+                 show_default=False, help="File holding a bearer token for Prometheus; read again when Prometheus (or its "
+                 "auth proxy) answers 401/403, so a rotated token (a projected service-account token) applies "
+                 "without a restart."),
 ]
 BasicAuthFileOpt = Annotated[
     Path | None,
@@ -61,6 +63,8 @@ def connection_options(
     if ca_file is not None and not os.path.isfile(ca_file):
         raise fail(f"--prometheus-ca-file {ca_file}: no such file", 2)
     return {
-        "bearer_token": token, "basic_auth": basic, "ca_file": str(ca_file) if ca_file else None,
+        # The file too: read again when the server refuses the token (a rotated projected token).
+        "bearer_token": token, "bearer_token_file": str(token_file) if token_file is not None else None,
+        "basic_auth": basic, "ca_file": str(ca_file) if ca_file else None,
         "insecure_skip_verify": insecure, "timeout": timeout,
     }

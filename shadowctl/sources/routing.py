@@ -125,7 +125,8 @@ class SecretConnect:
     def __init__(self, secrets: SecretReader, options: Mapping[str, Any]) -> None:
         self.secrets = secrets
         self.options = {k: v for k, v in options.items()
-                        if k not in ("bearer_token", "basic_auth", "ca_file", "insecure_skip_verify")}
+                        if k not in ("bearer_token", "bearer_token_file", "basic_auth", "ca_file",
+                                     "insecure_skip_verify")}
 
     async def __call__(self, ref: ServerRef) -> MetricSource:
         opts = dict(self.options)

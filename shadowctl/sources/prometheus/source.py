@@ -28,6 +28,12 @@ prometheus-api-client is synchronous (requests); calls run in a small thread
 pool behind a semaphore. Each call has a client timeout, a server-side
 ``timeout`` parameter and an asyncio deadline; cancelling a look abandons its
 calls (a worker thread finishes on its own when its HTTP timeout fires).
+
+A bearer token given as a file (``bearer_token_file``: the controller's
+``--prometheus-token-file``, typically a projected service-account token the kubelet
+rotates) is read again when the server refuses the credentials (HTTP 401/403); if the
+file now holds another token, the call is sent once more with it. The token is never
+logged: only the file's path is.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
+import structlog
 import urllib3.exceptions
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
@@ -85,6 +92,8 @@ from shadowctl.sources.prometheus.promql import (
     format_window,
     selector_values,
 )
+
+log = structlog.get_logger(__name__)
 
 TAG = "shadowctl_key"
 _T = TypeVar("_T")
@@ -213,6 +222,15 @@ class _ContextAdapter(HTTPAdapter):
         conn.ca_cert_dir = None
 
 
+def read_token_file(path: str) -> str | None:
+    """The token a file holds (surrounding whitespace removed); None when it cannot be read or is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 class PrometheusMetricSource:
     """A MetricSource over the Prometheus HTTP API (Prometheus, Thanos Query, Mimir)."""
 
@@ -221,6 +239,7 @@ class PrometheusMetricSource:
         url: str,
         *,
         bearer_token: str | None = None,
+        bearer_token_file: str | None = None,
         basic_auth: tuple[str, str] | None = None,
         ca_file: str | None = None,
         insecure_skip_verify: bool = False,
@@ -232,6 +251,10 @@ class PrometheusMetricSource:
     ) -> None:
         if not re.match(r"^https?://\S+$", url):
             raise SourceConfigError(f"Prometheus URL {url!r} is not an http(s) URL")
+        if bearer_token_file is not None and bearer_token is None:
+            bearer_token = read_token_file(bearer_token_file)
+            if bearer_token is None:
+                raise SourceConfigError(f"the Prometheus token file {bearer_token_file} cannot be read or is empty")
         if bearer_token is not None and basic_auth is not None:
             raise SourceConfigError("give a bearer token or basic auth for Prometheus, not both")
         if timeout <= 0 or max_concurrency < 1 or max_batch < 1 or retries < 0:
@@ -246,6 +269,10 @@ class PrometheusMetricSource:
             total=retries, connect=retries, read=0, status=0, other=0,
             backoff_factor=0.1, allowed_methods=None, raise_on_status=False,
         )
+        self._token = bearer_token
+        self._token_file = bearer_token_file
+        self.token_rereads = 0
+        """How often the token file was read again after a refusal (a test counts them)."""
         headers = {"Authorization": f"Bearer {bearer_token}"} if bearer_token else None
         # POST keeps batched expressions out of proxies' URL length limits where they honour form bodies;
         # prometheus-api-client sends parameters in the query string either way.
@@ -261,6 +288,29 @@ class PrometheusMetricSource:
     # ------------------------------------------------------------------ calls off the event loop
 
     async def _call(self, fn: Callable[[], _T]) -> _T:
+        used = self._token
+        try:
+            return await self._call_once(fn)
+        except QueryFailed as exc:
+            if exc.cause is not Unavailability.unauthorized or not self._token_renewed(used):
+                raise
+        return await self._call_once(fn)  # once more, with the token the file holds now
+
+    def _token_renewed(self, used: str | None) -> bool:
+        """After a refusal: read the token file again; whether a token other than ``used`` is now in use."""
+        if self._token_file is None:
+            return False
+        self.token_rereads += 1
+        fresh = read_token_file(self._token_file)
+        if fresh is None:
+            log.warning("prometheus.token_file_unreadable", file=self._token_file)
+        elif fresh != self._token:
+            self._token = fresh
+            self._client.headers = {"Authorization": f"Bearer {fresh}"}
+            log.info("prometheus.token_reread", file=self._token_file, reason="the server refused the old token")
+        return self._token != used
+
+    async def _call_once(self, fn: Callable[[], _T]) -> _T:
         if self._closed:
             raise QueryFailed(Unavailability.unreachable, "the metric source is closed")
         async with self._sem:
