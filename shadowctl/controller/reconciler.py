@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -187,9 +188,6 @@ class _Fence:
     """The id of the intent this tick recorded: its write is refused on an object marked as having dropped it."""
 
     async def __call__(self, what: str, current: dict[str, Any] | None = None) -> None:
-        if self.intent is not None and current is not None and _dropped_intent(current) == self.intent:  # atomic with the write (its rv)
-            raise _io.Superseded(f"not writing {what}: another replica found this tick's route intent unapplied "
-                                 "and dropped it (the route object is marked so)")
         if self.ref is not None:
             try:
                 fresh = await self.kube.get(self.ref)
@@ -202,6 +200,10 @@ class _Fence:
                 raise _io.Superseded(f"not writing {what}: the policy changed since this tick read it (its spec, "
                                      f"recorded rollout, command or deletion; now at resourceVersion {rv}); "
                                      "deciding again")
+        if self.intent is not None and current is not None and _dropped_intent(current) == self.intent:
+            # atomic with the write, which is conditional on the version `current` was read at
+            raise _io.Superseded(f"not writing {what}: another replica found this tick's route intent unapplied "
+                                 "and dropped it (the route object is marked so)")
         if self.leading is not None and not self.leading():  # last: no await between it and the write
             raise _io.Superseded(f"not writing {what}: this replica no longer holds the leader Lease")
 
@@ -229,8 +231,8 @@ the intent's own route write, still in flight or retried, is then refused (see :
 
 
 def intent_id(intent: PendingRoute) -> str:
-    """An intent's identity: when it was recorded, and what it raises the candidate to."""
-    return f"{intent.at}/{intent.candidate_weight}/{intent.rollout.phase.value}/{intent.rollout.step}"
+    """An intent's identity (its random id; for one recorded without: when, and what it raises the share to)."""
+    return intent.id or f"{intent.at}/{intent.candidate_weight}/{intent.rollout.phase.value}/{intent.rollout.step}"
 
 
 def _dropped_intent(obj: dict[str, Any]) -> str | None:
@@ -417,7 +419,7 @@ class Reconciler:
         # 5a. A raise of the candidate's live share is recorded (the intent) before its route write.
         raised = raised_routes(router, policy, state, stepped)
         if raised is not None:
-            intent = PendingRoute(rollout=stepped.state.to_record(), primary_weight=raised.primary_weight,
+            intent = PendingRoute(id=uuid.uuid4().hex[:16], rollout=stepped.state.to_record(), primary_weight=raised.primary_weight,
                                   candidate_weight=raised.candidate_weight, mirror_percent=raised.mirror_percent,
                                   generation=generation, target=target_now, at=iso(now))
             recorded = await self._patch_status(ref, obj, rv, state, now, generation, look, current, tally, None,

@@ -301,6 +301,7 @@ class PendingRoute(_Part):
     or they do not, so it was never applied (or someone else has changed the routes since, which the
     next tick treats as drift from the recorded state) and it is dropped."""
 
+    id: str = Field(default="", description="unique per intent: marks the route object when it is dropped")
     rollout: RolloutRecord
     primary_weight: Percent
     candidate_weight: Percent
