@@ -340,6 +340,173 @@ _SSE = st.lists(_json_bytes(mutated({"choices": [{"index": 0, "delta": {"content
     lambda chunks: b"".join(b"data: " + c + b"\n\n" for c in chunks) + b"data: [DONE]\n\n")
 
 
+# --------------------------------------------------------------------------- names into PromQL
+
+
+class _RealPrometheus:
+    """A real Prometheus (Debian package ``prometheus``) on a free port, its parser the judge of each query:
+    ``/api/v1/format_query`` parses and prints a query back, ``/api/v1/query`` evaluates one."""
+
+    def __init__(self) -> None:
+        import atexit
+        import shutil
+        import socket
+        import subprocess
+        import time
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.root = Path(tempfile.mkdtemp(prefix="shadowctl-fuzz-prometheus-"))
+        (self.root / "p.yml").write_text("global: {scrape_interval: 1m}\n")
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [shutil.which("prometheus") or "/usr/bin/prometheus", f"--config.file={self.root / 'p.yml'}",
+             f"--storage.tsdb.path={self.root / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+             "--log.level=error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        atexit.register(self.close)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        import httpx
+
+        self.http = httpx.Client(base_url=self.url, timeout=10.0, trust_env=False)
+
+    def close(self) -> None:
+        import shutil
+
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def call(self, path: str, query: str) -> Any:
+        answer = self.http.post(path, data={"query": query}).json()
+        if answer.get("status") != "success":
+            raise AssertionError(f"Prometheus refused the query: {answer.get('error')}: {query[:300]!r}")
+        return answer["data"]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the fuzzing process dies (killed, or crashed past atexit)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_REAL_PROMETHEUS: list[_RealPrometheus] = []
+_STRING = __import__("re").compile(r'"(?:[^"\\]|\\.)*"')
+_PROMQL_METRICS = ("vllm-ttft", "vllm-errors", "istio-errors", "istio-latency", "dcgm-gpu-util",
+                   "gpu-cost-per-1k-tokens", "custom")
+_CUSTOM = ('sum(rate(x_total{w="{{ workload }}", r="{{ revision }}", s="{{ subset }}", p=~"{{ pod }}", '
+           'ns="{{ namespace }}", h="{{ host }}", svc="{{ service }}", v="{{ variant }}"}[{{ window }}]))')
+
+
+def _names_policy(values: list[str]) -> Any:
+    from shadowctl.policy.model import ShadowPolicy
+
+    workload, revision, subset, pod = values
+    metrics: list[dict[str, Any]] = []
+    for name in _PROMQL_METRICS:
+        if name == "custom":
+            metrics.append({"name": "custom", "query": _CUSTOM, "kind": "counter", "statistic": "rate"})
+        else:
+            from shadowctl.policy.model import PRESET_KINDS
+
+            kind = PRESET_KINDS[name].value
+            metric: dict[str, Any] = {"name": name, "preset": name, "kind": kind}
+            if kind == "ratio":
+                metric["statistic"] = "rate"
+            elif kind == "gauge":
+                metric["statistic"] = "mean"
+            metrics.append(metric)
+    doc = yaml.safe_load(CHAT_POLICY)
+    doc["spec"]["analysis"]["metrics"] = metrics
+    doc["spec"]["analysis"]["gpuPricePerHour"] = 2.0
+    doc["spec"]["analysis"]["variants"] = {
+        "primary": {"workload": workload, "revision": revision, "subset": subset, "pod": pod},
+        "candidate": {"workload": workload + "-c", "revision": revision + "-c", "subset": subset + "-c",
+                      "pod": pod + "-c"}}
+    doc["spec"]["analysis"].pop("outputs", None)
+    doc["spec"]["analysis"].pop("method", None)
+    return ShadowPolicy.model_validate(doc)
+
+
+def _queries_of(values: list[str]) -> dict[str, str]:
+    """Every query shadowctl writes for the policy with these names, by metric and form: both variants and a
+    ratio's failures as one batch (``batch``), and a preset's grouped form for a batch (``grouped``)."""
+    from shadowctl.sources.base import SourceConfigError
+    from shadowctl.sources.prometheus.promql import build_request
+    from shadowctl.sources.prometheus.source import _grouped_part, batch_expression
+
+    policy = _names_policy(values)
+    end = datetime(2026, 12, 6, tzinfo=UTC)
+    out: dict[str, str] = {}
+    for metric in policy.spec.analysis.metrics:
+        try:
+            req = build_request(policy, metric, start=end - timedelta(minutes=5), end=end)
+        except SourceConfigError:
+            continue
+        out[f"{metric.name}/batch"] = batch_expression([req])
+        if req.grouped is not None:
+            out[f"{metric.name}/grouped"] = _grouped_part(0, [req], req.end - req.start)
+    return out
+
+
+def _shape(prom: _RealPrometheus, queries: dict[str, str], keys: list[str]) -> str:
+    """The parsed form of the queries ``keys`` joined with ``or``, without string literals and whitespace."""
+    query = " or ".join(f"({queries[k]})" for k in keys)
+    return "".join(_STRING.sub('""', prom.call("/api/v1/format_query", query)).split())
+
+
+def _promql(data: bytes) -> None:
+    """Names from a policy reach PromQL only as data: the query with them parses, has the same structure as
+    with plain names (every string literal aside), and each name reads back exactly, as a label value and
+    as the regex shadowctl writes for it."""
+    from pydantic import ValidationError
+
+    from shadowctl.sources.prometheus.promql import escape_regex, quote
+
+    if not _REAL_PROMETHEUS:
+        _REAL_PROMETHEUS.append(_RealPrometheus())
+    prom = _REAL_PROMETHEUS[0]
+    text = data.decode("utf-8", errors="replace")
+    raw = [*text.split("\x1f"), "w", "r", "s", "p"][:4]
+    values = [*raw[:3], escape_regex(raw[3]) + ".*"]  # variants.X.pod is a regex by contract: a valid one
+    try:
+        queries = _queries_of(values)
+    except ValidationError:
+        return  # refused at load, in words (an empty name, a lone surrogate)
+    plain = _queries_of(["w", "r", "s", "p.*"])
+    keys = [k for k in plain if k in queries]  # a pod pattern Python cannot read has no grouped form
+    if len(keys) < len(plain) - 2:
+        raise AssertionError(f"only {sorted(keys)} of {sorted(plain)} were written")
+    if _shape(prom, queries, keys) != _shape(prom, plain, keys):
+        raise AssertionError(f"a name changed a query's structure: {values!r}")
+    for value in {v for v in raw[:3] if v.strip()}:
+        value = value.strip()  # the model strips surrounding whitespace
+        # label_replace's replacement expands $1 and $name: a literal $ is written $$ there (the probe's own
+        # need; shadowctl writes no name into a replacement).
+        probe = (f'label_replace(label_replace(vector(1), "v", {quote(value.replace("$", "$$"))}, "", ""), '
+                 f'"m", "exact", "v", {quote(escape_regex(value))})')
+        result = prom.call("/api/v1/query", probe)["result"]
+        if [r["metric"] for r in result] != [{"v": value, "m": "exact"}]:
+            raise AssertionError(f"{value!r} read back as {result!r}")
+
+
+_NAME = st.text(st.characters(codec="utf-8"), max_size=30) | st.sampled_from(
+    ['a"b', "a\\", '\\"}) or vector(1) #', "x\ny", "{{ namespace }}", "}}{{", "é🙂", "a`b'c", "\x00\x7f\u2028",
+     'v1", destination_workload=~".*'])
+_NAMES = st.lists(_NAME, min_size=4, max_size=4).map(lambda v: "\x1f".join(v).encode("utf-8", "surrogatepass"))
+
+
 def targets() -> dict[str, Target]:
     """Every fuzzed path by name."""
     from shadowctl.cli.judge_cmd import ReplayInputError
@@ -354,4 +521,5 @@ def targets() -> dict[str, Target]:
         Target("prometheus", _prometheus, _json_bytes(mutated(_PROM_BASE, max_changes=4))),
         Target("api-object", _api_object, _json_bytes(mutated(_POLICY_OBJECT))),
         Target("tap", _tap, st.one_of(_json_bytes(mutated(_CHAT_REQUEST)), _SSE)),
+        Target("promql", _promql, _NAMES),
     )}

@@ -763,10 +763,7 @@ class VariantSelector(_Model):
     @field_validator("workload", "revision", "pod", "subset")
     @classmethod
     def _text(cls, v: str | None) -> str | None:
-        # Escaped into PromQL string literals (sources.prometheus.promql), sent as UTF-8: a lone surrogate
-        # (YAML's "\ud800") has no UTF-8 form, and Prometheus's parser refuses it escaped.
-        if v is not None and any(0xD800 <= ord(ch) <= 0xDFFF for ch in v):
-            raise ValueError(f"{v!r} holds a lone surrogate (not a Unicode character); use the name as it is")
+        # Any other text is fine: it is escaped into PromQL string literals (sources.prometheus.promql).
         if v == "":
             raise ValueError("an empty name selects nothing; leave the field out")
         return v
