@@ -352,6 +352,8 @@ class Campaign:
                 deleted = True
             elif phase in ("Succeeded", "RolledBack", "Failed"):
                 out.outcome = phase
+            else:
+                out.outcome = "?"  # a fault that came after its end (a new candidate) started it again
             if (deleted or out.outcome != "?") and all(t.done() for t in tasks):
                 break
             if deleted:
