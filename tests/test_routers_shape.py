@@ -19,8 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from routers_util import load
 
-from shadowctl.policy.model import BackendRef, Destination, GatewayAPITarget, IstioTarget, KnativeTarget
-from shadowctl.routers import gateway_build, istio_build, knative_build
+from shadowctl.policy.model import BackendRef, Destination, GatewayAPITarget, IstioTarget, KnativeTarget, KServeTarget
+from shadowctl.routers import gateway_build, istio_build, knative_build, kserve_build
 from shadowctl.routers.base import RouterError, RouteState, WouldBeRejected
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +36,8 @@ KNATIVE = KnativeTarget(service="llm")
 KNOWN = {"llm-00001", "llm-00002"}
 GATEWAY = GatewayAPITarget(http_route="llm", rule="chat", primary=BackendRef(name="llm-v1"),
                            candidate=BackendRef(name="llm-v2"))
+
+KSERVE = KServeTarget(inference_service="llm")
 
 Call = Callable[[dict[str, Any]], object]
 CASES: dict[str, tuple[dict[str, Any], list[Call]]] = {
@@ -59,6 +61,13 @@ CASES: dict[str, tuple[dict[str, Any], list[Call]]] = {
         lambda o: gateway_build.finalize(o, GATEWAY),
         lambda o: gateway_build.promote(o, GATEWAY),
         gateway_build.rule_names,
+    ]),
+    "kserve": (load("isvc-llm.yaml"), [
+        lambda o: kserve_build.build(o, KSERVE, RouteState(90, 10, None)),
+        lambda o: kserve_build.read_state(o, KSERVE),
+        lambda o: kserve_build.finalize(o, KSERVE),
+        lambda o: kserve_build.promote(o, KSERVE),
+        lambda o: kserve_build.candidate_of(o, settled=True),
     ]),
 }
 
@@ -95,6 +104,8 @@ def _set(obj: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, An
         ("istio", ("metadata",), None, "VirtualService: metadata: expected a mapping, got None"),
         ("knative", ("status", "traffic"), 7, "Service models/llm: status.traffic: expected a list, got 7"),
         ("knative", ("spec",), None, "Service models/llm: spec: expected a mapping, got None"),
+        ("kserve", ("status", "components", "predictor", "latestReadyRevision"), 7,
+         "InferenceService models/llm: status.components.predictor.latestReadyRevision: expected a string, got 7"),
         ("gateway", ("spec", "rules", 0, "backendRefs", 0, "weight"), "ten",
          "spec.rules[0].backendRefs[0].weight: expected an integer, got 'ten'"),
     ],

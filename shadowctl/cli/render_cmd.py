@@ -1,4 +1,5 @@
-"""`shadowctl render`: show what shadowctl would write to a VirtualService, HTTPRoute or Knative Service, offline.
+"""`shadowctl render`: show what shadowctl would write to a VirtualService, HTTPRoute, Knative Service or KServe
+InferenceService, offline.
 
 It runs the routers' pure builders on an object from a file, so a person can
 review (or a CI job can diff) the exact change before any cluster is touched.
@@ -16,14 +17,21 @@ import yaml
 from pydantic import ValidationError
 
 from shadowctl.cli.common import fail
-from shadowctl.policy.model import BackendRef, Destination, GatewayAPITarget, IstioTarget, KnativeTarget
-from shadowctl.routers import gateway_build, istio_build, knative_build
+from shadowctl.policy.model import (
+    BackendRef,
+    Destination,
+    GatewayAPITarget,
+    IstioTarget,
+    KnativeTarget,
+    KServeTarget,
+)
+from shadowctl.routers import gateway_build, istio_build, knative_build, kserve_build
 from shadowctl.routers.base import RouterError, RouteState
 from shadowctl.routers.record import Build
 
 _HELP = """Print the object shadowctl would write for a traffic split, without a cluster.
 
-FILE holds one VirtualService (networking.istio.io), one HTTPRoute (gateway.networking.k8s.io) or one Knative Service (serving.knative.dev), e.g. the output of `kubectl get -o yaml`. The object's kind decides what --primary and --candidate mean.
+FILE holds one VirtualService (networking.istio.io), one HTTPRoute (gateway.networking.k8s.io), one Knative Service (serving.knative.dev) or one KServe InferenceService (serving.kserve.io), e.g. the output of `kubectl get -o yaml`. The object's kind decides what --primary and --candidate mean.
 
 [bold]VirtualService[/]: destinations as HOST, HOST/SUBSET or HOST/SUBSET:PORT, exactly as in the route.
 
@@ -38,6 +46,10 @@ FILE holds one VirtualService (networking.istio.io), one HTTPRoute (gateway.netw
 [bold]Knative Service[/]: revision names (default primary: the revision holding 100%; default candidate: status.latestReadyRevisionName).
 
   shadowctl render ksvc.yaml --candidate llm-00002 --weight 20 --tag canary
+
+[bold]InferenceService[/]: --weight only. KServe splits the predictor's traffic between its latest ready revision (the candidate) and its latest rolled-out one, as its status names them, by spec.predictor.canaryTrafficPercent. KServe cannot mirror: a policy's shadow phase goes through the tap (shadow.mode: tap).
+
+  shadowctl render isvc.yaml --weight 10
 
 Exit code 0 on success; 1 when the object lacks the named route, rule, destination, backend or revision (the message lists those it has); 2 on usage errors.
 """
@@ -92,13 +104,14 @@ def _load(file: Path) -> dict[str, Any]:
     except (ValueError, OverflowError) as exc:  # PyYAML's scanner on an escape such as "\U99999999"
         raise fail(f"{file}: not valid YAML: an escape out of range ({exc})") from None
     # A file may hold a DestinationRule (or anything else) beside the object: take the routing object.
-    routing = [d for d in docs if isinstance(d, dict) and d.get("kind") in ("VirtualService", "HTTPRoute", "Service")]
+    routing = [d for d in docs if isinstance(d, dict)
+               and d.get("kind") in ("VirtualService", "HTTPRoute", "Service", "InferenceService")]
     if len(routing) == 1:
         return routing[0]
     if len(docs) == 1 and isinstance(docs[0], dict):
         return docs[0]
     kinds = ", ".join(str(d.get("kind")) if isinstance(d, dict) else type(d).__name__ for d in docs) or "none"
-    raise fail(f"{file}: expected one VirtualService, HTTPRoute or Knative Service, found {len(routing)} among "
+    raise fail(f"{file}: expected one VirtualService, HTTPRoute, Knative Service or InferenceService, found {len(routing)} among "
                f"{len(docs)} documents ({kinds}); put the one to render in a file of its own")
 
 
@@ -118,7 +131,7 @@ def _dump(obj: dict[str, Any]) -> str:
 
 
 def render(
-    file: Annotated[Path, typer.Argument(help="A VirtualService, HTTPRoute or Knative Service as YAML.",
+    file: Annotated[Path, typer.Argument(help="A VirtualService, HTTPRoute, Knative Service or InferenceService as YAML.",
                                          show_default=False)],
     weight: Annotated[int, typer.Option("--weight", min=0, max=100,
                                         help="Percent of live traffic for the candidate (0-100).")],
@@ -136,7 +149,8 @@ def render(
     rule: Annotated[str | None, typer.Option(
         "--rule", help="HTTPRoute: the rule's name (needed when it has several).", show_default=False)] = None,
     mirror: Annotated[float | None, typer.Option(
-        "--mirror", min=0, max=100, help="VirtualService, HTTPRoute: percent of requests mirrored to the candidate.",
+        "--mirror", min=0, max=100, help="VirtualService, HTTPRoute: percent of requests mirrored to the candidate "
+        "(not Knative nor KServe, which cannot mirror).",
         show_default=False)] = None,
     tag: Annotated[str, typer.Option("--tag", help="Knative: the candidate's tag.")] = "candidate",
     diff: Annotated[bool, typer.Option("--diff", help="Print a unified diff instead of the whole object.")] = False,
@@ -185,9 +199,23 @@ def render(
                 raise fail(f"--tag {tag!r}: {exc.errors()[0]['msg']}", 2) from None
             knative_build.check_shape(obj)  # before _revisions_in reads its status
             result = knative_build.build(obj, ktarget, state, _revisions_in(obj))
+        elif kind == "InferenceService" and api.startswith("serving.kserve.io/"):
+            if mirror:
+                raise fail("a KServe InferenceService cannot mirror (KServe has no mirroring); its shadow phase goes "
+                           "through the tap: set shadow.mode: tap in the policy, and render --weight only", 2)
+            given = [o for o, v in (("--primary", primary), ("--candidate", candidate), ("--route", route),
+                                    ("--rule", rule), ("--tag", None if tag == "candidate" else tag)) if v]
+            if given:
+                raise fail(f"{', '.join(given)}: not for an InferenceService: KServe splits between the revisions its "
+                           "status names (latest ready and latest rolled-out); give --weight only", 2)
+            try:
+                starget = KServeTarget(inference_service=name)
+            except ValidationError as exc:
+                raise fail(f"{file}: metadata.name: {exc.errors()[0]['msg']}", 2) from None
+            result = kserve_build.build(obj, starget, state)
         else:
             raise fail(f"{file}: kind {kind!r} ({api or 'no apiVersion'}) is not an Istio VirtualService, a "
-                       "Gateway API HTTPRoute or a Knative Service")
+                       "Gateway API HTTPRoute, a Knative Service or a KServe InferenceService")
     except RouterError as exc:
         raise fail(f"{file}: {exc}") from None
     if not diff:
