@@ -189,3 +189,58 @@ def test_the_checker_catches_a_rollout_that_never_ended(tiny: Any) -> None:
         report = audit.check(events, namespace=run.NS, writers=run.WRITERS, outcomes={name: "Stuck:Shadowing"},
                              finals=finals, final_policies={name: final})
         assert [v["rule"] for v in report.violations] == rules, (final, report.violations)
+
+
+def _event(resource: str, name: str, rv: int, obj: JSON, *, user: str = run.WRITERS[0],
+           subresource: str | None = None) -> JSON:
+    ref = {"resource": resource, "name": name, "namespace": run.NS}
+    if subresource:
+        ref["subresource"] = subresource
+    stored = {**obj, "metadata": {**obj.get("metadata", {}), "name": name, "resourceVersion": str(rv)}}
+    return {"stage": "ResponseComplete", "verb": "update", "objectRef": ref, "user": {"username": user},
+            "responseStatus": {"code": 200}, "auditID": f"a{rv}",
+            "requestObject": {"metadata": {"resourceVersion": str(rv - 1)}}, "responseObject": stored}
+
+
+def test_the_checker_reads_httproute_weights_as_proportions() -> None:
+    """A Gateway API rule's weights are proportions of the rule's total: 9:1 is 10% to the candidate, 1:1 is
+    50%, whatever the sum; a RequestMirror filter is a mirror. Synthetic events (the tiny campaign above runs
+    Istio targets only), judged by the same rules."""
+    created = run.original_route("r-1", "gateway")
+
+    def route(primary: int, candidate: int, mirror: bool = False) -> JSON:
+        obj = copy.deepcopy(created)
+        rule = next(r for r in obj["spec"]["rules"] if r["name"] == audit.ROUTE)
+        rule["backendRefs"] = [{"name": "chat-v1", "port": 8000, "weight": primary},
+                               {"name": "chat-v2", "port": 8000, "weight": candidate}]
+        if mirror:
+            rule["filters"] = [{"type": "RequestMirror", "requestMirror": {
+                "backendRef": {"name": "chat-v2", "port": 8000}, "percent": 20}}]
+        return obj
+
+    def status(phase: str, weight: int) -> JSON:
+        return {"status": {"phase": phase, "rollout": {"phase": phase, "canaryWeight": weight}}}
+
+    def replay(*writes: JSON, outcome: str = "Succeeded", final: JSON | None = None) -> list[str]:
+        events = [_event("httproutes", "r-1", 1, created, user="admin"),
+                  *(_event(w["at"][0], w["at"][1], w["at"][2], w["obj"], subresource=w.get("sub")) for w in writes)]
+        report = audit.check(events, namespace=run.NS, writers=run.WRITERS, outcomes={"r-1": outcome},
+                             finals={"r-1": final if final is not None else events[-1]["responseObject"]})
+        return [v["rule"] for v in report.violations]
+
+    def vs(rv: int, obj: JSON) -> JSON:
+        return {"at": ("httproutes", "r-1", rv), "obj": obj}
+
+    def st(rv: int, obj: JSON) -> JSON:
+        return {"at": ("shadowpolicies", "r-1", rv), "obj": obj, "sub": "status"}
+
+    shadow = route(1, 0, mirror=True)
+    assert audit.candidate_share(audit.route_of(route(9, 1)) or {}) == 10.0
+    assert audit.candidate_share(audit.route_of(route(3, 3)) or {}) == 50.0
+    assert audit.mirrored(audit.route_of(shadow) or {})
+    assert replay(st(2, status("Shadowing", 0)), vs(3, shadow), st(4, status("Progressing", 10)),
+                  vs(5, route(18, 2)), final=created) == []
+    assert replay(st(2, status("Progressing", 10)), vs(3, route(1, 1))) == ["step-bound"]  # 50% at step 10
+    assert replay(st(2, status("Shadowing", 0)), vs(3, route(9, 1))) == ["step-bound"]  # live before passing
+    assert replay(st(2, status("Progressing", 10)), vs(3, route(0, 0)), final=created) == ["weights-sum"]  # none
+    assert replay(st(2, status("RolledBack", 0)), vs(3, shadow), outcome="RolledBack") == ["final-restored"]

@@ -37,12 +37,17 @@ placed after every write the log holds before it (the log backend writes events 
 * ``final-*``: the final VirtualService of each rollout: weights sum to 100, unmanaged routes as created,
   and after RolledBack, Failed or a deletion: candidate 0, no mirror.
 
+Route objects are Istio VirtualServices (weights are percents) or Gateway API HTTPRoutes (``--gateway-share``:
+a rule's weights are proportions of its total, so the candidate's share is its weight over the total, and a
+RequestMirror filter is a mirror); the rules read both the same way.
+
 The checker must be able to fail: tests/test_faults.py plants writes that break each rule.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,6 +59,9 @@ from shadowctl.policy.duration import parse_duration
 JSON = dict[str, Any]
 ROUTE = "chat-default"
 PRIMARY_SUBSET = "v1"
+PRIMARY_BACKEND = "chat-v1"
+ROUTE_RESOURCES = ("virtualservices", "httproutes")
+ROUTE_KINDS = ("VirtualService", "HTTPRoute")
 FINALIZER_PREFIX = "shadowctl.dev/"
 DEADLINE_GRACE = 15.0
 """Seconds past the progress deadline a rollout may take to record its end: the deadline is checked once a
@@ -124,23 +132,59 @@ def _weight(dest: JSON, alone: bool) -> int:
     return 100 if alone else 0
 
 
-def route_of(vs: JSON, name: str = ROUTE) -> JSON | None:
-    for route in (vs.get("spec") or {}).get("http") or []:
+def _routes(obj: JSON) -> list[JSON]:
+    """The routes of a VirtualService (``spec.http``) or the rules of an HTTPRoute (``spec.rules``)."""
+    spec = obj.get("spec") or {}
+    routes = spec.get("rules") if obj.get("kind") == "HTTPRoute" else spec.get("http")
+    return [r for r in routes if isinstance(r, dict)] if isinstance(routes, list) else []
+
+
+def route_of(obj: JSON, name: str = ROUTE) -> JSON | None:
+    for route in _routes(obj):
         if route.get("name") == name:
             return dict(route)
     return None
 
 
-def candidate_weight(route: JSON) -> int:
+def _backend_weight(ref: JSON) -> int:
+    return int(ref.get("weight", 1) or 0)  # Gateway API: a backendRef without weight weighs 1
+
+
+def candidate_share(route: JSON) -> float:
+    """The candidate's share of live traffic in percent: an Istio route's weights are percents, an HTTPRoute
+    rule's are proportions of the rule's total (every backend that is not the primary is the candidate)."""
+    if "backendRefs" in route:
+        refs = route.get("backendRefs") or []
+        total = sum(_backend_weight(r) for r in refs)
+        cand = sum(_backend_weight(r) for r in refs if r.get("name") != PRIMARY_BACKEND)
+        return 100.0 * cand / total if total else 0.0
     dests = route.get("route") or []
-    return sum(_weight(d, len(dests) == 1) for d in dests
-               if (d.get("destination") or {}).get("subset") != PRIMARY_SUBSET)
+    return float(sum(_weight(d, len(dests) == 1) for d in dests
+                     if (d.get("destination") or {}).get("subset") != PRIMARY_SUBSET))
 
 
-def sums(vs: JSON) -> list[tuple[str, int]]:
-    """(route name, weight sum) of every route whose weights do not sum to 100."""
+def candidate_weight(route: JSON) -> int:
+    """:func:`candidate_share`, rounded up (a share above a step by any fraction is above it)."""
+    return math.ceil(candidate_share(route) - 1e-9)
+
+
+def mirrored(route: JSON) -> bool:
+    """Whether the route mirrors: Istio's ``mirror``, or a RequestMirror filter in an HTTPRoute rule."""
+    if "backendRefs" in route:
+        return any(f.get("type") == "RequestMirror" for f in route.get("filters") or [])
+    return "mirror" in route
+
+
+def sums(obj: JSON) -> list[tuple[str, int]]:
+    """(route name, weight sum) of every route whose weights do not sum to 100 (an HTTPRoute rule's weights
+    are proportions: only a rule whose backends all weigh 0, so that no request has a backend, is listed)."""
     bad = []
-    for route in (vs.get("spec") or {}).get("http") or []:
+    for route in _routes(obj):
+        if "backendRefs" in route:
+            refs = route.get("backendRefs") or []
+            if refs and not sum(_backend_weight(r) for r in refs):
+                bad.append((str(route.get("name")), 0))
+            continue
         dests = route.get("route") or []
         total = sum(_weight(d, len(dests) == 1) for d in dests)
         if dests and total != 100:
@@ -148,8 +192,8 @@ def sums(vs: JSON) -> list[tuple[str, int]]:
     return bad
 
 
-def unmanaged(vs: JSON) -> list[JSON]:
-    return [r for r in (vs.get("spec") or {}).get("http") or [] if r.get("name") != ROUTE]
+def unmanaged(obj: JSON) -> list[JSON]:
+    return [r for r in _routes(obj) if r.get("name") != ROUTE]
 
 
 def allowed(status: JSON | None) -> int:
@@ -228,7 +272,7 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
         ref = event.get("objectRef") or {}
         if event.get("stage") != "ResponseComplete" or ref.get("namespace") != namespace:
             continue
-        if ref.get("resource") not in ("virtualservices", "shadowpolicies"):
+        if ref.get("resource") not in (*ROUTE_RESOURCES, "shadowpolicies"):
             continue
         if event.get("verb") not in ("create", "update", "patch", "delete"):
             continue
@@ -263,7 +307,7 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
         r = rollouts.setdefault(name, _Rollout())
         obj = event["responseObject"]
         mine = (event.get("user") or {}).get("username") in writers
-        if ref["resource"] == "virtualservices":
+        if ref["resource"] in ROUTE_RESOURCES:
             if r.created is None:
                 r.created = obj
             r.vs = obj
@@ -319,8 +363,8 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
 
     for name, vs in (finals or {}).items():
         report.count("final objects checked")
-        if vs is None or vs.get("kind") != "VirtualService":
-            report.add("final-missing", name, "no final VirtualService")
+        if vs is None or vs.get("kind") not in ROUTE_KINDS:
+            report.add("final-missing", name, "no final route object")
             continue
         for route_name, total in sums(vs):
             report.add("final-weights-sum", name, f"route {route_name} weights sum to {total}")
@@ -330,9 +374,9 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
         outcome = (outcomes or {}).get(name, "?")
         if outcome in ("RolledBack", "Failed", "Deleted"):
             route = route_of(vs) or {}
-            if candidate_weight(route) or "mirror" in route:
-                report.add("final-restored", name, f"after {outcome}: candidate {candidate_weight(route)}%, "
-                           f"mirror {'mirror' in route}")
+            if candidate_weight(route) or mirrored(route):
+                report.add("final-restored", name, f"after {outcome}: candidate {candidate_share(route):g}%, "
+                           f"mirror {mirrored(route)}")
     return report
 
 
@@ -356,6 +400,6 @@ def _deadline(report: Report, name: str, obj: JSON, event: JSON) -> None:
 def _restored(report: Report, name: str, vs: JSON | None, event: JSON, when: str) -> None:
     route = route_of(vs or {}) or {}
     weight = candidate_weight(route)
-    if weight or "mirror" in route:
+    if weight or mirrored(route):
         report.add("rollback-restored", name, f"{when} while the route gives the candidate {weight}% "
-                   f"and {'has' if 'mirror' in route else 'has no'} mirror", event)
+                   f"and {'has' if mirrored(route) else 'has no'} mirror", event)

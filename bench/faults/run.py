@@ -54,6 +54,9 @@ CONTROLLERS = ("ctl-a", "ctl-b")
 WRITERS = tuple(f"system:serviceaccount:shadowctl:{c}" for c in CONTROLLERS)  # the controllers' user names
 LEASE_DURATION = 4.0
 VS_API = f"/apis/networking.istio.io/v1/namespaces/{NS}/virtualservices"
+HTTPROUTE_API = f"/apis/gateway.networking.k8s.io/v1/namespaces/{NS}/httproutes"
+ROUTE_API = {"istio": VS_API, "gateway": HTTPROUTE_API}
+"""Where each target kind's route object lives: an Istio VirtualService, or a Gateway API HTTPRoute."""
 POLICY_API = f"/apis/shadowctl.dev/v1alpha1/namespaces/{NS}/shadowpolicies"
 LEASE_API = f"/apis/coordination.k8s.io/v1/namespaces/{SA_NS}/leases/shadowctl-faults"
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -109,16 +112,30 @@ spec:
 
 
 def original_vs(name: str) -> dict[str, Any]:
-    docs = list(yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()))
-    vs = copy.deepcopy(next(d for d in docs if d["kind"] == "VirtualService"))
-    vs["metadata"] = {"name": name, "namespace": NS}
-    return dict(vs)
+    return original_route(name, "istio")
 
 
-def policy_doc(name: str, faults: Sequence[str]) -> dict[str, Any]:
+def original_route(name: str, target: str = "istio") -> dict[str, Any]:
+    """The route object as in git: istio/chat.yaml's VirtualService, or gateway-api/chat.yaml's HTTPRoute
+    (each with a header-matched debug route shadowctl must never touch)."""
+    path, kind = (("istio", "VirtualService") if target == "istio" else ("gateway-api", "HTTPRoute"))
+    docs = list(yaml.safe_load_all((REPO / path / "chat.yaml").read_text()))
+    obj = copy.deepcopy(next(d for d in docs if d["kind"] == kind))
+    obj["metadata"] = {"name": name, "namespace": NS}
+    return dict(obj)
+
+
+GATEWAY_TARGET = {"httpRoute": "NAME", "rule": "chat-default", "primary": {"name": "chat-v1", "port": 8000},
+                  "candidate": {"name": "chat-v2", "port": 8000}}
+
+
+def policy_doc(name: str, faults: Sequence[str], target: str = "istio") -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load(POLICY)
     doc["metadata"]["name"] = name
-    doc["spec"]["target"]["istio"]["virtualService"] = name
+    if target == "gateway":
+        doc["spec"]["target"] = {"gatewayAPI": {**GATEWAY_TARGET, "httpRoute": name}}
+    else:
+        doc["spec"]["target"]["istio"]["virtualService"] = name
     if "progress-deadline" in faults:
         doc["spec"]["progressDeadline"] = "10s"
     return doc
@@ -131,6 +148,7 @@ class Plan:
     name: str
     faults: list[tuple[str, float]]
     bad: bool
+    target: str = "istio"
 
 
 @dataclass
@@ -140,16 +158,20 @@ class Outcome:
     applied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     bad: bool = False
+    target: str = "istio"
     outcome: str = "?"
     seconds: float = 0.0
     final_vs: dict[str, Any] | None = None
     final_policy: dict[str, Any] | None = None
 
 
-def draw(rng: random.Random, index: int, kinds: Sequence[str]) -> Plan:
+def draw(rng: random.Random, index: int, kinds: Sequence[str], gateway_share: float = 0.0, seed: int = 0) -> Plan:
     count = rng.choice((1, 1, 2, 2, 3))
     chosen = rng.sample(list(kinds), min(count, len(kinds)))
-    return Plan(f"r-{index:05d}", [(kind, round(rng.uniform(0.5, 10.0), 2)) for kind in chosen], rng.random() < 0.3)
+    # The target from its own stream, so that --gateway-share 0 draws what the campaign drew before targets.
+    target = "gateway" if random.Random(f"{seed}/target/{index}").random() < gateway_share else "istio"
+    return Plan(f"r-{index:05d}", [(kind, round(rng.uniform(0.5, 10.0), 2)) for kind in chosen], rng.random() < 0.3,
+                target)
 
 
 class Controllers:
@@ -266,7 +288,8 @@ class Campaign:
 
     async def fault(self, plan: Plan, kind: str, out: Outcome) -> None:
         name, proxy, rng = plan.name, self.proxy, self.rng
-        path = rf"/{NS}/(virtualservices|shadowpolicies)/{name}(/status)?$"
+        route_api = ROUTE_API[plan.target]
+        path = rf"/{NS}/(virtualservices|httproutes|shadowpolicies)/{name}(/status)?$"
         applied = True
         if kind == "api-429":
             proxy.fail_next(rng.randint(1, 5), 429, path=path, retry_after=1)
@@ -289,17 +312,19 @@ class Campaign:
                 self.touches += 1
                 note = {"metadata": {"annotations": {"example.com/touched": str(self.touches)}}}
                 await self.admin.patch(f"{POLICY_API}/{name}", json=note, headers=MERGE)
-                await self.admin.patch(f"{VS_API}/{name}", json=note, headers=MERGE)
+                await self.admin.patch(f"{route_api}/{name}", json=note, headers=MERGE)
                 await asyncio.sleep(0.1)
         elif kind == "gitops-drift":
             for _ in range(5):
-                current = (await self.admin.get(f"{VS_API}/{name}")).json()
-                body = original_vs(name)
+                current = (await self.admin.get(f"{route_api}/{name}")).json()
+                body = original_route(name, plan.target)
                 body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                if (await self.admin.put(f"{VS_API}/{name}", json=body)).status_code != 409:
+                if (await self.admin.put(f"{route_api}/{name}", json=body)).status_code != 409:
                     break
         elif kind == "new-candidate":
-            patch = {"spec": {"target": {"istio": {"candidate": {"subset": "v3"}}},
+            moved: dict[str, Any] = ({"istio": {"candidate": {"subset": "v3"}}} if plan.target == "istio"
+                     else {"gatewayAPI": {"candidate": {"name": "chat-v3"}}})
+            patch: dict[str, Any] = {"spec": {"target": moved,
                               "analysis": {"variants": {"candidate": {"subset": "v3", "workload": "chat-v3"}}}}}
             await self._ok(await self.admin.patch(f"{POLICY_API}/{name}", json=patch, headers=MERGE), kind, 404)
         elif kind == "policy-edit":
@@ -326,15 +351,17 @@ class Campaign:
 
     async def rollout(self, plan: Plan) -> Outcome:
         kinds = [k for k, _ in plan.faults]
-        out = Outcome(plan.name, kinds, bad=plan.bad)
+        out = Outcome(plan.name, kinds, bad=plan.bad, target=plan.target)
         started = time.time()
         entry = {"bad": plan.bad, "faults": [
             {"kind": k, "from": started + at, "to": started + at + self.rng.uniform(2, 6)}
             for k, at in plan.faults if k in PROM]}
         self.schedule["policies"][f"{NS}/{plan.name}"] = entry
         self._write_schedule()
-        await self._ok(await self.admin.post(VS_API, json=original_vs(plan.name)), "create vs")
-        await self._ok(await self.admin.post(POLICY_API, json=policy_doc(plan.name, kinds)), "create policy")
+        route_api = ROUTE_API[plan.target]
+        await self._ok(await self.admin.post(route_api, json=original_route(plan.name, plan.target)), "create route")
+        await self._ok(await self.admin.post(POLICY_API, json=policy_doc(plan.name, kinds, plan.target)),
+                       "create policy")
         tasks = []
         for kind, at in plan.faults:
             async def later(kind: str = kind, at: float = at) -> None:
@@ -365,7 +392,7 @@ class Campaign:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         out.seconds = round(time.time() - started, 1)
-        out.final_vs = (await self.admin.get(f"{VS_API}/{plan.name}")).json()
+        out.final_vs = (await self.admin.get(f"{route_api}/{plan.name}")).json()
         policy = await self.admin.get(f"{POLICY_API}/{plan.name}")
         out.final_policy = policy.json() if policy.status_code == 200 else None
         return out
@@ -425,7 +452,7 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
     if unknown:
         raise SystemExit(f"unknown fault kinds: {sorted(unknown)}; known: {', '.join(FAULTS)}")
     rng = random.Random(args.seed)
-    plans = [draw(rng, i, kinds) for i in range(args.rollouts)]
+    plans = [draw(rng, i, kinds, args.gateway_share, args.seed) for i in range(args.rollouts)]
     cluster, proxy, kubeconfigs = await asyncio.to_thread(setup_cluster, workdir)
     schedule = workdir / "schedule.json"
     schedule.write_text(json.dumps({"policies": {}}))
@@ -456,6 +483,11 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
         "outcomes": dict(Counter(o.outcome for o in outcomes)),
         "violations": len(report.violations), "checked": report.counts,
         "per_kind": summarize(outcomes, report),
+        "per_target": {t: {"rollouts": sum(o.target == t for o in outcomes),
+                           "outcomes": dict(Counter(o.outcome for o in outcomes if o.target == t)),
+                           "violations": sum(1 for v in report.violations
+                                             if any(o.name == v["rollout"] and o.target == t for o in outcomes))}
+                       for t in ROUTE_API},
         "controller_kills": controllers.kills, "leader_pauses": controllers.pauses,
         "violation_list": report.violations[:50],
         "rollout_list": [{k: v for k, v in o.__dict__.items() if k not in ("final_vs", "final_policy")}
@@ -477,6 +509,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "controller_kills": result["controller_kills"], "leader_pauses": result["leader_pauses"],
         "violations": result["violations_all"],
         "end_phases": result["outcomes"],
+        "targets": result["per_target"],
         "checked": result["checked"],
     }
 
@@ -488,6 +521,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=40,
                    help="rollouts at once (size it to the machine: a starved rollout times out as Stuck)")
     p.add_argument("--faults", default="", help="comma-separated kinds to draw from (default: all)")
+    p.add_argument("--gateway-share", type=float, default=0.0,
+                   help="share of rollouts (0 to 1) whose target is a Gateway API HTTPRoute (gateway-api/chat.yaml) "
+                        "instead of an Istio VirtualService (istio/chat.yaml)")
     p.add_argument("--rollout-timeout", type=float, default=180.0,
                    help="seconds after which an unfinished rollout is reported as Stuck:<phase>")
     p.add_argument("--out", type=Path, default=None,
@@ -521,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.summary.write_text(json.dumps(summary(result), indent=1) + "\n")
     print(f"{result['rollouts']} rollouts, seed {result['seed']}, {result['wall_s']} s: outcomes {result['outcomes']}; "
           f"{result['violations']} invariant violations; checked {result['checked']}")
+    for target, row in result["per_target"].items():
+        if row["rollouts"]:
+            print(f"  target {target:11} rollouts {row['rollouts']:4}  violations {row['violations']}  {row['outcomes']}")
     for kind, row in result["per_kind"].items():
         if row["rollouts"] or row["skipped"]:
             print(f"  {kind:18} rollouts {row['rollouts']:4}  skipped {row['skipped']:3}  "
