@@ -21,8 +21,11 @@ import structlog
 from conftest_mqtt import MOSQUITTO, MosquittoBroker
 from openai_stub import OpenAIStub
 from tap_helpers import eventually
+from typer.testing import CliRunner
 
 from shadowctl.aio import cancel_and_wait
+from shadowctl.cli.app import app
+from shadowctl.cli.tap_cmd import BrokerOptions
 from shadowctl.compare.events import OutputEvent, Variant
 from shadowctl.sim.mosquitto import (
     MOSQUITTO_PASSWD,
@@ -36,7 +39,7 @@ from shadowctl.sim.pki import LocalCA
 from shadowctl.sources.outputs import MqttOutputSource
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import TapConfig, TapProxy, bound_port, default_topic, start_server
-from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+from shadowctl.tap.publisher import BrokerSettings, EventPublisher, PublisherRefused
 
 pytestmark = pytest.mark.skipif(not (Path(MOSQUITTO).exists() and Path(MOSQUITTO_PASSWD).exists()),
                                 reason="needs mosquitto and mosquitto_passwd (Debian package mosquitto)")
@@ -67,10 +70,11 @@ def _tls(ca: LocalCA) -> ssl.SSLContext:
 
 @contextlib.asynccontextmanager
 async def _tap(upstream: str, files: BrokerFiles, ca: LocalCA, user: str, password: str, *,
-               service: str = "chat") -> AsyncIterator[tuple[str, TapMetrics, EventPublisher]]:
+               service: str = "chat", settings: BrokerSettings | None = None
+               ) -> AsyncIterator[tuple[str, TapMetrics, EventPublisher]]:
     metrics = TapMetrics("primary")
-    settings = BrokerSettings(files.host, files.port, username=user, password=password, tls=_tls(ca),
-                              timeout_s=5.0, keepalive_s=5)
+    settings = settings or BrokerSettings(files.host, files.port, username=user, password=password, tls=_tls(ca),
+                                          timeout_s=5.0, keepalive_s=5)
     publisher = EventPublisher(settings, metrics, queue_size=5, backoff_initial_s=0.05, backoff_max_s=0.2)
     config = TapConfig(upstream=upstream, variant=Variant.primary, namespace="ns", service=service,
                        topic=default_topic("ns", service, Variant.primary))
@@ -84,11 +88,11 @@ async def _tap(upstream: str, files: BrokerFiles, ca: LocalCA, user: str, passwo
 
 
 @contextlib.asynccontextmanager
-async def _controller(files: BrokerFiles, ca: LocalCA, topic: str = "shadowctl/outputs/ns/+/+"
-                      ) -> AsyncIterator[list[OutputEvent]]:
+async def _controller(files: BrokerFiles, ca: LocalCA, topic: str = "shadowctl/outputs/ns/+/+", *,
+                      tls: ssl.SSLContext | None = None) -> AsyncIterator[list[OutputEvent]]:
     """The controller's output source (user shadowctl) over TLS; yields the events it received so far."""
     source = MqttOutputSource(files.url, topic, [], pair_ttl_s=60, expect_baseline=False, username="shadowctl",
-                              password=USERS["shadowctl"], tls_context=_tls(ca))
+                              password=USERS["shadowctl"], tls_context=tls or _tls(ca))
     got: list[OutputEvent] = []
 
     async def consume() -> None:
@@ -199,3 +203,68 @@ async def test_the_controller_cannot_publish_outputs_but_may_publish_routes(
         assert outputs == [b"from-the-tap"]  # the controller's own publish to an outputs topic was dropped
     finally:
         await cancel_and_wait(*readers)
+
+
+@pytest.fixture
+def mtls_broker(tmp_path: Path) -> Iterator[tuple[BrokerFiles, LocalCA]]:
+    """The same broker with ``require_certificate true``: every client also presents a certificate from the CA."""
+    ca = LocalCA(tmp_path / "pki")
+    broker = MosquittoBroker(tmp_path)
+    rules = {"tap-chat": tap_rules("ns", "chat"), "shadowctl": controller_rules()}
+    files = write_broker_config(tmp_path / "broker", broker.port, ca, USERS, rules, require_certificate=True)
+    broker.config = files.config
+    broker.start()
+    yield files, ca
+    broker.stop()
+
+
+async def test_a_tap_needs_its_client_certificate_when_the_broker_requires_one(
+    stub: OpenAIStub, mtls_broker: tuple[BrokerFiles, LocalCA], tmp_path: Path
+) -> None:
+    """The broker settings the tap's flags make (BrokerOptions: --mqtt mqtts://..., --mqtt-ca, user and password,
+    with and without --mqtt-cert/--mqtt-key): without a certificate the broker ends the TLS session (under TLS 1.3
+    with an alert after the handshake, which only paho's log shows), the tap says so once and counts it, and
+    serves every request; with its certificate it publishes and the controller (with its own) receives."""
+    files, ca = mtls_broker
+    controller_cert = ca.issue("controller", "shadowctl", client=True)
+    tap_cert = ca.issue("tap-chat", "tap-chat", client=True)
+    controller_tls = _tls(ca)
+    controller_tls.load_cert_chain(str(controller_cert.cert), str(controller_cert.key))
+    without = BrokerOptions(files.host, files.port, True, str(ca.cert_file), "tap-chat", USERS["tap-chat"])
+    with_cert = BrokerOptions(files.host, files.port, True, str(ca.cert_file), "tap-chat", USERS["tap-chat"],
+                              str(tap_cert.cert), str(tap_cert.key))
+    with structlog.testing.capture_logs() as logs:
+        async with _controller(files, ca, tls=controller_tls) as got, httpx.AsyncClient() as client:
+            async with _tap(stub.url, files, ca, "", "", settings=without.settings()) as (url, metrics, publisher):
+                await eventually(lambda: (metrics.registry.get_sample_value("shadowctl_tap_broker_refused_total")
+                                          or 0) >= 1, limit=20, what="the broker refusing a tap without certificate")
+                assert [await _ask(client, url, f"no-cert-{i}") for i in range(5)] == [200] * 5
+                assert not publisher.connected.is_set()
+                assert isinstance(publisher.last_error, PublisherRefused), publisher.last_error
+                assert "refused the TLS client certificate (TLS alert CERTIFICATE_REQUIRED)" in str(
+                    publisher.last_error)
+            async with _tap(stub.url, files, ca, "", "", settings=with_cert.settings()) as (url, metrics, publisher):
+                await asyncio.wait_for(publisher.connected.wait(), 10)
+                assert await _ask(client, url, "with-cert-1") == 200
+                await eventually(lambda: any(e.request_id == "with-cert-1" for e in got), what="the event over mTLS")
+                assert metrics.registry.get_sample_value("shadowctl_tap_broker_refused_total") == 0
+                assert publisher.last_error is None
+            assert [e.request_id for e in got] == ["with-cert-1"]
+    refusals = [e for e in logs if "refused the credentials" in e["event"]]
+    assert len(refusals) == 1 and "CERTIFICATE_REQUIRED" in refusals[0]["error"]
+    assert all(USERS["tap-chat"] not in str(e) for e in logs)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mqtt-cert", "c.pem", "--mqtt", "mqtts://127.0.0.1:8883"], "--mqtt-cert and --mqtt-key go together"),
+    (["--mqtt-key", "k.pem", "--mqtt", "mqtts://127.0.0.1:8883"], "--mqtt-cert and --mqtt-key go together"),
+    (["--mqtt-cert", "c.pem", "--mqtt-key", "k.pem", "--mqtt", "mqtt://127.0.0.1:1883"],
+     "--mqtt-cert needs an mqtts:// broker"),
+    (["--mqtt-cert", "c.pem", "--mqtt-key", "k.pem"], "--mqtt-cert and --mqtt-key need --mqtt"),
+    (["--mqtt-cert", "/nonexistent/c.pem", "--mqtt-key", "/nonexistent/k.pem", "--mqtt", "mqtts://127.0.0.1:8883"],
+     "--mqtt-cert '/nonexistent/c.pem', --mqtt-key '/nonexistent/k.pem': cannot load"),
+])
+def test_the_tap_checks_its_client_certificate_flags_before_it_starts(args: list[str], message: str) -> None:
+    answer = CliRunner().invoke(app, ["tap", "--upstream", "http://127.0.0.1:9", "--service", "ns/chat",
+                                      "--listen", "127.0.0.1:0", *args])
+    assert answer.exit_code != 0 and message in answer.output, answer.output
