@@ -195,3 +195,31 @@ async def test_a_route_write_in_flight_cannot_land_after_another_replica_dropped
     assert await h.weights() == (100, 0, 20.0)
     status = await h.status()
     assert status.phase == "Shadowing" and status.pending_route is None
+
+
+def test_only_a_raise_above_the_recorded_share_is_recorded_first() -> None:
+    """Which route actions need an intent: those ending above the recorded state's weight (pure)."""
+    from controller_helpers import policy_doc
+
+    from shadowctl.controller.reconciler import raised_routes
+    from shadowctl.controller.status import parse_policy
+    from shadowctl.machine import Finalize, Promote, RolloutState, SetRoutes, StepResult
+    from shadowctl.routers.base import RouteState
+
+    policy = parse_policy(policy_doc())
+    router = router_for(policy, None)  # type: ignore[arg-type]  # builds no request: only its capabilities are read
+    shadowing = RolloutState(phase=Phase.shadowing, weight=0, mirror_percent=20.0)
+    step_one = RolloutState(phase=Phase.progressing, step=0, weight=10)
+    step_two = RolloutState(phase=Phase.progressing, step=1, weight=50)
+
+    def raised(state: RolloutState, *actions: Any) -> RouteState | None:
+        return raised_routes(router, policy, state, StepResult(state, actions))
+
+    assert raised(shadowing, SetRoutes(10, None)) == RouteState(90, 10, None)  # the shadow phase passed
+    assert raised(step_one, SetRoutes(50, None)) == RouteState(50, 50, None)  # a step up
+    assert raised(step_two, Promote()) == RouteState(0, 100, None)  # a promotion
+    assert raised(step_one, SetRoutes(10, None)) is None  # re-asserting the recorded step after drift
+    assert raised(step_two, Finalize(False)) is None  # a rollback lowers
+    assert raised(step_two, Finalize(False), SetRoutes(10, None)) is None  # a restart at a lower step
+    assert raised(shadowing, SetRoutes(0, 20.0)) is None  # the mirror is not live traffic
+    assert raised(RolloutState(), Finalize(False), SetRoutes(10, None)) == RouteState(90, 10, None)  # canary start
