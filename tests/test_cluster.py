@@ -142,6 +142,24 @@ def test_the_server_refuses_a_gateway_api_target_with_a_mirror_virtualservice(ku
     assert "spec.shadow.virtualService" in done.stderr and "the HTTPRoute mirrors itself" in done.stderr, done.stderr
 
 
+@pytest.mark.usefixtures("kserve")
+def test_the_kserve_example_is_accepted_and_a_kserve_target_that_mirrors_is_refused(
+    kubectl: Any, tmp_path: Path
+) -> None:
+    doc = policy("policies/chat-kserve.yaml")
+    path = tmp_path / "kserve.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    kubectl("apply", "-f", str(REPO / "kserve" / "chat.yaml"), "-f", str(path))  # both as committed
+    for shadow in ({"mirrorPercent": 10}, {"mirrorPercent": 10, "mode": "istio"},
+                   {"mirrorPercent": 10, "mode": "tap", "virtualService": {"name": "chat", "candidate": {"host": "x"}}}):
+        doc["spec"]["shadow"] = shadow
+        path.write_text(yaml.safe_dump(doc))
+        done = kubectl("apply", "-f", str(path), check=False)
+        assert done.returncode != 0, shadow
+        assert "spec.shadow" in done.stderr and "a KServe target cannot mirror" in done.stderr, done.stderr
+    kubectl("delete", "-f", str(REPO / "kserve" / "chat.yaml"))
+
+
 def test_unknown_fields_are_refused_and_explain_works(kubectl: Any, tmp_path: Path) -> None:
     doc = policy()
     doc["spec"]["canary"]["stepz"] = [1]
