@@ -33,7 +33,7 @@ from shadowctl.compare.events import Endpoint, OutputEvent, ToolCall, Variant, p
 from shadowctl.compare.pairing import Pair
 from shadowctl.compare.redaction import redact
 from shadowctl.controller.analysis import agreement_input
-from shadowctl.judge import NoData
+from shadowctl.judge import NoData, Outcome, judge
 from shadowctl.policy.model import Comparator, ComparatorName, Outputs, RedactionMode
 from shadowctl.tap.proxy import MirrorConfig
 
@@ -153,6 +153,12 @@ def test_a_comparator_the_policy_redacts_away_is_no_data_with_the_reason() -> No
     assert isinstance(f1.candidate, NoData) and "redaction mode 'drop'" in f1.candidate.reason
     lr = agreement_input(inputs["length-ratio"], 1)
     assert not isinstance(lr.candidate, NoData) and inputs["length-ratio"].candidate_pairs == 3
+    # In the verdict (what .status.lastVerdict records): no data with the reason, and never a pass.
+    verdict = judge([f1, lr], final=True)
+    assert verdict.outcome is not Outcome.passed
+    record = {m.name: m for m in verdict.to_record().metrics}
+    assert record["agreement/token-f1"].outcome == "nodata"
+    assert "redaction mode 'drop'" in json.dumps(verdict.to_record().model_dump(mode="json"))
 
 
 def test_events_redacted_by_the_taps_alone_still_say_why() -> None:

@@ -382,6 +382,8 @@ class _RealPrometheus:
     def close(self) -> None:
         import shutil
 
+        if hasattr(self, "http"):
+            self.http.close()
         self.proc.terminate()
         self.proc.wait(10)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -190,9 +190,11 @@ def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
         else Counts(item.candidate_pairs - item.candidate_agree, item.candidate_pairs) if item.candidate_pairs
         else NoData("no paired candidate answers yet")
     )
-    if item.fixed_baseline is not None:
+    if redacted is not None:  # the baseline's pairs are redacted alike: say why on both arms
+        primary: ArmData = NoData(redacted)
+    elif item.fixed_baseline is not None:
         n = FIXED_BASELINE_PSEUDO_COUNT
-        primary: ArmData = Counts(round((1.0 - item.fixed_baseline) * n), n)
+        primary = Counts(round((1.0 - item.fixed_baseline) * n), n)
     elif item.baseline_pairs:
         primary = Counts(item.baseline_pairs - item.baseline_agree, item.baseline_pairs)
     else:
