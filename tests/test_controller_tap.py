@@ -23,6 +23,7 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -32,8 +33,10 @@ import yaml
 from conftest_kube import KubeEnv, eventually
 from controller_helpers import Arm, FakeMetricSource, Harness
 from openai_stub import OpenAIStub
+from typer.testing import CliRunner
 
 from shadowctl.aio import cancel_and_wait
+from shadowctl.cli.app import app
 from shadowctl.compare.events import Variant
 from shadowctl.compare.routing import (
     AppliedReport,
@@ -48,7 +51,7 @@ from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.controller.outputs import OutputHub
 from shadowctl.controller.reconciler import Reconciler, TickResult
-from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, KubeClient, ResourceRef
+from shadowctl.kube import KNATIVE_SERVICE, SHADOW_POLICY, Invalid, KubeClient, ResourceRef
 from shadowctl.kube.refs import GVR
 from shadowctl.machine import RolloutState
 from shadowctl.policy.model import ShadowPolicy
@@ -410,3 +413,23 @@ async def test_rollback_leaves_the_taps_primary_only(h: TapHarness, how: str) ->
         check_reports(h, reports)
     await primary_only(h)
     assert await h.weights() == (100, 0, None)
+
+
+async def test_shadow_mode_tap_without_an_outputs_broker_is_refused(tmp_path: Path, kube_client: KubeClient) -> None:
+    """The controller sends the taps their route setting over the policy's outputs broker: a policy with
+    shadow.mode: tap and no spec.analysis.outputs is refused at load (`shadowctl validate`, naming the field,
+    no traceback) and by the real API server (the CRD's CEL rule), not left to fail at run time."""
+    doc = yaml.safe_load(POLICY.replace("BROKER", "mqtt://mosquitto:1883"))
+    del doc["spec"]["analysis"]["outputs"]
+    path = tmp_path / "tap.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "shadow.mode: tap needs spec.analysis.outputs.mqtt" in result.output
+    assert f"{path}:" in result.output and "Traceback" not in result.output
+    with pytest.raises(Invalid, match=r"shadow.mode: tap needs spec.analysis.outputs.mqtt"):
+        await kube_client.create(SHADOW_POLICY, doc)
+    doc["spec"]["shadow"]["mode"] = "istio"  # the same policy mirroring through Istio needs no broker
+    doc["spec"]["shadow"]["virtualService"] = {"name": "summarize", "candidate": {"host": "candidate-summarize"}}
+    path.write_text(yaml.safe_dump(doc))
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
