@@ -57,7 +57,8 @@ from shadowctl.machine import RolloutState
 from shadowctl.policy.model import ShadowPolicy
 from shadowctl.policy.status import Command, PolicyStatus
 from shadowctl.routers.factory import router_for
-from shadowctl.routers.tap import ChannelSettings, TapChannel
+from shadowctl.routers.kserve import KServeRouter, candidate_url_of
+from shadowctl.routers.tap import ChannelSettings, SplitWithTapMirror, TapChannel
 from shadowctl.sources.outputs import MqttOutputSource
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapProxy, bound_port, default_topic, start_server
@@ -433,3 +434,30 @@ async def test_shadow_mode_tap_without_an_outputs_broker_is_refused(tmp_path: Pa
     doc["spec"]["shadow"]["virtualService"] = {"name": "summarize", "candidate": {"host": "candidate-summarize"}}
     path.write_text(yaml.safe_dump(doc))
     assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
+
+
+def test_a_kserve_target_gives_the_taps_its_tagged_candidate_url(kube_client: KubeClient) -> None:
+    """KServe composes with the tap like Knative: the factory's router asks the KServe router for the candidate's
+    URL, which KServe lists only under tag routing (the `latest` tag's URL); without it, none (the taps need
+    --mirror-to)."""
+    doc = yaml.safe_load(POLICY.replace("BROKER", "mqtt://mosquitto:1883"))
+    doc["spec"]["target"] = {"kserve": {"inferenceService": "chat"}}
+    router = router_for(ShadowPolicy.model_validate(doc), kube_client)
+    assert isinstance(router, SplitWithTapMirror) and isinstance(router.split, KServeRouter)
+    assert router.tap.candidate_url == router.split.candidate_url
+    assert router.capabilities.can_mirror and router.capabilities.can_split
+
+    def isvc(traffic: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"status": {"components": {"predictor": {
+            "latestReadyRevision": "chat-predictor-00002", "latestRolledoutRevision": "chat-predictor-00001",
+            "traffic": traffic}}}}
+
+    tagged = [{"revisionName": "chat-predictor-00002", "latestRevision": True, "percent": 0, "tag": "latest",
+               "url": "http://latest-chat-predictor.llm.example.com"},
+              {"revisionName": "chat-predictor-00001", "latestRevision": False, "percent": 100, "tag": "prev",
+               "url": "http://prev-chat-predictor.llm.example.com"}]
+    assert candidate_url_of(isvc(tagged)) == "http://latest-chat-predictor.llm.example.com"
+    untagged = [{"revisionName": "chat-predictor-00002", "latestRevision": True, "percent": 0},
+                {k: v for k, v in tagged[1].items()}]
+    assert candidate_url_of(isvc(untagged)) is None  # only the primary's (prev) URL: never mirror to that
+    assert candidate_url_of({}) is None

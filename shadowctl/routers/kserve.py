@@ -37,6 +37,11 @@ class KServeRouter:
     def _state(self, obj: JSON) -> RouteState:
         return kserve_build.read_state(obj, self.target)
 
+    async def candidate_url(self) -> str | None:
+        """The URL KServe gives the candidate (its latest ready revision), for the taps that mirror to it in the
+        shadow phase: see :func:`candidate_url_of`."""
+        return candidate_url_of(await _io.get(self.kube, self.ref))
+
     async def read(self) -> RouteState:
         return self._state(await _io.get(self.kube, self.ref))
 
@@ -64,3 +69,18 @@ class KServeRouter:
         return await _io.converge(
             self.kube, self.ref, lambda obj: kserve_build.promote(obj, self.target), state_of, attempts=self.attempts
         )
+
+
+def candidate_url_of(obj: JSON) -> str | None:
+    """The URL of the predictor's latest ready revision (the candidate) from ``status.components.predictor.traffic``:
+    KServe lists it there with a URL only under tag routing (annotation ``serving.kserve.io/enable-tag-routing:
+    "true"``, tag ``latest``). None without one: the shadow phase's taps then need their own ``--mirror-to``
+    (the tap router's setting carries no URL, and a tap with neither falls back to primary-only)."""
+    status = kserve_build.component_status(obj)
+    latest = status.get("latestReadyRevision")
+    for target in status.get("traffic") or []:
+        if (isinstance(target, dict) and target.get("url") and target.get("tag")
+                and (target.get("revisionName") == latest or target.get("latestRevision") is True)):
+            return str(target["url"])
+    return None
+
