@@ -15,10 +15,12 @@ Decisions worth knowing:
 - Only mirrored copies (``shadow=True``) of the candidate and baseline are
   paired. In the canary phase the candidate serves live traffic under request
   ids the primary never saw; holding those would only fill memory.
-- Memory is bounded by ``max_pending`` request ids; when full, the oldest is
-  evicted (counted per variant), so a flood of unmatched primaries (mirroring
-  10% means 90% of primary answers never get a partner) cannot grow without
-  bound. Completed ids are remembered for one TTL, also bounded, so that a late
+- Memory is bounded by ``max_pending`` request ids and by ``max_pending_chars``
+  characters of text (prompts and answers) held in them; when either is full, the
+  oldest is evicted (counted per variant), so a flood of unmatched primaries
+  (mirroring 10% means 90% of primary answers never get a partner), or of a few
+  huge answers, cannot grow without bound. A count alone was not a bound: an
+  answer may be 200,000 characters (the tap's cap), so 100,000 ids could hold 20 GB. Completed ids are remembered for one TTL, also bounded, so that a late
   duplicate (QoS 1 delivers at least once) is recognised and not re-paired.
 - A pair whose prompt hashes differ is not a pair of the same request (a
   request id reused by a client); it is counted and dropped.
@@ -106,18 +108,33 @@ class _Pending:
     first_seen: float
     events: dict[Variant, OutputEvent]
     emitted: set[Variant]
+    chars: int = 0
+
+
+def _chars(event: OutputEvent) -> int:
+    """What an event holds in memory, roughly: its texts' characters (tool calls' arguments included)."""
+    n = len(event.output) + (len(event.prompt) if event.prompt is not None else 0)
+    if event.tool_calls:
+        n += sum(len(c.arguments) + len(c.name) for c in event.tool_calls)
+    return n
 
 
 class Pairer:
     """Joins primary, candidate and (optionally) baseline events by request id within a TTL."""
 
-    def __init__(self, ttl: float, *, max_pending: int = 100_000, expect_baseline: bool = False) -> None:
+    def __init__(self, ttl: float, *, max_pending: int = 100_000, max_pending_chars: int = 256 * 1024 * 1024,
+                 expect_baseline: bool = False) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
+        if max_pending_chars < 1:
+            raise ValueError("max_pending_chars must be at least 1")
         self.ttl = ttl
         self.max_pending = max_pending
+        self.max_pending_chars = max_pending_chars
+        self.held_chars = 0
+        """Characters of text held by the pending events (bounded by ``max_pending_chars``)."""
         self.expect_baseline = expect_baseline
         self.stats = PairingStats()
         # Insertion order is first-seen order, so the oldest entry is always first.
@@ -161,6 +178,11 @@ class Pairer:
             self.stats.duplicates[variant] += 1
             return []
         entry.events[variant] = event
+        size = _chars(event)
+        entry.chars += size
+        self.held_chars += size
+        if self.held_chars > self.max_pending_chars:
+            self._shed(rid, now)
         pairs: list[Pair] = []
         primary = entry.events.get(Variant.primary)
         if primary is not None:
@@ -176,6 +198,7 @@ class Pairer:
                 pairs.append(Pair(primary=primary, other=other))
             if entry.emitted >= self._wanted:
                 del self._pending[rid]
+                self.held_chars -= entry.chars
                 self._remember(rid, now, completed=True)
         return pairs
 
@@ -188,6 +211,7 @@ class Pairer:
             if entry.first_seen > deadline:
                 break
             del self._pending[rid]
+            self.held_chars -= entry.chars
             self._count_unmatched(entry, self.stats.expired)
             # Remember it for one more TTL: a partner arriving after expiry is late, not a new request.
             self._remember(rid, now, completed=False)
@@ -199,8 +223,21 @@ class Pairer:
             del self._done[rid]
         return n
 
+    def _shed(self, keep: str, now: float) -> None:
+        """Evict the oldest entries other than `keep` (the one an event just joined) until the texts held fit
+        ``max_pending_chars``; `keep` alone may exceed it (one event larger than the budget)."""
+        while self.held_chars > self.max_pending_chars and len(self._pending) > 1:
+            if next(iter(self._pending)) == keep:  # the oldest: step over it, keeping first-seen order
+                kept = self._pending.pop(keep)
+                self._drop_oldest(now)
+                self._pending[keep] = kept
+                self._pending.move_to_end(keep, last=False)
+            else:
+                self._drop_oldest(now)
+
     def _drop_oldest(self, now: float) -> None:
         rid, entry = self._pending.popitem(last=False)
+        self.held_chars -= entry.chars
         self._count_unmatched(entry, self.stats.evicted)
         self._remember(rid, now, completed=False)
 

@@ -12,6 +12,14 @@ events" as "all agree".
 Subscriptions use QoS 1 and a clean session: events published while this
 source is disconnected are lost, their partners expire, and the ``missing``
 counters say so.
+
+Partitioned (``spec.analysis.outputs.mqtt.partitions`` P > 1): the taps publish each request's events
+under one more topic level, its partition (:mod:`shadowctl.compare.partitions`); a source given
+``mine`` subscribes to those partitions only, so several worker processes pair disjoint partitions,
+and with ``share_group`` each subscription is an MQTT 5 shared subscription (``$share/<group>/...``),
+so a second worker in the same group stands by for the same partitions. Memory: the pairer holds at
+most ``max_pending`` request ids, and the client's queue of received messages not yet paired at most
+``max_queued`` (beyond it the client drops messages, whose partners then expire as missing).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from shadowctl.compare.comparators import (
 from shadowctl.compare.events import MalformedEvent, OutputEvent, Variant, parse_broker_url, parse_event
 from shadowctl.compare.latency import QUANTITIES, pair_latency
 from shadowctl.compare.pairing import Pair, Pairer
+from shadowctl.compare.partitions import partition_filters, shared
 from shadowctl.compare.redaction import redact
 from shadowctl.judge.model import Paired, PairedSketch
 from shadowctl.policy.model import BaselineMode, MetricKind, Redaction, RedactionMode, ShadowPolicy
@@ -117,12 +126,27 @@ class MqttOutputSource:
         backoff_max_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         redaction: Redaction | None = None,
+        partitions: int = 1,
+        mine: Sequence[int] | None = None,
+        share_group: str | None = None,
+        max_queued: int = 100_000,
     ) -> None:
+        """``partitions``: how many partitions the taps publish on (1: none); ``mine``: the partitions this
+        source pairs (None: all); ``share_group``: subscribe as a member of this MQTT 5 shared-subscription
+        group (None: a plain subscription); ``max_queued``: received messages waiting to be paired, at most."""
         try:
             self.host, self.port, tls = parse_broker_url(broker_url)
         except ValueError as exc:
             raise SourceConfigError(f"outputs.mqtt.broker: {exc}") from exc
         self.topic = topic
+        try:
+            filters = partition_filters(topic, partitions, mine)
+            self.filters = [shared(share_group, f) for f in filters] if share_group is not None else filters
+        except ValueError as exc:
+            raise SourceConfigError(f"outputs.mqtt: {exc}") from exc
+        """What the source subscribes to: the topic, its partitions, each shared in ``share_group`` if given."""
+        self.share_group = share_group
+        self.max_queued = max_queued
         self.comparators = list(comparators)
         self.redaction = redaction if redaction is not None and redaction.mode is not RedactionMode.none else None
         """The policy's redaction, applied to every event as it arrives, whatever the tap that sent it did."""
@@ -195,6 +219,7 @@ class MqttOutputSource:
             tls_context=tls_context,
             tls_provider=tls_provider,
             redaction=outputs.redaction,
+            partitions=outputs.mqtt.partitions,
         )
 
     # ------------------------------------------------------------------ raw stream
@@ -209,6 +234,9 @@ class MqttOutputSource:
             tls_context=self.tls_context,
             timeout=self.timeout_s,
             keepalive=30,
+            # Shared subscriptions are MQTT 5's; a plain subscription keeps 3.1.1, which every broker speaks.
+            protocol=aiomqtt.ProtocolVersion.V5 if self.share_group is not None else None,
+            max_queued_incoming_messages=self.max_queued,
         )
 
     def _wrap(self, exc: BaseException, doing: str) -> OutputSourceError:
@@ -237,12 +265,14 @@ class MqttOutputSource:
                 raise BrokerUnavailable(f"mqtt broker {self.host}:{self.port}: no TLS material: {exc}") from exc
         try:
             async with self._client() as client:
-                doing = f"subscribing to {self.topic!r}"
-                granted = await client.subscribe(self.topic, qos=1, timeout=self.timeout_s)
+                shown = self.filters[0] if len(self.filters) == 1 else self.filters
+                doing = f"subscribing to {shown!r}"
+                topics = self.filters[0] if len(self.filters) == 1 else [(f, 1) for f in self.filters]
+                granted = await client.subscribe(topics, qos=1, timeout=self.timeout_s)
                 codes = [getattr(g, "value", g) for g in granted]
                 if any(isinstance(c, int) and c >= 0x80 for c in codes):
                     raise BrokerRejected(f"mqtt broker {self.host}:{self.port} refused the subscription to "
-                                         f"{self.topic!r} (codes {codes})")
+                                         f"{shown!r} (codes {codes})")
                 self.connected = True
                 self.last_error = None
                 self.subscribed.set()
