@@ -44,6 +44,7 @@ from shadowctl.judge import (
     LookInput,
     Margin,
     MetricInput,
+    MetricResult,
     MetricSpec,
     NoData,
     Outcome,
@@ -364,6 +365,7 @@ class Analyzer:
         except JudgeError as exc:
             verdict = Verdict(Outcome.nodata, (), f"the judge could not use the data: {exc}")
             return Look(verdict, verdict.to_record(), tuple(errors), tally, since, paired)
+        judged = with_sampling(policy, judged)
         verdict = judged
         if verdict.outcome is Outcome.passed and state.phase is Phase.shadowing:
             verdict = _check_min_pairs(policy, verdict, tally)
@@ -508,6 +510,42 @@ def _merge(stored: AgreementTally | None, fresh: AgreementTally | None) -> Agree
     stored_n = sum(t.candidate_pairs + t.baseline_pairs for t in stored.counts.values())
     fresh_n = sum(t.candidate_pairs + t.baseline_pairs for t in fresh.counts.values())
     return fresh if fresh_n >= stored_n else stored
+
+
+def _pairs_judged(result: MetricResult) -> int | None:
+    """How many pairs of output events a metric's result was judged on (None: not a paired metric)."""
+    if result.statistic == "agreement":
+        return int(result.n_candidate)
+    pairs = result.extra.get("pairs")
+    return pairs if isinstance(pairs, int) else None
+
+
+def with_sampling(policy: ShadowPolicy, verdict: Verdict) -> Verdict:
+    """The verdict saying how many requests its pairs stand for, where the taps publish the events of a
+    fraction F of requests (``spec.analysis.outputs.sampling``): each pair-based metric's evidence gets
+    ``sampledFraction`` F and ``requestsRepresented`` pairs / F, and the reason says it once.
+
+    The pairs are a consistent sample (the same request ids on every tap, chosen by a hash that does not
+    look at the answers), so what they show holds for the requests they stand for; the judge's error
+    levels are those of the pairs themselves (the judge never sees pairs / F)."""
+    outputs = policy.spec.analysis.outputs
+    if outputs is None or outputs.sampling.fraction >= 1.0:
+        return verdict
+    fraction = outputs.sampling.fraction
+    results: list[MetricResult] = []
+    most = None
+    for result in verdict.results:
+        pairs = _pairs_judged(result)
+        if pairs is not None:
+            most = max(most or 0, pairs)
+            result = dataclasses.replace(result, extra={
+                **result.extra, "sampledFraction": fraction, "requestsRepresented": round(pairs / fraction)})
+        results.append(result)
+    if most is None:
+        return verdict
+    return dataclasses.replace(verdict, results=tuple(results), reason=(
+        f"{verdict.reason}; {most} pairs stand for about {round(most / fraction)} requests "
+        f"(the taps publish {fraction:g} of them)"))
 
 
 def _check_min_pairs(policy: ShadowPolicy, verdict: Verdict, tally: AgreementTally | None) -> Verdict:
