@@ -51,6 +51,8 @@ here, or is not under ``ShadowctlError``)::
     │       └── EmbedderUnavailable  the semantic comparator's local model cannot be loaded
     ├── TapError                     shadowctl.tap: the tap cannot start
     ├── UpstreamUnavailable          shadowctl.tap: no connection to the upstream model server
+    ├── PublisherError               shadowctl.tap.publisher: events cannot be published now (it retries)
+    │   └── PublisherRefused         the broker refused the credentials or the client certificate
     ├── TracingConfigError           shadowctl.otel (also a ValueError): an --otlp-endpoint that is not a URL
     ├── WebhookRefused               shadowctl.webhooks: a call not made (address not allowed, signing key unreadable)
     ├── SimError                     shadowctl.sim: a simulator cannot do what it was asked

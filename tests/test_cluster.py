@@ -201,13 +201,24 @@ def test_the_controller_has_least_privilege(
     assert done.stdout.strip() == allowed, (verb, resource, where, done.stdout, done.stderr)
 
 
-def test_secret_reader_is_granted_per_namespace(kubectl: Any) -> None:
+def test_secrets_are_granted_by_name_per_namespace(kubectl: Any, tmp_path: Path) -> None:
+    """deploy/ grants no Secret; `shadowctl rbac secrets` piped to kubectl grants `get` on exactly the Secrets the
+    policies name, in their namespace (tests/test_secrets_rbac.py reads them as the ServiceAccount)."""
     kubectl("apply", "-k", str(REPO / "deploy"))
-    kubectl("-n", "llm", "create", "rolebinding", "shadowctl-secrets", "--clusterrole=shadowctl-secret-reader",
-            "--serviceaccount=shadowctl:shadowctl")
-    assert kubectl("auth", "can-i", "get", "secrets", "-n", "llm", f"--as={SA}", check=False).stdout.strip() == "yes"
-    assert kubectl("auth", "can-i", "get", "secrets", "-n", "models", f"--as={SA}",
-                   check=False).stdout.strip() == "no"
+    own = policy()
+    own["spec"]["analysis"]["prometheus"] = {"url": "https://thanos.tenant:10902", "bearerTokenSecret": "prom-token"}
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(own))
+    printed = subprocess.run([sys.executable, "-m", "shadowctl", "rbac", "secrets", str(tmp_path / "own.yaml")],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    kubectl("apply", "-f", "-", stdin=printed)
+
+    def can_i(verb: str, what: str, namespace: str) -> str:
+        return str(kubectl("auth", "can-i", verb, what, "-n", namespace, f"--as={SA}", check=False).stdout.strip())
+
+    assert can_i("get", "secret/prom-token", "llm") == "yes"
+    assert can_i("get", "secret/other", "llm") == "no"
+    assert can_i("get", "secrets", "llm") == "no" and can_i("list", "secrets", "llm") == "no"
+    assert can_i("get", "secret/prom-token", "models") == "no"
 
 
 def test_sim_cluster_runs_until_sigterm_and_cleans_up(tmp_path: Path, local_cluster: LocalCluster) -> None:

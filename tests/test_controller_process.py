@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from controller_helpers import (
 from fake_clock import FakeClock
 from gateway_helpers import TARGET as GATEWAY_TARGET
 from gateway_helpers import load_route
+from typer.testing import CliRunner
 
 from shadowctl.aio import cancel_and_wait
+from shadowctl.cli.app import app
 from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.manager import Manager, next_tick
 from shadowctl.controller.notify import ClusterNotifier
@@ -395,9 +398,10 @@ async def test_knative_third_target_keeps_its_share(h: Harness, outcome: str) ->
         assert final == [(None, "summarize-00002", 90), ("previous", "summarize-00001", 10)]
 
 
-def _rules() -> set[tuple[str, str, str]]:
+def _rules(extra: Sequence[dict[str, Any]] = ()) -> set[tuple[str, str, str]]:
+    """(group, resource, verb) granted by deploy/rbac.yaml and the ``extra`` RBAC documents."""
     allowed: set[tuple[str, str, str]] = set()
-    for doc in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()):
+    for doc in [*yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()), *extra]:
         if doc and doc["kind"] in ("ClusterRole", "Role"):
             for rule in doc["rules"]:
                 for group in rule["apiGroups"]:
@@ -432,9 +436,11 @@ def _apply(kube_env: KubeEnv, doc: dict[str, Any]) -> None:
     assert answer.status_code in (200, 201), f"{doc['kind']} {doc['metadata']['name']}: {answer.text[:300]}"
 
 
-def _allowed_for_sa(kube_env: KubeEnv, verb: str, group: str, resource: str, namespace: str | None = None) -> bool:
+def _allowed_for_sa(kube_env: KubeEnv, verb: str, group: str, resource: str, namespace: str | None = None,
+                    name: str | None = None) -> bool:
     """What the API server's authorizer answers for the controller's ServiceAccount (a SubjectAccessReview)."""
-    attributes = {"verb": verb, "group": group, "resource": resource, **({"namespace": namespace} if namespace else {})}
+    attributes = {"verb": verb, "group": group, "resource": resource, **({"namespace": namespace} if namespace else {}),
+                  **({"name": name} if name else {})}
     review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
               "spec": {"user": SA_USER, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{SA_NAMESPACE}"],
                        "resourceAttributes": attributes}}
@@ -446,7 +452,8 @@ def _allowed_for_sa(kube_env: KubeEnv, verb: str, group: str, resource: str, nam
 async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_path: Path) -> None:
     """Apply deploy/rbac.yaml to the real API server and run the controller (leader election, Istio,
     Gateway API and Knative rollouts, one rolled back, Events, a policy's own Prometheus token Secret) AS its
-    ServiceAccount, with a token from the TokenRequest API, through the fault proxy.
+    ServiceAccount, with a token from the TokenRequest API, through the fault proxy. Secrets: only the Role that
+    `shadowctl rbac secrets` prints for a policy naming its token Secret (get, by resourceNames).
 
     The real RBAC authorizer refuses (403) any call the RBAC does not grant, so every rollout finishing
     without one shows the RBAC is enough; the proxy's log of every request the controller made shows
@@ -454,18 +461,25 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
     for doc in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()):
         if doc:
             _apply(kube_env, doc)
-    # As deploy/rbac.yaml says: the Secret reader is bound in each namespace whose policies name a Secret.
-    _apply(kube_env, {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "shadowctl-secrets", "namespace": "llm"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "shadowctl-secret-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": SA_NAME, "namespace": SA_NAMESPACE}],
-    })
+    # As deploy/rbac.yaml says: per namespace, the Role `shadowctl rbac secrets` prints for the policies there
+    # (here one naming its own Prometheus and the token Secret "prom").
+    own = policy_doc()
+    own["spec"]["analysis"]["prometheus"] = {"url": "http://127.0.0.1:9", "bearerTokenSecret": "prom"}
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "own.yaml").write_text(yaml.safe_dump(own))
+    printed = CliRunner().invoke(app, ["rbac", "secrets", str(tmp_path / "policies")])
+    assert printed.exit_code == 0, printed.output
+    secret_rbac = [d for d in yaml.safe_load_all(printed.stdout) if d]
+    assert [d["kind"] for d in secret_rbac] == ["Role", "RoleBinding"]
+    for doc in secret_rbac:
+        _apply(kube_env, doc)
     # The authorizer learns of new RBAC objects from its informers, a moment after they are stored.
     await eventually(lambda: _allowed_for_sa(kube_env, "create", "coordination.k8s.io", "leases", SA_NAMESPACE)
-                     and _allowed_for_sa(kube_env, "get", "", "secrets", "llm")
+                     and _allowed_for_sa(kube_env, "get", "", "secrets", "llm", "prom")
                      and _allowed_for_sa(kube_env, "watch", "shadowctl.dev", "shadowpolicies"))
-    assert not _allowed_for_sa(kube_env, "get", "", "secrets", "models")  # not bound there
+    assert not _allowed_for_sa(kube_env, "get", "", "secrets", "llm", "other")  # only the Secret named
+    assert not _allowed_for_sa(kube_env, "list", "", "secrets", "llm")
+    assert not _allowed_for_sa(kube_env, "get", "", "secrets", "models", "prom")  # not bound there
     token = kube_env.cluster.service_account_token(kube_env.admin, SA_NAMESPACE, SA_NAME, seconds=3600)
 
     setup = await KubeClient.connect(kubeconfig=kube_env.direct_kubeconfig(tmp_path / "setup"))  # not via the proxy
@@ -537,7 +551,7 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
         assert m, record.path
         res = m.group("res") + ("/status" if m.group("sub") else "")
         used.add((m.group("group") or "", res, record.verb))
-    allowed = _rules()
+    allowed = _rules(secret_rbac)
     assert used <= allowed, f"calls the RBAC does not allow: {sorted(used - allowed)}"
     assert allowed <= used, f"RBAC grants what the controller never uses: {sorted(allowed - used)}"
 

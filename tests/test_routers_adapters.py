@@ -318,9 +318,12 @@ async def test_knative_with_istio_mirror(kube_client: KubeClient, kube_env: Kube
     assert all(t.get("tag") != "candidate" for t in _traffic(kube_env))
 
 
-def _policy(target: dict[str, Any], shadow: dict[str, Any] | None) -> ShadowPolicy:
+def _policy(target: dict[str, Any], shadow: dict[str, Any] | None,
+            outputs: dict[str, Any] | None = None) -> ShadowPolicy:
     spec: dict[str, Any] = {"target": target, "canary": {"steps": [10, 50]},
                             "analysis": {"metrics": [{"name": "ttft", "preset": "vllm-ttft"}]}}
+    if outputs is not None:
+        spec["analysis"]["outputs"] = outputs
     if shadow:
         spec["shadow"] = shadow
     return ShadowPolicy.model_validate({"apiVersion": "shadowctl.dev/v1alpha1", "kind": "ShadowPolicy",
@@ -330,7 +333,8 @@ def _policy(target: dict[str, Any], shadow: dict[str, Any] | None) -> ShadowPoli
 def test_router_for_picks_by_target(kube_client: KubeClient) -> None:
     istio = _policy({"istio": TARGET.model_dump(by_alias=True, exclude_none=True)}, None)
     assert type(router_for(istio, kube_client)) is IstioRouter
-    knative = _policy({"knative": {"service": "llm"}}, {"mirrorPercent": 5, "mode": "tap"})
+    knative = _policy({"knative": {"service": "llm"}}, {"mirrorPercent": 5, "mode": "tap"},
+                      outputs={"mqtt": {"broker": "mqtt://mosquitto:1883"}, "comparators": [{"name": "exact"}]})
     tapped = router_for(knative, kube_client)  # shadow.mode: tap: Knative for the shares, the tap for the mirror
     assert type(tapped) is SplitWithTapMirror and type(tapped.split) is KnativeRouter and tapped.capabilities.can_mirror
     mirrored = _policy({"knative": {"service": "llm"}}, {"mirrorPercent": 5, "virtualService": {

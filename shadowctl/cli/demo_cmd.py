@@ -24,12 +24,13 @@ def demo(
     live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view while it runs.")] = True,
     short: Annotated[bool, typer.Option("--short", help="The test suite's shorter timings.")] = False,
     target: Annotated[str, typer.Option(
-        "--target", help="What routes the traffic: istio (istio/chat.yaml's VirtualService) or gateway-api "
+        "--target", help="What routes the traffic: istio (istio/chat.yaml's VirtualService), kserve (kserve/chat.yaml's "
+                         "InferenceService, its shadow phase through the primary's tap) or gateway-api "
                          "(gateway-api/chat.yaml's HTTPRoute).")] = "istio",
 ) -> None:
     """Run a rollout end to end on this machine and say what the controller decided, and why.
 
-    Starts, on free local ports: a real Kubernetes control plane (kube-apiserver and etcd from hack/setup.sh, with the CRDs and deploy/rbac.yaml), a mesh simulator routing by the VirtualService (or, with --target gateway-api, the HTTPRoute), simulated vLLM-like model servers with a shadowctl tap in front of each, a real Prometheus and Mosquitto, a load generator and the controller (`shadowctl run`, as deploy/rbac.yaml's ServiceAccount).
+    Starts, on free local ports: a real Kubernetes control plane (kube-apiserver and etcd from hack/setup.sh, with the CRDs and deploy/rbac.yaml), a mesh simulator routing by the VirtualService (or, with --target gateway-api, the HTTPRoute; with --target kserve, the traffic a stand-in for KServe's controller reports for the InferenceService), simulated vLLM-like model servers with a shadowctl tap in front of each, a real Prometheus and Mosquitto, a load generator and the controller (`shadowctl run`, as deploy/rbac.yaml's ServiceAccount).
 
     The scenario sets how the candidate behaves. Exit code 0 when the outcome is the one the scenario expects, 1 otherwise.
 

@@ -52,8 +52,35 @@ from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.routing import RoutingSource, secret_connect
 from shadowctl.sources.secrets import parse_secret_ref, read_secret_value, tls_provider
 from shadowctl.tap.metrics import TapMetrics
-from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+from shadowctl.tap.publisher import BrokerSettings, EventPublisher, PublisherError, client_tls, file_password
 from shadowctl.webhooks import HttpWebhooks, SigningKey
+
+
+@dataclass(frozen=True)
+class EventsMqttAuth:
+    """How the controller logs in to the events broker (--events-mqtt-*): the outputs subscriber's settings,
+    from files (a mounted Secret) since the events broker belongs to no one policy."""
+
+    username: str | None = None
+    password_file: str | None = None
+    """Read at every connect: a rotated Secret mounted here applies at the next reconnect."""
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def events_broker_settings(url: str, auth: EventsMqttAuth) -> BrokerSettings:
+    """The events publisher's broker settings; ValueError (a bad URL, a certificate without its key, TLS files on
+    mqtt://) or OSError/ssl.SSLError (a file that does not load) say what is wrong, never with a password."""
+    host, port, tls = parse_broker_url(url)
+    if (auth.cert_file is None) != (auth.key_file is None):
+        raise ValueError("--events-mqtt-cert and --events-mqtt-key go together")
+    if not tls and (auth.ca_file or auth.cert_file):
+        raise ValueError(f"--events-mqtt-ca and --events-mqtt-cert need an mqtts:// broker, not {url!r}")
+    password = file_password(auth.password_file, "--events-mqtt-password-file") if auth.password_file else None
+    return BrokerSettings(host, port, username=auth.username, password_provider=password,
+                          tls=client_tls(auth.ca_file, auth.cert_file, auth.key_file) if tls else None,
+                          client_id=f"shadowctl-events-{uuid.uuid4().hex[:8]}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,8 @@ class RunOptions:
     """OTLP/HTTP base URL for the spans of looks and decisions (--otlp-endpoint); None: no tracing."""
     shard: Shard = ALL
     """Run only this shard's policies (--shard I/N), electing a leader on the shard's own Lease."""
+    events_mqtt_auth: EventsMqttAuth = EventsMqttAuth()
+    """User, password file, CA and client certificate for --events-mqtt."""
 
 
 def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[], Awaitable[str]] | None:
@@ -175,9 +204,12 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
     publish: Publish | None = None
     tasks: list[asyncio.Task[None]] = []
     if opts.events_mqtt:
-        host, port, _tls = parse_broker_url(opts.events_mqtt)
-        publisher = EventPublisher(BrokerSettings(host, port, client_id=f"shadowctl-events-{uuid.uuid4().hex[:8]}"),
-                                   TapMetrics("controller"))
+        try:
+            events_broker = events_broker_settings(opts.events_mqtt, opts.events_mqtt_auth)
+        except (ValueError, OSError, ssl.SSLError) as exc:
+            raise PublisherError(f"--events-mqtt: {exc}") from None
+        # A broker that refuses the credentials is logged once and retried; the controller carries on.
+        publisher = EventPublisher(events_broker, TapMetrics("controller"))
         tasks.append(asyncio.create_task(publisher.run()))
         pub = publisher
 
@@ -271,9 +303,28 @@ def run(
         "--embedding-model", envvar="SHADOWCTL_EMBEDDING_MODEL", show_default=False,
         help="Directory of a local sentence-transformers model for the 'semantic' comparator "
              "(needs the 'semantic' extra; never downloaded).")] = None,
-    events_mqtt: Annotated[str | None, typer.Option("--events-mqtt", envvar="SHADOWCTL_EVENTS_MQTT",
-                                                     help="Broker for the rollout events topic, mqtt://host:port.")]
+    events_mqtt: Annotated[str | None, typer.Option(
+        "--events-mqtt", envvar="SHADOWCTL_EVENTS_MQTT",
+        help="Broker for the rollout events topic (spec.notifications.mqtt), mqtt://HOST:PORT or "
+             "mqtts://HOST:PORT. A broker that refuses the credentials is logged once and retried; rollouts go "
+             "on.")] = None,
+    events_mqtt_username: Annotated[str | None, typer.Option(
+        "--events-mqtt-username", envvar="SHADOWCTL_EVENTS_MQTT_USERNAME", show_default=False,
+        help="User name on the events broker (its ACL lets this user write shadowctl/events/#).")] = None,
+    events_mqtt_password_file: Annotated[str | None, typer.Option(
+        "--events-mqtt-password-file", envvar="SHADOWCTL_EVENTS_MQTT_PASSWORD_FILE", show_default=False,
+        help="File holding the events broker password (mount a Secret here); read at every connect, so a rotated "
+             "Secret applies at the next reconnect.")] = None,
+    events_mqtt_ca: Annotated[str | None, typer.Option(
+        "--events-mqtt-ca", envvar="SHADOWCTL_EVENTS_MQTT_CA", show_default=False,
+        help="CA bundle (PEM file) to verify the events broker (mqtts; default: the system's CAs).")] = None,
+    events_mqtt_cert: Annotated[str | None, typer.Option(
+        "--events-mqtt-cert", envvar="SHADOWCTL_EVENTS_MQTT_CERT", show_default=False,
+        help="Client certificate (PEM file) for mutual TLS with the events broker (with --events-mqtt-key).")]
     = None,
+    events_mqtt_key: Annotated[str | None, typer.Option(
+        "--events-mqtt-key", envvar="SHADOWCTL_EVENTS_MQTT_KEY", show_default=False,
+        help="The private key (PEM file) of --events-mqtt-cert.")] = None,
     otlp_endpoint: Annotated[str | None, typer.Option(
         "--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", show_default=False,
         help="Export a trace span per look and per decision over OTLP/HTTP to this base URL "
@@ -322,9 +373,20 @@ def run(
             traces_url(otlp_endpoint)
         except TracingConfigError as exc:
             raise fail(str(exc), 2) from None
+    events_auth = EventsMqttAuth(events_mqtt_username, events_mqtt_password_file, events_mqtt_ca, events_mqtt_cert,
+                                 events_mqtt_key)
+    if events_mqtt:
+        try:
+            events_broker_settings(events_mqtt, events_auth)  # bad URL or files: said now, before anything starts
+        except (ValueError, OSError, ssl.SSLError) as exc:
+            raise fail(f"--events-mqtt: {exc}", 2) from None
+        if events_auth.password_file is not None and not os.access(events_auth.password_file, os.R_OK):
+            raise fail(f"--events-mqtt-password-file {events_auth.password_file}: cannot be read", 2)
+    elif events_auth != EventsMqttAuth():
+        raise fail("--events-mqtt-username, -password-file, -ca, -cert and -key need --events-mqtt", 2)
     opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
                       lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom,
-                      embedder, otlp_endpoint or None, chosen)
+                      embedder, otlp_endpoint or None, chosen, events_auth)
 
     async def _main() -> None:
         stop = asyncio.Event()

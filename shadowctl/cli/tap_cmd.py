@@ -18,7 +18,7 @@ from shadowctl.compare.events import Redacted, Variant, parse_broker_url
 from shadowctl.compare.routing import valid_topic_level
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapError, TapProxy, default_topic, parse_listen, serve
-from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+from shadowctl.tap.publisher import BrokerSettings, EventPublisher, client_tls
 from shadowctl.tap.routes import RouteFollower
 from shadowctl.tap.workers import Supervisor, worker_index
 
@@ -36,9 +36,12 @@ class BrokerOptions:
     ca_file: str | None
     username: str | None
     password: str | None
+    cert_file: str | None = None
+    """Client certificate (PEM) for mutual TLS, with ``key_file`` (--mqtt-cert, --mqtt-key)."""
+    key_file: str | None = None
 
     def settings(self) -> BrokerSettings:
-        context = ssl.create_default_context(cafile=self.ca_file) if self.tls else None
+        context = client_tls(self.ca_file, self.cert_file, self.key_file) if self.tls else None
         return BrokerSettings(host=self.host, port=self.port, username=self.username, password=self.password,
                               tls=context)
 
@@ -131,6 +134,14 @@ def tap(
         str | None, typer.Option("--mqtt-password", envvar="SHADOWCTL_MQTT_PASSWORD", show_default=False)
     ] = None,
     mqtt_ca: Annotated[str | None, typer.Option("--mqtt-ca", help="CA bundle for mqtts (default: system).")] = None,
+    mqtt_cert: Annotated[str | None, typer.Option(
+        "--mqtt-cert", envvar="SHADOWCTL_MQTT_CERT", show_default=False,
+        help="Client certificate (PEM file) for mutual TLS with the broker (mqtts only; with --mqtt-key), for a "
+             "broker with require_certificate true. A broker that refuses it is logged once and counted on "
+             "shadowctl_tap_broker_refused_total; requests are served either way.")] = None,
+    mqtt_key: Annotated[str | None, typer.Option(
+        "--mqtt-key", envvar="SHADOWCTL_MQTT_KEY", show_default=False,
+        help="The private key (PEM file) of --mqtt-cert.")] = None,
     queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Events held while the broker is slow.")]
     = 10_000,
     redact_prompts: Annotated[
@@ -156,6 +167,14 @@ def tap(
                                  "a policy the same F (spec.analysis.outputs.sampling). Every request is still "
                                  "forwarded and measured. /metrics: shadowctl_tap_sampled_requests_total.")
     ] = 1.0,
+    partitions: Annotated[
+        int, typer.Option("--partitions", metavar="P", min=1, max=256,
+                          help="Publish each request's events on one of P partitions: the topic gets one more "
+                               "level, 0..P-1, chosen by a hash of x-request-id (the same on every tap, so the two "
+                               "events of a pair share a partition), and several controller workers can pair "
+                               "disjoint partitions. Give every tap of a policy the policy's "
+                               "spec.analysis.outputs.mqtt.partitions. 1: no partition level.")
+    ] = 1,
     max_output_chars: Annotated[int, typer.Option("--max-output-chars", min=1)] = 200_000,
     max_request_bytes: Annotated[
         int, typer.Option("--max-request-bytes", min=1, help="Larger request bodies are refused with 413.")
@@ -224,7 +243,7 @@ def tap(
     config = TapConfig(
         upstream=upstream, variant=variant, namespace=namespace, service=name,
         topic=topic or default_topic(namespace, name, variant), redact_prompts=redact_prompts,
-        redaction=redact, redact_max_chars=redact_max_chars, sample=sample,
+        redaction=redact, redact_max_chars=redact_max_chars, sample=sample, partitions=partitions,
         max_output_chars=max_output_chars, metrics_path=metrics_path, mirror=mirror,
         max_request_bytes=max_request_bytes, drain_s=drain_seconds, routed=followed is not None,
     )
@@ -234,11 +253,21 @@ def tap(
             broker_host, broker_port, tls = parse_broker_url(mqtt)
         except ValueError as exc:
             raise fail(f"--mqtt: {exc}", code=2) from None
-        broker = BrokerOptions(broker_host, broker_port, tls, mqtt_ca, mqtt_username, mqtt_password)
+        if (mqtt_cert is None) != (mqtt_key is None):
+            raise fail("--mqtt-cert and --mqtt-key go together: the client certificate and its private key", code=2)
+        if mqtt_cert is not None and not tls:
+            raise fail(f"--mqtt-cert needs an mqtts:// broker (--mqtt {mqtt!r}): a client certificate is sent in "
+                       "the TLS handshake", code=2)
+        broker = BrokerOptions(broker_host, broker_port, tls, mqtt_ca, mqtt_username, mqtt_password, mqtt_cert,
+                               mqtt_key)
         try:
-            broker.settings()  # a CA file that cannot be loaded fails here, before anything starts
+            broker.settings()  # a CA, certificate or key file that cannot be loaded fails here, before anything starts
         except (OSError, ssl.SSLError) as exc:
-            raise fail(f"--mqtt-ca {mqtt_ca!r}: cannot load: {exc}") from None
+            files = ", ".join(f"{o} {f!r}" for o, f in (("--mqtt-ca", mqtt_ca), ("--mqtt-cert", mqtt_cert),
+                                                         ("--mqtt-key", mqtt_key)) if f is not None)
+            raise fail(f"{files}: cannot load: {exc}") from None
+    elif mqtt_cert is not None or mqtt_key is not None:
+        raise fail("--mqtt-cert and --mqtt-key need --mqtt", code=2)
     if workers > 1 and port == 0:
         raise fail(f"--listen {listen!r}: --workers needs a fixed port (each worker would get its own with 0)",
                    code=2)

@@ -7,7 +7,8 @@ run`, a child process, as deploy/rbac.yaml's ServiceAccount) and the CLI.
 Simulated, because they cannot run here: Envoy (a mesh simulator that routes
 real requests by the VirtualService in the API server, mirroring with Istio's
 semantics; with ``target="gateway-api"`` by the HTTPRoute of gateway-api/chat.yaml,
-weights as proportions and RequestMirror filters), and GPU model servers (OpenAI-compatible, vLLM metric names,
+weights as proportions and RequestMirror filters; with ``target="kserve"`` by the traffic a stand-in for
+KServe's controller reports for kserve/chat.yaml's InferenceService), and GPU model servers (OpenAI-compatible, vLLM metric names,
 latency really spent). No kubelet runs: nothing here is a Pod.
 
 Topology::
@@ -19,6 +20,16 @@ Topology::
     model servers, taps, controller ◀── scrape every 1s ── Prometheus ◀── controller's queries
     controller ◀──▶ kube-apiserver + etcd (ShadowPolicy, VirtualService, Events, status)
     mesh simulator ◀── watch ── kube-apiserver (the VirtualService the controller writes)
+
+With ``target="kserve"`` KServe cannot mirror, so the primary's tap is the shadow phase's router (it
+follows the controller's route setting over Mosquitto and copies its share to the candidate's tap), and
+the noise baseline's copies come from a second tap behind it (the replica tap: a fixed 30% to the
+baseline, its own events on a topic the policy does not read)::
+
+    mesh (InferenceService chat: revision 1 / revision 2 by canaryTrafficPercent)
+      ├─▶ tap(primary, routed) ──▶ tap(replica) ──▶ chat-v1 ; tap(replica) ─ 30% ─▶ tap(baseline)
+      │        └─ mirror x% (the route setting) ─▶ tap(candidate)
+      └─▶ tap(candidate) ──▶ chat-v2
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
 from shadowctl.kube import (
     HTTP_ROUTE,
+    INFERENCE_SERVICE,
     NAMESPACE,
     SHADOW_POLICY,
     VIRTUAL_SERVICE,
@@ -51,12 +63,13 @@ from shadowctl.kube import (
 from shadowctl.sim.cluster import LocalCluster
 from shadowctl.sim.dcgm import SimDcgmExporter
 from shadowctl.sim.errors import SimError
-from shadowctl.sim.mesh import GatewaySource, IstioSource, MeshSimulator, mirror_percent
+from shadowctl.sim.mesh import GatewaySource, IstioSource, KServeSource, MeshSimulator, mirror_percent
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
 from shadowctl.sim.services import MosquittoProcess, PrometheusProcess, ScrapeTarget, free_port
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import MirrorConfig, TapConfig, TapProxy, bound_port, default_topic, start_server
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
+from shadowctl.tap.routes import RouteFollower
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_NAMESPACE = "llm"
@@ -67,9 +80,17 @@ MODEL = "llama-chat"
 POLICY_REF = ResourceRef(SHADOW_POLICY, "chat", DEMO_NAMESPACE)
 VS_REF = ResourceRef(VIRTUAL_SERVICE, "chat", DEMO_NAMESPACE)
 ROUTE_REF = ResourceRef(HTTP_ROUTE, "chat", DEMO_NAMESPACE)
-ROUTES = {"istio": REPO / "istio" / "chat.yaml", "gateway-api": REPO / "gateway-api" / "chat.yaml"}
-"""The routing objects each `--target` applies, and whose managed route (``chat-default``) the controller changes."""
-CRDS = {"istio": "virtualservices.networking.istio.io", "gateway-api": "httproutes.gateway.networking.k8s.io"}
+ISVC_REF = ResourceRef(INFERENCE_SERVICE, "chat", DEMO_NAMESPACE)
+ROUTES = {"istio": REPO / "istio" / "chat.yaml", "gateway-api": REPO / "gateway-api" / "chat.yaml",
+          "kserve": REPO / "kserve" / "chat.yaml"}
+"""The routing objects each `--target` applies, and whose managed route (``chat-default``; for KServe the
+predictor's canaryTrafficPercent) the controller changes."""
+CRDS = {"istio": "virtualservices.networking.istio.io", "gateway-api": "httproutes.gateway.networking.k8s.io",
+        "kserve": "inferenceservices.serving.kserve.io"}
+KSERVE_REVISIONS = ("chat-predictor-00001", "chat-predictor-00002")
+"""The InferenceService's revisions: the first model (rolled out) and the candidate, which the demo applies as a
+team would, with canaryTrafficPercent: 0."""
+KSERVE_CANDIDATE_URI = "hf://meta-llama/Llama-3.1-8B-Instruct-v2"
 # deploy/rbac.yaml's ServiceAccount: the controller runs with exactly the RBAC that is deployed.
 CONTROLLER_SA = ("shadowctl", "shadowctl")
 # What kubectl applies, in order: the controller's namespace and RBAC, then the routing objects.
@@ -101,6 +122,7 @@ class _Tap:
     runner: Any
     task: asyncio.Task[None]
     url: str
+    follower_tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 @dataclass
@@ -145,7 +167,7 @@ class Environment:
     async def _start(self, candidate_knobs: dict[str, Any], policy_text_for: Any, seed: int) -> None:
         # The Kubernetes API first (it says plainly when hack/setup.sh has not been run): a real
         # kube-apiserver and etcd, shadowctl's and Istio's CRDs installed.
-        self.cluster = LocalCluster(knative=False)
+        self.cluster = LocalCluster(knative=False, kserve=self.target == "kserve")
         starting = asyncio.ensure_future(asyncio.to_thread(self.cluster.start))
         try:
             await asyncio.shield(starting)
@@ -167,6 +189,8 @@ class Environment:
         manifests = (*MANIFESTS, ROUTES[self.target])
         await self._kubectl("apply", *(arg for path in manifests for arg in ("-f", str(path))))
         await self._controller_credentials()
+        if self.target == "kserve":
+            await self._kserve_candidate()
 
         self.mosquitto = MosquittoProcess(self.workdir / "mosquitto")
         await self.mosquitto.start()
@@ -182,14 +206,28 @@ class Environment:
             self.servers[variant] = server
 
         # Taps in front of them; the primary's tap copies 30% of requests to the baseline replica.
-        for variant in ("baseline", "candidate", "primary"):
-            mirror = None
-            if variant == "primary":
-                mirror = MirrorConfig(url=self.taps["baseline"].url, percent=30.0)
-            await self._start_tap(variant, mirror)
+        if self.target == "kserve":
+            await self._start_tap("baseline", None)
+            await self._start_tap("candidate", None)
+            await self._start_tap("replica", MirrorConfig(url=self.taps["baseline"].url, percent=30.0))
+            await self._start_tap("primary", MirrorConfig(url=self.taps["candidate"].url, percent=0.0),
+                                  upstream=self.taps["replica"].url, routed=True)
+        else:
+            for variant in ("baseline", "candidate", "primary"):
+                mirror = None
+                if variant == "primary":
+                    mirror = MirrorConfig(url=self.taps["baseline"].url, percent=30.0)
+                await self._start_tap(variant, mirror)
 
         # The mesh routes by that VirtualService (or HTTPRoute) to the taps.
-        if self.target == "gateway-api":
+        if self.target == "kserve":
+            self.mesh = MeshSimulator(
+                self.kube, [KServeSource(DEMO_NAMESPACE, "chat")],
+                revisions={KSERVE_REVISIONS[0]: self.taps["primary"].url,
+                           KSERVE_REVISIONS[1]: self.taps["candidate"].url},
+                seed=seed,
+            )
+        elif self.target == "gateway-api":
             self.mesh = MeshSimulator(
                 self.kube, [GatewaySource(DEMO_NAMESPACE, "chat")],
                 upstreams={("chat-v1", None, 8000): self.taps["primary"].url,
@@ -221,7 +259,7 @@ class Environment:
                    for s in self.servers.values()]
         targets += [ScrapeTarget("tap", _address(t.url), {"namespace": DEMO_NAMESPACE, "pod": pods[v],
                                                           "container": "tap", "endpoint": "tap-metrics"})
-                    for v, t in self.taps.items()]
+                    for v, t in self.taps.items() if v in pods]  # not the replica tap: a second primary tap
         targets.append(ScrapeTarget("dcgm-exporter", _address(self.dcgm.url), {
             "namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-7xk2p", "container": "nvidia-dcgm-exporter",
             "service": "nvidia-dcgm-exporter", "endpoint": "gpu-metrics"}))
@@ -248,6 +286,29 @@ class Environment:
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
+
+    async def _kserve_candidate(self) -> None:
+        """Wait until KServe (its stand-in) rolled the first model out, then apply the candidate as a team would:
+        the same InferenceService with the new model and canaryTrafficPercent: 0, with kubectl."""
+        assert self.kube is not None
+        await self._wait_isvc(lambda p: p.get("latestRolledoutRevision") == KSERVE_REVISIONS[0], "the first model")
+        doc = yaml.safe_load(ROUTES["kserve"].read_text())
+        doc["spec"]["predictor"]["model"]["storageUri"] = KSERVE_CANDIDATE_URI
+        doc["spec"]["predictor"]["canaryTrafficPercent"] = 0
+        path = self.workdir / "chat-candidate.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        await self._kubectl("apply", "-f", str(path))
+        await self._wait_isvc(lambda p: p.get("latestReadyRevision") == KSERVE_REVISIONS[1], "the candidate")
+
+    async def _wait_isvc(self, ready: Any, what: str, within: float = 30.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            isvc = await self._read(ISVC_REF)
+            if ready(((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise SimError(f"KServe's stand-in did not report {what} within {within:g} s: {isvc.get('status')}")
+            await asyncio.sleep(0.1)
 
     async def _kubectl(self, *args: str) -> None:
         """Run the control plane's kubectl as the admin; SimError with its output when it fails."""
@@ -289,18 +350,32 @@ class Environment:
         finally:
             await probe.close()
 
-    async def _start_tap(self, variant: str, mirror: MirrorConfig | None) -> None:
+    async def _start_tap(self, name: str, mirror: MirrorConfig | None, *, upstream: str | None = None,
+                         routed: bool = False) -> None:
+        """A tap named `name` (a variant; "replica": a second primary tap whose events no policy reads); with
+        `routed` it follows the policy's route setting (the tap router) over Mosquitto."""
         assert self.mosquitto is not None
-        v = Variant(variant)
-        metrics = TapMetrics(variant)
-        publisher = EventPublisher(BrokerSettings("127.0.0.1", self.mosquitto.port,
-                                                  client_id=f"tap-{variant}-{os.getpid()}"), metrics)
-        config = TapConfig(upstream=self.servers[variant].url, variant=v, namespace=DEMO_NAMESPACE, service="chat",
-                           topic=default_topic(DEMO_NAMESPACE, "chat", v), mirror=mirror)
-        proxy = TapProxy(config, publisher, metrics)
+        v = Variant.primary if name == "replica" else Variant(name)
+        metrics = TapMetrics(v.value)
+        broker = BrokerSettings("127.0.0.1", self.mosquitto.port, client_id=f"tap-{name}-{os.getpid()}")
+        publisher = EventPublisher(broker, metrics)
+        service = "chat-replica" if name == "replica" else "chat"
+        config = TapConfig(upstream=upstream or self.servers["primary" if name == "replica" else name].url,
+                           variant=v, namespace=DEMO_NAMESPACE, service=service,
+                           topic=default_topic(DEMO_NAMESPACE, service, v), mirror=mirror, routed=routed)
+        follower = None
+        if routed:
+            follower = RouteFollower(BrokerSettings("127.0.0.1", self.mosquitto.port,
+                                                    client_id=f"tap-{name}-route-{os.getpid()}"),
+                                     DEMO_NAMESPACE, POLICY_REF.name, f"{name}-{os.getpid()}", metrics,
+                                     own_candidate_url=mirror is not None)
+        proxy = TapProxy(config, publisher, metrics, routes=follower)
         runner = await start_server(proxy, "127.0.0.1", 0)
         task = asyncio.create_task(publisher.run())
-        self.taps[variant] = _Tap(proxy, publisher, runner, task, f"http://127.0.0.1:{bound_port(runner)}")
+        tasks = [task]
+        if follower is not None:
+            tasks.append(asyncio.create_task(follower.run()))
+        self.taps[name] = _Tap(proxy, publisher, runner, task, f"http://127.0.0.1:{bound_port(runner)}", tasks[1:])
 
     # ------------------------------------------------------------------ reading
 
@@ -322,7 +397,17 @@ class Environment:
 
     async def route_weights(self) -> tuple[int, int, float | None]:
         """(primary, candidate, mirror %) of the managed route, read from the API server (for an HTTPRoute,
-        each backend's share of the rule's total weight, rounded to a whole percent)."""
+        each backend's share of the rule's total weight, rounded to a whole percent; for an InferenceService
+        the traffic its status reports, and the mirror the primary's tap applies)."""
+        if self.target == "kserve":
+            isvc = await self._read(ISVC_REF)
+            percents: dict[str, int] = {}
+            component = ((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}
+            for t in component.get("traffic") or []:
+                percents[t.get("revisionName")] = percents.get(t.get("revisionName"), 0) + int(t.get("percent") or 0)
+            routes = self.taps["primary"].proxy.routes if "primary" in self.taps else None
+            mirror = routes.current.mirror_percent if routes is not None else None
+            return percents.get(KSERVE_REVISIONS[0], 0), percents.get(KSERVE_REVISIONS[1], 0), mirror
         if self.target == "gateway-api":
             obj = await self._read(ROUTE_REF)
             rule: dict[str, Any] = next(
@@ -363,6 +448,11 @@ class Environment:
         if self.mesh is not None:
             await _bounded(self.mesh.stop())
         for tap in self.taps.values():
+            if tap.proxy.routes is not None:
+                await _bounded(tap.proxy.routes.say_gone(), 5.0)
+            for follower in tap.follower_tasks:
+                follower.cancel()
+                await _bounded(follower)
             tap.task.cancel()
             await _bounded(tap.task)
             await _bounded(tap.runner.cleanup())

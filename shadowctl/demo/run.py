@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shadowctl.aio import cancel_and_wait
-from shadowctl.demo.env import HOST, MODEL, Environment
+from shadowctl.demo.env import HOST, KSERVE_REVISIONS, MODEL, Environment
 from shadowctl.demo.scenarios import FULL, Scenario, Timing, policy_yaml
 from shadowctl.policy.status import DisagreementRecord, Phase, PolicyStatus
 from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
@@ -31,11 +31,18 @@ SIMULATED = [
     "Gateway API data plane: a mesh simulator that routes each real HTTP request by the HTTPRoute it watches in "
     "the API server (backendRef weights as proportions of the rule's total; RequestMirror filters at their percent "
     "or fraction, with the -shadow Host suffix and the same x-request-id); Envoy cannot run here.",
+    "KServe: a stand-in for KServe's controller writes the InferenceService's status as KServe does (a revision "
+    "per model, canaryTrafficPercent split between the latest ready and the latest rolled-out revision, "
+    "promotion and rollback); a mesh simulator routes each real HTTP request by the traffic that status reports. "
+    "KServe cannot mirror: the primary's tap copies the shadow phase's share, as the controller's route setting "
+    "over Mosquitto says.",
     "GPU model servers: OpenAI-compatible simulators exposing vLLM's metric names, latency really spent; "
     "histograms use 5%-spaced buckets (vLLM's own are up to 2.5x apart, too coarse for a 15% margin).",
     "Kubernetes nodes: no kubelet, scheduler or controller manager; the model servers, taps and the controller "
     "are local processes, not Pods.",
 ]
+DATA_PLANES = {"Istio data plane": "istio", "Gateway API data plane": "gateway-api", "KServe:": "kserve"}
+"""The SIMULATED line of each target's data plane (a run lists its own only)."""
 REAL = [
     "Prometheus (Debian package), scraping every second; the controller's queries go through it.",
     "Mosquitto (Debian package); the taps publish every answer, the controller pairs them by x-request-id.",
@@ -151,6 +158,15 @@ def _route_changes(env: Environment, started: float) -> list[dict[str, Any]]:
     assert env.mesh is not None
     primary_key, candidate_key = ("chat-v1.", "chat-v2.") if env.target == "gateway-api" else ("/v1", "/v2")
     for change in env.mesh.changes:
+        if env.target == "kserve":  # one entry: the percent of each revision (KServe cannot mirror)
+            percents = change.routes[0].get("percents") or {} if change.routes else {}
+            if not percents:
+                continue  # before KServe programmed a route
+            out.append({"t": round(change.observed_at - started, 2), "at": change.observed_at,
+                        "resource_version": change.resource_version,
+                        "primary": int(percents.get(KSERVE_REVISIONS[0], 0)),
+                        "candidate": int(percents.get(KSERVE_REVISIONS[1], 0)), "mirror": None})
+            continue
         route = next((r for r in change.routes if r.get("name") == "chat-default"), None)
         if route is None:
             continue
@@ -176,8 +192,8 @@ async def run_scenario(
     target: str = "istio",
     inspect: Callable[[Environment, float], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """Run `scenario` to its end (or `timing.deadline_s`), routed by an Istio VirtualService or (`target`
-    "gateway-api") a Gateway API HTTPRoute; returns the report data. `inspect(env, started)`, if given, runs
+    """Run `scenario` to its end (or `timing.deadline_s`), routed by an Istio VirtualService, (`target`
+    "gateway-api") a Gateway API HTTPRoute or ("kserve") a KServe InferenceService; returns the report data. `inspect(env, started)`, if given, runs
     once the rollout has ended, while the environment (its Prometheus, the controller) is still up."""
     console = console or Console()
     started = time.time()
@@ -290,8 +306,8 @@ async def _run_started(
         "load": {"sent": load_result.sent if load_result else 0,
                  "status_counts": {str(k): v for k, v in (load_result.status_counts if load_result else {}).items()}},
         # The data plane that routed this run: one of the first two lines.
-        "simulated": [line for line in SIMULATED
-                      if not line.startswith("Istio data plane" if target == "gateway-api" else "Gateway API")],
+        "simulated": [line for line in SIMULATED if not line.startswith(tuple(
+            prefix for prefix, kind in DATA_PLANES.items() if kind != target))],
         "real": [kubernetes_line(api_versions), *REAL],
         "final_message": status.message,
         "disagreements": [d.model_dump(mode="json", by_alias=True) for d in list(disagreements.values())[-20:]],

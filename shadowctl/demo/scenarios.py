@@ -73,7 +73,7 @@ spec:
     minDuration: {shadow_min}
     maxDuration: {shadow_max}
     minPairs: 100
-  canary:
+{shadow_mode}  canary:
     steps: [{steps}]
     stepDuration: {step_duration}
     maxStepDuration: {step_max}
@@ -119,12 +119,22 @@ TARGETS: dict[str, str] = {
       rule: chat-default
       primary: {name: chat-v1, port: 8000}
       candidate: {name: chat-v2, port: 8000}""",
+    # kserve/chat.yaml's InferenceService: the rolled-out revision and the latest ready one (the candidate).
+    "kserve": """\
+    kserve:
+      inferenceService: chat
+      component: predictor""",
 }
 """The policy's spec.target for each `shadowctl demo --target`."""
 
 
+SHADOW_MODES: dict[str, str] = {"kserve": "    mode: tap\n"}
+"""The shadow phase's mirror where the target cannot mirror: KServe's goes through the primary's tap."""
+
+
 def policy_yaml(timing: Timing, broker: str, target: str = "istio") -> str:
     return POLICY_TEMPLATE.format(
+        shadow_mode=SHADOW_MODES.get(target, ""),
         shadow_min=timing.shadow_min, shadow_max=timing.shadow_max, step_duration=timing.step_duration,
         step_max=timing.step_max, interval=timing.interval, steps=", ".join(str(s) for s in timing.steps),
         broker=broker, target=TARGETS[target],

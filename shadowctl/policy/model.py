@@ -651,11 +651,23 @@ def _secret_ref(v: str | None) -> str | None:
 class Mqtt(_Model):
     """Where output events are published."""
 
+    # The API server's own check (CEL in the CRD), the same rule as _partitions_need_a_last_level below.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "!has(self.partitions) || self.partitions <= 1 || !has(self.topic) || !self.topic.endsWith('#')",
+        "message": "partitions > 1 needs a topic that does not end in '#': the partition is one more topic level",
+    }]})
+
     broker: str = Field(description="mqtt://host:port or mqtts://host:port")
     topic: str = "shadowctl/outputs/{namespace}/{service}/+"
     username: str | None = None
     password_secret: str | None = Field(default=None, description="Secret name/key holding the password.")
     tls: TlsSecrets | None = Field(default=None, description="CA and client certificate for mqtts:// (Secrets).")
+    partitions: int = Field(
+        default=1, ge=1, le=256,
+        description="The taps publish each request's events on one of this many partitions, a last topic level "
+                    "0..P-1 chosen by a hash of x-request-id (the same on every tap, so both events of a pair share "
+                    "a partition); the controller's pairing workers each subscribe to their partitions. Start the "
+                    "taps with the same --partitions. 1: no partition level (docs/scaling.md).")
 
     @field_validator("broker")
     @classmethod
@@ -673,6 +685,13 @@ class Mqtt(_Model):
     def _tls_needs_mqtts(self) -> Mqtt:
         if self.tls is not None and not self.broker.startswith("mqtts://"):
             raise ValueError(f"tls is set but broker {self.broker!r} is not mqtts://")
+        return self
+
+    @model_validator(mode="after")
+    def _partitions_need_a_last_level(self) -> Mqtt:
+        if self.partitions > 1 and self.topic.endswith("#"):
+            raise ValueError(f"partitions {self.partitions} needs a topic that does not end in '#' "
+                             f"({self.topic!r}): the partition is one more topic level after it")
         return self
 
 
@@ -699,6 +718,16 @@ class Redaction(_Model):
                            description="Mode truncate: characters kept of each text.")
 
 
+class Sampling(_Model):
+    """spec.analysis.outputs.sampling: the taps publish the events of a fraction of requests (docs/scaling.md)."""
+
+    fraction: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Share of requests whose output events the taps publish (start every tap of the policy with "
+                    "--sample at this value), chosen by a hash of x-request-id so that no pair is broken; the "
+                    "verdict says how many requests the pairs stand for (pairs / fraction).")
+
+
 class Outputs(_Model):
     """Compare what the candidate answers with what the primary answers."""
 
@@ -713,6 +742,9 @@ class Outputs(_Model):
     redaction: Redaction = Field(
         default_factory=Redaction,
         description="What of the prompts and answers the events carry (start the taps with the same --redact).")
+    sampling: Sampling = Field(
+        default_factory=Sampling,
+        description="Which share of requests the taps publish events for (start the taps with the same --sample).")
 
     @field_validator("comparators")
     @classmethod
@@ -1013,6 +1045,8 @@ class RollbackOptions(_Model):
 
 KSERVE_SHADOW_MESSAGE = ("a KServe target cannot mirror (KServe has no mirroring, kserve#2978): its shadow phase "
                          "goes through the tap: set shadow.mode: tap (and no shadow.virtualService)")
+TAP_CHANNEL_MESSAGE = ("shadow.mode: tap needs spec.analysis.outputs.mqtt: the controller sends the taps their route "
+                       "setting (what to mirror, where) over that MQTT broker, and reads their reports there")
 
 
 class Spec(_Model):
@@ -1035,6 +1069,12 @@ class Spec(_Model):
                     " && !has(self.shadow.virtualService))",
             "message": KSERVE_SHADOW_MESSAGE,
             "fieldPath": ".shadow",
+        },
+        {
+            "rule": "!has(self.shadow) || !has(self.shadow.mode) || self.shadow.mode != 'tap'"
+                    " || (has(self.analysis.outputs) && has(self.analysis.outputs.mqtt))",
+            "message": TAP_CHANNEL_MESSAGE,
+            "fieldPath": ".analysis.outputs",
         },
         {
             "rule": "!has(self.target.gatewayAPI) || !has(self.shadow) || !has(self.shadow.virtualService)",
@@ -1079,6 +1119,8 @@ class Spec(_Model):
             self.shadow.mode is not ShadowMode.tap or self.shadow.virtual_service is not None
         ):
             raise ValueError(KSERVE_SHADOW_MESSAGE)
+        if self.shadow is not None and self.shadow.mode is ShadowMode.tap and self.analysis.outputs is None:
+            raise ValueError(TAP_CHANNEL_MESSAGE)
         phases = (self.shadow.min_duration if self.shadow else timedelta(0)) + (
             self.canary.step_duration * len(self.canary.steps) if self.canary else timedelta(0)
         )

@@ -54,6 +54,7 @@ from pydantic import ValidationError
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant, parse_traceparent
+from shadowctl.compare.partitions import partition_topic
 from shadowctl.compare.routing import Effective, in_share
 from shadowctl.errors import ShadowctlError
 from shadowctl.tap.extract import ResponseAccumulator, classify, parse_request
@@ -121,6 +122,9 @@ class TapConfig:
     """The shares come from a route setting (--route-policy): see :mod:`shadowctl.tap.routes`."""
     sample: float = 1.0
     """Fraction of requests whose events are published (--sample), chosen by x-request-id: :mod:`shadowctl.tap.sampling`."""
+    partitions: int = 1
+    """Events go to ``<topic>/<k>``, k = the request id's partition of this many (--partitions; 1: ``<topic>``):
+    :mod:`shadowctl.compare.partitions`."""
     upstream_connect_timeout_s: float = 10.0
     drain_s: float = 10.0
     client_idle_s: float = 75.0
@@ -384,7 +388,8 @@ class TapProxy:
             return
         if self._redact is not None:
             event = self._redact(event)
-        self.publisher.offer(self.candidate_topic() if routed else self.config.topic, event.to_json())
+        topic = self.candidate_topic() if routed else self.config.topic
+        self.publisher.offer(partition_topic(topic, event.request_id, self.config.partitions), event.to_json())
 
     # ------------------------------------------------------------------ mirror
 
@@ -408,7 +413,7 @@ class TapProxy:
             self.metrics.mirrored.labels("sent").inc()
         except httpx.HTTPError as exc:
             self.metrics.mirrored.labels("failed").inc()
-            log.debug("mirror copy failed", url=url, error=str(exc))
+            log.debug("mirror copy failed", url=url.partition("?")[0], error=str(exc))  # a query string may be personal
 
 
 def parse_listen(value: str) -> tuple[str, int]:
