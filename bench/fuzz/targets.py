@@ -7,7 +7,9 @@ Each target drives the real code: the policy loader, `shadowctl render` and `sha
 through the typer app, the output-event parser and the pairer, the Prometheus source against a local
 HTTP server that answers with the input, the controller's reading of objects from the API server, and
 the tap's parsing of requests and answers. `render` takes an Istio VirtualService, a Knative Service and a
-Gateway API HTTPRoute. The webhook path reads only a status line (shadowctl/webhooks.py)
+Gateway API HTTPRoute. `promql` puts drawn names (quotes, backslashes, newlines, ``{{``, unicode) into a
+policy's variant selectors and has a real Prometheus parse every query shadowctl writes from it (the
+``prometheus`` binary must be on PATH or in /usr/bin). The webhook path reads only a status line (shadowctl/webhooks.py)
 and has nothing to fuzz.
 """
 
