@@ -463,10 +463,10 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
             _apply(kube_env, doc)
     # As deploy/rbac.yaml says: per namespace, the Role `shadowctl rbac secrets` prints for the policies there
     # (here one naming its own Prometheus and the token Secret "prom").
-    own = policy_doc()
-    own["spec"]["analysis"]["prometheus"] = {"url": "http://127.0.0.1:9", "bearerTokenSecret": "prom"}
+    naming = policy_doc()
+    naming["spec"]["analysis"]["prometheus"] = {"url": "http://127.0.0.1:9", "bearerTokenSecret": "prom"}
     (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "own.yaml").write_text(yaml.safe_dump(own))
+    (tmp_path / "policies" / "own.yaml").write_text(yaml.safe_dump(naming))
     printed = CliRunner().invoke(app, ["rbac", "secrets", str(tmp_path / "policies")])
     assert printed.exit_code == 0, printed.output
     secret_rbac = [d for d in yaml.safe_load_all(printed.stdout) if d]
