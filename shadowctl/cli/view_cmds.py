@@ -477,6 +477,11 @@ def _spec_lines(obj: JSON) -> list[str]:
         k = s.target.knative
         lines.append(f"Target:       Knative Service {k.service}: primary {k.primary_revision or '(latest ready)'}, "
                      f"candidate {k.candidate_revision or '(latest created)'} tagged {k.candidate_tag}")
+    elif s.target.tap is not None:
+        tp = s.target.tap
+        lines.append(f"Target:       the taps of {tp.service}: candidate {tp.candidate_url or '(the same server)'}"
+                     + (f", model rewritten to {tp.rewrite.model}" if tp.rewrite is not None else "")
+                     + f", canary sticky per user ({tp.user_header or 'the body user field'})")
     if s.shadow is not None:
         lines.append(f"Shadow:       mirror {s.shadow.mirror_percent:g}% for {_dur(s.shadow.min_duration)} to "
                      f"{_dur(s.shadow.max_duration)}, at least {s.shadow.min_pairs} pairs ({s.shadow.mode.value})")

@@ -1,4 +1,4 @@
-"""The tap-router channel's wire format and its pure rules (schema version 1).
+"""The tap-router channel's wire format and its pure rules (route settings v1 and v2, reports v1).
 
 The controller tells the taps in front of a primary how to route through one retained MQTT message
 per policy (a :class:`RouteSetting` on :func:`route_topic`); each tap (each worker process of it)
@@ -12,6 +12,15 @@ Parsed strictly, like the output events (:mod:`shadowctl.compare.events`): the c
 broker that anyone with credentials can write to, and a setting a tap does not fully understand
 (a newer schema, a field it does not know) must make it fall back to primary-only, never be
 half-applied.
+
+Two versions of the setting: v1 (shares and the candidate's URL) and v2, which adds what a tap must
+understand to route at all: a request rewrite (``rewrite.model``: the candidate is another served
+model name, e.g. a LoRA adapter), a canary share chosen per user (``sticky``, ``userHeader``) and
+``final`` (a promotion's end state, applied without expiry). The controller publishes v1 whenever a
+setting needs none of these, so taps that know only v1 keep working for plain mirrors; a tap that
+knows only v1 refuses a v2 setting (its schema is a literal) and falls back to primary-only, which
+the controller sees in its report (``invalid``) and holds: never a rewrite half-applied as a plain
+route.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shadowctl.errors import ShadowctlError
 
 ROUTE_SCHEMA: Final = "shadowctl.dev/route/v1"
+ROUTE_SCHEMA_V2: Final = "shadowctl.dev/route/v2"
 APPLIED_SCHEMA: Final = "shadowctl.dev/route-applied/v1"
 STALE_INTERVALS: Final = 3
 """A setting older than this many of its ``intervalSeconds`` is stale (the tap falls back); a tap not
@@ -65,8 +75,15 @@ def bucket(request_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big") % BUCKETS
 
 
+def user_bucket_key(policy: str, user: str) -> str:
+    """What a sticky share hashes for a user: the policy and the user, so that every tap replica puts a user
+    on the same side, and two policies do not always pick the same users for their canaries."""
+    return f"{policy}\n{user}"
+
+
 def in_share(request_id: str, percent: float | None) -> bool:
-    """Whether a request falls in the first `percent` % of buckets (None or 0: none; 100: all)."""
+    """Whether a request (or any key: a sticky share passes :func:`user_bucket_key`) falls in the first
+    `percent` % of buckets (None or 0: none; 100: all)."""
     if percent is None or percent <= 0:
         return False
     if percent >= 100:
@@ -96,10 +113,23 @@ def rfc3339(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class Rewrite(_Strict):
+    """How the candidate differs from the primary when it is a rewrite of the request (route setting v2).
+
+    ``model``: the JSON body's ``model`` is replaced (the candidate is another served model name on the
+    same server or a named backend: a LoRA adapter, a quantised variant). Prompt and sampling-parameter
+    rewrites (issue 18) will be further optional fields here, each one a new rewrite a v2 tap refuses
+    until it knows it (``extra: forbid``)."""
+
+    model: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$",
+                       description="The served model name the candidate's requests ask for.")
+
+
 class RouteSetting(_Strict):
     """What the controller wants the taps in front of the primary to do, for one policy."""
 
-    schema_: Literal["shadowctl.dev/route/v1"] = Field(default=ROUTE_SCHEMA, alias="schema")
+    schema_: Literal["shadowctl.dev/route/v1", "shadowctl.dev/route/v2"] = Field(default=ROUTE_SCHEMA,
+                                                                                 alias="schema")
     policy: str = Field(description="namespace/name of the ShadowPolicy.")
     generation: int = Field(ge=1, description="Grows with every change of the setting; same on a heartbeat.")
     mirror_percent: float | None = Field(
@@ -111,16 +141,32 @@ class RouteSetting(_Strict):
     candidate_url: str | None = Field(
         default=None, alias="candidateURL", pattern=r"^https?://[^\s/]+(/\S*)?$",
         description="Where the candidate's requests go (a tap's --mirror-to, when given, overrides it); a tap "
-                    "with neither cannot apply a setting that routes to the candidate and falls back (invalid).")
+                    "with neither cannot apply a setting that routes to the candidate and falls back (invalid). "
+                    "With a rewrite, none means the tap's own upstream (the same server).")
     issued_at: str = Field(alias="issuedAt", description="RFC 3339: when the controller last (re)published it.")
     interval_seconds: float = Field(gt=0, alias="intervalSeconds", description="The policy's analysis interval.")
+    rewrite: Rewrite | None = Field(default=None, description="v2: the candidate is this rewrite of the request.")
+    sticky: bool = Field(default=False, description="v2: the live share is chosen per user, not per request.")
+    user_header: str | None = Field(
+        default=None, alias="userHeader", pattern=r"^[!#$%&'*+.^_`|~0-9a-z-]{1,128}$",
+        description="v2, sticky: the header naming the user (lower case); else the body's OpenAI `user` field; "
+                    "a request with neither is chosen by its request id.")
+    final: bool = Field(default=False, description="v2: a promotion's end state: applied without expiry (no "
+                                                   "staleness fallback) until replaced or cleared.")
 
     @model_validator(mode="after")
     def _check(self) -> RouteSetting:
         _rfc3339(self.issued_at, "issuedAt")
         if self.mirror_percent is not None and math.isnan(self.mirror_percent):
             raise ValueError("mirrorPercent is NaN")
+        if self.schema_ == ROUTE_SCHEMA and self.needs_v2:
+            raise ValueError("rewrite, sticky, userHeader and final need schema shadowctl.dev/route/v2")
         return self
+
+    @property
+    def needs_v2(self) -> bool:
+        """Whether it uses what only a v2 tap understands."""
+        return self.rewrite is not None or self.sticky or self.user_header is not None or self.final
 
     @property
     def routes_to_candidate(self) -> bool:
@@ -134,11 +180,23 @@ class RouteSetting(_Strict):
 
     def same_routes(self, other: RouteSetting | None) -> bool:
         """Whether `other` routes the same way (generation and issue time aside)."""
-        return other is not None and (self.mirror_percent, self.candidate_percent, self.candidate_url) == (
-            other.mirror_percent, other.candidate_percent, other.candidate_url)
+        def key(s: RouteSetting) -> tuple[object, ...]:
+            return (s.mirror_percent, s.candidate_percent, s.candidate_url, s.rewrite, s.sticky, s.user_header,
+                    s.final)
+        return other is not None and key(self) == key(other)
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+        """v1 without the v2 keys (a v1 tap forbids unknown ones), v2 with them."""
+        exclude = {"rewrite", "sticky", "user_header", "final"} if self.schema_ == ROUTE_SCHEMA else None
+        return self.model_dump_json(by_alias=True, exclude=exclude).encode()
+
+
+def make_setting(**fields: object) -> RouteSetting:
+    """A :class:`RouteSetting` of the lowest schema that carries `fields` (v1 unless a v2 field is set)."""
+    v2 = fields.get("rewrite") is not None or bool(fields.get("sticky")) or fields.get("user_header") is not None \
+        or bool(fields.get("final"))
+    return RouteSetting.model_validate({**fields, "schema_": ROUTE_SCHEMA_V2 if v2 else ROUTE_SCHEMA},
+                                       strict=False)
 
 
 class AppliedState(str, enum.Enum):
@@ -179,7 +237,7 @@ class AppliedReport(_Strict):
 
 
 class MalformedRouteMessage(ShadowctlError, ValueError):
-    """An MQTT payload on the tap-router channel that is not a valid version-1 setting or report."""
+    """An MQTT payload on the tap-router channel that is not a valid setting (v1, v2) or report (v1)."""
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -218,6 +276,11 @@ class Effective(BaseModel):
     candidate_percent: int = 0
     candidate_url: str | None = None
     reason: FallbackReason | None = None
+    policy: str = ""
+    rewrite: Rewrite | None = None
+    sticky: bool = False
+    user_header: str | None = None
+    final: bool = False
 
     @property
     def routes_to_candidate(self) -> bool:
@@ -228,16 +291,18 @@ PRIMARY_ONLY_NONE = Effective(state=AppliedState.fallback, reason=FallbackReason
 
 
 def effective(setting: RouteSetting | None, now: float, *, invalid: bool = False) -> Effective:
-    """Apply the setting, unless there is none, it is stale, or the last payload was not understood
-    (`invalid`): then primary-only, no mirror, with the reason."""
+    """Apply the setting, unless there is none, it is stale (a ``final`` one never is), or the last payload
+    was not understood (`invalid`): then primary-only, no mirror, with the reason."""
     if invalid:
         return Effective(state=AppliedState.fallback, reason=FallbackReason.invalid)
     if setting is None:
         return PRIMARY_ONLY_NONE
-    if now - setting.issued > STALE_INTERVALS * setting.interval_seconds:
+    if not setting.final and now - setting.issued > STALE_INTERVALS * setting.interval_seconds:
         return Effective(state=AppliedState.fallback, reason=FallbackReason.stale)
     return Effective(state=AppliedState.applied, generation=setting.generation, mirror_percent=setting.mirror_percent,
-                     candidate_percent=setting.candidate_percent, candidate_url=setting.candidate_url)
+                     candidate_percent=setting.candidate_percent, candidate_url=setting.candidate_url,
+                     policy=setting.policy, rewrite=setting.rewrite, sticky=setting.sticky,
+                     user_header=setting.user_header, final=setting.final)
 
 
 # --------------------------------------------------------------------------- the controller's rule

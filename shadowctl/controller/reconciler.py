@@ -745,6 +745,9 @@ class Reconciler:
         if target.gateway_api is not None:
             b = target.gateway_api.candidate
             return f"{b.namespace or policy.metadata.namespace}/{b.name}:{b.port or ''}"
+        if target.tap is not None:  # the policy names the candidate: its URL and its rewrite
+            rewrite = target.tap.rewrite.model if target.tap.rewrite is not None else ""
+            return f"{target.tap.candidate_url or ''}#{rewrite}"
         if target.kserve is not None:
             isvc = await self.kube.get(ResourceRef(INFERENCE_SERVICE, target.kserve.inference_service,
                                                    policy.metadata.namespace))

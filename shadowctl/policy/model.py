@@ -211,18 +211,104 @@ class KServeTarget(_Model):
         return _dns_name(v, "InferenceService name")
 
 
+def candidate_url_problem(url: str) -> str | None:
+    """What is wrong with a tap target's candidate URL, or None: http(s), a host, no credentials, no query
+    or fragment (the taps append the request's path and query), no metadata or link-local address."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        return "it contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"it is not a URL ({exc})"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "only http:// and https:// URLs are allowed"
+    if "@" in parts.netloc:
+        return "credentials in the URL are not allowed (the URL is published to every tap and stored in the policy)"
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        return "the host is missing"
+    if port == 0:
+        return "port 0 is not a port"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "a query or fragment is not allowed (the taps append each request's own path and query)"
+    if host in METADATA_HOSTS:
+        return f"{host!r} is an instance-metadata service"
+    why = forbidden_address(host)
+    return f"{host} is {why}" if why else None
+
+
+class TapRewrite(_Model):
+    """The candidate as a rewrite of the primary's requests (issue 18): the taps change each candidate request.
+
+    Only ``model`` exists today; prompt and sampling-parameter rewrites are not built yet."""
+
+    model: str = Field(
+        min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$",
+        description="The served model name the candidate's requests ask for instead of the primary's (a LoRA "
+                    "adapter or a quantised variant the server serves under that name).")
+
+
+class TapTarget(_Model):
+    """The taps in front of the primary are the only router: they mirror (shadow) and send the step's share of
+    live requests (canary) to the candidate. For a primary with no routing API in front of it (a plain
+    Deployment and Service), or a candidate that is a request rewrite on the same server."""
+
+    service: str = Field(description="The primary's service name, as the taps know it (their --service): the "
+                                     "outputs topics and metrics are named by it.")
+    candidate_url: str | None = Field(
+        default=None, alias="candidateURL",
+        description="Where the taps send the candidate's requests: its in-cluster Service URL "
+                    "(http://NAME.NAMESPACE.svc:PORT). Optional with a rewrite: then the taps' own upstream "
+                    "(the same server, another served model name).")
+    rewrite: TapRewrite | None = Field(default=None, description="The candidate is this rewrite of the request.")
+    user_header: str | None = Field(
+        default=None, alias="userHeader",
+        description="The header naming the user, for a canary share sticky per user; default: the request "
+                    "body's OpenAI `user` field; a request with neither is chosen by its x-request-id.")
+
+    @field_validator("service")
+    @classmethod
+    def _service(cls, v: str) -> str:
+        if len(v) > 63 or not _LABEL.match(v):
+            raise ValueError(f"{v!r} is not a valid service name (lower-case letters, digits and '-')")
+        return v
+
+    @field_validator("candidate_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and (problem := candidate_url_problem(v)):
+            raise ValueError(f"candidateURL {v!r}: {problem}")
+        return v
+
+    @field_validator("user_header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}", v):
+            raise ValueError(f"userHeader {v!r} is not an HTTP header name")
+        return v.lower() if v is not None else None
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> TapTarget:
+        if self.candidate_url is None and self.rewrite is None:
+            raise ValueError("give candidateURL (where the candidate is), a rewrite (the candidate is the same "
+                             "server asked differently), or both")
+        return self
+
+
 class Target(_Model):
-    """Exactly one of `istio`, `knative`, `gatewayAPI` or `kserve`."""
+    """Exactly one of `istio`, `knative`, `gatewayAPI`, `kserve` or `tap`."""
 
     istio: IstioTarget | None = None
     knative: KnativeTarget | None = None
     gateway_api: GatewayAPITarget | None = Field(default=None, alias="gatewayAPI")
     kserve: KServeTarget | None = None
+    tap: TapTarget | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        if [self.istio, self.knative, self.gateway_api, self.kserve].count(None) != 3:
-            raise ValueError("set exactly one of 'istio', 'knative', 'gatewayAPI' or 'kserve'")
+        if [self.istio, self.knative, self.gateway_api, self.kserve, self.tap].count(None) != 4:
+            raise ValueError("set exactly one of 'istio', 'knative', 'gatewayAPI', 'kserve' or 'tap'")
         return self
 
 
@@ -1045,6 +1131,10 @@ class RollbackOptions(_Model):
 
 KSERVE_SHADOW_MESSAGE = ("a KServe target cannot mirror (KServe has no mirroring, kserve#2978): its shadow phase "
                          "goes through the tap: set shadow.mode: tap (and no shadow.virtualService)")
+TAP_TARGET_SHADOW_MESSAGE = ("a tap target mirrors through the taps: set shadow.mode: tap (and no "
+                             "shadow.virtualService)")
+TAP_TARGET_CHANNEL_MESSAGE = ("a tap target needs spec.analysis.outputs.mqtt: the controller sends the taps their "
+                              "route setting over that MQTT broker, and reads their reports there")
 TAP_CHANNEL_MESSAGE = ("shadow.mode: tap needs spec.analysis.outputs.mqtt: the controller sends the taps their route "
                        "setting (what to mirror, where) over that MQTT broker, and reads their reports there")
 
@@ -1074,6 +1164,17 @@ class Spec(_Model):
             "rule": "!has(self.shadow) || !has(self.shadow.mode) || self.shadow.mode != 'tap'"
                     " || (has(self.analysis.outputs) && has(self.analysis.outputs.mqtt))",
             "message": TAP_CHANNEL_MESSAGE,
+            "fieldPath": ".analysis.outputs",
+        },
+        {
+            "rule": "!has(self.target.tap) || !has(self.shadow) || (has(self.shadow.mode) && self.shadow.mode == 'tap'"
+                    " && !has(self.shadow.virtualService))",
+            "message": TAP_TARGET_SHADOW_MESSAGE,
+            "fieldPath": ".shadow",
+        },
+        {
+            "rule": "!has(self.target.tap) || (has(self.analysis.outputs) && has(self.analysis.outputs.mqtt))",
+            "message": TAP_TARGET_CHANNEL_MESSAGE,
             "fieldPath": ".analysis.outputs",
         },
         {
@@ -1121,6 +1222,12 @@ class Spec(_Model):
             raise ValueError(KSERVE_SHADOW_MESSAGE)
         if self.shadow is not None and self.shadow.mode is ShadowMode.tap and self.analysis.outputs is None:
             raise ValueError(TAP_CHANNEL_MESSAGE)
+        if self.target.tap is not None:
+            if self.shadow is not None and (self.shadow.mode is not ShadowMode.tap
+                                            or self.shadow.virtual_service is not None):
+                raise ValueError(TAP_TARGET_SHADOW_MESSAGE)
+            if self.analysis.outputs is None:
+                raise ValueError(TAP_TARGET_CHANNEL_MESSAGE)
         phases = (self.shadow.min_duration if self.shadow else timedelta(0)) + (
             self.canary.step_duration * len(self.canary.steps) if self.canary else timedelta(0)
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from shadowctl.compare.routing import Rewrite
 from shadowctl.kube.client import KubeClient
 from shadowctl.policy.model import ShadowMode, ShadowPolicy
 from shadowctl.routers.base import Router, RouterError
@@ -11,7 +12,7 @@ from shadowctl.routers.gateway import GatewayAPIRouter
 from shadowctl.routers.istio import IstioRouter
 from shadowctl.routers.knative import KnativeRouter, KnativeWithIstioMirror
 from shadowctl.routers.kserve import KServeRouter
-from shadowctl.routers.tap import CandidateAddress, SplitWithTapMirror, TapChannel, TapRouter
+from shadowctl.routers.tap import CandidateAddress, CandidateShape, SplitWithTapMirror, TapChannel, TapRouter
 
 TapChannelFactory = Callable[[ShadowPolicy], TapChannel]
 """Builds the controller's MQTT channel to a policy's taps (the policy's outputs broker and credentials);
@@ -31,13 +32,28 @@ def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, spli
         except RouterError as exc:
             missing = str(exc)
     url = split.candidate_url if isinstance(split, CandidateAddress) else None
-    return TapRouter(channel, namespace, name, policy.spec.analysis.interval.total_seconds(), url, missing=missing)
+    shape = CandidateShape()
+    target = policy.spec.target.tap
+    if target is not None:  # the tap is the only router: the candidate's URL and shape are the policy's
+        fixed = target.candidate_url
+
+        async def url_of_target() -> str | None:
+            return fixed
+
+        url = url_of_target
+        shape = CandidateShape(rewrite=Rewrite(model=target.rewrite.model) if target.rewrite is not None else None,
+                               sticky=True, user_header=target.user_header)
+    return TapRouter(channel, namespace, name, policy.spec.analysis.interval.total_seconds(), url, missing=missing,
+                     shape=shape)
 
 
 def router_for(policy: ShadowPolicy, kube: KubeClient, *, tap_channel: TapChannelFactory | None = None) -> Router:
     """The target's router: Istio, Gateway API, KServe or Knative; Knative plus an Istio mirror when the shadow
-    phase mirrors through a VirtualService; and with ``shadow.mode: tap``, the target's router for the live
-    shares composed with the tap router for the mirror (:class:`SplitWithTapMirror`)."""
+    phase mirrors through a VirtualService; with ``shadow.mode: tap``, the target's router for the live
+    shares composed with the tap router for the mirror (:class:`SplitWithTapMirror`); and for a tap target
+    (``spec.target.tap``), the tap router alone, for both."""
+    if policy.spec.target.tap is not None:
+        return tap_router(policy, tap_channel)
     split = _split_router(policy, kube)
     shadow = policy.spec.shadow
     if shadow is not None and shadow.mode is ShadowMode.tap:

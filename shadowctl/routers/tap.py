@@ -51,9 +51,11 @@ import structlog
 from shadowctl.compare.routing import (
     AppliedReport,
     MalformedRouteMessage,
+    Rewrite,
     RouteSetting,
     Verification,
     applied_filter,
+    make_setting,
     parse_report,
     parse_setting,
     rfc3339,
@@ -67,8 +69,9 @@ from shadowctl.routers.base import ApplyResult, Capabilities, Router, RouterErro
 log = structlog.get_logger(__name__)
 
 TAP_CAPABILITIES = Capabilities(can_mirror=True, can_split=True, weight_step=1, mirror_resolution=0.0001,
-                                has_promote=False)
-"""The tap mirrors and splits by a hash of the request id: 1,000,000 buckets."""
+                                has_promote=True)
+"""The tap mirrors and splits by a hash of the request id (or of the user): 1,000,000 buckets. Its promote
+publishes a ``final`` setting (no expiry), which apply(0/100) does not."""
 
 CONFIRM_TIMEOUT_S = 5.0
 """How long apply waits for the taps' reports (a tap applies a setting within a second)."""
@@ -233,14 +236,30 @@ class CandidateAddress(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CandidateShape:
+    """What a policy's settings say besides the shares (route setting v2): the candidate as a rewrite of the
+    request, and the live share chosen per user. The default (nothing) gives v1 settings."""
+
+    rewrite: Rewrite | None = None
+    sticky: bool = False
+    user_header: str | None = None
+
+
 def setting_for(desired: RouteState, *, policy: str, generation: int, candidate_url: str | None, issued_at: float,
-                interval_seconds: float) -> RouteSetting:
-    """The route setting for `desired` (pure)."""
+                interval_seconds: float, shape: CandidateShape = CandidateShape(),
+                final: bool = False) -> RouteSetting:
+    """The route setting for `desired` (pure): v1 unless `shape` or `final` need v2. The rewrite and the
+    stickiness are carried only while the setting routes to the candidate (primary-only is plain v1, which
+    every tap understands, so a rollback is never refused for its form)."""
     needs_url = desired.mirror_percent is not None or desired.candidate_weight > 0
-    return RouteSetting(policy=policy, generation=generation, mirror_percent=desired.mirror_percent,
+    return make_setting(policy=policy, generation=generation, mirror_percent=desired.mirror_percent,
                         candidate_percent=desired.candidate_weight,
                         candidate_url=candidate_url if needs_url else None,
-                        issued_at=rfc3339(issued_at), interval_seconds=interval_seconds)
+                        issued_at=rfc3339(issued_at), interval_seconds=interval_seconds,
+                        rewrite=shape.rewrite if needs_url else None, sticky=shape.sticky and needs_url,
+                        user_header=shape.user_header if needs_url and shape.sticky else None,
+                        final=final and needs_url)
 
 
 def next_generation(previous: RouteSetting | None, reports: dict[str, AppliedReport]) -> int:
@@ -273,9 +292,11 @@ class TapRouter:
 
     def __init__(self, channel: TapChannel | None, namespace: str, policy: str, interval_seconds: float,
                  candidate_url: CandidateURL | None = None, *, confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
-                 clock: Callable[[], float] = time.time, missing: str = "") -> None:
+                 clock: Callable[[], float] = time.time, missing: str = "",
+                 shape: CandidateShape = CandidateShape()) -> None:
         """`channel` None: the controller has no broker for this policy; every call raises Unsupported
-        saying `missing`."""
+        saying `missing`. `shape`: a rewrite and per-user stickiness (``spec.target.tap``), carried by every
+        setting that routes to the candidate."""
         self.channel = channel
         self.namespace = namespace
         self.policy = policy
@@ -285,6 +306,7 @@ class TapRouter:
         self.confirm_timeout_s = confirm_timeout_s
         self.clock = clock
         self.missing = missing
+        self.shape = shape
         self.what = f"route setting {route_topic(namespace, policy)}"
 
     @property
@@ -335,10 +357,13 @@ class TapRouter:
         return await self.apply(RouteState.primary_only())
 
     async def promote(self) -> ApplyResult:
-        """The candidate answers every live request (a target the tap alone routes)."""
-        return await self.apply(RouteState(0, 100, None))
+        """The candidate answers every live request (a target the tap alone routes), as a ``final`` setting:
+        the taps keep applying it after the controller stops renewing it (a Succeeded policy is not ticked),
+        until the policy's deletion puts them back on the primary (finalize) or a new rollout replaces it."""
+        async with self._channel().session() as session:
+            return await self._apply(session, RouteState(0, 100, None), final=True)
 
-    async def _apply(self, session: _Session, desired: RouteState) -> ApplyResult:
+    async def _apply(self, session: _Session, desired: RouteState, *, final: bool = False) -> ApplyResult:
         previous = session.setting
         url = None
         if (desired.mirror_percent is not None or desired.candidate_weight > 0) and self.candidate_url is not None:
@@ -346,11 +371,11 @@ class TapRouter:
         now = self.clock()
         same = previous is not None and previous.same_routes(
             setting_for(desired, policy=self.key, generation=1, candidate_url=url, issued_at=now,
-                        interval_seconds=self.interval_seconds))
+                        interval_seconds=self.interval_seconds, shape=self.shape, final=final))
         generation = previous.generation if same and previous is not None \
             else next_generation(previous, session.reports)
         setting = setting_for(desired, policy=self.key, generation=generation, candidate_url=url, issued_at=now,
-                              interval_seconds=self.interval_seconds)
+                              interval_seconds=self.interval_seconds, shape=self.shape, final=final)
         await _io.check_fence(self.what)
         await session.publish(setting)
         result = await session.until(lambda: self._verify(session, setting), self.confirm_timeout_s)
@@ -359,7 +384,8 @@ class TapRouter:
                 back = state_of(previous)
                 undo = setting_for(back, policy=self.key, generation=generation + 1,
                                    candidate_url=previous.candidate_url if previous is not None else None,
-                                   issued_at=self.clock(), interval_seconds=self.interval_seconds)
+                                   issued_at=self.clock(), interval_seconds=self.interval_seconds,
+                                   shape=self.shape, final=previous.final if previous is not None else False)
                 await session.publish(undo)
                 log.warning("tap_router.put_back", policy=self.key, generation=undo.generation,
                             routes=back.describe(), reason=result.problem)

@@ -40,6 +40,12 @@ What it imitates, and the choices that are not obvious:
   client's model-name mistake shows. An Istio mirror copy carries the primary's
   model name: a candidate serves that name too (or lists it as an alias), as a real
   candidate behind the same route would.
+* ``adapters`` are further served names, as vLLM's ``--lora-modules NAME=PATH``: listed
+  on ``/v1/models`` with the base model as ``parent``, reported as the answer's
+  ``model``, and answering differently from the base model on a share of prompts
+  (each adapter's ``divergence``, 0 to 1): whether a prompt's answer differs, and
+  how, is a pure function of the adapter's name and the prompt, so an adapter
+  rollout has answers that really depend on the name asked for.
 
 Knobs form a frozen dataclass; ``POST /admin/knobs`` (a partial JSON object)
 replaces them at run time, so a demo can inject a regression mid-run.
@@ -68,7 +74,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from shadowctl.sim.errors import KnobError, SimError
 from shadowctl.sim.logs import log_to_stderr
-from shadowctl.sim.prompts import count_prompt_tokens, drifted_answer, perturb, reference_answer, tokenize
+from shadowctl.sim.prompts import (
+    build_answer,
+    count_prompt_tokens,
+    drifted_answer,
+    perturb,
+    prompt_seed,
+    reference_answer,
+    tokenize,
+)
 from shadowctl.sim.services import serve
 
 TTFT_BUCKETS = (
@@ -313,8 +327,15 @@ class SimModelServer:
         history: int = 10_000,
         fine_buckets: bool = False,
         aliases: Sequence[str] = (),
+        adapters: Mapping[str, float] | None = None,
     ) -> None:
+        """`adapters`: LoRA adapter names served besides the model, each with the share of prompts (0 to 1)
+        it answers differently from the base model."""
         self.model = model
+        self.adapters: dict[str, float] = dict(adapters or {})
+        for name, divergence in self.adapters.items():
+            if not 0.0 <= divergence <= 1.0 or name == model or name in aliases:
+                raise SimError(f"adapter {name!r}: divergence must be within 0..1 and the name not the model's")
         self.served_names: tuple[str, ...] = (model, *(a for a in aliases if a != model))
         """The names requests may ask for; the first is the one answers report (vLLM's ``--served-model-name``)."""
         self.variant = variant
@@ -385,6 +406,10 @@ class SimModelServer:
                     {"id": name, "object": "model", "created": self.created, "owned_by": "shadowctl-sim",
                      "root": self.model, "parent": None, "max_model_len": 32768}
                     for name in self.served_names
+                ] + [
+                    {"id": name, "object": "model", "created": self.created, "owned_by": "shadowctl-sim",
+                     "root": f"/adapters/{name}", "parent": self.model, "max_model_len": 32768}
+                    for name in self.adapters
                 ],
             }
         )
@@ -475,10 +500,24 @@ class SimModelServer:
         include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         return text, limit, stream, include_usage
 
-    def _plan(self, text: str, limit: int | None, prompt_tokens: int) -> _Plan:
+    def adapter_answer(self, adapter: str, text: str) -> str:
+        """An adapter's answer without noise: the base model's reference, or on its `divergence` share of
+        prompts (chosen by a hash of the adapter's name and the prompt) an answer of its own."""
+        k = self._knobs
+        if prompt_seed(text, f"adapter-pick:{adapter}") / 2**64 < self.adapters[adapter]:
+            answer = build_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma,
+                                  salt=f"adapter:{adapter}")
+            if answer != reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma):
+                return answer
+            return build_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma,
+                                salt=f"adapter2:{adapter}")
+        return reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma)
+
+    def _plan(self, text: str, limit: int | None, prompt_tokens: int, adapter: str | None = None) -> _Plan:
         k = self._knobs
         rng = self._rng
-        reference = reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma)
+        reference = (self.adapter_answer(adapter, text) if adapter is not None
+                     else reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma))
         drifted = rng.random() < k.drift_rate
         answer = (
             drifted_answer(text, rng, median_words=k.output_words_median, sigma=k.output_words_sigma)
@@ -546,7 +585,9 @@ class SimModelServer:
         if asked is not None and not isinstance(asked, str):
             self.stats.bad_requests += 1
             return _error_response(400, "'model' must be a string", "BadRequestError", "model")
-        if asked and asked not in self.served_names:  # vLLM: an absent or empty name is the served model
+        adapter = asked if asked in self.adapters else None
+        answered_as = adapter or self.model
+        if asked and asked not in self.served_names and adapter is None:  # vLLM: absent or empty: the served model
             self.stats.unknown_model += 1
             return _error_response(404, f"The model `{asked}` does not exist.", "NotFoundError")
         self.stats.requests += 1
@@ -575,7 +616,7 @@ class SimModelServer:
             )
 
         prompt_tokens = count_prompt_tokens(text)
-        plan = self._plan(text, limit, prompt_tokens)
+        plan = self._plan(text, limit, prompt_tokens, adapter)
         if plan.drifted:
             self.stats.drifted += 1
         if plan.tail:
@@ -613,7 +654,7 @@ class SimModelServer:
                     choice = {"index": 0, "text": plan.answer, "logprobs": None, "finish_reason": plan.finish_reason}
                 payload = {
                     "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                    "model": self.model, "choices": [choice], "usage": usage,
+                    "model": answered_as, "choices": [choice], "usage": usage,
                 }
                 finish = plan.finish_reason
                 return web.json_response(payload, headers=headers)
@@ -633,7 +674,7 @@ class SimModelServer:
                     c: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
                 else:
                     c = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
-                data = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [c]}
+                data = {"id": rid, "object": obj, "created": created, "model": answered_as, "choices": [c]}
                 return b"data: " + json.dumps(data).encode() + b"\n\n"
 
             if chat:
@@ -644,7 +685,7 @@ class SimModelServer:
                 first = first if first is not None else (time.monotonic() - arrival) / scale
             await response.write(chunk(None if chat else "", plan.finish_reason))
             if include_usage:
-                data = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [],
+                data = {"id": rid, "object": obj, "created": created, "model": answered_as, "choices": [],
                         "usage": usage}
                 await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
             await response.write(b"data: [DONE]\n\n")

@@ -22,7 +22,7 @@ from shadowctl.tap.workers import MULTIPROC_ENV, worker_index
 MAX_MODELS = 20
 DROP_REASONS = ("invalid", "queue_full", "publish_failed", "shutdown")
 """The ``reason`` values of ``shadowctl_tap_events_dropped_total``."""
-MIRROR_OUTCOMES = ("sent", "failed", "dropped_in_flight_cap")
+MIRROR_OUTCOMES = ("sent", "failed", "dropped_in_flight_cap", "not_rewritable")
 """The ``outcome`` values of ``shadowctl_tap_mirror_requests_total``."""
 ROUTE_FALLBACK_REASONS = ("none", "stale", "invalid")
 """The ``reason`` values of ``shadowctl_tap_route_fallback`` (shadowctl.compare.routing.FallbackReason)."""

@@ -34,6 +34,18 @@ What the proxy guarantees, and why it is built this way:
   request id, so every tap replica and worker picks the same requests; a request routed to
   the candidate is not also mirrored there. Without a setting, or with a stale one, the tap
   is primary-only.
+- A v2 setting may make the candidate a *rewrite* of the request (``rewrite.model``: another
+  served model name, a LoRA adapter, on the tap's own upstream unless the setting names a
+  URL): the JSON body is parsed and serialized again exactly once, with only ``model``
+  replaced, for the mirrored copies and for the candidate's live share (whose Content-Length
+  follows the new body). A body that is not a JSON object cannot be rewritten: its copy is not
+  sent, and a live request stays with the primary (both counted as ``not_rewritable``). Such
+  a candidate has no tap of its own, so this tap records the candidate's answers to its
+  copies itself (events of variant ``candidate``, ``shadow: true``). A v2 setting may also
+  choose the live share per user (``sticky``): the hash of the policy and the user (the
+  header the setting names, else the body's OpenAI ``user`` field, else the request id), so
+  a user stays on one side on every replica. Every copy carries ``x-shadowctl-shadow: 1``,
+  so gateways and billing can tell it from a user's request.
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ from pydantic import ValidationError
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant, parse_traceparent
 from shadowctl.compare.partitions import partition_topic
-from shadowctl.compare.routing import Effective, in_share
+from shadowctl.compare.routing import Effective, Rewrite, in_share, user_bucket_key
 from shadowctl.errors import ShadowctlError
 from shadowctl.tap.extract import ResponseAccumulator, classify, parse_request
 from shadowctl.tap.http1 import (
@@ -97,6 +109,10 @@ class MirrorConfig:
     temperature: float | None = None
     seed: int | None = None
     max_in_flight: int = 64
+    rewrite: Rewrite | None = None
+    """The route setting's rewrite (v2): the copy's body is rewritten by :func:`apply_rewrite`, or not sent."""
+    record: bool = False
+    """This tap records the candidate's answer to each copy (a rewrite: the candidate has no tap of its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +187,50 @@ def rewrite_body(body: bytes, mirror: MirrorConfig) -> bytes:
     if mirror.seed is not None:
         data["seed"] = mirror.seed
     return json.dumps(data, ensure_ascii=False).encode()
+
+
+def apply_rewrite(body: bytes, rewrite: Rewrite) -> bytes | None:
+    """The body with the rewrite applied: parsed and serialized once (compact, non-ASCII kept), every other
+    field as it was; None when the body is not a JSON object (the rewrite cannot apply)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    data["model"] = rewrite.model
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (ValueError, RecursionError):  # a number JSON cannot carry (1e999 read as inf)
+        return None
+
+
+def user_of(body: bytes) -> str | None:
+    """The OpenAI ``user`` field of a JSON body, or None (only parsed when the bytes mention it)."""
+    if b'"user"' not in body:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    user = data.get("user") if isinstance(data, dict) else None
+    return user if isinstance(user, str) and user else None
+
+
+def in_candidate_share(current: Effective, request_id: str, body: bytes,
+                       header: Callable[[bytes], bytes | None]) -> bool:
+    """Whether the candidate answers this live request: its request id in the share, or, for a sticky setting,
+    its user (the header the setting names, else the body's ``user``; neither: the request id)."""
+    percent = current.candidate_percent
+    if percent <= 0 or percent >= 100:
+        return percent >= 100
+    key = request_id
+    if current.sticky:
+        named = header(current.user_header.encode()) if current.user_header else None
+        user = named.decode("latin-1") if named else user_of(body)
+        if user:
+            key = user_bucket_key(current.policy, user)
+    return in_share(key, percent)
 
 
 class Trace:
@@ -279,10 +339,14 @@ class TapProxy:
             return cached[1], cached[2]
         fixed = self.config.mirror
         url = fixed.url if fixed is not None else current.candidate_url  # --mirror-to overrides the setting's URL
+        if url is None and current.rewrite is not None:
+            url = self.upstream  # a rewrite without a URL: the same server, another served model name
         mirror = None
         if url is not None and current.mirror_percent is not None:
             mirror = (dataclasses.replace(fixed, percent=current.mirror_percent) if fixed is not None
                       else MirrorConfig(url=url, percent=current.mirror_percent))
+            if current.rewrite is not None:
+                mirror = dataclasses.replace(mirror, rewrite=current.rewrite, record=True)
         candidate = url if url is not None and current.candidate_percent > 0 else None
         self._routed_by = (current, mirror, candidate)
         return mirror, candidate
@@ -319,19 +383,30 @@ class TapProxy:
             rid = request_id.decode("latin-1")
             mirror = self.config.mirror
             candidate = None
+            body = request.body
             if self.routes is not None:
-                mirror, candidate_url = self._by_setting(self.routes.current)
-                if candidate_url is not None and not shadow and in_share(rid, self.routes.current.candidate_percent):
+                current = self.routes.current
+                mirror, candidate_url = self._by_setting(current)
+                if candidate_url is not None and not shadow and in_candidate_share(current, rid, body, request.header):
                     candidate = candidate_url
-            trace = Trace(self, endpoint, request.body, rid, shadow, t0, started_at,
+                    if current.rewrite is not None:
+                        rewritten = apply_rewrite(body, current.rewrite)
+                        if rewritten is None:  # cannot be rewritten: the primary answers it
+                            candidate = None
+                            self.metrics.mirrored.labels("not_rewritable").inc()
+                        else:
+                            body = rewritten
+            trace = Trace(self, endpoint, body, rid, shadow, t0, started_at,
                           request.header(TRACEPARENT_HEADER), Variant.candidate if candidate else None)
             if candidate is not None:
                 self.metrics.routed.inc()
                 netloc = (mirror.host if mirror is not None and mirror.host else None) or urlsplit(candidate).netloc
                 headers = [(k, v) for k, v in headers if k.lower() != b"host"] + [(b"host", netloc.encode("idna"))]
-                return Forward(request.method, request.target, headers, request.body, trace, upstream=candidate)
+                return Forward(request.method, request.target, headers, body, trace, upstream=candidate)
             if mirror is not None and not shadow and mirror_selected(rid, mirror.percent):
-                self._send_mirror(request.target.decode("latin-1"), _str_headers(headers), request.body, mirror)
+                copy = Trace(self, endpoint, b"", rid, True, 0.0, 0.0, request.header(TRACEPARENT_HEADER),
+                             Variant.candidate) if mirror.record else None
+                self._send_mirror(request.target.decode("latin-1"), _str_headers(headers), request.body, mirror, copy)
         return Forward(request.method, request.target, headers, request.body, trace)
 
     def upstream_unreachable(self, request: Request, forward: Forward, error: UpstreamUnavailable) -> LocalResponse:
@@ -393,27 +468,48 @@ class TapProxy:
 
     # ------------------------------------------------------------------ mirror
 
-    def _send_mirror(self, target: str, headers: list[tuple[str, str]], body: bytes, mirror: MirrorConfig) -> None:
+    def _send_mirror(self, target: str, headers: list[tuple[str, str]], body: bytes, mirror: MirrorConfig,
+                     trace: Trace | None = None) -> None:
+        """Send a copy (off the user's path); `trace`: record the candidate's answer to it (``mirror.record``)."""
         if len(self._mirror_tasks) >= mirror.max_in_flight:
             self.metrics.mirrored.labels("dropped_in_flight_cap").inc()
             return
+        if mirror.rewrite is not None:
+            rewritten = apply_rewrite(body, mirror.rewrite)
+            if rewritten is None:
+                self.metrics.mirrored.labels("not_rewritable").inc()
+                return
+            body = rewritten
+        else:
+            body = rewrite_body(body, mirror)
         host = mirror.host or urlsplit(mirror.url).netloc
         copy = [(k, v) for k, v in headers if k.lower() not in ("host", SHADOW_HEADER.decode())]
         copy += [("host", host), (SHADOW_HEADER.decode(), "1")]
-        task = asyncio.create_task(self._mirror(mirror.url.rstrip("/") + target, copy, rewrite_body(body, mirror)))
+        if trace is not None:
+            trace.body = body
+        task = asyncio.create_task(self._mirror(mirror.url.rstrip("/") + target, copy, body, trace))
         self._mirror_tasks.add(task)
         task.add_done_callback(self._mirror_tasks.discard)
 
-    async def _mirror(self, url: str, headers: list[tuple[str, str]], body: bytes) -> None:
+    async def _mirror(self, url: str, headers: list[tuple[str, str]], body: bytes, trace: Trace | None = None) -> None:
         assert self.mirror_client is not None
+        if trace is not None:
+            trace.t0, trace.started_at = time.perf_counter(), time.time()
         try:
             async with self.mirror_client.stream("POST", url, headers=headers, content=body) as response:
-                async for _ in response.aiter_raw():
-                    pass
+                if trace is not None:
+                    trace.on_head(response.status_code, list(response.headers.raw))
+                async for chunk in response.aiter_raw():
+                    if trace is not None:
+                        trace.on_chunk(chunk, time.perf_counter())
             self.metrics.mirrored.labels("sent").inc()
+            if trace is not None:
+                trace.on_end(None, None)
         except httpx.HTTPError as exc:
             self.metrics.mirrored.labels("failed").inc()
             log.debug("mirror copy failed", url=url.partition("?")[0], error=str(exc))  # a query string may be personal
+            if trace is not None:
+                trace.on_end(f"candidate unreachable: {type(exc).__name__}", trace.status or 502)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -109,7 +109,8 @@ class RouteFollower:
         else:
             try:
                 setting = parse_setting(payload)
-                if setting.routes_to_candidate and setting.candidate_url is None and not self.own_candidate_url:
+                if setting.routes_to_candidate and setting.candidate_url is None and not self.own_candidate_url \
+                        and setting.rewrite is None:  # a rewrite without a URL: this tap's own upstream
                     raise MalformedRouteMessage("the setting routes to the candidate but gives no candidateURL, "
                                                 "and this tap has no --mirror-to")
                 self._setting, self._invalid = setting, False

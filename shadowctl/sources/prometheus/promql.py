@@ -260,6 +260,8 @@ def _variant_fields(policy: ShadowPolicy, variant: Variant) -> tuple[VariantSele
         ref = getattr(target.gateway_api, variant.value)
         host = f"{ref.name}.{ref.namespace or policy.metadata.namespace}.svc.cluster.local"
         service = ref.name
+    elif target.tap is not None:  # one Service for both (the taps route); selectors tell the variants apart
+        service = target.tap.service
     elif target.knative is not None:
         service = target.knative.service
         rev = target.knative.primary_revision if variant is Variant.primary else target.knative.candidate_revision
