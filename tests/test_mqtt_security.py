@@ -255,6 +255,14 @@ async def test_a_tap_needs_its_client_certificate_when_the_broker_requires_one(
     assert all(USERS["tap-chat"] not in str(e) for e in logs)
 
 
+@pytest.fixture
+def structlog_restored() -> Iterator[None]:
+    """The CLI sets logging up for the whole process (warnings only): put back what the other tests expect."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--mqtt-cert", "c.pem", "--mqtt", "mqtts://127.0.0.1:8883"], "--mqtt-cert and --mqtt-key go together"),
     (["--mqtt-key", "k.pem", "--mqtt", "mqtts://127.0.0.1:8883"], "--mqtt-cert and --mqtt-key go together"),
@@ -264,6 +272,7 @@ async def test_a_tap_needs_its_client_certificate_when_the_broker_requires_one(
     (["--mqtt-cert", "/nonexistent/c.pem", "--mqtt-key", "/nonexistent/k.pem", "--mqtt", "mqtts://127.0.0.1:8883"],
      "--mqtt-cert '/nonexistent/c.pem', --mqtt-key '/nonexistent/k.pem': cannot load"),
 ])
+@pytest.mark.usefixtures("structlog_restored")
 def test_the_tap_checks_its_client_certificate_flags_before_it_starts(args: list[str], message: str) -> None:
     answer = CliRunner().invoke(app, ["tap", "--upstream", "http://127.0.0.1:9", "--service", "ns/chat",
                                       "--listen", "127.0.0.1:0", *args])

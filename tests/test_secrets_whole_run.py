@@ -285,6 +285,15 @@ def _phase(kube_env: KubeEnv) -> str | None:
     return (obj.get("status") or {}).get("phase")
 
 
+@pytest.fixture
+def structlog_restored() -> Iterator[None]:
+    """The CLI sets logging up for the whole process (warnings only): put back what the other tests expect."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("structlog_restored")
 def test_the_events_broker_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
     for args, message in (
         (["--events-mqtt-username", "u"], "need --events-mqtt"),
