@@ -32,7 +32,7 @@ import yaml
 from conftest_kube import KubeEnv
 from controller_helpers import FakeMetricSource, Harness
 from openai_stub import OpenAIStub
-from test_controller_tap import CHAT, NAME, NS, REF, TAPS, RunningTap, allowed_share, command, retained, running_tap
+from test_controller_tap import CHAT, NAME, NS, REF, TAPS, RunningTap, allowed_share, retained, running_tap
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import Variant
@@ -47,6 +47,7 @@ from shadowctl.compare.routing import (
     route_topic,
 )
 from shadowctl.controller.analysis import Analyzer
+from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.controller.outputs import OutputHub
 from shadowctl.controller.reconciler import Reconciler, TickResult
 from shadowctl.kube import SHADOW_POLICY, KubeClient
@@ -115,7 +116,7 @@ class TargetHarness(Harness):
         self.candidate_url = ""
         self.phases: list[tuple[str, str | None]] = []
 
-    async def setup(self, **spec: Any) -> None:  # type: ignore[override]
+    async def setup(self, **spec: Any) -> None:
         doc = yaml.safe_load(POLICY.replace("BROKER", self.broker.url).replace("CANDIDATE_URL", self.candidate_url))
         for key, value in spec.items():
             doc["spec"][key] = {**doc["spec"].get(key, {}), **value} if isinstance(value, dict) else value
@@ -281,7 +282,7 @@ async def test_a_rollback_in_canary_leaves_the_taps_primary_only(h: TargetHarnes
         await h.setup()
         await run(h, checked, {"Progressing"})
         assert (await h.weights())[1:] == (STEPS[0], None)
-        await command(h, Command.rollback)
+        await h.kube.patch_merge(REF, command_patch(new_command(Command.rollback, "2026-01-01T00:00:00Z", "test")))
         assert await run(h, checked, {"RolledBack", "Succeeded"}) == "RolledBack"
         check_mirrors(h, checked)
     assert await h.weights() == (100, 0, None)
