@@ -209,8 +209,12 @@ class Environment:
         if self.target == "kserve":
             await self._start_tap("baseline", None)
             await self._start_tap("candidate", None)
-            await self._start_tap("replica", MirrorConfig(url=self.taps["baseline"].url, percent=30.0))
-            await self._start_tap("primary", MirrorConfig(url=self.taps["candidate"].url, percent=0.0),
+            # Copies in flight capped as the mesh caps Istio's mirrors (256): the tap's default (64) drops
+            # a third of the copies when two busy cores slow the simulated servers down.
+            await self._start_tap("replica", MirrorConfig(url=self.taps["baseline"].url, percent=30.0,
+                                                          max_in_flight=256))
+            await self._start_tap("primary", MirrorConfig(url=self.taps["candidate"].url, percent=0.0,
+                                                          max_in_flight=256),
                                   upstream=self.taps["replica"].url, routed=True)
         else:
             for variant in ("baseline", "candidate", "primary"):
