@@ -84,9 +84,9 @@ def test_margin_forms() -> None:
 def test_target_needs_exactly_one() -> None:
     doc = _base()
     doc["spec"]["target"]["knative"] = {"service": "chat"}
-    assert any("exactly one of 'istio', 'knative' or 'gatewayAPI'" in e for e in _errors(doc))
+    assert any("exactly one of 'istio', 'knative', 'gatewayAPI', 'kserve' or 'tap'" in e for e in _errors(doc))
     doc["spec"]["target"] = {}
-    assert any("exactly one of 'istio', 'knative' or 'gatewayAPI'" in e for e in _errors(doc))
+    assert any("exactly one of 'istio', 'knative', 'gatewayAPI', 'kserve' or 'tap'" in e for e in _errors(doc))
 
 
 def test_gateway_api_target() -> None:
@@ -235,3 +235,23 @@ def test_fixed_options_are_bounded_and_explained() -> None:
     analysis["metrics"][0]["fixed"] = {}
     analysis["metrics"][0]["groups"] = ["x"]
     assert any("'group' or 'groups'" in e for e in _errors(doc))
+
+
+def test_tap_target_urls_and_rules() -> None:
+    """spec.target.tap: the candidate's URL is http(s) with a host, no credentials, query or metadata address; a
+    URL or a rewrite is needed; its shadow phase goes through the taps and it needs the outputs broker."""
+    doc = yaml.safe_load((REPO / "policies" / "summarize-adapter.yaml").read_text())
+    for url, why in [("http://user:pw@chat.llm.svc:8000", "credentials"), ("ftp://chat.llm.svc", "http"),
+                     ("http://chat.llm.svc:8000/v1?x=1", "query"), ("http://169.254.169.254/", "link-local"),
+                     ("http://:8000", "host")]:
+        doc["spec"]["target"]["tap"]["candidateURL"] = url
+        assert any(why in e for e in _errors(doc)), (url, _errors(doc))
+    doc["spec"]["target"]["tap"] = {"service": "summarize"}
+    assert any("give candidateURL" in e for e in _errors(doc))
+    doc["spec"]["target"]["tap"] = {"service": "summarize", "candidateURL": "http://summarize-v2.llm.svc:8000"}
+    doc["spec"]["shadow"]["mode"] = "istio"
+    assert any("set shadow.mode: tap" in e for e in _errors(doc))
+    doc["spec"]["shadow"]["mode"] = "tap"
+    assert parse_policies(yaml.safe_dump(doc), "p.yaml")[0].spec.target.tap is not None
+    del doc["spec"]["analysis"]["outputs"]
+    assert any("needs spec.analysis.outputs.mqtt" in e for e in _errors(doc))
