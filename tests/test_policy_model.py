@@ -254,4 +254,5 @@ def test_tap_target_urls_and_rules() -> None:
     doc["spec"]["shadow"]["mode"] = "tap"
     assert parse_policies(yaml.safe_dump(doc), "p.yaml")[0].spec.target.tap is not None
     del doc["spec"]["analysis"]["outputs"]
+    doc["spec"]["analysis"]["metrics"] = doc["spec"]["analysis"]["metrics"][:1]  # no paired metric either
     assert any("needs spec.analysis.outputs.mqtt" in e for e in _errors(doc))
