@@ -189,8 +189,11 @@ class MqttOutputSource:
         embedder: Embedder | None = None,
         tls_context: ssl.SSLContext | None = None,
         tls_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
+        mine: Sequence[int] | None = None,
+        share_group: str | None = None,
     ) -> MqttOutputSource:
-        """Build the source a policy's ``analysis.outputs`` describes (topic placeholders filled in)."""
+        """Build the source a policy's ``analysis.outputs`` describes (topic placeholders filled in); ``mine``
+        and ``share_group``: a pairing worker's partitions and shared-subscription group (see ``__init__``)."""
         outputs = policy.spec.analysis.outputs
         if outputs is None:
             raise SourceConfigError(f"{policy.key}: spec.analysis.outputs is not set; nothing to compare")
@@ -224,6 +227,8 @@ class MqttOutputSource:
             tls_provider=tls_provider,
             redaction=outputs.redaction,
             partitions=outputs.mqtt.partitions,
+            mine=mine,
+            share_group=share_group,
         )
 
     # ------------------------------------------------------------------ raw stream
