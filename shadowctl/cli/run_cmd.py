@@ -46,7 +46,7 @@ from shadowctl.policy.model import ShadowPolicy
 from shadowctl.routers.base import Unsupported
 from shadowctl.routers.factory import router_for
 from shadowctl.routers.tap import ChannelSettings, TapChannel
-from shadowctl.sources.base import MetricSource
+from shadowctl.sources.base import MetricSource, SourceConfigError
 from shadowctl.sources.outputs import EmbedderUnavailable, MqttOutputSource, load_local_embedder
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.routing import RoutingSource, secret_connect
@@ -109,6 +109,8 @@ class RunOptions:
     """Run only this shard's policies (--shard I/N), electing a leader on the shard's own Lease."""
     events_mqtt_auth: EventsMqttAuth = EventsMqttAuth()
     """User, password file, CA and client certificate for --events-mqtt."""
+    pairing_workers: int = 1
+    """Processes pairing each policy whose taps publish on partitions (--pairing-workers)."""
 
 
 def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[], Awaitable[str]] | None:
@@ -176,6 +178,15 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
 
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
         outputs = policy.spec.analysis.outputs
+        workers = min(opts.pairing_workers, outputs.mqtt.partitions if outputs is not None else 1)
+        if workers > 1:
+            from shadowctl.sources.partitioned import partitioned_source
+
+            try:
+                return partitioned_source(policy, workers=workers, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"),
+                                          password_provider=mqtt_password_provider(kube, policy))
+            except SourceConfigError as exc:
+                log.warning("outputs.one_process", policy=policy.key, reason=str(exc))
         return MqttOutputSource.from_policy(policy, password=os.environ.get("SHADOWCTL_MQTT_PASSWORD"),
                                             password_provider=mqtt_password_provider(kube, policy),
                                             tls_provider=tls_provider(
@@ -299,6 +310,12 @@ def run(
     prometheus_max_batch: Annotated[int, typer.Option(
         "--prometheus-max-batch", min=1,
         help="Most parts in one batched query (window lengths for presets, rollouts for custom queries).")] = 20,
+    pairing_workers: Annotated[int, typer.Option(
+        "--pairing-workers", metavar="W", min=1, max=64, envvar="SHADOWCTL_PAIRING_WORKERS",
+        help="Pair each policy's output events in W worker processes, one set of partitions each, where the "
+             "policy's taps publish on partitions (spec.analysis.outputs.mqtt.partitions P > 1; at most P "
+             "workers). One process pairs about 10,000 events per CPU second (docs/scaling.md). Policies with "
+             "the semantic comparator or outputs.mqtt.tls are paired in the controller's process.")] = 1,
     embedding_model: Annotated[str | None, typer.Option(
         "--embedding-model", envvar="SHADOWCTL_EMBEDDING_MODEL", show_default=False,
         help="Directory of a local sentence-transformers model for the 'semantic' comparator "
@@ -386,7 +403,7 @@ def run(
         raise fail("--events-mqtt-username, -password-file, -ca, -cert and -key need --events-mqtt", 2)
     opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
                       lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom,
-                      embedder, otlp_endpoint or None, chosen, events_auth)
+                      embedder, otlp_endpoint or None, chosen, events_auth, pairing_workers)
 
     async def _main() -> None:
         stop = asyncio.Event()

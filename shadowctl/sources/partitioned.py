@@ -20,8 +20,8 @@ counted in this phase too; the controller's tally from `.status` keeps the large
 fresh count, so a restart never lowers what the judge sees). Processes start with ``spawn`` (a fork of
 an event loop with threads is not safe).
 
-Limits, said where they bite: the workers connect with the password the controller resolved when they
-started (a rotated Secret applies when they are restarted), without client TLS material built from
+Limits, said where they bite: the workers connect with the password read (``password_provider``) when
+each was started (a rotated Secret applies when it is started again), without client TLS material built from
 Secrets (a ``tls_provider`` cannot cross a process boundary) and without the ``semantic`` comparator
 (its model would load in every worker); :func:`partitioned_source` refuses those cases with a clear
 message rather than running without them.
@@ -34,7 +34,7 @@ import contextlib
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,9 +171,10 @@ class PartitionedOutputSource:
     """Pairs one policy's partitions in ``workers`` processes and answers the sum of their counts."""
 
     def __init__(self, policy: ShadowPolicy, *, workers: int, password: str | None = None,
-                 share_group: str | None = None, report_s: float = 0.2, restart_backoff_s: float = 1.0) -> None:
+                 password_provider: Callable[[], Awaitable[str]] | None = None, share_group: str | None = None,
+                 report_s: float = 0.2, restart_backoff_s: float = 1.0) -> None:
         """``workers``: processes (each takes partitions w, w+W, ...); ``password``: the broker password the
-        workers connect with; ``share_group``: subscribe as members of this MQTT 5 shared-subscription group;
+        workers connect with, or ``password_provider`` read before each worker starts (a Secret); ``share_group``: subscribe as members of this MQTT 5 shared-subscription group;
         ``report_s``: how often each worker reports its counts."""
         outputs = policy.spec.analysis.outputs
         if outputs is None:
@@ -183,6 +184,7 @@ class PartitionedOutputSource:
         self.policy = policy
         self.workers = workers
         self.password = password
+        self.password_provider = password_provider
         self.share_group = share_group
         self.report_s = report_s
         self.restart_backoff_s = restart_backoff_s
@@ -193,7 +195,9 @@ class PartitionedOutputSource:
         self._procs: dict[int, _Worker] = {}
         self._ctx = mp.get_context("spawn")
 
-    def _start(self, index: int) -> _Worker:
+    async def _start(self, index: int) -> _Worker:
+        if self.password_provider is not None:
+            self.password = await self.password_provider()
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
             target=_worker_main, name=f"shadowctl-pairing-{self.policy.key}-{index}", daemon=True,
@@ -208,7 +212,7 @@ class PartitionedOutputSource:
         """Start the workers, collect their reports and restart any that ends, until cancelled."""
         try:
             for index in range(self.workers):
-                self._procs[index] = self._start(index)
+                self._procs[index] = await self._start(index)
             while True:
                 for index, w in list(self._procs.items()):
                     with contextlib.suppress(EOFError, OSError):
@@ -221,7 +225,7 @@ class PartitionedOutputSource:
                                     worker=index, exitcode=w.process.exitcode)
                         w.conn.close()
                         self._latest.pop(index, None)
-                        self._procs[index] = self._start(index)
+                        self._procs[index] = await self._start(index)
                         self.restarts += 1
                 await asyncio.sleep(min(0.05, self.report_s))
         finally:
@@ -268,6 +272,7 @@ class PartitionedOutputSource:
 
 
 def partitioned_source(policy: ShadowPolicy, *, workers: int, password: str | None = None,
+                       password_provider: Callable[[], Awaitable[str]] | None = None,
                        share_group: str | None = None, tls: bool = False) -> PartitionedOutputSource:
     """The source for a policy whose events are paired in ``workers`` processes; SourceConfigError saying
     what stands in the way (no partitions to split, a comparator or TLS the workers cannot carry)."""
@@ -284,4 +289,5 @@ def partitioned_source(policy: ShadowPolicy, *, workers: int, password: str | No
     if tls or outputs.mqtt.tls is not None:
         raise SourceConfigError(f"{policy.key}: pairing workers do not carry TLS material from Secrets yet; pair "
                                 "this policy in one process")
-    return PartitionedOutputSource(policy, workers=workers, password=password, share_group=share_group)
+    return PartitionedOutputSource(policy, workers=workers, password=password, password_provider=password_provider,
+                                   share_group=share_group)
