@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 NASTY = [
     'a"b', "a\\", '\\"}) or vector(1) #', "x\ny\r\tz", "{{ namespace }}", "}}{{ pod }}", "é🙂日本",
     "a`b'c", "\x00\x01\x7f\u0085\u2028", 'v1", destination_workload=~".*', "a.b+c*d?(e)|[f]{g}^h$",
+    'a"a"\ufffd\ufffd',  # atheris: Prometheus's lexer refuses a raw U+FFFD ("invalid UTF-8 rune")
 ]
 
 

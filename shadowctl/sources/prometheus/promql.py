@@ -4,7 +4,8 @@ Values come from policy files and cluster object names, so they are untrusted
 text placed inside PromQL string literals. `quote` writes a complete
 double-quoted literal that PromQL's parser (Go string syntax) reads back as the
 exact value: backslash, quote and every control character are escaped, so a
-value can never close the literal (`"}`) and append its own expression. Names
+value can never close the literal (`"}`) and append its own expression. U+FFFD is escaped as well: the
+lexer reads a raw one as a byte that is not UTF-8 and refuses the query. Names
 used with `=~` (a workload or revision turned into a pod pattern) are first
 regex-escaped, because `.` or `+` in a name would otherwise match other pods;
 `variants.X.pod` is a regular expression by contract and is only quoted.
@@ -102,7 +103,9 @@ def escape_string(value: str) -> str:
             out.append("\\r")
         elif ch == "\t":
             out.append("\\t")
-        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0 or ch in "\u2028\u2029":
+        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0 or ch in "\u2028\u2029\ufffd":
+            # U+FFFD too: Prometheus's lexer takes it for a byte that is not UTF-8 and refuses the whole query
+            # ("invalid UTF-8 rune"); escaped, it reads back as itself (found by the atheris census).
             out.append(f"\\u{code:04x}")
         else:
             out.append(ch)
