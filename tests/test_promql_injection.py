@@ -20,6 +20,7 @@ import yaml
 from conftest_prometheus import HAVE_PROMETHEUS, SKIP_REASON
 
 from shadowctl.policy import PolicyError, parse_policies
+from shadowctl.sources.prometheus.promql import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "fuzz"))
 
@@ -93,3 +94,32 @@ def test_names_that_cannot_be_sent_are_refused_at_load() -> None:
         parse_policies(_doc(variants={"primary": {"subset": ""}}))
     with pytest.raises(PolicyError, match="not a valid name"):
         parse_policies(_doc(knative={"service": "chat", "candidateRevision": 'x"} or vector(1)'}))
+
+
+RE2_REFUSED = ["chat-(?=v2)", "(chat)-\\1", "chat-.*+", "chat-v2-[a-z]++", "chat-a{2}+", "(?P<n>a)(?P=n)",
+               "chat\\Z", "(?>chat)", "chat-(", "chat-[a-"]
+RE2_ACCEPTED = ["chat-v2-.*", "(?i)chat-v2-[a-z0-9]+", "[[:alpha:]]+-v2", "\\pL+-v2", "chat-[(?=]", "[]a]x",
+                "chat-v2-.+?", "chat-v2-\\d{3}"]
+
+
+@pytest.mark.parametrize("pattern", RE2_REFUSED)
+def test_a_pod_pattern_prometheus_cannot_compile_is_refused_at_load(pattern: str) -> None:
+    """One such pattern would fail the batched query of every rollout it shares a look with."""
+    with pytest.raises(PolicyError, match=r"spec.analysis.variants.primary.pod: .* \(RE2\) can use"):
+        parse_policies(_doc(variants={"primary": {"pod": pattern}}))
+    if HAVE_PROMETHEUS:  # and Prometheus itself refuses it: the rule is not stricter than RE2
+        with pytest.raises(AssertionError, match="error parsing regexp"):
+            _prometheus().call("/api/v1/format_query", f"up{{pod=~{quote(pattern)}}}")
+
+
+@pytest.mark.parametrize("pattern", RE2_ACCEPTED)
+def test_pod_patterns_in_re2_syntax_are_accepted(pattern: str) -> None:
+    assert parse_policies(_doc(variants={"primary": {"pod": pattern}}))[0].spec.analysis.variants.primary.pod == pattern
+    if HAVE_PROMETHEUS:
+        _prometheus().call("/api/v1/format_query", f"up{{pod=~{quote(pattern)}}}")
+
+
+def _prometheus() -> targets._RealPrometheus:
+    if not targets._REAL_PROMETHEUS:
+        targets._REAL_PROMETHEUS.append(targets._RealPrometheus())
+    return targets._REAL_PROMETHEUS[0]
