@@ -89,7 +89,9 @@ def _pair(primary: OutputEvent, other: OutputEvent) -> Pair:
     return Pair(primary=primary, other=other)
 
 
-ALL = [Comparator(name=n, threshold=0.9) for n in ComparatorName if n is not ComparatorName.semantic]
+# semantic needs a model; llm-judge asks one over HTTP (its redacted pairs: tests/test_llm_judge.py).
+ALL = [Comparator(name=n, threshold=0.9) for n in ComparatorName
+       if n not in (ComparatorName.semantic, ComparatorName.llm_judge)]
 
 
 @pytest.mark.parametrize("mode", [RedactionMode.truncate, RedactionMode.hash, RedactionMode.drop])
@@ -109,7 +111,7 @@ def test_what_each_comparator_does_under_each_mode(mode: RedactionMode) -> None:
     runs = set(RUNS_UNDER[mode])
     # Whole-text comparators on answers longer than maxChars, and refusal below 2000 characters, cannot score.
     expect = runs - {ComparatorName.normalized_exact, ComparatorName.json_valid, ComparatorName.json_structure,
-                     ComparatorName.refusal, ComparatorName.semantic}
+                     ComparatorName.refusal, ComparatorName.semantic, ComparatorName.llm_judge}
     assert set(agree.scores) == expect
     assert set(agree.redacted) == {c.name for c in comps} - expect
     assert all(agree.agrees.values())

@@ -346,7 +346,8 @@ REFUSAL_CHARS = 2000
 """Characters of an answer :func:`is_refusal` reads: a redacted prefix at least this long decides it alike."""
 
 _WHOLE_TEXT = frozenset({ComparatorName.normalized_exact, ComparatorName.json_valid, ComparatorName.json_structure})
-_PREFIX_TEXT = frozenset({ComparatorName.token_f1, ComparatorName.rouge_l, ComparatorName.semantic})
+_PREFIX_TEXT = frozenset({ComparatorName.token_f1, ComparatorName.rouge_l, ComparatorName.semantic,
+                          ComparatorName.llm_judge})
 
 RUNS_UNDER: Mapping[RedactionMode, Mapping[ComparatorName, str]] = {
     RedactionMode.none: {name: "on the whole texts" for name in ComparatorName},
@@ -361,6 +362,7 @@ RUNS_UNDER: Mapping[RedactionMode, Mapping[ComparatorName, str]] = {
         ComparatorName.json_structure: "only on answers no longer than maxChars",
         ComparatorName.refusal: f"where maxChars is at least {REFUSAL_CHARS}, or on answers no longer than maxChars",
         ComparatorName.tool_calls: "on the arguments' hashes",
+        ComparatorName.llm_judge: "on the first maxChars characters of each answer",
     },
     RedactionMode.hash: {
         ComparatorName.exact: "on the answers' hashes",
@@ -496,10 +498,18 @@ def _semantic_scorer(embed: Embedder) -> Callable[[OutputEvent, OutputEvent], fl
     return score
 
 
+ASYNC_COMPARATORS = frozenset({ComparatorName.llm_judge})
+"""Comparators that ask a remote model per pair: the output source hands them pairs
+(shadowctl.sources.llmjudge), and they are not bound here."""
+
+
 def build_comparators(specs: Iterable[Comparator], *, embedder: Embedder | None = None) -> list[BoundComparator]:
-    """Bind the policy's comparators; raise :class:`ComparatorUnavailable` for ``semantic`` without an embedder."""
+    """Bind the policy's comparators that score a pair here and now (not :data:`ASYNC_COMPARATORS`); raise
+    :class:`ComparatorUnavailable` for ``semantic`` without an embedder."""
     out: list[BoundComparator] = []
     for spec in specs:
+        if spec.name in ASYNC_COMPARATORS:
+            continue
         if spec.name is ComparatorName.semantic:
             if embedder is None:
                 raise ComparatorUnavailable(SEMANTIC_HELP)
@@ -676,6 +686,9 @@ class AgreementInput:
     """Candidate pairs this comparator could not score because their events were redacted."""
     unavailable: str | None = None
     """Why this comparator cannot run at all under the policy's redaction (its agreement is then no data)."""
+    min_win_or_tie: float | None = None
+    """A model judge's verdicts (llm-judge): pass when the candidate wins or ties at least this share of its
+    pairs, fail when it loses more than half; judged against :data:`EVEN_MATCH`, not the baseline."""
 
     def no_data_reason(self) -> str | None:
         """Why the candidate's agreement is no data, where redaction is the reason (else None)."""
@@ -687,12 +700,23 @@ class AgreementInput:
         return None
 
 
+EVEN_MATCH = 0.5
+"""The share of pairs a candidate as good as the primary wins or ties at least (it loses as often as it wins)."""
+
+
 def judge_inputs(tally: AgreementTally, outputs: Outputs) -> list[AgreementInput]:
     """The numbers the controller hands the judge, one entry per comparator of the policy."""
     fixed = outputs.baseline.agreement if outputs.baseline.mode is BaselineMode.fixed else None
     out: list[AgreementInput] = []
     for spec in outputs.comparators:
         t = tally.counts.get(spec.name.value, ComparatorCounts())
+        if spec.judge is not None:  # a model judge: its win-or-tie share against an even match
+            out.append(AgreementInput(
+                comparator=spec.name.value, critical=spec.critical, candidate_agree=t.candidate_agree,
+                candidate_pairs=t.candidate_pairs, baseline_agree=0, baseline_pairs=0, fixed_baseline=EVEN_MATCH,
+                min_relative_agreement=outputs.min_relative_agreement, redacted_pairs=t.redacted_pairs,
+                unavailable=cannot_run(spec.name, outputs.redaction.mode), min_win_or_tie=spec.judge.min_win_or_tie))
+            continue
         out.append(
             AgreementInput(
                 comparator=spec.name.value,

@@ -176,12 +176,19 @@ def paired_input(metric: Metric, latency: Mapping[str, Paired] | None, why_none:
 
 
 def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
-    """Candidate agreement against the primary's own agreement (the noise floor), as disagreement counts."""
+    """Candidate agreement against the primary's own agreement (the noise floor), as disagreement counts.
+
+    A model judge's verdicts (``min_win_or_tie`` set) are the same proportion test on other numbers: the
+    candidate's win-or-tie share (losses are its "disagreements") against an even match, a fixed 0.5, with
+    the absolute margin 0.5 - min_win_or_tie (pass above min_win_or_tie, fail below 0.5)."""
+    margin = (Margin(round(item.fixed_baseline - item.min_win_or_tie, 6), relative=False)
+              if item.min_win_or_tie is not None and item.fixed_baseline is not None
+              else Margin(round(1.0 - item.min_relative_agreement, 6), relative=True))
     spec = MetricSpec(
         name=f"agreement/{item.comparator}",
         statistic="agreement",
         direction=Direction.decrease,
-        margin=Margin(round(1.0 - item.min_relative_agreement, 6), relative=True),
+        margin=margin,
         critical=item.critical,
         min_samples=min_pairs,
     )

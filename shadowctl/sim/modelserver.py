@@ -73,6 +73,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from shadowctl.sim.errors import KnobError, SimError
+from shadowctl.sim.judge import SimJudge
 from shadowctl.sim.logs import log_to_stderr
 from shadowctl.sim.prompts import (
     build_answer,
@@ -328,10 +329,13 @@ class SimModelServer:
         fine_buckets: bool = False,
         aliases: Sequence[str] = (),
         adapters: Mapping[str, float] | None = None,
+        judge: SimJudge | None = None,
     ) -> None:
         """`adapters`: LoRA adapter names served besides the model, each with the share of prompts (0 to 1)
-        it answers differently from the base model."""
+        it answers differently from the base model. `judge`: answer judge prompts (the llm-judge comparator's
+        default layout) with a deterministic verdict (:mod:`shadowctl.sim.judge`)."""
         self.model = model
+        self.judge = judge
         self.adapters: dict[str, float] = dict(adapters or {})
         for name, divergence in self.adapters.items():
             if not 0.0 <= divergence <= 1.0 or name == model or name in aliases:
@@ -516,6 +520,12 @@ class SimModelServer:
     def _plan(self, text: str, limit: int | None, prompt_tokens: int, adapter: str | None = None) -> _Plan:
         k = self._knobs
         rng = self._rng
+        verdict = self.judge.reply(text) if self.judge is not None else None
+        if verdict is not None:  # a judge prompt: the verdict, without drift or noise
+            tokens = tokenize(verdict)
+            ttft = k.ttft_median_s * k.latency_factor
+            return _Plan(verdict, tokens, "stop", ttft, [k.tpot_median_s * k.latency_factor] * (len(tokens) - 1),
+                         False, False)
         reference = (self.adapter_answer(adapter, text) if adapter is not None
                      else reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma))
         drifted = rng.random() < k.drift_rate
