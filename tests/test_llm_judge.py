@@ -301,3 +301,24 @@ async def test_through_mosquitto_the_output_source_tallies_the_judge(mosquitto: 
         assert counts["llm-judge"].candidate_agree == expected
         assert counts["token-f1"].candidate_pairs == 80
         assert _verdict(source.snapshot().tally) is Verdict.failed
+
+
+def test_the_judge_s_secret_is_named_for_rbac_secrets() -> None:
+    """`shadowctl rbac secrets` covers the judge's API key Secret (its field named)."""
+    from shadowctl.policy.model import ShadowPolicy
+    from shadowctl.policy.secret_refs import secret_refs
+    from shadowctl.sources.llmjudge import judge_for_policy
+
+    doc = {
+        "apiVersion": "shadowctl.dev/v1alpha1", "kind": "ShadowPolicy", "metadata": {"name": "chat", "namespace": "llm"},
+        "spec": {"target": {"tap": {"service": "chat", "rewrite": {"model": "chat-lora"}}},
+                 "shadow": {"mode": "tap", "mirrorPercent": 20},
+                 "analysis": {"metrics": [], "outputs": {
+                     "mqtt": {"broker": "mqtt://mosquitto:1883"},
+                     "comparators": [{"name": "token-f1"}, {"name": "llm-judge", "judge": {
+                         "url": "http://judge:8000/v1", "model": "judge", "apiKeySecret": "judge-key/token",
+                         "prompt": {"configMapRef": {"name": "judge-prompt-5fk2", "key": "judge.txt"}}}}]}}}}
+    policy = ShadowPolicy.model_validate(doc)
+    assert ("judge-key", "spec.analysis.outputs.comparators[1].judge.apiKeySecret") in secret_refs(policy)
+    judge = judge_for_policy(policy, None)
+    assert judge is not None and judge.spec.min_win_or_tie == 0.45

@@ -47,10 +47,11 @@ from shadowctl.routers.base import Unsupported
 from shadowctl.routers.factory import router_for
 from shadowctl.routers.tap import ChannelSettings, TapChannel
 from shadowctl.sources.base import MetricSource, SourceConfigError
+from shadowctl.sources.llmjudge import judge_for_policy
 from shadowctl.sources.outputs import EmbedderUnavailable, MqttOutputSource, load_local_embedder
 from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.routing import RoutingSource, secret_connect
-from shadowctl.sources.secrets import parse_secret_ref, read_secret_value, tls_provider
+from shadowctl.sources.secrets import SecretReader, parse_secret_ref, read_secret_value, tls_provider
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher, PublisherError, client_tls, file_password
 from shadowctl.webhooks import HttpWebhooks, SigningKey
@@ -176,6 +177,8 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
         metric_source = RoutingSource(default, connect, clock=clock.now, on_refused=connect.invalidate)
     source = BatchingSource(metric_source)
 
+    judge_secrets = SecretReader(kube)  # the llm-judge comparators' API keys (cached 30 s, re-read after a 401/403)
+
     def make_output_source(policy: ShadowPolicy) -> OutputSourcePort:
         outputs = policy.spec.analysis.outputs
         workers = min(opts.pairing_workers, outputs.mqtt.partitions if outputs is not None else 1)
@@ -193,7 +196,8 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
                                                 kube, policy.metadata.namespace,
                                                 outputs.mqtt.tls if outputs is not None else None,
                                                 field="spec.analysis.outputs.mqtt.tls"),
-                                            embedder=opts.embedder)
+                                            embedder=opts.embedder,
+                                            model_judge=judge_for_policy(policy, kube, secrets=judge_secrets))
 
     hub = OutputHub(make_output_source)
 

@@ -38,6 +38,10 @@ def secret_refs(policy: ShadowPolicy) -> list[tuple[str, str]]:
         if mqtt.password_secret is not None:
             out.append((_name(mqtt.password_secret), "spec.analysis.outputs.mqtt.passwordSecret"))
         out.extend(_tls(mqtt.tls, "spec.analysis.outputs.mqtt.tls"))
+        for i, comparator in enumerate(analysis.outputs.comparators):
+            if comparator.judge is not None and comparator.judge.api_key_secret is not None:
+                out.append((_name(comparator.judge.api_key_secret),
+                            f"spec.analysis.outputs.comparators[{i}].judge.apiKeySecret"))
     for i, hook in enumerate(policy.spec.notifications.webhooks):
         if hook.signing_secret is not None:
             out.append((_name(hook.signing_secret), f"spec.notifications.webhooks[{i}].signingSecret"))
