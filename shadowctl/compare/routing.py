@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
 from datetime import UTC, datetime
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shadowctl.compare.prompts import prompt_digest, prompt_problem
 from shadowctl.errors import ShadowctlError
+from shadowctl.policy.prompts import PromptApply
 
 ROUTE_SCHEMA: Final = "shadowctl.dev/route/v1"
 ROUTE_SCHEMA_V2: Final = "shadowctl.dev/route/v2"
@@ -113,16 +116,77 @@ def rfc3339(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class PromptRewrite(_Strict):
+    """A prompt version as the candidate (route setting v2, ``rewrite.prompt``): both texts, read by the controller
+    from the policy's ConfigMaps, and how to apply them (:mod:`shadowctl.compare.prompts`). Each text is at most
+    :data:`~shadowctl.compare.prompts.MAX_PROMPT_BYTES` bytes of UTF-8; ``digest`` is
+    :func:`~shadowctl.compare.prompts.prompt_digest` of the three, checked on arrival, so a tap never routes by
+    texts that are not the ones the controller named (and the controller's candidate identity is that digest)."""
+
+    apply: PromptApply
+    primary: str = Field(description="The primary's system prompt or template (the guard: requests must carry it).")
+    candidate: str = Field(description="The candidate's system prompt or template.")
+    digest: str = Field(pattern=r"^[0-9a-f]{16}$", description="prompt_digest(apply, primary, candidate).")
+
+    @model_validator(mode="after")
+    def _texts(self) -> PromptRewrite:
+        for which, text in (("primary", self.primary), ("candidate", self.candidate)):
+            problem = prompt_problem(text, self.apply, primary=which == "primary")
+            if problem:
+                raise ValueError(f"prompt.{which}: {problem}")
+        if prompt_digest(self.apply, self.primary, self.candidate) != self.digest:
+            raise ValueError("prompt.digest does not match the texts")
+        return self
+
+
+class Parameters(_Strict):
+    """Sampling parameters set on the candidate's requests (route setting v2, ``rewrite.parameters``)."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1, alias="topP")
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000, alias="maxTokens")
+
+    @model_validator(mode="after")
+    def _some(self) -> Parameters:
+        if self.temperature is None and self.top_p is None and self.max_tokens is None:
+            raise ValueError("parameters sets none of temperature, topP, maxTokens")
+        return self
+
+
 class Rewrite(_Strict):
     """How the candidate differs from the primary when it is a rewrite of the request (route setting v2).
 
     ``model``: the JSON body's ``model`` is replaced (the candidate is another served model name on the
-    same server or a named backend: a LoRA adapter, a quantised variant). Prompt and sampling-parameter
-    rewrites (issue 18) will be further optional fields here, each one a new rewrite a v2 tap refuses
-    until it knows it (``extra: forbid``)."""
+    same server or a named backend: a LoRA adapter, a quantised variant). ``prompt``: the system prompt or a
+    template around the user's input is replaced by another version. ``parameters``: temperature, top_p and
+    max_tokens are set. Any combination, at least one; each a field an older v2 tap refuses (``extra: forbid``),
+    so a rewrite is never half-applied."""
 
-    model: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$",
-                       description="The served model name the candidate's requests ask for.")
+    model: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$",
+                              description="The served model name the candidate's requests ask for.")
+    prompt: PromptRewrite | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Rewrite:
+        if self.model is None and self.prompt is None and self.parameters is None:
+            raise ValueError("rewrite sets none of model, prompt, parameters")
+        return self
+
+
+class Budget(_Strict):
+    """The shadow GPU budget of one tap process (route setting v2): what its mirror may send the candidate."""
+
+    requests_per_second: float | None = Field(default=None, gt=0, alias="requestsPerSecond")
+    tokens_per_second: float | None = Field(default=None, gt=0, alias="tokensPerSecond")
+    max_tokens: int | None = Field(default=None, ge=1, alias="maxTokens",
+                                   description="Cap on each copy's max_tokens (set where the request has none).")
+    max_queue: int | None = Field(default=None, ge=0, alias="maxQueue",
+                                  description="Back off while the candidate's vllm:num_requests_waiting is above.")
+
+
+V2_FIELDS: Final = ("rewrite", "sticky", "user_header", "final", "baseline_percent", "budget")
+"""The setting's fields only v2 carries."""
 
 
 class RouteSetting(_Strict):
@@ -153,6 +217,11 @@ class RouteSetting(_Strict):
                     "a request with neither is chosen by its request id.")
     final: bool = Field(default=False, description="v2: a promotion's end state: applied without expiry (no "
                                                    "staleness fallback) until replaced or cleared.")
+    baseline_percent: float | None = Field(
+        default=None, gt=0, le=100, alias="baselinePercent",
+        description="v2: share of requests the tap sends once more, unchanged, to its own upstream, recorded as "
+                    "variant baseline (the noise floor, baseline.mode resend).")
+    budget: Budget | None = Field(default=None, description="v2: the shadow GPU budget of each tap process.")
 
     @model_validator(mode="after")
     def _check(self) -> RouteSetting:
@@ -160,13 +229,15 @@ class RouteSetting(_Strict):
         if self.mirror_percent is not None and math.isnan(self.mirror_percent):
             raise ValueError("mirrorPercent is NaN")
         if self.schema_ == ROUTE_SCHEMA and self.needs_v2:
-            raise ValueError("rewrite, sticky, userHeader and final need schema shadowctl.dev/route/v2")
+            raise ValueError("rewrite, sticky, userHeader, final, baselinePercent and budget need schema "
+                             "shadowctl.dev/route/v2")
         return self
 
     @property
     def needs_v2(self) -> bool:
         """Whether it uses what only a v2 tap understands."""
-        return self.rewrite is not None or self.sticky or self.user_header is not None or self.final
+        return self.rewrite is not None or self.sticky or self.user_header is not None or self.final \
+            or self.baseline_percent is not None or self.budget is not None
 
     @property
     def routes_to_candidate(self) -> bool:
@@ -182,19 +253,30 @@ class RouteSetting(_Strict):
         """Whether `other` routes the same way (generation and issue time aside)."""
         def key(s: RouteSetting) -> tuple[object, ...]:
             return (s.mirror_percent, s.candidate_percent, s.candidate_url, s.rewrite, s.sticky, s.user_header,
-                    s.final)
+                    s.final, s.baseline_percent, s.budget)
         return other is not None and key(self) == key(other)
 
     def to_json(self) -> bytes:
-        """v1 without the v2 keys (a v1 tap forbids unknown ones), v2 with them."""
-        exclude = {"rewrite", "sticky", "user_header", "final"} if self.schema_ == ROUTE_SCHEMA else None
-        return self.model_dump_json(by_alias=True, exclude=exclude).encode()
+        """v1 without the v2 keys (a v1 tap forbids unknown ones), v2 with them; the fields added to v2 after its
+        first release (baselinePercent, budget, rewrite.prompt, rewrite.parameters) only where set, so a tap of
+        that release still reads a setting that does not use them."""
+        if self.schema_ == ROUTE_SCHEMA:
+            return self.model_dump_json(by_alias=True, exclude=set(V2_FIELDS)).encode()
+        exclude: dict[str, Any] = {k: True for k in ("baseline_percent", "budget") if getattr(self, k) is None}
+        if self.rewrite is not None:
+            exclude["rewrite"] = {k for k in ("model", "prompt", "parameters") if getattr(self.rewrite, k) is None}
+        data = self.model_dump(mode="json", by_alias=True, exclude=exclude)
+        if self.budget is not None:
+            data["budget"] = self.budget.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.rewrite is not None and self.rewrite.parameters is not None:
+            data["rewrite"]["parameters"] = self.rewrite.parameters.model_dump(mode="json", by_alias=True,
+                                                                              exclude_none=True)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def make_setting(**fields: object) -> RouteSetting:
     """A :class:`RouteSetting` of the lowest schema that carries `fields` (v1 unless a v2 field is set)."""
-    v2 = fields.get("rewrite") is not None or bool(fields.get("sticky")) or fields.get("user_header") is not None \
-        or bool(fields.get("final"))
+    v2 = any(fields.get(k) not in (None, False) for k in V2_FIELDS)
     return RouteSetting.model_validate({**fields, "schema_": ROUTE_SCHEMA_V2 if v2 else ROUTE_SCHEMA},
                                        strict=False)
 
@@ -281,6 +363,8 @@ class Effective(BaseModel):
     sticky: bool = False
     user_header: str | None = None
     final: bool = False
+    baseline_percent: float | None = None
+    budget: Budget | None = None
 
     @property
     def routes_to_candidate(self) -> bool:
@@ -302,7 +386,8 @@ def effective(setting: RouteSetting | None, now: float, *, invalid: bool = False
     return Effective(state=AppliedState.applied, generation=setting.generation, mirror_percent=setting.mirror_percent,
                      candidate_percent=setting.candidate_percent, candidate_url=setting.candidate_url,
                      policy=setting.policy, rewrite=setting.rewrite, sticky=setting.sticky,
-                     user_header=setting.user_header, final=setting.final)
+                     user_header=setting.user_header, final=setting.final,
+                     baseline_percent=setting.baseline_percent, budget=setting.budget)
 
 
 # --------------------------------------------------------------------------- the controller's rule

@@ -89,7 +89,7 @@ from shadowctl.machine import (
 )
 from shadowctl.policy.model import ShadowPolicy, Target
 from shadowctl.policy.status import Command, CommandRecord, PendingRoute, Phase, PolicyStatus
-from shadowctl.routers import _io, kserve_build
+from shadowctl.routers import _io, kserve_build, tap_prompts
 from shadowctl.routers.base import ApplyResult, ClusterError, RouteNotFound, Router, RouterError, RouteState
 
 log = structlog.get_logger(__name__)
@@ -745,9 +745,12 @@ class Reconciler:
         if target.gateway_api is not None:
             b = target.gateway_api.candidate
             return f"{b.namespace or policy.metadata.namespace}/{b.name}:{b.port or ''}"
-        if target.tap is not None:  # the policy names the candidate: its URL and its rewrite
-            rewrite = target.tap.rewrite.model if target.tap.rewrite is not None else ""
-            return f"{target.tap.candidate_url or ''}#{rewrite}"
+        if target.tap is not None:  # the policy names the candidate: its URL and its rewrite (a prompt's texts by
+            # their digest: a ConfigMap edited mid-rollout is a new candidate, and the analysis restarts)
+            rewrite = target.tap.rewrite
+            routed = await tap_prompts.route_rewrite(self.kube, policy.metadata.namespace, rewrite) \
+                if rewrite is not None else None
+            return tap_prompts.candidate_identity(target.tap.candidate_url, routed)
         if target.kserve is not None:
             isvc = await self.kube.get(ResourceRef(INFERENCE_SERVICE, target.kserve.inference_service,
                                                    policy.metadata.namespace))

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from shadowctl.kube.leader import LeaderElector
     from shadowctl.kube.objects import JSON, KubeReader, ListResult, WatchEvent
     from shadowctl.kube.refs import (
+        CONFIG_MAP,
         DESTINATION_RULE,
         EVENT,
         EVENT_V1,
@@ -85,6 +86,7 @@ _HOME = {
 """Where each name lives; the rest (resource kinds and references) are in :mod:`.refs`."""
 
 __all__ = [
+    "CONFIG_MAP",
     "DESTINATION_RULE",
     "EVENT",
     "EVENT_V1",

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
-from shadowctl.compare.routing import Rewrite
+from shadowctl.compare.routing import Budget
 from shadowctl.kube.client import KubeClient
-from shadowctl.policy.model import ShadowMode, ShadowPolicy
+from shadowctl.policy.model import BaselineMode, ShadowMode, ShadowPolicy
 from shadowctl.routers.base import Router, RouterError
 from shadowctl.routers.gateway import GatewayAPIRouter
 from shadowctl.routers.istio import IstioRouter
 from shadowctl.routers.knative import KnativeRouter, KnativeWithIstioMirror
 from shadowctl.routers.kserve import KServeRouter
 from shadowctl.routers.tap import CandidateAddress, CandidateShape, SplitWithTapMirror, TapChannel, TapRouter
+from shadowctl.routers.tap_prompts import route_rewrite
 
 TapChannelFactory = Callable[[ShadowPolicy], TapChannel]
 """Builds the controller's MQTT channel to a policy's taps (the policy's outputs broker and credentials);
 raises RouterError saying why it cannot."""
 
 
-def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, split: Router | None = None) -> TapRouter:
+def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, split: Router | None = None,
+               kube: KubeClient | None = None) -> TapRouter:
     """The tap router of a policy (``shadow.mode: tap``); the candidate's URL from the split router when it knows
-    one (Knative's candidate tag)."""
+    one (Knative's candidate tag); `kube` reads a prompt rewrite's ConfigMaps."""
     namespace, name = policy.metadata.namespace, policy.metadata.name
     channel, missing = None, ""
     if tap_channel is None:
@@ -32,7 +35,8 @@ def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, spli
         except RouterError as exc:
             missing = str(exc)
     url = split.candidate_url if isinstance(split, CandidateAddress) else None
-    shape = CandidateShape()
+    shape = shadow_shape(policy)
+    shape_of = None
     target = policy.spec.target.tap
     if target is not None:  # the tap is the only router: the candidate's URL and shape are the policy's
         fixed = target.candidate_url
@@ -41,10 +45,33 @@ def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, spli
             return fixed
 
         url = url_of_target
-        shape = CandidateShape(rewrite=Rewrite(model=target.rewrite.model) if target.rewrite is not None else None,
-                               sticky=True, user_header=target.user_header)
+        shape = dataclasses.replace(shape, sticky=True, user_header=target.user_header)
+        rewrite = target.rewrite
+        if rewrite is not None:
+            base = shape
+
+            async def shape_of_target() -> CandidateShape:
+                return dataclasses.replace(base, rewrite=await route_rewrite(kube, namespace, rewrite))
+
+            shape_of = shape_of_target
     return TapRouter(channel, namespace, name, policy.spec.analysis.interval.total_seconds(), url, missing=missing,
-                     shape=shape)
+                     shape=shape, shape_of=shape_of)
+
+
+def shadow_shape(policy: ShadowPolicy) -> CandidateShape:
+    """The shadow phase's part of the settings: the resent noise baseline's share (``baseline.mode: resend``;
+    default the shadow's mirrorPercent) and the shadow budget."""
+    shadow = policy.spec.shadow
+    outputs = policy.spec.analysis.outputs
+    baseline = None
+    if outputs is not None and outputs.baseline.mode is BaselineMode.resend:
+        baseline = outputs.baseline.percent or (shadow.mirror_percent if shadow is not None else None)
+    budget = None
+    if shadow is not None and shadow.budget is not None:
+        b = shadow.budget
+        budget = Budget(requests_per_second=b.requests_per_second, tokens_per_second=b.tokens_per_second,
+                        max_tokens=b.max_tokens, max_queue=b.max_queue)
+    return CandidateShape(baseline_percent=baseline, budget=budget)
 
 
 def router_for(policy: ShadowPolicy, kube: KubeClient, *, tap_channel: TapChannelFactory | None = None) -> Router:
@@ -53,11 +80,11 @@ def router_for(policy: ShadowPolicy, kube: KubeClient, *, tap_channel: TapChanne
     shares composed with the tap router for the mirror (:class:`SplitWithTapMirror`); and for a tap target
     (``spec.target.tap``), the tap router alone, for both."""
     if policy.spec.target.tap is not None:
-        return tap_router(policy, tap_channel)
+        return tap_router(policy, tap_channel, kube=kube)
     split = _split_router(policy, kube)
     shadow = policy.spec.shadow
     if shadow is not None and shadow.mode is ShadowMode.tap:
-        return SplitWithTapMirror(split, tap_router(policy, tap_channel, split))
+        return SplitWithTapMirror(split, tap_router(policy, tap_channel, split, kube))
     return split
 
 

@@ -50,6 +50,7 @@ import structlog
 
 from shadowctl.compare.routing import (
     AppliedReport,
+    Budget,
     MalformedRouteMessage,
     Rewrite,
     RouteSetting,
@@ -239,11 +240,19 @@ class CandidateAddress(Protocol):
 @dataclass(frozen=True)
 class CandidateShape:
     """What a policy's settings say besides the shares (route setting v2): the candidate as a rewrite of the
-    request, and the live share chosen per user. The default (nothing) gives v1 settings."""
+    request, the live share chosen per user, and, while mirroring, the noise baseline's resent share and the
+    shadow budget. The default (nothing) gives v1 settings."""
 
     rewrite: Rewrite | None = None
     sticky: bool = False
     user_header: str | None = None
+    baseline_percent: float | None = None
+    budget: Budget | None = None
+
+
+ShapeSource = Callable[[], Awaitable[CandidateShape]]
+"""Finds the shape when a setting is computed (a prompt rewrite's texts are read from ConfigMaps then);
+raises RouterError saying why it cannot."""
 
 
 def setting_for(desired: RouteState, *, policy: str, generation: int, candidate_url: str | None, issued_at: float,
@@ -251,15 +260,24 @@ def setting_for(desired: RouteState, *, policy: str, generation: int, candidate_
                 final: bool = False) -> RouteSetting:
     """The route setting for `desired` (pure): v1 unless `shape` or `final` need v2. The rewrite and the
     stickiness are carried only while the setting routes to the candidate (primary-only is plain v1, which
-    every tap understands, so a rollback is never refused for its form)."""
+    every tap understands, so a rollback is never refused for its form); the baseline and the budget only
+    while it mirrors (they are about copies)."""
     needs_url = desired.mirror_percent is not None or desired.candidate_weight > 0
+    mirrors = desired.mirror_percent is not None
     return make_setting(policy=policy, generation=generation, mirror_percent=desired.mirror_percent,
                         candidate_percent=desired.candidate_weight,
                         candidate_url=candidate_url if needs_url else None,
                         issued_at=rfc3339(issued_at), interval_seconds=interval_seconds,
                         rewrite=shape.rewrite if needs_url else None, sticky=shape.sticky and needs_url,
                         user_header=shape.user_header if needs_url and shape.sticky else None,
-                        final=final and needs_url)
+                        final=final and needs_url, baseline_percent=shape.baseline_percent if mirrors else None,
+                        budget=shape.budget if mirrors else None)
+
+
+def _shape_of(setting: RouteSetting) -> CandidateShape:
+    """The shape a published setting carries (to put it back as it was)."""
+    return CandidateShape(rewrite=setting.rewrite, sticky=setting.sticky, user_header=setting.user_header,
+                          baseline_percent=setting.baseline_percent, budget=setting.budget)
 
 
 def next_generation(previous: RouteSetting | None, reports: dict[str, AppliedReport]) -> int:
@@ -293,10 +311,11 @@ class TapRouter:
     def __init__(self, channel: TapChannel | None, namespace: str, policy: str, interval_seconds: float,
                  candidate_url: CandidateURL | None = None, *, confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
                  clock: Callable[[], float] = time.time, missing: str = "",
-                 shape: CandidateShape = CandidateShape()) -> None:
+                 shape: CandidateShape = CandidateShape(), shape_of: ShapeSource | None = None) -> None:
         """`channel` None: the controller has no broker for this policy; every call raises Unsupported
         saying `missing`. `shape`: a rewrite and per-user stickiness (``spec.target.tap``), carried by every
-        setting that routes to the candidate."""
+        setting that routes to the candidate; `shape_of`: found anew for every setting computed instead (a
+        prompt rewrite: the ConfigMaps are read then)."""
         self.channel = channel
         self.namespace = namespace
         self.policy = policy
@@ -307,6 +326,7 @@ class TapRouter:
         self.clock = clock
         self.missing = missing
         self.shape = shape
+        self.shape_of = shape_of
         self.what = f"route setting {route_topic(namespace, policy)}"
 
     @property
@@ -365,17 +385,20 @@ class TapRouter:
 
     async def _apply(self, session: _Session, desired: RouteState, *, final: bool = False) -> ApplyResult:
         previous = session.setting
+        shape = self.shape
+        if self.shape_of is not None and (desired.mirror_percent is not None or desired.candidate_weight > 0):
+            shape = await self.shape_of()  # primary-only needs no shape: a rollback never waits for a ConfigMap
         url = None
         if (desired.mirror_percent is not None or desired.candidate_weight > 0) and self.candidate_url is not None:
             url = await self.candidate_url()  # None: the taps need their own (--mirror-to), else they fall back
         now = self.clock()
         same = previous is not None and previous.same_routes(
             setting_for(desired, policy=self.key, generation=1, candidate_url=url, issued_at=now,
-                        interval_seconds=self.interval_seconds, shape=self.shape, final=final))
+                        interval_seconds=self.interval_seconds, shape=shape, final=final))
         generation = previous.generation if same and previous is not None \
             else next_generation(previous, session.reports)
         setting = setting_for(desired, policy=self.key, generation=generation, candidate_url=url, issued_at=now,
-                              interval_seconds=self.interval_seconds, shape=self.shape, final=final)
+                              interval_seconds=self.interval_seconds, shape=shape, final=final)
         await _io.check_fence(self.what)
         await session.publish(setting)
         result = await session.until(lambda: self._verify(session, setting), self.confirm_timeout_s)
@@ -385,7 +408,8 @@ class TapRouter:
                 undo = setting_for(back, policy=self.key, generation=generation + 1,
                                    candidate_url=previous.candidate_url if previous is not None else None,
                                    issued_at=self.clock(), interval_seconds=self.interval_seconds,
-                                   shape=self.shape, final=previous.final if previous is not None else False)
+                                   shape=_shape_of(previous) if previous is not None else shape,
+                                   final=previous.final if previous is not None else False)
                 await session.publish(undo)
                 log.warning("tap_router.put_back", policy=self.key, generation=undo.generation,
                             routes=back.describe(), reason=result.problem)

@@ -22,8 +22,9 @@ from shadowctl.tap.workers import MULTIPROC_ENV, worker_index
 MAX_MODELS = 20
 DROP_REASONS = ("invalid", "queue_full", "publish_failed", "shutdown")
 """The ``reason`` values of ``shadowctl_tap_events_dropped_total``."""
-MIRROR_OUTCOMES = ("sent", "failed", "dropped_in_flight_cap", "not_rewritable")
-"""The ``outcome`` values of ``shadowctl_tap_mirror_requests_total``."""
+MIRROR_OUTCOMES = ("sent", "failed", "dropped_in_flight_cap", "not_rewritable", "skipped_budget", "skipped_queue")
+"""The ``outcome`` values of ``shadowctl_tap_mirror_requests_total`` and ``shadowctl_tap_baseline_requests_total``
+(skipped_budget: over the route setting's shadow budget; skipped_queue: the candidate's queue back-off)."""
 ROUTE_FALLBACK_REASONS = ("none", "stale", "invalid")
 """The ``reason`` values of ``shadowctl_tap_route_fallback`` (shadowctl.compare.routing.FallbackReason)."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -90,6 +91,9 @@ class TapMetrics:
             "shadowctl_tap_route_broker_connected", "1 while subscribed to the route setting (with workers: all are).",
             registry=self.registry, multiprocess_mode="livemin")
         self.route_fallback_reasons = ROUTE_FALLBACK_REASONS
+        self.baseline = Counter(
+            "shadowctl_tap_baseline_requests", "Requests sent once more, unchanged, to the tap's own upstream as the "
+            "noise baseline (the route setting's baselinePercent), by outcome.", ("outcome",), registry=self.registry)
         self.routed = Counter(
             "shadowctl_tap_routed_requests", "Live requests the candidate answered (the setting's candidatePercent).",
             registry=self.registry)
@@ -99,6 +103,7 @@ class TapMetrics:
             self.events_dropped.labels(reason)
         for outcome in MIRROR_OUTCOMES:
             self.mirrored.labels(outcome)
+            self.baseline.labels(outcome)
         self._models: set[str] = set()
 
     def model_label(self, model: str | None) -> str:

@@ -3,7 +3,9 @@
 This module is the tap's policy: what is forwarded, recorded and published. Moving the bytes is
 :mod:`shadowctl.tap.http1` (asyncio protocols and httptools' C parser, no task per chunk: the
 tap's cost is per streamed chunk, see that module). Mirror copies, which are off the user's
-path, go through an ``httpx.AsyncClient``.
+path, go through the same engine (:class:`~shadowctl.tap.http1.CopyClient`): on the same event loop as
+the users' requests, a copy must cost no more than proxying one (an httpx client cost three times as much,
+bench/tap/mirror.py).
 
 The work on the user's path is kept small: the request is forwarded before its
 body is parsed for the event (prompt hash, model), and after the first output
@@ -24,7 +26,8 @@ What the proxy guarantees, and why it is built this way:
   disagreeing pair points to the user's trace; headers go upstream unchanged.
 - Application-level mirroring (for Knative, which cannot mirror) sends a copy
   of the *request* to the candidate concurrently with the primary request;
-  it is fire-and-forget with a cap on copies in flight, and a request is
+  it is fire-and-forget with a cap on copies in flight (a copy over the cap is
+  not sent, and counted as ``dropped_in_flight_cap``), and a request is
   chosen by a hash of its id, so a retried request is mirrored consistently.
 - As a router (``--route-policy``, :mod:`shadowctl.tap.routes`), the shares come from the
   controller's route setting instead of flags: ``mirrorPercent`` of requests are copied as
@@ -46,6 +49,16 @@ What the proxy guarantees, and why it is built this way:
   header the setting names, else the body's OpenAI ``user`` field, else the request id), so
   a user stays on one side on every replica. Every copy carries ``x-shadowctl-shadow: 1``,
   so gateways and billing can tell it from a user's request.
+- The rewrite may also be a prompt version (``rewrite.prompt``: the system message, or a template around the
+  user's input, :mod:`shadowctl.compare.prompts`; a request that does not carry the primary's version is not
+  rewritten) and sampling parameters (``rewrite.parameters``). The events of rewritten requests keep the
+  user's prompt (and its hash, so the copy pairs with the primary's answer) and the rewrite's model.
+- The noise baseline (``baselinePercent``): that share of requests is sent once more, unchanged, to this
+  tap's own upstream, and the answer recorded as variant ``baseline`` (``shadow: true``), so the primary's
+  agreement with itself is measured on the same traffic without a second replica.
+- The shadow budget (``budget``, :mod:`shadowctl.tap.budget`): copies and resends over the per-process rate
+  or token budget, or cut by the back-off on the candidate's queue, are skipped and counted; users' requests
+  never wait for it.
 """
 
 from __future__ import annotations
@@ -62,15 +75,19 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant, parse_traceparent
 from shadowctl.compare.partitions import partition_topic
+from shadowctl.compare.prompts import apply_prompt
 from shadowctl.compare.routing import Effective, Rewrite, in_share, user_bucket_key
 from shadowctl.errors import ShadowctlError
+from shadowctl.tap.budget import BudgetGate, QueueWatch, token_cost
 from shadowctl.tap.extract import ResponseAccumulator, classify, parse_request
 from shadowctl.tap.http1 import (
+    CopyClient,
     Forward,
     Headers,
     LocalResponse,
@@ -189,20 +206,47 @@ def rewrite_body(body: bytes, mirror: MirrorConfig) -> bytes:
     return json.dumps(data, ensure_ascii=False).encode()
 
 
-def apply_rewrite(body: bytes, rewrite: Rewrite) -> bytes | None:
+def apply_rewrite(body: bytes, rewrite: Rewrite | None, *, max_tokens_cap: int | None = None) -> bytes | None:
     """The body with the rewrite applied: parsed and serialized once (compact, non-ASCII kept), every other
-    field as it was; None when the body is not a JSON object (the rewrite cannot apply)."""
+    field as it was; None when the body is not a JSON object or the rewrite does not apply to it (a prompt
+    rewrite whose primary prompt the request does not carry: :mod:`shadowctl.compare.prompts`).
+
+    In order: ``model`` replaced; the prompt version applied; ``parameters`` set (``temperature``, ``top_p``,
+    and ``max_tokens``, or ``max_completion_tokens`` where the request uses that one); `max_tokens_cap` (the
+    shadow budget's, on mirror copies) lowers the limit, or sets it where the request has none."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
-    data["model"] = rewrite.model
+    if rewrite is not None and rewrite.model is not None:
+        data["model"] = rewrite.model
+    prompt = rewrite.prompt if rewrite is not None else None
+    if prompt is not None and not apply_prompt(data, prompt.apply, prompt.primary, prompt.candidate):
+        return None
+    limit_key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+    params = rewrite.parameters if rewrite is not None else None
+    if params is not None:
+        if params.temperature is not None:
+            data["temperature"] = params.temperature
+        if params.top_p is not None:
+            data["top_p"] = params.top_p
+        if params.max_tokens is not None:
+            data[limit_key] = params.max_tokens
+    if max_tokens_cap is not None:
+        cap_limit(data, limit_key, max_tokens_cap)
     try:
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     except (ValueError, RecursionError):  # a number JSON cannot carry (1e999 read as inf)
         return None
+
+
+def cap_limit(data: dict[str, object], key: str, cap: int) -> None:
+    """Lower ``data[key]`` (a token limit) to `cap`, or set it where absent or not a positive integer."""
+    current = data.get(key)
+    if not (isinstance(current, int) and not isinstance(current, bool) and 0 < current <= cap):
+        data[key] = cap
 
 
 def user_of(body: bytes) -> str | None:
@@ -236,7 +280,7 @@ def in_candidate_share(current: Effective, request_id: str, body: bytes,
 class Trace:
     """The recorder of one request: time to first token, the answer, then metrics and the event."""
 
-    __slots__ = ("acc", "body", "endpoint", "proxy", "request_id", "shadow", "started_at", "status", "t0",
+    __slots__ = ("acc", "body", "endpoint", "origin", "proxy", "request_id", "shadow", "started_at", "status", "t0",
                  "traceparent", "ttft", "variant")
 
     def __init__(self, proxy: TapProxy, endpoint: Endpoint, body: bytes, request_id: str, shadow: bool,
@@ -255,6 +299,9 @@ class Trace:
         self.status = 0
         self.ttft: float | None = None
         self.acc: ResponseAccumulator | None = None
+        self.origin: bytes | None = None
+        """The user's body where `body` is a rewrite of it: the event's prompt (and its hash, which pairs the
+        answer with the primary's) are the user's; its model is the rewrite's."""
 
     def on_head(self, status: int, headers: Headers) -> None:
         self.status = status
@@ -288,10 +335,6 @@ class Trace:
         self.proxy.record(self, error=error)
 
 
-def _str_headers(headers: Headers) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
-
-
 class TapProxy:
     """What the tap does with a request (the :class:`~shadowctl.tap.http1.Handler`), and the mirror."""
 
@@ -306,7 +349,10 @@ class TapProxy:
         self._metrics_path = config.metrics_path.encode()
         self._routed_by: tuple[Effective, MirrorConfig | None, str | None] | None = None
         self.mirror_client: httpx.AsyncClient | None = None
+        """For the shadow budget's queue watch (GETs of the candidate's /metrics); copies go through `copies`."""
+        self.copies: CopyClient | None = None
         if config.mirror is not None or config.routed:
+            self.copies = CopyClient(connect_timeout_s=5.0)
             in_flight = config.mirror.max_in_flight if config.mirror is not None else MirrorConfig("", 0).max_in_flight
             self.mirror_client = httpx.AsyncClient(
                 limits=httpx.Limits(max_connections=in_flight),
@@ -314,6 +360,11 @@ class TapProxy:
                 trust_env=False,
             )
         self._mirror_tasks: set[asyncio.Task[None]] = set()
+        self._resend = MirrorConfig(url=self.upstream, percent=100.0, record=True)
+        """Where the noise baseline's copies go: this tap's own upstream, unchanged (baselinePercent)."""
+        self._gate: BudgetGate | None = None
+        """The route setting's shadow budget for this process (kept while the budget stays the same)."""
+        self._watch: tuple[QueueWatch, asyncio.Task[None]] | None = None
         self.sampler = Sampler(config.sample, metrics.registry)
         self._redact: Callable[[OutputEvent], OutputEvent] | None = None
         if config.redaction != "none":  # loaded only where used: the comparators' tokenizer and the policy model
@@ -324,11 +375,14 @@ class TapProxy:
             self._redact = lambda event: redact(event, mode, limit)
 
     async def aclose(self) -> None:
-        """Cancel mirror copies in flight and close the mirror's client."""
+        """Cancel mirror copies in flight and the queue watch, and close the mirror's client."""
+        self._set_watch(None)
         for task in list(self._mirror_tasks):
             task.cancel()
         if self._mirror_tasks:
             await asyncio.gather(*self._mirror_tasks, return_exceptions=True)
+        if self.copies is not None:
+            self.copies.close()
         if self.mirror_client is not None:
             await self.mirror_client.aclose()
 
@@ -349,13 +403,36 @@ class TapProxy:
                 mirror = dataclasses.replace(mirror, rewrite=current.rewrite, record=True)
         candidate = url if url is not None and current.candidate_percent > 0 else None
         self._routed_by = (current, mirror, candidate)
+        budget = current.budget
+        if budget is None:
+            self._gate = None
+            self._set_watch(None)
+        elif self._gate is None or self._gate.budget != budget:
+            self._gate = BudgetGate(budget)
+            queue_of = url if url is not None else self.upstream
+            self._set_watch(QueueWatch(self.mirror_client, queue_of.rstrip("/") + "/metrics", self._gate)
+                            if budget.max_queue is not None and self.mirror_client is not None else None)
         return mirror, candidate
 
-    def candidate_topic(self) -> str:
-        """Where events of requests the candidate answered go: the candidate's default topic (or --topic as given)."""
+    def _set_watch(self, watch: QueueWatch | None) -> None:
+        """Replace the queue watch (None: stop it)."""
+        if self._watch is not None:
+            self._watch[1].cancel()
+            self._watch = None
+        if watch is not None:
+            self._watch = (watch, asyncio.get_running_loop().create_task(watch.run()))
+
+    @property
+    def budget_gate(self) -> BudgetGate | None:
+        """The shadow budget in force (its counts: admitted, skipped_rate, skipped_queue; its share)."""
+        return self._gate
+
+    def variant_topic(self, variant: Variant) -> str:
+        """Where events of another variant's answers go (the candidate's to requests routed or copied to it, the
+        baseline's to resent copies): that variant's default topic (or --topic as given)."""
         c = self.config
         if c.topic == default_topic(c.namespace, c.service, c.variant):
-            return default_topic(c.namespace, c.service, Variant.candidate)
+            return default_topic(c.namespace, c.service, variant)
         return c.topic
 
     # ------------------------------------------------------------------ Handler
@@ -398,6 +475,8 @@ class TapProxy:
                             body = rewritten
             trace = Trace(self, endpoint, body, rid, shadow, t0, started_at,
                           request.header(TRACEPARENT_HEADER), Variant.candidate if candidate else None)
+            if body is not request.body:
+                trace.origin = request.body
             if candidate is not None:
                 self.metrics.routed.inc()
                 netloc = (mirror.host if mirror is not None and mirror.host else None) or urlsplit(candidate).netloc
@@ -406,7 +485,11 @@ class TapProxy:
             if mirror is not None and not shadow and mirror_selected(rid, mirror.percent):
                 copy = Trace(self, endpoint, b"", rid, True, 0.0, 0.0, request.header(TRACEPARENT_HEADER),
                              Variant.candidate) if mirror.record else None
-                self._send_mirror(request.target.decode("latin-1"), _str_headers(headers), request.body, mirror, copy)
+                self._send_mirror(request.target, headers, request.body, mirror, rid, copy)
+            if self.routes is not None and not shadow and in_share(rid, self.routes.current.baseline_percent):
+                again = Trace(self, endpoint, b"", rid, True, 0.0, 0.0, request.header(TRACEPARENT_HEADER),
+                              Variant.baseline)
+                self._send_mirror(request.target, headers, request.body, self._resend, rid, again)
         return Forward(request.method, request.target, headers, request.body, trace)
 
     def upstream_unreachable(self, request: Request, forward: Forward, error: UpstreamUnavailable) -> LocalResponse:
@@ -420,12 +503,13 @@ class TapProxy:
     def record(self, trace: Trace, *, error: str | None) -> None:
         """Metrics and the output event of one finished request (never raises into the request path)."""
         e2e = time.perf_counter() - trace.t0
-        info = parse_request(trace.endpoint, trace.body)
+        info = parse_request(trace.endpoint, trace.body if trace.origin is None else trace.origin)
+        model = info.model if trace.origin is None else parse_request(trace.endpoint, trace.body).model
         out = trace.acc.finish() if trace.acc is not None else None
         tokens = out.output_tokens if out is not None else None
         status = trace.status
         routed = trace.variant is not self.config.variant
-        self.metrics.observe(model=info.model, status=status, ttft_s=trace.ttft, e2e_s=e2e, output_tokens=tokens,
+        self.metrics.observe(model=model, status=status, ttft_s=trace.ttft, e2e_s=e2e, output_tokens=tokens,
                              variant=trace.variant.value if routed else None)
         if self.publisher is None or not self.sampler.keep(trace.request_id):
             return
@@ -437,7 +521,7 @@ class TapProxy:
                 shadow=trace.shadow,
                 service=f"{self.config.namespace}/{self.config.service}",
                 endpoint=trace.endpoint,
-                model=info.model,
+                model=model,
                 stream=trace.acc.event_stream if trace.acc is not None else False,
                 prompt_hash=info.prompt_hash,
                 prompt=None if self.config.redact_prompts else info.prompt_text,
@@ -463,53 +547,60 @@ class TapProxy:
             return
         if self._redact is not None:
             event = self._redact(event)
-        topic = self.candidate_topic() if routed else self.config.topic
+        topic = self.variant_topic(trace.variant) if routed else self.config.topic
         self.publisher.offer(partition_topic(topic, event.request_id, self.config.partitions), event.to_json())
 
     # ------------------------------------------------------------------ mirror
 
-    def _send_mirror(self, target: str, headers: list[tuple[str, str]], body: bytes, mirror: MirrorConfig,
-                     trace: Trace | None = None) -> None:
-        """Send a copy (off the user's path); `trace`: record the candidate's answer to it (``mirror.record``)."""
+    def _send_mirror(self, target: bytes, headers: Headers, body: bytes, mirror: MirrorConfig,
+                     request_id: str, trace: Trace | None = None) -> None:
+        """Send a copy (off the user's path), within the route setting's budget where it has one; `trace`: record
+        the answer to it (``mirror.record``: a rewrite's candidate, or a resent baseline copy)."""
+        counter = self.metrics.baseline if mirror is self._resend else self.metrics.mirrored
         if len(self._mirror_tasks) >= mirror.max_in_flight:
-            self.metrics.mirrored.labels("dropped_in_flight_cap").inc()
+            counter.labels("dropped_in_flight_cap").inc()
             return
-        if mirror.rewrite is not None:
-            rewritten = apply_rewrite(body, mirror.rewrite)
-            if rewritten is None:
-                self.metrics.mirrored.labels("not_rewritable").inc()
-                return
-            body = rewritten
-        else:
+        original = body
+        gate = self._gate if self.routes is not None and self.routes.current.budget is not None else None
+        cap = gate.budget.max_tokens if gate is not None else None
+        if mirror.rewrite is None:
             body = rewrite_body(body, mirror)
+        if mirror.rewrite is not None or cap is not None:
+            rewritten = apply_rewrite(body, mirror.rewrite, max_tokens_cap=cap)
+            if rewritten is not None:
+                body = rewritten
+            elif mirror.rewrite is not None:
+                counter.labels("not_rewritable").inc()
+                return
+        if gate is not None:
+            why = gate.admit(request_id, token_cost(body, cap))
+            if why is not None:
+                counter.labels(why).inc()
+                return
         host = mirror.host or urlsplit(mirror.url).netloc
-        copy = [(k, v) for k, v in headers if k.lower() not in ("host", SHADOW_HEADER.decode())]
-        copy += [("host", host), (SHADOW_HEADER.decode(), "1")]
+        copy = [(k, v) for k, v in headers if k.lower() not in (b"host", SHADOW_HEADER)]
+        copy += [(b"host", host.encode("idna")), (SHADOW_HEADER, b"1")]
         if trace is not None:
-            trace.body = body
-        task = asyncio.create_task(self._mirror(mirror.url.rstrip("/") + target, copy, body, trace))
+            trace.body, trace.origin = body, original
+        task = asyncio.create_task(self._mirror(mirror.url, target, copy, body, counter, trace))
         self._mirror_tasks.add(task)
         task.add_done_callback(self._mirror_tasks.discard)
 
-    async def _mirror(self, url: str, headers: list[tuple[str, str]], body: bytes, trace: Trace | None = None) -> None:
-        assert self.mirror_client is not None
+    async def _mirror(self, url: str, target: bytes, headers: Headers, body: bytes, counter: Counter,
+                      trace: Trace | None = None) -> None:
+        assert self.copies is not None
         if trace is not None:
             trace.t0, trace.started_at = time.perf_counter(), time.time()
-        try:
-            async with self.mirror_client.stream("POST", url, headers=headers, content=body) as response:
-                if trace is not None:
-                    trace.on_head(response.status_code, list(response.headers.raw))
-                async for chunk in response.aiter_raw():
-                    if trace is not None:
-                        trace.on_chunk(chunk, time.perf_counter())
-            self.metrics.mirrored.labels("sent").inc()
+        error = await self.copies.send(url, "POST", target, headers, body, trace)
+        if error is None:
+            counter.labels("sent").inc()
             if trace is not None:
                 trace.on_end(None, None)
-        except httpx.HTTPError as exc:
-            self.metrics.mirrored.labels("failed").inc()
-            log.debug("mirror copy failed", url=url.partition("?")[0], error=str(exc))  # a query string may be personal
-            if trace is not None:
-                trace.on_end(f"candidate unreachable: {type(exc).__name__}", trace.status or 502)
+            return
+        counter.labels("failed").inc()
+        log.debug("mirror copy failed", url=url, error=error)  # the target's query string may be personal: not logged
+        if trace is not None:
+            trace.on_end(f"candidate unreachable: {error}", trace.status or 502)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
