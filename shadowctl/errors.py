@@ -15,6 +15,7 @@ here, or is not under ``ShadowctlError``)::
     ├── MalformedEvent               shadowctl.compare (also a ValueError): not a valid output event
     ├── MalformedRouteMessage        shadowctl.compare (also a ValueError): not a valid route setting or report
     ├── ComparatorUnavailable        shadowctl.compare: a comparator cannot run here (semantic without its extra)
+    ├── TemplateError                shadowctl.compare.llmjudge (also a ValueError): a judge prompt lacks a placeholder
     ├── KubeError                    shadowctl.kube: an API call failed (``status``: the HTTP status)
     │   ├── ConfigError              no usable kubeconfig or in-cluster configuration
     │   ├── BadRequest               400
@@ -40,11 +41,13 @@ here, or is not under ``ShadowctlError``)::
     │   ├── ClusterError             the Kubernetes API failed (the KubeError is chained)
     │   ├── Superseded               a fence refused a route write: the policy or the Lease changed; decide again
     │   ├── NotConfirmed             routers.tap: the taps did not all report the route setting applied; hold
+    │   ├── PromptUnavailable        routers.tap_prompts: a prompt version's ConfigMap key cannot be read or used
     │   └── ChannelUnavailable       routers.tap: the tap-router channel's MQTT broker cannot be used
     ├── SourceError                  shadowctl.sources
     │   ├── SourceConfigError        a metric cannot be turned into a query
     │   ├── QueryFailed              a raw Prometheus query failed
     │   ├── SecretUnavailable        a Secret a policy names cannot be read or lacks what it should hold
+    │   ├── JudgeCallFailed          llm-judge: the judge model did not give a verdict (timeout, error, no [[X]])
     │   └── OutputSourceError        the MQTT output source cannot deliver events
     │       ├── BrokerUnavailable    the broker cannot be reached, or the connection was lost
     │       ├── BrokerRejected       the broker refused the credentials or the subscription

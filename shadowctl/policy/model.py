@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from pydantic.alias_generators import to_camel
 
 from shadowctl.policy.duration import Duration
+from shadowctl.policy.prompts import PromptApply
+from shadowctl.policy.re2 import re2_problem
 from shadowctl.policy.templates import check_template
 
 API_VERSION = "shadowctl.dev/v1alpha1"
@@ -238,15 +240,57 @@ def candidate_url_problem(url: str) -> str | None:
     return f"{host} is {why}" if why else None
 
 
+class PromptSource(_Model):
+    """Where a prompt version's text is: a ConfigMap key in the policy's namespace (versioned in git)."""
+
+    config_map_ref: ConfigMapKeyRef = Field(description="The ConfigMap and key holding the text.")
+
+
+class TapPrompt(_Model):
+    """rewrite.prompt: the candidate is another version of the system prompt or of a prompt template."""
+
+    apply: PromptApply = Field(description="replaceSystem or template (docs/prompts.md).")
+    primary: PromptSource = Field(description="The version the application uses today (requests must carry it).")
+    candidate: PromptSource = Field(description="The version to roll out.")
+
+
+class TapParameters(_Model):
+    """rewrite.parameters: sampling parameters set on the candidate's requests."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _some(self) -> TapParameters:
+        if self.temperature is None and self.top_p is None and self.max_tokens is None:
+            raise ValueError("parameters sets none of temperature, topP, maxTokens")
+        return self
+
+
 class TapRewrite(_Model):
     """The candidate as a rewrite of the primary's requests (issue 18): the taps change each candidate request.
 
-    Only ``model`` exists today; prompt and sampling-parameter rewrites are not built yet."""
+    Any combination of ``model``, ``prompt`` and ``parameters``, at least one (docs/prompts.md)."""
 
-    model: str = Field(
-        min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$",
+    # The API server's own check (CEL in the CRD), the same rule as _some below.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "has(self.model) || has(self.prompt) || has(self.parameters)",
+        "message": "rewrite sets none of model, prompt, parameters",
+    }]})
+
+    model: str | None = Field(
+        default=None, min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$",
         description="The served model name the candidate's requests ask for instead of the primary's (a LoRA "
                     "adapter or a quantised variant the server serves under that name).")
+    prompt: TapPrompt | None = Field(default=None, description="Another version of the system prompt or template.")
+    parameters: TapParameters | None = Field(default=None, description="temperature, topP, maxTokens to set.")
+
+    @model_validator(mode="after")
+    def _some(self) -> TapRewrite:
+        if self.model is None and self.prompt is None and self.parameters is None:
+            raise ValueError("rewrite sets none of model, prompt, parameters")
+        return self
 
 
 class TapTarget(_Model):
@@ -333,6 +377,37 @@ class ShadowMode(str, enum.Enum):
     tap = "tap"  # application-level mirroring by the `shadowctl tap` sidecar
 
 
+class ShadowBudget(_Model):
+    """shadow.budget: what the mirror may cost the candidate's GPUs, per tap process (docs/prompts.md)."""
+
+    # The API server's own check (CEL in the CRD), the first rule of _sound below.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "!has(self.tokensPerSecond) || has(self.maxTokens)",
+        "message": "tokensPerSecond needs maxTokens (a copy's cost is estimated from its max_tokens)",
+    }]})
+
+    requests_per_second: float | None = Field(default=None, gt=0, le=100_000,
+                                              description="Copies (mirrored and resent) per second at most.")
+    tokens_per_second: float | None = Field(
+        default=None, gt=0, le=100_000_000,
+        description="Estimated tokens per second at most (each copy: its body's bytes / 4 plus its max_tokens); "
+                    "needs maxTokens.")
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000,
+                                   description="Each copy's max_tokens at most (set where the request has none).")
+    max_queue: int | None = Field(
+        default=None, ge=0, le=1_000_000,
+        description="Back off (halve the share of copies sent, per second) while the candidate's "
+                    "vllm:num_requests_waiting, read from its /metrics, is above this (or cannot be read).")
+
+    @model_validator(mode="after")
+    def _sound(self) -> ShadowBudget:
+        if self.tokens_per_second is not None and self.max_tokens is None:
+            raise ValueError("tokensPerSecond needs maxTokens (a copy's cost is estimated from its max_tokens)")
+        if (self.requests_per_second, self.tokens_per_second, self.max_tokens, self.max_queue) == (None,) * 4:
+            raise ValueError("budget sets none of requestsPerSecond, tokensPerSecond, maxTokens, maxQueue")
+        return self
+
+
 class Shadow(_Model):
     """The shadow phase: the candidate gets mirrored copies; users never see its answers."""
 
@@ -344,6 +419,7 @@ class Shadow(_Model):
     virtual_service: MirrorVirtualService | None = Field(
         default=None, description="For a Knative target: the Istio VirtualService that mirrors."
     )
+    budget: ShadowBudget | None = Field(default=None, description="mode tap: the mirror's cap (per tap process).")
 
     @model_validator(mode="after")
     def _durations(self) -> Shadow:
@@ -672,6 +748,85 @@ class ComparatorName(str, enum.Enum):
     refusal = "refusal"
     tool_calls = "tool-calls"
     semantic = "semantic"
+    llm_judge = "llm-judge"
+
+
+MAX_JUDGE_PROMPT_CHARS = 16_384
+"""The longest judge prompt template (inline or from a ConfigMap key) the controller takes."""
+
+
+class ConfigMapKeyRef(_Model):
+    """A key of a ConfigMap in the policy's namespace."""
+
+    name: str = Field(description="The ConfigMap's name (kustomize's configMapGenerator adds a hash: a version).")
+    key: str = Field(description="The key holding the text.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_name(v, "ConfigMap name")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if not re.match(r"^[-._a-zA-Z0-9]{1,253}$", v):
+            raise ValueError(f"{v!r} is not a ConfigMap key (letters, digits, '-', '_', '.')")
+        return v
+
+
+class JudgePrompt(_Model):
+    """The judge's prompt template: from a ConfigMap key (versioned in git) or inline; exactly one."""
+
+    config_map_ref: ConfigMapKeyRef | None = None
+    text: str | None = Field(default=None, max_length=MAX_JUDGE_PROMPT_CHARS,
+                             description="The template itself (tests, small setups).")
+
+    @model_validator(mode="after")
+    def _one(self) -> JudgePrompt:
+        if (self.config_map_ref is None) == (self.text is None):
+            raise ValueError("give exactly one of configMapRef and text")
+        return self
+
+
+class JudgeRate(_Model):
+    """What the judge may cost: requests per second, and pairs judged per analysis interval."""
+
+    requests_per_second: float = Field(default=2.0, gt=0, le=1000,
+                                       description="Judge requests per second at most (each pair takes two).")
+    max_pairs_per_interval: int = Field(default=50, ge=1, le=100_000,
+                                        description="Pairs judged per analysis interval at most; the rest are "
+                                                    "not judged (counted as unjudged).")
+
+
+class LlmJudge(_Model):
+    """Comparator llm-judge: a judge model behind an OpenAI-compatible endpoint (docs/prompts.md)."""
+
+    url: str = Field(description="The endpoint's base URL, e.g. http://judge.llm:8000/v1 (POST URL/chat/completions).")
+    model: str = Field(min_length=1, max_length=256, description="The judge's model name.")
+    api_key_secret: str | None = Field(
+        default=None, description="Secret name/key holding the bearer token; key apiKey if omitted.")
+    prompt: JudgePrompt = Field(description="The judge prompt template: {question}, {answer_a}, {answer_b}.")
+    min_win_or_tie: float = Field(
+        default=0.45, gt=0, lt=0.5,
+        description="Pass when the candidate wins or ties at least this share of judged pairs; fail when it "
+                    "loses more than half (an even match wins or ties at least half).")
+    rate: JudgeRate = Field(default_factory=JudgeRate)
+    timeout: Duration = Field(default=timedelta(seconds=30), description="Per judge request; a timeout is no data.")
+    concurrency: int = Field(default=4, ge=1, le=64, description="Judge requests in flight at most.")
+    max_answer_chars: int = Field(default=4000, ge=100, le=100_000,
+                                  description="Characters of each answer (and the question) put in the prompt.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s@?#]+(/[^\s?#]*)?$", v):
+            raise ValueError(f"{v!r} is not an http(s) base URL without credentials, query or fragment")
+        return v.rstrip("/")
+
+    @field_validator("api_key_secret")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        return _secret_ref(v)
 
 
 class Comparator(_Model):
@@ -680,11 +835,21 @@ class Comparator(_Model):
     name: ComparatorName
     threshold: float = Field(default=0.5, ge=0, le=1)
     critical: bool = True
+    judge: LlmJudge | None = Field(default=None, description="Comparator llm-judge only: the judge model.")
+
+    @model_validator(mode="after")
+    def _judge_for_llm_judge(self) -> Comparator:
+        if self.name is ComparatorName.llm_judge and self.judge is None:
+            raise ValueError("comparator 'llm-judge' needs 'judge' (url, model, prompt)")
+        if self.name is not ComparatorName.llm_judge and self.judge is not None:
+            raise ValueError(f"'judge' belongs to comparator 'llm-judge', not {self.name.value!r}")
+        return self
 
 
 class BaselineMode(str, enum.Enum):
     primary_replica = "primary-replica"  # a second primary (variant 'baseline') answers the mirrored requests too
     fixed = "fixed"  # a fixed expected agreement rate, measured beforehand
+    resend = "resend"  # the primary's taps send a share of requests once more to the primary (variant 'baseline')
 
 
 class Baseline(_Model):
@@ -694,11 +859,18 @@ class Baseline(_Model):
     agreement: float | None = Field(
         default=None, ge=0, le=1, description="With mode fixed: the primary's self-agreement rate."
     )
+    percent: float | None = Field(
+        default=None, gt=0, le=100,
+        description="With mode resend: share of requests the taps send once more, unchanged, to the primary "
+                    "(default: shadow.mirrorPercent; chosen by the same hash, so at or below it every resent "
+                    "request is also mirrored).")
 
     @model_validator(mode="after")
     def _fixed_needs_value(self) -> Baseline:
         if self.mode is BaselineMode.fixed and self.agreement is None:
             raise ValueError("mode 'fixed' needs 'agreement' (the primary's measured self-agreement, 0..1)")
+        if self.mode is not BaselineMode.resend and self.percent is not None:
+            raise ValueError("'percent' belongs to mode 'resend'")
         return self
 
 
@@ -884,6 +1056,14 @@ class VariantSelector(_Model):
         # Any other text is fine: it is escaped into PromQL string literals (sources.prometheus.promql).
         if v == "":
             raise ValueError("an empty name selects nothing; leave the field out")
+        return v
+
+    @field_validator("pod")
+    @classmethod
+    def _re2(cls, v: str | None) -> str | None:
+        problem = None if v is None else re2_problem(v)
+        if problem is not None:
+            raise ValueError(f"{v!r} is not a regular expression Prometheus (RE2) can use: {problem}")
         return v
 
 
@@ -1135,6 +1315,8 @@ TAP_TARGET_SHADOW_MESSAGE = ("a tap target mirrors through the taps: set shadow.
                              "shadow.virtualService)")
 TAP_TARGET_CHANNEL_MESSAGE = ("a tap target needs spec.analysis.outputs.mqtt: the controller sends the taps their "
                               "route setting over that MQTT broker, and reads their reports there")
+TAP_ONLY_MESSAGE = ("baseline.mode: resend and shadow.budget need the taps to route (shadow.mode: tap): the route "
+                    "setting tells them what to resend and what the mirror may cost")
 TAP_CHANNEL_MESSAGE = ("shadow.mode: tap needs spec.analysis.outputs.mqtt: the controller sends the taps their route "
                        "setting (what to mirror, where) over that MQTT broker, and reads their reports there")
 
@@ -1176,6 +1358,14 @@ class Spec(_Model):
             "rule": "!has(self.target.tap) || (has(self.analysis.outputs) && has(self.analysis.outputs.mqtt))",
             "message": TAP_TARGET_CHANNEL_MESSAGE,
             "fieldPath": ".analysis.outputs",
+        },
+        {
+            "rule": "((!has(self.analysis.outputs) || !has(self.analysis.outputs.baseline)"
+                    " || !has(self.analysis.outputs.baseline.mode) || self.analysis.outputs.baseline.mode != 'resend')"
+                    " && (!has(self.shadow) || !has(self.shadow.budget)))"
+                    " || (has(self.shadow) && has(self.shadow.mode) && self.shadow.mode == 'tap')",
+            "message": TAP_ONLY_MESSAGE,
+            "fieldPath": ".shadow",
         },
         {
             "rule": "!has(self.target.gatewayAPI) || !has(self.shadow) || !has(self.shadow.virtualService)",
@@ -1222,6 +1412,11 @@ class Spec(_Model):
             raise ValueError(KSERVE_SHADOW_MESSAGE)
         if self.shadow is not None and self.shadow.mode is ShadowMode.tap and self.analysis.outputs is None:
             raise ValueError(TAP_CHANNEL_MESSAGE)
+        outputs = self.analysis.outputs
+        if ((outputs is not None and outputs.baseline.mode is BaselineMode.resend)
+                or (self.shadow is not None and self.shadow.budget is not None)) \
+                and (self.shadow is None or self.shadow.mode is not ShadowMode.tap):
+            raise ValueError(TAP_ONLY_MESSAGE)
         if self.target.tap is not None:
             if self.shadow is not None and (self.shadow.mode is not ShadowMode.tap
                                             or self.shadow.virtual_service is not None):

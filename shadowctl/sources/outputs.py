@@ -43,6 +43,7 @@ from shadowctl.compare.comparators import (
     AgreementTally,
     BoundComparator,
     Embedder,
+    PairResult,
     TallyBuilder,
     build_comparators,
     compare_pair,
@@ -55,6 +56,7 @@ from shadowctl.compare.redaction import redact
 from shadowctl.judge.model import Paired, PairedSketch
 from shadowctl.policy.model import BaselineMode, MetricKind, Redaction, RedactionMode, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
+from shadowctl.sources.llmjudge import PairJudge
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +99,8 @@ class OutputSnapshot:
     malformed: int
     connected: bool
     last_error: str | None
+    judge: dict[str, int] | None = None
+    """The llm-judge comparator's counters (offered, judged, wins, ties, losses, failed, capped, requests)."""
 
 
 def _rc(exc: aiomqtt.MqttError) -> int | None:
@@ -133,6 +137,7 @@ class MqttOutputSource:
         mine: Sequence[int] | None = None,
         share_group: str | None = None,
         max_queued: int = 100_000,
+        model_judge: PairJudge | None = None,
     ) -> None:
         """``partitions``: how many partitions the taps publish on (1: none); ``mine``: the partitions this
         source pairs (None: all); ``share_group``: subscribe as a member of this MQTT 5 shared-subscription
@@ -154,6 +159,8 @@ class MqttOutputSource:
         self.redaction = redaction if redaction is not None and redaction.mode is not RedactionMode.none else None
         """The policy's redaction, applied to every event as it arrives, whatever the tap that sent it did."""
         self._slow = any(c.slow for c in self.comparators)
+        self.model_judge = model_judge
+        """The llm-judge comparator's judge, if the policy has one: it gets every candidate pair, in the background."""
         self.username = username
         self.password = password
         self.password_provider = password_provider
@@ -191,6 +198,7 @@ class MqttOutputSource:
         tls_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
         mine: Sequence[int] | None = None,
         share_group: str | None = None,
+        model_judge: PairJudge | None = None,
     ) -> MqttOutputSource:
         """Build the source a policy's ``analysis.outputs`` describes (topic placeholders filled in); ``mine``
         and ``share_group``: a pairing worker's partitions and shared-subscription group (see ``__init__``)."""
@@ -218,7 +226,7 @@ class MqttOutputSource:
             topic,
             comparators,
             pair_ttl_s=outputs.pair_ttl.total_seconds(),
-            expect_baseline=outputs.baseline.mode is BaselineMode.primary_replica,
+            expect_baseline=outputs.baseline.mode in (BaselineMode.primary_replica, BaselineMode.resend),
             latency=quantities,
             username=outputs.mqtt.username,
             password=password,
@@ -229,6 +237,7 @@ class MqttOutputSource:
             partitions=outputs.mqtt.partitions,
             mine=mine,
             share_group=share_group,
+            model_judge=model_judge,
         )
 
     # ------------------------------------------------------------------ raw stream
@@ -341,6 +350,22 @@ class MqttOutputSource:
             self._add_latency(pairs)
         for pair in pairs:
             self._tally.add(compare_pair(pair, self.comparators))
+        if pairs and self.model_judge is not None:
+            self._offer_judge(pairs)
+
+    def _offer_judge(self, pairs: list[Pair]) -> None:
+        """Hand the pairs to the model judge (it returns at once); its verdicts count in the tally of now,
+        not in one started after a :meth:`reset`."""
+        judge = self.model_judge
+        assert judge is not None
+        tally = self._tally
+
+        def deliver(result: PairResult) -> None:
+            if self._tally is tally:
+                tally.add(result)
+
+        for pair in pairs:
+            judge.offer(pair, deliver)
 
     def _add_latency(self, pairs: list[Pair]) -> None:
         """Count the candidate's pairs per latency quantity (a failed side: not a latency pair)."""
@@ -373,6 +398,8 @@ class MqttOutputSource:
             return
         if self._latency:
             self._add_latency(pairs)
+        if self.model_judge is not None:
+            self._offer_judge(pairs)
         tally = self._tally
         comparators = self.comparators
         results = await asyncio.to_thread(lambda: [compare_pair(pair, comparators) for pair in pairs])
@@ -388,6 +415,7 @@ class MqttOutputSource:
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff; bad credentials are raised, not retried."""
         expiry = asyncio.create_task(self._expire_periodically())
+        judging = asyncio.create_task(self.model_judge.run()) if self.model_judge is not None else None
         backoff = 0.2
         try:
             while True:
@@ -411,6 +439,8 @@ class MqttOutputSource:
                 backoff = min(self.backoff_max_s, backoff * 2)
         finally:
             await cancel_and_wait(expiry)
+            if judging is not None:
+                await cancel_and_wait(judging)
 
     async def _expire_periodically(self) -> None:
         period = max(0.05, min(5.0, self.pairer.ttl / 4))
@@ -428,6 +458,7 @@ class MqttOutputSource:
             malformed=self.malformed,
             connected=self.connected,
             last_error=self.last_error,
+            judge=self.model_judge.stats.as_dict() if self.model_judge is not None else None,
         )
 
     def reset(self) -> None:
