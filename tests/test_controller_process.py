@@ -34,6 +34,7 @@ from controller_helpers import (
 from fake_clock import FakeClock
 from gateway_helpers import TARGET as GATEWAY_TARGET
 from gateway_helpers import load_route
+from kserve_helpers import kserve  # noqa: F401 - the fixture
 from typer.testing import CliRunner
 
 from shadowctl.aio import cancel_and_wait
@@ -44,6 +45,7 @@ from shadowctl.controller.notify import ClusterNotifier
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.kube import (
     HTTP_ROUTE,
+    INFERENCE_SERVICE,
     KNATIVE_SERVICE,
     SECRET,
     SHADOW_POLICY,
@@ -322,6 +324,32 @@ async def _knative_setup(kube: KubeClient) -> None:
     await kube.create(SHADOW_POLICY, yaml.safe_load(KNATIVE_POLICY))
 
 
+ISVC_REF = ResourceRef(INFERENCE_SERVICE, "chat", "llm")
+
+
+async def _kserve_predictor(kube: KubeClient, key: str, revision: str) -> bool:
+    status = (await kube.get(ISVC_REF)).get("status") or {}
+    return bool(((status.get("components") or {}).get("predictor") or {}).get(key) == revision)
+
+
+async def _kserve_setup(kube: KubeClient) -> None:
+    """kserve/chat.yaml's InferenceService rolled out (revision 1), then a new model applied as git holds it
+    (canaryTrafficPercent 0: revision 2 ready, no traffic), and a policy stepping it. The KServe stand-in writes
+    the status a moment after each write, so each step waits for it. The policy has no shadow phase: KServe's
+    goes through the taps, which this test does not run; the InferenceService's grants are the router's."""
+    await kube.create(INFERENCE_SERVICE, yaml.safe_load((REPO / "kserve" / "chat.yaml").read_text()))
+    await eventually(lambda: _kserve_predictor(kube, "latestRolledoutRevision", "chat-predictor-00001"))
+    isvc = await kube.get(ISVC_REF)
+    isvc["spec"]["predictor"]["model"]["storageUri"] = "hf://example/llama-chat-v2"
+    isvc["spec"]["predictor"]["canaryTrafficPercent"] = 0
+    await kube.replace(INFERENCE_SERVICE, isvc)
+    await eventually(lambda: _kserve_predictor(kube, "latestReadyRevision", "chat-predictor-00002"))
+    policy = policy_doc(shadow=None)
+    policy["metadata"]["name"] = "chat-kserve"
+    policy["spec"]["target"] = {"kserve": {"inferenceService": "chat"}}
+    await kube.create(SHADOW_POLICY, policy)
+
+
 async def test_knative_canary_promoted(h: Harness) -> None:
     await _knative_setup(h.kube)
     ref = ResourceRef(SHADOW_POLICY, "summarize", "llm")
@@ -449,9 +477,10 @@ def _allowed_for_sa(kube_env: KubeEnv, verb: str, group: str, resource: str, nam
     return bool(answer.json()["status"].get("allowed"))
 
 
+@pytest.mark.usefixtures("kserve")
 async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_path: Path) -> None:
     """Apply deploy/rbac.yaml to the real API server and run the controller (leader election, Istio,
-    Gateway API and Knative rollouts, one rolled back, Events, a policy's own Prometheus token Secret) AS its
+    Gateway API, Knative and KServe rollouts, one rolled back, Events, a policy's own Prometheus token Secret) AS its
     ServiceAccount, with a token from the TokenRequest API, through the fault proxy. Secrets: only the Role that
     `shadowctl rbac secrets` prints for a policy naming its token Secret (get, by resourceNames).
 
@@ -486,6 +515,7 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
     h = Harness(kube_env, setup)
     await h.setup()
     await _knative_setup(setup)
+    await _kserve_setup(setup)
     bad = policy_doc()
     bad["metadata"]["name"] = "chat-bad"
     bad["spec"]["target"]["istio"]["virtualService"] = "chat-bad"
@@ -518,7 +548,7 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
     phases: dict[str, Any] = {}
     try:
         async def all_done() -> bool:
-            for name in ("chat", "summarize", "chat-bad", "chat-gateway"):
+            for name in ("chat", "summarize", "chat-bad", "chat-gateway", "chat-kserve"):
                 obj = await setup.get(ResourceRef(SHADOW_POLICY, name, "llm"))
                 phases[name] = (obj.get("status") or {}).get("phase")
             return set(phases.values()) <= {"Succeeded", "RolledBack"}
@@ -541,7 +571,7 @@ async def test_rbac_is_exactly_what_the_controller_uses(kube_env: KubeEnv, tmp_p
         await kube.close()
         await setup.close()
     assert phases == {"chat": "Succeeded", "summarize": "Succeeded", "chat-bad": "RolledBack",
-                      "chat-gateway": "Succeeded"}
+                      "chat-gateway": "Succeeded", "chat-kserve": "Succeeded"}
     records = list(kube_env.request_log)
     refused = [(r.verb, r.path, r.status) for r in records if r.status in (401, 403)]
     assert not refused, f"the API server refused the controller: {refused[:10]}"

@@ -83,6 +83,7 @@ AUDIT_POLICY: dict[str, Any] = {
          "resources": [{"group": "networking.istio.io", "resources": ["virtualservices"]},
                        {"group": "gateway.networking.k8s.io", "resources": ["httproutes"]},
                        {"group": "serving.knative.dev", "resources": ["services"]},
+                       {"group": "serving.kserve.io", "resources": ["inferenceservices"]},
                        {"group": "shadowctl.dev", "resources": ["shadowpolicies", "shadowpolicies/status"]}]},
         {"level": "Metadata"},
     ],
