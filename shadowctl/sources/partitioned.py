@@ -210,10 +210,15 @@ class PartitionedOutputSource:
 
     async def run(self) -> None:
         """Start the workers, collect their reports and restart any that ends, until cancelled."""
+        ready = False
         try:
             for index in range(self.workers):
                 self._procs[index] = await self._start(index)
             while True:
+                if not ready and self.snapshot().connected:
+                    ready = True
+                    log.info("pairing.workers_connected", policy=self.policy.key, workers=self.workers,
+                             pids=sorted(p for p in self.pids().values() if p is not None))
                 for index, w in list(self._procs.items()):
                     with contextlib.suppress(EOFError, OSError):
                         while w.conn.poll():
