@@ -34,8 +34,8 @@ def _kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 
 async def test_the_controller_reads_both_prompt_versions_and_nothing_else(kube_env: KubeEnv, tmp_path: Path) -> None:
-    """policies/Kustomization builds two ConfigMaps named by their content and the policy that names them; the
-    generated Role lets the controller get exactly those two; the texts and their digest are the files'; another
+    """policies/Kustomization builds two ConfigMaps named by their content and the policy that names them (the API
+    server takes all three); the generated Role lets the controller get exactly those two; the texts and their digest are the files'; another
     ConfigMap is refused (PromptUnavailable, saying which field and object); a ConfigMap edited in place is a new
     candidate identity (the analysis restarts); a missing key is said as such."""
     built = await asyncio.to_thread(_kubectl, "kustomize", str(REPO / "policies"))
@@ -58,8 +58,8 @@ async def test_the_controller_reads_both_prompt_versions_and_nothing_else(kube_e
     admin = kube_env.direct_kubeconfig(tmp_path / "admin")
     applied = await asyncio.to_thread(_kubectl, "--kubeconfig", str(admin), "apply", "-f", "-", stdin=printed.stdout)
     assert applied.returncode == 0, applied.stderr
-    for m in maps:
-        kube_env.put_object(CONFIG_MAP, m)
+    whole = await asyncio.to_thread(_kubectl, "--kubeconfig", str(admin), "apply", "-f", "-", stdin=built.stdout)
+    assert whole.returncode == 0, whole.stderr  # the ConfigMaps, and the policy past the CRD's schema and CEL rules
     kube_env.put_object(CONFIG_MAP, {"apiVersion": "v1", "kind": "ConfigMap",
                                      "metadata": {"name": "other", "namespace": "llm"}, "data": {"system.txt": "x"}})
 
