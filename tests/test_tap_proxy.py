@@ -202,6 +202,66 @@ async def test_application_level_mirror(stub: OpenAIStub) -> None:
         await candidate.stop()
 
 
+class _HeldCandidate(asyncio.Protocol):
+    """A candidate that answers each request only once ``release`` is set; ``connections`` counts its connections."""
+
+    connections = 0
+    release: asyncio.Event
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        type(self).connections += 1
+        self.transport = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        head, sep, rest = self.buf.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                       if line.startswith(b"content-length:")), 0)
+        if sep and len(rest) >= length:
+            self.buf = rest[length:]
+            asyncio.get_running_loop().create_task(self._answer())
+
+    async def _answer(self) -> None:
+        await type(self).release.wait()
+        body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"Lyon."}}]}'
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"  # type: ignore[attr-defined]
+                             % (len(body), body))
+
+
+async def test_mirror_copies_are_counted_and_never_hold_the_user(stub: OpenAIStub) -> None:
+    """Copies go through the tap's own engine (http1.CopyClient): a copy over the cap is not sent and is counted
+    (dropped_in_flight_cap), the user's answer never waits for a copy, a finished copy's connection is reused
+    (keep-alive), and a candidate that is gone counts failed copies while users are still answered."""
+    _HeldCandidate.connections, _HeldCandidate.release = 0, asyncio.Event()
+    server = await asyncio.get_running_loop().create_server(_HeldCandidate, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    mirror = MirrorConfig(url=url, percent=100, max_in_flight=1)
+
+    def count(tap: object, outcome: str) -> float:
+        return tap.sample("shadowctl_tap_mirror_requests_total", {"outcome": outcome})  # type: ignore[attr-defined]
+
+    try:
+        async with running_tap(stub.url, mirror=mirror) as tap, httpx.AsyncClient() as client:
+            for i in (1, 2):  # the first copy is held by the candidate: the second one is over the cap
+                r = await client.post(tap.url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": f"c{i}"})
+                assert r.status_code == 200 and b"Lyon" not in r.content  # the primary's answer, at once
+            assert count(tap, "dropped_in_flight_cap") == 1 and count(tap, "sent") == 0
+            _HeldCandidate.release.set()
+            await eventually(lambda: count(tap, "sent") == 1, what="the held copy answered")
+            await client.post(tap.url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "c3"})
+            await eventually(lambda: count(tap, "sent") == 2, what="the third copy")
+            assert _HeldCandidate.connections == 1  # the second copy went on the first one's connection
+            server.close()
+            await server.wait_closed()
+            tap.proxy.copies.close()  # type: ignore[union-attr]  # its pooled connection too: the candidate is gone
+            r = await client.post(tap.url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "c4"})
+            assert r.status_code == 200
+            await eventually(lambda: count(tap, "failed") == 1, what="the copy to a gone candidate counted")
+    finally:
+        server.close()
+
+
 def test_shadow_detection_and_mirror_selection() -> None:
     assert is_shadow_request("chat.ns.svc.cluster.local-shadow", None)
     assert is_shadow_request("chat-shadow:8080", None)
