@@ -23,9 +23,10 @@ from controller_helpers import REF, Harness, load_vs
 from fake_clock import FakeClock
 
 from shadowctl.controller.analysis import Analyzer
+from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.controller.reconciler import Reconciler
-from shadowctl.kube import VIRTUAL_SERVICE, KubeClient
-from shadowctl.policy.status import Phase
+from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient
+from shadowctl.policy.status import Command, Phase
 from shadowctl.routers.factory import router_for
 
 
@@ -223,3 +224,34 @@ def test_only_a_raise_above_the_recorded_share_is_recorded_first() -> None:
     assert raised(step_two, Finalize(False), SetRoutes(10, None)) is None  # a restart at a lower step
     assert raised(shadowing, SetRoutes(0, 20.0)) is None  # the mirror is not live traffic
     assert raised(RolloutState(), Finalize(False), SetRoutes(10, None)) == RouteState(90, 10, None)  # canary start
+
+
+async def test_a_start_whose_status_never_landed_is_undone_before_another_candidate_starts(
+        h: Harness, next_leader: Reconciler) -> None:
+    """The first tick writes the shadow phase's mirror to v2 and is killed before its status write (the
+    policy still reads Pending); then the candidate becomes v3. Before: the next start, from Pending, undid
+    nothing, v3's write took our v2 mirror for one it replaced, and its rollback put the v2 mirror back
+    (bench/faults seed 16, r-00034: RolledBack recorded with a mirror on the route). Now the routes' ownership
+    record shows the unrecorded start, which is undone first; after the rollback no mirror is left."""
+    await h.setup()
+    with killed_at(h.kube, "patch_status", lambda *a: True, after=False), contextlib.suppress(Killed):
+        await h.reconciler.tick(REF)
+    assert (await h.vs_route())["mirror"]["subset"] == "v2"
+    assert (await h.status()).phase == "Pending"
+    doc = h.env.get_object(SHADOW_POLICY, "llm", "chat")
+    assert doc is not None
+    doc["spec"]["target"]["istio"]["candidate"]["subset"] = "v3"
+    doc["spec"]["analysis"]["variants"]["candidate"]["subset"] = "v3"
+    h.env.put_object(SHADOW_POLICY, doc)
+
+    started = await next_leader.tick(REF)
+    assert started.actions[:2] == ["Finalize", "SetRoutes"], started
+    route = await h.vs_route()
+    assert route["mirror"]["subset"] == "v3"
+    assert (await h.status()).phase == "Shadowing"
+    h.env.patch(SHADOW_POLICY, "llm", "chat", command_patch(new_command(Command.rollback, "", "a person")))
+    h.reconciler = next_leader
+    assert await h.run_until({"RolledBack"}) == "RolledBack"
+    route = await h.vs_route()
+    assert "mirror" not in route, route
+    assert await h.weights() == (100, 0, None)

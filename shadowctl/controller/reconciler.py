@@ -388,7 +388,12 @@ class Reconciler:
         try:
             candidate = await self._observe_candidate(policy, state.phase)
             watched = state.phase in ANALYSED or state.phase is Phase.paused
+            # Pending with a candidate: about to start; the routes may hold an earlier start whose status never
+            # landed (killed, or its status write failed), perhaps for another candidate: it is undone first.
             current = await router.read() if watched and previous_router is None else None
+            if state.phase is Phase.pending and candidate is not None:
+                with contextlib.suppress(RouterError):  # unreadable: the start itself says why, as before
+                    current = await router.read()
         except (RouterError, KubeError) as exc:
             await self._fail_safe(ref, obj, rv, state, policy, router, now, generation, result,
                                   f"cannot read the routes: {exc}", command)
@@ -406,7 +411,8 @@ class Reconciler:
             gate = await self.gate.check(policy, state)
 
         stepped = step(state, verdict, command, now, policy,
-                       Observed(candidate=candidate, generation=generation, gate=gate, drift=drift))
+                       Observed(candidate=candidate, generation=generation, gate=gate, drift=drift,
+                                leftover=state.phase is Phase.pending and current is not None and owns(current.owned)))
         result.transitioned = stepped.state.phase is not state.phase or stepped.state.step != state.step
         result.phase = stepped.state.phase
         result.state = stepped.state

@@ -103,6 +103,7 @@ class Observed:
     generation: int = 1  # the policy's metadata.generation
     gate: bool | None = None  # confirm-promotion webhooks: True open, False closed, None not asked/none configured
     drift: bool = False  # someone else changed the routes we manage
+    leftover: bool = False  # Pending, but the routes carry shadowctl's changes (a start whose status never landed)
 
 
 # --------------------------------------------------------------------------- actions
@@ -241,8 +242,11 @@ def _start(state: RolloutState, now: float, policy: ShadowPolicy, observed: Obse
     """Start (or restart) from the first phase; a rollout in flight is first undone (its candidate may differ)."""
     phase, step, weight, mirror = first_phase(policy)
     undo: tuple[Action, ...] = ()
-    if state.phase is not Phase.pending and not state.phase.terminal:
-        undo = (Finalize(False),)  # never after Succeeded: that would take traffic from the promoted version
+    if (state.phase is not Phase.pending and not state.phase.terminal) or (state.phase is Phase.pending
+                                                                           and observed.leftover):
+        # Never after Succeeded: that would take traffic from the promoted version. From Pending only when
+        # an earlier start's routes are there (its status never landed; its candidate may differ since).
+        undo = (Finalize(False),)
     new, note = _move(
         state,
         phase,

@@ -399,15 +399,18 @@ def _set_mirror(route: JSON, spec: IstioRouteSpec, percent: float | None, rec: J
         _set_mirror_list(route, mirrors, spec, percent, where)
         return
     current = route.get("mirror")
-    ours = isinstance(current, dict) and _matches(current, spec.candidate)
+    # Ours: to this candidate, or the one the record says shadowctl wrote (for a candidate the policy named
+    # before, in a start whose status never landed): never taken for another's mirror to put back later.
+    ours = isinstance(current, dict) and (_matches(current, spec.candidate) or current == rec.get("wroteMirror"))
     if percent is not None:
         if current is not None and not ours and not rec.get("replacedMirror"):
             rec["replacedMirror"] = {k: route[k] for k in _MIRROR_KEYS if k in route}
         for k in _DEPRECATED_MIRROR_KEYS:
             route.pop(k, None)
-        if not ours:
+        if not (isinstance(current, dict) and _matches(current, spec.candidate)):
             route["mirror"] = candidate_object(route, spec)
         route["mirrorPercentage"] = {"value": float(percent)}
+        rec["wroteMirror"] = copy.deepcopy(route["mirror"])
         return
     if ours:
         for k in _MIRROR_KEYS:
@@ -416,6 +419,7 @@ def _set_mirror(route: JSON, spec: IstioRouteSpec, percent: float | None, rec: J
     if replaced and (ours or current is None):
         route.update(copy.deepcopy(replaced))
     rec["replacedMirror"] = None
+    rec.pop("wroteMirror", None)
 
 
 def _set_mirror_list(
