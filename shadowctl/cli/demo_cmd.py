@@ -17,16 +17,20 @@ from shadowctl.errors import ShadowctlError
 
 def demo(
     scenario: Annotated[str, typer.Option("--scenario", "-s",
-                                          help="good | bad-latency | bad-output | tail.")] = "good",
+                                          help="good | bad-latency | bad-output | errors | tail, or a prompt "
+                                               "rollout: prompt-good | prompt-bad (a new system prompt, the taps "
+                                               "as the only router, judged by an llm-judge).")] = "good",
     report_dir: Annotated[Path | None, typer.Option("--report-dir",
                                                     help="Where to write the report (default: ./demo-report-<time>).")]
     = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Show the live view while it runs.")] = True,
     short: Annotated[bool, typer.Option("--short", help="The test suite's shorter timings.")] = False,
-    target: Annotated[str, typer.Option(
-        "--target", help="What routes the traffic: istio (istio/chat.yaml's VirtualService), kserve (kserve/chat.yaml's "
-                         "InferenceService, its shadow phase through the primary's tap) or gateway-api "
-                         "(gateway-api/chat.yaml's HTTPRoute).")] = "istio",
+    target: Annotated[str | None, typer.Option(
+        "--target", help="What routes the traffic: istio (istio/chat.yaml's VirtualService, the default), kserve "
+                         "(kserve/chat.yaml's InferenceService, its shadow phase through the primary's tap) or "
+                         "gateway-api (gateway-api/chat.yaml's HTTPRoute). The prompt scenarios are always routed "
+                         "by the primary's tap (spec.target.tap): tap, or leave it out.",
+        show_default=False)] = None,
 ) -> None:
     """Run a rollout end to end on this machine and say what the controller decided, and why.
 
@@ -34,17 +38,26 @@ def demo(
 
     The scenario sets how the candidate behaves. Exit code 0 when the outcome is the one the scenario expects, 1 otherwise.
 
-    Example: shadowctl demo --scenario bad-latency --target gateway-api
+    Examples: shadowctl demo --scenario bad-latency --target gateway-api; shadowctl demo --scenario prompt-bad
     """
+    from shadowctl.demo.prompt_rollout import PROMPT_SCENARIOS
     from shadowctl.demo.report import write_report
     from shadowctl.demo.run import run_scenario
     from shadowctl.demo.scenarios import FULL, SCENARIOS, SHORT, TARGETS
 
-    if scenario not in SCENARIOS:
-        raise fail(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}", 2)
-    if target not in TARGETS:
+    known = {**SCENARIOS, **PROMPT_SCENARIOS}
+    if scenario not in known:
+        raise fail(f"unknown scenario {scenario!r}; choose one of: {', '.join(known)}", 2)
+    if scenario in PROMPT_SCENARIOS:
+        if target not in (None, "tap"):
+            raise fail(f"--target {target}: the prompt scenarios are routed by the primary's tap "
+                       "(spec.target.tap); leave --target out", 2)
+        target = "tap"
+    elif target is None:
+        target = "istio"
+    elif target not in TARGETS:
         raise fail(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}", 2)
-    chosen = SCENARIOS[scenario]
+    chosen = known[scenario]
     configure_logging("console", "warning")
     folder = report_dir or Path(f"demo-report-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{scenario}")
     try:

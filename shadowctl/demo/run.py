@@ -19,6 +19,8 @@ from rich.text import Text
 
 from shadowctl.aio import cancel_and_wait
 from shadowctl.demo.env import HOST, KSERVE_REVISIONS, MODEL, Environment
+from shadowctl.demo.prompt_rollout import PromptScenario, TapEnvironment, prompt_mix
+from shadowctl.demo.prompt_rollout import policy_yaml as prompt_policy_yaml
 from shadowctl.demo.scenarios import FULL, Scenario, Timing, policy_yaml
 from shadowctl.policy.status import DisagreementRecord, Phase, PolicyStatus
 from shadowctl.sim.loadgen import LoadConfig, LoadGenerator, LoadResult
@@ -38,10 +40,15 @@ SIMULATED = [
     "over Mosquitto says.",
     "GPU model servers: OpenAI-compatible simulators exposing vLLM's metric names, latency really spent; "
     "histograms use 5%-spaced buckets (vLLM's own are up to 2.5x apart, too coarse for a 15% margin).",
+    "Prompt rollouts (prompt-good, prompt-bad): one simulated model server answers both system prompt versions, "
+    "with answers as good as a table of the prompts says (the share of words right); the llm-judge is a second "
+    "simulated server that prefers the answer closer to the reference answer. The tap is the only router: no "
+    "mesh.",
     "Kubernetes nodes: no kubelet, scheduler or controller manager; the model servers, taps and the controller "
     "are local processes, not Pods.",
 ]
-DATA_PLANES = {"Istio data plane": "istio", "Gateway API data plane": "gateway-api", "KServe:": "kserve"}
+DATA_PLANES = {"Istio data plane": "istio", "Gateway API data plane": "gateway-api", "KServe:": "kserve",
+               "Prompt rollouts": "tap"}
 """The SIMULATED line of each target's data plane (a run lists its own only)."""
 REAL = [
     "Prometheus (Debian package), scraping every second; the controller's queries go through it.",
@@ -153,7 +160,10 @@ def check_invariants(changes: list[dict[str, Any]], transitions: list[dict[str, 
 
 
 def _route_changes(env: Environment, started: float) -> list[dict[str, Any]]:
-    """Each version of the managed route the mesh routed by (an HTTPRoute's weights as percent shares)."""
+    """Each version of the managed route the mesh routed by (an HTTPRoute's weights as percent shares); for a
+    prompt rollout, each route setting the primary's tap applied."""
+    if isinstance(env, TapEnvironment):
+        return env.route_changes(started)
     out = []
     assert env.mesh is not None
     primary_key, candidate_key = ("chat-v1.", "chat-v2.") if env.target == "gateway-api" else ("/v1", "/v2")
@@ -199,9 +209,12 @@ async def run_scenario(
     started = time.time()
     rec = Recorder(started)
     policy_texts: list[str] = []
+    if isinstance(scenario, PromptScenario):
+        target = "tap"  # a prompt rollout: the taps are the only router
 
-    def policy_for(broker: str) -> str:
-        policy_texts.append(policy_yaml(timing, broker, target))
+    def policy_for(broker: str, judge_url: str | None = None) -> str:
+        policy_texts.append(policy_yaml(timing, broker, target) if judge_url is None
+                            else prompt_policy_yaml(timing, broker, judge_url))
         return policy_texts[-1]
 
     console.print(f"[bold]shadowctl demo[/] scenario [cyan]{scenario.name}[/] ({target}): {scenario.description}")
@@ -227,15 +240,21 @@ async def _run_started(
     policy_for: Callable[[str], str], target: str,
     inspect: Callable[[Environment, float], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    env = await Environment.start(scenario.candidate, policy_for, workdir=workdir, target=target)
+    if isinstance(scenario, PromptScenario):
+        prompt_env = await TapEnvironment.start_prompt(scenario, policy_for, workdir=workdir)
+        env: Environment = prompt_env
+        entry, mix = prompt_env.entry_url, prompt_mix()
+    else:
+        env = await Environment.start(scenario.candidate, policy_for, workdir=workdir, target=target)
+        assert env.mesh is not None
+        entry, mix = env.mesh.url, PromptMix(stream_share=0.3, max_tokens_choices=(16, 32, 64))
     load_result: LoadResult | None = None
     disagreements: dict[str, DisagreementRecord] = {}  # every pair the status listed while the run lasted
     outcome = "timeout"
     try:
-        assert env.mesh is not None and env.prometheus is not None
-        load = LoadGenerator(LoadConfig(url=env.mesh.url, rps=timing.rps, duration_s=timing.deadline_s,
-                                        concurrency=256, model=MODEL, seed=11, headers={"Host": HOST},
-                                        mix=PromptMix(stream_share=0.3, max_tokens_choices=(16, 32, 64))))
+        assert env.prometheus is not None
+        load = LoadGenerator(LoadConfig(url=entry, rps=timing.rps, duration_s=timing.deadline_s,
+                                        concurrency=256, model=MODEL, seed=11, headers={"Host": HOST}, mix=mix))
         load_task = asyncio.create_task(load.run())
         async with httpx.AsyncClient() as client:
             ctx = Live(console=console, refresh_per_second=2, transient=False) if live else contextlib.nullcontext()
@@ -283,6 +302,7 @@ async def _run_started(
         invariants = check_invariants(changes, transitions, steps, outcome)
         controller_log = env.controller_log.read_text(errors="replace")[-4000:] if env.controller_log else ""
         api_versions = env.api_versions
+        copies = env.copies()
         if inspect is not None:
             await inspect(env, started)
     finally:
@@ -303,6 +323,7 @@ async def _run_started(
         "verdicts": rec.verdicts,
         "route_changes": [{k: v for k, v in c.items() if k != "at"} for c in changes],
         "invariants": invariants,
+        "copies": copies,
         "load": {"sent": load_result.sent if load_result else 0,
                  "status_counts": {str(k): v for k, v in (load_result.status_counts if load_result else {}).items()}},
         # The data plane that routed this run: one of the first two lines.

@@ -12,6 +12,11 @@ swapped order cancels.
 The request is read back from the tap's prompt text (``role: content`` lines, joined by newlines): each
 line loses its role prefix, as the simulated servers join the messages' contents. Answers longer than the
 comparator's ``maxAnswerChars`` arrive cut (`` [...]``); the cut mark is removed before scoring.
+
+With ``skip_system`` the judge scores against the reference answer of the request's part after its
+system prompt (from its first ``user:`` line on), as a server with a ``prompt_quality`` table answers
+(:class:`shadowctl.sim.modelserver.SimModelServer`): in a prompt rollout the system prompt is what
+changes, and the better prompt is the one whose answer is closer to that reference.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ _SECTIONS = re.compile(
 _ROLE = re.compile(r"^(system|user|assistant|developer|tool): ", re.MULTILINE)
 _CUT = " [...]"
 _WORD = re.compile(r"\w+")
+_FIRST_USER = re.compile(r"^user: ", re.MULTILINE)
 
 
 def token_f1(a: str, b: str) -> float:
@@ -53,9 +59,14 @@ class SimJudge:
     median_words: float = 60.0
     sigma: float = 0.5
     """The answer-length knobs of the servers being judged (their reference answers depend on them)."""
+    skip_system: bool = False
+    """Score against the reference answer of the request after its system prompt (see the module docstring)."""
 
     def quality(self, question: str, answer: str) -> float:
         """Token F1 of ``answer`` against the reference answer of ``question`` (0 to 1)."""
+        if self.skip_system:
+            first = _FIRST_USER.search(question)
+            question = question[first.start():] if first is not None else question
         text = _ROLE.sub("", question)
         if answer.endswith(_CUT):
             answer = answer[: -len(_CUT)]

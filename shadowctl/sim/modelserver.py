@@ -46,6 +46,13 @@ What it imitates, and the choices that are not obvious:
   (each adapter's ``divergence``, 0 to 1): whether a prompt's answer differs, and
   how, is a pure function of the adapter's name and the prompt, so an adapter
   rollout has answers that really depend on the name asked for.
+* ``prompt_quality`` maps system prompts to a quality (0 to 1), so a prompt rollout has answers that
+  really depend on the system prompt: a chat request is answered with the reference answer to its
+  messages after the leading system ones, with the words that quality gets wrong replaced
+  (:func:`shadowctl.sim.prompts.degraded_answer`: a pure function of the request's text and the quality,
+  and a better prompt's wrong words are a subset of a worse one's); a system prompt the table does not
+  hold (or none) has quality 1. The simulated judge (:mod:`shadowctl.sim.judge`, ``skip_system``) scores
+  answers against the same reference, so it sees the better prompt.
 
 Knobs form a frozen dataclass; ``POST /admin/knobs`` (a partial JSON object)
 replaces them at run time, so a demo can inject a regression mid-run.
@@ -78,6 +85,7 @@ from shadowctl.sim.logs import log_to_stderr
 from shadowctl.sim.prompts import (
     build_answer,
     count_prompt_tokens,
+    degraded_answer,
     drifted_answer,
     perturb,
     prompt_seed,
@@ -330,11 +338,17 @@ class SimModelServer:
         aliases: Sequence[str] = (),
         adapters: Mapping[str, float] | None = None,
         judge: SimJudge | None = None,
+        prompt_quality: Mapping[str, float] | None = None,
     ) -> None:
         """`adapters`: LoRA adapter names served besides the model, each with the share of prompts (0 to 1)
         it answers differently from the base model. `judge`: answer judge prompts (the llm-judge comparator's
-        default layout) with a deterministic verdict (:mod:`shadowctl.sim.judge`)."""
+        default layout) with a deterministic verdict (:mod:`shadowctl.sim.judge`). `prompt_quality`: system
+        prompt text -> quality (0 to 1) of the answers it gets (see the module docstring)."""
         self.model = model
+        self.prompt_quality: dict[str, float] | None = dict(prompt_quality) if prompt_quality is not None else None
+        for quality in (self.prompt_quality or {}).values():
+            if not 0.0 <= quality <= 1.0:
+                raise SimError(f"prompt quality {quality!r}: must be within 0..1")
         self.judge = judge
         self.adapters: dict[str, float] = dict(adapters or {})
         for name, divergence in self.adapters.items():
@@ -517,7 +531,30 @@ class SimModelServer:
                                 salt=f"adapter2:{adapter}")
         return reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma)
 
-    def _plan(self, text: str, limit: int | None, prompt_tokens: int, adapter: str | None = None) -> _Plan:
+    def quality_of(self, body: Mapping[str, Any]) -> tuple[float, str] | None:
+        """(quality, the text after the system prompt) of a chat request under ``prompt_quality`` (None: the
+        server has no table, or the body is not a chat request)."""
+        messages = body.get("messages")
+        if self.prompt_quality is None or not isinstance(messages, list):
+            return None
+        n, system = 0, []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "developer"):
+                break
+            content = m.get("content")
+            system.append(content if isinstance(content, str) else "")
+            n += 1
+        rest: list[str] = []
+        for m in messages[n:]:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            rest.append(content if isinstance(content, str) else "")
+        quality = self.prompt_quality.get("\n".join(system), 1.0) if n else 1.0
+        return quality, "\n".join(rest)
+
+    def _plan(self, text: str, limit: int | None, prompt_tokens: int, adapter: str | None = None,
+              quality: tuple[float, str] | None = None) -> _Plan:
         k = self._knobs
         rng = self._rng
         verdict = self.judge.reply(text) if self.judge is not None else None
@@ -526,8 +563,14 @@ class SimModelServer:
             ttft = k.ttft_median_s * k.latency_factor
             return _Plan(verdict, tokens, "stop", ttft, [k.tpot_median_s * k.latency_factor] * (len(tokens) - 1),
                          False, False)
-        reference = (self.adapter_answer(adapter, text) if adapter is not None
-                     else reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma))
+        if quality is not None:  # a prompt rollout: the answer to the user's part, as good as the system prompt
+            q, asked = quality
+            reference = degraded_answer(
+                reference_answer(asked, median_words=k.output_words_median, sigma=k.output_words_sigma), q, asked)
+        elif adapter is not None:
+            reference = self.adapter_answer(adapter, text)
+        else:
+            reference = reference_answer(text, median_words=k.output_words_median, sigma=k.output_words_sigma)
         drifted = rng.random() < k.drift_rate
         answer = (
             drifted_answer(text, rng, median_words=k.output_words_median, sigma=k.output_words_sigma)
@@ -626,7 +669,7 @@ class SimModelServer:
             )
 
         prompt_tokens = count_prompt_tokens(text)
-        plan = self._plan(text, limit, prompt_tokens, adapter)
+        plan = self._plan(text, limit, prompt_tokens, adapter, self.quality_of(body) if chat else None)
         if plan.drifted:
             self.stats.drifted += 1
         if plan.tail:

@@ -240,6 +240,32 @@ def drifted_answer(text: str, rng: random.Random, *, median_words: float = 60.0,
     return reference + " " + rng.choice(_CHAT)
 
 
+_OFF_TOPIC = (
+    "meanwhile", "unrelated", "elsewhere", "somehow", "whatever", "anyway", "nevertheless", "sideways",
+    "vaguely", "apparently", "presumably", "allegedly",
+)
+
+
+def degraded_answer(answer: str, quality: float, text: str) -> str:
+    """``answer`` with the words a prompt of ``quality`` (0 to 1) gets wrong replaced by off-topic words.
+
+    Word ``i`` (a token, :func:`tokenize`) is wrong when a number drawn from a hash of ``text`` and ``i`` is
+    at or above ``quality``: the same inputs, the same answer in any process, and the wrong words of a
+    better prompt are a subset of a worse prompt's (nested), so a better prompt's answer is closer to the
+    reference on every request, never only on average. Punctuation and layout stay (only the token's
+    non-space part changes)."""
+    if quality >= 1.0:
+        return answer
+    out: list[str] = []
+    for i, token in enumerate(tokenize(answer)):
+        draw = prompt_seed(text, f"quality:{i}")
+        if draw / 2**64 >= quality:
+            lead = token[: len(token) - len(token.lstrip())]
+            token = lead + _OFF_TOPIC[draw % len(_OFF_TOPIC)]
+        out.append(token)
+    return "".join(out)
+
+
 def perturb(text: str, probability: float, rng: random.Random) -> str:
     """Swap each plain lowercase word for a synonym or drop in a filler word, each with ``probability``.
 
@@ -279,6 +305,9 @@ class PromptMix:
     stream_share: float = 0.5
     max_tokens_choices: tuple[int, ...] = (16, 64, 128, 256, 512)
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None
+    """The system prompt of every chat request (an application's, e.g. a prompt rollout's primary version);
+    None: 30% of chat requests carry a generic one."""
 
     def __post_init__(self) -> None:
         weights = [self.chat, self.summarize, self.code, self.json, self.long]
@@ -340,7 +369,9 @@ def sample_request(rng: random.Random, mix: PromptMix | None = None, *, model: s
     else:
         path = "/v1/chat/completions"
         messages: list[dict[str, str]] = []
-        if rng.random() < 0.3:
+        if mix.system_prompt is not None:
+            messages.append({"role": "system", "content": mix.system_prompt})
+        elif rng.random() < 0.3:
             messages.append({"role": "system", "content": "You are a concise assistant for platform engineers."})
         messages.append({"role": "user", "content": text})
         body = {"model": model, "messages": messages, "max_tokens": max_tokens}
