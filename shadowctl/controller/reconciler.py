@@ -85,6 +85,7 @@ from shadowctl.machine import (
     RolloutState,
     SetRoutes,
     StepResult,
+    first_phase,
     step,
 )
 from shadowctl.policy.model import ShadowPolicy, Target
@@ -412,7 +413,7 @@ class Reconciler:
 
         stepped = step(state, verdict, command, now, policy,
                        Observed(candidate=candidate, generation=generation, gate=gate, drift=drift,
-                                leftover=state.phase is Phase.pending and current is not None and owns(current.owned)))
+                                leftover=self._leftover(router, policy, state, current)))
         result.transitioned = stepped.state.phase is not state.phase or stepped.state.step != state.step
         result.phase = stepped.state.phase
         result.state = stepped.state
@@ -485,6 +486,16 @@ class Reconciler:
                      to=stepped.state.phase.value, step=stepped.state.step, weight=stepped.state.weight,
                      reason=stepped.state.message)
         return look
+
+    @staticmethod
+    def _leftover(router: Router, policy: ShadowPolicy, state: RolloutState, current: RouteState | None) -> bool:
+        """Pending, and the routes carry shadowctl's changes that a start would not write as they are: an
+        earlier start whose status never landed, for a candidate the policy no longer names (the same start
+        again finds its routes right and writes nothing)."""
+        if state.phase is not Phase.pending or current is None or not owns(current.owned):
+            return False
+        _, _, weight, mirror = first_phase(policy)
+        return current != desired_routes(router, policy, weight, mirror)
 
     async def _settle_intent(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
                              intent: PendingRoute, policy: ShadowPolicy, now: float, generation: int,
