@@ -12,10 +12,12 @@ import contextlib
 import functools
 import itertools
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import pytest
+import yaml
 from aiohttp import web
 from tap_helpers import eventually, free_port
 
@@ -33,14 +35,17 @@ from shadowctl.compare.llmjudge import (
     render,
 )
 from shadowctl.compare.pairing import Pair
-from shadowctl.controller.analysis import agreement_input
+from shadowctl.controller.analysis import Analyzer, agreement_input
+from shadowctl.controller.outputs import OutputHub
 from shadowctl.judge import Outcome as Verdict
 from shadowctl.judge import judge_metric
-from shadowctl.policy.model import Comparator, ComparatorName, LlmJudge, Outputs
+from shadowctl.machine import RolloutState
+from shadowctl.policy.model import Comparator, ComparatorName, LlmJudge, Outputs, ShadowPolicy
+from shadowctl.policy.status import Phase
 from shadowctl.sim.judge import SimJudge
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
 from shadowctl.sim.prompts import drifted_answer, reference_answer
-from shadowctl.sources.llmjudge import OpenAIJudge, PairJudge, inline_template
+from shadowctl.sources.llmjudge import OpenAIJudge, PairJudge, inline_template, judge_for_policy
 from shadowctl.sources.outputs import MqttOutputSource
 
 if TYPE_CHECKING:
@@ -322,3 +327,52 @@ def test_the_judge_s_secret_is_named_for_rbac_secrets() -> None:
     assert ("judge-key", "spec.analysis.outputs.comparators[1].judge.apiKeySecret") in secret_refs(policy)
     judge = judge_for_policy(policy, None)
     assert judge is not None and judge.spec.min_win_or_tie == 0.45
+
+
+def _example(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((Path(__file__).resolve().parents[1] / "policies" / name).read_text())
+    return loaded
+
+
+async def test_a_judge_that_keeps_failing_is_named_in_the_verdict(mosquitto: MosquittoBroker) -> None:
+    """Through the Analyzer, the controller's OutputHub and the real MQTT output source built from a policy whose
+    judge listens nowhere (a closed port): the llm-judge's evidence says the judge gave no verdict on any of the
+    pairs it was asked about, with its last error, instead of "no paired candidate answers yet"."""
+    doc = _example("chat-paired-latency.yaml")
+    doc["spec"]["analysis"]["metrics"] = []
+    outputs = doc["spec"]["analysis"]["outputs"]
+    outputs["mqtt"] = {"broker": mosquitto.url, "topic": "shadowctl/outputs/llm/chat/+"}
+    outputs["minPairs"] = 5
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    outputs["comparators"] = [{"name": "llm-judge", "judge": {
+        "url": dead, "model": "judge", "prompt": {"text": DEFAULT_JUDGE_PROMPT}, "timeout": "2s",
+        "rate": {"requestsPerSecond": 100}}}]
+    policy = ShadowPolicy.model_validate(doc)
+    hub = OutputHub(lambda p: MqttOutputSource.from_policy(p, model_judge=judge_for_policy(p, None)))
+    analyzer = Analyzer(None, hub)
+    since = 1_000.0
+    state = RolloutState(phase=Phase.shadowing, phase_started_at=since, rollout_started_at=since, candidate="v2")
+    try:
+        first = await analyzer.look(policy, state, since + 30)  # starts the source
+        [before] = [r.to_record() for r in first.verdict.results if r.name == "agreement/llm-judge"]
+        assert "no paired candidate answers yet" in before.model_dump_json()  # nothing offered yet: nothing failed
+        source = hub._entries[policy.key].source
+        assert isinstance(source, MqttOutputSource)
+        await eventually(lambda: source.subscribed.is_set(), what="the source subscribed")
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            for i in range(5):
+                p = pair(i, good(i), bad(i))
+                for e in (p.primary, p.other):
+                    e = e.model_copy(update={"service": "llm/chat"})
+                    await pub.publish(f"shadowctl/outputs/llm/chat/{e.variant.value}", e.to_json(), qos=1)
+        await eventually(lambda: (source.snapshot().judge or {}).get("failed") == 5, limit=30,
+                         what="5 pairs the judge failed")
+        verdict = (await analyzer.look(policy, state, since + 60)).verdict
+    finally:
+        await hub.close()
+    assert verdict.outcome is Verdict.nodata
+    [record] = [r.to_record() for r in verdict.results if r.name == "agreement/llm-judge"]
+    text = record.model_dump_json()
+    assert "the judge model gave no verdict on any of the 5 pair(s) it was asked about" in text, text
+    assert f"judge {dead}/chat/completions" in text, text  # the last error names the endpoint
+    assert "no paired candidate answers yet" not in text

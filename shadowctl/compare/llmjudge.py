@@ -116,6 +116,15 @@ def combine(candidate_first: Choice, candidate_second: Choice) -> Outcome:
     return first if first is second else Outcome.tie
 
 
+def no_verdict_reason(judged: int, failed: int, last_error: str | None) -> str | None:
+    """Why the comparator has no data when every pair the judge was asked about failed (None: it judged
+    one, or was never asked): the verdict then says the judge is failing, not that no pairs came."""
+    if failed == 0 or judged > 0:
+        return None
+    why = f"the judge model gave no verdict on any of the {failed} pair(s) it was asked about"
+    return why + (f" (last error: {last_error})" if last_error else "")
+
+
 def question_of(primary: OutputEvent) -> str:
     """The user's request as the judge sees it: the primary's prompt text as the tap recorded it."""
     return primary.prompt or ""

@@ -103,6 +103,11 @@ class OutputTallies(Protocol):
         """Why `policy_key` has no output source, where it could not be built."""
         ...
 
+    def judge_problem(self, policy_key: str) -> str | None:
+        """Why the policy's llm-judge comparator has no data when its judge model failed every pair it was
+        asked about (None: it gave verdicts, or there is no judge)."""
+        ...
+
     async def stop(self, policy_key: str) -> None:
         """No phase of `policy_key` compares outputs now: release its source."""
         ...
@@ -175,12 +180,13 @@ def paired_input(metric: Metric, latency: Mapping[str, Paired] | None, why_none:
     return MetricInput.of_pairs(spec, data)
 
 
-def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
+def agreement_input(item: AgreementInput, min_pairs: int, judge_problem: str | None = None) -> MetricInput:
     """Candidate agreement against the primary's own agreement (the noise floor), as disagreement counts.
 
     A model judge's verdicts (``min_win_or_tie`` set) are the same proportion test on other numbers: the
     candidate's win-or-tie share (losses are its "disagreements") against an even match, a fixed 0.5, with
-    the absolute margin 0.5 - min_win_or_tie (pass above min_win_or_tie, fail below 0.5)."""
+    the absolute margin 0.5 - min_win_or_tie (pass above min_win_or_tie, fail below 0.5). `judge_problem`: why
+    such a judge has no verdicts (it failed every pair), said instead of "no paired candidate answers yet"."""
     margin = (Margin(round(item.fixed_baseline - item.min_win_or_tie, 6), relative=False)
               if item.min_win_or_tie is not None and item.fixed_baseline is not None
               else Margin(round(1.0 - item.min_relative_agreement, 6), relative=True))
@@ -196,7 +202,8 @@ def agreement_input(item: AgreementInput, min_pairs: int) -> MetricInput:
     candidate: ArmData = (
         NoData(redacted) if redacted is not None
         else Counts(item.candidate_pairs - item.candidate_agree, item.candidate_pairs) if item.candidate_pairs
-        else NoData("no paired candidate answers yet")
+        else NoData(judge_problem if judge_problem is not None and item.min_win_or_tie is not None
+                    else "no paired candidate answers yet")
     )
     if redacted is not None:  # the baseline's pairs are redacted alike: say why on both arms
         primary: ArmData = NoData(redacted)
@@ -347,8 +354,9 @@ class Analyzer:
                 latency = stored_latency  # no source now: what was counted still stands
             paired = paired_record(policy, latency, since)
             tally = _merge(stored_tally, fresh)
+            judge_problem = self.outputs.judge_problem(policy.key) if self.outputs is not None else None
             for item in judge_inputs(tally or AgreementTally(), outputs):
-                extra.append(agreement_input(item, outputs.min_pairs))
+                extra.append(agreement_input(item, outputs.min_pairs, judge_problem))
             # Paired latency: only the shadow phase has pairs (the canary's live requests have no twin).
             why = "the controller has no output hub"
             if self.outputs is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import structlog
 
@@ -38,6 +38,15 @@ class Snapshot(Protocol):
     def latency(self) -> Mapping[str, Paired]: ...
     @property
     def connected(self) -> bool: ...
+
+
+@runtime_checkable
+class JudgeHealth(Protocol):
+    """A source with an llm-judge comparator that can say why its judge gives no verdicts."""
+
+    def judge_problem(self) -> str | None:
+        """Why the judge's comparator has no data (the judge failed every pair it was asked about), or None."""
+        ...
 
 
 class OutputSourcePort(Protocol):
@@ -106,6 +115,13 @@ class OutputHub:
             now = out.get(quantity)
             out[quantity] = before if now is None else before + now
         return out
+
+    def judge_problem(self, policy_key: str) -> str | None:
+        """Why the policy's llm-judge has no data when its judge keeps failing (None: fine, or no such source)."""
+        entry = self._entries.get(policy_key)
+        if entry is None or not isinstance(entry.source, JudgeHealth):
+            return None
+        return entry.source.judge_problem()
 
     def error(self, policy_key: str) -> str | None:
         """Why the policy has no output source, if it could not be built."""

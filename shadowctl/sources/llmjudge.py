@@ -43,6 +43,7 @@ from shadowctl.compare.llmjudge import (
     TemplateError,
     check_template,
     combine,
+    no_verdict_reason,
     parse_choice,
     question_of,
     render,
@@ -238,6 +239,10 @@ class PairJudge:
             self.stats.capped += 1
             return
         self._taken += 1
+
+    def problem(self) -> str | None:
+        """Why the comparator has no data, when the judge failed every pair it was asked about (else None)."""
+        return no_verdict_reason(self.stats.judged, self.stats.failed, self.last_error)
 
     async def run(self) -> None:
         """Ask the judge until cancelled (``concurrency`` workers)."""

@@ -448,6 +448,10 @@ class MqttOutputSource:
             await asyncio.sleep(period)
             self.pairer.expire(self.clock())
 
+    def judge_problem(self) -> str | None:
+        """Why the llm-judge comparator has no data when its judge keeps failing (None: no judge, or fine)."""
+        return self.model_judge.problem() if self.model_judge is not None else None
+
     def snapshot(self) -> OutputSnapshot:
         """Counts and health so far (cheap; safe to call at every analysis interval)."""
         return OutputSnapshot(
