@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import itertools
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +21,12 @@ import aiomqtt
 import pytest
 import yaml
 from aiohttp import web
+from conftest_kube import KubeEnv
 from tap_helpers import eventually, free_port
+from typer.testing import CliRunner
 
 from shadowctl.aio import cancel_and_wait
+from shadowctl.cli.app import app
 from shadowctl.compare.comparators import AgreementTally, PairResult, TallyBuilder, build_comparators, judge_inputs
 from shadowctl.compare.events import Endpoint, OutputEvent, Variant
 from shadowctl.compare.llmjudge import (
@@ -39,13 +44,15 @@ from shadowctl.controller.analysis import Analyzer, agreement_input
 from shadowctl.controller.outputs import OutputHub
 from shadowctl.judge import Outcome as Verdict
 from shadowctl.judge import judge_metric
+from shadowctl.kube import CONFIG_MAP, KubeClient
 from shadowctl.machine import RolloutState
 from shadowctl.policy.model import Comparator, ComparatorName, LlmJudge, Outputs, ShadowPolicy
 from shadowctl.policy.status import Phase
+from shadowctl.sim.cluster import find_binaries
 from shadowctl.sim.judge import SimJudge
 from shadowctl.sim.modelserver import ModelKnobs, SimModelServer
 from shadowctl.sim.prompts import drifted_answer, reference_answer
-from shadowctl.sources.llmjudge import OpenAIJudge, PairJudge, inline_template, judge_for_policy
+from shadowctl.sources.llmjudge import JudgeCallFailed, OpenAIJudge, PairJudge, inline_template, judge_for_policy
 from shadowctl.sources.outputs import MqttOutputSource
 
 if TYPE_CHECKING:
@@ -376,3 +383,79 @@ async def test_a_judge_that_keeps_failing_is_named_in_the_verdict(mosquitto: Mos
     assert "the judge model gave no verdict on any of the 5 pair(s) it was asked about" in text, text
     assert f"judge {dead}/chat/completions" in text, text  # the last error names the endpoint
     assert "no paired candidate answers yet" not in text
+
+
+async def test_the_controller_reads_the_judge_prompt_with_the_generated_role(kube_env: KubeEnv,
+                                                                              tmp_path: Path) -> None:
+    """On the real API server with RBAC: `shadowctl rbac configmaps` names the judge's prompt ConfigMap (the one
+    generator for prompt versions and judge prompts); before its Role is applied the controller's
+    ServiceAccount is refused (no verdict: no data), after it the judge's template is the ConfigMap's text;
+    another ConfigMap stays refused."""
+    doc = _example("chat-paired-latency.yaml")
+    outputs = doc["spec"]["analysis"]["outputs"]
+    outputs["comparators"] = [{"name": "llm-judge", "judge": {
+        "url": "http://judge.llm:8000/v1", "model": "judge",
+        "prompt": {"configMapRef": {"name": "judge-prompt-7h2k9", "key": "judge.txt"}}}}]
+    policy_file = tmp_path / "policy.yaml"
+    await asyncio.to_thread(policy_file.write_text, yaml.safe_dump(doc))
+    policy = ShadowPolicy.model_validate(doc)
+    namespace = policy.metadata.namespace
+    text = DEFAULT_JUDGE_PROMPT.replace("serves the user better", "answers the ticket better")
+    for name, body in (("judge-prompt-7h2k9", text), ("judge-prompt-old", DEFAULT_JUDGE_PROMPT)):
+        kube_env.put_object(CONFIG_MAP, {"apiVersion": "v1", "kind": "ConfigMap",
+                                         "metadata": {"name": name, "namespace": namespace},
+                                         "data": {"judge.txt": body}})
+
+    printed = CliRunner().invoke(app, ["rbac", "configmaps", str(policy_file)])
+    assert printed.exit_code == 0, printed.output
+    roles = list(yaml.safe_load_all(printed.stdout))
+    assert roles[0]["metadata"]["namespace"] == namespace
+    assert roles[0]["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"],
+                                  "resourceNames": ["judge-prompt-7h2k9"]}]
+
+    kube = await KubeClient.connect(kubeconfig=kube_env.service_account_kubeconfig(
+        tmp_path / "sa", "shadowctl", "shadowctl"))
+    try:
+        refused = judge_for_policy(policy, kube)
+        assert refused is not None
+        with pytest.raises(JudgeCallFailed, match=rf"cannot read ConfigMap {namespace}/judge-prompt-7h2k9"):
+            await refused.template()
+        await refused.model.aclose()
+
+        admin = kube_env.direct_kubeconfig(tmp_path / "admin")
+        applied = await asyncio.to_thread(subprocess.run, [str(find_binaries().kubectl), "--kubeconfig", str(admin),
+                                                          "apply", "-f", "-"], input=printed.stdout,
+                                          capture_output=True, text=True, timeout=60, check=False)
+        assert applied.returncode == 0, applied.stderr
+
+        async def reads() -> str | None:
+            judge = judge_for_policy(policy, kube)  # a fresh template cache each try
+            assert judge is not None
+            try:
+                return await judge.template()
+            except JudgeCallFailed:
+                return None  # RBAC reaches the authorizer a moment after it is stored
+            finally:
+                await judge.model.aclose()
+
+        got = None
+        for _ in range(100):
+            got = await reads()
+            if got is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert got == text
+
+        other = judge_for_policy(ShadowPolicy.model_validate(_with_judge_map(doc, "judge-prompt-old")), kube)
+        assert other is not None
+        with pytest.raises(JudgeCallFailed, match="cannot read ConfigMap"):
+            await other.template()
+        await other.model.aclose()
+    finally:
+        await kube.close()
+
+
+def _with_judge_map(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    changed = copy.deepcopy(doc)
+    changed["spec"]["analysis"]["outputs"]["comparators"][0]["judge"]["prompt"]["configMapRef"]["name"] = name
+    return changed
