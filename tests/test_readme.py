@@ -211,3 +211,22 @@ def test_kubectl_examples_run_as_written(kube_env: KubeEnv, tmp_path: Path) -> N
     finally:
         kubectl_run("-n", "monitoring", "delete", "configmap", "shadowctl-dashboard", "--ignore-not-found",
                     check=False)
+
+
+def test_the_readme_names_every_demo_scenario() -> None:
+    """The README's list of `shadowctl demo` scenarios is the command's: every `--scenario NAME` it names is one
+    the command knows, every one the command knows is named (the prompt rollouts included), and `shadowctl demo
+    --help` lists them all (the demos themselves run in tests/test_demo_*_e2e.py)."""
+    from shadowctl.demo.prompt_rollout import PROMPT_SCENARIOS
+    from shadowctl.demo.scenarios import SCENARIOS
+
+    text = README.read_text(encoding="utf-8").replace("\n", " ")
+    named = set(re.findall(r"--scenario\s+([a-z][a-z-]*)", text))
+    known = set(SCENARIOS) | set(PROMPT_SCENARIOS)
+    assert {"prompt-good", "prompt-bad"} <= known
+    assert named == known, (sorted(named - known), sorted(known - named))
+    done = run(["shadowctl", "demo", "--help"])
+    assert done.returncode == 0, done.stderr
+    help_text = " ".join(done.stdout.split())
+    for name in known:
+        assert name in help_text, name
