@@ -21,13 +21,13 @@ Topology::
     controller ◀──▶ kube-apiserver + etcd (ShadowPolicy, VirtualService, Events, status)
     mesh simulator ◀── watch ── kube-apiserver (the VirtualService the controller writes)
 
-With ``target="kserve"`` KServe cannot mirror, so the primary's tap is the shadow phase's router (it
-follows the controller's route setting over Mosquitto and copies its share to the candidate's tap), and
-the noise baseline's copies come from a second tap behind it (the replica tap: a fixed 30% to the
-baseline, its own events on a topic the policy does not read)::
+With ``target="kserve"`` KServe cannot mirror, so the primary's tap is the shadow phase's router: it
+follows the controller's route setting over Mosquitto, copies its share to the candidate's tap, and
+sends 30% of requests once more to its own model server for the noise baseline (the policy's
+``baseline.mode: resend``; no second primary replica)::
 
     mesh (InferenceService chat: revision 1 / revision 2 by canaryTrafficPercent)
-      ├─▶ tap(primary, routed) ──▶ tap(replica) ──▶ chat-v1 ; tap(replica) ─ 30% ─▶ tap(baseline)
+      ├─▶ tap(primary, routed) ──▶ chat-v1  (and 30% once more: variant baseline)
       │        └─ mirror x% (the route setting) ─▶ tap(candidate)
       └─▶ tap(candidate) ──▶ chat-v2
 """
@@ -195,9 +195,12 @@ class Environment:
         self.mosquitto = MosquittoProcess(self.workdir / "mosquitto")
         await self.mosquitto.start()
 
-        # Model servers: the primary, a second primary replica (the noise baseline), the candidate.
+        # Model servers: the primary, a second primary replica (the noise baseline; KServe's comes from the
+        # primary's tap resending), the candidate.
         pods = {"primary": "chat-v1-5c7d9f-x8k2p", "baseline": "chat-baseline-6f8b7c-q4m1z",
                 "candidate": "chat-v2-7b9c4d-r2n5t"}
+        if self.target == "kserve":
+            del pods["baseline"]
         for i, (variant, pod) in enumerate(pods.items()):
             knobs = BASE_KNOBS.updated(candidate_knobs) if variant == "candidate" else BASE_KNOBS
             server = SimModelServer(MODEL, variant=variant, knobs=knobs, seed=seed + i, pod=pod,
@@ -205,17 +208,12 @@ class Environment:
             await server.start()
             self.servers[variant] = server
 
-        # Taps in front of them; the primary's tap copies 30% of requests to the baseline replica.
+        # Taps in front of them; the primary's tap copies 30% of requests to the baseline replica (KServe: the
+        # route setting says what it copies to the candidate and resends to its own server).
         if self.target == "kserve":
-            await self._start_tap("baseline", None)
             await self._start_tap("candidate", None)
-            # Copies in flight capped as the mesh caps Istio's mirrors (256): the tap's default (64) drops
-            # a third of the copies when two busy cores slow the simulated servers down.
-            await self._start_tap("replica", MirrorConfig(url=self.taps["baseline"].url, percent=30.0,
-                                                          max_in_flight=256))
-            await self._start_tap("primary", MirrorConfig(url=self.taps["candidate"].url, percent=0.0,
-                                                          max_in_flight=256),
-                                  upstream=self.taps["replica"].url, routed=True)
+            await self._start_tap("primary", MirrorConfig(url=self.taps["candidate"].url, percent=0.0),
+                                  routed=True)
         else:
             for variant in ("baseline", "candidate", "primary"):
                 mirror = None
@@ -263,7 +261,7 @@ class Environment:
                    for s in self.servers.values()]
         targets += [ScrapeTarget("tap", _address(t.url), {"namespace": DEMO_NAMESPACE, "pod": pods[v],
                                                           "container": "tap", "endpoint": "tap-metrics"})
-                    for v, t in self.taps.items() if v in pods]  # not the replica tap: a second primary tap
+                    for v, t in self.taps.items()]
         targets.append(ScrapeTarget("dcgm-exporter", _address(self.dcgm.url), {
             "namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-7xk2p", "container": "nvidia-dcgm-exporter",
             "service": "nvidia-dcgm-exporter", "endpoint": "gpu-metrics"}))
@@ -354,19 +352,16 @@ class Environment:
         finally:
             await probe.close()
 
-    async def _start_tap(self, name: str, mirror: MirrorConfig | None, *, upstream: str | None = None,
-                         routed: bool = False) -> None:
-        """A tap named `name` (a variant; "replica": a second primary tap whose events no policy reads); with
-        `routed` it follows the policy's route setting (the tap router) over Mosquitto."""
+    async def _start_tap(self, name: str, mirror: MirrorConfig | None, *, routed: bool = False) -> None:
+        """The tap of variant `name`, in front of its model server; with `routed` it follows the policy's route
+        setting (the tap router) over Mosquitto."""
         assert self.mosquitto is not None
-        v = Variant.primary if name == "replica" else Variant(name)
+        v = Variant(name)
         metrics = TapMetrics(v.value)
         broker = BrokerSettings("127.0.0.1", self.mosquitto.port, client_id=f"tap-{name}-{os.getpid()}")
         publisher = EventPublisher(broker, metrics)
-        service = "chat-replica" if name == "replica" else "chat"
-        config = TapConfig(upstream=upstream or self.servers["primary" if name == "replica" else name].url,
-                           variant=v, namespace=DEMO_NAMESPACE, service=service,
-                           topic=default_topic(DEMO_NAMESPACE, service, v), mirror=mirror, routed=routed)
+        config = TapConfig(upstream=self.servers[name].url, variant=v, namespace=DEMO_NAMESPACE, service="chat",
+                           topic=default_topic(DEMO_NAMESPACE, "chat", v), mirror=mirror, routed=routed)
         follower = None
         if routed:
             follower = RouteFollower(BrokerSettings("127.0.0.1", self.mosquitto.port,
@@ -430,6 +425,18 @@ class Environment:
         weights = {d["destination"].get("subset"): int(d.get("weight", 100 if len(dests) == 1 else 0)) for d in dests}
         mirror = (route.get("mirrorPercentage") or {}).get("value", 100.0) if "mirror" in route else None
         return weights.get("v1", 0), weights.get("v2", 0), mirror
+
+    def copies(self) -> dict[str, dict[str, int]]:
+        """Each tap's copies by outcome (sent, failed, dropped_in_flight_cap, ...): ``mirror`` to the candidate and
+        ``baseline`` resent to its own server; taps that sent none are left out."""
+        out: dict[str, dict[str, int]] = {}
+        for name, tap in self.taps.items():
+            for kind, counter in (("mirror", tap.proxy.metrics.mirrored), ("baseline", tap.proxy.metrics.baseline)):
+                counts = {sample.labels["outcome"]: int(sample.value) for metric in counter.collect()
+                          for sample in metric.samples if sample.name.endswith("_total") and sample.value}
+                if counts:
+                    out[f"{name}/{kind}"] = counts
+        return out
 
     def controller_alive(self) -> bool:
         return self.controller is not None and self.controller.poll() is None

@@ -94,7 +94,7 @@ spec:
         topic: shadowctl/outputs/llm/chat/+
       comparators:
         - {{name: token-f1, threshold: 0.6}}
-      baseline: {{mode: primary-replica}}
+      baseline: {baseline}
       minRelativeAgreement: 0.85
       pairTTL: 30s
       minPairs: 100
@@ -132,9 +132,14 @@ SHADOW_MODES: dict[str, str] = {"kserve": "    mode: tap\n"}
 """The shadow phase's mirror where the target cannot mirror: KServe's goes through the primary's tap."""
 
 
+BASELINES: dict[str, str] = {"kserve": "{mode: resend, percent: 30}"}
+"""The noise baseline: a second primary replica answers the copies the primary's tap sends it (the default), or,
+where the primary's tap routes (KServe), that tap sends 30% of requests once more to its own upstream."""
+
+
 def policy_yaml(timing: Timing, broker: str, target: str = "istio") -> str:
     return POLICY_TEMPLATE.format(
-        shadow_mode=SHADOW_MODES.get(target, ""),
+        shadow_mode=SHADOW_MODES.get(target, ""), baseline=BASELINES.get(target, "{mode: primary-replica}"),
         shadow_min=timing.shadow_min, shadow_max=timing.shadow_max, step_duration=timing.step_duration,
         step_max=timing.step_max, interval=timing.interval, steps=", ".join(str(s) for s in timing.steps),
         broker=broker, target=TARGETS[target],
