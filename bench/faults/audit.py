@@ -30,7 +30,8 @@ patch that releases a deleted object's last finalizer, which answers with the ob
 placed after every write the log holds before it (the log backend writes events as requests complete).
 
 * ``rollback-restored`` (invariant 3): when a status first records RolledBack, and when a controller
-  lets a deleted policy's finalizer go, the VirtualService as it stands then gives the candidate 0 and
+  lets a deleted policy's finalizer go (unless it had Succeeded: the promoted candidate is the new primary),
+  the route object as it stands then gives the candidate 0 and
   has no mirror;
 * ``unconditional-write``: every controller update or patch of a route, a policy or its status names
   the resourceVersion it was computed from (so a stale leader's write fails 409 and never lands);
@@ -348,8 +349,9 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
             report.count("rollbacks checked")
             _restored(report, name, r.vs, event, "RolledBack recorded")
         meta = obj.get("metadata") or {}
-        if mine and meta.get("deletionTimestamp") and not any(
+        if mine and meta.get("deletionTimestamp") and _phase(status) != "Succeeded" and not any(
                 str(f).startswith(FINALIZER_PREFIX) for f in meta.get("finalizers") or []):
+            # (a promoted rollout's candidate is the new primary: deleting its policy leaves it serving)
             report.count("deletions checked")
             _restored(report, name, r.vs, event, "finalizer released")
     for name, outcome in (outcomes or {}).items():
