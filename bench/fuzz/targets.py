@@ -6,8 +6,9 @@ in words. Anything else that escapes is a finding (a traceback a user would see,
 Each target drives the real code: the policy loader, `shadowctl render` and `shadowctl judge replay`
 through the typer app, the output-event parser and the pairer, the Prometheus source against a local
 HTTP server that answers with the input, the controller's reading of objects from the API server, and
-the tap's parsing of requests and answers. `render` takes an Istio VirtualService, a Knative Service and a
-Gateway API HTTPRoute. `promql` puts drawn names (quotes, backslashes, newlines, ``{{``, unicode) into a
+the tap's parsing of requests and answers. `render` takes an Istio VirtualService, a Knative Service, a
+Gateway API HTTPRoute and a KServe InferenceService (``render-kserve``: its status says which revision is the
+candidate, so status fields are mutated too). `promql` puts drawn names (quotes, backslashes, newlines, ``{{``, unicode) into a
 policy's variant selectors and has a real Prometheus parse every query shadowctl writes from it (the
 ``prometheus`` binary must be on PATH or in /usr/bin). The webhook path reads only a status line (shadowctl/webhooks.py)
 and has nothing to fuzz.
@@ -163,6 +164,13 @@ def _render_gateway(data: bytes) -> None:
 
 
 ROUTE = yaml.safe_load((REPO / "gateway-api" / "chat.yaml").read_text())
+
+
+def _render_kserve(data: bytes) -> None:
+    _cli()(data, ["render"], ["--weight", "20"])
+
+
+ISVC = yaml.safe_load((REPO / "tests" / "fixtures" / "routers" / "isvc-llm.yaml").read_text())
 
 
 def _replay(data: bytes) -> None:
@@ -530,6 +538,7 @@ def targets() -> dict[str, Target]:
         Target("render", _render, _yaml_bytes(mutated(CHAT_VS))),
         Target("render-knative", _render_knative, _yaml_bytes(mutated(KSVC))),
         Target("render-gateway", _render_gateway, _yaml_bytes(mutated(ROUTE))),
+        Target("render-kserve", _render_kserve, _yaml_bytes(mutated(ISVC))),
         Target("replay", _replay, _REPLAY, (ReplayInputError,)),
         Target("event", _event, _json_bytes(mutated(_EVENT_BASE))),
         Target("prometheus", _prometheus, _json_bytes(mutated(_PROM_BASE, max_changes=4))),
