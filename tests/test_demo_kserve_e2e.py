@@ -4,7 +4,8 @@ As tests/test_demo_gateway_e2e.py, through the whole local environment (real Kub
 InferenceService CRD and RBAC on, Prometheus, Mosquitto, HTTP traffic, taps, `shadowctl run` as
 deploy/rbac.yaml's ServiceAccount), with the stand-in for KServe's controller writing the InferenceService's
 status. The mesh simulator routes by the traffic that status reports; KServe cannot mirror, so the shadow
-phase's copies come from the primary's tap, following the controller's route setting over Mosquitto. Every
+phase's copies come from the primary's tap, following the controller's route setting over Mosquitto, and so
+does the noise baseline (the tap resends 30% of requests to its own server: baseline.mode resend). Every
 route change the mesh observed is checked against the DESIGN.md invariants, and the tap's mirror is sampled
 every second. About two minutes per scenario.
 """
@@ -38,7 +39,7 @@ async def test_kserve_scenario(name: str, tmp_path: Path) -> None:
     data = await run_scenario(scenario, SHORT, console=Console(quiet=True), live=False, target="kserve")
     (tmp_path / "data.json").write_text(json.dumps(data, default=str))  # evidence when it fails
     assert data["outcome"] == scenario.expected, (
-        data["outcome"], data.get("final_message"), data.get("transitions"), data.get("load"),
+        data["outcome"], data.get("final_message"), data.get("transitions"), data.get("load"), data.get("copies"),
         data.get("controller_log_tail", "")[-2000:])
     assert data["target"] == "kserve"
     assert data["invariants"]["violations"] == []
