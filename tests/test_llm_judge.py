@@ -149,8 +149,10 @@ def test_the_policy_ties_the_judge_to_its_comparator() -> None:
         LlmJudge.model_validate({"url": "http://j/v1", "model": "m", "prompt": {}})
     with pytest.raises(ValueError, match=r"less than 0\.5"):
         judge_spec("http://j/v1", minWinOrTie=0.6)
-    with pytest.raises(ValueError, match="not an http"):
+    with pytest.raises(ValueError, match="not an allowed judge URL: credentials in the URL"):
         judge_spec("http://user:pw@j/v1")
+    with pytest.raises(ValueError, match="link-local"):  # the same outbound rules as webhooks and tap URLs
+        judge_spec("http://169.254.169.254/v1")
     assert build_comparators([Comparator(name=ComparatorName.llm_judge, judge=judge_spec("http://j/v1"))]) == []
 
 

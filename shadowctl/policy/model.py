@@ -214,30 +214,11 @@ class KServeTarget(_Model):
 
 
 def candidate_url_problem(url: str) -> str | None:
-    """What is wrong with a tap target's candidate URL, or None: http(s), a host, no credentials, no query
-    or fragment (the taps append the request's path and query), no metadata or link-local address."""
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        return "it contains whitespace or control characters"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"it is not a URL ({exc})"
-    if parts.scheme.lower() not in ("http", "https"):
-        return "only http:// and https:// URLs are allowed"
-    if "@" in parts.netloc:
-        return "credentials in the URL are not allowed (the URL is published to every tap and stored in the policy)"
-    host = (parts.hostname or "").rstrip(".").lower()
-    if not host:
-        return "the host is missing"
-    if port == 0:
-        return "port 0 is not a port"
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        return "a query or fragment is not allowed (the taps append each request's own path and query)"
-    if host in METADATA_HOSTS:
-        return f"{host!r} is an instance-metadata service"
-    why = forbidden_address(host)
-    return f"{host} is {why}" if why else None
+    """What is wrong with a tap target's candidate URL, or None: :func:`outbound_url_problem`'s rules, and no
+    query or fragment (the taps append the request's path and query)."""
+    return outbound_url_problem(
+        url, credentials="the URL is published to every tap and stored in the policy",
+        no_query="the taps append each request's own path and query")
 
 
 class PromptSource(_Model):
@@ -819,8 +800,10 @@ class LlmJudge(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s@?#]+(/[^\s?#]*)?$", v):
-            raise ValueError(f"{v!r} is not an http(s) base URL without credentials, query or fragment")
+        problem = outbound_url_problem(v, credentials="the key comes from apiKeySecret",
+                                       no_query="the controller appends /chat/completions")
+        if problem is not None:
+            raise ValueError(f"{v!r} is not an allowed judge URL: {problem}")
         return v.rstrip("/")
 
     @field_validator("api_key_secret")
@@ -1235,9 +1218,10 @@ def forbidden_address(address: str) -> str | None:
     return None
 
 
-def webhook_url_problem(url: str) -> str | None:
-    """What is wrong with a webhook URL, or None: http(s) only, a host, no credentials, no metadata or
-    link-local address (docs/controller.md, "Webhooks")."""
+def outbound_url_problem(url: str, *, credentials: str, no_query: str | None = None) -> str | None:
+    """What is wrong with a URL the controller or a tap will call, or None: http(s) only, a host, a real
+    port, no credentials (``credentials`` says why), no instance-metadata or link-local address, and no
+    query or fragment where ``no_query`` says why not."""
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
         return "it contains whitespace or control characters"
     try:
@@ -1248,17 +1232,26 @@ def webhook_url_problem(url: str) -> str | None:
     if parts.scheme.lower() not in ("http", "https"):
         return "only http:// and https:// URLs are allowed"
     if "@" in parts.netloc:
-        return "credentials in the URL are not allowed (they would be logged and stored in the policy); " \
-               "the controller signs each request instead (signingSecret)"
+        return f"credentials in the URL are not allowed: {credentials}"
     host = (parts.hostname or "").rstrip(".").lower()
     if not host:
         return "the host is missing"
     if port == 0:
         return "port 0 is not a port"
+    if no_query is not None and (parts.query or parts.fragment or url.endswith(("?", "#"))):
+        return f"a query or fragment is not allowed ({no_query})"
     if host in METADATA_HOSTS:
         return f"{host!r} is an instance-metadata service"
     why = forbidden_address(host)
     return f"{host} is {why}" if why else None
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """What is wrong with a webhook URL, or None: :func:`outbound_url_problem`'s rules (docs/controller.md,
+    "Webhooks")."""
+    return outbound_url_problem(
+        url, credentials="they would be logged and stored in the policy; the controller signs each request "
+                         "instead (signingSecret)")
 
 
 class Webhook(_Model):
