@@ -127,6 +127,13 @@ def test_the_server_refuses_a_knative_target_that_mirrors_without_a_virtualservi
     assert "spec.shadow" in done.stderr and "cannot mirror by itself" in done.stderr, done.stderr
     doc["spec"]["shadow"]["mode"] = "tap"
     path.write_text(yaml.safe_dump(doc))
+    done = kubectl("apply", "-f", str(path), check=False)  # the taps get their setting over MQTT
+    assert done.returncode != 0
+    assert "shadow.mode: tap needs spec.analysis.outputs.mqtt" in done.stderr, done.stderr
+    doc["spec"]["analysis"]["outputs"] = {
+        "mqtt": {"broker": "mqtt://mosquitto.shadowctl.svc:1883", "topic": "shadowctl/outputs/llm/summarize/+"},
+        "comparators": [{"name": "token-f1"}]}
+    path.write_text(yaml.safe_dump(doc))
     kubectl("apply", "-f", str(path))
 
 

@@ -33,10 +33,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 import yaml
@@ -483,6 +483,84 @@ def dump_json(obj: Any) -> str:
 ADMIN_SA = ("kube-system", "shadowctl-admin")
 
 
+class _StandIn(Protocol):
+    kube: KubeClient
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_StandIn)
+
+
+class _StandInThread(Generic[S]):
+    """A stand-in controller (Knative's, KServe's) on an event loop of its own thread, since LocalCluster's
+    callers are synchronous (fixtures, ``shadowctl sim cluster``)."""
+
+    def __init__(self, name: str, kubeconfig: Path, make: Callable[[KubeClient], S]) -> None:
+        self.name = name
+        self.kubeconfig = kubeconfig
+        self.make = make
+        self.stand_in: S | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> S:
+        """Connect as ``name`` and start the stand-in; ControlPlaneError when it does not start within 30 s."""
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+
+            async def begin() -> None:
+                kube = await KubeClient.connect(kubeconfig=self.kubeconfig, component=self.name)
+                self.stand_in = self.make(kube)
+                await self.stand_in.start()
+
+            try:
+                loop.run_until_complete(begin())
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if failure or self.stand_in is None:
+            raise ControlPlaneError(f"{self.name} did not start: {failure[0] if failure else 'timeout'}")
+        return self.stand_in
+
+    def stop(self) -> None:
+        """Stop the stand-in and its loop; safe when it never started."""
+        loop = self._loop
+        if loop is None:
+            return
+        stand_in = self.stand_in
+
+        async def stop_it() -> None:
+            if stand_in is not None:
+                await stand_in.stop()
+                await stand_in.kube.close()
+                # TLS connections (its watch, the API server's webhook calls) finish closing a few loop
+                # iterations later; stopping the loop first leaks their sockets (aiohttp's "graceful
+                # shutdown" advice).
+                await asyncio.sleep(0.25)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(stop_it(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(15)
+        self._loop = None
+
+
 class LocalCluster:
     """A :class:`ControlPlane` plus what the tests and the demo need around it.
 
@@ -502,13 +580,9 @@ class LocalCluster:
         self.plane = ControlPlane(crds=crds, audit_log=audit_log, audit_policy=audit_policy)
         self.knative = knative
         self.kserve = kserve
-        self._kserve_thread: threading.Thread | None = None
-        self._kserve_loop: asyncio.AbstractEventLoop | None = None
-        self._kserve_stand_in: KServeStandIn | None = None
+        self._kserve: _StandInThread[KServeStandIn] | None = None
+        self._knative: _StandInThread[KnativeStandIn] | None = None
         self.admin_token = ""
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stand_in: KnativeStandIn | None = None
 
     @property
     def url(self) -> str:
@@ -530,38 +604,10 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop the stand-ins, then the control plane."""
-        if self._kserve_loop is not None:
-            stand_in = self._kserve_stand_in
-
-            async def stop_kserve() -> None:
-                if stand_in is not None:
-                    await stand_in.stop()
-                    await stand_in.kube.close()
-                    await asyncio.sleep(0.25)  # TLS connections finish closing a few iterations later
-
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(stop_kserve(), self._kserve_loop).result(15)
-            self._kserve_loop.call_soon_threadsafe(self._kserve_loop.stop)
-            if self._kserve_thread is not None:
-                self._kserve_thread.join(15)
-            self._kserve_loop = None
-        if self._loop is not None:
-
-            async def stop_all() -> None:
-                if self._stand_in is not None:
-                    await self._stand_in.stop()
-                    await self._stand_in.kube.close()
-                    # TLS connections (its watch, the API server's webhook calls) finish closing a few
-                    # loop iterations later; stopping the loop first leaks their sockets (aiohttp's
-                    # "graceful shutdown" advice).
-                    await asyncio.sleep(0.25)
-
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(stop_all(), self._loop).result(15)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._thread is not None:
-                self._thread.join(15)
-            self._loop = None
+        for thread in (self._kserve, self._knative):
+            if thread is not None:
+                thread.stop()
+        self._kserve = self._knative = None
         self.plane.stop()
 
     def __enter__(self) -> LocalCluster:
@@ -597,7 +643,7 @@ class LocalCluster:
     def enable_kserve(self) -> None:
         """Install KServe's CRD (see :data:`SHARED_CRDS`) and start the KServe stand-in; once (later calls return).
         ControlPlaneError when the CRD is in neither folder."""
-        if self._kserve_stand_in is not None:
+        if self._kserve is not None:
             return
         if KSERVE_CRD not in self.plane.installed_crds:
             found = self.plane.kserve_crd_file()
@@ -608,35 +654,9 @@ class LocalCluster:
         self._start_kserve()
 
     def _start_kserve(self) -> None:
-        plane = self.plane
-        kubeconfig = plane.write_kubeconfig(plane.workdir / "kserve-stand-in.kubeconfig")
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._kserve_loop = loop
-
-            async def begin() -> None:
-                kube = await KubeClient.connect(kubeconfig=kubeconfig, component="kserve-stand-in")
-                self._kserve_stand_in = KServeStandIn(kube)
-                await self._kserve_stand_in.start()
-
-            try:
-                loop.run_until_complete(begin())
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.close()
-
-        self._kserve_thread = threading.Thread(target=run, name="kserve-stand-in", daemon=True)
-        self._kserve_thread.start()
-        started.wait(30)
-        if failure or self._kserve_stand_in is None:
-            raise ControlPlaneError(f"KServe stand-in did not start: {failure[0] if failure else 'timeout'}")
+        kubeconfig = self.plane.write_kubeconfig(self.plane.workdir / "kserve-stand-in.kubeconfig")
+        self._kserve = _StandInThread("kserve-stand-in", kubeconfig, KServeStandIn)
+        self._kserve.start()
 
     def _start_knative(self, client: httpx.Client) -> None:
         plane = self.plane
@@ -645,34 +665,11 @@ class LocalCluster:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(serving.cert), str(serving.key))
         kubeconfig = plane.write_kubeconfig(plane.workdir / "knative-stand-in.kubeconfig")
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-
-            async def begin() -> None:
-                kube = await KubeClient.connect(kubeconfig=kubeconfig, component="knative-stand-in")
-                self._stand_in = KnativeStandIn(kube, context, plane.ca.pem if plane.ca else b"")
-                await self._stand_in.start()
-
-            try:
-                loop.run_until_complete(begin())
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="knative-stand-in", daemon=True)
-        self._thread.start()
-        started.wait(30)
-        if failure or self._stand_in is None:
-            raise ControlPlaneError(f"Knative stand-in did not start: {failure[0] if failure else 'timeout'}")
-        config = self._stand_in.webhook_configuration()
+        ca_pem = plane.ca.pem
+        self._knative = _StandInThread("knative-stand-in", kubeconfig,
+                                       lambda kube: KnativeStandIn(kube, context, ca_pem))
+        stand_in = self._knative.start()
+        config = stand_in.webhook_configuration()
         _ok(client.post("/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations", json=config),
             "the Knative webhook's registration")
         # The API server applies a new webhook configuration a moment later: probe with a bad dry run.
