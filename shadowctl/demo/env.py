@@ -164,11 +164,11 @@ class Environment:
             raise
         return env
 
-    async def _start(self, candidate_knobs: dict[str, Any], policy_text_for: Any, seed: int) -> None:
-        # The Kubernetes API first (it says plainly when hack/setup.sh has not been run): a real
-        # kube-apiserver and etcd, shadowctl's and Istio's CRDs installed.
-        self.cluster = LocalCluster(knative=False, kserve=self.target == "kserve")
-        starting = asyncio.ensure_future(asyncio.to_thread(self.cluster.start))
+    async def _start_cluster(self, *, kserve: bool) -> tuple[LocalCluster, KubeClient]:
+        """A real kube-apiserver and etcd (no Knative stand-in; KServe's when asked), a client for it, and the
+        demo's namespace; callers keep both (``self.cluster, self.kube = ...``)."""
+        self.cluster = cluster = LocalCluster(knative=False, kserve=kserve)
+        starting = asyncio.ensure_future(asyncio.to_thread(cluster.start))
         try:
             await asyncio.shield(starting)
         except asyncio.CancelledError:
@@ -176,14 +176,20 @@ class Environment:
             with contextlib.suppress(BaseException):
                 await starting
             raise
+        self.kubeconfig = cluster.plane.write_kubeconfig(self.workdir / "kubeconfig", namespace=DEMO_NAMESPACE)
+        self.kube = kube = await KubeClient.connect(kubeconfig=self.kubeconfig)
+        # A real API server stores an object only in a Namespace that exists.
+        await kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE}})
+        return cluster, kube
+
+    async def _start(self, candidate_knobs: dict[str, Any], policy_text_for: Any, seed: int) -> None:
+        # The Kubernetes API first (it says plainly when hack/setup.sh has not been run): a real
+        # kube-apiserver and etcd, shadowctl's and Istio's CRDs installed.
+        self.cluster, self.kube = await self._start_cluster(kserve=self.target == "kserve")
         plane = self.cluster.plane
         if CRDS[self.target] not in plane.installed_crds:
             raise SimError(f"the CRD {CRDS[self.target]} is not in {plane.crds_dir}: run hack/setup.sh, which copies "
                            "it there")
-        self.kubeconfig = plane.write_kubeconfig(self.workdir / "kubeconfig", namespace=DEMO_NAMESPACE)
-        self.kube = await KubeClient.connect(kubeconfig=self.kubeconfig)
-        # A real API server stores an object only in a Namespace that exists.
-        await self.kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE}})
         # The controller's namespace, ServiceAccount and RBAC as deployed, the VirtualService and
         # DestinationRule: applied with kubectl, as a person would.
         manifests = (*MANIFESTS, ROUTES[self.target])

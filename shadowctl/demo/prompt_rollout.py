@@ -25,7 +25,6 @@ Topology::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -50,9 +49,8 @@ from shadowctl.demo.env import (
     _address,
 )
 from shadowctl.demo.scenarios import Scenario, Timing
-from shadowctl.kube import CONFIG_MAP, NAMESPACE, SHADOW_POLICY, Forbidden, KubeClient, NotFound, ResourceRef
+from shadowctl.kube import CONFIG_MAP, SHADOW_POLICY, Forbidden, KubeClient, NotFound, ResourceRef
 from shadowctl.policy.status import Phase
-from shadowctl.sim.cluster import LocalCluster
 from shadowctl.sim.errors import SimError
 from shadowctl.sim.judge import SimJudge
 from shadowctl.sim.modelserver import SimModelServer
@@ -220,20 +218,7 @@ class TapEnvironment(Environment):
 
     async def _start_prompt(self, policy_text_for: Any, seed: int) -> None:
         assert self.scenario is not None
-        self.cluster = LocalCluster(knative=False, kserve=False)
-        starting = asyncio.ensure_future(asyncio.to_thread(self.cluster.start))
-        try:
-            await asyncio.shield(starting)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await starting
-            raise
-        plane = self.cluster.plane
-        self.kubeconfig = plane.write_kubeconfig(self.workdir / "kubeconfig", namespace=DEMO_NAMESPACE)
-        self.kube = await KubeClient.connect(kubeconfig=self.kubeconfig)
-        # A real API server stores an object only in a Namespace that exists.
-        await self.kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace",
-                                           "metadata": {"name": DEMO_NAMESPACE}})
+        self.cluster, self.kube = await self._start_cluster(kserve=False)
         await self._kubectl("apply", *(arg for path in MANIFESTS for arg in ("-f", str(path))))
         await self._controller_credentials()
         # The prompt versions and the judge's prompt, as a kustomization's configMapGenerator would apply them.
