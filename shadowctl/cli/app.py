@@ -67,7 +67,7 @@ COMMANDS: tuple[LazyCommand, ...] = (
                 "Start a finished (Succeeded, RolledBack, Failed) or paused rollout again from its first phase."),
     LazyCommand("judge", "shadowctl.cli.judge_cmd", "Run the statistical judge offline."),
     LazyCommand("rbac", "shadowctl.cli.rbac_cmd",
-                "Print the Roles that let the controller read exactly the Secrets policies name.", logs=False),
+                "Print the Roles that let the controller read exactly the Secrets (or ConfigMaps) policies name.", logs=False),
     LazyCommand("sim", "shadowctl.cli.sim_cmd",
                 "Parts of the local environment that tests and the demo use, started one at a time."),
 )
