@@ -37,6 +37,7 @@ from shadowctl.controller.metrics import ControllerMetrics
 from shadowctl.controller.notify import ClusterNotifier, Publish, WebhookGate
 from shadowctl.controller.outputs import OutputHub, OutputSourcePort
 from shadowctl.controller.reconciler import Reconciler
+from shadowctl.controller.sampling import SamplingTuner
 from shadowctl.controller.server import make_app, serve
 from shadowctl.controller.shard import ALL, Shard
 from shadowctl.controller.tracing import NO_TRACER, Tracer
@@ -233,7 +234,9 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
 
         publish = _publish
     metrics = ControllerMetrics()
-    reconciler = Reconciler(kube, functools.partial(router_for, tap_channel=make_tap_channel), Analyzer(source, hub, tracer=tracer), clock,
+    tuner = SamplingTuner()  # the adaptive sampling target: the analyzer observes pairs, the tap routers publish F
+    reconciler = Reconciler(kube, functools.partial(router_for, tap_channel=make_tap_channel, sampling=tuner.fraction),
+                            Analyzer(source, hub, tracer=tracer, sampling=tuner), clock,
                             notifier=ClusterNotifier(kube, clock, webhooks, publish), gate=WebhookGate(webhooks, clock),
                             metrics=metrics, leading=lambda: elector is None or elector.holds())
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,

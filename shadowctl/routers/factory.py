@@ -16,15 +16,20 @@ from shadowctl.routers.kserve import KServeRouter
 from shadowctl.routers.tap import CandidateAddress, CandidateShape, SplitWithTapMirror, TapChannel, TapRouter
 from shadowctl.routers.tap_prompts import route_rewrite
 
+SamplingFraction = Callable[[ShadowPolicy], float | None]
+"""The sampling fraction a policy's route settings carry now (the controller's adaptive target:
+controller.sampling.SamplingTuner.fraction); None: none (the taps' own --sample)."""
+
 TapChannelFactory = Callable[[ShadowPolicy], TapChannel]
 """Builds the controller's MQTT channel to a policy's taps (the policy's outputs broker and credentials);
 raises RouterError saying why it cannot."""
 
 
 def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, split: Router | None = None,
-               kube: KubeClient | None = None) -> TapRouter:
+               kube: KubeClient | None = None, sampling: SamplingFraction | None = None) -> TapRouter:
     """The tap router of a policy (``shadow.mode: tap``); the candidate's URL from the split router when it knows
-    one (Knative's candidate tag); `kube` reads a prompt rewrite's ConfigMaps."""
+    one (Knative's candidate tag); `kube` reads a prompt rewrite's ConfigMaps; `sampling`: the fraction the
+    settings carry (default: the policy's ``outputs.sampling.fraction`` where it is not 1)."""
     namespace, name = policy.metadata.namespace, policy.metadata.name
     channel, missing = None, ""
     if tap_channel is None:
@@ -54,13 +59,15 @@ def tap_router(policy: ShadowPolicy, tap_channel: TapChannelFactory | None, spli
                 return dataclasses.replace(base, rewrite=await route_rewrite(kube, namespace, rewrite))
 
             shape_of = shape_of_target
+    wanted = (lambda: sampling(policy)) if sampling is not None else None
     return TapRouter(channel, namespace, name, policy.spec.analysis.interval.total_seconds(), url, missing=missing,
-                     shape=shape, shape_of=shape_of)
+                     shape=shape, shape_of=shape_of, sampling=wanted)
 
 
 def shadow_shape(policy: ShadowPolicy) -> CandidateShape:
     """The shadow phase's part of the settings: the resent noise baseline's share (``baseline.mode: resend``;
-    default the shadow's mirrorPercent) and the shadow budget."""
+    default the shadow's mirrorPercent), the shadow budget, and the sampling fraction where it is not every
+    request (route setting v3 only then)."""
     shadow = policy.spec.shadow
     outputs = policy.spec.analysis.outputs
     baseline = None
@@ -71,20 +78,22 @@ def shadow_shape(policy: ShadowPolicy) -> CandidateShape:
         b = shadow.budget
         budget = Budget(requests_per_second=b.requests_per_second, tokens_per_second=b.tokens_per_second,
                         max_tokens=b.max_tokens, max_queue=b.max_queue)
-    return CandidateShape(baseline_percent=baseline, budget=budget)
+    fraction = outputs.sampling.fraction if outputs is not None and outputs.sampling.carried else None
+    return CandidateShape(baseline_percent=baseline, budget=budget, sample_fraction=fraction)
 
 
-def router_for(policy: ShadowPolicy, kube: KubeClient, *, tap_channel: TapChannelFactory | None = None) -> Router:
+def router_for(policy: ShadowPolicy, kube: KubeClient, *, tap_channel: TapChannelFactory | None = None,
+               sampling: SamplingFraction | None = None) -> Router:
     """The target's router: Istio, Gateway API, KServe or Knative; Knative plus an Istio mirror when the shadow
     phase mirrors through a VirtualService; with ``shadow.mode: tap``, the target's router for the live
     shares composed with the tap router for the mirror (:class:`SplitWithTapMirror`); and for a tap target
     (``spec.target.tap``), the tap router alone, for both."""
     if policy.spec.target.tap is not None:
-        return tap_router(policy, tap_channel, kube=kube)
+        return tap_router(policy, tap_channel, kube=kube, sampling=sampling)
     split = _split_router(policy, kube)
     shadow = policy.spec.shadow
     if shadow is not None and shadow.mode is ShadowMode.tap:
-        return SplitWithTapMirror(split, tap_router(policy, tap_channel, split, kube))
+        return SplitWithTapMirror(split, tap_router(policy, tap_channel, split, kube, sampling))
     return split
 
 

@@ -13,6 +13,13 @@ candidate event.
 Sampling only decides which events are published; every request is forwarded, answered and measured
 (latency histograms, request counts) as before. The tap's ``/metrics`` counts both sides:
 ``shadowctl_tap_sampled_requests_total{decision="sampled|skipped"}``.
+
+Where the fraction comes from: ``--sample``, unless the tap follows a route setting that carries one
+(``sampleFraction``, route setting v3), which then overrides it, so the controller can change F without
+restarting taps. The routed tap sends its copies to the candidate's tap with the fraction it decided by in
+:data:`SAMPLE_HEADER`, and a tap takes that header's fraction for a shadow copy: the candidate's tap needs no
+channel of its own, and both events of a pair are decided by the same F even while F changes (the fraction is
+taken when the request arrives at the routed tap, not when it ends).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from prometheus_client import CollectorRegistry, Counter
 
 from shadowctl.compare.routing import in_share
 
+SAMPLE_HEADER = b"x-shadowctl-sample-fraction"
+"""On a copy from a routed tap: the sampling fraction the copy's request was decided by (honoured only on a shadow
+copy: ``x-shadowctl-shadow: 1``)."""
+
 DECISIONS = ("sampled", "skipped")
 """The ``decision`` values of ``shadowctl_tap_sampled_requests_total``."""
 
@@ -32,6 +43,17 @@ def check_fraction(value: float, where: str = "--sample") -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value <= 1.0):
         raise ValueError(f"{where}: {value!r} is not a fraction in (0, 1] (0.1 publishes one request in ten)")
     return float(value)
+
+
+def header_fraction(value: bytes | None) -> float | None:
+    """The fraction a copy's :data:`SAMPLE_HEADER` gives; None where absent or not a fraction in (0, 1] (the
+    tap's own ``--sample`` then applies: a bad header never breaks the request)."""
+    if value is None:
+        return None
+    try:
+        return check_fraction(float(value.decode("ascii")), SAMPLE_HEADER.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def sampled(request_id: str, fraction: float) -> bool:
@@ -52,8 +74,9 @@ class Sampler:
         for decision in DECISIONS:
             self.requests.labels(decision)
 
-    def keep(self, request_id: str) -> bool:
-        """Decide for one finished request, and count it."""
-        keep = sampled(request_id, self.fraction)
+    def keep(self, request_id: str, fraction: float | None = None) -> bool:
+        """Decide for one finished request, and count it; `fraction`: the one in force for this request where the
+        route setting or the copy's header gives one (else ``--sample``)."""
+        keep = sampled(request_id, self.fraction if fraction is None else fraction)
         self.requests.labels(DECISIONS[0] if keep else DECISIONS[1]).inc()
         return keep
