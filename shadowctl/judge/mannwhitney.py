@@ -24,13 +24,21 @@ axis with sorted arrays, then snapped to the exact difference.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-from scipy import stats
 
 from shadowctl.judge.model import FloatArray, JudgeInputError
+
+
+def _stats() -> ModuleType:
+    """scipy.stats, imported on the first fixed-method judgement rather than with the controller: it adds about
+    45 MiB to the process over scipy.special (which the sequential judge loads anyway), measured with
+    ``resource.getrusage`` (docs/scaling.md, controller memory), and only ``method: fixed`` policies use it."""
+    return importlib.import_module("scipy.stats")
 
 _DENSE_LIMIT = 1_000_000
 """Up to this many pairs the differences are materialized and partitioned; above, bisection."""
@@ -64,7 +72,7 @@ def rank_statistic(mu: float, zq: float, x: FloatArray, y: FloatArray) -> float:
     """
     n, m = float(x.size), float(y.size)
     combined = np.concatenate([x - mu, y])
-    ranks = stats.rankdata(combined)
+    ranks = _stats().rankdata(combined)
     dz = float(ranks[: x.size].sum()) - n * (n + 1) / 2 - n * m / 2
     sigma = math.sqrt(n * m / 12 * ((n + m + 1) - _tie_term(combined) / ((n + m) * (n + m - 1))))
     if sigma == 0:
@@ -151,6 +159,7 @@ def mann_whitney(primary: FloatArray, candidate: FloatArray, confidence: float =
     if np.unique(x).size == 1 and np.unique(y).size == 1:
         d = float(x[0] - y[0])
         return MannWhitney(u=u, p_value=float("nan"), estimate=d, lower=d, upper=d, cles=cles)
+    stats = _stats()
     res = stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic")
     estimate = 0.5 * (kth_difference(x, y, (nm + 1) // 2) + kth_difference(x, y, nm // 2 + 1))
     sigma_open = math.sqrt(nm / 12 * ((n + m + 1) - (_tie_term(x) + _tie_term(y)) / ((n + m) * (n + m - 1))))
