@@ -57,6 +57,7 @@ from shadowctl.judge.model import Paired, PairedSketch
 from shadowctl.policy.model import BaselineMode, MetricKind, Redaction, RedactionMode, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
 from shadowctl.sources.llmjudge import PairJudge
+from shadowctl.sources.mqtt_read import read_in_bulk
 
 log = structlog.get_logger(__name__)
 
@@ -243,7 +244,8 @@ class MqttOutputSource:
     # ------------------------------------------------------------------ raw stream
 
     def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        """The MQTT client, reading its connection in bulk (:mod:`shadowctl.sources.mqtt_read`; plain TCP)."""
+        client = aiomqtt.Client(
             self.host,
             self.port,
             username=self.username,
@@ -257,6 +259,8 @@ class MqttOutputSource:
             max_queued_incoming_messages=self.max_queued,
             queue_type=self._inbox_type(),
         )
+        read_in_bulk(client)
+        return client
 
     def _inbox_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
         """The queue class the client keeps received messages in, which hands this source its instance.
