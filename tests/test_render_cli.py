@@ -90,7 +90,7 @@ def test_usage_errors(tmp_path: Path) -> None:
     other = tmp_path / "cm.yaml"
     other.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     wrong = runner.invoke(app, ["render", str(other), "--weight", "10"])
-    assert wrong.exit_code == 1 and "is not an Istio VirtualService, a Gateway API HTTPRoute or a Knative Service" in _text(wrong)
+    assert wrong.exit_code == 1 and "is not an Istio VirtualService, a Gateway API HTTPRoute, a Knative Service or a KServe InferenceService" in _text(wrong)
     bad_weight = runner.invoke(app, ["render", VS, "--weight", "101"])
     assert bad_weight.exit_code == 2
 
