@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,27 @@ def repo() -> Path:
     return REPO
 
 pytest_plugins = ["conftest_kube", "conftest_mqtt", "conftest_prometheus"]
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """Every test starts with the logging configuration the session had: a command run through CliRunner
+    (`shadowctl run --log-level warning`, `shadowctl tap`) configures structlog for the whole process, and a
+    level filter left behind hid the info events a later test captures with structlog.testing.capture_logs
+    (a fresh-clone run failed test_pairing_workers_run that way)."""
+    import logging
+
+    import structlog
+
+    config = structlog.get_config()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        structlog.configure(**config)
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 @pytest_asyncio.fixture
