@@ -292,3 +292,27 @@ async def test_a_rollback_in_canary_leaves_the_taps_primary_only(h: TargetHarnes
     for tap in TAPS:
         report = parse_report(await retained(h.broker, applied_topic(NS, NAME, tap)) or b"")
         assert report.state is AppliedState.applied and report.candidate_percent == 0 and report.mirror_percent is None
+
+
+async def test_a_canary_only_tap_target_moves_users_on_metrics_alone(h: TargetHarness) -> None:
+    """No shadow phase (a platform engineer moves 20% -> 50% of users to the candidate judged on errors and latency):
+    the policy keeps only outputs.mqtt, the taps' route channel. The taps never mirror, the candidate gets no live
+    request before Progressing, each step's share is applied by both taps and within what the status records, and
+    the rollout is promoted."""
+    stub = h.candidate_stub  # type: ignore[attr-defined]
+    async with checking_reports(h) as checked:
+        doc = yaml.safe_load(POLICY.replace("BROKER", h.broker.url).replace("CANDIDATE_URL", h.candidate_url))
+        del doc["spec"]["shadow"]
+        doc["spec"]["analysis"]["outputs"] = {"mqtt": doc["spec"]["analysis"]["outputs"]["mqtt"]}
+        ShadowPolicy.model_validate(doc)
+        await h.kube.create(SHADOW_POLICY, doc)
+        assert await run(h, checked, {"Progressing", "RolledBack"}) == "Progressing"
+        assert (await h.weights())[1:] == (STEPS[0], None)
+        assert await run(h, checked, {"Succeeded", "RolledBack"}) == "Succeeded"
+        assert not checked.violations, checked.violations
+    assert all(report.mirror_percent is None for _, report, _ in checked.seen), "a canary-only rollout never mirrors"
+    assert "Shadowing" not in {p for pair in h.phases for p in pair}
+    steps = [row["candidate"] for row in h.history]
+    assert {*STEPS, 100} <= set(steps) and steps == sorted(steps), steps
+    assert not any(s.headers.get("x-shadowctl-shadow") == "1" for s in stub.seen), "no copy reached the candidate"
+    assert live_requests(stub) > 0

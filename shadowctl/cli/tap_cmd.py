@@ -197,6 +197,14 @@ def tap(
     mirror_model: Annotated[str | None, typer.Option("--mirror-model", help="Set `model` in copies.")] = None,
     mirror_temperature: Annotated[float | None, typer.Option("--mirror-temperature", min=0)] = None,
     mirror_seed: Annotated[int | None, typer.Option("--mirror-seed")] = None,
+    baseline_resend: Annotated[float | None, typer.Option(
+        "--baseline-resend", metavar="PERCENT", min=0, max=100,
+        help="Noise baseline for baseline.mode: resend where no route setting drives the taps (an Istio "
+             "VirtualService or an HTTPRoute mirrors): send this percent of requests once more, unchanged, to "
+             "--upstream, and publish the answers as variant baseline, the primary's agreement with itself. "
+             "Chosen by a hash of x-request-id, the same on every tap. Costs the primary's GPU for as long as the "
+             "tap runs (no shadow budget applies): set it on the primary's taps for the rollout. Not with "
+             "--route-policy (the setting's baselinePercent says there).")] = None,
     route_policy: Annotated[
         str | None,
         typer.Option("--route-policy", metavar="NAMESPACE/NAME",
@@ -233,6 +241,11 @@ def tap(
     followed = _service(route_policy, "--route-policy") if route_policy is not None else None
     if followed is not None and mqtt is None:
         raise fail("--route-policy needs --mqtt: the route setting comes from the broker", code=2)
+    if baseline_resend is not None and baseline_resend <= 0:
+        raise fail(f"--baseline-resend {baseline_resend:g}: a percent above 0 (leave it out for no resends)", code=2)
+    if followed is not None and baseline_resend is not None:
+        raise fail("--baseline-resend is for taps without --route-policy: a tap that follows a route setting "
+                   "resends what its baselinePercent says (the policy's spec.analysis.outputs.baseline)", code=2)
     the_tap_id = tap_id or default_tap_id()
     if not valid_topic_level(the_tap_id):
         raise fail(f"--tap-id {the_tap_id!r}: one MQTT topic level, without '/', '+' or '#'", code=2)
@@ -246,6 +259,7 @@ def tap(
         redaction=redact, redact_max_chars=redact_max_chars, sample=sample, partitions=partitions,
         max_output_chars=max_output_chars, metrics_path=metrics_path, mirror=mirror,
         max_request_bytes=max_request_bytes, drain_s=drain_seconds, routed=followed is not None,
+        baseline_percent=baseline_resend,
     )
     broker = None
     if mqtt is not None:

@@ -91,7 +91,15 @@ from shadowctl.machine import (
 from shadowctl.policy.model import ShadowPolicy, Target
 from shadowctl.policy.status import Command, CommandRecord, PendingRoute, Phase, PolicyStatus
 from shadowctl.routers import _io, kserve_build, tap_prompts
-from shadowctl.routers.base import ApplyResult, ClusterError, RouteNotFound, Router, RouterError, RouteState
+from shadowctl.routers.base import (
+    ApplyResult,
+    ClusterError,
+    CountsCopies,
+    RouteNotFound,
+    Router,
+    RouterError,
+    RouteState,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -405,7 +413,9 @@ class Reconciler:
         look: Look | None = None
         verdict = None
         if state.phase in ANALYSED:
-            look = await self.analyzer.look(policy, state, now, read_tally(stored, state), read_latency(stored, state))
+            copies = router.copies() if isinstance(router, CountsCopies) else None
+            look = await self.analyzer.look(policy, state, now, read_tally(stored, state), read_latency(stored, state),
+                                            copies)
             verdict = look.verdict
         gate = None
         if state.phase is Phase.waiting_promotion and self.gate is not None:

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from shadowctl.compare.routing import TapCopies
 from shadowctl.errors import ShadowctlError
 
 MANAGED_ANNOTATION = "shadowctl.dev/managed"
@@ -194,4 +195,15 @@ class Router(Protocol):
         Knative: 100% pinned to the candidate revision by ``revisionName``, the
         candidate tag's traffic target removed. Idempotent.
         """
+        ...
+
+
+@runtime_checkable
+class CountsCopies(Protocol):
+    """A router whose mirror copies are made by taps that count them (the tap router, and a split router with the
+    tap's mirror): what the verdict says the shadow budget allowed."""
+
+    def copies(self) -> TapCopies | None:
+        """The copies the counted taps reported at this router's last read or apply, summed over them, for the
+        generation they apply (None: no tap reported counts; they do only under a budget or a resent baseline)."""
         ...

@@ -16,6 +16,12 @@ lost the broker), or a payload it does not understand, and the tap routes primar
 checked every :data:`CHECK_EVERY_S`, so a setting that goes stale while the broker is silent or
 unreachable still falls back on time. What the tap does is also on ``/metrics``
 (``shadowctl_tap_route_*``).
+
+While the setting has a shadow budget or a resent baseline, the report also carries what this process's
+copies did since it applied the setting's generation (:class:`CopyTally`: sent, failed, skipped by the budget
+or the queue back-off, ...), so the controller can say in the verdict how many copies the budget let through
+(summed over the taps: :func:`shadowctl.compare.routing.copies_of`). The counts start at 0 with every new
+generation and with the process.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ from shadowctl.compare.routing import (
     PRIMARY_ONLY_NONE,
     AppliedReport,
     AppliedState,
+    CopyCounts,
+    CopyOutcomes,
     Effective,
     MalformedRouteMessage,
     RouteSetting,
     applied_topic,
     effective,
     parse_setting,
+    reports_copies,
     rfc3339,
     route_topic,
 )
@@ -53,6 +62,35 @@ REPORT_EVERY_S = 5.0
 """How often a tap republishes its report (the controller counts a tap alive for 3 analysis intervals)."""
 CHECK_EVERY_S = 0.2
 """How often the staleness of the setting is checked."""
+
+
+COPY_KINDS = ("mirror", "baseline")
+COPY_OUTCOMES = tuple(CopyOutcomes.model_fields)
+"""sent, failed, skipped_budget, skipped_queue, dropped_in_flight_cap, not_rewritable."""
+
+
+class CopyTally:
+    """This process's copies by kind (``mirror``, ``baseline``) and outcome since the generation it applies."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts = {kind: dict.fromkeys(COPY_OUTCOMES, 0) for kind in COPY_KINDS}
+
+    def count(self, kind: str, outcome: str) -> None:
+        """One copy of `kind` ended with `outcome` (an outcome the report does not carry is ignored)."""
+        counts = self._counts[kind]
+        if outcome in counts:
+            counts[outcome] += 1
+
+    def reset(self) -> None:
+        for counts in self._counts.values():
+            for outcome in counts:
+                counts[outcome] = 0
+
+    def snapshot(self) -> CopyCounts:
+        return CopyCounts(mirror=CopyOutcomes(**self._counts["mirror"]),
+                          baseline=CopyOutcomes(**self._counts["baseline"]))
 
 
 class RouteFollower:
@@ -77,6 +115,8 @@ class RouteFollower:
         self.report_topic = applied_topic(namespace, policy, tap_id)
         self.current: Effective = PRIMARY_ONLY_NONE
         self.applied_at: float | None = None
+        self.copies = CopyTally()
+        """What this process's copies did since it applied the current generation (counted by the proxy)."""
         self._setting: RouteSetting | None = None
         self._invalid = False
         self._client: aiomqtt.Client | None = None
@@ -94,6 +134,8 @@ class RouteFollower:
             return False
         old, self.current = self.current, new
         self.applied_at = self.clock()
+        if new.generation != old.generation or new.state is not old.state:
+            self.copies.reset()
         self._show(new)
         log.info("tap.route_applied" if new.state is AppliedState.applied else "tap.route_fallback",
                  policy=f"{self.namespace}/{self.policy}", tap=self.tap_id, generation=new.generation,
@@ -128,7 +170,8 @@ class RouteFollower:
         return AppliedReport(
             tap=self.tap_id, state=cur.state, generation=cur.generation, mirror_percent=cur.mirror_percent,
             candidate_percent=cur.candidate_percent, reason=cur.reason,
-            applied_at=rfc3339(self.applied_at) if self.applied_at is not None else None, reported_at=rfc3339(now))
+            applied_at=rfc3339(self.applied_at) if self.applied_at is not None else None, reported_at=rfc3339(now),
+            copies=self.copies.snapshot() if reports_copies(cur) else None)
 
     def _show(self, cur: Effective) -> None:
         m = self.metrics
