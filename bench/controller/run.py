@@ -129,108 +129,136 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def policy_name(i: int) -> str:
+    return f"p{i:04d}"
+
+
+async def populate(kube: KubeClient, namespace: str, n: int, concurrency: int = 1) -> None:
+    """Create `namespace` and `n` policies in it, each with its VirtualService (`concurrency` at a time)."""
+    vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
+    # A real API server stores objects only in a Namespace that exists.
+    await kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with gate:
+            name = policy_name(i)
+            obj = copy.deepcopy(vs)
+            obj["metadata"] = {"name": name, "namespace": namespace}
+            await kube.create(VIRTUAL_SERVICE, obj, namespace=namespace)
+            policy = yaml.safe_load(POLICY.replace("NAME", name).replace("NS", namespace))
+            await kube.create(SHADOW_POLICY, policy, namespace=namespace)
+
+    if concurrency == 1:
+        for i in range(n):
+            await one(i)
+    else:
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+
 async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spread_s: float,
                 growing: bool = True) -> dict[str, Any]:
     """Tick `n` policies (in `namespace`, created here) `rounds` times; ticks all at once at the boundary
     (`spread_s` 0) or staggered over `spread_s` seconds."""
-    vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
     with tempfile.TemporaryDirectory() as tmp_name:
         config = cluster.plane.write_kubeconfig(Path(tmp_name) / "kc", namespace=namespace)
         kube = await KubeClient.connect(kubeconfig=config)
         try:
-            # A real API server stores objects only in a Namespace that exists.
-            await kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-            for i in range(n):
-                name = f"p{i:04d}"
-                obj = copy.deepcopy(vs)
-                obj["metadata"] = {"name": name, "namespace": namespace}
-                await kube.create(VIRTUAL_SERVICE, obj, namespace=namespace)
-                policy = yaml.safe_load(POLICY.replace("NAME", name).replace("NS", namespace))
-                await kube.create(SHADOW_POLICY, policy, namespace=namespace)
-            stub = StubSource(growing)
-            source = BatchingSource(stub)
-            clock = FakeClock()
-            analyzer = Analyzer(source)
-            reconciler = Reconciler(kube, router_for, analyzer, clock)
-            refs = [ResourceRef(SHADOW_POLICY, f"p{i:04d}", namespace) for i in range(n)]
-            manager = Manager(kube, reconciler, clock)
-            if hasattr(source, "planner"):  # the older tree: the planner gives the batching source the whole look
-                source.planner = manager.plan
-            # The manager's own offsets (a hash of the key, uniform in [lead, spread) x the 10 s interval, the
-            # lead left to the look's pass), scaled so that the last tick starts `spread_s` after the boundary.
-            offsets = {ref.name: manager.offset(f"{namespace}/{ref.name}", 1.0) / manager.spread * spread_s for ref in refs}
-            ticks: list[float] = []
-            round_s: list[float] = []
-            requests_per_round: list[int] = []
-            writes_per_round: list[int] = []
-            queries_per_round: list[int] = []
-            pauses: list[float] = []  # full (generation 2) collections during the measured rounds, seconds
-            started: list[float] = []
-
-            def probe(phase: str, info: dict[str, int]) -> None:
-                if info.get("generation") != 2:
-                    return
-                if phase == "start":
-                    started[:] = [time.perf_counter()]
-                elif started:
-                    pauses.append(time.perf_counter() - started[0])
-
-            for r in range(rounds):
-                if r == 1:
-                    gc.callbacks.append(probe)
-                clock.advance(10.0)
-                before_req, before_q, before_w = kube.request_count, stub.queries, kube.write_count
-                # The manager ticks from its watch cache; a list stands in for it here (not counted).
-                listed = await kube.list(SHADOW_POLICY, namespace)
-                cache = {obj["metadata"]["name"]: obj for obj in listed.items}
-                manager.last_objects = {f"{namespace}/{name}": obj for name, obj in cache.items()}
-                listed_requests = kube.request_count - before_req
-
-                async def timed(ref: ResourceRef, cache: dict[str, Any] = cache, start: float = 0.0) -> float:
-                    await asyncio.sleep(start)  # staggered: each policy at its own offset after the boundary
-                    t0 = time.perf_counter()
-                    await reconciler.tick(ref, cache[ref.name])
-                    return time.perf_counter() - t0
-
-                t0 = time.perf_counter()
-                # As the manager does at each boundary: fetch and judge the whole look in one pass.
-                end = clock.now()
-                prepare = asyncio.create_task(
-                    manager.scheduler.run(end, manager.due(end)) if hasattr(manager, "scheduler")
-                    else analyzer.prepare(end))
-                durations = await asyncio.gather(*(timed(ref, start=offsets[ref.name] if spread_s else 0.0)
-                                                   for ref in refs))
-                await prepare
-                round_s.append(time.perf_counter() - t0)
-                if r > 0:  # the first round starts every rollout (route writes); later rounds are steady state
-                    ticks.extend(durations)
-                    requests_per_round.append(kube.request_count - before_req - listed_requests)
-                    writes_per_round.append(kube.write_count - before_w)
-                    queries_per_round.append(stub.queries - before_q)
-            gc.callbacks.remove(probe)
-            rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            return {
-                "policies": n,
-                "api_server": str(cluster.plane.versions),
-                "ticks": f"staggered over {spread_s:g}s" if spread_s else "all at the boundary",
-                "rounds_measured": rounds - 1,
-                "tick_p50_s": round(statistics.median(ticks), 4),
-                "tick_p99_s": round(_pct(ticks, 0.99), 4),
-                "round_s": [round(x, 3) for x in round_s[1:]],
-                "data": "growing" if growing else "static",
-                "api_requests_per_tick": round(statistics.mean(requests_per_round) / n, 2),
-                "api_writes_per_tick": round(statistics.mean(writes_per_round) / n, 2),
-                "metric_queries_per_round": queries_per_round,
-                "batches_per_round": source.batches / rounds,
-                "judge_passes_per_round": getattr(analyzer, "looks_judged", 0) / rounds,
-                "ticks_using_the_shared_look": getattr(analyzer, "shared_verdicts", getattr(analyzer, "rows_used", 0)),
-                "tree": str(Path(sys.modules["shadowctl"].__file__ or "").parent.parent),
-                "max_rss_mib": round(rss_mib, 1),
-                "full_collections": len(pauses),
-                "full_collection_max_s": round(max(pauses, default=0.0), 4),
-            }
+            await populate(kube, namespace, n)
+            row = await measure(kube, namespace, [policy_name(i) for i in range(n)], rounds, spread_s, growing)
+            return {**row, "api_server": str(cluster.plane.versions)}
         finally:
             await kube.close()
+
+
+async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds: int, spread_s: float,
+                  growing: bool = True) -> dict[str, Any]:
+    """Tick the policies `names` of `namespace` (created before) `rounds` times, as one controller (or one shard
+    of them: bench/controller/shards.py) does; the rest of the namespace is listed but not kept or ticked."""
+    n = len(names)
+    mine = set(names)
+    stub = StubSource(growing)
+    source = BatchingSource(stub)
+    clock = FakeClock()
+    analyzer = Analyzer(source)
+    reconciler = Reconciler(kube, router_for, analyzer, clock)
+    refs = [ResourceRef(SHADOW_POLICY, name, namespace) for name in names]
+    manager = Manager(kube, reconciler, clock)
+    if hasattr(source, "planner"):  # the older tree: the planner gives the batching source the whole look
+        source.planner = manager.plan
+    # The manager's own offsets (a hash of the key, uniform in [lead, spread) x the 10 s interval, the
+    # lead left to the look's pass), scaled so that the last tick starts `spread_s` after the boundary.
+    offsets = {ref.name: manager.offset(f"{namespace}/{ref.name}", 1.0) / manager.spread * spread_s for ref in refs}
+    ticks: list[float] = []
+    round_s: list[float] = []
+    requests_per_round: list[int] = []
+    writes_per_round: list[int] = []
+    queries_per_round: list[int] = []
+    pauses: list[float] = []  # full (generation 2) collections during the measured rounds, seconds
+    started: list[float] = []
+
+    def probe(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            pauses.append(time.perf_counter() - started[0])
+
+    for r in range(rounds):
+        if r == 1:
+            gc.callbacks.append(probe)
+        clock.advance(10.0)
+        before_req, before_q, before_w = kube.request_count, stub.queries, kube.write_count
+        # The manager ticks from its watch cache; a list stands in for it here (not counted).
+        listed = await kube.list(SHADOW_POLICY, namespace)
+        cache = {obj["metadata"]["name"]: obj for obj in listed.items if obj["metadata"]["name"] in mine}
+        del listed
+        manager.last_objects = {f"{namespace}/{name}": obj for name, obj in cache.items()}
+        listed_requests = kube.request_count - before_req
+
+        async def timed(ref: ResourceRef, cache: dict[str, Any] = cache, start: float = 0.0) -> float:
+            await asyncio.sleep(start)  # staggered: each policy at its own offset after the boundary
+            t0 = time.perf_counter()
+            await reconciler.tick(ref, cache[ref.name])
+            return time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        # As the manager does at each boundary: fetch and judge the whole look in one pass.
+        end = clock.now()
+        prepare = asyncio.create_task(
+            manager.scheduler.run(end, manager.due(end)) if hasattr(manager, "scheduler")
+            else analyzer.prepare(end))
+        durations = await asyncio.gather(*(timed(ref, start=offsets[ref.name] if spread_s else 0.0)
+                                           for ref in refs))
+        await prepare
+        round_s.append(time.perf_counter() - t0)
+        if r > 0:  # the first round starts every rollout (route writes); later rounds are steady state
+            ticks.extend(durations)
+            requests_per_round.append(kube.request_count - before_req - listed_requests)
+            writes_per_round.append(kube.write_count - before_w)
+            queries_per_round.append(stub.queries - before_q)
+    gc.callbacks.remove(probe)
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "policies": n,
+        "ticks": f"staggered over {spread_s:g}s" if spread_s else "all at the boundary",
+        "rounds_measured": rounds - 1,
+        "tick_p50_s": round(statistics.median(ticks), 4),
+        "tick_p99_s": round(_pct(ticks, 0.99), 4),
+        "round_s": [round(x, 3) for x in round_s[1:]],
+        "data": "growing" if growing else "static",
+        "api_requests_per_tick": round(statistics.mean(requests_per_round) / n, 2),
+        "api_writes_per_tick": round(statistics.mean(writes_per_round) / n, 2),
+        "metric_queries_per_round": queries_per_round,
+        "batches_per_round": source.batches / rounds,
+        "judge_passes_per_round": getattr(analyzer, "looks_judged", 0) / rounds,
+        "ticks_using_the_shared_look": getattr(analyzer, "shared_verdicts", getattr(analyzer, "rows_used", 0)),
+        "tree": str(Path(sys.modules["shadowctl"].__file__ or "").parent.parent),
+        "max_rss_mib": round(rss_mib, 1),
+        "full_collections": len(pauses),
+        "full_collection_max_s": round(max(pauses, default=0.0), 4),
+    }
 
 
 async def main(sizes: list[int], rounds: int, spread_s: float, growing: bool,
