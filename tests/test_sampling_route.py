@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import yaml
+from conftest_kube import KubeEnv
 from openai_stub import OpenAIStub
 from tap_helpers import collecting, eventually, running_tap
 
@@ -38,6 +41,7 @@ from shadowctl.judge.model import Direction, Margin, MetricResult, Outcome, Verd
 from shadowctl.policy.model import ShadowPolicy
 from shadowctl.routers.base import RouteState
 from shadowctl.routers.tap import ChannelSettings, TapChannel, TapRouter
+from shadowctl.sim.cluster import find_binaries
 from shadowctl.tap.metrics import TapMetrics
 from shadowctl.tap.proxy import TapConfig, TapProxy, bound_port, default_topic, start_server
 from shadowctl.tap.publisher import BrokerSettings, EventPublisher
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
     from conftest_mqtt import MosquittoBroker
 
 NS, POLICY = "ns", "chat"
+REPO = Path(__file__).resolve().parents[1]
 CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
 
@@ -252,3 +257,22 @@ def test_the_policy_refuses_a_floor_above_the_fraction_and_a_target_without_rout
     istio = istio.replace("mode: tap, ", "").replace("SAMPLING", "{targetPairsPerSecond: 5}")
     with pytest.raises(ValueError, match=r"targetPairsPerSecond needs shadow\.mode: tap"):
         ShadowPolicy.model_validate(yaml.safe_load(istio))
+
+
+def test_the_api_server_takes_the_adaptive_target_and_refuses_a_zero_floor(kube_env: KubeEnv, tmp_path: Path) -> None:
+    """The generated CRD on the real kube-apiserver (kubectl apply --dry-run=server) takes the KServe example policy
+    with an adaptive target, and refuses a floor of 0."""
+    config = kube_env.direct_kubeconfig(tmp_path / "admin.kubeconfig", namespace="llm")
+    path = tmp_path / "policy.yaml"
+    doc: dict[str, Any] = yaml.safe_load((REPO / "policies" / "chat-kserve.yaml").read_text())
+
+    def apply(sampling: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        doc["spec"]["analysis"]["outputs"]["sampling"] = sampling
+        path.write_text(yaml.safe_dump(doc))
+        return subprocess.run([str(find_binaries().kubectl), f"--kubeconfig={config}", "apply", "--dry-run=server",
+                               "-f", str(path)], capture_output=True, text=True, timeout=60, check=False)
+
+    done = apply({"fraction": 0.5, "targetPairsPerSecond": 20, "minFraction": 0.01})
+    assert done.returncode == 0, done.stderr
+    done = apply({"fraction": 0.5, "targetPairsPerSecond": 20, "minFraction": 0})
+    assert done.returncode != 0 and "spec.analysis.outputs.sampling.minFraction" in done.stderr, done.stderr
