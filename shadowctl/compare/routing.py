@@ -1,4 +1,4 @@
-"""The tap-router channel's wire format and its pure rules (route settings v1 and v2, reports v1).
+"""The tap-router channel's wire format and its pure rules (route settings v1, v2 and v3, reports v1).
 
 The controller tells the taps in front of a primary how to route through one retained MQTT message
 per policy (a :class:`RouteSetting` on :func:`route_topic`); each tap (each worker process of it)
@@ -21,6 +21,16 @@ setting needs none of these, so taps that know only v1 keep working for plain mi
 knows only v1 refuses a v2 setting (its schema is a literal) and falls back to primary-only, which
 the controller sees in its report (``invalid``) and holds: never a rewrite half-applied as a plain
 route.
+
+v3 adds ``sampleFraction``: the share of requests whose output events the taps publish
+(:mod:`shadowctl.tap.sampling`), so the controller can set and change it (the adaptive target of
+``spec.analysis.outputs.sampling``) without restarting taps. It is a field a tap must understand: a tap
+that ignored it would publish events at its own ``--sample`` while the others follow the setting, and
+the controller would count the pairs against the wrong fraction. So the controller publishes v3 only
+while a policy's sampling is not the default (every request), v1 or v2 otherwise; a v1 or v2 tap refuses
+a v3 setting (its schema is a literal) and falls back to primary-only, which the controller sees
+(``invalid``) and holds. A fraction is bound to its generation like the shares: a tap that reports the
+generation applies its fraction, so verification needs no new field in the report.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import enum
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeVar
 
@@ -40,6 +51,7 @@ from shadowctl.policy.prompts import PromptApply
 
 ROUTE_SCHEMA: Final = "shadowctl.dev/route/v1"
 ROUTE_SCHEMA_V2: Final = "shadowctl.dev/route/v2"
+ROUTE_SCHEMA_V3: Final = "shadowctl.dev/route/v3"
 APPLIED_SCHEMA: Final = "shadowctl.dev/route-applied/v1"
 STALE_INTERVALS: Final = 3
 """A setting older than this many of its ``intervalSeconds`` is stale (the tap falls back); a tap not
@@ -186,14 +198,16 @@ class Budget(_Strict):
 
 
 V2_FIELDS: Final = ("rewrite", "sticky", "user_header", "final", "baseline_percent", "budget")
-"""The setting's fields only v2 carries."""
+"""The setting's fields only v2 (and v3) carry."""
+V3_FIELDS: Final = ("sample_fraction",)
+"""The setting's fields only v3 carries."""
 
 
 class RouteSetting(_Strict):
     """What the controller wants the taps in front of the primary to do, for one policy."""
 
-    schema_: Literal["shadowctl.dev/route/v1", "shadowctl.dev/route/v2"] = Field(default=ROUTE_SCHEMA,
-                                                                                 alias="schema")
+    schema_: Literal["shadowctl.dev/route/v1", "shadowctl.dev/route/v2", "shadowctl.dev/route/v3"] = Field(
+        default=ROUTE_SCHEMA, alias="schema")
     policy: str = Field(description="namespace/name of the ShadowPolicy.")
     generation: int = Field(ge=1, description="Grows with every change of the setting; same on a heartbeat.")
     mirror_percent: float | None = Field(
@@ -222,6 +236,10 @@ class RouteSetting(_Strict):
         description="v2: share of requests the tap sends once more, unchanged, to its own upstream, recorded as "
                     "variant baseline (the noise floor, baseline.mode resend).")
     budget: Budget | None = Field(default=None, description="v2: the shadow GPU budget of each tap process.")
+    sample_fraction: float | None = Field(
+        default=None, gt=0, le=1, alias="sampleFraction",
+        description="v3: the share of requests whose output events the taps publish (chosen by the request id's "
+                    "hash, as the shares are); overrides a tap's --sample. Null: the tap's own --sample.")
 
     @model_validator(mode="after")
     def _check(self) -> RouteSetting:
@@ -231,7 +249,14 @@ class RouteSetting(_Strict):
         if self.schema_ == ROUTE_SCHEMA and self.needs_v2:
             raise ValueError("rewrite, sticky, userHeader, final, baselinePercent and budget need schema "
                              "shadowctl.dev/route/v2")
+        if self.schema_ != ROUTE_SCHEMA_V3 and self.needs_v3:
+            raise ValueError("sampleFraction needs schema shadowctl.dev/route/v3")
         return self
+
+    @property
+    def needs_v3(self) -> bool:
+        """Whether it uses what only a v3 tap understands (a sampling fraction)."""
+        return self.sample_fraction is not None
 
     @property
     def needs_v2(self) -> bool:
@@ -253,16 +278,18 @@ class RouteSetting(_Strict):
         """Whether `other` routes the same way (generation and issue time aside)."""
         def key(s: RouteSetting) -> tuple[object, ...]:
             return (s.mirror_percent, s.candidate_percent, s.candidate_url, s.rewrite, s.sticky, s.user_header,
-                    s.final, s.baseline_percent, s.budget)
+                    s.final, s.baseline_percent, s.budget, s.sample_fraction)
         return other is not None and key(self) == key(other)
 
     def to_json(self) -> bytes:
         """v1 without the v2 keys (a v1 tap forbids unknown ones), v2 with them; the fields added to v2 after its
         first release (baselinePercent, budget, rewrite.prompt, rewrite.parameters) only where set, so a tap of
-        that release still reads a setting that does not use them."""
+        that release still reads a setting that does not use them; v3 keys only in v3."""
         if self.schema_ == ROUTE_SCHEMA:
-            return self.model_dump_json(by_alias=True, exclude=set(V2_FIELDS)).encode()
+            return self.model_dump_json(by_alias=True, exclude={*V2_FIELDS, *V3_FIELDS}).encode()
         exclude: dict[str, Any] = {k: True for k in ("baseline_percent", "budget") if getattr(self, k) is None}
+        if self.schema_ == ROUTE_SCHEMA_V2:
+            exclude.update(dict.fromkeys(V3_FIELDS, True))
         if self.rewrite is not None:
             exclude["rewrite"] = {k for k in ("model", "prompt", "parameters") if getattr(self.rewrite, k) is None}
         data = self.model_dump(mode="json", by_alias=True, exclude=exclude)
@@ -275,10 +302,12 @@ class RouteSetting(_Strict):
 
 
 def make_setting(**fields: object) -> RouteSetting:
-    """A :class:`RouteSetting` of the lowest schema that carries `fields` (v1 unless a v2 field is set)."""
+    """A :class:`RouteSetting` of the lowest schema that carries `fields` (v1 unless a v2 field is set, v3 where a
+    v3 field is)."""
     v2 = any(fields.get(k) not in (None, False) for k in V2_FIELDS)
-    return RouteSetting.model_validate({**fields, "schema_": ROUTE_SCHEMA_V2 if v2 else ROUTE_SCHEMA},
-                                       strict=False)
+    v3 = any(fields.get(k) is not None for k in V3_FIELDS)
+    schema = ROUTE_SCHEMA_V3 if v3 else ROUTE_SCHEMA_V2 if v2 else ROUTE_SCHEMA
+    return RouteSetting.model_validate({**fields, "schema_": schema}, strict=False)
 
 
 class AppliedState(str, enum.Enum):
@@ -297,6 +326,47 @@ class FallbackReason(str, enum.Enum):
     invalid = "invalid"  # the payload is not a setting this tap understands, or it has no candidate URL to use
 
 
+class CopyOutcomes(_Strict):
+    """Copies of one kind (mirrored to the candidate, or resent as the baseline) that one tap process made, by
+    outcome (the ``outcome`` label of ``shadowctl_tap_mirror_requests_total`` / ``..._baseline_requests_total``)."""
+
+    sent: int = Field(default=0, ge=0, description="Sent and answered.")
+    failed: int = Field(default=0, ge=0, description="Sent, but the target did not answer.")
+    skipped_budget: int = Field(default=0, ge=0, alias="skippedBudget",
+                                description="Not sent: over the shadow budget's rate or tokens.")
+    skipped_queue: int = Field(default=0, ge=0, alias="skippedQueue",
+                               description="Not sent: cut by the back-off on the candidate's queue.")
+    dropped_in_flight_cap: int = Field(default=0, ge=0, alias="droppedInFlightCap",
+                                       description="Not sent: too many copies in flight.")
+    not_rewritable: int = Field(default=0, ge=0, alias="notRewritable",
+                                description="Not sent: the body could not be rewritten.")
+
+    def __add__(self, other: CopyOutcomes) -> CopyOutcomes:
+        return CopyOutcomes.model_validate({k: getattr(self, k) + getattr(other, k) for k in type(self).model_fields})
+
+    @property
+    def skipped(self) -> int:
+        """Not sent because of the shadow budget (its rate, tokens or queue back-off)."""
+        return self.skipped_budget + self.skipped_queue
+
+
+class CopyCounts(_Strict):
+    """What a tap's mirror and resent baseline did since it applied the setting's generation (one process)."""
+
+    mirror: CopyOutcomes = Field(default_factory=CopyOutcomes)
+    baseline: CopyOutcomes = Field(default_factory=CopyOutcomes)
+
+    def __add__(self, other: CopyCounts) -> CopyCounts:
+        return CopyCounts(mirror=self.mirror + other.mirror, baseline=self.baseline + other.baseline)
+
+
+def reports_copies(setting: Effective) -> bool:
+    """Whether a tap's report carries its :class:`CopyCounts`: while it applies a setting with a shadow budget or
+    a resent baseline. Only a controller that sends those reads the field, so a report to an older controller
+    (which refuses a key it does not know) stays as it was."""
+    return setting.state is AppliedState.applied and (setting.budget is not None or setting.baseline_percent is not None)
+
+
 class AppliedReport(_Strict):
     """What one tap (one worker process) applies for one policy."""
 
@@ -309,13 +379,17 @@ class AppliedReport(_Strict):
     reason: FallbackReason | None = Field(default=None, description="Why it falls back (state fallback).")
     applied_at: str | None = Field(default=None, alias="appliedAt", description="RFC 3339: when it took effect.")
     reported_at: str = Field(alias="reportedAt", description="RFC 3339: when this report was sent.")
+    copies: CopyCounts | None = Field(
+        default=None, description="The copies this process made since it applied `generation` (only while the "
+                                  "setting has a budget or a resent baseline: :func:`reports_copies`).")
 
     @property
     def reported(self) -> float:
         return _rfc3339(self.reported_at, "reportedAt")
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+        """Without ``copies`` where there are none (a controller that predates it refuses the key)."""
+        return self.model_dump_json(by_alias=True, exclude={"copies"} if self.copies is None else None).encode()
 
 
 class MalformedRouteMessage(ShadowctlError, ValueError):
@@ -365,6 +439,8 @@ class Effective(BaseModel):
     final: bool = False
     baseline_percent: float | None = None
     budget: Budget | None = None
+    sample_fraction: float | None = None
+    """The setting's sampling fraction (v3); None: the tap's own --sample."""
 
     @property
     def routes_to_candidate(self) -> bool:
@@ -387,7 +463,8 @@ def effective(setting: RouteSetting | None, now: float, *, invalid: bool = False
                      candidate_percent=setting.candidate_percent, candidate_url=setting.candidate_url,
                      policy=setting.policy, rewrite=setting.rewrite, sticky=setting.sticky,
                      user_header=setting.user_header, final=setting.final,
-                     baseline_percent=setting.baseline_percent, budget=setting.budget)
+                     baseline_percent=setting.baseline_percent, budget=setting.budget,
+                     sample_fraction=setting.sample_fraction)
 
 
 # --------------------------------------------------------------------------- the controller's rule
@@ -402,6 +479,31 @@ class Verification(BaseModel):
     problem: str | None = None
     counted: tuple[str, ...] = ()
     """The taps whose reports counted (alive within 3 intervals, not gone)."""
+
+
+@dataclass(frozen=True)
+class TapCopies:
+    """The copies the counted taps made under one setting (summed over them): what the verdict says the budget
+    allowed. A tap that restarted counts from its restart; a tap no longer counted is left out."""
+
+    generation: int
+    taps: int
+    """How many taps' counts are in the sum."""
+    counts: CopyCounts
+
+
+def copies_of(setting: RouteSetting, reports: dict[str, AppliedReport], now: float) -> TapCopies | None:
+    """The sum of the copy counts of the counted taps that apply `setting`'s generation (None: none reports
+    counts, e.g. the setting has neither a budget nor a resent baseline)."""
+    counted = counted_taps(reports, now, setting.interval_seconds)
+    mine = [r.copies for r in counted.values()
+            if r.copies is not None and r.state is AppliedState.applied and r.generation == setting.generation]
+    if not mine:
+        return None
+    total = CopyCounts()
+    for c in mine:
+        total = total + c
+    return TapCopies(setting.generation, len(mine), total)
 
 
 def counted_taps(reports: dict[str, AppliedReport], now: float, interval_seconds: float) -> dict[str, AppliedReport]:

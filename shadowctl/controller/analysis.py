@@ -33,6 +33,8 @@ import numpy as np
 import structlog
 
 from shadowctl.compare.comparators import AgreementInput, AgreementTally, judge_inputs
+from shadowctl.compare.routing import CopyOutcomes, TapCopies
+from shadowctl.controller.sampling import Represented, SamplingTuner
 from shadowctl.controller.tracing import LOOK_SPAN, NO_TRACER, Tracer, look_attributes, policy_attributes
 from shadowctl.judge import (
     Aggregates,
@@ -56,7 +58,7 @@ from shadowctl.judge import (
 from shadowctl.judge.fixed import config_from_policy
 from shadowctl.judge.paired import decision_bounds
 from shadowctl.machine import RolloutState
-from shadowctl.policy.model import Method, Metric, MetricKind, ShadowPolicy
+from shadowctl.policy.model import BaselineMode, Method, Metric, MetricKind, ShadowPolicy
 from shadowctl.policy.status import Evidence, PairedLatencyRecord, Phase
 from shadowctl.sources import base
 from shadowctl.sources.base import (
@@ -180,7 +182,13 @@ def paired_input(metric: Metric, latency: Mapping[str, Paired] | None, why_none:
     return MetricInput.of_pairs(spec, data)
 
 
-def agreement_input(item: AgreementInput, min_pairs: int, judge_problem: str | None = None) -> MetricInput:
+NO_BASELINE_REPLICA = "no baseline pairs yet (primary vs a second primary replica's tap, variant baseline)"
+NO_BASELINE_RESEND = ("no baseline pairs yet (baseline.mode resend: the primary's taps resend a share of requests "
+                      "as variant baseline; taps that no route setting drives do so only with --baseline-resend)")
+
+
+def agreement_input(item: AgreementInput, min_pairs: int, judge_problem: str | None = None, *,
+                    resend: bool = False) -> MetricInput:
     """Candidate agreement against the primary's own agreement (the noise floor), as disagreement counts.
 
     A model judge's verdicts (``min_win_or_tie`` set) are the same proportion test on other numbers: the
@@ -213,7 +221,7 @@ def agreement_input(item: AgreementInput, min_pairs: int, judge_problem: str | N
     elif item.baseline_pairs:
         primary = Counts(item.baseline_pairs - item.baseline_agree, item.baseline_pairs)
     else:
-        primary = NoData("no baseline pairs (primary vs a second primary replica) yet")
+        primary = NoData(NO_BASELINE_RESEND if resend else NO_BASELINE_REPLICA)
     return MetricInput(spec, primary, candidate)
 
 
@@ -290,12 +298,16 @@ class Analyzer:
     """
 
     def __init__(self, source: MetricSource | None, outputs: OutputTallies | None = None,
-                 board: LookBoard | None = None, tracer: Tracer = NO_TRACER) -> None:
+                 board: LookBoard | None = None, tracer: Tracer = NO_TRACER,
+                 sampling: SamplingTuner | None = None) -> None:
         self.source = source
         self.outputs = outputs
         self.board = board or LookBoard()
         self.tracer = tracer
         """Where each look's span goes (controller.tracing; none by default)."""
+        self.sampling = sampling or SamplingTuner()
+        """The fraction the taps publish, per policy (the adaptive target; controller.sampling). Share it with the
+        tap routers (routers.factory's ``sampling``) so that the route settings carry what it chooses."""
         self.looks_judged = 0
         """Boundary looks the scheduler ran (for tests and the benchmark)."""
         self.shared_verdicts = 0
@@ -303,22 +315,25 @@ class Analyzer:
 
     async def look(self, policy: ShadowPolicy, state: RolloutState, now: float,
                    stored_tally: AgreementTally | None = None,
-                   stored_latency: Mapping[str, Paired] | None = None) -> Look:
+                   stored_latency: Mapping[str, Paired] | None = None, copies: TapCopies | None = None) -> Look:
         """One look at the phase `state` is in. ``stored_tally`` and ``stored_latency``: this phase's
         agreement counts and paired latencies as `.status` holds them (what an earlier process counted).
-        Traced as a ``shadowctl.look`` span with the verdict and its numbers (controller.tracing)."""
+        ``copies``: what the taps' mirror did under the route setting in force (the router read it this tick;
+        :func:`with_copies`). Traced as a ``shadowctl.look`` span with the verdict and its numbers
+        (controller.tracing)."""
         attributes = {**policy_attributes(policy.metadata.namespace, policy.metadata.name),
                       "shadowctl.phase": state.phase.value}
         if state.step is not None:
             attributes["shadowctl.step"] = state.step
         with self.tracer.span(LOOK_SPAN, attributes) as span:
-            look = await self._look(policy, state, now, stored_tally, stored_latency)
+            look = await self._look(policy, state, now, stored_tally, stored_latency, copies)
             if span.recording:
                 span.set(look_attributes(look))
         return look
 
     async def _look(self, policy: ShadowPolicy, state: RolloutState, now: float,
-                    stored_tally: AgreementTally | None, stored_latency: Mapping[str, Paired] | None) -> Look:
+                    stored_tally: AgreementTally | None, stored_latency: Mapping[str, Paired] | None,
+                    copies: TapCopies | None = None) -> Look:
         since = state.phase_started_at if state.phase_started_at is not None else now
         final = _final(policy, state, since, now)
         errors: list[str] = []
@@ -356,7 +371,8 @@ class Analyzer:
             tally = _merge(stored_tally, fresh)
             judge_problem = self.outputs.judge_problem(policy.key) if self.outputs is not None else None
             for item in judge_inputs(tally or AgreementTally(), outputs):
-                extra.append(agreement_input(item, outputs.min_pairs, judge_problem))
+                extra.append(agreement_input(item, outputs.min_pairs, judge_problem,
+                                             resend=outputs.baseline.mode is BaselineMode.resend))
             # Paired latency: only the shadow phase has pairs (the canary's live requests have no twin).
             why = "the controller has no output hub"
             if self.outputs is not None:
@@ -380,7 +396,12 @@ class Analyzer:
         except JudgeError as exc:
             verdict = Verdict(Outcome.nodata, (), f"the judge could not use the data: {exc}")
             return Look(verdict, verdict.to_record(), tuple(errors), tally, since, paired)
-        judged = with_sampling(policy, judged)
+        represented = None
+        if state.phase is Phase.shadowing and outputs is not None:
+            represented = self.sampling.observe(policy, since, _pairs_so_far(tally, paired), now)
+        judged = with_sampling(policy, judged, represented)
+        if state.phase is Phase.shadowing:
+            judged = with_copies(judged, copies)
         verdict = judged
         if verdict.outcome is Outcome.passed and state.phase is Phase.shadowing:
             verdict = _check_min_pairs(policy, verdict, tally)
@@ -388,6 +409,7 @@ class Analyzer:
 
     async def idle(self, policy_key: str) -> None:
         """The policy is not in a phase that compares outputs."""
+        self.sampling.forget(policy_key)
         if self.outputs is not None:
             await self.outputs.stop(policy_key)
 
@@ -535,18 +557,29 @@ def _pairs_judged(result: MetricResult) -> int | None:
     return pairs if isinstance(pairs, int) else None
 
 
-def with_sampling(policy: ShadowPolicy, verdict: Verdict) -> Verdict:
+def _pairs_so_far(tally: AgreementTally | None, paired: PairedLatencyRecord | None) -> int:
+    """The phase's pairs: the most any comparator or paired-latency quantity counted."""
+    counts = [t.candidate_pairs for t in (tally.counts.values() if tally is not None else ())]
+    counts += [c.pairs for c in (paired.quantities().values() if paired is not None else ())]
+    return max(counts, default=0)
+
+
+def with_sampling(policy: ShadowPolicy, verdict: Verdict, represented: Represented | None = None) -> Verdict:
     """The verdict saying how many requests its pairs stand for, where the taps publish the events of a
     fraction F of requests (``spec.analysis.outputs.sampling``): each pair-based metric's evidence gets
-    ``sampledFraction`` F and ``requestsRepresented`` pairs / F, and the reason says it once.
+    ``sampledFraction`` F and ``requestsRepresented`` pairs / F, and the reason says it once. `represented`:
+    the phase's effective fraction where F changed during it (the adaptive target, controller.sampling), used
+    for F; the reason then also says the fraction in force.
 
     The pairs are a consistent sample (the same request ids on every tap, chosen by a hash that does not
     look at the answers), so what they show holds for the requests they stand for; the judge's error
     levels are those of the pairs themselves (the judge never sees pairs / F)."""
     outputs = policy.spec.analysis.outputs
-    if outputs is None or outputs.sampling.fraction >= 1.0:
+    if outputs is None or not outputs.sampling.carried:
         return verdict
-    fraction = outputs.sampling.fraction
+    fraction = represented.fraction if represented is not None else outputs.sampling.fraction
+    if fraction >= 1.0 and (represented is None or not represented.adaptive):
+        return verdict
     results: list[MetricResult] = []
     most = None
     for result in verdict.results:
@@ -558,9 +591,61 @@ def with_sampling(policy: ShadowPolicy, verdict: Verdict) -> Verdict:
         results.append(result)
     if most is None:
         return verdict
+    said = f"the taps publish {fraction:g} of them"
+    if represented is not None and represented.adaptive:
+        said = (f"the taps published {fraction:.3g} of them over the phase, {represented.now:g} now, adapted to "
+                f"{outputs.sampling.target_pairs_per_second:g} pairs/s")
     return dataclasses.replace(verdict, results=tuple(results), reason=(
-        f"{verdict.reason}; {most} pairs stand for about {round(most / fraction)} requests "
-        f"(the taps publish {fraction:g} of them)"))
+        f"{verdict.reason}; {most} pairs stand for about {round(most / fraction)} requests ({said})"))
+
+
+def with_copies(verdict: Verdict, copies: TapCopies | None) -> Verdict:
+    """The verdict saying how many copies the taps' shadow budget let through, where the taps report them (a
+    budget or a resent baseline in the route setting): each pair-based metric's evidence gets ``copies``
+    (mirror and baseline, by outcome, summed over the taps, since they applied the setting's generation) and
+    the reason says it once ("120 pairs; the taps sent 150 copies, the budget skipped 300 (...)").
+
+    The pairs are those the budget let through: a copy it skipped has no answer to pair. The counts come from
+    the taps' reports at this tick (each at most a report period old) and start afresh when a tap restarts."""
+    if copies is None:
+        return verdict
+    results: list[MetricResult] = []
+    most = None
+    record = copies.counts.model_dump(mode="json", by_alias=True)
+    for result in verdict.results:
+        pairs = _pairs_judged(result)
+        if pairs is not None:
+            most = max(most or 0, pairs)
+            result = dataclasses.replace(result, extra={**result.extra, "copies": record})
+        results.append(result)
+    if most is None:
+        return verdict
+    return dataclasses.replace(verdict, results=tuple(results),
+                               reason=f"{verdict.reason}; {most} pairs; {copies_sentence(copies)}")
+
+
+def copies_sentence(copies: TapCopies) -> str:
+    """What the taps' copies did, in words: sent, and skipped by the budget (its rate or tokens, the queue
+    back-off), for the mirror and, where there is one, the resent baseline."""
+    def part(what: str, c: CopyOutcomes) -> str:
+        text = f"the taps sent {c.sent} {what}"
+        if c.skipped:
+            text += (f", the budget skipped {c.skipped} ({c.skipped_budget} over its rate or tokens, "
+                     f"{c.skipped_queue} by the queue back-off)")
+        else:
+            text += ", the budget skipped none"
+        others = c.failed + c.dropped_in_flight_cap + c.not_rewritable
+        if others:
+            text += (f"; {c.failed} failed, {c.dropped_in_flight_cap} over the in-flight cap, "
+                     f"{c.not_rewritable} not rewritable")
+        return text
+    counts = copies.counts
+    said = [part("copies", counts.mirror)]
+    b = counts.baseline
+    if b.sent or b.skipped or b.failed or b.dropped_in_flight_cap:
+        said.append(part("baseline resends", b))
+    taps = f"{copies.taps} tap{'s' if copies.taps != 1 else ''}"
+    return f"{'; '.join(said)} (generation {copies.generation}, {taps})"
 
 
 def _check_min_pairs(policy: ShadowPolicy, verdict: Verdict, tally: AgreementTally | None) -> Verdict:

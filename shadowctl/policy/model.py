@@ -967,13 +967,37 @@ class Sampling(_Model):
         description="Share of requests whose output events the taps publish (start every tap of the policy with "
                     "--sample at this value), chosen by a hash of x-request-id so that no pair is broken; the "
                     "verdict says how many requests the pairs stand for (pairs / fraction).")
+    target_pairs_per_second: float | None = Field(
+        default=None, gt=0, le=1_000_000,
+        description="Adaptive sampling: while pairs arrive faster than this (per second, measured over at least two "
+                    "intervals), the controller lowers the fraction (never above `fraction`, never below "
+                    "`minFraction`), and raises it again when they arrive much slower. Needs taps driven by the "
+                    "route channel (shadow.mode tap or a tap target): the fraction travels in the route setting.")
+    min_fraction: float = Field(
+        default=0.001, gt=0, le=1,
+        description="Adaptive sampling: the floor of the fraction (the verdict's pairs then stand for at most "
+                    "1 / minFraction requests each).")
+
+    @model_validator(mode="after")
+    def _floor(self) -> Sampling:
+        if self.target_pairs_per_second is not None and self.min_fraction > self.fraction:
+            raise ValueError(f"minFraction {self.min_fraction:g} is above fraction {self.fraction:g}")
+        return self
+
+    @property
+    def carried(self) -> bool:
+        """Whether the route setting carries the fraction (it is not the default, every request, or it adapts)."""
+        return self.fraction < 1.0 or self.target_pairs_per_second is not None
 
 
 class Outputs(_Model):
     """Compare what the candidate answers with what the primary answers."""
 
     mqtt: Mqtt
-    comparators: list[Comparator] = Field(min_length=1)
+    comparators: list[Comparator] = Field(
+        default_factory=list,
+        description="At least one with a shadow phase; none for a tap target without one (outputs.mqtt is then only "
+                    "the taps' route channel).")
     baseline: Baseline = Baseline()
     min_relative_agreement: float = Field(
         default=0.9, gt=0, le=1, description="Candidate agreement must reach this share of the baseline agreement."
@@ -1308,8 +1332,15 @@ TAP_TARGET_SHADOW_MESSAGE = ("a tap target mirrors through the taps: set shadow.
                              "shadow.virtualService)")
 TAP_TARGET_CHANNEL_MESSAGE = ("a tap target needs spec.analysis.outputs.mqtt: the controller sends the taps their "
                               "route setting over that MQTT broker, and reads their reports there")
-TAP_ONLY_MESSAGE = ("baseline.mode: resend and shadow.budget need the taps to route (shadow.mode: tap): the route "
-                    "setting tells them what to resend and what the mirror may cost")
+TAP_ONLY_MESSAGE = ("shadow.budget needs the taps to route (shadow.mode: tap): the route setting tells them what the "
+                    "mirror may cost")
+RESEND_PERCENT_MESSAGE = ("analysis.outputs.baseline.percent travels to the taps in the route setting (shadow.mode: "
+                          "tap); taps that a VirtualService or an HTTPRoute mirrors for resend the percent of their "
+                          "--baseline-resend: leave percent out")
+NO_COMPARATOR_MESSAGE = "analysis.outputs.comparators: give at least one; the shadow phase compares the answers"
+CANARY_ONLY_OUTPUTS_MESSAGE = ("analysis.outputs compares mirrored answers and needs a shadow phase (a tap target "
+                               "without one uses only outputs.mqtt, the taps' route channel: leave out "
+                               "baseline.mode resend)")
 TAP_CHANNEL_MESSAGE = ("shadow.mode: tap needs spec.analysis.outputs.mqtt: the controller sends the taps their route "
                        "setting (what to mirror, where) over that MQTT broker, and reads their reports there")
 
@@ -1353,12 +1384,29 @@ class Spec(_Model):
             "fieldPath": ".analysis.outputs",
         },
         {
-            "rule": "((!has(self.analysis.outputs) || !has(self.analysis.outputs.baseline)"
-                    " || !has(self.analysis.outputs.baseline.mode) || self.analysis.outputs.baseline.mode != 'resend')"
-                    " && (!has(self.shadow) || !has(self.shadow.budget)))"
-                    " || (has(self.shadow) && has(self.shadow.mode) && self.shadow.mode == 'tap')",
+            "rule": "!has(self.shadow) || !has(self.shadow.budget) || (has(self.shadow.mode) && self.shadow.mode == 'tap')",
             "message": TAP_ONLY_MESSAGE,
             "fieldPath": ".shadow",
+        },
+        {
+            "rule": "!has(self.analysis.outputs) || !has(self.analysis.outputs.baseline)"
+                    " || !has(self.analysis.outputs.baseline.percent)"
+                    " || (has(self.shadow) && has(self.shadow.mode) && self.shadow.mode == 'tap')",
+            "message": RESEND_PERCENT_MESSAGE,
+            "fieldPath": ".analysis.outputs.baseline.percent",
+        },
+        {
+            "rule": "!has(self.shadow) || !has(self.analysis.outputs)"
+                    " || (has(self.analysis.outputs.comparators) && size(self.analysis.outputs.comparators) > 0)",
+            "message": NO_COMPARATOR_MESSAGE,
+            "fieldPath": ".analysis.outputs.comparators",
+        },
+        {
+            "rule": "has(self.shadow) || !has(self.analysis.outputs) || (has(self.target.tap)"
+                    " && (!has(self.analysis.outputs.baseline) || !has(self.analysis.outputs.baseline.mode)"
+                    " || self.analysis.outputs.baseline.mode != 'resend'))",
+            "message": CANARY_ONLY_OUTPUTS_MESSAGE,
+            "fieldPath": ".analysis.outputs",
         },
         {
             "rule": "!has(self.target.gatewayAPI) || !has(self.shadow) || !has(self.shadow.virtualService)",
@@ -1406,10 +1454,16 @@ class Spec(_Model):
         if self.shadow is not None and self.shadow.mode is ShadowMode.tap and self.analysis.outputs is None:
             raise ValueError(TAP_CHANNEL_MESSAGE)
         outputs = self.analysis.outputs
-        if ((outputs is not None and outputs.baseline.mode is BaselineMode.resend)
-                or (self.shadow is not None and self.shadow.budget is not None)) \
-                and (self.shadow is None or self.shadow.mode is not ShadowMode.tap):
+        tap_routes = self.shadow is not None and self.shadow.mode is ShadowMode.tap
+        if self.shadow is not None and self.shadow.budget is not None and not tap_routes:
             raise ValueError(TAP_ONLY_MESSAGE)
+        if outputs is not None and outputs.baseline.percent is not None and not tap_routes:
+            raise ValueError(RESEND_PERCENT_MESSAGE)
+        if outputs is not None and outputs.sampling.target_pairs_per_second is not None \
+                and (self.shadow is None or self.shadow.mode is not ShadowMode.tap):
+            raise ValueError("analysis.outputs.sampling.targetPairsPerSecond needs shadow.mode: tap: the controller "
+                             "changes the fraction through the taps' route setting, which only taps that route "
+                             "follow (other taps publish at their own --sample)")
         if self.target.tap is not None:
             if self.shadow is not None and (self.shadow.mode is not ShadowMode.tap
                                             or self.shadow.virtual_service is not None):
@@ -1423,8 +1477,21 @@ class Spec(_Model):
             raise ValueError(
                 f"progressDeadline ({self.progress_deadline}) is shorter than the phases need at least ({phases})"
             )
-        if self.analysis.outputs is not None and self.shadow is None:
-            raise ValueError("analysis.outputs compares mirrored answers and needs a shadow phase")
+        # A canary judged on metrics alone is legitimate (5% -> 50% of users to a new adapter, on errors and
+        # latency). A tap target needs outputs.mqtt even then: it is the taps' route channel.
+        if outputs is not None and self.shadow is not None and not outputs.comparators:
+            raise ValueError(NO_COMPARATOR_MESSAGE)
+        if outputs is not None and self.shadow is None and (
+                self.target.tap is None or outputs.baseline.mode is BaselineMode.resend):
+            raise ValueError(CANARY_ONLY_OUTPUTS_MESSAGE)
+        if self.shadow is None:
+            paired = [m.name for m in self.analysis.metrics if m.kind is MetricKind.paired_latency]
+            if paired:
+                raise ValueError(f"metric {paired[0]!r} (kind paired-latency) pairs mirrored answers, which only a "
+                                 "shadow phase has")
+            if not self.analysis.metrics:
+                raise ValueError("a policy without a shadow phase is judged on metrics alone: give at least one "
+                                 "metric")
         return self
 
 

@@ -49,13 +49,18 @@ import aiomqtt
 import structlog
 
 from shadowctl.compare.routing import (
+    ROUTE_SCHEMA,
+    ROUTE_SCHEMA_V2,
+    ROUTE_SCHEMA_V3,
     AppliedReport,
     Budget,
     MalformedRouteMessage,
     Rewrite,
     RouteSetting,
+    TapCopies,
     Verification,
     applied_filter,
+    copies_of,
     make_setting,
     parse_report,
     parse_setting,
@@ -240,14 +245,16 @@ class CandidateAddress(Protocol):
 @dataclass(frozen=True)
 class CandidateShape:
     """What a policy's settings say besides the shares (route setting v2): the candidate as a rewrite of the
-    request, the live share chosen per user, and, while mirroring, the noise baseline's resent share and the
-    shadow budget. The default (nothing) gives v1 settings."""
+    request, the live share chosen per user, and, while mirroring, the noise baseline's resent share, the
+    shadow budget and the sampling fraction (v3). The default (nothing) gives v1 settings."""
 
     rewrite: Rewrite | None = None
     sticky: bool = False
     user_header: str | None = None
     baseline_percent: float | None = None
     budget: Budget | None = None
+    sample_fraction: float | None = None
+    """The share of requests whose output events the taps publish (route setting v3); None: their own --sample."""
 
 
 ShapeSource = Callable[[], Awaitable[CandidateShape]]
@@ -261,7 +268,8 @@ def setting_for(desired: RouteState, *, policy: str, generation: int, candidate_
     """The route setting for `desired` (pure): v1 unless `shape` or `final` need v2. The rewrite and the
     stickiness are carried only while the setting routes to the candidate (primary-only is plain v1, which
     every tap understands, so a rollback is never refused for its form); the baseline and the budget only
-    while it mirrors (they are about copies)."""
+    while it mirrors (they are about copies), and so the sampling fraction (pairs exist only while it mirrors: a
+    canary step's setting stays v1/v2 and needs no v3 tap)."""
     needs_url = desired.mirror_percent is not None or desired.candidate_weight > 0
     mirrors = desired.mirror_percent is not None
     return make_setting(policy=policy, generation=generation, mirror_percent=desired.mirror_percent,
@@ -271,13 +279,15 @@ def setting_for(desired: RouteState, *, policy: str, generation: int, candidate_
                         rewrite=shape.rewrite if needs_url else None, sticky=shape.sticky and needs_url,
                         user_header=shape.user_header if needs_url and shape.sticky else None,
                         final=final and needs_url, baseline_percent=shape.baseline_percent if mirrors else None,
-                        budget=shape.budget if mirrors else None)
+                        budget=shape.budget if mirrors else None,
+                        sample_fraction=shape.sample_fraction if mirrors else None)
 
 
 def _shape_of(setting: RouteSetting) -> CandidateShape:
     """The shape a published setting carries (to put it back as it was)."""
     return CandidateShape(rewrite=setting.rewrite, sticky=setting.sticky, user_header=setting.user_header,
-                          baseline_percent=setting.baseline_percent, budget=setting.budget)
+                          baseline_percent=setting.baseline_percent, budget=setting.budget,
+                          sample_fraction=setting.sample_fraction)
 
 
 def next_generation(previous: RouteSetting | None, reports: dict[str, AppliedReport]) -> int:
@@ -311,11 +321,14 @@ class TapRouter:
     def __init__(self, channel: TapChannel | None, namespace: str, policy: str, interval_seconds: float,
                  candidate_url: CandidateURL | None = None, *, confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
                  clock: Callable[[], float] = time.time, missing: str = "",
-                 shape: CandidateShape = CandidateShape(), shape_of: ShapeSource | None = None) -> None:
+                 shape: CandidateShape = CandidateShape(), shape_of: ShapeSource | None = None,
+                 sampling: Callable[[], float | None] | None = None) -> None:
         """`channel` None: the controller has no broker for this policy; every call raises Unsupported
         saying `missing`. `shape`: a rewrite and per-user stickiness (``spec.target.tap``), carried by every
         setting that routes to the candidate; `shape_of`: found anew for every setting computed instead (a
-        prompt rewrite: the ConfigMaps are read then)."""
+        prompt rewrite: the ConfigMaps are read then). `sampling`: the sampling fraction wanted now (the adaptive
+        target's, controller.sampling), overriding the shape's; :meth:`read` publishes a new generation when
+        it differs from the retained setting's while that mirrors."""
         self.channel = channel
         self.namespace = namespace
         self.policy = policy
@@ -327,11 +340,18 @@ class TapRouter:
         self.missing = missing
         self.shape = shape
         self.shape_of = shape_of
+        self.sampling = sampling
         self.what = f"route setting {route_topic(namespace, policy)}"
+        self._copies: TapCopies | None = None
 
     @property
     def capabilities(self) -> Capabilities:
         return TAP_CAPABILITIES
+
+    def copies(self) -> TapCopies | None:
+        """What the counted taps' copies did under the setting of the last read or apply (summed; see
+        :func:`~shadowctl.compare.routing.copies_of`)."""
+        return self._copies
 
     def _channel(self) -> TapChannel:
         if self.channel is None:
@@ -361,12 +381,35 @@ class TapRouter:
             except _io.Superseded as exc:
                 log.info("tap_router.heartbeat_skipped", policy=self.key, reason=str(exc))
             else:
-                setting = setting.model_copy(update={"issued_at": rfc3339(self.clock())})
+                setting = self._resampled(setting, session) or setting.model_copy(
+                    update={"issued_at": rfc3339(self.clock())})
                 await session.publish(setting)
             result = await session.until(lambda: self._verify(session, setting), self.confirm_timeout_s)
             if not result.ok:
                 raise NotConfirmed(result.problem or "not applied")
+            self._copies = copies_of(setting, session.reports, self.clock())
             return state_of(setting)
+
+    def _sample_fraction(self, shape: CandidateShape) -> CandidateShape:
+        if self.sampling is None:
+            return shape
+        return dataclasses.replace(shape, sample_fraction=self.sampling())
+
+    def _resampled(self, setting: RouteSetting, session: _Session) -> RouteSetting | None:
+        """The retained setting with the sampling fraction wanted now, as a new generation (None: unchanged, or
+        the setting does not mirror: there are no pairs to sample)."""
+        if setting.mirror_percent is None:
+            return None
+        wanted = self.sampling() if self.sampling is not None else self.shape.sample_fraction
+        if wanted == setting.sample_fraction:
+            return None
+        schema = ROUTE_SCHEMA_V3 if wanted is not None else ROUTE_SCHEMA_V2 if setting.needs_v2 else ROUTE_SCHEMA
+        new = RouteSetting.model_validate({**setting.model_dump(), "schema_": schema, "sample_fraction": wanted,
+                                           "generation": next_generation(setting, session.reports),
+                                           "issued_at": rfc3339(self.clock())}, strict=False)
+        log.info("tap_router.sampling", policy=self.key, generation=new.generation,
+                 fraction=wanted, was=setting.sample_fraction)
+        return new
 
     async def apply(self, desired: RouteState) -> ApplyResult:
         async with self._channel().session() as session:
@@ -388,6 +431,7 @@ class TapRouter:
         shape = self.shape
         if self.shape_of is not None and (desired.mirror_percent is not None or desired.candidate_weight > 0):
             shape = await self.shape_of()  # primary-only needs no shape: a rollback never waits for a ConfigMap
+        shape = self._sample_fraction(shape)
         url = None
         if (desired.mirror_percent is not None or desired.candidate_weight > 0) and self.candidate_url is not None:
             url = await self.candidate_url()  # None: the taps need their own (--mirror-to), else they fall back
@@ -414,6 +458,7 @@ class TapRouter:
                 log.warning("tap_router.put_back", policy=self.key, generation=undo.generation,
                             routes=back.describe(), reason=result.problem)
             raise NotConfirmed(f"{result.problem}; holding (within {self.confirm_timeout_s:g}s)")
+        self._copies = copies_of(setting, session.reports, self.clock())
         state = dataclasses.replace(state_of(setting), resource_version=str(setting.generation))
         if not same:
             log.info("tap_router.applied", policy=self.key, generation=setting.generation, routes=state.describe(),
@@ -438,6 +483,10 @@ class SplitWithTapMirror:
     def capabilities(self) -> Capabilities:
         return dataclasses.replace(self.split.capabilities, can_mirror=True,
                                    mirror_resolution=TAP_CAPABILITIES.mirror_resolution)
+
+    def copies(self) -> TapCopies | None:
+        """The tap's mirror copies (:meth:`TapRouter.copies`)."""
+        return self.tap.copies()
 
     async def read(self) -> RouteState:
         k = await self.split.read()

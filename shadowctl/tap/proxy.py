@@ -29,6 +29,8 @@ What the proxy guarantees, and why it is built this way:
   it is fire-and-forget with a cap on copies in flight (a copy over the cap is
   not sent, and counted as ``dropped_in_flight_cap``), and a request is
   chosen by a hash of its id, so a retried request is mirrored consistently.
+  A copy is built (rewritten, budgeted) only after the user's request has been
+  written upstream (``call_soon``): its cost is never on the user's path.
 - As a router (``--route-policy``, :mod:`shadowctl.tap.routes`), the shares come from the
   controller's route setting instead of flags: ``mirrorPercent`` of requests are copied as
   above, and ``candidatePercent`` of live requests are forwarded to the candidate instead of
@@ -53,9 +55,10 @@ What the proxy guarantees, and why it is built this way:
   user's input, :mod:`shadowctl.compare.prompts`; a request that does not carry the primary's version is not
   rewritten) and sampling parameters (``rewrite.parameters``). The events of rewritten requests keep the
   user's prompt (and its hash, so the copy pairs with the primary's answer) and the rewrite's model.
-- The noise baseline (``baselinePercent``): that share of requests is sent once more, unchanged, to this
-  tap's own upstream, and the answer recorded as variant ``baseline`` (``shadow: true``), so the primary's
-  agreement with itself is measured on the same traffic without a second replica.
+- The noise baseline (``baselinePercent``, or ``--baseline-resend`` for a tap that no route setting drives): that
+  share of requests is sent once more, unchanged, to this tap's own upstream, and the answer recorded as variant
+  ``baseline`` (``shadow: true``), so the primary's agreement with itself is measured on the same traffic without
+  a second replica.
 - The shadow budget (``budget``, :mod:`shadowctl.tap.budget`): copies and resends over the per-process rate
   or token budget, or cut by the back-off on the candidate's queue, are skipped and counted; users' requests
   never wait for it.
@@ -75,7 +78,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from prometheus_client import Counter
 from pydantic import ValidationError
 
 from shadowctl.aio import cancel_and_wait
@@ -100,7 +102,7 @@ from shadowctl.tap.http1 import (
 from shadowctl.tap.metrics import CONTENT_TYPE, TapMetrics
 from shadowctl.tap.publisher import EventPublisher
 from shadowctl.tap.routes import RouteFollower
-from shadowctl.tap.sampling import Sampler
+from shadowctl.tap.sampling import SAMPLE_HEADER, Sampler, header_fraction
 from shadowctl.tap.workers import worker_index
 
 log = structlog.get_logger(__name__)
@@ -153,6 +155,10 @@ class TapConfig:
     """Fixed mirroring (--mirror-to); with ``routed``, only where copies go and how they are rewritten."""
     routed: bool = False
     """The shares come from a route setting (--route-policy): see :mod:`shadowctl.tap.routes`."""
+    baseline_percent: float | None = None
+    """A resent noise baseline without a route setting (--baseline-resend; with ``routed``, the setting's
+    ``baselinePercent`` says instead): this share of requests is sent once more to the upstream, as variant
+    ``baseline``."""
     sample: float = 1.0
     """Fraction of requests whose events are published (--sample), chosen by x-request-id: :mod:`shadowctl.tap.sampling`."""
     partitions: int = 1
@@ -280,8 +286,8 @@ def in_candidate_share(current: Effective, request_id: str, body: bytes,
 class Trace:
     """The recorder of one request: time to first token, the answer, then metrics and the event."""
 
-    __slots__ = ("acc", "body", "endpoint", "origin", "proxy", "request_id", "shadow", "started_at", "status", "t0",
-                 "traceparent", "ttft", "variant")
+    __slots__ = ("acc", "body", "endpoint", "origin", "proxy", "request_id", "sample_fraction", "shadow", "started_at",
+                 "status", "t0", "traceparent", "ttft", "variant")
 
     def __init__(self, proxy: TapProxy, endpoint: Endpoint, body: bytes, request_id: str, shadow: bool,
                  t0: float, started_at: float, traceparent: bytes | None = None, variant: Variant | None = None) -> None:
@@ -302,6 +308,9 @@ class Trace:
         self.origin: bytes | None = None
         """The user's body where `body` is a rewrite of it: the event's prompt (and its hash, which pairs the
         answer with the primary's) are the user's; its model is the rewrite's."""
+        self.sample_fraction: float | None = None
+        """The sampling fraction decided when the request arrived (the route setting's, or a copy's header); None:
+        ``--sample``."""
 
     def on_head(self, status: int, headers: Headers) -> None:
         self.status = status
@@ -351,7 +360,7 @@ class TapProxy:
         self.mirror_client: httpx.AsyncClient | None = None
         """For the shadow budget's queue watch (GETs of the candidate's /metrics); copies go through `copies`."""
         self.copies: CopyClient | None = None
-        if config.mirror is not None or config.routed:
+        if config.mirror is not None or config.routed or config.baseline_percent:
             self.copies = CopyClient(connect_timeout_s=5.0)
             in_flight = config.mirror.max_in_flight if config.mirror is not None else MirrorConfig("", 0).max_in_flight
             self.mirror_client = httpx.AsyncClient(
@@ -461,6 +470,9 @@ class TapProxy:
             mirror = self.config.mirror
             candidate = None
             body = request.body
+            fraction = self.routes.current.sample_fraction if self.routes is not None else None
+            if fraction is None and shadow:
+                fraction = header_fraction(request.header(SAMPLE_HEADER))
             if self.routes is not None:
                 current = self.routes.current
                 mirror, candidate_url = self._by_setting(current)
@@ -475,6 +487,7 @@ class TapProxy:
                             body = rewritten
             trace = Trace(self, endpoint, body, rid, shadow, t0, started_at,
                           request.header(TRACEPARENT_HEADER), Variant.candidate if candidate else None)
+            trace.sample_fraction = fraction
             if body is not request.body:
                 trace.origin = request.body
             if candidate is not None:
@@ -485,11 +498,20 @@ class TapProxy:
             if mirror is not None and not shadow and mirror_selected(rid, mirror.percent):
                 copy = Trace(self, endpoint, b"", rid, True, 0.0, 0.0, request.header(TRACEPARENT_HEADER),
                              Variant.candidate) if mirror.record else None
-                self._send_mirror(request.target, headers, request.body, mirror, rid, copy)
-            if self.routes is not None and not shadow and in_share(rid, self.routes.current.baseline_percent):
+                if copy is not None:
+                    copy.sample_fraction = fraction
+                # After the user's request is on its way: a copy's rewrite (one parse and one serialization of
+                # the body) must not delay it. call_soon runs once the serving task has written the request
+                # upstream and waits for the answer (bench/tap/rewrite.py).
+                asyncio.get_running_loop().call_soon(self._send_mirror, request.target, headers, request.body,
+                                                     mirror, rid, copy, fraction)
+            resend = self.routes.current.baseline_percent if self.routes is not None else self.config.baseline_percent
+            if resend is not None and not shadow and in_share(rid, resend):
                 again = Trace(self, endpoint, b"", rid, True, 0.0, 0.0, request.header(TRACEPARENT_HEADER),
                               Variant.baseline)
-                self._send_mirror(request.target, headers, request.body, self._resend, rid, again)
+                again.sample_fraction = fraction
+                asyncio.get_running_loop().call_soon(self._send_mirror, request.target, headers, request.body,
+                                                     self._resend, rid, again, fraction)
         return Forward(request.method, request.target, headers, request.body, trace)
 
     def upstream_unreachable(self, request: Request, forward: Forward, error: UpstreamUnavailable) -> LocalResponse:
@@ -511,7 +533,7 @@ class TapProxy:
         routed = trace.variant is not self.config.variant
         self.metrics.observe(model=model, status=status, ttft_s=trace.ttft, e2e_s=e2e, output_tokens=tokens,
                              variant=trace.variant.value if routed else None)
-        if self.publisher is None or not self.sampler.keep(trace.request_id):
+        if self.publisher is None or not self.sampler.keep(trace.request_id, trace.sample_fraction):
             return
         try:
             event = OutputEvent(
@@ -553,12 +575,13 @@ class TapProxy:
     # ------------------------------------------------------------------ mirror
 
     def _send_mirror(self, target: bytes, headers: Headers, body: bytes, mirror: MirrorConfig,
-                     request_id: str, trace: Trace | None = None) -> None:
+                     request_id: str, trace: Trace | None = None, sample_fraction: float | None = None) -> None:
         """Send a copy (off the user's path), within the route setting's budget where it has one; `trace`: record
-        the answer to it (``mirror.record``: a rewrite's candidate, or a resent baseline copy)."""
-        counter = self.metrics.baseline if mirror is self._resend else self.metrics.mirrored
+        the answer to it (``mirror.record``: a rewrite's candidate, or a resent baseline copy); `sample_fraction`:
+        the route setting's sampling fraction, sent along for the receiving tap (:data:`SAMPLE_HEADER`)."""
+        kind = "baseline" if mirror is self._resend else "mirror"
         if len(self._mirror_tasks) >= mirror.max_in_flight:
-            counter.labels("dropped_in_flight_cap").inc()
+            self._count(kind, "dropped_in_flight_cap")
             return
         original = body
         gate = self._gate if self.routes is not None and self.routes.current.budget is not None else None
@@ -570,34 +593,43 @@ class TapProxy:
             if rewritten is not None:
                 body = rewritten
             elif mirror.rewrite is not None:
-                counter.labels("not_rewritable").inc()
+                self._count(kind, "not_rewritable")
                 return
         if gate is not None:
             why = gate.admit(request_id, token_cost(body, cap))
             if why is not None:
-                counter.labels(why).inc()
+                self._count(kind, why)
                 return
         host = mirror.host or urlsplit(mirror.url).netloc
-        copy = [(k, v) for k, v in headers if k.lower() not in (b"host", SHADOW_HEADER)]
+        copy = [(k, v) for k, v in headers if k.lower() not in (b"host", SHADOW_HEADER, SAMPLE_HEADER)]
         copy += [(b"host", host.encode("idna")), (SHADOW_HEADER, b"1")]
+        if sample_fraction is not None:
+            copy.append((SAMPLE_HEADER, repr(sample_fraction).encode()))
         if trace is not None:
             trace.body, trace.origin = body, original
-        task = asyncio.create_task(self._mirror(mirror.url, target, copy, body, counter, trace))
+        task = asyncio.create_task(self._mirror(mirror.url, target, copy, body, kind, trace))
         self._mirror_tasks.add(task)
         task.add_done_callback(self._mirror_tasks.discard)
 
-    async def _mirror(self, url: str, target: bytes, headers: Headers, body: bytes, counter: Counter,
+    def _count(self, kind: str, outcome: str) -> None:
+        """One copy (`kind` ``mirror`` or ``baseline``) ended with `outcome`: on /metrics, and in the route
+        follower's tally for its report (what the verdict says the budget allowed)."""
+        (self.metrics.baseline if kind == "baseline" else self.metrics.mirrored).labels(outcome).inc()
+        if self.routes is not None:
+            self.routes.copies.count(kind, outcome)
+
+    async def _mirror(self, url: str, target: bytes, headers: Headers, body: bytes, kind: str,
                       trace: Trace | None = None) -> None:
         assert self.copies is not None
         if trace is not None:
             trace.t0, trace.started_at = time.perf_counter(), time.time()
         error = await self.copies.send(url, "POST", target, headers, body, trace)
         if error is None:
-            counter.labels("sent").inc()
+            self._count(kind, "sent")
             if trace is not None:
                 trace.on_end(None, None)
             return
-        counter.labels("failed").inc()
+        self._count(kind, "failed")
         log.debug("mirror copy failed", url=url, error=error)  # the target's query string may be personal: not logged
         if trace is not None:
             trace.on_end(f"candidate unreachable: {error}", trace.status or 502)
