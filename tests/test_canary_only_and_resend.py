@@ -165,11 +165,14 @@ async def test_baseline_resend_without_a_route_setting(mosquitto: MosquittoBroke
     """``shadowctl tap --baseline-resend 40`` (a process, no --route-policy): exactly the requests whose id falls in
     the first 40% are sent once more, unchanged and marked as copies, to the upstream and published as variant
     baseline; a mirrored copy arriving at this tap (an Istio mirror's Host ends in -shadow) is not resent. With
-    --route-policy the flag is refused."""
+    --route-policy, or at 0, the flag is refused."""
     refused = CliRunner().invoke(app, ["tap", "--upstream", stub.url, "--service", "llm/summarize",
                                        "--baseline-resend", "10", "--mqtt", mosquitto.url,
                                        "--route-policy", "llm/summarize"])
     assert refused.exit_code == 2 and "--baseline-resend is for taps without --route-policy" in refused.output
+    zero = CliRunner().invoke(app, ["tap", "--upstream", stub.url, "--service", "llm/summarize",
+                                    "--baseline-resend", "0"])
+    assert zero.exit_code == 2 and "--baseline-resend 0: a percent above 0" in zero.output
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "tap.log").open("wb")
