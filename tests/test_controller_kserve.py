@@ -23,12 +23,14 @@ from conftest_kube import KubeEnv, eventually
 from controller_helpers import REF, REPO, Arm, FakeMetricSource, Harness, policy_doc
 from kserve_helpers import kserve  # noqa: F401 - the fixture
 
+from shadowctl.compare.comparators import AgreementTally, PairResult
+from shadowctl.compare.events import Variant
 from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.commands import command_patch, new_command
 from shadowctl.controller.reconciler import Reconciler
 from shadowctl.kube import INFERENCE_SERVICE, SHADOW_POLICY, KubeClient, ResourceRef
 from shadowctl.kube.refs import GVR
-from shadowctl.policy.model import ShadowPolicy
+from shadowctl.policy.model import ComparatorName, ShadowPolicy
 from shadowctl.policy.status import Command
 from shadowctl.routers import MANAGED_ANNOTATION, Router
 from shadowctl.routers.kserve import KServeRouter
@@ -56,12 +58,38 @@ def live(isvc: dict[str, Any]) -> dict[str, int]:
     return {k: v for k, v in out.items() if v}
 
 
+
+class AgreeingOutputs:
+    """The analyzer's output port as taps that always agree would fill it (a double: these tests hold the KServe
+    side to account; real taps and pairing are tested in tests/test_controller_tap.py)."""
+
+    def ensure(self, policy: Any, since: float, carried: Any = None) -> None:
+        pass
+
+    def tally(self, policy_key: str, since: float) -> AgreementTally:
+        results = [PairResult(f"r{i}-{variant.value}", variant, {ComparatorName.exact: 1.0},
+                              {ComparatorName.exact: True})
+                   for variant in (Variant.candidate, Variant.baseline) for i in range(400)]
+        return AgreementTally().add_many(results)
+
+    def latency(self, policy_key: str, since: float) -> None:
+        return None
+
+    def error(self, policy_key: str) -> None:
+        return None
+
+    def judge_problem(self, policy_key: str) -> None:
+        return None
+
+    async def stop(self, policy_key: str) -> None:
+        pass
+
 class KServeHarness(Harness):
     """The controller harness on kserve/chat.yaml's InferenceService; ``writes`` holds every write to it."""
 
     def __init__(self, env: KubeEnv, kube: KubeClient, source: FakeMetricSource | None = None) -> None:
         super().__init__(env, kube, source)
-        self.reconciler = Reconciler(kube, _kserve_router, Analyzer(self.source), self.clock)
+        self.reconciler = Reconciler(kube, _kserve_router, Analyzer(self.source, AgreeingOutputs()), self.clock)
         self.writes: list[dict[str, Any]] = []
         self.observed: list[dict[str, Any]] = []
         self._pending: list[dict[str, Any]] = []
@@ -105,6 +133,11 @@ class KServeHarness(Harness):
         policy["spec"]["target"] = {"kserve": {"inferenceService": "chat"}}
         if policy["spec"].get("shadow"):
             policy["spec"]["shadow"]["mode"] = "tap"
+            # The taps' route channel; no tap runs here (the reconciler has the KServe router alone): the
+            # agreement counts come from AgreeingOutputs, a double at the analyzer's port.
+            policy["spec"]["analysis"]["outputs"] = {
+                "mqtt": {"broker": "mqtt://127.0.0.1:1883", "topic": "shadowctl/outputs/llm/chat/+"},
+                "comparators": [{"name": "exact"}]}
         policy["spec"]["analysis"]["variants"] = {"primary": {"workload": "chat-v1"},
                                                   "candidate": {"workload": "chat-v2"}}
         await self.kube.create(SHADOW_POLICY, policy)
