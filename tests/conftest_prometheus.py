@@ -49,6 +49,17 @@ STORES = ("prometheus", "victoria-metrics")
 """The Prometheus-compatible servers `metric_store` runs a module against."""
 
 
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Terminate a server process, killed after 10 s (None or already gone: nothing to do)."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 class MetricStore(Protocol):
     """What the tests use of a server: its base URL and how many queries it answered."""
 
@@ -120,13 +131,7 @@ class PrometheusServer:
         raise RuntimeError("prometheus did not become ready within 30s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
         self._proc = None
 
     def query_count(self) -> float:
@@ -213,13 +218,7 @@ class VictoriaMetricsServer:
             pass
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
         self._proc = None
 
     def query_count(self) -> float:
