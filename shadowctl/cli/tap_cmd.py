@@ -164,7 +164,8 @@ def tap(
                             help="Publish the output events of this fraction of requests only (0.1: one in ten), "
                                  "chosen by a hash of x-request-id so that the primary's, the candidate's and the "
                                  "baseline's taps keep the same requests and no pair is broken; give every tap of "
-                                 "a policy the same F (spec.analysis.outputs.sampling). Every request is still "
+                                 "a policy the same F (spec.analysis.outputs.sampling). A route setting's "
+                                 "sampleFraction (--route-policy) overrides it. Every request is still "
                                  "forwarded and measured. /metrics: shadowctl_tap_sampled_requests_total.")
     ] = 1.0,
     partitions: Annotated[
