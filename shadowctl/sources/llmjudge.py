@@ -51,14 +51,13 @@ from shadowctl.compare.llmjudge import (
 )
 from shadowctl.compare.llmjudge import Outcome as JudgeOutcome
 from shadowctl.compare.pairing import Pair
-from shadowctl.kube import GVR, KubeClient, KubeError, NotFound, ResourceRef
+from shadowctl.kube import CONFIG_MAP, KubeClient, KubeError, NotFound, ResourceRef
 from shadowctl.policy.model import MAX_JUDGE_PROMPT_CHARS, ComparatorName, LlmJudge, ShadowPolicy
 from shadowctl.sources.base import SourceError
 from shadowctl.sources.secrets import SecretReader, parse_secret_ref
 
 log = structlog.get_logger(__name__)
 
-CONFIG_MAP = GVR("", "v1", "configmaps", "ConfigMap")
 API_KEY = "apiKey"
 """The key of the judge's bearer token in its Secret when ``apiKeySecret`` names none."""
 QUEUE_FACTOR = 4
