@@ -19,17 +19,27 @@ Prometheus needs promtool's blocks before it starts. One server is shared by the
 (`victoria_metrics`): each module imports its own series at its own times, and duplicates of a sample
 (same series, same timestamp) are dropped (`-dedup.minScrapeInterval=1ms`), so a module that imports its
 data again changes nothing. `metric_store` (module-scoped, parametrized) gives a test module either.
+
+Live scraping: both scrape the same `scrape_configs` (`shadowctl.sim.services.scrape_configs`, every 1 s).
+A Prometheus is started for the targets (`prometheus_factory(scrape_targets=...)`); the session's
+VictoriaMetrics is started with `-promscrape.config` pointing at a file that `VictoriaMetricsServer.scrape`
+rewrites (SIGHUP reloads it), so a module adds its targets and removes them at its end without a second
+process. `scraping_store` (parametrized, ids ``prometheus`` / ``victoria-metrics``) gives a test either.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +47,7 @@ import pytest
 import yaml
 
 from shadowctl.sim.services import ScrapeTarget, scrape_configs
+from shadowctl.sources.prometheus.promql import escape_regex, quote
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -180,24 +191,39 @@ def import_lines(openmetrics: str) -> str:
 
 
 class VictoriaMetricsServer:
-    """One single-node VictoriaMetrics process; `url` is its base URL (the Prometheus query API is at /api/v1)."""
+    """One single-node VictoriaMetrics process; `url` is its base URL (the Prometheus query API is at /api/v1).
 
-    def __init__(self, root: Path) -> None:
+    It also scrapes, as Prometheus does: `-promscrape.config` names a file holding the `scrape_configs` of
+    every target `scrape` was given (none at first), every `scrape_interval`.
+
+    Two query settings differ from VictoriaMetrics' defaults, both so that a live test sees at once what was
+    just scraped, as it does on Prometheus: `-search.latencyOffset=0s` (by default the last 30 s are held
+    back from answers, on the assumption that samples of the same moment still arrive from other agents;
+    a test that waits for a count to appear and then asks for the window ending at the last scrape would
+    otherwise wait 30 s, and a window ending "now" would miss its last 30 s), and `-search.disableCache`
+    (the rollup cache would answer a repeated query with what it computed before the last scrapes).
+    """
+
+    def __init__(self, root: Path, scrape_interval: str = "1s") -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.scrape_interval = scrape_interval
+        self.scrape_file = root / "promscrape.yml"
+        self._scraping: dict[int, list[ScrapeTarget]] = {}
+        self._handles = itertools.count(1)
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self._write_scrape_file()
         log_path = self.root / "victoria-metrics.log"
         log = log_path.open("ab")
         self._proc = subprocess.Popen(
             [
                 VICTORIA_METRICS, f"-storageDataPath={self.root / 'data'}", f"-httpListenAddr=127.0.0.1:{self.port}",
                 "-retentionPeriod=100y", "-dedup.minScrapeInterval=1ms", "-loggerLevel=ERROR",
-                # Answer at once for any time: the default holds back the last 30 s (-search.latencyOffset)
-                # and caches rollups, which would hide the samples a live test just scraped.
-                "-search.latencyOffset=0s", "-search.disableCache",
+                f"-promscrape.config={self.scrape_file}",
+                "-search.latencyOffset=0s", "-search.disableCache",  # see the class docstring
             ],
             stdout=log, stderr=log,
         )
@@ -207,6 +233,58 @@ class VictoriaMetricsServer:
         except RuntimeError:
             self.stop()
             raise
+
+    def _write_scrape_file(self) -> None:
+        targets = [t for group in self._scraping.values() for t in group]
+        settings = {"global": {"scrape_interval": self.scrape_interval},
+                    "scrape_configs": scrape_configs(targets, self.scrape_interval)}
+        self.scrape_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+    def _reload(self, expected: set[str]) -> None:
+        """Have the server read the scrape file again and wait until it scrapes exactly `expected` (addresses)."""
+        self._write_scrape_file()
+        assert self._proc is not None and self._proc.poll() is None, "victoria-metrics is not running"
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=5) as resp:
+                active = json.load(resp)["data"]["activeTargets"]
+            if {t["labels"]["instance"] for t in active} == expected:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"victoria-metrics did not take up the scrape targets {sorted(expected)} within 30s")
+
+    def _addresses(self) -> set[str]:
+        return {t.address for group in self._scraping.values() for t in group}
+
+    def scrape(self, targets: list[ScrapeTarget]) -> int:
+        """Scrape `targets` too from now on (as Prometheus would with them in its config); returns a handle
+        for :meth:`unscrape`. Targets of the same `job` scraped at once share that job's settings.
+
+        Returns once every target's first scrape is searchable. VictoriaMetrics makes a series it has not
+        seen before searchable only at its next index update, up to about 10 s after its first sample
+        (measured with 1.79.5; Prometheus: at once); `/internal/force_flush` does that update now. Series
+        a target creates later (a label value seen for the first time) still take those seconds."""
+        handle = next(self._handles)
+        self._scraping[handle] = list(targets)
+        self._reload(self._addresses())
+        instances = quote("|".join(escape_regex(t.address) for t in targets))
+        query = urllib.parse.urlencode({"query": f"count(up{{instance=~{instances}}})"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=30):
+                pass
+            with urllib.request.urlopen(f"{self.url}/api/v1/query?{query}", timeout=5) as resp:
+                rows = json.load(resp)["data"]["result"]
+            if rows and float(rows[0]["value"][1]) == len(targets):
+                return handle
+            time.sleep(0.1)
+        raise RuntimeError(f"victoria-metrics did not scrape {sorted(t.address for t in targets)} within 30s")
+
+    def unscrape(self, handle: int) -> None:
+        """Stop scraping the targets `scrape` returned `handle` for."""
+        if self._scraping.pop(handle, None) is not None:
+            self._reload(self._addresses())
 
     def load(self, openmetrics: str) -> None:
         """Import OpenMetrics sample lines (see :func:`import_lines`) and make them searchable now."""
@@ -274,3 +352,39 @@ def prometheus_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pro
     factory = PrometheusFactory(tmp_path_factory)
     yield factory
     factory.stop_all()
+
+
+class Scrapers:
+    """Starts a store scraping targets, as in a cluster: `scrapers("prometheus", targets)` starts a Prometheus
+    for them (`prometheus_factory`), `scrapers("victoria-metrics", targets)` has the session's VictoriaMetrics
+    scrape them too; either way the same `scrape_configs`, every second. `stop_all` undoes what it started
+    (the Prometheus servers themselves stop with `prometheus_factory` at the end of the module). A store
+    whose binary is missing skips the test that asks for it."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+        self._undo: list[Callable[[], None]] = []
+
+    def __call__(self, store: str, targets: list[ScrapeTarget]) -> MetricStore:
+        if store == "prometheus":
+            factory: PrometheusFactory = self._request.getfixturevalue("prometheus_factory")
+            server = factory(scrape_targets=targets)
+            self._undo.append(server.stop)
+            return server
+        assert store == "victoria-metrics", store
+        vm: VictoriaMetricsServer = self._request.getfixturevalue("victoria_metrics")
+        handle = vm.scrape(targets)
+        self._undo.append(lambda: vm.unscrape(handle))
+        return vm
+
+    def stop_all(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+@pytest.fixture
+def scrapers(request: pytest.FixtureRequest) -> Iterator[Scrapers]:
+    """Stores scraping a test's targets (see `Scrapers`); they stop scraping when the test ends."""
+    scrapers = Scrapers(request)
+    yield scrapers
+    scrapers.stop_all()

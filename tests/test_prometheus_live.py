@@ -1,7 +1,8 @@
 """The Prometheus source against a live scrape, an outage, a server that never answers, and auth headers.
 
 The live test scrapes a prometheus_client exporter started here (scrape every
-1s). The slow server and the header-recording server are tiny TCP/HTTP servers
+1s); it and the outage run against Prometheus and VictoriaMetrics alike (ids
+``prometheus`` / ``victoria-metrics``, conftest_prometheus). The slow server and the header-recording server are tiny TCP/HTTP servers
 in this process: they stand in for failure modes and an auth proxy that a local
 Prometheus cannot produce (the boundary mocked is the HTTP connection).
 """
@@ -18,9 +19,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest_prometheus import HAVE_VICTORIA_METRICS, STORES, VM_SKIP_REASON, VictoriaMetricsServer
 from http_stub import serving
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from typer.testing import CliRunner
@@ -33,7 +36,7 @@ from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.prometheus.promql import build_request
 
 if TYPE_CHECKING:
-    from conftest_prometheus import PrometheusFactory
+    from conftest_prometheus import PrometheusFactory, PrometheusServer, Scrapers
 
 
 P_POD, C_POD = "chat-v1-abc12-xyz01", "chat-v2-def34-uvw02"
@@ -93,7 +96,7 @@ def _wait_for(url: str, expr: str, expected: float, deadline_s: float = 30) -> N
     raise AssertionError(f"{expr} did not reach {expected} within {deadline_s}s")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def exporters() -> Iterator[dict[str, tuple[ScrapeTarget, Histogram]]]:
     """Two model-server stand-ins (one per pod) exposing vLLM 0.33's TTFT histogram in the text format.
 
@@ -101,7 +104,7 @@ def exporters() -> Iterator[dict[str, tuple[ScrapeTarget, Histogram]]]:
     are the scrape target's, given as a kube-prometheus PodMonitor gives them (honor_labels false).
     Served by hand rather than with start_http_server: prometheus_client 0.26 answers
     Prometheus's OpenMetrics Accept header with ':' escaped to '_', which vLLM's real
-    endpoint does not do.
+    endpoint does not do. New ones for every test: each store's run starts from counts at 0.
     """
     with contextlib.ExitStack() as stack:
         out = {}
@@ -117,18 +120,20 @@ def exporters() -> Iterator[dict[str, tuple[ScrapeTarget, Histogram]]]:
 
 
 @pytest.mark.prometheus
+@pytest.mark.parametrize("store", STORES)
 async def test_live_scrape_exact_increases(
-    prometheus_factory: PrometheusFactory, exporters: dict[str, tuple[ScrapeTarget, Histogram]]
+    scrapers: Scrapers, store: str, exporters: dict[str, tuple[ScrapeTarget, Histogram]]
 ) -> None:
     start = datetime.now(UTC) - timedelta(seconds=5)
-    server = prometheus_factory(scrape_targets=[t for t, _ in exporters.values()])
+    server = scrapers(store, [t for t, _ in exporters.values()])
     bucket = "vllm:time_to_first_token_seconds_bucket"
-    _wait_for(server.url, f"count({bucket})", 8)
+    pods = f'pod=~"{P_POD}|{C_POD}"'  # the session's VictoriaMetrics may hold other modules' pods
+    _wait_for(server.url, f"count({bucket}{{{pods}}})", 8)
     for value in (0.05, 0.05, 0.05, 0.7, 0.7):
         exporters[P_POD][1].labels("llama", "0").observe(value)
     for value in (0.3, 0.3, 0.3, 0.3, 2.0):
         exporters[C_POD][1].labels("llama", "0").observe(value)
-    _wait_for(server.url, "sum(vllm:time_to_first_token_seconds_count)", 10)
+    _wait_for(server.url, f"sum(vllm:time_to_first_token_seconds_count{{{pods}}})", 10)
     await asyncio.sleep(1.5)  # one more scrape of each target: each pod's last scrape is after both have their counts
     # Evaluate each variant at its own pod's last scrape (two targets are scraped at different times),
     # so that increase() has nothing to extrapolate.
@@ -148,8 +153,20 @@ async def test_live_scrape_exact_increases(
 
 
 @pytest.mark.prometheus
-async def test_outage_is_source_unavailable(prometheus_factory: PrometheusFactory) -> None:
-    server = prometheus_factory()
+@pytest.mark.parametrize("store", STORES)
+async def test_outage_is_source_unavailable(
+    store: str, prometheus_factory: PrometheusFactory, tmp_path: Path
+) -> None:
+    """The store goes away between two looks. VictoriaMetrics: a process of its own (the session's one
+    serves other tests), started in well under a second."""
+    server: PrometheusServer | VictoriaMetricsServer
+    if store == "prometheus":
+        server = prometheus_factory()
+    else:
+        if not HAVE_VICTORIA_METRICS:
+            pytest.skip(VM_SKIP_REASON)
+        server = VictoriaMetricsServer(tmp_path)
+        server.start()
     src = PrometheusMetricSource(server.url, timeout=2)
     try:
         assert await src.check() is None
@@ -160,6 +177,7 @@ async def test_outage_is_source_unavailable(prometheus_factory: PrometheusFactor
         results = await src.fetch_many(requests_for(PRESETS, now - timedelta(minutes=5), now))
     finally:
         await src.aclose()
+        server.stop()  # already stopped unless the test failed before; stopping twice is harmless
     assert len(results) == 3
     for key, result in results.items():
         assert isinstance(result, SourceUnavailable), result
