@@ -64,6 +64,7 @@ from shadowctl.controller.status import (
     status_patch,
 )
 from shadowctl.controller.tracing import DECISION_SPAN, decision_attributes, policy_attributes
+from shadowctl.controller.writes import REFRESH_FLOOR, refresh_period, worth_writing
 from shadowctl.kube import (
     HTTP_ROUTE,
     INFERENCE_SERVICE,
@@ -289,9 +290,15 @@ class Reconciler:
         metrics: Metrics | None = None,
         identity: str = "shadowctl",
         leading: Callable[[], bool] | None = None,
+        status_refresh: float = REFRESH_FLOOR,
     ) -> None:
         """`leading`: whether this replica may act as the leader right now (``LeaderElector.holds``);
-        checked right before every route write, with the policy's decision inputs. None: no election."""
+        checked right before every route write, with the policy's decision inputs. None: no election.
+
+        `status_refresh`: a status write that would change only progress figures (sample counts, estimates,
+        the output tally's counts) is made at most once per ``max(status_refresh, 3 x interval)`` seconds
+        (:func:`~shadowctl.controller.writes.worth_writing`); a changed decision is written at once. 0: every
+        change is written at once."""
         self.kube = kube
         self.router_for = router_for
         self.analyzer = analyzer
@@ -301,6 +308,7 @@ class Reconciler:
         self.metrics = metrics
         self.identity = identity
         self.leading = leading
+        self.status_refresh = status_refresh
 
     async def tick(self, ref: ResourceRef, cached: dict[str, Any] | None = None) -> TickResult:
         """One tick. `cached`: the policy as the watch last delivered it (saves a GET); a stale copy only
@@ -821,8 +829,9 @@ class Reconciler:
                               tally=tally, command=command, error=error, source_errors=source_errors, target=target,
                               paired=look.paired if look is not None else None,
                               since=look.since if look is not None else None, intent=intent, settled=settled)
-        if status.comparable() == old.comparable() and command is None:
-            return obj  # nothing changed: no write
+        if command is None and intent is None and not worth_writing(old, status, now,
+                                                                  refresh_period(obj, self.status_refresh)):
+            return obj  # nothing changed, or only progress figures refreshed less than a period ago: no write
         try:
             stored = await self.kube.patch_status(ref, {"status": status_patch(obj.get("status"), status)},
                                                   resource_version=rv)
