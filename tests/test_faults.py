@@ -176,6 +176,34 @@ def test_the_checker_catches_a_promotion_without_a_passing_verdict(tiny: Any) ->
     assert report.violations[0]["auditID"] == events[route_write]["auditID"]
 
 
+def test_the_checker_catches_a_shadow_pass_without_enough_output_pairs(tiny: Any) -> None:
+    """The tiny campaign's policies compare outputs over a real Mosquitto: each shadow pass rests on a persisted
+    verdict whose agreement metric passed on at least minPairs pairs. One that rests on fewer pairs, or on a
+    verdict without the output comparison (a broker that was down read as a pass), is a violation."""
+    _, outcomes, events = tiny
+    assert all(o.outputs for o in outcomes)
+    from_shadow = [(i, j) for i, j in _raising_route_writes(events)
+                   if events[j]["responseObject"]["status"].get("phase") == "Shadowing"]
+    assert from_shadow, "no rollout of the tiny campaign passed its shadow phase"
+    route_write, intent_write = from_shadow[0]
+    status = events[intent_write]["responseObject"]["status"]
+    [agreement] = [m for m in status["lastVerdict"]["metrics"] if m["name"] == "agreement/token-f1"]
+    assert agreement["outcome"] == "pass" and agreement["samples"]["candidate"] >= run.OUTPUTS["minPairs"]
+
+    def few_pairs(s: JSON) -> None:
+        next(m for m in s["lastVerdict"]["metrics"] if m["name"] == "agreement/token-f1")["samples"]["candidate"] = 5
+
+    def no_outputs(s: JSON) -> None:
+        s["lastVerdict"]["metrics"] = [m for m in s["lastVerdict"]["metrics"] if m["name"] != "agreement/token-f1"]
+
+    for change in (few_pairs, no_outputs):
+        forged = copy.deepcopy(events)
+        change(forged[intent_write]["responseObject"]["status"])
+        report = _check(forged, outcomes)
+        assert [v["rule"] for v in report.violations] == ["shadow-pass-data"], report.violations
+        assert report.violations[0]["auditID"] == events[route_write]["auditID"]
+
+
 def test_the_checker_catches_a_rollout_that_never_ended(tiny: Any) -> None:
     """A rollout left in Shadowing is a deadline violation; one whose spec was refused (nothing started) or
     that is Paused is a documented hold."""

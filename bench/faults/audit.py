@@ -20,6 +20,12 @@ when broken:
 * ``promotion-verdict`` (no promotion without a persisted passing verdict): a controller's route write
   that gives the candidate 100% comes after a status whose ``lastVerdict`` passed (or with a person's
   promote command on the policy);
+* ``shadow-pass-data`` (invariant 4, a decision needs data: no missing output metric is a pass): a controller's
+  route write that first gives the candidate live traffic while the status before it still records Shadowing
+  (the write its recorded intent allows) rests on a persisted ``lastVerdict`` that passed, and, for a policy
+  that compares outputs (``spec.analysis.outputs``), in which every comparator's ``agreement/<name>`` metric
+  passed on at least ``minPairs`` candidate pairs (a broker that was down or restarted must leave the
+  shadow phase waiting, never passing);
 * ``deadline`` (every rollout ends in a terminal phase or a documented safe hold before its deadline): the
   first status that records a terminal phase is no later than ``rolloutStartedAt + progressDeadline`` +
   :data:`DEADLINE_GRACE`; a rollout that never ended (``Stuck:<phase>``) is a violation unless it is in a
@@ -76,6 +82,8 @@ INVARIANTS = {
     "other-routes": "routes shadowctl does not manage are left as they are",
     "step-bound": "the candidate's live share never exceeds the step reached, and is 0 before the shadow phase passed",
     "promotion-verdict": "no promotion without a persisted passing verdict",
+    "shadow-pass-data": "a decision needs data: the shadow phase passes only on a persisted verdict in which every "
+                        "output comparison passed on at least minPairs pairs",
     "rollback-restored": "after rollback (or deletion): 100% primary and no mirror of ours",
     "restored": "after rollback (or deletion): 100% primary and no mirror of ours",
     "unconditional-write": "every write names the resourceVersion it was computed from (a stale writer's write fails)",
@@ -311,10 +319,18 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
         if ref["resource"] in ROUTE_RESOURCES:
             if r.created is None:
                 r.created = obj
+            earlier = route_of(r.vs or {})
             r.vs = obj
             if not mine:
                 continue
             report.count("controller route writes")
+            route = route_of(obj)
+            # (a raise its status does not allow is step-bound's; this rule reads the verdict behind one it does)
+            if route and 0 < candidate_weight(route) <= allowed(r.status) and _phase(r.status) == "Shadowing" \
+                    and not (earlier and candidate_weight(earlier) > 0) and not promote_commanded(r.policy or {}):
+                report.count("shadow passes checked")
+                for problem in shadow_pass_problems(r.policy or {}, r.status or {}):
+                    report.add("shadow-pass-data", name, problem, event)
             for route_name, total in sums(obj):
                 report.add("weights-sum", name, f"route {route_name} weights sum to {total}", event)
             if r.created is not None and unmanaged(obj) != unmanaged(r.created):
@@ -383,6 +399,30 @@ def check(events: Iterable[JSON], *, namespace: str, writers: Sequence[str],
 
 
 TERMINAL = ("Succeeded", "RolledBack", "Failed")
+
+
+def shadow_pass_problems(policy: JSON, status: JSON) -> list[str]:
+    """Why the persisted verdict a shadow pass rests on does not carry the data it needs (empty: it does)."""
+    verdict = status.get("lastVerdict") or {}
+    if verdict.get("outcome") != "pass":
+        return [f"candidate traffic after the shadow phase with the persisted verdict {verdict.get('outcome')!r}"]
+    outputs = ((policy.get("spec") or {}).get("analysis") or {}).get("outputs")
+    if not isinstance(outputs, dict):
+        return []
+    min_pairs = int(outputs.get("minPairs", 100))
+    metrics = {str(m.get("name")): m for m in verdict.get("metrics") or [] if isinstance(m, dict)}
+    problems = []
+    for comparator in outputs.get("comparators") or []:
+        name = f"agreement/{comparator.get('name')}"
+        metric = metrics.get(name)
+        if metric is None:
+            problems.append(f"the shadow phase passed without {name} in its persisted verdict")
+            continue
+        pairs = (metric.get("samples") or {}).get("candidate")
+        if metric.get("outcome") != "pass" or not isinstance(pairs, int | float) or pairs < min_pairs:
+            problems.append(f"the shadow phase passed with {name} {metric.get('outcome')!r} on {pairs} candidate "
+                            f"pairs (minPairs {min_pairs})")
+    return problems
 
 
 def _deadline(report: Report, name: str, obj: JSON, event: JSON) -> None:

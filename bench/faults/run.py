@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import audit  # noqa: E402  (bench/faults/audit.py: the checker)
+from broker import DelayProxy, Mosquitto, Publisher  # noqa: E402  (bench/faults/broker.py: the MQTT side)
 
 from shadowctl.sim.cluster import LocalCluster, free_port  # noqa: E402
 from shadowctl.sim.faultproxy import FaultProxy  # noqa: E402
@@ -83,8 +84,18 @@ FAULTS: dict[str, str] = {
     "prom-nan": "Prometheus answers NaN for 2-6 s",
     "prom-empty": "Prometheus answers nothing for 2-6 s",
     "prom-reset": "a counter reset inside the window for 2-6 s",
+    "mqtt-down": "the MQTT broker stopped (SIGKILL) for 2-6 s, then started again on the same port (all rollouts)",
+    "mqtt-slow": "every byte between the controllers and the MQTT broker 0.5-2 s late for 2-6 s (all rollouts)",
+    "mqtt-restart": "the MQTT broker killed and started again at once: sessions, subscriptions and retained "
+                    "messages lost (all rollouts)",
 }
 PROM = {"prom-down", "prom-slow", "prom-nan", "prom-empty", "prom-reset"}
+MQTT = {"mqtt-down", "mqtt-slow", "mqtt-restart"}
+OUTPUTS = {"mqtt": {"broker": "BROKER"}, "comparators": [{"name": "token-f1", "threshold": 0.5}],
+           "baseline": {"mode": "fixed", "agreement": 0.95}, "minPairs": 30, "pairTTL": "10s"}
+"""A policy's output comparison (``--outputs-share`` of the rollouts): the taps' answers paired over MQTT and
+compared token by token against a fixed baseline agreement; 30 agreeing pairs pass (3 s of the publisher's
+10 pairs/s: the shadow phase's minDuration), a bad candidate's half-wrong answers fail."""
 
 POLICY = """
 apiVersion: shadowctl.dev/v1alpha1
@@ -129,9 +140,12 @@ GATEWAY_TARGET = {"httpRoute": "NAME", "rule": "chat-default", "primary": {"name
                   "candidate": {"name": "chat-v2", "port": 8000}}
 
 
-def policy_doc(name: str, faults: Sequence[str], target: str = "istio") -> dict[str, Any]:
+def policy_doc(name: str, faults: Sequence[str], target: str = "istio", broker: str | None = None) -> dict[str, Any]:
+    """The rollout's policy; with `broker` (mqtt://host:port), it also compares outputs over that broker."""
     doc: dict[str, Any] = yaml.safe_load(POLICY)
     doc["metadata"]["name"] = name
+    if broker is not None:
+        doc["spec"]["analysis"]["outputs"] = {**copy.deepcopy(OUTPUTS), "mqtt": {"broker": broker}}
     if target == "gateway":
         doc["spec"]["target"] = {"gatewayAPI": {**GATEWAY_TARGET, "httpRoute": name}}
     else:
@@ -149,6 +163,8 @@ class Plan:
     faults: list[tuple[str, float]]
     bad: bool
     target: str = "istio"
+    outputs: bool = False
+    """The policy compares outputs over MQTT (the publisher sends its taps' events)."""
 
 
 @dataclass
@@ -159,19 +175,23 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)
     bad: bool = False
     target: str = "istio"
+    outputs: bool = False
     outcome: str = "?"
     seconds: float = 0.0
     final_vs: dict[str, Any] | None = None
     final_policy: dict[str, Any] | None = None
 
 
-def draw(rng: random.Random, index: int, kinds: Sequence[str], gateway_share: float = 0.0, seed: int = 0) -> Plan:
+def draw(rng: random.Random, index: int, kinds: Sequence[str], gateway_share: float = 0.0, seed: int = 0,
+         outputs_share: float = 1.0) -> Plan:
     count = rng.choice((1, 1, 2, 2, 3))
     chosen = rng.sample(list(kinds), min(count, len(kinds)))
-    # The target from its own stream, so that --gateway-share 0 draws what the campaign drew before targets.
+    # The target and the output comparison from their own streams, so that --gateway-share 0 draws what the
+    # campaign drew before targets, and the shares never move the faults drawn.
     target = "gateway" if random.Random(f"{seed}/target/{index}").random() < gateway_share else "istio"
+    outputs = random.Random(f"{seed}/outputs/{index}").random() < outputs_share
     return Plan(f"r-{index:05d}", [(kind, round(rng.uniform(0.5, 10.0), 2)) for kind in chosen], rng.random() < 0.3,
-                target)
+                target, outputs)
 
 
 class Controllers:
@@ -252,9 +272,67 @@ class Controllers:
                 proc.wait(5)
 
 
+@dataclass
+class MqttSide:
+    """The broker the policies compare outputs over, the controllers' way to it, and the taps' stand-in."""
+
+    broker: Mosquitto
+    proxy: DelayProxy
+    publisher: Publisher
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a broker fault is under way: one drawn meanwhile is skipped (as controller kills are)."""
+    downs: int = 0
+    slows: int = 0
+    restarts: int = 0
+
+    tasks: set[asyncio.Task[bool]] = field(default_factory=set)
+
+    def start(self, kind: str, rng: random.Random) -> asyncio.Task[bool]:
+        """The fault as a task of its own (kept until done, and awaited by :meth:`settle`)."""
+        task = asyncio.create_task(self.fault(kind, rng))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def settle(self) -> None:
+        """Wait for the broker faults under way (the broker is up and undelayed after)."""
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def fault(self, kind: str, rng: random.Random) -> bool:
+        """Carry out an mqtt-* fault; False: skipped, another broker fault is under way."""
+        if self.lock.locked():
+            return False
+        async with self.lock:
+            if kind == "mqtt-down":
+                await asyncio.to_thread(self.broker.stop)
+                await asyncio.sleep(rng.uniform(2, 6))
+                await asyncio.to_thread(self.broker.start)
+                self.downs += 1
+            elif kind == "mqtt-restart":
+                await asyncio.to_thread(self.broker.stop)
+                await asyncio.to_thread(self.broker.start)
+                self.restarts += 1
+            elif kind == "mqtt-slow":
+                self.proxy.delay = rng.uniform(0.5, 2.0)
+                try:
+                    await asyncio.sleep(rng.uniform(2, 6))
+                finally:
+                    self.proxy.delay = 0.0
+                self.slows += 1
+            await asyncio.sleep(1.0)
+            return True
+
+    def record(self) -> dict[str, int]:
+        pub = self.publisher
+        return {"mqtt-down": self.downs, "mqtt-slow": self.slows, "mqtt-restart": self.restarts,
+                "events published": pub.published, "events lost while the broker was down": pub.lost,
+                "publisher reconnects": pub.reconnects}
+
+
 class Campaign:
     def __init__(self, cluster: LocalCluster, proxy: FaultProxy, controllers: Controllers, schedule: Path,
-                 rng: random.Random, rollout_timeout: float) -> None:
+                 rng: random.Random, rollout_timeout: float, mqtt: MqttSide | None = None) -> None:
+        self.mqtt = mqtt
         self.cluster = cluster
         self.proxy = proxy
         self.controllers = controllers
@@ -340,6 +418,9 @@ class Campaign:
             applied = await self.controllers.kill(rng)
         elif kind == "leader-pause":
             applied = await self.controllers.pause_leader()
+        elif kind in MQTT:
+            # Its own task, shielded: a rollout that ends (or times out) meanwhile must not leave the broker down.
+            applied = self.mqtt is not None and await asyncio.shield(self.mqtt.start(kind, rng))
         elif kind in ("progress-deadline", *PROM):
             pass  # set in the policy at creation / in the stub's schedule
         (out.applied if applied else out.skipped).append(kind)
@@ -351,7 +432,7 @@ class Campaign:
 
     async def rollout(self, plan: Plan) -> Outcome:
         kinds = [k for k, _ in plan.faults]
-        out = Outcome(plan.name, kinds, bad=plan.bad, target=plan.target)
+        out = Outcome(plan.name, kinds, bad=plan.bad, target=plan.target, outputs=plan.outputs)
         started = time.time()
         entry = {"bad": plan.bad, "faults": [
             {"kind": k, "from": started + at, "to": started + at + self.rng.uniform(2, 6)}
@@ -360,7 +441,10 @@ class Campaign:
         self._write_schedule()
         route_api = ROUTE_API[plan.target]
         await self._ok(await self.admin.post(route_api, json=original_route(plan.name, plan.target)), "create route")
-        await self._ok(await self.admin.post(POLICY_API, json=policy_doc(plan.name, kinds, plan.target)),
+        broker = self.mqtt.proxy.url if self.mqtt is not None and plan.outputs else None
+        if broker is not None and self.mqtt is not None:
+            self.mqtt.publisher.rollouts[plan.name] = plan.bad
+        await self._ok(await self.admin.post(POLICY_API, json=policy_doc(plan.name, kinds, plan.target, broker)),
                        "create policy")
         tasks = []
         for kind, at in plan.faults:
@@ -391,6 +475,8 @@ class Campaign:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.mqtt is not None:
+            self.mqtt.publisher.rollouts.pop(plan.name, None)
         out.seconds = round(time.time() - started, 1)
         out.final_vs = (await self.admin.get(f"{route_api}/{plan.name}")).json()
         policy = await self.admin.get(f"{POLICY_API}/{plan.name}")
@@ -456,7 +542,16 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
     if unknown:
         raise SystemExit(f"unknown fault kinds: {sorted(unknown)}; known: {', '.join(FAULTS)}")
     rng = random.Random(args.seed)
-    plans = [draw(rng, i, kinds, args.gateway_share, args.seed) for i in range(args.rollouts)]
+    plans = [draw(rng, i, kinds, args.gateway_share, args.seed, args.outputs_share) for i in range(args.rollouts)]
+    mqtt: MqttSide | None = None
+    publishing: asyncio.Task[None] | None = None
+    if any(p.outputs for p in plans):
+        broker = Mosquitto(workdir)
+        await asyncio.to_thread(broker.start)
+        delay = DelayProxy(broker.host, broker.port)
+        await delay.start()
+        mqtt = MqttSide(broker, delay, Publisher(broker, NS, pairs_per_s=args.pairs_per_s))
+        publishing = asyncio.create_task(mqtt.publisher.run())
     cluster, proxy, kubeconfigs = await asyncio.to_thread(setup_cluster, workdir)
     schedule = workdir / "schedule.json"
     schedule.write_text(json.dumps({"policies": {}}))
@@ -466,7 +561,7 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
     try:
         for name in CONTROLLERS:
             controllers.start(name)
-        camp = Campaign(cluster, proxy, controllers, schedule, rng, args.rollout_timeout)
+        camp = Campaign(cluster, proxy, controllers, schedule, rng, args.rollout_timeout, mqtt)
         outcomes = await camp.run(plans, args.concurrency, args.progress)
         wall = time.time() - started
     finally:
@@ -474,6 +569,13 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
             await camp.admin.aclose()
         controllers.stop()
         proxy.stop()
+        if mqtt is not None:
+            await mqtt.settle()
+            if publishing is not None:
+                publishing.cancel()
+                await asyncio.gather(publishing, return_exceptions=True)
+            await mqtt.proxy.stop()
+            mqtt.broker.stop()
         await asyncio.sleep(0.5)  # the last audit events reach the file a moment after their answers
         cluster.stop()
     finals = {o.name: o.final_vs for o in outcomes}
@@ -493,6 +595,8 @@ async def campaign(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
                                              if any(o.name == v["rollout"] and o.target == t for o in outcomes))}
                        for t in ROUTE_API},
         "controller_kills": controllers.kills, "leader_pauses": controllers.pauses,
+        "outputs": {"rollouts comparing outputs": sum(o.outputs for o in outcomes),
+                    **(mqtt.record() if mqtt is not None else {})},
         "violation_list": report.violations[:50],
         "rollout_list": [{k: v for k, v in o.__dict__.items() if k not in ("final_vs", "final_policy")}
                          for o in outcomes],
@@ -511,6 +615,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "faults": faults,
         "faults_skipped": {k: row["skipped"] for k, row in result["per_kind"].items() if row["skipped"]},
         "controller_kills": result["controller_kills"], "leader_pauses": result["leader_pauses"],
+        "outputs": result["outputs"],
         "violations": result["violations_all"],
         "end_phases": result["outcomes"],
         "targets": result["per_target"],
@@ -528,6 +633,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-share", type=float, default=0.0,
                    help="share of rollouts (0 to 1) whose target is a Gateway API HTTPRoute (gateway-api/chat.yaml) "
                         "instead of an Istio VirtualService (istio/chat.yaml)")
+    p.add_argument("--outputs-share", type=float, default=1.0,
+                   help="share of rollouts (0 to 1, drawn by seed) whose policy also compares outputs over MQTT "
+                        "(spec.analysis.outputs: a real Mosquitto, token-f1 against a fixed baseline, 30 pairs); "
+                        "0 runs no broker, and the mqtt-* faults are then skipped")
+    p.add_argument("--pairs-per-s", type=float, default=10.0,
+                   help="paired primary/candidate output events published per second for each running rollout "
+                        "that compares outputs (one publisher for all, the taps' stand-in)")
     p.add_argument("--rollout-timeout", type=float, default=180.0,
                    help="seconds after which an unfinished rollout is reported as Stuck:<phase>")
     p.add_argument("--out", type=Path, default=None,
@@ -561,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.summary.write_text(json.dumps(summary(result), indent=1) + "\n")
     print(f"{result['rollouts']} rollouts, seed {result['seed']}, {result['wall_s']} s: outcomes {result['outcomes']}; "
           f"{result['violations']} invariant violations; checked {result['checked']}")
+    if result["outputs"]:
+        print(f"  outputs: {result['outputs']}")
     for target, row in result["per_target"].items():
         if row["rollouts"]:
             print(f"  target {target:11} rollouts {row['rollouts']:4}  violations {row['violations']}  {row['outcomes']}")
