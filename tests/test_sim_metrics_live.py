@@ -1,7 +1,8 @@
 """The simulated model servers and DCGM exporter, scraped by a real Prometheus as a cluster scrapes them,
 read through every vLLM and DCGM preset: what the servers counted is what the presets return.
 
-Real: Prometheus (Debian package), scraping every second. The targets carry the labels a
+Real: Prometheus (Debian package) and VictoriaMetrics (Debian package), both scraping the same targets every
+second, the same traffic; every test runs against each (ids ``prometheus`` / ``victoria-metrics``). The targets carry the labels a
 kube-prometheus PodMonitor gives a vLLM pod, and the DCGM exporter is scraped with
 ``honor_labels: false`` as the dcgm-exporter chart's ServiceMonitor does, so the GPU's pod
 arrives as ``exported_namespace`` / ``exported_pod`` and ``namespace`` / ``pod`` name the exporter.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from conftest_prometheus import HAVE_VICTORIA_METRICS, STORES, VM_SKIP_REASON, Scrapers
 
 from shadowctl.policy.model import ShadowPolicy
 from shadowctl.sim.dcgm import SimDcgmExporter
@@ -34,7 +36,7 @@ from shadowctl.sources.prometheus import PrometheusMetricSource
 from shadowctl.sources.prometheus.promql import build_request
 
 if TYPE_CHECKING:
-    from conftest_prometheus import PrometheusFactory, PrometheusServer
+    from conftest_prometheus import MetricStore
 
 pytestmark = pytest.mark.prometheus
 
@@ -44,17 +46,21 @@ ERROR_RATE = {"primary": 0.0, "candidate": 0.15}
 GPUS = {"primary": 2, "candidate": 1}
 GPU_UTIL = {"primary": 55.0, "candidate": 92.0}
 REQUESTS, BAD_REQUESTS = 120, 7
+DCGM_POD = "nvidia-dcgm-exporter-7xk2p"
+MINE = f'pod=~"{PODS["primary"]}|{PODS["candidate"]}|{DCGM_POD}"'
+"""This module's targets: the session's VictoriaMetrics may hold other modules' series too."""
 
 
 @dataclass
 class Cluster:
     servers: dict[str, SimModelServer]
-    prometheus: PrometheusServer
+    stores: dict[str, MetricStore]
+    """Each store scraping the targets, by name (VictoriaMetrics only where its binary is installed)."""
     warm_up: dict[str, ServerStats]
     """Each server's counts before the first scrape: a labelled series is created at its first increment,
     and ``increase`` cannot see the value a series is born with (vLLM's HTTP counts are created so too)."""
-    starts: dict[str, datetime]
-    """Each pod's last scrape before the traffic: windows start there, on a sample, so that ``increase``
+    starts: dict[str, dict[str, datetime]]
+    """For each store, each pod's last scrape before the traffic: windows start there, on a sample, so that ``increase``
     extrapolates nothing (Prometheus 2 ranges include both ends)."""
 
 
@@ -81,7 +87,7 @@ async def _last_scrape(url: str, variant: str) -> datetime:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cluster(prometheus_factory: PrometheusFactory) -> AsyncIterator[Cluster]:
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
     servers = {
         v: SimModelServer("llama", variant=v, pod=pod, namespace="llm", seed=i,
                           knobs=KNOBS.updated({"error_rate": ERROR_RATE[v], "gpu_util_percent": GPU_UTIL[v]}))
@@ -97,9 +103,9 @@ async def cluster(prometheus_factory: PrometheusFactory) -> AsyncIterator[Cluste
                             {"namespace": "llm", "pod": s.pod, "container": "vllm", "endpoint": "http"})
                for s in servers.values()]
     targets.append(ScrapeTarget("dcgm-exporter", dcgm.url.removeprefix("http://"), {
-        "namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-7xk2p", "container": "nvidia-dcgm-exporter",
+        "namespace": "gpu-operator", "pod": DCGM_POD, "container": "nvidia-dcgm-exporter",
         "service": "nvidia-dcgm-exporter", "endpoint": "gpu-metrics"}))
-    prometheus: PrometheusServer | None = None
+    scrapers = Scrapers(request)
     try:
         async with aiohttp.ClientSession() as session:
             async def one(server: SimModelServer, i: int) -> None:
@@ -121,11 +127,13 @@ async def cluster(prometheus_factory: PrometheusFactory) -> AsyncIterator[Cluste
                     i += 1
                 await bad(server)
                 warm_up[variant] = dataclasses.replace(server.stats)
-            prometheus = await asyncio.to_thread(prometheus_factory, scrape_targets=targets)
-            await _until(prometheus.url, "count(up == 1)", 3)
-            await _until(prometheus.url, "count(http_requests_total)", 5)  # 2xx and 4xx each, the candidate's 5xx
+            names = [s for s in STORES if s != "victoria-metrics" or HAVE_VICTORIA_METRICS]
+            stores = {name: await asyncio.to_thread(scrapers, name, targets) for name in names}
+            for store in stores.values():
+                await _until(store.url, f"count(up{{{MINE}}} == 1)", 3)
+                await _until(store.url, f"count(http_requests_total{{{MINE}}})", 5)  # 2xx and 4xx each, the candidate's 5xx
             await asyncio.sleep(1.5)
-            starts = {v: await _last_scrape(prometheus.url, v) for v in PODS}
+            starts = {name: {v: await _last_scrape(store.url, v) for v in PODS} for name, store in stores.items()}
             # Both at once, spread over 2.5 scrape intervals: the window of one variant (from its pod's scrape
             # before the traffic to its last) holds all of that variant's traffic and some of the other's.
             batches = 5
@@ -135,10 +143,12 @@ async def cluster(prometheus_factory: PrometheusFactory) -> AsyncIterator[Cluste
                     *(bad(server) for server in servers.values() for _ in range(b, BAD_REQUESTS, batches)))
                 await asyncio.sleep(0.5)
         answered = sum(s.stats.requests + s.stats.bad_requests for s in servers.values())
-        await _until(prometheus.url, "sum(http_requests_total)", answered)
+        for store in stores.values():
+            await _until(store.url, f"sum(http_requests_total{{{MINE}}})", answered)
         await asyncio.sleep(1.5)  # one more scrape of every target, so each pod's last scrape has every count
-        yield Cluster(servers, prometheus, warm_up, starts)
+        yield Cluster(servers, stores, warm_up, starts)
     finally:
+        await asyncio.to_thread(scrapers.stop_all)
         await dcgm.stop()
         for server in servers.values():
             await server.stop()
@@ -163,14 +173,23 @@ def _policy(price: float | None = None, candidate_pod: str | None = None, namesp
     })
 
 
-async def _fetch(cluster: Cluster, preset: str, variant: str, kind: str = "latency-histogram",
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, cluster: Cluster) -> str:
+    """Which store a test reads the cluster's metrics from: "prometheus" or "victoria-metrics"."""
+    name = str(request.param)
+    if name not in cluster.stores:
+        pytest.skip(VM_SKIP_REASON)
+    return name
+
+
+async def _fetch(cluster: Cluster, store: str, preset: str, variant: str, kind: str = "latency-histogram",
                  statistic: str = "p50") -> Any:
     """One variant's window of ``preset``, ending at that variant's pod's last scrape (for counters, so that
     ``increase`` extrapolates nothing: the two pods are scraped at different times)."""
-    url = cluster.prometheus.url
+    url = cluster.stores[store].url
     policy = _policy(price=2.5)
     metric = policy.spec.analysis.metrics[0].model_copy(update={"preset": preset, "kind": kind, "statistic": statistic})
-    request = build_request(policy, metric, start=cluster.starts[variant], end=await _last_scrape(url, variant))
+    request = build_request(policy, metric, start=cluster.starts[store][variant], end=await _last_scrape(url, variant))
     source = PrometheusMetricSource(url)
     try:
         result = await source.fetch(request)
@@ -181,19 +200,19 @@ async def _fetch(cluster: Cluster, preset: str, variant: str, kind: str = "laten
 
 
 @pytest.mark.parametrize("variant", list(PODS))
-async def test_error_presets_count_what_the_server_failed(cluster: Cluster, variant: str) -> None:
+async def test_error_presets_count_what_the_server_failed(cluster: Cluster, store: str, variant: str) -> None:
     stats, before = cluster.servers[variant].stats, cluster.warm_up[variant]
     errors = stats.errors - before.errors
     if variant == "candidate":
         assert errors > 5  # the candidate does fail
-    engine = await _fetch(cluster, "vllm-errors", variant, "ratio", "rate")
+    engine = await _fetch(cluster, store, "vllm-errors", variant, "ratio", "rate")
     assert engine == CountWindow(failures=float(errors), total=float(REQUESTS))
-    http = await _fetch(cluster, "vllm-http-errors", variant, "ratio", "rate")
+    http = await _fetch(cluster, store, "vllm-http-errors", variant, "ratio", "rate")
     assert http == CountWindow(failures=float(errors), total=float(REQUESTS + BAD_REQUESTS))
 
 
 @pytest.mark.parametrize("variant", list(PODS))
-async def test_latency_presets_count_every_observation(cluster: Cluster, variant: str) -> None:
+async def test_latency_presets_count_every_observation(cluster: Cluster, store: str, variant: str) -> None:
     server = cluster.servers[variant]
     finished = [r for r in list(server.served)[cluster.warm_up[variant].requests:] if r.finish_reason in ("stop", "length")]
     counts = {
@@ -203,33 +222,33 @@ async def test_latency_presets_count_every_observation(cluster: Cluster, variant
         "vllm-request-tpot": sum(1 for r in finished if r.completion_tokens > 1),
     }
     for preset, count in counts.items():
-        window = await _fetch(cluster, preset, variant)
+        window = await _fetch(cluster, store, preset, variant)
         assert isinstance(window, HistogramWindow), (preset, window)
         assert window.counts[-1] == count, preset
 
 
 @pytest.mark.parametrize("variant", list(PODS))
-async def test_gpu_presets_see_the_pods_gpus_through_exported_labels(cluster: Cluster, variant: str) -> None:
+async def test_gpu_presets_see_the_pods_gpus_through_exported_labels(cluster: Cluster, store: str, variant: str) -> None:
     # The exporter's series reached Prometheus with the GPU's pod renamed, as under the chart's defaults.
-    rows = await asyncio.to_thread(_instant, cluster.prometheus.url, f'DCGM_FI_DEV_GPU_UTIL{{exported_pod="{PODS[variant]}"}}')
-    assert len(rows) == GPUS[variant] and {r["metric"]["pod"] for r in rows} == {"nvidia-dcgm-exporter-7xk2p"}
-    util = await _fetch(cluster, "dcgm-gpu-util", variant, "gauge", "mean")
+    rows = await asyncio.to_thread(_instant, cluster.stores[store].url, f'DCGM_FI_DEV_GPU_UTIL{{exported_pod="{PODS[variant]}"}}')
+    assert len(rows) == GPUS[variant] and {r["metric"]["pod"] for r in rows} == {DCGM_POD}
+    util = await _fetch(cluster, store, "dcgm-gpu-util", variant, "gauge", "mean")
     assert isinstance(util, GaugeWindow) and util.samples and set(util.samples) == {GPU_UTIL[variant]}
-    memory = await _fetch(cluster, "dcgm-fb-used", variant, "gauge", "mean")
+    memory = await _fetch(cluster, store, "dcgm-fb-used", variant, "gauge", "mean")
     assert set(memory.samples) == {GPUS[variant] * KNOBS.gpu_memory_used_mib}
-    power = await _fetch(cluster, "dcgm-power", variant, "gauge", "mean")
+    power = await _fetch(cluster, store, "dcgm-power", variant, "gauge", "mean")
     assert set(power.samples) == {GPUS[variant] * KNOBS.gpu_power_watts}
-    cost = await _fetch(cluster, "gpu-cost-per-1k-tokens", variant, "gauge", "mean")
+    cost = await _fetch(cluster, store, "gpu-cost-per-1k-tokens", variant, "gauge", "mean")
     assert isinstance(cost, GaugeWindow) and all(c > 0 for c in cost.samples)
 
 
-async def test_a_pod_without_gpus_is_no_data_not_the_exporters(cluster: Cluster) -> None:
+async def test_a_pod_without_gpus_is_no_data_not_the_exporters(cluster: Cluster, store: str) -> None:
     """The exporter's own pod (``namespace`` / ``pod`` under honorLabels: false) never stands for a variant."""
     policy = _policy(candidate_pod="nvidia-dcgm-exporter-.*", namespace="gpu-operator")
     metric = policy.spec.analysis.metrics[0].model_copy(update={"preset": "dcgm-gpu-util", "kind": "gauge",
                                                                 "statistic": "mean"})
     now = datetime.now(UTC)
-    source = PrometheusMetricSource(cluster.prometheus.url)
+    source = PrometheusMetricSource(cluster.stores[store].url)
     try:
         result = await source.fetch(build_request(policy, metric, start=now - timedelta(seconds=30), end=now))
     finally:
