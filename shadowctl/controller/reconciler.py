@@ -55,12 +55,16 @@ from shadowctl.controller.analysis import Analyzer, Look
 from shadowctl.controller.clock import Clock, iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION, pending_command
 from shadowctl.controller.status import (
+    accepted_of,
+    accepted_policy,
     build_status,
     intended_routes,
     parse_policy,
     read_latency,
     read_state,
     read_tally,
+    recorded_deadline,
+    refused_error,
     status_patch,
 )
 from shadowctl.controller.tracing import DECISION_SPAN, decision_attributes, policy_attributes
@@ -79,15 +83,18 @@ from shadowctl.kube import (
 )
 from shadowctl.machine import (
     ANALYSED,
+    REFUSED_SPEC_COMMANDS,
     Finalize,
     Notify,
     Observed,
     Promote,
+    Refused,
     RolloutState,
     SetRoutes,
     StepResult,
     first_phase,
     step,
+    step_refused,
 )
 from shadowctl.policy.model import ShadowPolicy, Target
 from shadowctl.policy.status import Command, CommandRecord, PendingRoute, Phase, PolicyStatus
@@ -354,14 +361,14 @@ class Reconciler:
         result.phase = state.phase
         result.state = state
 
-        # The spec is validated by the same model as `shadowctl validate`; an invalid spec changes nothing.
+        # The spec is validated by the same model as `shadowctl validate`. A refused spec starts and moves
+        # nothing; what the last accepted one recorded ends a rollout in flight at its deadline (_refused).
         try:
             policy = parse_policy(obj)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-            result.error = f"invalid spec: {problems}"
-            await self._write_status(ref, obj, rv, state, now, generation, None, None, None, None, result,
-                                     error=result.error)
+            await self._refused(ref, obj, rv, stored, state, now, generation, result, fence,
+                                f"invalid spec: {problems}")
             return None
 
         # Deletion and the finalizer come before anything else.
@@ -370,16 +377,12 @@ class Reconciler:
             if FINALIZER in finalizers:
                 await self._release(ref, obj, rv, state, policy, finalizers, result)
             return None
-        wanted = not state.phase.terminal
-        if wanted != (FINALIZER in finalizers):
-            keep = [f for f in finalizers if f != FINALIZER] + ([FINALIZER] if wanted else [])
-            try:
-                obj = await self.kube.patch_merge(ref, {"metadata": {"finalizers": keep}}, resource_version=rv)
-            except KubeError as exc:  # a 409 means someone wrote first: the next tick sees their object
-                result.error = f"cannot {'add' if wanted else 'remove'} the finalizer: {exc}"
-                return None
-            meta = obj.get("metadata") or {}
-            rv = str(meta.get("resourceVersion") or "")
+        held = await self._hold_finalizer(ref, obj, rv, state, finalizers, result)
+        if held is None:
+            return None
+        obj = held
+        meta = obj.get("metadata") or {}
+        rv = str(meta.get("resourceVersion") or "")
 
         # A raise of the candidate's share recorded before its route write is settled before anything else;
         # the tick then goes on from the settled status.
@@ -504,6 +507,102 @@ class Reconciler:
                      to=stepped.state.phase.value, step=stepped.state.step, weight=stepped.state.weight,
                      reason=stepped.state.message)
         return look
+
+    async def _hold_finalizer(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
+                              finalizers: list[str], result: TickResult) -> dict[str, Any] | None:
+        """Hold the finalizer while a rollout is not finished, and only then: the object as it is after (None:
+        the patch failed; ``result`` says why, and the next tick sees the object as it is then)."""
+        wanted = not state.phase.terminal
+        if wanted == (FINALIZER in finalizers):
+            return obj
+        keep = [f for f in finalizers if f != FINALIZER] + ([FINALIZER] if wanted else [])
+        try:
+            patched: dict[str, Any] = await self.kube.patch_merge(ref, {"metadata": {"finalizers": keep}},
+                                                                  resource_version=rv)
+        except KubeError as exc:  # a 409 means someone wrote first: the next tick sees their object
+            result.error = f"cannot {'add' if wanted else 'remove'} the finalizer: {exc}"
+            return None
+        return patched
+
+    async def _refused(self, ref: ResourceRef, obj: dict[str, Any], rv: str, stored: PolicyStatus,
+                       state: RolloutState, now: float, generation: int, result: TickResult, fence: _Fence,
+                       error: str) -> None:
+        """A tick whose spec the model refused (``error``: where and what). The rollout in flight holds: no step
+        up, no promotion. What ends it is what the last accepted spec recorded (``status.acceptedSpec``,
+        ``status.deadlineAt``): its progress deadline, a person's rollback, or the policy's deletion, each
+        restoring the routes through the router that spec builds for the target the routes were set on
+        (``status.rolloutTarget``). The decision is :func:`~shadowctl.machine.step_refused`'s; the Ready
+        condition says what is wrong where, and what happens meanwhile (:func:`refused_error`). Commands other
+        than rollback stay pending until the spec is fixed."""
+        meta = obj.get("metadata") or {}
+        accepted = accepted_policy(obj, stored)
+        result.error = refused_error(error, state, stored)
+        finalizers = [str(f) for f in meta.get("finalizers") or []]
+        if meta.get("deletionTimestamp"):
+            if FINALIZER not in finalizers:
+                return
+            if accepted is not None:
+                await self._release(ref, obj, rv, state, accepted, finalizers, result)
+            elif state.phase is Phase.pending or state.phase.terminal:  # nothing in flight to restore
+                with contextlib.suppress(NotFound):
+                    await self.kube.patch_merge(ref, {"metadata": {"finalizers": [
+                        f for f in finalizers if f != FINALIZER]}}, resource_version=rv)
+            else:
+                result.error += "; deleted, but the routes cannot be restored without an accepted spec: fix it"
+            return
+        held = await self._hold_finalizer(ref, obj, rv, state, finalizers, result)
+        if held is None:
+            return
+        obj = held
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        if stored.pending_route is not None and accepted is not None:
+            fresh = await self._settle_intent(ref, obj, rv, state, stored.pending_route, accepted, now, generation,
+                                              result)
+            if fresh is None:
+                return
+            obj, stored = fresh, PolicyStatus.of(fresh)
+            rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            state = RolloutState.from_record(stored.rollout)
+            fence.inputs = decision_inputs(obj)
+            result.error = refused_error(error, state, stored)
+        pending = pending_command(obj)
+        if pending is not None and pending.command not in REFUSED_SPEC_COMMANDS:
+            pending = None  # waits for a spec that says what it would do
+        stepped = step_refused(state, pending.command if pending is not None else None, now, Refused(
+            why=error, recorded=accepted is not None, deadline_at=recorded_deadline(stored),
+            keep_candidate=accepted.spec.rollback.keep_candidate_tag if accepted is not None else False))
+        result.transitioned = stepped.state.phase is not state.phase or stepped.state.step != state.step
+        result.phase, result.state = stepped.state.phase, stepped.state
+        routes_after: RouteState | None = None
+        if accepted is not None and any(isinstance(a, SetRoutes | Promote | Finalize) for a in stepped.actions):
+            try:  # lowering the share (or finishing a promotion the routes hold): routes first, as ever
+                routes_after = await self._act(self._recorded_router(accepted, stored), accepted, stepped, result)
+            except _io.Superseded as exc:
+                result.conflict = True
+                result.error = str(exc)
+                return
+            except RouterError as exc:  # not recorded as done: retried next tick
+                result.error = f"{result.error}; cannot restore the routes yet: {exc}"
+                await self._write_status(ref, obj, rv, state, now, generation, None, None, None, None, result,
+                                         error=result.error)
+                return
+        cmd_record = None
+        if pending is not None:
+            cmd_record = CommandRecord(id=pending.id, command=pending.command.value, at=pending.at, by=pending.by,
+                                       handled_at=iso(now), result=stepped.state.phase.value)
+        written = await self._write_status(ref, obj, rv, stepped.state, now, generation, None, routes_after, None,
+                                           cmd_record, result, error=refused_error(error, stepped.state, stored))
+        if accepted is None or not written:
+            return
+        if stepped.state.phase is not Phase.shadowing and accepted.spec.analysis.outputs is not None:
+            await self.analyzer.idle(accepted.key)
+        if self.notifier is not None:
+            for action in stepped.actions:
+                if isinstance(action, Notify):
+                    await self.notifier.notify(obj, accepted, action, stepped.state)
+        if stepped.state.phase is not state.phase:
+            log.warning("rollout.transition", policy=accepted.key, **{"from": state.phase.value},
+                        to=stepped.state.phase.value, reason=stepped.state.message, spec="refused")
 
     @staticmethod
     def _leftover(router: Router, policy: ShadowPolicy, state: RolloutState, current: RouteState | None) -> bool:
@@ -633,8 +732,12 @@ class Reconciler:
             self.metrics.forget(f"{meta.get('namespace', 'default')}/{meta.get('name')}")
         state = read_state(obj)
         try:
+            try:
+                policy = parse_policy(obj)
+            except ValidationError:  # refused: the routes are restored as the last accepted spec set them
+                policy = accepted_policy(obj, PolicyStatus.of(obj)) or parse_policy(obj)
             with _io.fenced(_Fence(self.kube, None, leading=self.leading)):  # the policy is gone: the Lease alone
-                await self._restore_if_ours(parse_policy(obj), obj, state)
+                await self._restore_if_ours(policy, obj, state)
         except (ValidationError, KeyError, RouterError, KubeError) as exc:
             log.error("rollout.abandon_failed", policy=f"{meta.get('namespace')}/{meta.get('name')}", error=str(exc))
 
@@ -828,7 +931,8 @@ class Reconciler:
                               evidence=look.evidence if look is not None else None, routes=routes,
                               tally=tally, command=command, error=error, source_errors=source_errors, target=target,
                               paired=look.paired if look is not None else None,
-                              since=look.since if look is not None else None, intent=intent, settled=settled)
+                              since=look.since if look is not None else None, intent=intent, settled=settled,
+                              accepted=accepted_of(obj))
         if command is None and intent is None and not worth_writing(old, status, now,
                                                                   refresh_period(obj, self.status_refresh)):
             return obj  # nothing changed, or only progress figures refreshed less than a period ago: no write

@@ -28,7 +28,9 @@ Safety rules encoded here (and tested transition by transition):
 - no data is never a pass: it is "continue" until the phase's maximum duration, then inconclusive;
 - a new candidate (or a changed spec) mid-rollout restarts the analysis from the first phase,
   pulling live traffic back to the first phase's routes;
-- the progress deadline ends every non-terminal phase in RollingBack;
+- the progress deadline ends every non-terminal phase in RollingBack, also after the spec was edited into
+  one the model refuses: :func:`step_refused` holds, then rolls back at the deadline recorded from the
+  last accepted spec (:func:`deadline_at`), so a refused spec never leaves traffic half-moved for good;
 - live traffic to the candidate only ever equals the step the policy has reached, and is 0
   before the shadow phase passed.
 """
@@ -265,11 +267,15 @@ def _start(state: RolloutState, now: float, policy: ShadowPolicy, observed: Obse
 
 
 def _rollback(state: RolloutState, now: float, policy: ShadowPolicy, reason: str) -> StepResult:
+    return _roll_back(state, now, policy.spec.rollback.keep_candidate_tag, reason)
+
+
+def _roll_back(state: RolloutState, now: float, keep_candidate: bool, reason: str) -> StepResult:
     new, note = _move(
         state, Phase.rolling_back, now, reason, warning=True, weight=0, mirror_percent=None, step=None,
         paused_from=None, paused_step=None,
     )
-    return StepResult(new, (Finalize(policy.spec.rollback.keep_candidate_tag), note))
+    return StepResult(new, (Finalize(keep_candidate), note))
 
 
 def _promote(state: RolloutState, now: float, reason: str) -> StepResult:
@@ -461,3 +467,86 @@ def _analyse(
         return StepResult(state, extra)
 
     return StepResult(state, extra)  # pragma: no cover - every non-terminal phase is handled above
+
+
+# --------------------------------------------------------------------------- a refused spec
+
+
+def deadline_at(state: RolloutState, policy: ShadowPolicy) -> float | None:
+    """When the progress deadline ends the rollout in flight (None: none in flight): ``rolloutStartedAt``
+    plus the policy's ``progressDeadline``, the instant ``step`` rolls back at. The controller records it
+    from every accepted spec, so that a later spec the model refuses cannot hide it (:func:`step_refused`)."""
+    if state.phase is Phase.pending or state.phase.terminal or state.rollout_started_at is None:
+        return None
+    return state.rollout_started_at + policy.spec.progress_deadline.total_seconds()
+
+
+REFUSED_SPEC_COMMANDS = frozenset({Command.rollback})
+"""The commands carried out while the spec is refused; the others wait (unhandled) until it is fixed, since
+what they would do (the next step, a promotion, a restart) is read from the spec."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The policy's spec as it stands now was refused by the model; what the controller recorded from the
+    last spec it accepted (``status.acceptedSpec``, ``status.deadlineAt``) stands in for it."""
+
+    why: str  # the model's where-and-what ("invalid spec: ...")
+    recorded: bool  # a last accepted spec is recorded: the routes can be restored without the spec
+    deadline_at: float | None = None  # the recorded progress deadline (epoch seconds); None: none recorded
+    keep_candidate: bool = False  # the last accepted spec's rollback.keepCandidateTag
+
+
+def step_refused(state: RolloutState, command: Command | None, now: float, refused: Refused) -> StepResult:
+    """``step`` for a tick whose spec the model refused: hold, and undo only what must not stay forever.
+
+    A typo must not kill a rollout at once, nor leave traffic half-moved for good. Pure, like ``step``;
+    `command` is one of :data:`REFUSED_SPEC_COMMANDS` (the reconciler leaves the others waiting). Rows:
+
+    ======================================  ===============================================================
+    nothing accepted recorded               hold (nothing can be undone without a spec)
+    Pending                                 hold; rollback: RolledBack (routes restored)
+    Shadowing, Progressing,                 rollback: RollingBack; ``now >= deadline_at``: RollingBack,
+    WaitingPromotion, Paused                the reason saying the spec was refused; else hold (no step up,
+                                            no promotion, no pause or resume)
+    RollingBack                             RolledBack (routes restored), as ``step``
+    Promoting                               Succeeded: the routes already send the candidate 100% (the
+                                            promotion was decided, recorded as an intent and written
+                                            before the spec was refused); ``Promote`` is idempotent
+    Succeeded                               hold; rollback: RollingBack, as ``step``
+    RolledBack, Failed                      hold
+    ======================================  ===============================================================
+
+    A spec fixed before the deadline is a new generation: ``step`` then restarts the analysis from the
+    first phase, as for any edit mid-rollout. The routes are restored through the target recorded with
+    the routes (``status.rolloutTarget``) and the router the last accepted spec builds.
+    """
+    if not refused.recorded:
+        return StepResult(state)
+    if command is not None and (command not in REFUSED_SPEC_COMMANDS or refusal(command, state) is not None):
+        command = None
+    keep = refused.keep_candidate
+    phase = state.phase
+    if phase is Phase.pending:
+        if command is Command.rollback:
+            new, note = _move(state, Phase.rolled_back, now, "rolled back by a person before it started "
+                              f"(the spec is refused: {refused.why})", warning=True)
+            return StepResult(new, (Finalize(keep), note))
+        return StepResult(state)
+    if phase is Phase.rolling_back:
+        new, note = _move(state, Phase.rolled_back, now, f"routes restored to the primary ({state.message})",
+                          warning=True)
+        return StepResult(new, (Finalize(keep), note))
+    if phase is Phase.promoting:
+        new, note = _move(state, Phase.succeeded, now, "candidate serves 100% of traffic (the promotion was "
+                          f"decided before the spec was refused: {refused.why})")
+        return StepResult(new, (Promote(), note))
+    if command is Command.rollback:
+        after = "after promotion " if phase is Phase.succeeded else ""
+        return _roll_back(state, now, keep, f"rolled back by a person {after}while the spec is refused ({refused.why})")
+    if phase.terminal:
+        return StepResult(state)
+    if refused.deadline_at is not None and now >= refused.deadline_at:
+        return _roll_back(state, now, keep, f"the spec was refused ({refused.why}) and the progress deadline "
+                          "recorded from the last accepted spec passed")
+    return StepResult(state)

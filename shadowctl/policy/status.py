@@ -346,6 +346,17 @@ class PolicyStatus(_Part):
     )
     pending_route: PendingRoute | None = Field(
         default=None, description="a raise of the candidate's live share recorded before its route write")
+    deadline_at: str | None = Field(
+        default=None,
+        description="when the progress deadline rolls back the rollout in flight: rolloutStartedAt plus the last "
+                    "accepted spec's progressDeadline (rounded up to the second); kept while a later spec is refused")
+    accepted_generation: int | None = Field(
+        default=None, description="the last metadata.generation whose spec the model accepted")
+    accepted_spec: dict[str, Any] | None = Field(
+        default=None,
+        description="that spec, as written: what the routes are restored with while a later spec is refused "
+                    "(read with the spec's model when used)",
+    )
 
     @classmethod
     def read(cls, value: Any) -> Self:
