@@ -111,7 +111,10 @@ async def test_a_restarted_controller_continues_the_paired_test(kube_env: KubeEn
     new phase afterwards (retry) starts from no pairs although `.status` still holds the old ones."""
     h = Harness(kube_env, kube_client)
     hub_a, hub_ref = _hub(), _hub()
-    h.reconciler = Reconciler(h.kube, router_for, Analyzer(None, hub_a), h.clock)
+    # A and B write every look's figures (status_refresh=0), so that each look's pairs and evidence are read back
+    # from .status: with the default refresh period (controller/writes.py) figures that alone changed are written
+    # at most every 30 s, and a restart forgets the pairs counted since; this test is about the rest.
+    h.reconciler = Reconciler(h.kube, router_for, Analyzer(None, hub_a), h.clock, status_refresh=0)
     client_b = await KubeClient.connect(kubeconfig=kube_env.kubeconfig(tmp_path / "kc-b"))
     hub_b = _hub()
     try:
@@ -143,7 +146,7 @@ async def test_a_restarted_controller_continues_the_paired_test(kube_env: KubeEn
         # Controller A stops (its source with it); B starts with nothing in memory.
         await hub_a.close()
         h.kube = client_b
-        h.reconciler = Reconciler(client_b, router_for, Analyzer(None, hub_b), h.clock)
+        h.reconciler = Reconciler(client_b, router_for, Analyzer(None, hub_b), h.clock, status_refresh=0)
         await h.tick()  # B's first look: the 25 pairs come back from .status, its source starts
         status = await h.status()
         assert status.paired_latency is not None and status.paired_latency.ttft is not None

@@ -41,6 +41,7 @@ from shadowctl.controller.sampling import SamplingTuner
 from shadowctl.controller.server import make_app, serve
 from shadowctl.controller.shard import ALL, Shard
 from shadowctl.controller.tracing import NO_TRACER, Tracer
+from shadowctl.controller.writes import REFRESH_FLOOR
 from shadowctl.errors import ShadowctlError
 from shadowctl.kube import KubeClient, LeaderElector
 from shadowctl.policy.model import ShadowPolicy
@@ -113,6 +114,8 @@ class RunOptions:
     """User, password file, CA and client certificate for --events-mqtt."""
     pairing_workers: int = 1
     """Processes pairing each policy whose taps publish on partitions (--pairing-workers)."""
+    status_refresh: float = REFRESH_FLOOR
+    """Least seconds between status writes that only refresh figures (--status-refresh; controller/writes.py)."""
 
 
 def mqtt_password_provider(kube: KubeClient, policy: ShadowPolicy) -> Callable[[], Awaitable[str]] | None:
@@ -238,7 +241,8 @@ async def run_controller(opts: RunOptions, stop: asyncio.Event | None = None, *,
     reconciler = Reconciler(kube, functools.partial(router_for, tap_channel=make_tap_channel, sampling=tuner.fraction),
                             Analyzer(source, hub, tracer=tracer, sampling=tuner), clock,
                             notifier=ClusterNotifier(kube, clock, webhooks, publish), gate=WebhookGate(webhooks, clock),
-                            metrics=metrics, leading=lambda: elector is None or elector.holds())
+                            metrics=metrics, leading=lambda: elector is None or elector.holds(),
+                            status_refresh=opts.status_refresh)
     manager = Manager(kube, reconciler, clock, namespace=opts.namespace, label_selector=opts.selector,
                       min_interval=opts.min_interval, shard=opts.shard)
     listen_host, _, listen_port = opts.listen.rpartition(":")
@@ -366,6 +370,12 @@ def run(
     retry_period: Annotated[float, typer.Option("--retry-period", help="Seconds.")] = 2.0,
     log_format: Annotated[str, typer.Option("--log-format", help="json or console.")] = "json",
     min_interval: Annotated[float, typer.Option("--min-interval", hidden=True)] = 0.0,
+    status_refresh: Annotated[float, typer.Option(
+        "--status-refresh", metavar="SECONDS", min=0.0, envvar="SHADOWCTL_STATUS_REFRESH",
+        help="A policy's .status is written at once when a decision changes (phase, step, weights, a metric's "
+             "outcome, an error); sample counts and estimates that alone changed are refreshed at most every "
+             "max(SECONDS, 3 x the policy's interval). Fewer writes let several controllers share one API "
+             "server (docs/scaling.md); 0 writes every look's figures.")] = REFRESH_FLOOR,
 ) -> None:
     """Run the controller: carry out every ShadowPolicy it selects, until stopped (SIGTERM/Ctrl-C).
 
@@ -410,7 +420,7 @@ def run(
         raise fail("--events-mqtt-username, -password-file, -ca, -cert and -key need --events-mqtt", 2)
     opts = RunOptions(kubeconfig, context, namespace, selector, prometheus, events_mqtt, listen, leader_elect,
                       lease_name, lease_namespace, lease_duration, renew_deadline, retry_period, min_interval, prom,
-                      embedder, otlp_endpoint or None, chosen, events_auth, pairing_workers)
+                      embedder, otlp_endpoint or None, chosen, events_auth, pairing_workers, status_refresh)
 
     async def _main() -> None:
         stop = asyncio.Event()
