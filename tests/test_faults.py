@@ -205,15 +205,18 @@ def test_the_checker_catches_a_shadow_pass_without_enough_output_pairs(tiny: Any
 
 
 def test_the_checker_catches_a_rollout_that_never_ended(tiny: Any) -> None:
-    """A rollout left in Shadowing is a deadline violation; one whose spec was refused (nothing started) or
-    that is Paused is a documented hold."""
+    """A rollout left in Shadowing is a deadline violation, also when its spec was refused mid-rollout (the
+    controller rolls it back at the recorded deadline); one whose spec was refused before it started (Pending,
+    nothing routed) or that is Paused is a documented hold."""
     _, outcomes, events = tiny
     name = outcomes[0].name
     finals = {name: outcomes[0].final_vs}
     shadowing = {"status": {"phase": "Shadowing", "conditions": [{"type": "Ready", "status": "True"}]}}
     refused = {"status": {"phase": "Pending", "conditions": [
         {"type": "Ready", "status": "False", "message": "invalid spec: spec: progressDeadline too short"}]}}
-    for final, rules in ((shadowing, ["deadline"]), (refused, []), ({"status": {"phase": "Paused"}}, [])):
+    refused_mid = {"status": {**refused["status"], "phase": "Shadowing"}}
+    for final, rules in ((shadowing, ["deadline"]), (refused, []), (refused_mid, ["deadline"]),
+                         ({"status": {"phase": "Paused"}}, [])):
         report = audit.check(events, namespace=run.NS, writers=run.WRITERS, outcomes={name: "Stuck:Shadowing"},
                              finals=finals, final_policies={name: final})
         assert [v["rule"] for v in report.violations] == rules, (final, report.violations)

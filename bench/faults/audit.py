@@ -30,7 +30,9 @@ when broken:
   first status that records a terminal phase is no later than ``rolloutStartedAt + progressDeadline`` +
   :data:`DEADLINE_GRACE`; a rollout that never ended (``Stuck:<phase>``) is a violation unless it is in a
   documented hold: Paused (a person's or ``onInconclusive: hold``), or its spec refused (Ready=False,
-  ``invalid spec``: nothing was started, nothing is routed);
+  ``invalid spec``) before anything started (Pending: nothing is routed). A spec refused mid-rollout is no
+  hold past the deadline: the controller rolls back at the deadline the last accepted spec recorded
+  (``status.deadlineAt``, docs/controller.md), so such a rollout must end in time like any other;
 Order: by the stored resourceVersion; a landed write that made no new revision (a no-op update, or the
 patch that releases a deleted object's last finalizer, which answers with the object as last stored) is
 placed after every write the log holds before it (the log backend writes events as requests complete).
@@ -249,6 +251,8 @@ def documented_hold(obj: JSON | None) -> str | None:
     status = (obj or {}).get("status") or {}
     if _phase(status) == "Paused":
         return "Paused"
+    if _phase(status) != "Pending":  # a spec refused mid-rollout is rolled back at the recorded deadline
+        return None
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Ready" and cond.get("status") == "False" \
                 and str(cond.get("message") or "").startswith("invalid spec"):
