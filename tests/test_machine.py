@@ -19,10 +19,13 @@ from shadowctl.machine import (
     Observed,
     Promote,
     Refusal,
+    Refused,
     RolloutState,
     SetRoutes,
+    deadline_at,
     refusal,
     step,
+    step_refused,
 )
 from shadowctl.policy import ShadowPolicy, parse_policies
 from shadowctl.policy.status import Command, Phase, PolicyStatus, RolloutRecord
@@ -302,3 +305,69 @@ def test_invariants_over_random_runs(events: list[Any], pol: ShadowPolicy) -> No
         if state.phase is Phase.rolled_back:
             assert state.weight == 0
             assert state.mirror_percent is None
+
+
+# --------------------------------------------------------------------------- a refused spec
+
+DEADLINE = 1000.0 + 3600.0  # at(...)'s rolloutStartedAt + P's progressDeadline
+WHY = "invalid spec: spec: progressDeadline (0:00:30) is shorter than the phases need at least (0:03:00)"
+KEPT = Refused(WHY, recorded=True, deadline_at=DEADLINE)
+
+# (name, state, command, now, refused, expected phase, expected route actions)
+REFUSED_ROWS: list[tuple[str, RolloutState, Command | None, float, Refused, Phase, list[Any]]] = [
+    ("shadowing holds with the mirror", at(Phase.shadowing), None, DEADLINE - 1, KEPT, Phase.shadowing, []),
+    ("shadowing rolled back at the deadline", at(Phase.shadowing), None, DEADLINE, KEPT, Phase.rolling_back,
+     [Finalize()]),
+    ("canary at 50% holds: no step up", at(Phase.progressing, step=1, weight=50), None, DEADLINE - 1, KEPT,
+     Phase.progressing, []),
+    ("canary at 50% rolled back at the deadline", at(Phase.progressing, step=1, weight=50), None, DEADLINE, KEPT,
+     Phase.rolling_back, [Finalize()]),
+    ("waiting promotion: promote waits for a valid spec", at(Phase.waiting_promotion, step=1, weight=50),
+     Command.promote, DEADLINE - 1, KEPT, Phase.waiting_promotion, []),
+    ("paused rolled back at the deadline", at(Phase.paused, paused_from=Phase.shadowing), None, DEADLINE, KEPT,
+     Phase.rolling_back, [Finalize()]),
+    ("resume waits for a valid spec", at(Phase.paused, paused_from=Phase.shadowing), Command.resume, DEADLINE - 1,
+     KEPT, Phase.paused, []),
+    ("rollback by a person", at(Phase.shadowing), Command.rollback, DEADLINE - 1, KEPT, Phase.rolling_back,
+     [Finalize()]),
+    ("keeps the candidate's tag as the accepted spec said", at(Phase.shadowing), None, DEADLINE,
+     replace(KEPT, keep_candidate=True), Phase.rolling_back, [Finalize(keep_candidate=True)]),
+    ("rolling back finishes", at(Phase.rolling_back), None, DEADLINE - 1, KEPT, Phase.rolled_back, [Finalize()]),
+    ("promoting finishes: the routes already hold it", at(Phase.promoting, weight=100), None, DEADLINE - 1, KEPT,
+     Phase.succeeded, [Promote()]),
+    ("succeeded holds", at(Phase.succeeded, weight=100), None, DEADLINE + 1, KEPT, Phase.succeeded, []),
+    ("succeeded: rollback by a person", at(Phase.succeeded, weight=100), Command.rollback, DEADLINE + 1, KEPT,
+     Phase.rolling_back, [Finalize()]),
+    ("rolled back: a rollback is refused", at(Phase.rolled_back), Command.rollback, DEADLINE + 1, KEPT,
+     Phase.rolled_back, []),
+    ("pending holds", RolloutState(), None, DEADLINE + 1, KEPT, Phase.pending, []),
+    ("pending: rollback by a person", RolloutState(), Command.rollback, 0, KEPT, Phase.rolled_back, [Finalize()]),
+    ("no deadline recorded: holds", at(Phase.shadowing), None, DEADLINE + 1, replace(KEPT, deadline_at=None),
+     Phase.shadowing, []),
+    ("nothing accepted recorded: holds, even a rollback", at(Phase.shadowing), Command.rollback, DEADLINE + 1,
+     Refused(WHY, recorded=False), Phase.shadowing, []),
+]
+
+
+@pytest.mark.parametrize(("name", "state", "command", "now", "refused", "phase", "actions"), REFUSED_ROWS,
+                         ids=[row[0] for row in REFUSED_ROWS])
+def test_step_refused_rows(name: str, state: RolloutState, command: Command | None, now: float, refused: Refused,
+                           phase: Phase, actions: list[Any]) -> None:
+    out = step_refused(state, command, now, refused)
+    assert out.state.phase is phase
+    assert routes(out.actions) == actions
+    if phase is state.phase:
+        assert out.state == state and not out.actions  # a hold writes nothing new
+    if phase is Phase.rolling_back and command is None:
+        assert "spec was refused" in out.state.message and WHY in out.state.message
+    assert not any(isinstance(a, SetRoutes) for a in out.actions)  # never a step up
+
+
+def test_deadline_at_is_step_s_deadline() -> None:
+    """The recorded deadline is the instant ``step`` itself rolls back at, under the accepted spec."""
+    state = at(Phase.paused, paused_from=Phase.shadowing)  # paused: only the deadline moves it
+    deadline = deadline_at(state, P)
+    assert deadline == DEADLINE
+    assert step(state, CONT, None, deadline - 0.001, P, CAND).state.phase is Phase.paused
+    assert step(state, CONT, None, deadline, P, CAND).state.phase is Phase.rolling_back
+    assert deadline_at(RolloutState(), P) is None and deadline_at(at(Phase.rolled_back), P) is None
