@@ -86,6 +86,7 @@ async def test_replace_system_rewrites_only_requests_that_carry_the_primary_prom
         by_variant = {e.variant: e for e in seen}
         assert by_variant[Variant.candidate].shadow and by_variant[Variant.candidate].request_id == "req-1"
         assert by_variant[Variant.candidate].prompt_hash == by_variant[Variant.primary].prompt_hash
+        assert by_variant[Variant.candidate].model == "base"  # a prompt-only rewrite keeps the user's model
 
         stub.seen.clear()
         for i, other in enumerate([chat("You are a pirate.", "Hi"), chat(None, "Hi")]):

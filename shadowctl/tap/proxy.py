@@ -243,9 +243,14 @@ def apply_rewrite(body: bytes, rewrite: Rewrite | None, *, max_tokens_cap: int |
     if max_tokens_cap is not None:
         cap_limit(data, limit_key, max_tokens_cap)
     try:
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        return _COMPACT.encode(data).encode()
     except (ValueError, RecursionError):  # a number JSON cannot carry (1e999 read as inf)
         return None
+
+
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+"""What :func:`apply_rewrite` serializes with: compact, non-ASCII kept; made once (``json.dumps`` with these
+arguments builds an encoder per call, on a routed rewrite's path)."""
 
 
 def cap_limit(data: dict[str, object], key: str, cap: int) -> None:
@@ -286,8 +291,8 @@ def in_candidate_share(current: Effective, request_id: str, body: bytes,
 class Trace:
     """The recorder of one request: time to first token, the answer, then metrics and the event."""
 
-    __slots__ = ("acc", "body", "endpoint", "origin", "proxy", "request_id", "sample_fraction", "shadow", "started_at",
-                 "status", "t0", "traceparent", "ttft", "variant")
+    __slots__ = ("acc", "body", "endpoint", "origin", "proxy", "request_id", "rewritten_model", "sample_fraction",
+                 "shadow", "started_at", "status", "t0", "traceparent", "ttft", "variant")
 
     def __init__(self, proxy: TapProxy, endpoint: Endpoint, body: bytes, request_id: str, shadow: bool,
                  t0: float, started_at: float, traceparent: bytes | None = None, variant: Variant | None = None) -> None:
@@ -308,6 +313,9 @@ class Trace:
         self.origin: bytes | None = None
         """The user's body where `body` is a rewrite of it: the event's prompt (and its hash, which pairs the
         answer with the primary's) are the user's; its model is the rewrite's."""
+        self.rewritten_model: str | None = None
+        """The model name the rewrite put into `body` (None: the rewrite left the user's model as it was), so that
+        recording the answer does not parse the rewritten body a second time only to read it back."""
         self.sample_fraction: float | None = None
         """The sampling fraction decided when the request arrived (the route setting's, or a copy's header); None:
         ``--sample``."""
@@ -470,6 +478,7 @@ class TapProxy:
             mirror = self.config.mirror
             candidate = None
             body = request.body
+            rewritten_model: str | None = None
             fraction = self.routes.current.sample_fraction if self.routes is not None else None
             if fraction is None and shadow:
                 fraction = header_fraction(request.header(SAMPLE_HEADER))
@@ -484,12 +493,13 @@ class TapProxy:
                             candidate = None
                             self.metrics.mirrored.labels("not_rewritable").inc()
                         else:
-                            body = rewritten
+                            body, rewritten_model = rewritten, current.rewrite.model
             trace = Trace(self, endpoint, body, rid, shadow, t0, started_at,
                           request.header(TRACEPARENT_HEADER), Variant.candidate if candidate else None)
             trace.sample_fraction = fraction
             if body is not request.body:
                 trace.origin = request.body
+                trace.rewritten_model = rewritten_model
             if candidate is not None:
                 self.metrics.routed.inc()
                 netloc = (mirror.host if mirror is not None and mirror.host else None) or urlsplit(candidate).netloc
@@ -526,7 +536,7 @@ class TapProxy:
         """Metrics and the output event of one finished request (never raises into the request path)."""
         e2e = time.perf_counter() - trace.t0
         info = parse_request(trace.endpoint, trace.body if trace.origin is None else trace.origin)
-        model = info.model if trace.origin is None else parse_request(trace.endpoint, trace.body).model
+        model = info.model if trace.rewritten_model is None else trace.rewritten_model  # a rewrite that names one
         out = trace.acc.finish() if trace.acc is not None else None
         tokens = out.output_tokens if out is not None else None
         status = trace.status
@@ -607,6 +617,8 @@ class TapProxy:
             copy.append((SAMPLE_HEADER, repr(sample_fraction).encode()))
         if trace is not None:
             trace.body, trace.origin = body, original
+            if body is not original:
+                trace.rewritten_model = mirror.rewrite.model if mirror.rewrite is not None else mirror.model
         task = asyncio.create_task(self._mirror(mirror.url, target, copy, body, kind, trace))
         self._mirror_tasks.add(task)
         task.add_done_callback(self._mirror_tasks.discard)
