@@ -8,7 +8,12 @@ test. Both run the same way for direct and tap runs; only the URL differs.
 
 Server: ``python lean_http.py serve PORT TTFT_MS GAP_MS``: every POST gets a 200 text/event-stream
 answer, chunked, of 16 token events and a final event, the first after TTFT_MS, the others GAP_MS
-apart (keep-alive; the request body is read by Content-Length).
+apart (keep-alive; the request body is read by Content-Length). The first token event also says how
+long the stub held the request (``"held_ns"``: from the read that completed it to the write of that
+event), so that a client can take the model server's own time out of its time to first byte: its
+timers fire up to a millisecond late (the event loop sleeps in whole milliseconds), noise that is
+larger than the tap's cost being measured (bench/tap/rewrite.py). ``time.perf_counter`` is the
+system's monotonic clock on Linux, the same in every process.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ def _frame(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-# 16 token events, the last one sent together with the final event and the end of the body.
+# 16 token events, the last one sent together with the final event and the end of the body; the first one is
+# framed when it is sent (it carries the time held).
 FRAMES = [_frame(c) for c in CHUNKS[:-1]] + [_frame(CHUNKS[-1]) + _frame(LAST) + b"0\r\n\r\n"]
+FIRST = b'data: {"held_ns":%d,' + CHUNKS[0][len(b"data: {"):]
 
 
 class StubProtocol(asyncio.Protocol):
@@ -48,6 +55,7 @@ class StubProtocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        arrived = time.perf_counter_ns()
         self.buf += data
         while True:
             end = self.buf.find(b"\r\n\r\n")
@@ -61,14 +69,18 @@ class StubProtocol(asyncio.Protocol):
             if len(self.buf) < end + 4 + length:
                 return
             self.buf = self.buf[end + 4 + length:]
-            self._answer()
+            self._answer(arrived)
 
-    def _answer(self) -> None:
+    def _answer(self, arrived: int) -> None:
         loop = asyncio.get_running_loop()
         assert self.transport is not None
         self.transport.write(HEAD)
-        for i, frame in enumerate(FRAMES):
+        loop.call_later(self.ttft_s, self._send_first, arrived)
+        for i, frame in enumerate(FRAMES[1:], 1):
             loop.call_later(self.ttft_s + i * self.gap_s, self._send, frame)
+
+    def _send_first(self, arrived: int) -> None:
+        self._send(_frame(FIRST % (time.perf_counter_ns() - arrived)))
 
     def _send(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -84,7 +96,8 @@ async def serve(port: int, ttft_ms: float, gap_ms: float) -> None:
 
 
 class ClientProtocol(asyncio.Protocol):
-    """One keep-alive connection: send a request, note the first body byte, find the chunked end."""
+    """One keep-alive connection: send a request, note the first body byte, find the chunked end; ``held_s``:
+    the time the stub says it held the request (None: the answer did not say)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -94,6 +107,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.buf = b""
+        self.head_of_body = b""  # the body's first bytes, where the stub's held_ns is
         self.in_body = False
         self.need = -1  # bytes of the current chunk still to come (+2 for its CRLF); -1: a size line is next
 
@@ -125,6 +139,8 @@ class ClientProtocol(asyncio.Protocol):
             self.in_body = True
         if self.buf and self.first is not None and not self.first.done():
             self.first.set_result(now)
+        if len(self.head_of_body) < 64:
+            self.head_of_body += self.buf[:64]
         while self.buf:
             if self.need < 0:
                 line_end = self.buf.find(b"\r\n")
@@ -143,6 +159,15 @@ class ClientProtocol(asyncio.Protocol):
             self.need -= take
             if self.need == 0:
                 self.need = -1
+
+
+    @property
+    def held_s(self) -> float | None:
+        at = self.head_of_body.find(b'"held_ns":')
+        if at < 0:
+            return None
+        digits = self.head_of_body[at + 10:].split(b",", 1)[0]
+        return int(digits) / 1e9 if digits.isdigit() else None
 
 
 async def open_client(port: int) -> ClientProtocol:

@@ -26,8 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,38 +34,13 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lean_http
+from openloop import cpu_seconds, free_port, open_loop, pct, steal_seconds, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 BODY = json.dumps({"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}).encode()
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
-def steal_seconds() -> float:
-    cpu = Path("/proc/stat").read_text().splitlines()[0].split()
-    return int(cpu[8]) / TICKS
-
-
-def wait_port(port: int, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port} after {within:g} s")
+RAW = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: chat\r\ncontent-type: application/json\r\n"
+       b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY))
 
 
 def mirror_counts(port: int) -> dict[str, float]:
@@ -92,51 +65,11 @@ def start_tap(src: Path, upstream: int, candidate: int | None, percent: float) -
     return proc, port
 
 
-async def open_loop(port: int, rps: float, seconds: float) -> tuple[list[float], int]:
-    """Send a request every 1/rps s (Poisson arrivals) for `seconds`; the time to first byte of each answer."""
-    idle: list[lean_http.ClientProtocol] = []
-    ttfb: list[float] = []
-    errors = 0
-    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: chat\r\ncontent-type: application/json\r\n"
-           b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY))
-
-    async def one() -> None:
-        nonlocal errors
-        conn = idle.pop() if idle else await lean_http.open_client(port)
-        sent = time.perf_counter()
-        first, done = conn.request(raw)
-        try:
-            ttfb.append(await first - sent)
-            await done
-        except ConnectionError:
-            errors += 1
-            return
-        idle.append(conn)
-
-    rng = random.Random(1)
-    tasks = []
-    end = time.perf_counter() + seconds
-    at = time.perf_counter()
-    while at < end:
-        tasks.append(asyncio.create_task(one()))
-        at += rng.expovariate(rps)
-        await asyncio.sleep(max(0.0, at - time.perf_counter()))
-    await asyncio.gather(*tasks)
-    for conn in idle:
-        if conn.transport is not None:
-            conn.transport.close()
-    return ttfb, errors
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 async def run_one(pid: int, port: int, rps: float, seconds: float) -> dict[str, object]:
     before = mirror_counts(port)
     cpu0, steal0, t0 = cpu_seconds(pid), steal_seconds(), time.perf_counter()
-    ttfb, errors = await open_loop(port, rps, seconds)
+    load = await open_loop(port, RAW, rps, seconds)
+    ttfb, errors = load.ttfb, load.errors
     await asyncio.sleep(1.0)  # copies still in flight finish
     cpu, steal, wall = cpu_seconds(pid) - cpu0, steal_seconds() - steal0, time.perf_counter() - t0
     after = mirror_counts(port)
@@ -174,7 +107,7 @@ async def main() -> None:
             taps[f"{name}_mirror"] = start_tap(src, primary, candidate, args.mirror_percent)
             taps[f"{name}_plain"] = start_tap(src, primary, None, 0.0)
         for _, port in taps.values():  # warm up: connections, imports on first use
-            await open_loop(port, 20, 2.0)
+            await open_loop(port, RAW, 20, 2.0)
         runs: list[dict[str, object]] = []
         for rps in (float(r) for r in args.rps.split(",")):
             for rnd in range(args.rounds):

@@ -2,7 +2,7 @@
 
 Run by hand (from the repository root; needs /usr/sbin/mosquitto):
 
-    nice -n 10 .venv/bin/python bench/tap/rewrite.py [--rps 20] [--seconds 15] [--rounds 6]
+    nice -n 10 .venv/bin/python bench/tap/rewrite.py [--rps 20] [--seconds 30] [--rounds 10]
 
 Starts a Mosquitto broker, two lean stub model servers (bench/tap/lean_http.py: the primary and the candidate,
 16 token events each, the first after --ttft-ms) and four taps as separate processes, each following its own
@@ -10,19 +10,28 @@ route setting (``shadowctl tap --route-policy``, published retained and ``final`
 
 - ``mirror_plain``: mirror 100% to the candidate, the copy's body as the user sent it;
 - ``mirror_rewrite``: the same with a rewrite: ``model``, the system prompt (``replaceSystem``) and
-  ``temperature`` (one parse and one serialization of the body per copy, on the user's path);
+  ``temperature`` (one parse and one serialization of the body per copy, after the user's request is forwarded);
 - ``routed_plain``: every live request answered by the candidate (candidatePercent 100), unchanged;
 - ``routed_rewrite``: the same, rewritten (the user's own request is rewritten before it is forwarded).
 
-Every tap publishes its output events to the broker, as in production. Each round sends the same open-loop load
-(Poisson arrivals at --rps, one request body of about 1.3 KB with a system prompt, streamed) straight to the
-primary stub ("direct") and through each tap, one after another in a shuffled order, and records each run's time
-to first body byte (p50, p99), the tap process's CPU per request, and the machine's steal. The added latency of a
-tap in a round is its p50 (p99) minus the direct run's in the same round; the summary gives, per share (mirror,
-routed), the median over rounds of added latency with and without the rewrite and their ratio, the paired form
-(1 + the median over rounds of rewrite - plain, over plain's added latency: robust to rounds that the machine's
-other load slowed as a whole), and the ratio of CPU per request. Rounds in which the hypervisor stole more than --max-steal cores during any run are left out
-(the criterion is fixed before the run and blind to latencies). Results: bench/results/tap_rewrite.json.
+Every tap publishes its output events to the broker, as in production. A round lasts --seconds; during it the
+five targets (the primary stub straight, "direct", and each tap) each get their own open-loop load at the same
+time (bench/tap/openloop.py: Poisson arrivals at --rps, each target its own draw; one request body of about
+1.3 KB with a system prompt, streamed). Plain and rewrite thus run in the same seconds, under the same load from
+the machine's other users, request by request rather than run after run.
+
+What is measured per request: the time to the first body byte (``ttfb``), and that time less the time the stub
+says it held the request (``path``: client to stub and back, through the tap or not). The path leaves out the
+stub's timer, which fires up to 1 ms late (the event loop sleeps in whole milliseconds): noise larger than the
+difference measured. A tap's added latency (p50, p99) is its path quantile minus the direct target's.
+
+Per share (mirror, routed), the summary gives: per round, the ratio of the added latency with the rewrite to
+without it, the median of these ratios over the rounds kept and their interquartile range (the headline
+figures); the same ratio on all kept rounds' requests pooled (``pooled``; on ttfb too, for comparison with the
+first runs); and the ratio of the tap's CPU per request (utime + stime from /proc: steal is not in it). Rounds in
+which the hypervisor stole more than --max-steal cores are left out (the criterion is fixed before the run and
+blind to latencies); the machine's other load is not left out, it is recorded (``loadavg``). Results:
+bench/results/tap_rewrite.json.
 """
 
 from __future__ import annotations
@@ -31,7 +40,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -42,8 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lean_http
-from mirror import cpu_seconds, free_port, pct, steal_seconds, wait_port
+from openloop import Load, cpu_seconds, free_port, open_loop, pct, steal_seconds, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -104,57 +111,74 @@ def counters(port: int) -> dict[str, float]:
     return out
 
 
-async def open_loop(port: int, rps: float, seconds: float, seed: int) -> list[float]:
-    """Poisson arrivals at `rps` for `seconds`; the time to first body byte of each answer (a new connection only
-    when every open one is busy)."""
-    idle: list[lean_http.ClientProtocol] = []
-    ttfb: list[float] = []
+def share_summary(good: list[dict[str, dict[str, Any]]], pooled: dict[str, Any], share: str) -> dict[str, Any]:
+    """One share's (``mirror`` or ``routed``) figures over the rounds kept: see the module docstring."""
+    out: dict[str, Any] = {}
+    for kind in ("plain", "rewrite"):
+        name = f"{share}_{kind}"
+        out[kind] = {"cpu_ms_per_request": round(statistics.median(r[name]["cpu_ms_per_request"] for r in good), 3),
+                     "requests": sum(r[name]["requests"] for r in good),
+                     "errors": sum(r[name]["errors"] for r in good)}
+        for q in ("p50", "p99"):
+            for measure in ("path", "ttfb"):
+                key = f"{measure}_ms_{q}"
+                out[kind][f"added_{key}_pooled"] = round(pooled[name][key] - pooled["direct"][key], 3)
+            out[kind][f"added_path_ms_{q}_per_round"] = [round(r[name][f"path_ms_{q}"] - r["direct"][f"path_ms_{q}"], 3)
+                                                        for r in good]
+    plain, rewrite = out["plain"], out["rewrite"]
+    for q in ("p50", "p99"):
+        ratios = [round(b / a, 3) if a > 0 else None for a, b in zip(plain[f"added_path_ms_{q}_per_round"],
+                                                                      rewrite[f"added_path_ms_{q}_per_round"],
+                                                                      strict=True)]
+        valid = sorted(x for x in ratios if x is not None)
+        out[f"ratio_added_path_{q}_per_round"] = ratios
+        out[f"ratio_added_path_{q}_median"] = round(statistics.median(valid), 3) if valid else None
+        out[f"ratio_added_path_{q}_iqr"] = ([round(pct(valid, 0.25), 3), round(pct(valid, 0.75), 3)]
+                                            if valid else None)
+        for measure in ("path", "ttfb"):
+            a, b = plain[f"added_{measure}_ms_{q}_pooled"], rewrite[f"added_{measure}_ms_{q}_pooled"]
+            out[f"ratio_added_{measure}_{q}_pooled"] = round(b / a, 3) if a > 0 else None
+    a, b = plain["cpu_ms_per_request"], rewrite["cpu_ms_per_request"]
+    out["ratio_cpu_ms_per_request"] = round(b / a, 3) if a > 0 else None
+    return out
 
-    async def one() -> None:
-        conn = idle.pop() if idle else await lean_http.open_client(port)
-        sent = time.perf_counter()
-        first, done = conn.request(RAW)
-        ttfb.append(await first - sent)
-        await done
-        idle.append(conn)
 
-    rng = random.Random(seed)
-    tasks = []
-    end = time.perf_counter() + seconds
-    at = time.perf_counter()
-    while at < end:
-        tasks.append(asyncio.create_task(one()))
-        at += rng.expovariate(rps)
-        await asyncio.sleep(max(0.0, at - time.perf_counter()))
-    await asyncio.gather(*tasks)
-    for conn in idle:
-        if conn.transport is not None:
-            conn.transport.close()
-    return ttfb
+def quantiles(load: Load) -> dict[str, float]:
+    """p50 and p99 of a load's time to first byte and of its path time, in ms."""
+    return {f"{m}_ms_{q}": round(1000 * pct(getattr(load, m), x), 3)
+            for m in ("ttfb", "path") for q, x in (("p50", 0.5), ("p99", 0.99))}
 
 
-async def run_one(port: int, pid: int | None, rps: float, seconds: float, seed: int) -> dict[str, float]:
-    cpu0 = cpu_seconds(pid) if pid is not None else 0.0
+async def one_round(targets: dict[str, tuple[int, int | None]], rps: float, seconds: float,
+                    seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Load], float]:
+    """Every target under its own open-loop load at the same time (distinct arrival draws); per target its
+    quantiles and CPU per request, the loads, and the machine's steal over the round (cores)."""
+    cpu0 = {name: cpu_seconds(pid) for name, (_, pid) in targets.items() if pid is not None}
     steal0, t0 = steal_seconds(), time.perf_counter()
-    ttfb = await open_loop(port, rps, seconds, seed)
+    loads = await asyncio.gather(*(open_loop(port, RAW, rps, seconds, seed * 100 + i)
+                                   for i, (port, _) in enumerate(targets.values())))
     await asyncio.sleep(0.5)  # copies in flight and events finish
-    wall = time.perf_counter() - t0
-    cpu = cpu_seconds(pid) - cpu0 if pid is not None else 0.0
-    n = len(ttfb)
-    return {"requests": n, "ttfb_ms_p50": round(1000 * pct(ttfb, 0.5), 2),
-            "ttfb_ms_p99": round(1000 * pct(ttfb, 0.99), 2), "cpu_ms_per_request": round(1000 * cpu / n, 3),
-            "steal_cores": round((steal_seconds() - steal0) / wall, 3), "loadavg": os.getloadavg()[0]}
+    steal = (steal_seconds() - steal0) / (time.perf_counter() - t0)
+    runs: dict[str, dict[str, Any]] = {}
+    for (name, (_, pid)), load in zip(targets.items(), loads, strict=True):
+        n = len(load.ttfb)
+        cpu = cpu_seconds(pid) - cpu0[name] if pid is not None else 0.0
+        runs[name] = {"requests": n, "errors": load.errors, "without_held": n - len(load.path), **quantiles(load),
+                      "cpu_ms_per_request": round(1000 * cpu / max(1, n), 3)}
+    return runs, dict(zip(targets, loads, strict=True)), round(steal, 3)
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rps", type=float, default=20.0)
-    ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--max-steal", type=float, default=0.05)
-    ap.add_argument("--ttft-ms", type=float, default=100.0)
-    ap.add_argument("--gap-ms", type=float, default=10.0)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tap_rewrite.json")
+    ap.add_argument("--rps", type=float, default=20.0, help="requests per second to each target (default 20)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="length of one round, in seconds (default 30)")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds to keep (default 10; at most 3x as many tried)")
+    ap.add_argument("--max-steal", type=float, default=0.05,
+                    help="leave out a round in which the hypervisor stole more than this many cores (default 0.05)")
+    ap.add_argument("--ttft-ms", type=float, default=100.0, help="the stubs' time to the first token (default 100)")
+    ap.add_argument("--gap-ms", type=float, default=10.0, help="the stubs' time between tokens (default 10)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tap_rewrite.json",
+                    help="where the JSON results go (default bench/results/tap_rewrite.json)")
     args = ap.parse_args()
     import aiomqtt
 
@@ -195,62 +219,43 @@ async def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{name} did not apply its route setting")
                 await asyncio.sleep(0.2)
-        for port in [primary, *(p for p, _ in taps.values())]:  # warm up: connections, first-use imports
-            await open_loop(port, 10, 2.0, 0)
+        targets: dict[str, tuple[int, int | None]] = {"direct": (primary, None), **taps}
+        await one_round(targets, 10, 2.0, 0)  # warm up: connections, first-use imports
         before = {name: counters(port) for name, (port, _) in taps.items()}
         rounds: list[dict[str, Any]] = []
-        order_rng = random.Random(7)
+        kept: dict[str, Load] = {name: Load() for name in targets}
         attempt = 0
-        kept = 0
-        while kept < args.rounds and attempt < 3 * args.rounds:
+        while sum(not r["left_out"] for r in rounds) < args.rounds and attempt < 3 * args.rounds:
             attempt += 1
-            runs: dict[str, dict[str, float]] = {}
-            order = ["direct", *TAPS]
-            order_rng.shuffle(order)
-            for name in order:
-                port, pid = (primary, None) if name == "direct" else taps[name]
-                runs[name] = await run_one(port, pid, args.rps, args.seconds, attempt)
-            steal = max(r["steal_cores"] for r in runs.values())
+            runs, loads, steal = await one_round(targets, args.rps, args.seconds, attempt)
             left_out = steal > args.max_steal
-            kept += not left_out
-            rounds.append({"attempt": attempt, "order": order, "left_out": left_out, "max_steal": steal,
-                           "runs": runs})
+            if not left_out:
+                for name, load in loads.items():
+                    kept[name].ttfb += load.ttfb
+                    kept[name].path += load.path
+            rounds.append({"attempt": attempt, "left_out": left_out, "steal_cores": steal,
+                           "loadavg": os.getloadavg()[0], "runs": runs})
             print(json.dumps({"attempt": attempt, "left_out": left_out, "steal": steal,
-                              **{k: (v["ttfb_ms_p50"], v["ttfb_ms_p99"]) for k, v in runs.items()}}), flush=True)
+                              "loadavg": os.getloadavg()[0],
+                              **{k: (v["path_ms_p50"], v["path_ms_p99"]) for k, v in runs.items()}}), flush=True)
         after = {name: counters(port) for name, (port, _) in taps.items()}
         good = [r["runs"] for r in rounds if not r["left_out"]]
-        summary: dict[str, Any] = {}
+        pooled = {name: quantiles(load) for name, load in kept.items()}
+        summary: dict[str, Any] = {"direct": pooled["direct"]}
         for share in ("mirror", "routed"):
-            one: dict[str, Any] = {}
+            summary[share] = share_summary(good, pooled, share)
             for kind in ("plain", "rewrite"):
                 name = f"{share}_{kind}"
-                one[kind] = {
-                    "added_ms_p50": round(statistics.median(
-                        float(r[name]["ttfb_ms_p50"]) - float(r["direct"]["ttfb_ms_p50"]) for r in good), 2),
-                    "added_ms_p99": round(statistics.median(
-                        float(r[name]["ttfb_ms_p99"]) - float(r["direct"]["ttfb_ms_p99"]) for r in good), 2),
-                    "cpu_ms_per_request": round(statistics.median(
-                        float(r[name]["cpu_ms_per_request"]) for r in good), 3),
-                    "counters": {k: after[name].get(k, 0.0) - before[name].get(k, 0.0) for k in after[name]
-                                 if k != "route_generation"}}
-            plain, rewrite = one["plain"], one["rewrite"]
-            for key in ("added_ms_p50", "added_ms_p99", "cpu_ms_per_request"):
-                one[f"ratio_{key}"] = round(rewrite[key] / plain[key], 3) if plain[key] > 0 else None
-            # Per round, the paired difference rewrite - plain (the same minutes, the same direct run); its median
-            # over rounds against plain's added latency is the robust form of the ratio on a noisy machine.
-            for q in ("p50", "p99"):
-                diffs = [round(r[f"{share}_rewrite"][f"ttfb_ms_{q}"] - r[f"{share}_plain"][f"ttfb_ms_{q}"], 2)
-                         for r in good]
-                one[f"rewrite_minus_plain_ms_{q}_per_round"] = diffs
-                one[f"rewrite_minus_plain_ms_{q}_median"] = round(statistics.median(diffs), 3)
-                added = plain[f"added_ms_{q}"]
-                one[f"paired_ratio_added_ms_{q}"] = round(1 + statistics.median(diffs) / added, 3) if added > 0 else None
-            summary[share] = one
+                summary[share][kind]["counters"] = {k: after[name].get(k, 0.0) - before[name].get(k, 0.0)
+                                                    for k in after[name] if k != "route_generation"}
+        loadavg = [r["loadavg"] for r in rounds]
         result = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
-                  "body_bytes": len(BODY), "apply_rewrite_us": rewrite_cost(), "rounds_kept": len(good), "rounds_tried": attempt,
-                  "cpus": os.cpu_count(), "summary": summary, "rounds": rounds}
+                  "body_bytes": len(BODY), "apply_rewrite_us": rewrite_cost(), "rounds_kept": len(good),
+                  "rounds_tried": attempt, "cpus": os.cpu_count(), "loadavg_range": [min(loadavg), max(loadavg)],
+                  "summary": summary, "rounds": rounds}
         args.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(summary, indent=1))
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if not kk.endswith("per_round")}
+                          if isinstance(v, dict) else v for k, v in summary.items()}, indent=1))
     finally:
         for proc in procs:
             proc.terminate()
