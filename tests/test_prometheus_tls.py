@@ -2,7 +2,9 @@
 
 The real Prometheus sits behind shadowctl.sim.authproxy.BearerProxy (TLS with a certificate from a
 throw-away CA, 401 without the token), as it would behind kube-rbac-proxy; the Secrets live in the
-real local API server and are read by the controller's SecretConnect. Nothing is mocked.
+real local API server and are read by the controller's SecretConnect. Nothing is mocked. Every test
+runs a second time with the session's VictoriaMetrics behind the same proxy (id ``victoria-metrics``):
+the store does not see the credentials, so what it answers must be the same.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 from conftest_kube import KubeEnv
-from conftest_prometheus import PrometheusFactory, PrometheusServer
+from conftest_prometheus import STORES, MetricStore, PrometheusFactory
 
 from shadowctl.cli.prom_opts import connection_options
 from shadowctl.kube import SECRET, KubeClient, ResourceRef
@@ -31,13 +33,17 @@ from shadowctl.sources.routing import RoutingSource, SecretConnect, secret_conne
 OLD, NEW = "token-before-rotation-5c1f", "token-after-rotation-9a7e"
 
 
-@pytest.fixture(scope="module")
-def prometheus(prometheus_factory: PrometheusFactory) -> PrometheusServer:
-    return prometheus_factory()
+@pytest.fixture(scope="module", params=STORES)
+def prometheus(request: pytest.FixtureRequest, prometheus_factory: PrometheusFactory) -> MetricStore:
+    """The store behind the proxy: a Prometheus, or the session's VictoriaMetrics."""
+    if request.param == "prometheus":
+        return prometheus_factory()
+    store: MetricStore = request.getfixturevalue("victoria_metrics")
+    return store
 
 
 @pytest.fixture
-async def proxy(prometheus: PrometheusServer, tmp_path: Path) -> AsyncIterator[tuple[BearerProxy, LocalCA]]:
+async def proxy(prometheus: MetricStore, tmp_path: Path) -> AsyncIterator[tuple[BearerProxy, LocalCA]]:
     ca = LocalCA(tmp_path / "pki")
     server = BearerProxy(prometheus.url, ca.issue("proxy", "127.0.0.1", hosts=("127.0.0.1",)), {OLD})
     await server.start()
@@ -80,7 +86,7 @@ async def test_the_token_and_ca_come_from_secrets_and_a_rotated_token_applies_at
             good = _request(server.url, {"bearerTokenSecret": "prom-token", "tls": {"caSecret": "prom-ca"}})
 
             answer = (await router.fetch_many([good]))[good.key]
-            assert not isinstance(answer, SourceUnavailable), answer  # Prometheus answered (no such series here)
+            assert not isinstance(answer, SourceUnavailable), answer  # the store answered (no such series here)
             assert (server.forwarded, server.refused) == (1, 0)
 
             # Rotation: the server now takes only the new token, and the Secret holds it.
