@@ -13,6 +13,7 @@ import pytest
 from conftest_kube import KubeEnv
 from controller_helpers import REF, Harness
 
+from shadowctl.cli.connect import CliError
 from shadowctl.cli.rollout_cmds import send_command
 from shadowctl.controller.commands import command_patch, new_command, pending_command
 from shadowctl.controller.reconciler import FINALIZER
@@ -121,6 +122,8 @@ async def test_rollback_command_works_on_a_refused_spec(h: Harness) -> None:
     await h.tick()
     obj = await h.kube.get(REF)
     assert (await h.status()).phase == "Shadowing" and pending_command(obj) is not None  # waiting, not done
+    with pytest.raises(CliError, match=r"has a spec the model refuses \(spec: .*progressDeadline.*only rollback"):
+        await send_command(h.kube, "llm", "chat", Command.resume)  # refused up front, with what works instead
     sent = await send_command(h.kube, "llm", "chat", Command.rollback)
     assert await h.run_until({"RolledBack"}, max_ticks=3) == "RolledBack"
     assert await h.weights() == (100, 0, None)

@@ -53,10 +53,22 @@ def refusal_text(command: Command, obj: JSON) -> str | None:
     Which commands a phase accepts is :func:`shadowctl.machine.refusal`, the rule ``step`` itself
     applies; this only words it for the command line, with what would work instead.
     """
-    from shadowctl.machine import Refusal, RolloutState, refusal
+    from pydantic import ValidationError
+
+    from shadowctl.controller.status import parse_policy
+    from shadowctl.machine import REFUSED_SPEC_COMMANDS, Refusal, RolloutState, refusal
 
     status = status_of(obj)
     phase_name = status.phase.value
+    if command not in REFUSED_SPEC_COMMANDS:
+        try:
+            parse_policy(obj)
+        except ValidationError as exc:  # the controller leaves it waiting until the spec is fixed
+            where = ".".join(map(str, exc.errors()[0]["loc"])) or "spec"
+            return (f"{key_of(obj)} has a spec the model refuses ({where}: {exc.errors()[0]['msg']}); the "
+                    f"controller carries out only rollback until it is fixed (`shadowctl rollback "
+                    f"{meta_of(obj).get('name')}` works meanwhile; a rollout in flight is rolled back at "
+                    f"{status.deadline_at or 'its deadline'} unless the spec is fixed first)")
     # `.status.phase` is what `get` and `status` show; the rollout block adds where a pause came from.
     state = replace(RolloutState.from_record(status.rollout), phase=status.phase)
     why = refusal(command, state)
