@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openloop import cpu_seconds, free_port, open_loop, pct, steal_seconds, wait_port
+from openloop import cpu_seconds, free_port, open_loop, pct, start_stub, steal_seconds, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -92,15 +92,8 @@ async def main() -> None:
     ap.add_argument("--gap-ms", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tap_mirror.json")
     args = ap.parse_args()
-    stubs = []
-    ports = []
-    for _ in range(2):
-        port = free_port()
-        stubs.append(subprocess.Popen([PY, str(Path(__file__).parent / "lean_http.py"), "serve", str(port),  # noqa: ASYNC220
-                                       str(args.ttft_ms), str(args.gap_ms)]))
-        wait_port(port)
-        ports.append(port)
-    primary, candidate = ports
+    (primary_stub, primary), (candidate_stub, candidate) = (start_stub(args.ttft_ms, args.gap_ms) for _ in range(2))
+    stubs = [primary_stub, candidate_stub]
     taps: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     try:
         for name, src in (("base", args.baseline_src.resolve()), ("new", ROOT)):

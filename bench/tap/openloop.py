@@ -12,6 +12,8 @@ import asyncio
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,3 +107,12 @@ def steal_seconds() -> float:
     """Seconds the hypervisor has stolen from this machine's CPUs (all of them together) since boot."""
     cpu = Path("/proc/stat").read_text().splitlines()[0].split()
     return int(cpu[8]) / TICKS
+
+
+def start_stub(ttft_ms: float, gap_ms: float) -> tuple[subprocess.Popen[bytes], int]:
+    """A lean stub model server (bench/tap/lean_http.py) as its own process, listening; and its port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("lean_http.py")), "serve", str(port),
+                             str(ttft_ms), str(gap_ms)])
+    wait_port(port)
+    return proc, port

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openloop import Load, cpu_seconds, free_port, open_loop, pct, steal_seconds, wait_port
+from openloop import Load, cpu_seconds, free_port, open_loop, pct, start_stub, steal_seconds, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -190,14 +190,9 @@ async def main() -> None:
         procs.append(subprocess.Popen([MOSQUITTO, "-c", str(work / "m.conf")], stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                                       stderr=subprocess.DEVNULL))
         wait_port(broker)
-        stubs = []
-        for _ in range(2):
-            port = free_port()
-            procs.append(subprocess.Popen([PY, str(Path(__file__).parent / "lean_http.py"), "serve", str(port),  # noqa: ASYNC220
-                                           str(args.ttft_ms), str(args.gap_ms)]))
-            wait_port(port)
-            stubs.append(port)
-        primary, candidate = stubs
+        stubs = [start_stub(args.ttft_ms, args.gap_ms) for _ in range(2)]
+        procs += [proc for proc, _ in stubs]
+        primary, candidate = (port for _, port in stubs)
         async with aiomqtt.Client("127.0.0.1", broker) as client:
             for name in TAPS:
                 await client.publish(route_topic("bench", name), setting(name, f"http://127.0.0.1:{candidate}"),
