@@ -36,6 +36,10 @@ Deleting a policy restores the routes whenever the route's ownership record (the
 router's annotation on the object) says shadowctl changed something, whatever the
 recorded phase: the record is written in the same write as the change, so it is
 never behind.
+
+A spec the model refuses (:meth:`Reconciler._refused`) moves nothing forward; what the last
+accepted spec recorded in `.status` (its deadline, the spec itself) lets the rollout in flight be
+rolled back at that deadline, by a person, or on deletion (``machine.step_refused`` decides).
 """
 
 from __future__ import annotations
