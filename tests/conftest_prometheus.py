@@ -18,13 +18,15 @@ OpenMetrics lines are converted) and `/internal/force_flush` makes it searchable
 Prometheus needs promtool's blocks before it starts. One server is shared by the whole session
 (`victoria_metrics`): each module imports its own series at its own times, and duplicates of a sample
 (same series, same timestamp) are dropped (`-dedup.minScrapeInterval=1ms`), so a module that imports its
-data again changes nothing. `metric_store` (module-scoped, parametrized) gives a test module either.
+data again changes nothing. A module-scoped fixture parametrized over `STORES` gives a test module either
+(`server` in test_prometheus_backfill.py).
 
 Live scraping: both scrape the same `scrape_configs` (`shadowctl.sim.services.scrape_configs`, every 1 s).
 A Prometheus is started for the targets (`prometheus_factory(scrape_targets=...)`); the session's
 VictoriaMetrics is started with `-promscrape.config` pointing at a file that `VictoriaMetricsServer.scrape`
 rewrites (SIGHUP reloads it), so a module adds its targets and removes them at its end without a second
-process. `scraping_store` (parametrized, ids ``prometheus`` / ``victoria-metrics``) gives a test either.
+process. `scrapers` (with a test parametrized over `STORES`, ids ``prometheus`` / ``victoria-metrics``)
+starts either for a test's targets.
 """
 
 from __future__ import annotations
