@@ -9,10 +9,14 @@ comparators left out for redaction, and the same tally.
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shadowctl.compare import comparators as c
 from shadowctl.compare.comparators import TallyBuilder, build_comparators, compare_pair
@@ -71,3 +75,52 @@ def test_the_text_scores_alone_are_as_recorded() -> None:
             assert fn(a, b) == row["scores"][name.value], (name, a, b)
             checked += 1
     assert checked > 800
+
+
+def _reference_f1(a: str, b: str) -> float:
+    """token-f1 as it was written before the speed-ups: two Counters over the whole token lists."""
+    ta, tb = c.tokens(a), c.tokens(b)
+    if not ta or not tb:
+        return 1.0 if not ta and not tb else 0.0
+    common = sum((Counter(ta) & Counter(tb)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(tb), common / len(ta)
+    return 2 * precision * recall / (precision + recall)
+
+
+_WORD = st.sampled_from(["a", "b", "c", "d", "the", "é", "東", "x1"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_WORD, max_size=30), st.lists(_WORD, max_size=30))
+def test_token_f1_and_rouge_l_match_the_plain_computation(a: list[str], b: list[str]) -> None:
+    """Few and many differing tokens (the two ways token-f1 intersects the middles), shared prefixes and
+    suffixes or none: the same floats as the whole-list Counters and the untrimmed LCS."""
+    ta, tb = " ".join(a), " ".join(b)
+    assert c.token_f1(ta, tb) == _reference_f1(ta, tb)
+    assert c.lcs_length(c.tokens(ta), c.tokens(tb)) == _reference_lcs(c.tokens(ta), c.tokens(tb))
+
+
+def _reference_lcs(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b):
+            prev, row[j + 1] = row[j + 1], prev + 1 if x == y else max(row[j + 1], row[j])
+    return row[-1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(alphabet="ab '", min_size=1, max_size=5), min_size=1, max_size=6),
+       st.text(alphabet="ab '", max_size=20))
+def test_the_trie_pattern_finds_what_the_plain_alternation_finds(phrases: list[str], text: str) -> None:
+    plain = re.compile("|".join(re.escape(p) for p in phrases))
+    trie = re.compile(c.trie_pattern(phrases))
+    assert (trie.search(text) is None) == (plain.search(text) is None)
+
+
+def test_refusal_phrases_are_found_through_the_trie() -> None:
+    for phrase in c.REFUSAL_PHRASES:
+        assert c.is_refusal(f"Well. {phrase.upper()} that, sorry.")
+        assert not c.is_refusal(phrase[:-1] + "#")

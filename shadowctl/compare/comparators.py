@@ -110,25 +110,31 @@ def token_f1(a: str, b: str) -> float:
         return 1.0 if not ta and not tb else 0.0
     if ta == tb:
         return 1.0
-    counts = Counter(ta)
-    common = 0
-    for tok, n in Counter(tb).items():
-        m = counts.get(tok)
-        if m:
-            common += n if n < m else m
+    common, ma, mb = _middles(a, b)  # tokens of a shared prefix and suffix are common tokens
+    if ma and mb:
+        if len(ma) + len(mb) <= _FEW:
+            rest = list(mb)
+            for tok in ma:  # each token of one side takes one equal token of the other, while any is left
+                if tok in rest:
+                    rest.remove(tok)
+                    common += 1
+        else:
+            counts = Counter(ma)
+            for tok, n in Counter(mb).items():
+                m = counts.get(tok)
+                if m:
+                    common += n if n < m else m
     if common == 0:
         return 0.0
     precision, recall = common / len(tb), common / len(ta)
     return 2 * precision * recall / (precision + recall)
 
 
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (bit-parallel, after Allison-Dix and Hyyrö).
-
-    A common prefix and suffix belong to a longest common subsequence, so they are counted first
-    and only the differing middles go through the bit-parallel loop (two answers that differ in a
-    few words cost almost nothing).
-    """
+def _trim(a: Sequence[str], b: Sequence[str]) -> tuple[int, Sequence[str], Sequence[str]]:
+    """How many tokens a common prefix and a common suffix of `a` and `b` hold together (not overlapping), and
+    what is left of each between them. Those tokens are common to any multiset intersection and to some
+    longest common subsequence, so scores need only count the middles; answers that differ in a few words
+    leave short middles."""
     n = min(len(a), len(b))
     start = 0
     while start < n and a[start] == b[start]:
@@ -139,6 +145,31 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     shared = start + end
     if shared:
         a, b = a[start:len(a) - end], b[start:len(b) - end]
+    return shared, a, b
+
+
+_FEW = 16
+"""Middles with at most this many tokens together are intersected without building two Counters."""
+
+
+@functools.lru_cache(maxsize=256)
+def _middles(a: str, b: str) -> tuple[int, Sequence[str], Sequence[str]]:
+    """:func:`_trim` of the two texts' tokens, once per pair of texts (``token-f1`` and ``rouge-l`` both need it)."""
+    return _trim(tokens(a), tokens(b))
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (bit-parallel, after Allison-Dix and Hyyrö).
+
+    A common prefix and suffix belong to a longest common subsequence, so they are counted first
+    and only the differing middles go through the bit-parallel loop (two answers that differ in a
+    few words cost almost nothing).
+    """
+    return _lcs_of_middles(*_trim(a, b))
+
+
+def _lcs_of_middles(shared: int, a: Sequence[str], b: Sequence[str]) -> int:
+    """:func:`lcs_length`, given what :func:`_trim` made of the two sequences."""
     if len(a) < len(b):
         a, b = b, a
     if not b:
@@ -159,7 +190,7 @@ def rouge_l(a: str, b: str) -> float:
     ta, tb = tokens(a), tokens(b)
     if not ta or not tb:
         return 1.0 if not ta and not tb else 0.0
-    lcs = lcs_length(ta, tb)
+    lcs = _lcs_of_middles(*_middles(a, b))
     if lcs == 0:
         return 0.0
     precision, recall = lcs / len(tb), lcs / len(ta)
@@ -266,7 +297,29 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 )
 
 
-_REFUSAL = re.compile("|".join(re.escape(p) for p in REFUSAL_PHRASES))
+def trie_pattern(phrases: Iterable[str]) -> str:
+    """A regular expression matching exactly the given phrases, as a trie (``i (?:am|can)...``) rather than one
+    alternative per phrase: a search fails at most positions after a character or two instead of trying
+    every phrase there (three times faster on a 400-character answer; the same matches)."""
+    trie: dict[str, Any] = {}
+    for phrase in phrases:
+        node = trie
+        for ch in phrase:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a phrase ends here
+
+    def emit(node: dict[str, Any]) -> str:
+        alternatives = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not alternatives:
+            return ""
+        ends = "" in node
+        body = alternatives[0] if len(alternatives) == 1 and not ends else "(?:" + "|".join(alternatives) + ")"
+        return body + "?" if ends else body
+
+    return emit(trie)
+
+
+_REFUSAL = re.compile(trie_pattern(REFUSAL_PHRASES))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -458,6 +511,9 @@ class BoundComparator:
     score: Callable[[OutputEvent, OutputEvent], float]
     slow: bool = False
     """Runs a model (milliseconds per pair, not microseconds): callers score it off their event loop."""
+    text: Callable[[str, str], float] | None = None
+    """The same score from the two answers' texts alone, where neither event is redacted (None: only ``score``):
+    :func:`compare_pair` calls it directly, which saves the per-pair redaction checks."""
 
     def can_score(self, primary: OutputEvent, other: OutputEvent) -> bool:
         """Whether this comparator can score the pair (see :func:`scorable`: redacted events)."""
@@ -519,7 +575,7 @@ def build_comparators(specs: Iterable[Comparator], *, embedder: Embedder | None 
         else:
             fn = _text_scorer(spec.name)
         out.append(BoundComparator(name=spec.name, threshold=spec.threshold, critical=spec.critical, score=fn,
-                                   slow=spec.name is ComparatorName.semantic))
+                                   slow=spec.name is ComparatorName.semantic, text=_TEXT_SCORERS.get(spec.name)))
     return out
 
 
@@ -552,13 +608,26 @@ def compare_pair(pair: Pair, comparators: Sequence[BoundComparator]) -> PairResu
     scores: dict[ComparatorName, float] = {}
     agrees: dict[ComparatorName, bool] = {}
     redacted: list[ComparatorName] = []
-    for comp in comparators:
-        if not comp.can_score(primary, other):
-            redacted.append(comp.name)
-            continue
-        value = min(1.0, max(0.0, comp.score(primary, other))) if other_ok else 0.0
-        scores[comp.name] = value
-        agrees[comp.name] = value >= comp.threshold
+    if primary.redaction is None and other.redaction is None:  # every comparator can score: no checks
+        a, b = primary.output, other.output
+        for comp in comparators:
+            if other_ok:
+                text = comp.text
+                value = text(a, b) if text is not None else comp.score(primary, other)
+                if not 0.0 < value <= 1.0:  # clamped as below (NaN and -0.0 to 0.0); most scores are in range
+                    value = min(1.0, max(0.0, value))
+            else:
+                value = 0.0
+            scores[comp.name] = value
+            agrees[comp.name] = value >= comp.threshold
+    else:
+        for comp in comparators:
+            if not comp.can_score(primary, other):
+                redacted.append(comp.name)
+                continue
+            value = min(1.0, max(0.0, comp.score(primary, other))) if other_ok else 0.0
+            scores[comp.name] = value
+            agrees[comp.name] = value >= comp.threshold
     traceparent = primary.traceparent or other.traceparent
     return PairResult(request_id=pair.request_id, variant=pair.variant, scores=scores, agrees=agrees,
                       trace_id=trace_id(traceparent) if traceparent else None, redacted=tuple(redacted))
@@ -616,7 +685,7 @@ class TallyBuilder:
     :meth:`tally` returns the frozen tally, cached until the next :meth:`add`.
     """
 
-    __slots__ = ("_frozen", "_last", "_rows", "_skipped")
+    __slots__ = ("_by_name", "_frozen", "_last", "_rows", "_skipped")
 
     def __init__(self, start: AgreementTally | None = None) -> None:
         start = start if start is not None else AgreementTally()
@@ -624,9 +693,19 @@ class TallyBuilder:
             name: [t.candidate_pairs, t.candidate_agree, t.baseline_pairs, t.baseline_agree, t.redacted_pairs]
             for name, t in start.counts.items()
         }
+        self._by_name: dict[ComparatorName, list[int]] = {}
+        """The same rows by comparator (a comparator's ``.value`` costs a Python call per read)."""
         self._skipped = start.skipped_primary_failed
-        self._last: deque[DisagreementRecord] = deque(start.disagreements, maxlen=MAX_DISAGREEMENTS)
+        # Disagreeing pair results are kept as they are and made records only in tally(): most are pushed out
+        # of the last MAX_DISAGREEMENTS before anyone reads them.
+        self._last: deque[DisagreementRecord | PairResult] = deque(start.disagreements, maxlen=MAX_DISAGREEMENTS)
         self._frozen: AgreementTally | None = start
+
+    def _row(self, name: ComparatorName) -> list[int]:
+        row = self._by_name.get(name)
+        if row is None:
+            row = self._by_name[name] = self._rows.setdefault(name.value, [0, 0, 0, 0, 0])
+        return row
 
     def add(self, result: PairResult | None) -> None:
         """Count one pair result (None: a pair whose primary failed)."""
@@ -634,25 +713,24 @@ class TallyBuilder:
         if result is None:
             self._skipped += 1
             return
-        offset = 0 if result.variant is Variant.candidate else 2
-        rows = self._rows
-        if offset == 0:
+        candidate = result.variant is Variant.candidate
+        offset = 0 if candidate else 2
+        rows = self._by_name
+        if candidate:
             for name in result.redacted:
-                row = rows.get(name.value)
-                if row is None:
-                    row = rows[name.value] = [0, 0, 0, 0, 0]
-                row[4] += 1
+                self._row(name)[4] += 1
+        disagrees = False
         for name, agrees in result.agrees.items():
-            row = rows.get(name.value)
+            row = rows.get(name)
             if row is None:
-                row = rows[name.value] = [0, 0, 0, 0, 0]
+                row = self._row(name)
             row[offset] += 1
             if agrees:
                 row[offset + 1] += 1
-        if offset == 0 and not all(result.agrees.values()):
-            self._last.append(DisagreementRecord(
-                request_id=result.request_id, trace_id=result.trace_id,
-                comparators=[name.value for name, agrees in result.agrees.items() if not agrees]))
+            else:
+                disagrees = True
+        if candidate and disagrees:
+            self._last.append(result)
 
     def tally(self) -> AgreementTally:
         """The counts so far, frozen."""
@@ -660,9 +738,17 @@ class TallyBuilder:
             self._frozen = AgreementTally(
                 counts={name: _counts(row) for name, row in self._rows.items()},
                 skipped_primary_failed=self._skipped,
-                disagreements=tuple(self._last),
+                disagreements=tuple(_disagreement(item) for item in self._last),
             )
         return self._frozen
+
+
+def _disagreement(item: DisagreementRecord | PairResult) -> DisagreementRecord:
+    """A disagreeing candidate pair as `.status.outputs` records it (a record already: as it is)."""
+    if isinstance(item, DisagreementRecord):
+        return item
+    return DisagreementRecord(request_id=item.request_id, trace_id=item.trace_id,
+                              comparators=[name.value for name, agrees in item.agrees.items() if not agrees])
 
 
 @dataclass(frozen=True, slots=True)
