@@ -198,12 +198,13 @@ class VictoriaMetricsServer:
     It also scrapes, as Prometheus does: `-promscrape.config` names a file holding the `scrape_configs` of
     every target `scrape` was given (none at first), every `scrape_interval`.
 
-    Two query settings differ from VictoriaMetrics' defaults, both so that a live test sees at once what was
-    just scraped, as it does on Prometheus: `-search.latencyOffset=0s` (by default the last 30 s are held
-    back from answers, on the assumption that samples of the same moment still arrive from other agents;
-    a test that waits for a count to appear and then asks for the window ending at the last scrape would
-    otherwise wait 30 s, and a window ending "now" would miss its last 30 s), and `-search.disableCache`
-    (the rollup cache would answer a repeated query with what it computed before the last scrapes).
+    Two query settings differ from VictoriaMetrics' defaults. `-search.latencyOffset=0s`, so that a live
+    test sees at once what was just scraped, as it does on Prometheus: by default the last 30 s are held
+    back from answers (on the assumption that samples of those seconds may still arrive from other
+    agents), and a test that waits for a count to appear and then asks for the window ending at the last
+    scrape would wait 30 s more, and a window ending "now" would miss its last 30 s. `-search.disableCache`,
+    for the imported data: the rollup result cache assumes samples arrive with current timestamps, and the
+    modules import theirs into the past after others have queried (VictoriaMetrics' advice for backfilling).
     """
 
     def __init__(self, root: Path, scrape_interval: str = "1s") -> None:
