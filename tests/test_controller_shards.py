@@ -13,6 +13,7 @@ unchanged leader, and no policy ever written by the other shard.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ import httpx
 import pytest
 from controller_helpers import load_vs, policy_doc
 
-from shadowctl.controller.shard import ALL, Shard, jump_hash, policy_key, shard_of
+from shadowctl.controller.shard import ALL, BUCKETS, Shard, bucket_of, bucket_table, policy_key, shard_of
 from shadowctl.sim.cluster import ControlPlaneError, LocalCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,21 +50,31 @@ def test_the_shard_function_is_stable_uniform_and_moves_few_policies_when_n_grow
     # Stable across processes (not Python's salted hash()): the values are fixed by the documented function.
     assert policy_key("llm", "chat") == int.from_bytes(
         __import__("hashlib").blake2b(b"llm/chat", digest_size=8).digest(), "big")
-    assert jump_hash(0, 10) == 0  # the reference algorithm's first step sends key 0 to bucket 0
+    assert bucket_of("llm", "chat") == policy_key("llm", "chat") % 1024 and BUCKETS == 1024
     script = "from shadowctl.controller.shard import shard_of; print([shard_of('ns', f'p{i}', 7) for i in range(50)])"
     other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "123"})
     assert other.stdout.strip() == str([shard_of("ns", f"p{i}", 7) for i in range(50)])
+    # The buckets are dealt evenly: every shard holds 1024/N of them to within one.
+    for n in (*range(1, 33), 100, 1024):
+        held = Counter(bucket_table(n))
+        assert set(held) == set(range(n)) and max(held.values()) - min(held.values()) <= 1, n
+    assert bucket_table(2) == (0,) * 512 + (1,) * 512  # the lowest-numbered buckets stay
     names = [(f"team-{i % 13}", f"policy-{i:05d}") for i in range(6000)]
     for n in (2, 3, 5):
         counts = Counter(shard_of(ns, name, n) for ns, name in names)
         assert set(counts) == set(range(n))
-        assert max(counts.values()) - min(counts.values()) < 0.1 * len(names) / n, counts
+        # What is left is the names' own spread: within 6 standard deviations of a binomial share.
+        sd = math.sqrt(len(names) * (1 / n) * (1 - 1 / n))
+        assert max(counts.values()) - min(counts.values()) < 6 * sd, counts
     # From N to N+1 shards, a policy either stays or moves to the new shard N; about 1/(N+1) move.
-    for n in (2, 3, 4):
+    for n in (2, 3, 4, 9):
         moved = [(ns, name) for ns, name in names if shard_of(ns, name, n) != shard_of(ns, name, n + 1)]
         assert all(shard_of(ns, name, n + 1) == n for ns, name in moved)
         assert abs(len(moved) / len(names) - 1 / (n + 1)) < 0.03, (n, len(moved))
+        tables = bucket_table(n), bucket_table(n + 1)
+        assert all(new in (old, n) for old, new in zip(*tables, strict=True))
+        assert abs(sum(new == n for new in tables[1]) - BUCKETS / (n + 1)) <= 1
 
 
 def test_shard_parse_and_lease_names() -> None:

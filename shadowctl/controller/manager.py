@@ -9,8 +9,13 @@ wakes its worker at once. The watch re-lists when its resourceVersion expires
 (410) and resumes after a dropped stream.
 
 With ``shard`` (``shadowctl run --shard I/N``) the manager runs only the policies of its shard
-(:mod:`shadowctl.controller.shard`); it still watches every policy the namespace and label selector
-select, and ignores the others' events.
+(:mod:`shadowctl.controller.shard`), and the API server filters for it: the manager lists and watches
+the policies labelled with one of its buckets (``shadowctl.dev/shard-bucket in (...)``, with the namespace
+and ``-l``), so a shard decodes only its own share. A second watch selects the policies without the label
+(none, once every policy is labelled): the shard that owns one labels it, after which the first watch
+delivers it. A label changed by hand to another bucket is put back by whichever shard's watch delivers it
+(the value is a function of the name); a policy leaving this shard's selection that way is not treated as
+deleted (its routes are not restored), only a real deletion is.
 
 Only the leader runs workers. A replica that loses the Lease cancels them
 between two API calls at worst; every status write is conditional on the
@@ -34,9 +39,9 @@ from shadowctl.controller.analysis import LookScheduler, look_end
 from shadowctl.controller.clock import Clock
 from shadowctl.controller.commands import COMMAND_ANNOTATION
 from shadowctl.controller.reconciler import Reconciler
-from shadowctl.controller.shard import ALL, Shard
+from shadowctl.controller.shard import ALL, BUCKET_LABEL, Shard, bucket_of, labelled_bucket
 from shadowctl.controller.status import parse_policy, read_state
-from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, ResourceRef, WatchExpired
+from shadowctl.kube import SHADOW_POLICY, KubeClient, KubeError, NotFound, ResourceRef, WatchExpired
 from shadowctl.machine import ANALYSED, RolloutState
 from shadowctl.policy.duration import parse_duration
 from shadowctl.policy.model import ShadowPolicy
@@ -108,6 +113,10 @@ class Manager:
         self.namespace = namespace
         self.label_selector = label_selector
         self.shard = shard
+        self.selector = shard.selector(label_selector)
+        self._buckets = frozenset(str(b) for b in shard.buckets()) if shard.count > 1 else frozenset()
+        self.labelled = 0
+        """Policies this manager gave their bucket label (for the benchmark and logs)."""
         self.min_interval = min_interval
         self.spread = spread
         self.lead = min(lead, spread)
@@ -121,6 +130,7 @@ class Manager:
     async def run(self) -> None:
         """Watch and run workers until cancelled (then every worker is cancelled too)."""
         looks = asyncio.create_task(self._run_looks(), name="looks")
+        labeller = asyncio.create_task(self._run_labeller(), name="labeller") if self.shard.count > 1 else None
         try:
             backoff = 0.5
             while True:
@@ -139,7 +149,7 @@ class Manager:
                     await asyncio.sleep(backoff)
                     backoff = min(10.0, backoff * 2)
         finally:
-            await cancel_and_wait(looks)
+            await cancel_and_wait(looks, labeller)
             self.ready.clear()
             await self.stop_workers()
 
@@ -155,20 +165,29 @@ class Manager:
             await self.scheduler.run(boundary, self.due(boundary))
 
     async def _relist(self) -> str:
-        listed = await self.kube.list(SHADOW_POLICY, self.namespace, label_selector=self.label_selector)
+        listed = await self.kube.list(SHADOW_POLICY, self.namespace, label_selector=self.selector)
         seen = set()
         for obj in listed.items:
+            if self._mislabelled(obj):
+                await self.label(obj)
             if self._owns(obj):
                 seen.add(self._upsert(obj))
         for key in list(self.workers):
             if key not in seen:
+                last = self.last_objects.get(key)
+                if self.shard.count > 1 and last is not None and await self._still_there(last):
+                    continue
                 await self._remove(key)
         return listed.resource_version
 
     async def _watch(self, rv: str) -> str:
-        async for event in self.kube.watch(SHADOW_POLICY, self.namespace, rv, label_selector=self.label_selector,
+        async for event in self.kube.watch(SHADOW_POLICY, self.namespace, rv, label_selector=self.selector,
                                            timeout_seconds=300):
             rv = event.resource_version or rv
+            if event.type == "DELETED" and self.shard.count > 1 and await self._still_there(event.object):
+                continue  # it left this shard's selection by a label change; not deleted (see _still_there)
+            if self._mislabelled(event.object):  # labelled by hand with another of this shard's buckets
+                await self.label(event.object)
             if not self._owns(event.object):
                 continue
             if event.type in ("ADDED", "MODIFIED"):
@@ -177,6 +196,85 @@ class Manager:
                 key = self._key(event.object)
                 await self._remove(key)
         return rv
+
+    async def _run_labeller(self) -> None:
+        """Label the policies that no shard selects yet (no bucket label) and that this shard owns, listing them
+        first and then watching for new ones, until cancelled."""
+        backoff = 0.5
+        unlabelled = self.shard.unlabelled(self.label_selector)
+        while True:
+            try:
+                listed = await self.kube.list(SHADOW_POLICY, self.namespace, label_selector=unlabelled)
+                for obj in listed.items:
+                    if self._owns(obj):
+                        await self.label(obj)
+                rv = listed.resource_version
+                backoff = 0.5
+                while True:
+                    async for event in self.kube.watch(SHADOW_POLICY, self.namespace, rv, label_selector=unlabelled,
+                                                       timeout_seconds=300):
+                        rv = event.resource_version or rv
+                        if event.type in ("ADDED", "MODIFIED") and self._owns(event.object):
+                            await self.label(event.object)
+            except WatchExpired:
+                log.info("labeller.watch_expired; listing again")
+            except KubeError as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
+                log.warning("labeller.failed", error=str(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(10.0, backoff * 2)
+
+    async def _still_there(self, obj: dict[str, Any]) -> bool:
+        """Whether a policy a sharded watch or list no longer delivers still exists (the same object): its bucket
+        label was changed or removed by hand. The API server tells a policy leaving a label selector as
+        DELETED, with the object as it was before, so only a read tells it from a deletion. Still there: the
+        label is put back when this shard owns it (the watch then delivers it again) and its worker carries
+        on; an API error counts as still there (the worker's own read finds a deleted policy gone)."""
+        meta = obj.get("metadata") or {}
+        ref = ResourceRef(SHADOW_POLICY, str(meta.get("name")), str(meta.get("namespace", "default")))
+        try:
+            fresh = await self.kube.get(ref)
+        except NotFound:
+            return False
+        except KubeError as exc:
+            if cancel_requested():
+                raise asyncio.CancelledError from exc
+            log.warning("shard.unknown_if_deleted", policy=f"{ref.namespace}/{ref.name}", error=str(exc))
+            return True
+        if (fresh.get("metadata") or {}).get("uid") != meta.get("uid"):
+            return False  # deleted, and another policy of the same name created since
+        if self._owns(fresh) and labelled_bucket(fresh) not in self._buckets:
+            await self.label(fresh)
+        return True
+
+    def _mislabelled(self, obj: dict[str, Any]) -> bool:
+        """Sharded, and the policy's bucket label is not its bucket (absent: not mislabelled, only new)."""
+        if self.shard.count == 1:
+            return False
+        value = labelled_bucket(obj)
+        meta = obj.get("metadata") or {}
+        return value is not None and value != str(bucket_of(str(meta.get("namespace", "default")),
+                                                            str(meta.get("name"))))
+
+    async def label(self, obj: dict[str, Any]) -> None:
+        """Give the policy its bucket label (``shadowctl.dev/shard-bucket``); a policy gone meanwhile is left,
+        an API error is logged (the label is written again on the policy's next event or list)."""
+        meta = obj.get("metadata") or {}
+        namespace, name = str(meta.get("namespace", "default")), str(meta.get("name"))
+        bucket = str(bucket_of(namespace, name))
+        try:
+            await self.kube.patch_merge(ResourceRef(SHADOW_POLICY, name, namespace),
+                                        {"metadata": {"labels": {BUCKET_LABEL: bucket}}})
+        except NotFound:
+            return
+        except KubeError as exc:
+            if cancel_requested():
+                raise asyncio.CancelledError from exc
+            log.warning("shard.label_failed", policy=f"{namespace}/{name}", error=str(exc))
+            return
+        self.labelled += 1
+        log.info("shard.labelled", policy=f"{namespace}/{name}", bucket=bucket, shard=str(self.shard))
 
     @staticmethod
     def _key(obj: dict[str, Any]) -> str:
