@@ -44,6 +44,7 @@ import yaml
 from shadowctl.controller.analysis import Analyzer, BatchingSource
 from shadowctl.controller.manager import Manager
 from shadowctl.controller.reconciler import Reconciler
+from shadowctl.controller.shard import BUCKET_LABEL, bucket_of
 from shadowctl.kube import NAMESPACE, SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, ResourceRef
 from shadowctl.routers.factory import router_for
 from shadowctl.sim.cluster import LocalCluster
@@ -133,8 +134,9 @@ def policy_name(i: int) -> str:
     return f"p{i:04d}"
 
 
-async def populate(kube: KubeClient, namespace: str, n: int, concurrency: int = 1) -> None:
-    """Create `namespace` and `n` policies in it, each with its VirtualService (`concurrency` at a time)."""
+async def populate(kube: KubeClient, namespace: str, n: int, concurrency: int = 1, labelled: bool = False) -> None:
+    """Create `namespace` and `n` policies in it, each with its VirtualService (`concurrency` at a time);
+    `labelled`: each with its shard bucket label, as a sharded controller leaves them once it has seen them."""
     vs = next(d for d in yaml.safe_load_all((REPO / "istio" / "chat.yaml").read_text()) if d["kind"] == "VirtualService")
     # A real API server stores objects only in a Namespace that exists.
     await kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
@@ -147,6 +149,8 @@ async def populate(kube: KubeClient, namespace: str, n: int, concurrency: int = 
             obj["metadata"] = {"name": name, "namespace": namespace}
             await kube.create(VIRTUAL_SERVICE, obj, namespace=namespace)
             policy = yaml.safe_load(POLICY.replace("NAME", name).replace("NS", namespace))
+            if labelled:
+                policy["metadata"]["labels"] = {BUCKET_LABEL: str(bucket_of(namespace, name))}
             await kube.create(SHADOW_POLICY, policy, namespace=namespace)
 
     if concurrency == 1:
@@ -172,16 +176,20 @@ async def bench(cluster: LocalCluster, namespace: str, n: int, rounds: int, spre
 
 
 async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds: int, spread_s: float,
-                  growing: bool = True) -> dict[str, Any]:
+                  growing: bool = True, label_selector: str | None = None,
+                  status_refresh: float | None = None) -> dict[str, Any]:
     """Tick the policies `names` of `namespace` (created before) `rounds` times, as one controller (or one shard
-    of them: bench/controller/shards.py) does; the rest of the namespace is listed but not kept or ticked."""
+    of them: bench/controller/shards.py) does; what the per-round list (the watch's stand-in) returns beyond
+    them is decoded but not kept or ticked. `label_selector`: the list's (a shard's buckets: the API server
+    filters). `status_refresh`: the reconciler's (None: its default; 0 writes every look's figures)."""
     n = len(names)
     mine = set(names)
     stub = StubSource(growing)
     source = BatchingSource(stub)
     clock = FakeClock()
     analyzer = Analyzer(source)
-    reconciler = Reconciler(kube, router_for, analyzer, clock)
+    refresh: dict[str, Any] = {} if status_refresh is None else {"status_refresh": status_refresh}
+    reconciler = Reconciler(kube, router_for, analyzer, clock, **refresh)
     refs = [ResourceRef(SHADOW_POLICY, name, namespace) for name in names]
     manager = Manager(kube, reconciler, clock)
     if hasattr(source, "planner"):  # the older tree: the planner gives the batching source the whole look
@@ -211,7 +219,8 @@ async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds
         clock.advance(10.0)
         before_req, before_q, before_w = kube.request_count, stub.queries, kube.write_count
         # The manager ticks from its watch cache; a list stands in for it here (not counted).
-        listed = await kube.list(SHADOW_POLICY, namespace)
+        listed = await kube.list(SHADOW_POLICY, namespace, label_selector=label_selector)
+        listed_objects = len(listed.items)
         cache = {obj["metadata"]["name"]: obj for obj in listed.items if obj["metadata"]["name"] in mine}
         del listed
         manager.last_objects = {f"{namespace}/{name}": obj for name, obj in cache.items()}
@@ -239,7 +248,8 @@ async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds
             writes_per_round.append(kube.write_count - before_w)
             queries_per_round.append(stub.queries - before_q)
     gc.callbacks.remove(probe)
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_mib = usage.ru_maxrss / 1024
     return {
         "policies": n,
         "ticks": f"staggered over {spread_s:g}s" if spread_s else "all at the boundary",
@@ -256,6 +266,9 @@ async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds
         "ticks_using_the_shared_look": getattr(analyzer, "shared_verdicts", getattr(analyzer, "rows_used", 0)),
         "tree": str(Path(sys.modules["shadowctl"].__file__ or "").parent.parent),
         "max_rss_mib": round(rss_mib, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "listed_per_round": listed_objects,
+        "status_refresh": "default" if status_refresh is None else status_refresh,
         "full_collections": len(pauses),
         "full_collection_max_s": round(max(pauses, default=0.0), 4),
     }
