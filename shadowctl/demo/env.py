@@ -290,6 +290,7 @@ class Environment:
         self.controller = subprocess.Popen(  # noqa: ASYNC220 - a child process that outlives this call
             [sys.executable, "-m", "shadowctl", "run", "--kubeconfig", str(self.controller_kubeconfig),
              "--prometheus", self.prometheus.url, "--events-mqtt", self.mosquitto.url, "--no-leader-elect",
+             "--status-refresh", "0",  # the report charts every look's evidence, not one per 30 s (controller/writes.py)
              "--listen", f"127.0.0.1:{controller_port}", "--log-format", "json"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
         )
