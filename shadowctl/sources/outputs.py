@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import structlog
@@ -57,7 +57,7 @@ from shadowctl.judge.model import Paired, PairedSketch
 from shadowctl.policy.model import BaselineMode, MetricKind, Redaction, RedactionMode, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
 from shadowctl.sources.llmjudge import PairJudge
-from shadowctl.sources.mqtt_read import read_in_bulk
+from shadowctl.sources.mqtt_read import Received, read_in_bulk, take_publishes
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +70,10 @@ DRAIN_BATCH = 64
 
 #: MQTT v3.1.1 connect return codes and v5 reason codes that mean "bad credentials / not allowed".
 _AUTH_CODES = frozenset({4, 5, 134, 135})
+
+
+Incoming = aiomqtt.Message | Received
+"""A message in the source's inbox: from aiomqtt, or taken off the connection directly (:func:`take_publishes`)."""
 
 
 class OutputSourceError(SourceError):
@@ -185,7 +189,7 @@ class MqttOutputSource:
         self.last_error: str | None = None
         self.subscribed = asyncio.Event()
         self._client_id = f"shadowctl-outputs-{uuid.uuid4().hex[:12]}"
-        self._inbox: asyncio.Queue[aiomqtt.Message] | None = None
+        self._inbox: asyncio.Queue[Incoming] | None = None
 
     @classmethod
     def from_policy(
@@ -244,7 +248,8 @@ class MqttOutputSource:
     # ------------------------------------------------------------------ raw stream
 
     def _client(self) -> aiomqtt.Client:
-        """The MQTT client, reading its connection in bulk (:mod:`shadowctl.sources.mqtt_read`; plain TCP)."""
+        """The MQTT client, reading its connection in bulk and taking QoS 1 messages off it directly
+        (:mod:`shadowctl.sources.mqtt_read`; plain TCP, MQTT 3.1.1)."""
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -257,12 +262,26 @@ class MqttOutputSource:
             # Shared subscriptions are MQTT 5's; a plain subscription keeps 3.1.1, which every broker speaks.
             protocol=aiomqtt.ProtocolVersion.V5 if self.share_group is not None else None,
             max_queued_incoming_messages=self.max_queued,
-            queue_type=self._inbox_type(),
+            # The inbox also holds the messages take_publishes delivers (Received): aiomqtt only puts its own
+            # into it and hands out whatever it holds (client.messages), so its type says Message alone.
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", self._inbox_type()),
         )
-        read_in_bulk(client)
+        if read_in_bulk(client):
+            take_publishes(client, self._deliver)
         return client
 
-    def _inbox_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+    def _deliver(self, message: Received) -> None:
+        """Queue a message taken directly off the connection, as aiomqtt queues those it receives (beyond
+        ``max_queued`` it is dropped and its partner expires as missing)."""
+        inbox = self._inbox
+        if inbox is None:
+            return
+        try:
+            inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("output source: message queue is full; discarding a message", max_queued=self.max_queued)
+
+    def _inbox_type(self) -> type[asyncio.Queue[Incoming]]:
         """The queue class the client keeps received messages in, which hands this source its instance.
 
         Taking one message at a time through ``client.messages`` costs a task and an ``asyncio.wait`` per
@@ -270,14 +289,14 @@ class MqttOutputSource:
         (docs/scaling.md); :meth:`_received` takes what else is already queued without them."""
         source = self
 
-        class Inbox(asyncio.Queue[aiomqtt.Message]):
+        class Inbox(asyncio.Queue[Incoming]):
             def __init__(self, maxsize: int = 0) -> None:
                 super().__init__(maxsize)
                 source._inbox = self
 
         return Inbox
 
-    def _received(self, first: aiomqtt.Message) -> list[aiomqtt.Message]:
+    def _received(self, first: Incoming) -> list[Incoming]:
         """`first` and up to DRAIN_BATCH - 1 messages already waiting behind it (so the loop still gets a
         turn every DRAIN_BATCH messages: the controller's Lease and ticks run on it)."""
         batch = [first]
