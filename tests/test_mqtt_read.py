@@ -89,8 +89,9 @@ async def test_a_burst_of_qos1_messages_arrives_intact_and_in_order(mosquitto: M
     assert received == [f"{i:06d}".encode() * (1 + i % 50) for i in range(n)]
 
 
-def _publish(topic: bytes, mid: int, payload: bytes, *, first: int = 0x32) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + payload
+def _publish(topic: bytes, mid: int, payload: bytes, *, first: int = 0x32, properties: bytes | None = None) -> bytes:
+    """A PUBLISH packet; with `properties` (their length byte included), an MQTT 5 one."""
+    body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + (properties or b"") + payload
     length, n = bytearray(), len(body)
     while True:
         n, digit = n >> 7, n & 0x7F
@@ -143,6 +144,11 @@ def test_next_publish_takes_whole_qos1_publishes_and_leaves_everything_else() ->
         broken = _buffered(bad)
         assert broken.next_publish() is None
         assert broken.pending() == len(bad)
+    v5 = _buffered(_publish(b"t/5", 3, b"p", properties=b"\x00")
+                   + _publish(b"t/6", 4, b"q", properties=b"\x03\x23\x00\x01"))  # a topic alias: paho's
+    assert v5.next_publish(v5=True) == ("t/5", 3, b"p")
+    assert v5.next_publish(v5=True) is None
+    assert v5.pending() == len(_publish(b"t/6", 4, b"q", properties=b"\x03\x23\x00\x01"))
 
 
 @pytest.mark.asyncio
@@ -160,17 +166,19 @@ async def test_the_installed_paho_is_one_the_direct_path_was_written_for() -> No
 
 @pytest.mark.asyncio
 async def test_the_direct_path_is_refused_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
-    v5 = aiomqtt.Client("127.0.0.1", 1, protocol=aiomqtt.ProtocolVersion.V5)
-    assert take_publishes(v5, lambda m: None) is False  # MQTT 5 PUBLISH packets carry properties: paho's
-    assert "_packet_read" not in vars(v5._client)
+    manual = aiomqtt.Client("127.0.0.1", 1)
+    manual._client.manual_ack_set(True)
+    assert take_publishes(manual, lambda m: None) is False  # the caller acknowledges: paho's
+    assert "_packet_read" not in vars(manual._client)
     monkeypatch.setattr(paho.mqtt, "__version__", "9.0.0")
     client = aiomqtt.Client("127.0.0.1", 1)
     assert take_publishes(client, lambda m: None) is False
     assert "_packet_read" not in vars(client._client)  # paho's own reader, untouched
 
 
-async def _burst(mosquitto: MosquittoBroker, n: int, *, direct: bool) -> tuple[list[bytes], int]:
-    """n QoS 1 messages published in one burst, as the subscriber received them, and how many came directly."""
+async def _burst(mosquitto: MosquittoBroker, n: int, *, direct: bool, v5: bool = False) -> tuple[list[bytes], int]:
+    """n QoS 1 messages published in one burst, as the subscriber received them, and how many came directly
+    (`v5`: the subscriber speaks MQTT 5 and subscribes as a member of a shared subscription)."""
     inbox: list[asyncio.Queue[aiomqtt.Message | Received]] = []
 
     class Inbox(asyncio.Queue[aiomqtt.Message | Received]):
@@ -178,13 +186,14 @@ async def _burst(mosquitto: MosquittoBroker, n: int, *, direct: bool) -> tuple[l
             super().__init__(maxsize)
             inbox.append(self)
 
-    subscriber = aiomqtt.Client(mosquitto.host, mosquitto.port, queue_type=Inbox)  # type: ignore[arg-type]
+    subscriber = aiomqtt.Client(mosquitto.host, mosquitto.port, queue_type=Inbox,  # type: ignore[arg-type]
+                                protocol=aiomqtt.ProtocolVersion.V5 if v5 else None)
     assert read_in_bulk(subscriber) is True
     assert take_publishes(subscriber, inbox[0].put_nowait) is direct
     received: list[bytes] = []
     direct_count = 0
     async with subscriber:
-        await subscriber.subscribe("bulk/#", qos=1)
+        await subscriber.subscribe("$share/g/bulk/#" if v5 else "bulk/#", qos=1)
         before = subscriber._client._last_bytes_received
         async with aiomqtt.Client(mosquitto.host, mosquitto.port, max_inflight_messages=1000) as publisher:
             await asyncio.gather(*(publisher.publish(f"bulk/{i % 7}", f"{i:06d}".encode() * (1 + i % 50), qos=1)
@@ -219,6 +228,15 @@ async def test_qos1_messages_taken_directly_arrive_intact_in_order_and_acknowled
 
 
 @pytest.mark.asyncio
+async def test_mqtt5_shared_subscription_messages_are_taken_directly_too(mosquitto: MosquittoBroker) -> None:
+    """The pairing workers' standby setup (MQTT 5, $share/...): PUBLISH packets without properties come directly."""
+    n = 2000
+    received, direct = await _burst(mosquitto, n, direct=True, v5=True)
+    assert received == [f"{i:06d}".encode() * (1 + i % 50) for i in range(n)]
+    assert direct > n // 2
+
+
+@pytest.mark.asyncio
 async def test_without_the_direct_path_the_client_receives_through_paho(
         mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback: an unknown paho version leaves paho's reader in place, and the same burst arrives through it."""
@@ -240,6 +258,5 @@ async def test_the_output_source_takes_publishes_directly_and_drops_beyond_max_q
     source._deliver(Received("t/a", b"2"))  # the inbox is full: dropped (its partner expires as missing)
     assert source._inbox is not None and source._inbox.qsize() == 1
     assert source._inbox.get_nowait() == Received("t/a", b"1")
-    shared = MqttOutputSource("mqtt://127.0.0.1:1", "t/+", [], pair_ttl_s=60, expect_baseline=False,
-                              share_group="g")
-    assert "_packet_read" not in vars(shared._client()._client)  # MQTT 5: paho reads it
+    tls = MqttOutputSource("mqtts://127.0.0.1:1", "t/+", [], pair_ttl_s=60, expect_baseline=False)
+    assert "_packet_read" not in vars(tls._client()._client)  # TLS: no buffered socket, paho reads

@@ -14,11 +14,12 @@ Nothing about delivery changes: the same packets, the same QoS 1 acknowledgement
 **Taking QoS 1 messages directly** (:func:`take_publishes`): even read from a buffer, paho spends about as much
 CPU on each received message as the output source spends pairing and scoring it (framing the packet byte by
 byte, decoding it, two log calls, its callback locks and topic matcher, then aiomqtt's message and topic
-objects). Where the buffer already holds a complete QoS 1 PUBLISH packet of MQTT 3.1.1, the client's packet
-reader takes it from the buffer itself: topic, packet id and payload by slicing, handed to the caller, and
-the PUBACK queued through paho exactly as paho would (``_send_puback``), in the same order. Everything else
-(CONNACK, SUBACK, PINGRESP, QoS 0 or 2, MQTT 5 with its properties, a packet not yet complete in the buffer,
-a malformed one) goes to paho's own reader as before, so paho still owns the connection's state and errors.
+objects). Where the buffer already holds a complete QoS 1 PUBLISH packet (MQTT 3.1.1, or MQTT 5 without
+properties), the client's packet reader takes it from the buffer itself: topic, packet id and payload by
+slicing, handed to the caller, and the PUBACK queued through paho exactly as paho would (``_send_puback``),
+in the same order. Everything else (CONNACK, SUBACK, PINGRESP, QoS 0 or 2, an MQTT 5 PUBLISH with properties,
+a packet not yet complete in the buffer, a malformed one) goes to paho's own reader as before, so paho still
+owns the connection's state and errors.
 
 How it is put in place: paho creates its socket in ``Client._create_socket`` (paho-mqtt 2.x), which
 :func:`read_in_bulk` wraps on the paho client that aiomqtt holds (``aiomqtt.Client._client``). Both are
@@ -77,10 +78,11 @@ class BufferedSocket:
         """Bytes received and not yet read (aiomqtt reads on while there are any)."""
         return len(self._buffer) - self._start
 
-    def next_publish(self) -> tuple[str, int, bytes] | None:
-        """Topic, packet id and payload of the QoS 1 PUBLISH packet (MQTT 3.1.1) at the head of the buffer, taken
-        out of it; None, taking nothing, where the head is not one, not whole yet, or not well formed (an
-        empty topic or one that is not UTF-8, lengths that do not fit): paho's reader then deals with it."""
+    def next_publish(self, *, v5: bool = False) -> tuple[str, int, bytes] | None:
+        """Topic, packet id and payload of the QoS 1 PUBLISH packet at the head of the buffer, taken out of it;
+        None, taking nothing, where the head is not one, not whole yet, or not well formed (an empty topic or
+        one that is not UTF-8, lengths that do not fit), or (`v5`: MQTT 5) carries properties: paho's reader
+        then deals with it (a topic alias, for one, needs paho's state)."""
         buf, start = self._buffer, self._start
         size = len(buf)
         if size - start < 4 or buf[start] & 0xF6 != 0x32:  # PUBLISH, QoS 1, any DUP and RETAIN flags
@@ -104,7 +106,12 @@ class BufferedSocket:
         except UnicodeDecodeError:
             return None
         mid = (buf[mid_at] << 8) | buf[mid_at + 1]
-        payload = buf[mid_at + 2:end]
+        at = mid_at + 2
+        if v5:  # the properties' length comes next: only none (one zero byte) is taken here
+            if at >= end or buf[at] != 0:
+                return None
+            at += 1
+        payload = buf[at:end]
         if end >= size:
             self._buffer, self._start = b"", 0
         else:
@@ -151,12 +158,13 @@ def take_publishes(client: aiomqtt.Client, deliver: Callable[[Received], None]) 
     and acknowledge it, instead of passing it through paho's and aiomqtt's per-message machinery (see the
     module docstring). Call after :func:`read_in_bulk`, before connecting. `deliver` runs on the event loop
     and must not raise. False, changing nothing, where this client cannot: another paho version, a missing
-    private name, MQTT 5, manual acknowledgements."""
+    private name, manual acknowledgements."""
     inner = getattr(client, "_client", None)
     if inner is None or not paho_supported() or any(not hasattr(inner, name) for name in PAHO_PRIVATE):
         return False
-    if inner._protocol == paho.mqtt.client.MQTTv5 or inner._manual_ack:
+    if inner._manual_ack:
         return False
+    v5 = inner._protocol == paho.mqtt.client.MQTTv5
     read_packet = inner._packet_read
     send_puback = inner._send_puback
     clock = getattr(paho.mqtt.client, "time_func", time.monotonic)
@@ -167,7 +175,7 @@ def take_publishes(client: aiomqtt.Client, deliver: Callable[[Received], None]) 
         if inner._in_packet["command"] != 0 or not isinstance(sock, BufferedSocket):
             return read_packet()  # paho is part way through a packet, or this is not our socket
         taken = 0
-        while (item := sock.next_publish()) is not None:
+        while (item := sock.next_publish(v5=v5)) is not None:
             topic, mid, payload = item
             deliver(Received(topic, payload))
             rc = send_puback(mid)

@@ -249,7 +249,7 @@ class MqttOutputSource:
 
     def _client(self) -> aiomqtt.Client:
         """The MQTT client, reading its connection in bulk and taking QoS 1 messages off it directly
-        (:mod:`shadowctl.sources.mqtt_read`; plain TCP, MQTT 3.1.1)."""
+        (:mod:`shadowctl.sources.mqtt_read`; plain TCP)."""
         client = aiomqtt.Client(
             self.host,
             self.port,
