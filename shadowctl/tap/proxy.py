@@ -99,6 +99,7 @@ from shadowctl.tap.http1 import (
     end_to_end,
     error_body,
 )
+from shadowctl.tap.jsonbody import dump_compact, load_object
 from shadowctl.tap.metrics import CONTENT_TYPE, TapMetrics
 from shadowctl.tap.publisher import EventPublisher
 from shadowctl.tap.routes import RouteFollower
@@ -219,12 +220,11 @@ def apply_rewrite(body: bytes, rewrite: Rewrite | None, *, max_tokens_cap: int |
 
     In order: ``model`` replaced; the prompt version applied; ``parameters`` set (``temperature``, ``top_p``,
     and ``max_tokens``, or ``max_completion_tokens`` where the request uses that one); `max_tokens_cap` (the
-    shadow budget's, on mirror copies) lowers the limit, or sets it where the request has none."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
+    shadow budget's, on mirror copies) lowers the limit, or sets it where the request has none. The parse and
+    the serialization are the ``json`` module's, called with less around them (:mod:`shadowctl.tap.jsonbody`:
+    on a routed rewrite they are on the user's path)."""
+    data = load_object(body)
+    if data is None:
         return None
     if rewrite is not None and rewrite.model is not None:
         data["model"] = rewrite.model
@@ -242,15 +242,7 @@ def apply_rewrite(body: bytes, rewrite: Rewrite | None, *, max_tokens_cap: int |
             data[limit_key] = params.max_tokens
     if max_tokens_cap is not None:
         cap_limit(data, limit_key, max_tokens_cap)
-    try:
-        return _COMPACT.encode(data).encode()
-    except (ValueError, RecursionError):  # a number JSON cannot carry (1e999 read as inf)
-        return None
-
-
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-"""What :func:`apply_rewrite` serializes with: compact, non-ASCII kept; made once (``json.dumps`` with these
-arguments builds an encoder per call, on a routed rewrite's path)."""
+    return dump_compact(data)  # None: a number JSON cannot carry (1e999 read as inf)
 
 
 def cap_limit(data: dict[str, object], key: str, cap: int) -> None:
