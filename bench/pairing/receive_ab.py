@@ -59,10 +59,14 @@ def one(src: Path | None, pairs: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline-src", type=Path, required=True, help="a folder holding the old shadowctl/")
-    parser.add_argument("--pairs", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-steal", type=float, default=0.05)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pairing_receive.json")
+    parser.add_argument("--baseline-rev", default=None,
+                        help="the commit --baseline-src was archived from (recorded in the results)")
+    parser.add_argument("--pairs", type=int, default=10_000, help="primary/candidate pairs per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running the old and the new code once")
+    parser.add_argument("--max-steal", type=float, default=0.05,
+                        help="leave out of the medians a round whose runs had more cores stolen than this")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pairing_receive.json",
+                        help="where the results go (JSON)")
     args = parser.parse_args()
     rows = []
     for i in range(args.rounds):
@@ -79,9 +83,15 @@ def main() -> None:
         values = sorted(r[side][key] for r in kept)
         return values[len(values) // 2] if values else None
 
+    rev = f" --baseline-rev {args.baseline_rev}" if args.baseline_rev else ""
+    out = args.out.resolve()
+    shown_out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     summary = {
-        "command": f"nice -n 10 .venv/bin/python bench/pairing/receive_ab.py --baseline-src {args.baseline_src} "
-                   f"--pairs {args.pairs} --rounds {args.rounds}",
+        "command": f"nice -n 10 .venv/bin/python bench/pairing/receive_ab.py --baseline-src {args.baseline_src}{rev} "
+                   f"--pairs {args.pairs} --rounds {args.rounds} --out {shown_out}",
+        "baseline_rev": args.baseline_rev,
+        "new_rev": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                  text=True).stdout.strip() or None,
         "rounds": rows, "kept": len(kept),
         "median_events_per_cpu_s": {"old": median("events_per_cpu_s", "old"),
                                     "new": median("events_per_cpu_s", "new")},
