@@ -30,8 +30,9 @@ without it, the median of these ratios over the rounds kept and their interquart
 figures); the same ratio on all kept rounds' requests pooled (``pooled``; on ttfb too, for comparison with the
 first runs); and the ratio of the tap's CPU per request (utime + stime from /proc: steal is not in it). Rounds in
 which the hypervisor stole more than --max-steal cores are left out (the criterion is fixed before the run and
-blind to latencies); the machine's other load is not left out, it is recorded (``loadavg``). Results:
-bench/results/tap_rewrite.json.
+blind to latencies); the machine's other load is not left out, it is recorded (``loadavg``). With
+--baseline-src DIR, the two routed taps also run from another tree (``base_routed``), in the same rounds, so
+that a change to the tap is compared with the code before it. Results: bench/results/tap_rewrite.json.
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ async def main() -> None:
                     help="leave out a round in which the hypervisor stole more than this many cores (default 0.05)")
     ap.add_argument("--ttft-ms", type=float, default=100.0, help="the stubs' time to the first token (default 100)")
     ap.add_argument("--gap-ms", type=float, default=10.0, help="the stubs' time between tokens (default 10)")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also run the two routed taps from this tree (e.g. git archive REV | tar -x -C DIR) as "
+                         "base_routed_plain and base_routed_rewrite, in the same rounds: old and new side by side")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tap_rewrite.json",
                     help="where the JSON results go (default bench/results/tap_rewrite.json)")
     args = ap.parse_args()
@@ -193,18 +197,20 @@ async def main() -> None:
         stubs = [start_stub(args.ttft_ms, args.gap_ms) for _ in range(2)]
         procs += [proc for proc, _ in stubs]
         primary, candidate = (port for _, port in stubs)
+        names = TAPS + (("base_routed_plain", "base_routed_rewrite") if args.baseline_src is not None else ())
         async with aiomqtt.Client("127.0.0.1", broker) as client:
-            for name in TAPS:
+            for name in names:
                 await client.publish(route_topic("bench", name), setting(name, f"http://127.0.0.1:{candidate}"),
                                      qos=1, retain=True)
         taps: dict[str, tuple[int, int]] = {}
-        for name in TAPS:
+        for name in names:
             port = free_port()
+            src = args.baseline_src.resolve() if name.startswith("base_") else ROOT
             proc = subprocess.Popen([PY, "-m", "shadowctl", "tap", "--upstream", f"http://127.0.0.1:{primary}",  # noqa: ASYNC220
                                      "--service", "bench/chat", "--listen", f"127.0.0.1:{port}",
                                      "--mqtt", f"mqtt://127.0.0.1:{broker}", "--route-policy", f"bench/{name}",
-                                     "--tap-id", name], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+                                     "--tap-id", name], cwd=src, env={**os.environ, "PYTHONPATH": str(src)},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(proc)
             wait_port(port)
             taps[name] = (port, proc.pid)
@@ -237,7 +243,7 @@ async def main() -> None:
         good = [r["runs"] for r in rounds if not r["left_out"]]
         pooled = {name: quantiles(load) for name, load in kept.items()}
         summary: dict[str, Any] = {"direct": pooled["direct"]}
-        for share in ("mirror", "routed"):
+        for share in ("mirror", "routed", *(("base_routed",) if args.baseline_src is not None else ())):
             summary[share] = share_summary(good, pooled, share)
             for kind in ("plain", "rewrite"):
                 name = f"{share}_{kind}"
