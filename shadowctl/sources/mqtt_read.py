@@ -19,7 +19,9 @@ properties), the client's packet reader takes it from the buffer itself: topic, 
 slicing, handed to the caller, and the PUBACK queued through paho exactly as paho would (``_send_puback``),
 in the same order. Everything else (CONNACK, SUBACK, PINGRESP, QoS 0 or 2, an MQTT 5 PUBLISH with properties,
 a packet not yet complete in the buffer, a malformed one) goes to paho's own reader as before, so paho still
-owns the connection's state and errors.
+owns the connection's state and errors. What a message taken this way does not get: paho's debug log lines
+for it ("Received PUBLISH", "Sending PUBACK"), its per-topic callbacks (``message_callback_add``, which the
+output source does not use) and aiomqtt's ``Message`` (the caller gets a :class:`Received`: topic and payload).
 
 How it is put in place: paho creates its socket in ``Client._create_socket`` (paho-mqtt 2.x), which
 :func:`read_in_bulk` wraps on the paho client that aiomqtt holds (``aiomqtt.Client._client``). Both are
