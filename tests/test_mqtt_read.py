@@ -260,3 +260,18 @@ async def test_the_output_source_takes_publishes_directly_and_drops_beyond_max_q
     assert source._inbox.get_nowait() == Received("t/a", b"1")
     tls = MqttOutputSource("mqtts://127.0.0.1:1", "t/+", [], pair_ttl_s=60, expect_baseline=False)
     assert "_packet_read" not in vars(tls._client()._client)  # TLS: no buffered socket, paho reads
+
+
+@pytest.mark.asyncio
+async def test_an_output_source_without_the_direct_path_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
+    from shadowctl.sources.outputs import MqttOutputSource
+
+    monkeypatch.setattr(paho.mqtt, "__version__", "9.0.0")
+    source = MqttOutputSource("mqtt://127.0.0.1:1", "t/+", [], pair_ttl_s=60, expect_baseline=False)
+    with capture_logs() as logs:
+        for _ in range(3):  # a client per (re)connection
+            assert "_packet_read" not in vars(source._client()._client)
+    said = [e for e in logs if "paho's own reader" in e["event"]]
+    assert len(said) == 1 and said[0]["paho"] == "9.0.0"

@@ -194,6 +194,11 @@ def take_publishes(client: aiomqtt.Client, deliver: Callable[[Received], None]) 
     return True
 
 
+def paho_version() -> str:
+    """The installed paho-mqtt's version ("" where it does not say)."""
+    return str(getattr(paho.mqtt, "__version__", ""))
+
+
 def paho_supported() -> bool:
     """Whether the installed paho-mqtt is one :func:`take_publishes` was written for (:data:`DIRECT_PAHO_VERSIONS`)."""
-    return str(getattr(paho.mqtt, "__version__", "")).startswith(DIRECT_PAHO_VERSIONS)
+    return paho_version().startswith(DIRECT_PAHO_VERSIONS)

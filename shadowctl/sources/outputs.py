@@ -57,7 +57,7 @@ from shadowctl.judge.model import Paired, PairedSketch
 from shadowctl.policy.model import BaselineMode, MetricKind, Redaction, RedactionMode, ShadowPolicy
 from shadowctl.sources.base import SourceConfigError, SourceError
 from shadowctl.sources.llmjudge import PairJudge
-from shadowctl.sources.mqtt_read import Received, read_in_bulk, take_publishes
+from shadowctl.sources.mqtt_read import Received, paho_version, read_in_bulk, take_publishes
 
 log = structlog.get_logger(__name__)
 
@@ -190,6 +190,7 @@ class MqttOutputSource:
         self.subscribed = asyncio.Event()
         self._client_id = f"shadowctl-outputs-{uuid.uuid4().hex[:12]}"
         self._inbox: asyncio.Queue[Incoming] | None = None
+        self._said_slow = False
 
     @classmethod
     def from_policy(
@@ -266,8 +267,10 @@ class MqttOutputSource:
             # into it and hands out whatever it holds (client.messages), so its type says Message alone.
             queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", self._inbox_type()),
         )
-        if read_in_bulk(client):
-            take_publishes(client, self._deliver)
+        if read_in_bulk(client) and not take_publishes(client, self._deliver) and not self._said_slow:
+            self._said_slow = True  # once per source, not at every reconnect
+            log.info("output source: messages go through paho's own reader (slower); this paho-mqtt version is "
+                     "not one the direct path was written for", paho=paho_version())
         return client
 
     def _deliver(self, message: Received) -> None:
