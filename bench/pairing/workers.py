@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--max-steal", type=float, default=0.05,
                         help="leave out a round whose runs had more than this many cores stolen")
     parser.add_argument("--attempts", type=int, default=3, help="give up after rounds x this many rounds")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pairing_workers.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pairing_workers.json",
+                        help="where the results go (JSON)")
     args = parser.parse_args()
 
     items = payloads(args.pairs)
@@ -167,10 +168,12 @@ def main() -> None:
         (kept if steal <= args.max_steal else left_out).append(row)
         print(json.dumps(row), flush=True)
     ratios = sorted(r["ratio"] for r in kept)
+    out = args.out.resolve()
+    shown_out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     summary = {
         "what": "pairing events/s (parse + pair + 8 lexical comparators), 1 process vs 2 on disjoint partitions",
         "command": "nice -n 10 .venv/bin/python bench/pairing/workers.py "
-                   f"--pairs {args.pairs} --rounds {args.rounds} --max-steal {args.max_steal}",
+                   f"--pairs {args.pairs} --rounds {args.rounds} --max-steal {args.max_steal} --out {shown_out}",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "nice": os.nice(0)},
         "rounds": kept, "left_out_for_steal": left_out,
         "median_ratio": ratios[len(ratios) // 2] if ratios else None,
