@@ -307,9 +307,10 @@ def run(
     shard: Annotated[str | None, typer.Option(
         "--shard", metavar="I/N", envvar="SHADOWCTL_SHARD", show_default=False,
         help="Run only shard I of N (counted from 0: 0/2 and 1/2 for two shards). A policy's shard is a "
-             "stable hash of its namespace/name (docs/scaling.md); each shard elects its own leader on the "
-             "Lease <lease-name>-I-of-N, so run every shard with the same N, two replicas each for a "
-             "standby. Combines with -n and -l, which apply first.")] = None,
+             "stable hash of its namespace/name (docs/scaling.md), kept in its label shadowctl.dev/shard-bucket, "
+             "which the shard that owns a new policy writes; each shard watches only its own labels. Each "
+             "shard elects its own leader on the Lease <lease-name>-I-of-N, so run every shard with the same "
+             "N, two replicas each for a standby. Combines with -n and -l, which apply first.")] = None,
     prometheus: Annotated[str | None, typer.Option("--prometheus", envvar=URL_ENV,
                                                     help="Prometheus (or Thanos/Mimir/VictoriaMetrics) base URL.")]
     = None,
