@@ -135,6 +135,10 @@ class DelayProxy:
                 up_writer.close()
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Only :meth:`stop` cancels: end quietly (asyncio's stream callback reports a cancelled handler task
+            # as an error in the log).
+            pass
         finally:
             writer.close()
             self._tasks.discard(task)
