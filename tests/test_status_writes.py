@@ -1,5 +1,6 @@
 """Status-write economy: a tick writes `.status` at once when a decision changed, and refreshes figures that
-alone changed at most once per refresh period (``max(30 s, 3 x interval)``, controller/writes.py).
+alone changed once per refresh period (``max(30 s, 3 x interval)``, controller/writes.py), each policy at its
+own point of the period.
 
 Against the real local API server: whether a tick wrote is read from the API server itself (the policy's
 resourceVersion, read as the admin, moves with every write that landed), never from the reconciler's word.
@@ -9,6 +10,8 @@ its counts grow with the window, as Prometheus' ``increase`` does, so every look
 
 from __future__ import annotations
 
+from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -17,7 +20,7 @@ from controller_helpers import REF, Harness
 
 from shadowctl.controller.analysis import Analyzer
 from shadowctl.controller.reconciler import Reconciler
-from shadowctl.controller.writes import decisions, refresh_period
+from shadowctl.controller.writes import decisions, figures_due, refresh_period, refresh_phase
 from shadowctl.kube import SHADOW_POLICY, KubeClient
 from shadowctl.policy.status import PolicyStatus
 from shadowctl.routers.factory import router_for
@@ -57,15 +60,24 @@ async def test_figures_alone_are_refreshed_once_per_period_and_decisions_at_once
     rv, samples = _rv(h), _samples(h)
     assert samples
 
-    # Two more looks: the counts grew at each, nothing was decided; no write reaches the API server.
-    for _ in range(2):
+    # Six more looks, 10 s apart: the counts grow at each. The figures alone are refreshed once per 30 s, at the
+    # policy's own point of the period: exactly every third look. A look that changes a decision (the sequential
+    # test may pass its metrics meanwhile) is written at once, between those.
+    refreshed, decided = [], []
+    for i in range(6):
+        before = decisions(PolicyStatus.of(_stored(h)).comparable())
         result = await h.tick()
-        assert result.phase is not None and result.phase.value == "Shadowing" and not result.status_written
-        assert _rv(h) == rv and _samples(h) == samples
-    # 30 s after the last write: the figures are refreshed.
-    await h.tick()
-    assert _rv(h) != rv and (_samples(h) or 0) > samples
-    rv = _rv(h)
+        assert result.phase is not None and result.phase.value == "Shadowing"
+        if _rv(h) == rv:
+            assert _samples(h) == samples and not result.status_written
+        elif decisions(PolicyStatus.of(_stored(h)).comparable()) != before:
+            decided.append(i)
+        else:
+            assert (_samples(h) or 0) > (samples or 0) and result.status_written
+            refreshed.append(i)
+        rv, samples = _rv(h), _samples(h)
+    assert len(refreshed) == 2 and refreshed[1] - refreshed[0] == 3, (refreshed, decided)
+    assert len(refreshed) + len(decided) < 6  # some looks wrote nothing
 
     # A decision changes 10 s later (the metric source goes down: the verdict's outcome and the source errors
     # change): written at once, not at the next refresh.
@@ -118,3 +130,21 @@ def test_what_counts_as_a_decision() -> None:
     assert decisions(_view("120 samples", 10, 1.01, "fail", 3, 5.0)) != base  # a metric's outcome
     assert decisions(_view("120 samples", 10, 1.01, "continue", 0, 9.0)) != base  # a new phase's tally
     assert decisions(_view("120 samples", 10, 1.01, "continue", 3, 5.0, "Progressing")) != base
+
+
+def test_policies_started_together_refresh_at_different_ticks() -> None:
+    """A thousand policies written at the same moment refresh spread over the period's three ticks, each once."""
+    written = PolicyStatus(last_tick="2027-01-15T08:00:00Z")
+    start = 1_800_000_000.0 - (1_800_000_000.0 % 30)  # not the write's time: any 10 s ticks will do
+    objs = [{"metadata": {"namespace": "llm", "name": f"p{i:04d}"}} for i in range(1000)]
+    t0 = datetime.fromisoformat("2027-01-15T08:00:00+00:00").timestamp()
+    due_at = []
+    for obj in objs:
+        phase = refresh_phase(obj, 30.0)
+        assert 0.0 <= phase < 30.0
+        ticks = [k for k in range(1, 4) if figures_due(written, t0 + 10 * k, 30.0, phase)]
+        assert ticks, obj  # due within the period
+        due_at.append(ticks[0])
+    spread = Counter(due_at)
+    assert set(spread) == {1, 2, 3} and min(spread.values()) > 250, spread
+    assert start and not figures_due(written, t0 + 5, 30.0, 29.0) and figures_due(written, t0, 0.0)

@@ -72,7 +72,7 @@ from shadowctl.controller.status import (
     status_patch,
 )
 from shadowctl.controller.tracing import DECISION_SPAN, decision_attributes, policy_attributes
-from shadowctl.controller.writes import REFRESH_FLOOR, refresh_period, worth_writing
+from shadowctl.controller.writes import REFRESH_FLOOR, refresh_period, refresh_phase, worth_writing
 from shadowctl.kube import (
     HTTP_ROUTE,
     INFERENCE_SERVICE,
@@ -937,8 +937,9 @@ class Reconciler:
                               paired=look.paired if look is not None else None,
                               since=look.since if look is not None else None, intent=intent, settled=settled,
                               accepted=accepted_of(obj))
-        if command is None and intent is None and not worth_writing(old, status, now,
-                                                                  refresh_period(obj, self.status_refresh)):
+        period = refresh_period(obj, self.status_refresh)
+        if command is None and intent is None and not worth_writing(old, status, now, period,
+                                                                  refresh_phase(obj, period)):
             return obj  # nothing changed, or only progress figures refreshed less than a period ago: no write
         try:
             stored = await self.kube.patch_status(ref, {"status": status_patch(obj.get("status"), status)},

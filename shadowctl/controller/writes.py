@@ -5,8 +5,10 @@ tally's counts, the paired latencies' sums); decisions (phase, step, weights, th
 outcome, a command, an error) change a few times per rollout. Writing every look's figures made every tick a
 status write: about 100 writes a second per 1,000 policies at a 10 s interval, which the API server and etcd
 absorb for one controller but not for several shards on the same control plane (docs/scaling.md). So a tick
-writes when a decision changed, and refreshes figures that alone changed at most once per *refresh period*:
-``max(30 s, 3 x spec.analysis.interval)`` (``shadowctl run --status-refresh`` sets the 30 s floor).
+writes when a decision changed, and refreshes figures that alone changed once per *refresh period*,
+``max(30 s, 3 x spec.analysis.interval)`` (``shadowctl run --status-refresh`` sets the 30 s floor), each
+policy at its own point of the period (:func:`refresh_phase`), so that a thousand policies started together
+do not refresh in the same tick.
 
 What this never delays: every write the safety invariants rely on changes a decision (the route intent
 ``pendingRoute`` before a raise, its settlement, a new phase or step, a terminal phase, a promotion, a
@@ -21,6 +23,8 @@ than before (the judge then waits for more pairs; it never counts a pair twice).
 
 from __future__ import annotations
 
+import hashlib
+import math
 from datetime import datetime
 from typing import Any
 
@@ -74,22 +78,33 @@ def refresh_period(obj: dict[str, Any], floor: float = REFRESH_FLOOR) -> float:
     return max(floor, REFRESH_INTERVALS * interval)
 
 
-def figures_due(old: PolicyStatus, now: float, period: float) -> bool:
-    """Whether the stored figures are older than `period` (``lastTick`` is written with every write; a status
-    without a readable one is due)."""
-    if not old.last_tick:
+def refresh_phase(obj: dict[str, Any], period: float) -> float:
+    """Where in each refresh period (seconds from the period's start, in ``[0, period)``) the policy refreshes:
+    a hash of its ``namespace/name``, so that policies started together (a thousand applied at once, or a
+    controller's first pass) refresh at different ticks rather than all in the same one."""
+    meta = obj.get("metadata") or {}
+    key = f"{meta.get('namespace', 'default')}/{meta.get('name')}".encode()
+    return period * int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2.0**64
+
+
+def figures_due(old: PolicyStatus, now: float, period: float, phase: float = 0.0) -> bool:
+    """Whether the stored figures are due for a refresh: time is cut into slots of ``period`` seconds starting
+    at ``phase`` (:func:`refresh_phase`), and they are due once ``now`` is in a later slot than the last write
+    (``lastTick``, written with every write; a status without a readable one is due). So a policy refreshes
+    once per period, always at the same point of it; a decision written meanwhile does not move that point."""
+    if period <= 0 or not old.last_tick:
         return True
     try:
         written = datetime.fromisoformat(old.last_tick.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return True
-    return now - written >= period
+    return math.floor((now - phase) / period) > math.floor((written - phase) / period)
 
 
-def worth_writing(old: PolicyStatus, new: PolicyStatus, now: float, period: float) -> bool:
+def worth_writing(old: PolicyStatus, new: PolicyStatus, now: float, period: float, phase: float = 0.0) -> bool:
     """Whether ``new`` must be written over ``old``: a decision changed (:func:`decisions`), or only figures
-    changed and the stored ones are ``period`` old (:func:`figures_due`). Nothing changed: never."""
+    changed and they are due (:func:`figures_due`). Nothing changed: never."""
     new_view, old_view = new.comparable(), old.comparable()
     if new_view == old_view:
         return False
-    return decisions(new_view) != decisions(old_view) or figures_due(old, now, period)
+    return decisions(new_view) != decisions(old_view) or figures_due(old, now, period, phase)
