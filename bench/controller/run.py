@@ -198,6 +198,7 @@ async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds
     # lead left to the look's pass), scaled so that the last tick starts `spread_s` after the boundary.
     offsets = {ref.name: manager.offset(f"{namespace}/{ref.name}", 1.0) / manager.spread * spread_s for ref in refs}
     ticks: list[float] = []
+    p99_per_round: list[float] = []
     round_s: list[float] = []
     requests_per_round: list[int] = []
     writes_per_round: list[int] = []
@@ -244,6 +245,7 @@ async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds
         round_s.append(time.perf_counter() - t0)
         if r > 0:  # the first round starts every rollout (route writes); later rounds are steady state
             ticks.extend(durations)
+            p99_per_round.append(round(_pct(list(durations), 0.99), 3))
             requests_per_round.append(kube.request_count - before_req - listed_requests)
             writes_per_round.append(kube.write_count - before_w)
             queries_per_round.append(stub.queries - before_q)
@@ -256,6 +258,7 @@ async def measure(kube: KubeClient, namespace: str, names: Sequence[str], rounds
         "rounds_measured": rounds - 1,
         "tick_p50_s": round(statistics.median(ticks), 4),
         "tick_p99_s": round(_pct(ticks, 0.99), 4),
+        "tick_p99_per_round_s": p99_per_round,
         "round_s": [round(x, 3) for x in round_s[1:]],
         "data": "growing" if growing else "static",
         "api_requests_per_tick": round(statistics.mean(requests_per_round) / n, 2),
