@@ -98,3 +98,48 @@ async def test_drift_is_reasserted(h: GatewayHarness) -> None:
     assert (await h.status()).phase == "Progressing"
     assert (await h.weights())[1] == 10
     assert shares(await h.kube.get(ROUTE_REF)).get("chat-previous", Fraction(0)) == h.third
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resumed", "left-paused"])
+async def test_a_candidate_changed_while_paused_mid_canary_restarts_and_leaves_nothing_of_the_old_one(
+        h: GatewayHarness, resume: bool) -> None:
+    """bench/faults r-00201: paused at step 2 (chat-v2 at 50%, a backendRef shadowctl added), the policy then
+    names chat-v3 and a person resumes. Before: the resume tick wrote step 2 for chat-v3 (with no intent
+    recorded, the primary at 0) and the restart that followed kept chat-v2 as someone else's backend, so it
+    served 50% for good. Now the changed candidate is handled first, Paused included (with or without the
+    resume): chat-v2's share goes back to the primary and its backendRef is removed, chat-v3 starts from
+    the shadow phase, and only ever gets the steps its own analysis reached."""
+    await h.setup()
+    await h.run_until({"Progressing"})
+    while (await h.status()).canary_weight != 50:
+        await h.tick()
+    await command(h, Command.pause)
+    await h.tick()
+    assert (await h.status()).phase == "Paused"
+    assert shares(await h.route())["chat-v2"] == 50
+    changed_at = len(h.writes)
+    await h.kube.patch_merge(REF, {"spec": {"target": {"gatewayAPI": {
+        "candidate": {"name": "chat-v3", "port": 8000}}}}})
+    if resume:
+        await command(h, Command.resume)
+    await h.tick()
+    status = await h.status()
+    assert status.phase == "Shadowing" and status.rollout is not None, status
+    assert status.rollout.candidate is not None and "chat-v3" in status.rollout.candidate
+    s = shares(await h.route())
+    assert "chat-v2" not in s and s.get("chat-v3", Fraction(0)) == 0
+    assert s["chat-v1"] == 100 - h.third and s.get("chat-previous", Fraction(0)) == h.third
+    mirrors = [f["requestMirror"]["backendRef"]["name"] for f in rule_of(await h.route())["filters"]]
+    assert mirrors == ["analytics", "chat-v3"]
+    assert await h.run_until({"Succeeded", "RolledBack"}) == "Succeeded"
+    s = shares(await h.route())
+    assert "chat-v2" not in s and s["chat-v3"] == 100 - h.third and s["chat-v1"] == 0
+    passed = False
+    for w in h.writes[changed_at:]:  # every HTTPRoute write after the change, as the server stored it
+        ws = w["shares"]
+        assert ws.get("chat-v2", Fraction(0)) == 0, w["shares"]
+        assert sum(ws.values()) == 100 and ws.get("chat-previous", Fraction(0)) == h.third, ws
+        passed = passed or "Progressing" in (w["phase"], w["decided"])
+        v3 = ws.get("chat-v3", Fraction(0))
+        assert v3 in (0, 100 - h.third) or (passed and v3 in (10, 50)), (w["phase"], ws)
+    assert MANAGED_ANNOTATION not in ((await h.route())["metadata"].get("annotations") or {})

@@ -149,6 +149,31 @@ CASES: list[tuple[str, RolloutState, Verdict | None, Command | None, float, Shad
      Observed("v2", 2), Phase.shadowing, [Finalize(), SetRoutes(0, 20.0)], 0),
     ("candidate gone -> failed, routes restored", at(Phase.progressing), PASS, None, 1100, P, Observed(None),
      Phase.failed, [Finalize()], 0),
+    # A changed candidate comes before every command but rollback, Paused included (bench/faults r-00201: a
+    # resume wrote the paused step for the new candidate).
+    ("paused, new candidate: restarts at once", at(Phase.paused, paused_from=Phase.progressing, paused_step=1,
+     step=1, weight=50), None, None, 1100, P, Observed("v3", 2), Phase.shadowing, [Finalize(), SetRoutes(0, 20.0)], 0),
+    ("paused + resume, new candidate: restarts", at(Phase.paused, paused_from=Phase.progressing, paused_step=1,
+     step=1, weight=50), None, Command.resume, 1100, P, Observed("v3", 2), Phase.shadowing,
+     [Finalize(), SetRoutes(0, 20.0)], 0),
+    ("paused + resume, spec edited: restarts", at(Phase.paused, paused_from=Phase.progressing, paused_step=1,
+     step=1, weight=50), None, Command.resume, 1100, P, Observed("v2", 2), Phase.shadowing,
+     [Finalize(), SetRoutes(0, 20.0)], 0),
+    ("paused, spec edited, no command: holds", at(Phase.paused, paused_from=Phase.progressing, paused_step=1,
+     step=1, weight=50), None, None, 1100, P, Observed("v2", 2), Phase.paused, [], 50),
+    ("paused waiting + promote, new candidate: restarts", at(Phase.paused, paused_from=Phase.waiting_promotion,
+     paused_step=1, step=1, weight=50), None, Command.promote, 1100, P, Observed("v3", 2), Phase.shadowing,
+     [Finalize(), SetRoutes(0, 20.0)], 0),
+    ("paused, candidate gone -> failed", at(Phase.paused, paused_from=Phase.progressing, paused_step=0, step=0,
+     weight=10), None, None, 1100, P, Observed(None), Phase.failed, [Finalize()], 0),
+    ("pause + new candidate: restarted, then paused", at(Phase.progressing, step=1, weight=50), PASS, Command.pause,
+     1100, P, Observed("v3", 2), Phase.paused, [Finalize(), SetRoutes(0, 20.0)], 0),
+    ("promote --full + new candidate: restarts", at(Phase.progressing, step=1, weight=50), PASS,
+     Command.promote_full, 1100, P, Observed("v3", 2), Phase.shadowing, [Finalize(), SetRoutes(0, 20.0)], 0),
+    ("promoting, new candidate: finished without a Promote for it", at(Phase.promoting, weight=100), None, None,
+     1100, P, Observed("v3", 2), Phase.succeeded, [], 100),
+    ("new candidate past the deadline restarts", at(Phase.progressing, step=1, weight=50), CONT, None, 1000 + 3600,
+     P, Observed("v3", 2), Phase.shadowing, [Finalize(), SetRoutes(0, 20.0)], 0),
     ("drift reasserted", at(Phase.progressing), CONT, None, 1010, P, Observed("v2", 1, drift=True),
      Phase.progressing, [SetRoutes(10, None)], 10),
     ("drift pauses when asked", at(Phase.progressing), CONT, None, 1010, policy(onDrift="pause"),
@@ -265,7 +290,7 @@ _events = st.tuples(
     st.sampled_from([PASS, FAIL, CONT, NODATA, INCONCLUSIVE, None]),
     st.sampled_from([None, None, None, None, *Command]),
     st.floats(min_value=0, max_value=400),
-    st.sampled_from([CAND, CAND, CAND, Observed("v3", 1), Observed("v2", 1, drift=True)]),
+    st.sampled_from([CAND, CAND, CAND, Observed("v3", 1), Observed("v2", 1, drift=True), Observed("v3", 2)]),
 )
 
 
@@ -294,12 +319,16 @@ def test_invariants_over_random_runs(events: list[Any], pol: ShadowPolicy) -> No
                     assert state.phase in (Phase.progressing, Phase.paused, Phase.waiting_promotion)
                     assert action.weight == pol.spec.canary.steps[state.step or 0]
                     assert shadow_passed_for == state.candidate
+                    # ... for the candidate the routes are written for (the router is built from what is observed
+                    # now): never a step reached by another one (bench/faults r-00201).
+                    assert observed.candidate == state.candidate
                 if state.phase is Phase.shadowing:
                     assert action.weight == 0
             if isinstance(action, Promote):
                 assert state.phase in (Phase.promoting, Phase.succeeded)
                 assert command is Command.promote_full or before.phase in (
                     Phase.progressing, Phase.waiting_promotion, Phase.promoting, Phase.paused)
+                assert observed.candidate == state.candidate
         if state.phase is Phase.shadowing:
             assert state.weight == 0
         if state.phase is Phase.rolled_back:

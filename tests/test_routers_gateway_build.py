@@ -67,7 +67,7 @@ def test_canary_step_changes_only_the_managed_rule() -> None:
     assert [r for r in new["spec"]["rules"] if r["name"] != "chat"] == [
         r for r in pristine["spec"]["rules"] if r["name"] != "chat"]
     assert new["metadata"]["annotations"]["team"] == "inference"
-    assert _record(new) == {"version": 1, "rules": {"chat": {"addedCandidate": True,
+    assert _record(new) == {"version": 1, "rules": {"chat": {"addedCandidate": True, "candidate": {"name": "llm-v2"},
                                                              "weights": [["llm-v1:8000", None]]}}}
     assert gateway_build.read_state(new, TARGET) == RouteState(90, 10)
     assert_valid(new)
@@ -92,6 +92,42 @@ def test_shadow_adds_a_mirror_beside_the_others(percent: float, written: dict[st
     assert gateway_build.read_state(new, TARGET) == RouteState(100, 0, percent)
     assert gateway_build.finalize(new, TARGET).obj == route
     assert_valid(new)
+
+
+@pytest.mark.usefixtures("local_cluster")
+def test_a_previous_candidate_of_ours_is_taken_out_when_the_candidate_changes() -> None:
+    """bench/faults r-00201: mid-canary (llm-v2 at 50%, a backendRef shadowctl added) the policy names llm-v3.
+    Before, a write for llm-v3 counted llm-v2 as someone else's backend and kept its 50% for good; now every
+    builder first undoes what the record says was written for llm-v2 (its weight back to the primary, its
+    backendRef removed, its mirror gone), as finalize for llm-v2 would."""
+    route = load("httproute-llm.yaml")
+    pristine = copy.deepcopy(route)
+    v3 = TARGET.model_copy(update={"candidate": BackendRef(name="llm-v3")})
+    mid, _ = gateway_build.build(route, TARGET, RouteState(50, 50))
+    mid, _ = gateway_build.build(mid, TARGET, RouteState(50, 50, 5.0))  # and a mirror of ours, to be sure
+    assert _shares(_rule(mid, "chat")) == {"llm-v1": Fraction(1, 2), "llm-v2": Fraction(1, 2)}
+    for state in (RouteState(100, 0, 20.0), RouteState(50, 50), RouteState(100, 0)):
+        new, _ = gateway_build.build(mid, v3, state)
+        chat = _rule(new, "chat")
+        assert "llm-v2" not in [r["name"] for r in chat["backendRefs"]], state
+        assert [f for f in chat.get("filters", []) if f["type"] == "RequestMirror"
+                and f["requestMirror"]["backendRef"]["name"] == "llm-v2"] == [], state
+        assert _shares(chat).get("llm-v3", 0) == Fraction(state.candidate_weight, 100), state
+        assert gateway_build.read_state(new, v3) == state
+        if state == RouteState(100, 0):  # nothing of ours left: no record either
+            assert MANAGED_ANNOTATION not in new["metadata"]["annotations"]
+        else:
+            assert _record(new)["rules"]["chat"]["candidate"] == {"name": "llm-v3"}
+        assert_valid(new)
+    restored, _ = gateway_build.finalize(mid, v3)  # a restart's finalize, built for the candidate named now
+    assert restored == pristine
+    promoted, _ = gateway_build.promote(mid, v3)
+    assert _shares(_rule(promoted, "chat")) == {"llm-v1": 0, "llm-v3": 1}
+    # A record's candidate that the policy now names as its primary is no longer ours to take out.
+    swapped = GatewayAPITarget(http_route="llm", rule="chat", primary=BackendRef(name="llm-v2"),
+                               candidate=BackendRef(name="llm-v3"))
+    kept, _ = gateway_build.build(mid, swapped, RouteState(100, 0))
+    assert "llm-v2" in [r["name"] for r in _rule(kept, "chat")["backendRefs"]]
 
 
 def test_unchanged_state_is_not_modified() -> None:
@@ -380,3 +416,38 @@ def test_builds_keep_invariants(route: dict[str, Any], states: list[RouteState])
     restored, _ = gateway_build.finalize(obj, PROP_TARGET)
     assert restored == pristine
     assert not gateway_build.finalize(restored, PROP_TARGET).modified
+
+
+PROP_NEXT = GatewayAPITarget(http_route="r", rule="managed", primary=BackendRef(name="v1"),
+                             candidate=BackendRef(name="v3", port=8000))
+
+
+@_settings
+@given(http_routes(), st.lists(route_states(), min_size=1, max_size=3), st.lists(route_states(), max_size=3))
+def test_a_new_candidate_leaves_nothing_of_the_previous_one(route: dict[str, Any], first: list[RouteState],
+                                                             then: list[RouteState]) -> None:
+    """Builds for v2, then (the policy names v3) builds for v3: v2 holds exactly what it held before the
+    rollout (its backendRef, at its weight, only when it was there), no mirror to it, v3 the step's share, the
+    others theirs; finalize for v3 gives back the original route (bench/faults r-00201)."""
+    pristine = copy.deepcopy(route)
+    before = _rule(pristine, "managed")
+    assume(sum(r.get("weight", 1) for r in before["backendRefs"]) > 0)
+    others = _others(before)
+    assume(sum(others.values()) + Fraction(max(s.candidate_weight for s in [*first, *then]), 100) <= 1)
+    obj = route
+    for state in first:
+        obj, _ = gateway_build.build(obj, PROP_TARGET, state)
+    for state in then:
+        obj, _ = gateway_build.build(obj, PROP_NEXT, state)
+        managed = _rule(obj, "managed")
+        shares = _shares(managed)
+        assert shares.get("v3", 0) == Fraction(state.candidate_weight, 100)
+        assert shares.get("v2", 0) == 0
+        assert [r for r in managed["backendRefs"] if r["name"] == "v2"] == [
+            r for r in before["backendRefs"] if r["name"] == "v2"]
+        assert [f for f in managed.get("filters", []) if f["type"] == "RequestMirror"
+                and f["requestMirror"]["backendRef"]["name"] == "v2"] == []
+        assert {k: v for k, v in shares.items() if k not in ("v1", "v2", "v3")} == others
+        assert gateway_build.read_state(obj, PROP_NEXT) == state
+    restored, _ = gateway_build.finalize(obj, PROP_NEXT)
+    assert restored == pristine

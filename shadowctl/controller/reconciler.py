@@ -229,10 +229,14 @@ class _Fence:
             raise _io.Superseded(f"not writing {what}: this replica no longer holds the leader Lease")
 
 
-def raised_routes(router: Router, policy: ShadowPolicy, state: RolloutState, stepped: StepResult) -> RouteState | None:
+def raised_routes(router: Router, policy: ShadowPolicy, state: RolloutState, stepped: StepResult,
+                  same_rollout: bool = True) -> RouteState | None:
     """The routes a step's route actions end at when they give the candidate more live traffic than the
     recorded `state` allows (its weight); None when they do not (no route action, the same share or less:
-    those are written routes-first, since the recorded state already allows what they set)."""
+    those are written routes-first, since the recorded state already allows what they set).
+
+    `same_rollout` False: the routes are written for another candidate or target than the recorded rollout's
+    (a restart after the policy named a new one), which the recorded state allows no live share at all."""
     final: RouteState | None = None
     for action in stepped.actions:
         if isinstance(action, SetRoutes):
@@ -241,7 +245,7 @@ def raised_routes(router: Router, policy: ShadowPolicy, state: RolloutState, ste
             final = RouteState(0, 100, None)
         elif isinstance(action, Finalize):
             final = RouteState.primary_only()
-    if final is None or final.candidate_weight <= state.weight:
+    if final is None or final.candidate_weight <= (state.weight if same_rollout else 0):
         return None
     return final
 
@@ -449,7 +453,8 @@ class Reconciler:
         target_for_status = target_now if acted or not stored_target else stored_target
 
         # 5a. A raise of the candidate's live share is recorded (the intent) before its route write.
-        raised = raised_routes(router, policy, state, stepped)
+        raised = raised_routes(router, policy, state, stepped,
+                               same_rollout=candidate == state.candidate and previous_router is None)
         if raised is not None:
             intent = PendingRoute(id=uuid.uuid4().hex[:16], rollout=stepped.state.to_record(), primary_weight=raised.primary_weight,
                                   candidate_weight=raised.candidate_weight, mirror_percent=raised.mirror_percent,
@@ -468,7 +473,8 @@ class Reconciler:
         # 5b. Routes first.
         routes_after: RouteState | None = current
         try:
-            routes_after = await self._act(router, policy, stepped, result, previous_router) or current
+            routes_after = await self._act(router, policy, stepped, result, previous_router,
+                                           held=state.phase in ANALYSED or state.phase is Phase.paused) or current
         except _io.Superseded as exc:
             # The decision's inputs changed (or this replica lost the Lease) before a route write: nothing
             # more is written, not even the status; the worker reads the policy again and decides anew.
@@ -787,9 +793,18 @@ class Reconciler:
         return self.router_for(policy.model_copy(update={"spec": spec}), self.kube)
 
     async def _act(self, router: Router, policy: ShadowPolicy, stepped: StepResult, result: TickResult,
-                   previous: Router | None = None) -> RouteState | None:
+                   previous: Router | None = None, held: bool = False) -> RouteState | None:
+        """Carry out the step's route actions in order; a Finalize goes through `previous` (the router of the
+        target the routes were set on, when the policy names another now). `held`: the routes hold a rollout in
+        flight (analysed or Paused), so with `previous` they must be undone before any share is written."""
         after: RouteState | None = None
         for action in stepped.actions:
+            if previous is not None and held and isinstance(action, SetRoutes | Promote):
+                # The routes hold a rollout in flight set on another target (or for another candidate): writing
+                # this one's share before undoing that one would leave the old candidate's traffic behind.
+                raise RouterError("the routes were set for the target recorded in status.rolloutTarget, not the "
+                                  "one the policy names now; they must be restored there before routing the new "
+                                  "one (not writing)")
             if isinstance(action, SetRoutes):
                 applied = await router.apply(desired_routes(router, policy, action.weight, action.mirror_percent))
             elif isinstance(action, Promote):

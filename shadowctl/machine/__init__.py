@@ -27,7 +27,10 @@ Safety rules encoded here (and tested transition by transition):
 - inconclusive never promotes: it rolls back, or holds (Paused) when the policy says ``hold``;
 - no data is never a pass: it is "continue" until the phase's maximum duration, then inconclusive;
 - a new candidate (or a changed spec) mid-rollout restarts the analysis from the first phase,
-  pulling live traffic back to the first phase's routes;
+  pulling live traffic back to the first phase's routes; this comes before every command but rollback,
+  Paused included (a new candidate restarts a paused rollout at once; a spec edit that keeps the candidate
+  restarts it when a command would move it on), so that no resume, promotion or step is ever carried out
+  for a candidate with the recorded rollout's step (bench/faults r-00201);
 - the progress deadline ends every non-terminal phase in RollingBack, also after the spec was edited into
   one the model refuses: :func:`step_refused` holds, then rolls back at the deadline recorded from the
   last accepted spec (:func:`deadline_at`), so a refused spec never leaves traffic half-moved for good;
@@ -348,8 +351,9 @@ def step(
         new_candidate = obs.candidate is not None and obs.candidate != state.candidate
         if new_candidate and (spec.trigger is Trigger.auto or obs.generation != state.generation):
             return _start(state, now, policy, obs, f"new candidate {obs.candidate}: rollout started")
-        if command is Command.promote_full and obs.candidate is not None:
-            return _promote(state, now, "promoted by a person (--full), analysis skipped")
+        if command is Command.promote_full and obs.candidate is not None:  # the candidate named now is promoted
+            return _promote(replace(state, candidate=obs.candidate, generation=obs.generation), now,
+                            "promoted by a person (--full), analysis skipped")
         if command is Command.rollback:
             return _rollback(state, now, policy, "rolled back by a person after promotion")
         return StepResult(state)
@@ -357,15 +361,32 @@ def step(
     # 2. Finishing what was started: routes are written before the status, so these are idempotent.
     if phase is Phase.promoting:
         new, note = _move(state, Phase.succeeded, now, "candidate serves 100% of traffic")
+        if obs.candidate is not None and obs.candidate != state.candidate:
+            # The promotion of the recorded candidate is written (routes first); a Promote now would be built
+            # for the one named since. Succeeded as it stands; the new candidate then starts its own rollout.
+            return StepResult(new, (note,))
         return StepResult(new, (Promote(), note))
     if phase is Phase.rolling_back:
         new, note = _move(state, Phase.rolled_back, now, f"routes restored to the primary ({state.message})",
                           warning=True)
         return StepResult(new, (Finalize(spec.rollback.keep_candidate_tag), note))
 
-    # 3. A person's command wins over analysis.
+    # 3. A person's rollback wins over everything (it restores the routes the rollout was started on).
     if command is Command.rollback:
         return _rollback(state, now, policy, "rolled back by a person")
+
+    # 4. A changed candidate (or spec) is handled before any other command, Paused included: the routes hold
+    #    the rollout of the recorded candidate, and a step, a resume or a promotion computed for another one
+    #    would move live traffic to a candidate nothing analysed (and leave the old one's share behind).
+    changed = _changed(state, command, now, policy, obs)
+    if changed is not None:
+        if command is Command.pause and changed.state.phase in ANALYSED:  # restarted, then paused as asked
+            new, note = _move(changed.state, Phase.paused, now, "paused by a person",
+                              paused_from=changed.state.phase, paused_step=changed.state.step)
+            return StepResult(new, (*changed.actions, note))
+        return changed
+
+    # 5. A person's other commands win over analysis.
     if command is Command.promote_full:
         return _promote(state, now, "promoted by a person (--full), remaining analysis skipped")
     if command is Command.pause:
@@ -383,17 +404,9 @@ def step(
             return _rollback(state, now, policy, "progress deadline exceeded while paused")
         return StepResult(state)
 
-    # 4. Safety nets: deadline, new candidate, changed spec, drift.
+    # 6. Safety nets: deadline, drift.
     if now - (state.rollout_started_at or now) >= spec.progress_deadline.total_seconds():
         return _rollback(state, now, policy, f"progress deadline ({spec.progress_deadline}) exceeded")
-    if obs.candidate is not None and obs.candidate != state.candidate:
-        return _start(state, now, policy, obs, f"new candidate {obs.candidate} mid-rollout: analysis restarts")
-    if obs.candidate is None and state.candidate is not None:
-        new, note = _move(state, Phase.failed, now, "the candidate disappeared", warning=True, weight=0,
-                          mirror_percent=None, step=None)
-        return StepResult(new, (Finalize(spec.rollback.keep_candidate_tag), note))
-    if obs.generation != state.generation:
-        return _start(state, now, policy, obs, "the policy changed mid-rollout: analysis restarts")
     extra: tuple[Action, ...] = ()
     if refused is Refusal.nothing_to_approve:  # the one refusal worth an event: approval may come later
         extra = (Notify("PromoteIgnored", "nothing waits for approval; "
@@ -410,6 +423,25 @@ def step(
             out = StepResult(out.state, (routes_of(out.state), *out.actions))
         return out
     return _analyse(state, verdict, command, now, policy, obs, extra)
+
+
+def _changed(state: RolloutState, command: Command | None, now: float, policy: ShadowPolicy,
+             obs: Observed) -> StepResult | None:
+    """A rollout in flight (analysed or Paused) whose candidate or spec is no longer the recorded one: restart
+    from the first phase (the old candidate's routes undone first), or Failed when the candidate is gone;
+    None when nothing changed. Paused holds through a spec edit that keeps the candidate (a person may be
+    fixing something before resuming) and restarts when a command would move it on."""
+    if obs.candidate is not None and obs.candidate != state.candidate:
+        where = "while paused" if state.phase is Phase.paused else "mid-rollout"
+        return _start(state, now, policy, obs, f"new candidate {obs.candidate} {where}: analysis restarts")
+    if obs.candidate is None and state.candidate is not None:
+        new, note = _move(state, Phase.failed, now, "the candidate disappeared", warning=True, weight=0,
+                          mirror_percent=None, step=None, paused_from=None, paused_step=None)
+        return StepResult(new, (Finalize(policy.spec.rollback.keep_candidate_tag), note))
+    if obs.generation != state.generation and (state.phase is not Phase.paused or command is not None):
+        where = "while paused" if state.phase is Phase.paused else "mid-rollout"
+        return _start(state, now, policy, obs, f"the policy changed {where}: analysis restarts")
+    return None
 
 
 def _analyse(

@@ -26,7 +26,18 @@ hostnames and unknown fields are carried over untouched: the builders edit a
 deep copy in place. The ownership record (annotation ``shadowctl.dev/managed``)
 keeps, per rule, the weights as they were written before the first change, so
 that finalize restores them exactly (when the other backends' shares have not
-been changed in between; else their current shares are kept).
+been changed in between; else their current shares are kept), and the candidate
+it was written for (``candidate``).
+
+A backend that is neither primary nor candidate keeps its share, unlike Istio's
+third destination, which is refused: others' backends are part of a rule's normal
+life. The one exception is the candidate the record was written for, when the
+policy names another one now: that backend is shadowctl's (its weight, its mirror,
+and the backendRef itself when shadowctl added it), so every builder first undoes
+it (as ``finalize`` for that candidate would) and only then routes the candidate
+named now. Without that, a write for the new candidate would count the old one's
+share as someone else's and keep it for good (bench/faults r-00201). A record from
+before ``candidate`` was kept names none, and is read as before.
 """
 
 from __future__ import annotations
@@ -110,7 +121,7 @@ def check_shape(obj: Any) -> None:
 def build(current: JSON, target: GatewayAPITarget, state: RouteState) -> Build:
     """The HTTPRoute with the candidate at ``state.candidate_weight`` percent of the rule and its mirror."""
     check_shape(current)
-    obj = copy.deepcopy(current)
+    obj = _undo_previous_candidate(copy.deepcopy(current), target)
     record = load_record(obj)
     key, rule = _select_rule(obj, target)
     before = copy.deepcopy(rule)
@@ -130,6 +141,7 @@ def finalize(current: JSON, target: GatewayAPITarget, keep_candidate: bool = Fal
     """Undo shadowctl's changes to the rule: the candidate at 0 (removed if shadowctl added it), its mirror gone,
     the weights as they were written before (when the others' shares are unchanged)."""
     check_shape(current)
+    current = _undo_previous_candidate(copy.deepcopy(current), target)
     record = load_record(current)
     key, _ = _select_rule(copy.deepcopy(current), target)
     rec = (record.get("rules") or {}).get(key) or {}
@@ -155,7 +167,7 @@ def promote(current: JSON, target: GatewayAPITarget) -> Build:
     """The candidate takes the primary's weight (the primary stays at 0), others keep theirs; no mirror of ours,
     and the rule's ownership record removed. Idempotent."""
     check_shape(current)
-    obj = copy.deepcopy(current)
+    obj = _undo_previous_candidate(copy.deepcopy(current), target)
     record = load_record(obj)
     key, rule = _select_rule(obj, target)
     where = _where(obj, key)
@@ -375,14 +387,51 @@ def _new_backend(entries: list[JSON], primary: JSON, target: GatewayAPITarget, w
 
 
 def _new_record(obj: JSON, rule: JSON, target: GatewayAPITarget) -> JSON:
-    """What the rule's weights were before shadowctl changed anything: ``[[label, weight or None], ...]``."""
+    """What the rule's weights were before shadowctl changed anything (``[[label, weight or None], ...]``), and
+    the candidate the changes are for (as the policy names it)."""
     ns = _namespace(obj)
     entries = rule.get("backendRefs")
     weights = []
     for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, dict):
             weights.append([backend_label(entry, ns), entry.get("weight")])
-    return {"addedCandidate": False, "weights": weights}
+    return {"addedCandidate": False, "weights": weights,
+            "candidate": target.candidate.model_dump(mode="json", exclude_none=True)}
+
+
+def _same_backend(a: BackendRef, b: BackendRef, namespace: str | None) -> bool:
+    return (a.name, a.namespace or namespace, a.port) == (b.name, b.namespace or namespace, b.port)
+
+
+def _undo_previous_candidate(obj: JSON, target: GatewayAPITarget) -> JSON:
+    """``obj`` (a copy the caller owns) with the changes undone that the rule's record says were made for a
+    candidate other than ``target``'s: its weight back to the primary, its mirror removed, its backendRef
+    removed when shadowctl added it, the others' weights as recorded (``finalize`` for that candidate).
+    Unchanged when the record names no candidate, this one, or the primary (then it is no longer ours)."""
+    try:
+        key, _ = _select_rule(obj, target)
+    except RouteNotFound:
+        return obj  # the builder itself says why
+    rec = (load_record(obj).get("rules") or {}).get(key)
+    raw = rec.get("candidate") if isinstance(rec, dict) else None
+    if not isinstance(raw, dict):
+        return obj
+    try:
+        previous = BackendRef.model_validate(raw)
+    except ValueError:
+        raise WouldBeRejected(f"{_where(obj, key)}: the ownership record's candidate {raw!r} is not a backendRef; "
+                              f"fix or remove the annotation by hand") from None
+    ns = _namespace(obj)
+    if _same_backend(previous, target.candidate, ns) or _same_backend(previous, target.primary, ns):
+        return obj
+    _, rule = _select_rule(obj, target)
+    entries = rule.get("backendRefs")
+    if isinstance(entries, list):  # the entry the record's candidate names is also one the policy names now
+        now = [i for i, e in enumerate(entries) if _matches(e, target.primary, ns) or _matches(e, target.candidate, ns)]
+        if any(_matches(entries[i], previous, ns) for i in now):
+            return obj
+    undone, _ = finalize(obj, target.model_copy(update={"candidate": previous}))
+    return undone
 
 
 # --------------------------------------------------------------------------- weights
