@@ -80,8 +80,9 @@ from shadowctl.sources.base import (
 log = structlog.get_logger(__name__)
 
 FIXED_BASELINE_PSEUDO_COUNT = 1_000_000
-"""A fixed baseline agreement (measured beforehand) enters the judge as an arm this large, so that its
-uncertainty is negligible and the comparison is effectively against a known constant."""
+"""A fixed baseline agreement (measured beforehand) enters the judge as counts of this many pairs, marked
+exact (`Counts.exact`): the judge compares the candidate with that constant, to 1e-6, with no uncertainty
+on the baseline's side (docs/judge.md, agreement)."""
 
 
 class OutputTallies(Protocol):
@@ -217,7 +218,7 @@ def agreement_input(item: AgreementInput, min_pairs: int, judge_problem: str | N
         primary: ArmData = NoData(redacted)
     elif item.fixed_baseline is not None:
         n = FIXED_BASELINE_PSEUDO_COUNT
-        primary = Counts(round((1.0 - item.fixed_baseline) * n), n)
+        primary = Counts(round((1.0 - item.fixed_baseline) * n), n, exact=True)
     elif item.baseline_pairs:
         primary = Counts(item.baseline_pairs - item.baseline_agree, item.baseline_pairs)
     else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shadowctl.judge import estimators as est
+from shadowctl.judge import proportion as prop
 from shadowctl.judge.model import (
     MAX_MAGNITUDE,
     ArmData,
@@ -32,7 +33,7 @@ from shadowctl.judge.model import (
     Verdict,
 )
 from shadowctl.judge.paired import PairedBatch, batch_paired, paired_result
-from shadowctl.judge.sequential import FAIL, PASS, Bounds, IntArray, decide
+from shadowctl.judge.sequential import FAIL, PASS, BoolArray, Bounds, IntArray, classify, decide
 
 MIN_TAIL_COUNT = 10
 """A quantile q needs n*(1-q) >= this many observations above it in each arm (p99: 1000 samples)."""
@@ -99,6 +100,8 @@ class _Row:
 
     counts: tuple[float, float, float, float] | None = None
     """(failures, total) of primary then candidate, for a rate or agreement."""
+    exact: bool = False
+    """The primary's proportion is a known constant (:attr:`Counts.exact`)."""
     le: FloatArray | None = None
     cum: tuple[FloatArray, FloatArray] | None = None
     sums: tuple[float | None, float | None] = (None, None)
@@ -146,7 +149,7 @@ def _row(spec: MetricSpec, p: ArmData, c: ArmData) -> _Row:
     if spec.statistic in ("rate", "agreement"):
         if not (isinstance(p, Counts) and isinstance(c, Counts)):
             raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} needs Counts for both arms")
-        return _Row(counts=(p.failures, p.total, c.failures, c.total))
+        return _Row(counts=(p.failures, p.total, c.failures, c.total), exact=p.exact)
     if not (isinstance(p, Samples | Histogram) and isinstance(c, Samples | Histogram)):
         raise JudgeInputError(
             f"metric {spec.name!r}: statistic {spec.statistic!r} needs samples or histograms, not counts"
@@ -164,7 +167,8 @@ def _batch(spec: MetricSpec, rows: Sequence[_Row], *, alpha: float, beta: float)
         return batch_paired(spec, [r.paired for r in rows if r.paired is not None], alpha=alpha, beta=beta)
     if first.le is None:
         f = np.asarray([r.counts for r in rows], dtype=np.float64)
-        return batch_counts(spec, f[:, 0], f[:, 1], f[:, 2], f[:, 3], alpha=alpha, beta=beta)
+        exact = np.asarray([r.exact for r in rows], dtype=bool)
+        return batch_counts(spec, f[:, 0], f[:, 1], f[:, 2], f[:, 3], alpha=alpha, beta=beta, exact_p=exact)
     cum_p = np.stack([r.cum[0] for r in rows if r.cum is not None])
     cum_c = np.stack([r.cum[1] for r in rows if r.cum is not None])
 
@@ -254,15 +258,78 @@ def batch_counts(
     *,
     alpha: float,
     beta: float,
+    exact_p: BoolArray | None = None,
 ) -> Batch:
-    """Sequential decisions for S streams of a rate or agreement metric from cumulative counts."""
+    """Sequential decisions for S streams of a rate or agreement metric from cumulative counts.
+
+    ``exact_p``: per stream, whether the primary's proportion is a known constant (:attr:`Counts.exact`;
+    only agreement reads it)."""
     agree = spec.statistic == "agreement"
     if spec.statistic not in ("rate", "agreement"):
         raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} is not computed from counts")
     ep, sp = est.rate_counts(failures_p, totals_p, agreement=agree)
     ec, sc = est.rate_counts(failures_c, totals_c, agreement=agree)
+    if agree:
+        exact = np.zeros(ep.n.shape, dtype=bool) if exact_p is None else np.asarray(exact_p, dtype=bool)
+        counts = tuple(np.asarray(x, dtype=np.float64) for x in (failures_p, totals_p, failures_c, totals_c))
+        return _agreement(spec, counts, ep, ec, exact, alpha=alpha, beta=beta)
     with np.errstate(invalid="ignore", divide="ignore"):
         return _finish(spec, ep, ec, np.log(sp), np.log(sc), alpha=alpha, beta=beta)
+
+
+def _agreement(spec: MetricSpec, counts: tuple[FloatArray, ...], ep: est.Estimate, ec: est.Estimate,
+               exact: BoolArray, *, alpha: float, beta: float) -> Batch:
+    """Agreement: each arm's beta-binomial confidence sequence, combined into bounds on the ratio (or the
+    difference), see :mod:`shadowctl.judge.proportion`. A sampled baseline splits each level over the two
+    arms; a known one (``exact``) is a constant, and the prior of the candidate's sequence sits between
+    its fail and pass lines."""
+    f_b, n_b, f_c, n_c = counts
+    k_b, k_c = n_b - f_b, n_c - f_c
+    p_b = np.nan_to_num(ep.value)
+    m = spec.margin
+    relative = m.relative
+
+    def ends(level: float) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """Lower and upper ends for the candidate, then the baseline, at `level` for the metric."""
+        lc = np.empty_like(p_b)
+        uc = np.empty_like(p_b)
+        lb = p_b.copy()
+        ub = p_b.copy()
+        if exact.any():  # a constant baseline: one sequence at the whole level, its prior where the lines are
+            pe = p_b[exact]
+            center = pe * (1.0 - m.value / 2) if relative else pe - m.value / 2
+            sd = m.value * pe if relative else np.full_like(pe, m.value)
+            lc[exact], uc[exact] = prop.confidence_sequence(k_c[exact], n_c[exact], level, prop.prior_near(center, sd))
+        sampled = ~exact
+        if sampled.any():  # Bonferroni over the two arms' sequences
+            lc[sampled], uc[sampled] = prop.confidence_sequence(k_c[sampled], n_c[sampled], level / 2)
+            lb[sampled], ub[sampled] = prop.confidence_sequence(k_b[sampled], n_b[sampled], level / 2)
+        return lc, uc, lb, ub
+
+    def effect(c: FloatArray, b: FloatArray) -> FloatArray:
+        if not relative:
+            return c - b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out: FloatArray = np.log(c) - np.log(b)
+        return out
+
+    a_fail = alpha / 2.0 if spec.direction is Direction.either else alpha
+    lc, uc, lb, ub = ends(a_fail)
+    lower_fail, upper_fail = effect(lc, ub), effect(uc, lb)
+    lc, uc, lb, ub = ends(beta)
+    lower_pass, upper_pass = effect(lc, ub), effect(uc, lb)
+    theta = effect(np.nan_to_num(ec.value), p_b)
+    m_up, m_down = _margins(spec)
+    # An undefined end (0/0: neither arm has agreeing pairs) says nothing: the widest.
+    b = classify(theta, np.where(np.isnan(lower_fail), -np.inf, lower_fail),
+                 np.where(np.isnan(upper_fail), np.inf, upper_fail),
+                 np.where(np.isnan(lower_pass), -np.inf, lower_pass),
+                 np.where(np.isnan(upper_pass), np.inf, upper_pass),
+                 direction=spec.direction.value, margin_up=m_up, margin_down=m_down)
+    need = needed_samples(spec)
+    enough = (ep.n >= need) & (ec.n >= need)
+    code = np.where(enough, b.code, NODATA).astype(np.int64)
+    return Batch(b, code, ep, ec, need)
 
 
 def _margins(spec: MetricSpec) -> tuple[float, float]:

@@ -241,12 +241,17 @@ class Counts:
 
     failures: float
     total: float
+    exact: bool = False
+    """The proportion failures/total is a known constant, not a sample (a fixed agreement baseline measured
+    beforehand): the agreement test then compares the candidate with it, with no uncertainty on this arm."""
 
     def __post_init__(self) -> None:
         for name in ("failures", "total"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise JudgeInputError(f"counts: {name} must be a number, got {v!r}")
+        if not isinstance(self.exact, bool):
+            raise JudgeInputError(f"counts: exact must be true or false, got {self.exact!r}")
         if not (math.isnan(self.failures) or math.isnan(self.total)) and (
             self.total < 0 or self.failures < 0 or self.failures > self.total
         ):
@@ -257,7 +262,7 @@ class Counts:
         return math.isnan(self.failures) or math.isnan(self.total)
 
     def __add__(self, other: Counts) -> Counts:
-        return Counts(self.failures + other.failures, self.total + other.total)
+        return Counts(self.failures + other.failures, self.total + other.total, self.exact and other.exact)
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,24 @@ def decide(
         lower_fail = np.where(open_down, -np.inf, lower_fail)
         lower_pass = np.where(open_down, -np.inf, lower_pass)
 
+    return classify(theta, lower_fail, upper_fail, lower_pass, upper_pass, direction=direction,
+                    margin_up=margin_up, margin_down=margin_down)
+
+
+def classify(
+    theta: FloatArray,
+    lower_fail: FloatArray,
+    upper_fail: FloatArray,
+    lower_pass: FloatArray,
+    upper_pass: FloatArray,
+    *,
+    direction: str,
+    margin_up: float,
+    margin_down: float,
+) -> Bounds:
+    """The decision from anytime-valid bounds on the effect (however they were built): ``fail`` when the
+    bound at alpha excludes 0 on the worse side, ``pass`` when the bound at beta is inside the margin
+    (pass wins), else continue. The fail bounds are at alpha/2 per side for ``either``."""
     if direction == "increase":
         fail = lower_fail > 0
         ok = upper_pass < margin_up
