@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 from conftest_kube import KubeEnv
-from controller_helpers import REF, Harness
+from controller_helpers import REF, Harness, second_writer
 
 from shadowctl.cli.connect import CliError
 from shadowctl.cli.rollout_cmds import send_command
 from shadowctl.controller.commands import command_patch, new_command, pending_command
 from shadowctl.controller.reconciler import FINALIZER
 from shadowctl.controller.status import recorded_deadline
-from shadowctl.kube import KubeClient, NotFound
+from shadowctl.kube import SHADOW_POLICY, VIRTUAL_SERVICE, KubeClient, NotFound
 from shadowctl.policy.status import Command
 
 DEADLINE = "5m"
@@ -148,3 +148,32 @@ async def test_deleting_a_policy_with_a_refused_spec_restores_the_routes(h: Harn
     assert await h.weights() == (100, 0, None)
     with pytest.raises(NotFound):
         await h.kube.get(REF)
+
+
+async def test_refused_between_the_first_route_write_and_its_status_still_rolls_back_at_the_deadline(
+        h: Harness) -> None:
+    """bench/faults r-00027 (seed 3): the first tick wrote the mirror, and the edit that made the spec refused
+    landed between that route write and its status write (a real 409). The status recorded after the conflict
+    was built from the re-read, refused spec, so it carried no acceptedSpec nor deadlineAt, and the rollout
+    then held in Shadowing with our mirror on for good ("no accepted spec is recorded to undo the rollout
+    with"). The retry now carries the spec the routes were written from: the rollout holds, then rolls back
+    at that spec's deadline, restoring the route."""
+    await h.setup(progressDeadline=DEADLINE)
+
+    def refuse() -> None:
+        h.env.patch(SHADOW_POLICY, "llm", "chat", REFUSED)
+
+    with second_writer(h.kube, "replace", lambda gvr, obj: gvr == VIRTUAL_SERVICE, refuse, times=1) as edits:
+        first = await h.tick()
+    assert edits[0] == 1 and first.route_writes == 1 and first.status_written, first
+    status = await h.status()
+    assert status.phase == "Shadowing" and await h.weights() == (100, 0, 20.0)
+    assert status.accepted_spec is not None and status.accepted_spec["progressDeadline"] == DEADLINE
+    assert status.accepted_generation == 1
+    deadline = recorded_deadline(status)
+    assert status.rollout is not None and status.rollout.rollout_started_at is not None and deadline is not None
+    assert deadline - status.rollout.rollout_started_at == pytest.approx(300, abs=1)
+    await _hold_until(h, deadline, "Shadowing", (100, 0, 20.0))
+    assert await h.run_until({"RolledBack"}, max_ticks=3) == "RolledBack"
+    assert await h.weights() == (100, 0, None)
+    assert "mirror" not in await h.vs_route()

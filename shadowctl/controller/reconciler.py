@@ -59,6 +59,7 @@ from shadowctl.controller.analysis import Analyzer, Look
 from shadowctl.controller.clock import Clock, iso
 from shadowctl.controller.commands import COMMAND_ANNOTATION, pending_command
 from shadowctl.controller.status import (
+    Accepted,
     accepted_of,
     accepted_policy,
     build_status,
@@ -114,6 +115,12 @@ from shadowctl.routers.base import (
 )
 
 log = structlog.get_logger(__name__)
+
+class _Read:
+    """The default of a status write's ``accepted``: the spec of the object it is written on, as read."""
+
+
+READ = _Read()
 
 STATUS_RETRIES = 3
 """Attempts to record a decision whose routes were already written, after its first status write met a 409."""
@@ -504,7 +511,7 @@ class Reconciler:
         if not written and result.conflict and result.route_writes:
             written = await self._record_after_conflict(
                 ref, stored, stepped.state, now, generation, look, routes_after, tally, cmd_record, result,
-                errors, target_for_status, policy, fence)
+                errors, target_for_status, policy, fence, accepted_of(obj))
         if stepped.state.phase is not Phase.shadowing and policy.spec.analysis.outputs is not None:
             await self.analyzer.idle(policy.key)
         # 7. Then tell people.
@@ -823,6 +830,7 @@ class Reconciler:
         self, ref: ResourceRef, stored: PolicyStatus, state: RolloutState, now: float, generation: int,
         look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: CommandRecord | None,
         result: TickResult, errors: tuple[str, ...], target: dict[str, Any], policy: ShadowPolicy, fence: _Fence,
+        accepted: Accepted | None,
     ) -> bool:
         """The routes moved this tick, but the status write met a newer version (409): a person's command or
         edit, or another writer, came in between. Left alone, the next tick would decide from the older status
@@ -831,7 +839,11 @@ class Reconciler:
         Re-read: if the recorded rollout is still the one this tick decided from, record the decision on the
         fresh version (what came in, a command or a spec edit, is acted on by the next tick, from the state
         the routes are in). If another decision was recorded meanwhile, or recording keeps failing, put the
-        routes back to what the recorded status says; either way routes and status agree again."""
+        routes back to what the recorded status says; either way routes and status agree again.
+
+        `accepted`: the spec the routes were written from. It is what the decision is recorded with (and the
+        deadline it sets), not the re-read one: an edit that came in between may be one the model refuses, and a
+        status recorded from it would hold no accepted spec to end the rollout with (bench/faults r-00027)."""
         key = f"{ref.namespace}/{ref.name}"
         fresh: dict[str, Any] | None = None
         for _ in range(STATUS_RETRIES):
@@ -847,7 +859,8 @@ class Reconciler:
             result.conflict = False
             fresh_rv = str((fresh.get("metadata") or {}).get("resourceVersion") or "")
             if await self._write_status(ref, fresh, fresh_rv, state, now, generation, look, routes, tally, command,
-                                        result, source_errors=errors, target=target, settled=True):
+                                        result, source_errors=errors, target=target, settled=True,
+                                        accepted=accepted):
                 log.info("tick.status_recorded_after_conflict", policy=key, phase=state.phase.value)
                 return True
             if not result.conflict:
@@ -931,27 +944,29 @@ class Reconciler:
         self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, now: float, generation: int,
         look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: CommandRecord | None,
         result: TickResult, *, error: str | None = None, source_errors: tuple[str, ...] = (),
-        target: dict[str, Any] | None = None, settled: bool = False,
+        target: dict[str, Any] | None = None, settled: bool = False, accepted: Accepted | _Read | None = READ,
     ) -> bool:
         """Record `state` (see :func:`build_status`); False when the write failed (``result`` says why)."""
         return await self._patch_status(ref, obj, rv, state, now, generation, look, routes, tally, command, result,
                                         error=error, source_errors=source_errors, target=target,
-                                        settled=settled) is not None
+                                        settled=settled, accepted=accepted) is not None
 
     async def _patch_status(
         self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState, now: float, generation: int,
         look: Look | None, routes: RouteState | None, tally: AgreementTally | None, command: CommandRecord | None,
         result: TickResult, *, error: str | None = None, source_errors: tuple[str, ...] = (),
         target: dict[str, Any] | None = None, intent: PendingRoute | None = None, settled: bool = False,
+        accepted: Accepted | _Read | None = READ,
     ) -> dict[str, Any] | None:
-        """:meth:`_write_status`, answering with the object as stored (``obj`` itself when nothing changed)."""
+        """:meth:`_write_status`, answering with the object as stored (``obj`` itself when nothing changed).
+        `accepted`: the spec to record as the last accepted one (default: ``obj``'s, when the model accepts it)."""
         old = PolicyStatus.of(obj)
         status = build_status(old, state, now=now, generation=generation,
                               evidence=look.evidence if look is not None else None, routes=routes,
                               tally=tally, command=command, error=error, source_errors=source_errors, target=target,
                               paired=look.paired if look is not None else None,
                               since=look.since if look is not None else None, intent=intent, settled=settled,
-                              accepted=accepted_of(obj))
+                              accepted=accepted_of(obj) if isinstance(accepted, _Read) else accepted)
         period = refresh_period(obj, self.status_refresh)
         if command is None and intent is None and not worth_writing(old, status, now, period,
                                                                   refresh_phase(obj, period)):
