@@ -49,7 +49,7 @@ and the pass line ``(1 - m) p_b``, standard deviation the margin in proportion u
 uniform. The cost against the old (asymptotic, and wrong at the edges) rule: a candidate as good as a
 fixed 0.95 baseline (margin 10%) passes after ~90 pairs instead of ~50; against a replica baseline
 after ~290 pairs per arm instead of ~90 (two sequences at half the level each). A candidate at 0.80 of
-0.95 fails after ~40 pairs (~80 before); one that never agrees after ``minPairs``.
+0.95 fails after ~40 pairs (~70 before); one that never agrees after ``minPairs``.
 
 References
 ----------
