@@ -99,7 +99,7 @@ from shadowctl.tap.http1 import (
     end_to_end,
     error_body,
 )
-from shadowctl.tap.jsonbody import dump_compact, load_object
+from shadowctl.tap.jsonbody import edit_object
 from shadowctl.tap.metrics import CONTENT_TYPE, TapMetrics
 from shadowctl.tap.publisher import EventPublisher
 from shadowctl.tap.routes import RouteFollower
@@ -221,28 +221,30 @@ def apply_rewrite(body: bytes, rewrite: Rewrite | None, *, max_tokens_cap: int |
     In order: ``model`` replaced; the prompt version applied; ``parameters`` set (``temperature``, ``top_p``,
     and ``max_tokens``, or ``max_completion_tokens`` where the request uses that one); `max_tokens_cap` (the
     shadow budget's, on mirror copies) lowers the limit, or sets it where the request has none. The parse and
-    the serialization are the ``json`` module's, called with less around them (:mod:`shadowctl.tap.jsonbody`:
-    on a routed rewrite they are on the user's path)."""
-    data = load_object(body)
-    if data is None:
-        return None
-    if rewrite is not None and rewrite.model is not None:
-        data["model"] = rewrite.model
-    prompt = rewrite.prompt if rewrite is not None else None
-    if prompt is not None and not apply_prompt(data, prompt.apply, prompt.primary, prompt.candidate):
-        return None
-    limit_key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
-    params = rewrite.parameters if rewrite is not None else None
-    if params is not None:
-        if params.temperature is not None:
-            data["temperature"] = params.temperature
-        if params.top_p is not None:
-            data["top_p"] = params.top_p
-        if params.max_tokens is not None:
-            data[limit_key] = params.max_tokens
-    if max_tokens_cap is not None:
-        cap_limit(data, limit_key, max_tokens_cap)
-    return dump_compact(data)  # None: a number JSON cannot carry (1e999 read as inf)
+    the serialization give the ``json`` module's bytes, made by orjson where it gives the same ones
+    (:func:`shadowctl.tap.jsonbody.edit_object`: on a routed rewrite they are on the user's path). What the
+    rewrite adds is finite (the route setting bounds its parameters), as :func:`edit_object` requires."""
+
+    def edit(data: dict[str, object]) -> bool:
+        if rewrite is not None and rewrite.model is not None:
+            data["model"] = rewrite.model
+        prompt = rewrite.prompt if rewrite is not None else None
+        if prompt is not None and not apply_prompt(data, prompt.apply, prompt.primary, prompt.candidate):
+            return False
+        limit_key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+        params = rewrite.parameters if rewrite is not None else None
+        if params is not None:
+            if params.temperature is not None:
+                data["temperature"] = params.temperature
+            if params.top_p is not None:
+                data["top_p"] = params.top_p
+            if params.max_tokens is not None:
+                data[limit_key] = params.max_tokens
+        if max_tokens_cap is not None:
+            cap_limit(data, limit_key, max_tokens_cap)
+        return True
+
+    return edit_object(body, edit)  # None also for a number JSON cannot carry (1e999 read as inf)
 
 
 def cap_limit(data: dict[str, object], key: str, cap: int) -> None:
