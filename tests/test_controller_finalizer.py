@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 from conftest_kube import KubeEnv
-from controller_helpers import REF, VS_REF, Harness
+from controller_helpers import REF, VS_REF, Harness, second_writer
 
 from shadowctl.controller.reconciler import FINALIZER
-from shadowctl.kube import KubeClient, NotFound
+from shadowctl.kube import VIRTUAL_SERVICE, KubeClient, NotFound
 
 
 @pytest.fixture
@@ -82,9 +82,10 @@ async def test_deleted_before_its_first_status_restores_the_mirror(h: Harness) -
     Pending, but the VirtualService's ownership record says shadowctl added the mirror: the deletion
     restores the route before it lets the finalizer go (the fault campaign's r-00072 kept the mirror)."""
     await h.setup()
-    h.env.fail_next(h.kube.retry.attempts, 503, verb="patch", path="/status$")
     h.clock.advance(10)
-    first = await h.reconciler.tick(REF)
+    with second_writer(h.kube, "replace", lambda gvr, obj: gvr == VIRTUAL_SERVICE,  # after the start's intent
+                       lambda: h.env.fail_next(h.kube.retry.attempts, 503, verb="patch", path="/status$"), times=1):
+        first = await h.reconciler.tick(REF)
     assert first.route_writes == 1 and first.error is not None and "cannot write the status" in first.error
     assert (await h.status()).phase == "Pending"
     assert (await h.weights())[2] == 20.0  # our mirror is live

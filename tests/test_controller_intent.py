@@ -234,7 +234,9 @@ async def test_a_start_whose_status_never_landed_is_undone_before_another_candid
     (bench/faults seed 16, r-00034: RolledBack recorded with a mirror on the route). Now the routes' ownership
     record shows the unrecorded start, which is undone first; after the rollback no mirror is left."""
     await h.setup()
-    with killed_at(h.kube, "patch_status", lambda *a: True, after=False), contextlib.suppress(Killed):
+    # Killed before the status write that follows the route write (a start's intent is recorded before it).
+    with killed_at(h.kube, "patch_status", lambda _ref, body, *a: not isinstance(
+            (body.get("status") or {}).get("pendingRoute"), dict), after=False), contextlib.suppress(Killed):
         await h.reconciler.tick(REF)
     assert (await h.vs_route())["mirror"]["subset"] == "v2"
     assert (await h.status()).phase == "Pending"
@@ -245,7 +247,8 @@ async def test_a_start_whose_status_never_landed_is_undone_before_another_candid
     h.env.put_object(SHADOW_POLICY, doc)
 
     started = await next_leader.tick(REF)
-    assert started.actions[:2] == ["Finalize", "SetRoutes"], started
+    # The start's intent is adopted (the routes hold it), then the v2 rollout is undone before v3's starts.
+    assert started.actions[:3] == ["AdoptIntent", "Finalize", "SetRoutes"], started
     route = await h.vs_route()
     assert route["mirror"]["subset"] == "v3"
     assert (await h.status()).phase == "Shadowing"

@@ -177,3 +177,29 @@ async def test_refused_between_the_first_route_write_and_its_status_still_rolls_
     assert await h.run_until({"RolledBack"}, max_ticks=3) == "RolledBack"
     assert await h.weights() == (100, 0, None)
     assert "mirror" not in await h.vs_route()
+
+
+async def test_refused_after_a_first_route_write_whose_status_write_failed_still_rolls_back(h: Harness) -> None:
+    """The same edit, but the status write after the first route write fails outright (503s through the fault
+    proxy, every retry), so nothing is recorded after the routes. The first start records its intent (with
+    the accepted spec and the deadline) before any route write, so the next tick, with the spec refused,
+    finds the routes holding that intent, adopts Shadowing, holds, and rolls back at the deadline."""
+    await h.setup(progressDeadline=DEADLINE)
+
+    def refuse_and_fail() -> None:
+        h.env.patch(SHADOW_POLICY, "llm", "chat", REFUSED)
+        h.env.fail_next(h.kube.retry.attempts, 503, verb="patch", path="/status$")
+
+    with second_writer(h.kube, "replace", lambda gvr, obj: gvr == VIRTUAL_SERVICE, refuse_and_fail, times=1):
+        first = await h.tick()
+    assert first.route_writes == 1 and first.actions[0] == "Intent", first
+    status = await h.status()
+    assert status.phase == "Pending" and status.pending_route is not None and await h.weights() == (100, 0, 20.0)
+    assert status.accepted_spec is not None and status.accepted_spec["progressDeadline"] == DEADLINE
+    deadline = recorded_deadline(status)
+    assert deadline is not None
+    settled = await h.tick()
+    assert "AdoptIntent" in settled.actions and (await h.status()).phase == "Shadowing", settled
+    await _hold_until(h, deadline, "Shadowing", (100, 0, 20.0))
+    assert await h.run_until({"RolledBack"}, max_ticks=3) == "RolledBack"
+    assert await h.weights() == (100, 0, None)

@@ -137,7 +137,7 @@ async def test_a_look_and_a_decision_reach_an_otlp_receiver(kube_env: KubeEnv, k
     assert start.attributes["shadowctl.transitioned"] is True
     assert start.attributes["shadowctl.after.mirror_percent"] == 20.0
     assert start.attributes["shadowctl.after.weight.primary"] == 100
-    assert start.attributes["shadowctl.actions"] == ["SetRoutes"]
+    assert start.attributes["shadowctl.actions"] == ["Intent", "SetRoutes"]  # a start is recorded first
     assert "shadowctl.verdict.outcome" not in start.attributes
 
     [look] = looks

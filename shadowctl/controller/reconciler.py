@@ -17,6 +17,10 @@ Order inside a tick, which is what makes a crash at any point safe:
    intent outstanding settles it before deciding anything (the routes hold it: adopted as reached;
    they do not: dropped, see :meth:`Reconciler._settle_intent`). So a controller killed between a
    raising route write and its status write never leaves live traffic the status does not allow.
+   A start (from Pending or a finished rollout) is recorded that way too, whatever it sets: the recorded
+   state has no deadline, perhaps no accepted spec, and a status that cannot undo routes of ours must never
+   stand beside them. A write for a
+   candidate or target other than the recorded rollout's is a raise from 0.
    Lowering the share (rollback, restart) and the mirror stay routes-first;
    then carry out route actions (each idempotent, verified by read-back), each write
    *fenced*: right before it, this replica must still hold the leader Lease and what
@@ -237,13 +241,19 @@ class _Fence:
 
 
 def raised_routes(router: Router, policy: ShadowPolicy, state: RolloutState, stepped: StepResult,
-                  same_rollout: bool = True) -> RouteState | None:
+                  same_rollout: bool = True, starting: bool = False) -> RouteState | None:
     """The routes a step's route actions end at when they give the candidate more live traffic than the
     recorded `state` allows (its weight); None when they do not (no route action, the same share or less:
     those are written routes-first, since the recorded state already allows what they set).
 
     `same_rollout` False: the routes are written for another candidate or target than the recorded rollout's
-    (a restart after the policy named a new one), which the recorded state allows no live share at all."""
+    (a restart after the policy named a new one), which the recorded state allows no live share at all.
+
+    `starting`: the recorded state holds no rollout in flight (Pending, or a finished one), so it records no
+    deadline, and perhaps no accepted spec: a start's route write is recorded first whatever it sets (the intent
+    write records the spec and the deadline the start leads to), so that routes of ours never stand beside a
+    status that cannot undo them, whatever happens to the status write after them (bench/faults r-00027: a 409
+    and an edit into a refused spec; an API error would do the same)."""
     final: RouteState | None = None
     for action in stepped.actions:
         if isinstance(action, SetRoutes):
@@ -252,7 +262,11 @@ def raised_routes(router: Router, policy: ShadowPolicy, state: RolloutState, ste
             final = RouteState(0, 100, None)
         elif isinstance(action, Finalize):
             final = RouteState.primary_only()
-    if final is None or final.candidate_weight <= (state.weight if same_rollout else 0):
+    if final is None:
+        return None
+    if starting and any(isinstance(a, SetRoutes | Promote) for a in stepped.actions):
+        return final
+    if final.candidate_weight <= (state.weight if same_rollout else 0):
         return None
     return final
 
@@ -461,7 +475,8 @@ class Reconciler:
 
         # 5a. A raise of the candidate's live share is recorded (the intent) before its route write.
         raised = raised_routes(router, policy, state, stepped,
-                               same_rollout=candidate == state.candidate and previous_router is None)
+                               same_rollout=candidate == state.candidate and previous_router is None,
+                               starting=state.phase is Phase.pending or state.phase.terminal)
         if raised is not None:
             intent = PendingRoute(id=uuid.uuid4().hex[:16], rollout=stepped.state.to_record(), primary_weight=raised.primary_weight,
                                   candidate_weight=raised.candidate_weight, mirror_percent=raised.mirror_percent,

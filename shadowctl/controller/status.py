@@ -218,16 +218,20 @@ def build_status(
     no target) keeps its old value: the last verdict, the routes, the tally, the paired latencies
     and the last command stay readable until a later tick has new ones. ``since``: when the phase
     the look judged started, the tally's tag (default the state's: a tick that moves to a new phase
-    must not hand the old phase's counts to the new one). ``intent``: a raise of the candidate's share
-    about to be written (``pendingRoute``); ``settled``: the outstanding one is done with (applied and
+    must not hand the old phase's counts to the new one). ``intent``: a raise of the candidate's share, or a
+    policy's first start, about to be written (``pendingRoute``); ``settled``: the outstanding one is done with (applied and
     recorded, adopted, or dropped); neither: it stays as it was. ``accepted``: the spec this tick read, when the model accepted
     it: recorded with the deadline it sets (None: refused; the last accepted one and its deadline stay,
     the deadline only while a rollout is in flight)."""
     tag = since if since is not None else state.phase_started_at
     in_flight = state.phase is not Phase.pending and not state.phase.terminal
     if accepted is not None:
-        at = deadline_at(state, accepted.policy)
-        deadline = deadline_text(at) if at is not None else None
+        # With an intent, the rollout it leads to may be in flight before the next write records it (a start):
+        # the earlier of the two deadlines, so that a later refused spec never finds none, nor a late one.
+        ats = [a for a in (deadline_at(state, accepted.policy), deadline_at(
+            RolloutState.from_record(intent.rollout), accepted.policy) if intent is not None else None)
+            if a is not None]
+        deadline = deadline_text(min(ats)) if ats else None
     else:
         deadline = old.deadline_at if in_flight else None
     return PolicyStatus(
