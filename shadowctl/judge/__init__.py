@@ -18,6 +18,7 @@ Public API::
         Aggregates(values)                 per-interval aggregates (gauges), each one observation
         Histogram(le, counts, sum=None)    Prometheus buckets: cumulative counts per `le`, last `+Inf`
         Counts(failures, total)            errors of requests / disagreements of compared outputs
+        Counts(failures, total, exact=True) a known proportion (a fixed agreement baseline), not a sample
         NoData(reason) or None             the source had nothing -> outcome `nodata`, never a pass
 
     Paired metrics (statistic "paired-mean" | "paired-median", relative margin): the candidate and the
