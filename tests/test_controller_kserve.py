@@ -267,6 +267,33 @@ async def test_a_new_revision_mid_analysis_restarts_it(h: KServeHarness) -> None
     h.check_invariants(STEPS)
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["left-paused", "resumed"])
+async def test_a_new_revision_while_paused_restarts_it(h: KServeHarness, resume: bool) -> None:
+    """As above, but the rollout was paused at 10% first (bench/faults r-00201 on an HTTPRoute). KServe hands
+    the paused share to the new revision at once; before, Paused held it there (a resume then wrote the step
+    for it, refused as RevisionsChanged until the deadline). Now the changed candidate restarts the rollout in
+    Paused too, with or without a resume: the share goes back to 0 and R3's analysis starts from its shadow
+    phase."""
+    await h.setup()
+    await h.run_until({"Progressing"})
+    await command(h, Command.pause)
+    await h.tick()
+    assert (await h.status()).phase == "Paused"
+    isvc = await h.kube.get(ISVC_REF)
+    isvc["spec"]["predictor"]["model"]["storageUri"] = "hf://example/llama-chat-v3"
+    await h.env_replace(isvc)
+    assert live(await h.settled()) == {R1: 90, R3: 10}
+    if resume:
+        await command(h, Command.resume)
+    await h.tick()
+    status = await h.status()
+    assert status.phase == "Shadowing" and status.rollout.candidate == R3  # type: ignore[union-attr]
+    isvc = await h.settled()
+    assert ctp(isvc) == 0 and live(isvc) == {R1: 100}
+    assert await h.run_until({"Succeeded", "RolledBack"}) == "Succeeded"
+    h.check_invariants(STEPS)
+
+
 async def test_drift_is_reasserted(h: KServeHarness) -> None:
     await h.setup()
     await h.run_until({"Progressing"})
