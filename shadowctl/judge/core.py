@@ -269,8 +269,12 @@ def batch_counts(
         raise JudgeInputError(f"metric {spec.name!r}: statistic {spec.statistic!r} is not computed from counts")
     ep, sp = est.rate_counts(failures_p, totals_p, agreement=agree)
     ec, sc = est.rate_counts(failures_c, totals_c, agreement=agree)
-    if agree:
-        exact = np.zeros(ep.n.shape, dtype=bool) if exact_p is None else np.asarray(exact_p, dtype=bool)
+    if agree or spec.margin.relative:
+        # Agreement, and a rate with a relative margin: exact per-arm confidence sequences (a ratio of
+        # proportions near 0 defeats the normal approximation; see shadowctl.judge.proportion).
+        exact = np.zeros(ep.n.shape, dtype=bool)
+        if agree and exact_p is not None:
+            exact = np.asarray(exact_p, dtype=bool)
         counts = tuple(np.asarray(x, dtype=np.float64) for x in (failures_p, totals_p, failures_c, totals_c))
         return _agreement(spec, counts, ep, ec, exact, alpha=alpha, beta=beta)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -279,12 +283,13 @@ def batch_counts(
 
 def _agreement(spec: MetricSpec, counts: tuple[FloatArray, ...], ep: est.Estimate, ec: est.Estimate,
                exact: BoolArray, *, alpha: float, beta: float) -> Batch:
-    """Agreement: each arm's beta-binomial confidence sequence, combined into bounds on the ratio (or the
-    difference), see :mod:`shadowctl.judge.proportion`. A sampled baseline splits each level over the two
-    arms; a known one (``exact``) is a constant, and the prior of the candidate's sequence sits between
-    its fail and pass lines."""
+    """Agreement, or an error rate with a relative margin: each arm's beta-binomial confidence sequence,
+    combined into bounds on the ratio (or the difference), see :mod:`shadowctl.judge.proportion`. A
+    sampled baseline splits each level over the two arms; a known one (``exact``, agreement only) is a
+    constant, and the prior of the candidate's sequence sits between its fail and pass lines. For a rate
+    the proportion is the failures' (``ep``/``ec`` hold rates), for agreement the agreeing pairs'."""
     f_b, n_b, f_c, n_c = counts
-    k_b, k_c = n_b - f_b, n_c - f_c
+    k_b, k_c = (n_b - f_b, n_c - f_c) if spec.statistic == "agreement" else (f_b, f_c)
     p_b = np.nan_to_num(ep.value)
     m = spec.margin
     relative = m.relative
@@ -340,6 +345,8 @@ def _margins(spec: MetricSpec) -> tuple[float, float]:
 
 
 def _fmt(x: float) -> str:
+    if math.isnan(x):
+        return "undefined"  # 0/0: neither arm has a failure (or an agreeing pair)
     if not math.isfinite(x):
         return "∞" if x > 0 else "-∞"
     return f"{x:.4g}"
