@@ -1,5 +1,11 @@
 """Anytime-valid bounds for agreement: a confidence sequence per proportion, combined into a ratio.
 
+The same bounds judge error rates with a relative margin (the proportion is then the failures', the
+ratio the candidate's rate over the primary's): a primary with 0 errors in 100,000 requests against a
+candidate failing every request got (1.4e-5, inf) from the normal mixture, for the reason below, and
+was never failed. The sampled-baseline case applies (uniform prior, half the level per arm); 0 errors
+on both arms leave the ratio unbounded above, so they never pass a relative margin.
+
 Why not the judge's normal mixture
 ----------------------------------
 Every other count statistic goes through :func:`shadowctl.judge.sequential.decide`: an effect
