@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest_kube import KubeEnv
-from controller_helpers import REF, Harness, load_vs
+from controller_helpers import REF, Harness, load_vs, policy_doc
 from fake_clock import FakeClock
 
 from shadowctl.controller.analysis import Analyzer
@@ -258,3 +258,21 @@ async def test_a_start_whose_status_never_landed_is_undone_before_another_candid
     route = await h.vs_route()
     assert "mirror" not in route, route
     assert await h.weights() == (100, 0, None)
+
+
+async def test_a_start_is_recorded_first_only_on_routes_that_can_be_read(h: Harness) -> None:
+    """A start records its intent before its route write (so a lost status write and a refused edit cannot leave
+    our mirror with no accepted spec to undo it: test_controller_refused.py). A policy whose VirtualService does
+    not exist yet records none: its write would fail anyway, and an intent per tick would only add the intent's
+    and its drop's status writes to every tick. Once the route exists, the start goes intent first."""
+    await h.kube.create(SHADOW_POLICY, policy_doc())
+    for _ in range(2):
+        h.clock.advance(10)
+        missing = await h.reconciler.tick(REF)
+        assert "Intent" not in missing.actions and missing.route_writes == 0 and missing.error, missing
+        status = await h.status()
+        assert status.phase == "Pending" and status.pending_route is None
+    await h.kube.create(VIRTUAL_SERVICE, load_vs())
+    started = await h.tick()
+    assert started.actions[:2] == ["Intent", "SetRoutes"], started
+    assert (await h.status()).phase == "Shadowing" and await h.weights() == (100, 0, 20.0)

@@ -476,7 +476,7 @@ class Reconciler:
         # 5a. A raise of the candidate's live share is recorded (the intent) before its route write.
         raised = raised_routes(router, policy, state, stepped,
                                same_rollout=candidate == state.candidate and previous_router is None,
-                               starting=state.phase is Phase.pending or state.phase.terminal)
+                               starting=await self._routable_start(router, state, stepped, current))
         if raised is not None:
             intent = PendingRoute(id=uuid.uuid4().hex[:16], rollout=stepped.state.to_record(), primary_weight=raised.primary_weight,
                                   candidate_weight=raised.candidate_weight, mirror_percent=raised.mirror_percent,
@@ -635,6 +635,24 @@ class Reconciler:
         if stepped.state.phase is not state.phase:
             log.warning("rollout.transition", policy=accepted.key, **{"from": state.phase.value},
                         to=stepped.state.phase.value, reason=stepped.state.message, spec="refused")
+
+    @staticmethod
+    async def _routable_start(router: Router, state: RolloutState, stepped: StepResult,
+                              current: RouteState | None) -> bool:
+        """Whether this tick may start a rollout (the recorded state holds none in flight) on routes that can
+        be read: only then is a start recorded as an intent first (see :func:`raised_routes`). Routes that
+        cannot be read will not take the start's write either, and an intent per tick for a target that is
+        missing would only add two status writes to every tick of it (the intent, then its drop)."""
+        if not (state.phase is Phase.pending or state.phase.terminal) or not any(
+                isinstance(a, SetRoutes | Promote) for a in stepped.actions):
+            return False
+        if current is not None:
+            return True
+        try:
+            await router.read()
+        except RouterError:
+            return False
+        return True
 
     @staticmethod
     def _leftover(router: Router, policy: ShadowPolicy, state: RolloutState, current: RouteState | None) -> bool:
