@@ -175,3 +175,9 @@ def test_looking_every_interval_keeps_both_error_rates(p_baseline: float | None)
     assert worse_fail == 1.0
     never_fail, _ = _monitor(0.0, p_baseline, seed=4, looks=1)
     assert never_fail == 1.0  # at the first look, 25 pairs
+
+
+def test_an_as_good_candidate_passes_against_a_replica_as_soon_as_the_normal_mixture_shows_it() -> None:
+    """Pass bounds intersect the exact ones with the normal mixture's (core._pass_sooner): 0.95 against a
+    replica at 0.95 passes at 150 pairs each; the exact bounds alone needed 290."""
+    assert _look(REPLICA, 150, 143, baseline_pairs=150, baseline_agree=143)[0] is Outcome.passed

@@ -16,7 +16,7 @@ Two parts, margin 10% (minRelativeAgreement 0.9), alpha = beta = 0.05, minPairs 
    Share of runs that ever fail / ever pass first, median time to that decision.
 
 Methods on the same data: ``now`` = :func:`shadowctl.judge.core.batch_counts` (the agreement test of
-shadowctl.judge.proportion); ``before`` = the normal-mixture rule on log(candidate/baseline) with the
+shadowctl.judge.proportion for fails; passes also from the normal mixture, ``core._pass_sooner``); ``before`` = the normal-mixture rule on log(candidate/baseline) with the
 delta-method variance, which is the judge's count rule still used for error rates
 (``core._finish`` on ``estimators.rate_counts``), the fixed baseline as a sampled arm of a million pairs.
 

@@ -12,8 +12,9 @@ the margin: a pass is false), 2x, or 100% (a candidate failing every request, 10
 that ever fail / ever pass first, median requests per arm to that decision ("-": fewer than half
 decided that way).
 
-Methods on the same data: ``now`` = :func:`shadowctl.judge.core.batch_counts` (each arm's
-beta-binomial confidence sequence, :mod:`shadowctl.judge.proportion`); ``before`` = the normal-mixture
+Methods on the same data: ``now`` = :func:`shadowctl.judge.core.batch_counts` (fails on each arm's
+beta-binomial confidence sequence, :mod:`shadowctl.judge.proportion`; passes also from the normal mixture,
+intersected at beta/2 each: ``core._pass_sooner``); ``before`` = the normal-mixture
 rule on log(candidate/primary) of the shrunk rates (f+1)/(n+2) with the delta-method variance
 (``core._finish`` on ``estimators.rate_counts``), still the rule for absolute margins.
 
