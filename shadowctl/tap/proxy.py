@@ -83,9 +83,10 @@ from pydantic import ValidationError
 from shadowctl.aio import cancel_and_wait
 from shadowctl.compare.events import SCHEMA_VERSION, Endpoint, OutputEvent, Variant, parse_traceparent
 from shadowctl.compare.partitions import partition_topic
-from shadowctl.compare.prompts import apply_prompt
+from shadowctl.compare.prompts import replace_system, retemplate
 from shadowctl.compare.routing import Effective, Rewrite, in_share, user_bucket_key
 from shadowctl.errors import ShadowctlError
+from shadowctl.policy.prompts import PromptApply
 from shadowctl.tap.budget import BudgetGate, QueueWatch, token_cost
 from shadowctl.tap.extract import ResponseAccumulator, classify, parse_request
 from shadowctl.tap.http1 import (
@@ -223,28 +224,46 @@ def apply_rewrite(body: bytes, rewrite: Rewrite | None, *, max_tokens_cap: int |
     shadow budget's, on mirror copies) lowers the limit, or sets it where the request has none. The parse and
     the serialization give the ``json`` module's bytes, made by orjson where it gives the same ones
     (:func:`shadowctl.tap.jsonbody.edit_object`: on a routed rewrite they are on the user's path). What the
-    rewrite adds is finite (the route setting bounds its parameters), as :func:`edit_object` requires."""
+    rewrite adds is finite (the route setting bounds its parameters), as :func:`edit_object` requires.
+    :func:`rewriter` makes the same function once, for many bodies."""
+    return rewriter(rewrite, max_tokens_cap=max_tokens_cap)(body)
+
+
+def rewriter(rewrite: Rewrite | None, *, max_tokens_cap: int | None = None) -> Callable[[bytes], bytes | None]:
+    """:func:`apply_rewrite` of `rewrite` as a function of the body, with what does not depend on the body read
+    out of the route setting once (the values set, the prompt's way of applying): the tap makes it once per
+    route setting, and a routed rewrite, on the user's path, runs only the per-body part."""
+    sets: list[tuple[str, object]] = []
+    if rewrite is not None and rewrite.model is not None:
+        sets.append(("model", rewrite.model))
+    params = rewrite.parameters if rewrite is not None else None
+    if params is not None:
+        sets += [(key, value) for key, value in (("temperature", params.temperature), ("top_p", params.top_p))
+                 if value is not None]
+    limit = params.max_tokens if params is not None else None
+    prompt = rewrite.prompt if rewrite is not None else None
+    apply: Callable[[dict[str, object], str, str], bool] | None = None
+    primary = candidate = ""
+    if prompt is not None:
+        apply = replace_system if prompt.apply is PromptApply.replace_system else retemplate
+        primary, candidate = prompt.primary, prompt.candidate
 
     def edit(data: dict[str, object]) -> bool:
-        if rewrite is not None and rewrite.model is not None:
-            data["model"] = rewrite.model
-        prompt = rewrite.prompt if rewrite is not None else None
-        if prompt is not None and not apply_prompt(data, prompt.apply, prompt.primary, prompt.candidate):
+        # The prompt first: it only replaces keys the body has (messages, prompt), so the keys the rest adds
+        # come in the same order as ever (model, temperature, top_p, the limit).
+        if apply is not None and not apply(data, primary, candidate):
             return False
-        limit_key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
-        params = rewrite.parameters if rewrite is not None else None
-        if params is not None:
-            if params.temperature is not None:
-                data["temperature"] = params.temperature
-            if params.top_p is not None:
-                data["top_p"] = params.top_p
-            if params.max_tokens is not None:
-                data[limit_key] = params.max_tokens
-        if max_tokens_cap is not None:
-            cap_limit(data, limit_key, max_tokens_cap)
+        for key, value in sets:
+            data[key] = value
+        if limit is not None or max_tokens_cap is not None:
+            limit_key = "max_completion_tokens" if "max_completion_tokens" in data else "max_tokens"
+            if limit is not None:
+                data[limit_key] = limit
+            if max_tokens_cap is not None:
+                cap_limit(data, limit_key, max_tokens_cap)
         return True
 
-    return edit_object(body, edit)  # None also for a number JSON cannot carry (1e999 read as inf)
+    return lambda body: edit_object(body, edit)  # None also for a number JSON cannot carry (1e999 read as inf)
 
 
 def cap_limit(data: dict[str, object], key: str, cap: int) -> None:
@@ -359,6 +378,8 @@ class TapProxy:
         self.upstream = config.upstream.rstrip("/")
         self._metrics_path = config.metrics_path.encode()
         self._routed_by: tuple[Effective, MirrorConfig | None, str | None] | None = None
+        self._live: tuple[Rewrite, Callable[[bytes], bytes | None]] | None = None
+        """The route setting's rewrite of live requests (:func:`rewriter`), made once per rewrite."""
         self.mirror_client: httpx.AsyncClient | None = None
         """For the shadow budget's queue watch (GETs of the candidate's /metrics); copies go through `copies`."""
         self.copies: CopyClient | None = None
@@ -425,6 +446,13 @@ class TapProxy:
                             if budget.max_queue is not None and self.mirror_client is not None else None)
         return mirror, candidate
 
+    def _live_rewriter(self, rewrite: Rewrite) -> Callable[[bytes], bytes | None]:
+        """:func:`rewriter` of the route setting's rewrite for live requests (made once per rewrite)."""
+        live = self._live
+        if live is None or live[0] is not rewrite:
+            live = self._live = (rewrite, rewriter(rewrite))
+        return live[1]
+
     def _set_watch(self, watch: QueueWatch | None) -> None:
         """Replace the queue watch (None: stop it)."""
         if self._watch is not None:
@@ -482,7 +510,7 @@ class TapProxy:
                 if candidate_url is not None and not shadow and in_candidate_share(current, rid, body, request.header):
                     candidate = candidate_url
                     if current.rewrite is not None:
-                        rewritten = apply_rewrite(body, current.rewrite)
+                        rewritten = self._live_rewriter(current.rewrite)(body)
                         if rewritten is None:  # cannot be rewritten: the primary answers it
                             candidate = None
                             self.metrics.mirrored.labels("not_rewritable").inc()
