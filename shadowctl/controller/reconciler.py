@@ -697,9 +697,9 @@ class Reconciler:
             # Mark the route object before dropping: a write of this intent still in flight (its replica paused
             # or slowed after its fence) is conditional on the version read, so it either landed before the
             # mark (which then meets a 409, and the routes are read again: they hold it) or is refused after.
-            marked = await self._mark_dropped(policy, intent, current)
+            marked, why = await self._mark_dropped(policy, intent, current)
             if marked is None:
-                result.error = "cannot mark the route object before dropping an unapplied route intent"
+                result.error = f"cannot mark the route object before dropping an unapplied route intent: {why}"
                 return None
             current = marked
         if current == wanted:
@@ -720,33 +720,44 @@ class Reconciler:
         return fresh
 
     async def _mark_dropped(self, policy: ShadowPolicy, intent: PendingRoute,
-                            current: RouteState) -> RouteState | None:
+                            current: RouteState) -> tuple[RouteState | None, str]:
         """Mark the route object with the intent's id, conditional on the version the routes were read at;
-        the routes as they are then (None: the mark could not be written, try again next tick)."""
+        the routes as they are then (None: the mark could not be written, try again next tick; then why).
+
+        The mark is a whole-object update of the version read (``update`` is the verb deploy/rbac.yaml grants
+        on route objects, as the routers write them; a merge patch would need ``patch`` too)."""
         ref = route_object(policy, intent.target)
         if ref is None or current.resource_version is None:
             log.warning("tick.intent_unmarked", policy=policy.key, reason="no route object known for the target")
-            return current
+            return current, ""
         router = (self._router_for_target(policy, intent.target) if intent.target else None) \
             or self.router_for(policy, self.kube)
         version: str | None = current.resource_version
+        why = "the routes kept changing"
         for _ in range(STATUS_RETRIES):
             try:
-                await self.kube.patch_merge(ref, {"metadata": {"annotations": {
-                    DROPPED_INTENT_ANNOTATION: intent_id(intent)}}}, resource_version=version)
-                return current
+                obj = await self.kube.get(ref)
+                meta = obj.setdefault("metadata", {})
+                if str(meta.get("resourceVersion")) != version:
+                    raise Conflict(f"{ref.name} is at resourceVersion {meta.get('resourceVersion')}, read at {version}")
+                annotations = meta.get("annotations")
+                if not isinstance(annotations, dict):
+                    annotations = meta["annotations"] = {}
+                annotations[DROPPED_INTENT_ANNOTATION] = intent_id(intent)
+                await self.kube.replace(ref.gvr, obj)
+                return current, ""
             except Conflict:  # the routes changed since they were read: perhaps the intent's write landed
                 try:
                     current = await router.read()
-                except RouterError:
-                    return None
+                except RouterError as exc:
+                    return None, str(exc)
                 if current == intended_routes(intent):
-                    return current
+                    return current, ""
                 version = current.resource_version
             except KubeError as exc:
                 log.warning("tick.intent_mark_failed", policy=policy.key, error=str(exc))
-                return None
-        return None
+                return None, str(exc)
+        return None, why
 
     async def _release(self, ref: ResourceRef, obj: dict[str, Any], rv: str, state: RolloutState,
                        policy: ShadowPolicy, finalizers: list[str], result: TickResult) -> None:
