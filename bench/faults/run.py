@@ -359,10 +359,16 @@ class Campaign:
         return answer
 
     async def phase(self, name: str) -> str | None:
+        """The policy's phase (None: deleted). A recorded route intent (``status.pendingRoute``) means a write
+        under way that leads to another phase (a start, a step): the phase is then the intent's, never a
+        terminal one, so the routes read after it are not taken for the end state of the phase before."""
         answer = await self.admin.get(f"{POLICY_API}/{name}")
         if answer.status_code == 404:
             return None
-        return str(((answer.json().get("status") or {}).get("phase")) or "Pending")
+        status = answer.json().get("status") or {}
+        if status.get("pendingRoute"):
+            return "Intent"
+        return str(status.get("phase") or "Pending")
 
     async def fault(self, plan: Plan, kind: str, out: Outcome) -> None:
         name, proxy, rng = plan.name, self.proxy, self.rng
