@@ -12,17 +12,15 @@ Tests that use them skip with a reason when ``/usr/sbin/mosquitto`` is missing.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from shadowctl.sim.mosquitto import MOSQUITTO, start_broker
 
 
 def free_port() -> int:
@@ -49,18 +47,7 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> None:
         if self.proc is not None:
             raise RuntimeError("already started")
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
+        self.proc = start_broker(self.config, self.log, self.host, self.port, timeout)
 
     def stop(self) -> None:
         if self.proc is None:

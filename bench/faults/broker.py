@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,8 +32,8 @@ from pathlib import Path
 import aiomqtt
 
 from shadowctl.compare.events import Endpoint, OutputEvent, Variant
+from shadowctl.sim.mosquitto import MOSQUITTO, start_broker
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 TOPIC = "shadowctl/outputs/{namespace}/{name}/{variant}"
 """Where a rollout's taps publish: the policies' default topic ``shadowctl/outputs/{namespace}/{service}/+``,
 with the service named as the rollout (the route object's name)."""
@@ -71,19 +70,7 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> None:
         if not os.path.exists(MOSQUITTO):
             raise RuntimeError(f"the campaign needs the mosquitto binary ({MOSQUITTO}; Debian package mosquitto)")
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
+        self.proc = start_broker(self.config, self.log, self.host, self.port, timeout, new_session=True)
 
     def stop(self) -> None:
         """SIGKILL, as a broker pod's container dies: no clean DISCONNECT to anyone, every session gone."""

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from pathlib import Path
 from shadowctl.sim.errors import SimError
 from shadowctl.sim.pki import LocalCA
 
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
 OUTPUTS = "shadowctl/outputs"
@@ -139,3 +142,25 @@ def write_broker_config(
         lines.append("user root")
     files.config.write_text("\n".join(lines) + "\n")
     return files
+
+
+def start_broker(config: Path, log: Path, host: str, port: int, timeout: float = 10.0, *,
+                 new_session: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``mosquitto -c config`` (output appended to `log`) and wait until it accepts TCP connections on
+    host:port; SimError with the log's tail if it exits or does not listen within `timeout` seconds.
+    `new_session`: its own process group, so a signal meant for the caller's group does not reach it."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                start_new_session=new_session)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimError(f"mosquitto exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    raise SimError(f"mosquitto did not listen on {port} within {timeout}s")
