@@ -32,8 +32,11 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("errors", "7% of the candidate's requests fail with HTTP 500 inside the engine: rolled back on "
                  "the error rate (vllm-errors), or on output agreement if that is crossed first (a failed answer "
                  "disagrees).", Phase.rolled_back, {"error_rate": 0.07}, ("errors", "agreement/")),
-        Scenario("tail", "3% of the candidate's requests are 4x slower (p99 moves, the median does not): "
-                 "rolled back.", Phase.rolled_back, {"tail_probability": 0.03, "tail_factor": 4.0}, ("ttft-p99",)),
+        # The 3% made slow leave the lower half, so the median moves too (to about the 51.5th percentile):
+        # a small, real increase the p50 test may detect first on a long run; either names the rollback.
+        Scenario("tail", "3% of the candidate's requests are 4x slower (p99 moves a lot, the median a little): "
+                 "rolled back on ttft-p99, or on ttft-p50 if its small shift is detected first.", Phase.rolled_back,
+                 {"tail_probability": 0.03, "tail_factor": 4.0}, ("ttft-p99", "ttft-p50")),
     )
 }
 
