@@ -27,8 +27,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,21 +38,17 @@ from typing import Any
 from shadowctl.compare.comparators import build_comparators
 from shadowctl.compare.events import Variant
 from shadowctl.policy.model import Comparator, ComparatorName
+from shadowctl.sim.cluster import free_port
+from shadowctl.sim.mosquitto import start_broker
 from shadowctl.sources.outputs import MqttOutputSource
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench" / "pairing"))
 sys.path.insert(0, str(ROOT / "bench" / "tap"))
 from events import RAW_PUBLISHER  # type: ignore[import-not-found]  # noqa: E402  (bench/tap/events.py)
-from workers import LEXICAL, machine, payloads  # noqa: E402
+from workers import LEXICAL, machine, payloads, summarize  # noqa: E402
 
 TOPIC = "shadowctl/outputs/b/chat"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def events_file(path: Path, pairs: int) -> list[int]:
@@ -120,13 +114,7 @@ def run(port: int, path: Path, groups: list[tuple[Sequence[int] | None, int]]) -
     busy1, steal1 = machine()
     for p in procs:
         p.join()
-    events = sum(d["events"] for d in done)
-    span = max(d["end"] for d in done) - min(d["start"] for d in done)
-    return {"workers": len(groups), "events": events, "wall_s": round(span, 3), "events_per_s": round(events / span),
-            "us_per_event_cpu_each": [round(d["cpu_s"] / d["events"] * 1e6, 1) for d in done],
-            "events_per_cpu_s": round(events / sum(d["cpu_s"] for d in done)),
-            "machine_busy_cores": round((busy1 - busy0) / wall, 2),
-            "machine_steal_cores": round((steal1 - steal0) / wall, 3)}
+    return summarize(done, wall, busy1 - busy0, steal1 - steal0)
 
 
 def main() -> None:
@@ -140,11 +128,9 @@ def main() -> None:
     port = free_port()
     (tmp / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
                                 "max_inflight_messages 20\n")
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp / "m.conf")],
-                              stderr=subprocess.DEVNULL)
+    broker = start_broker(tmp / "m.conf", tmp / "m.log", "127.0.0.1", port)
     rows = []
     try:
-        time.sleep(0.5)
         per = events_file(tmp / "events.txt", args.pairs)
         for i in range(args.rounds):
             load = os.getloadavg()[0]

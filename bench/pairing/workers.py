@@ -130,15 +130,23 @@ def run(groups: list[list[bytes]]) -> dict[str, float]:
     busy1, steal1 = machine()
     for p in procs:
         p.join()
+    return summarize(done, wall, busy1 - busy0, steal1 - steal0)
+
+
+def summarize(done: list[dict[str, Any]], wall: float, busy: float, steal: float) -> dict[str, Any]:
+    """One run's row from its workers' reports (events, pairs, cpu_s, start, end each) and the machine's
+    busy and stolen core-seconds over `wall` seconds."""
     events = sum(d["events"] for d in done)
     span = max(d["end"] for d in done) - min(d["start"] for d in done)
     cpu = sum(d["cpu_s"] for d in done)
-    return {"workers": len(groups), "events": events, "pairs": sum(d["pairs"] for d in done),
+    pairs = {"pairs": sum(d["pairs"] for d in done)} if all("pairs" in d for d in done) else {}
+    return {"workers": len(done), "events": events, **pairs,
             "wall_s": round(span, 3), "events_per_s": round(events / span),
             "cpu_s": round(cpu, 3), "us_per_event_cpu": round(cpu / events * 1e6, 2),
+            "us_per_event_cpu_each": [round(d["cpu_s"] / d["events"] * 1e6, 1) for d in done],
             "events_per_cpu_s": round(events / cpu),
-            "machine_busy_cores": round((busy1 - busy0) / wall, 2),
-            "machine_steal_cores": round((steal1 - steal0) / wall, 3)}
+            "machine_busy_cores": round(busy / wall, 2),
+            "machine_steal_cores": round(steal / wall, 3)}
 
 
 def main() -> None:
